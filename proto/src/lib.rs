@@ -1,0 +1,21 @@
+//! The blkmesh protobuf API.
+//!
+//! - [`v1`]: the public, versioned gRPC management API (`blkmesh.v1`), served by
+//!   `blkmesh-manager` and used by `blkmeshctl`, the frontend and the workers.
+//! - [`ipc::v1`]: control messages between the frontend and the workers
+//!   (`blkmesh.ipc.v1`); internal, carried over SOCK_SEQPACKET with SCM_RIGHTS.
+
+#![allow(clippy::all)]
+
+/// `blkmesh.v1`: the management API.
+pub mod v1 {
+    tonic::include_proto!("blkmesh.v1");
+}
+
+/// Internal frontend ↔ worker messages.
+pub mod ipc {
+    /// `blkmesh.ipc.v1`.
+    pub mod v1 {
+        tonic::include_proto!("blkmesh.ipc.v1");
+    }
+}
