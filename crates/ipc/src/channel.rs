@@ -204,9 +204,8 @@ impl ChannelListener {
         let fd = socket::accept4(self.sock.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
             .map_err(sock_err("accept"))?;
         // SAFETY: accept4 returned a new fd that we now own.
-        Ok(Channel {
-            sock: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Channel { sock })
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
