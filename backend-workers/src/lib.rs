@@ -1,0 +1,78 @@
+//! `blkmesh-worker`: a backend worker process.
+//!
+//! A worker accepts connections from the frontend on a unix socket
+//! (SOCK_SEQPACKET, see [`blkmesh_ipc::channel`]). Each connection serves one
+//! export: the frontend sends the export's plan (its node graph), the guest
+//! memory table as memfds, and one ring memfd plus two eventfds per virtqueue.
+//! The worker opens the graph with libblkio (the `blkio` crate), maps guest RAM
+//! and registers it with libblkio, and runs one event loop thread per queue
+//! that turns ring entries into vectored libblkio requests over guest memory,
+//! with no copy (a bounce buffer only where the driver's alignment demands it).
+//!
+//! The worker trusts nothing it receives: the plan is validated again, and
+//! every ring entry's tag, op, segments and range are checked; a bad entry
+//! fails that request only.
+
+pub mod bounce;
+pub mod connection;
+pub mod graph;
+pub mod memory;
+pub mod queue;
+pub mod registration;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use blkmesh_ipc::channel::{ChannelError, ChannelListener};
+
+/// How a worker is run.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Unique worker name.
+    pub name: String,
+    /// Where to listen for the frontend.
+    pub socket: PathBuf,
+    /// The manager's gRPC address (e.g. `http://127.0.0.1:50051`); `None` runs
+    /// without registering (tests of the data path alone).
+    pub manager: Option<String>,
+}
+
+/// Errors that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("listening on the worker socket")]
+    Listen(#[source] ChannelError),
+    #[error("registration with the manager")]
+    Registration(#[source] registration::RegistrationError),
+}
+
+/// Runs a worker until `stop` is set (it is checked between connections) or
+/// registration fails for good.
+pub fn run(config: WorkerConfig, stop: Arc<AtomicBool>) -> Result<(), WorkerError> {
+    let listener = ChannelListener::bind(&config.socket).map_err(WorkerError::Listen)?;
+    tracing::info!(name = %config.name, socket = %config.socket.display(), "worker listening");
+    if let Some(addr) = config.manager.clone() {
+        registration::spawn(addr, config.name.clone(), config.socket.clone())
+            .map_err(WorkerError::Registration)?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok(channel) => {
+                let name = config.name.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("conn".into())
+                    .spawn(move || connection::serve(channel, &name));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
