@@ -1,0 +1,21 @@
+//! The blkmesh node-graph model, shared by the manager and the workers.
+//!
+//! Pure logic, no I/O: field validation of nodes ([`validate_node`]) and
+//! exports ([`validate_export`], which also applies defaults), and the
+//! [`Graph`] of named nodes with its invariants (children exist, at most one
+//! parent per node, no cycles). Every rejection is a [`GraphError`] naming
+//! the request field and the problem; [`GraphError::class`] tells the API
+//! layer which status code to answer with.
+
+mod error;
+mod graph;
+mod validate;
+
+pub use error::{ErrorClass, GraphError, ObjectKind};
+pub use graph::{children, driver_name, Graph};
+pub use validate::{
+    raw_window_size, validate_export, validate_name, validate_node, validate_socket_path,
+    DEFAULT_LOGICAL_BLOCK_SIZE, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NAME_LEN,
+    MAX_NULL_LATENCY_NS, MAX_NUM_QUEUES, MAX_PATH_LEN, MAX_QUEUE_SIZE, MAX_SERIAL_LEN,
+    MAX_SOCKET_PATH_LEN, MIN_QUEUE_SIZE, SECTOR_SIZE,
+};

@@ -1,0 +1,438 @@
+//! The set of nodes and the child relation between them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::NodeSpec;
+
+use crate::{validate_node, GraphError, ObjectKind};
+
+/// The names of the children of a node, in the order its driver lists them.
+pub fn children(spec: &NodeSpec) -> Vec<&str> {
+    match &spec.driver {
+        None => Vec::new(),
+        Some(Driver::IoUring(_)) => Vec::new(),
+        Some(Driver::Null(_)) => Vec::new(),
+        Some(Driver::Raw(o)) => vec![o.child.as_str()],
+    }
+}
+
+/// The request field that names a node's children, for error messages.
+fn child_field(spec: &NodeSpec) -> &'static str {
+    match &spec.driver {
+        None => "node.driver",
+        Some(Driver::IoUring(_)) => "node.io_uring",
+        Some(Driver::Null(_)) => "node.null",
+        Some(Driver::Raw(_)) => "node.raw.child",
+    }
+}
+
+/// Short driver name of a node (`io_uring`, `null`, `raw`), or `none`.
+pub fn driver_name(spec: &NodeSpec) -> &'static str {
+    match &spec.driver {
+        None => "none",
+        Some(Driver::IoUring(_)) => "io_uring",
+        Some(Driver::Null(_)) => "null",
+        Some(Driver::Raw(_)) => "raw",
+    }
+}
+
+/// A set of uniquely named, validated nodes forming a forest: every child
+/// exists, no node has more than one parent, and there are no cycles.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Graph {
+    nodes: BTreeMap<String, NodeSpec>,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a graph from untrusted specs (a persisted state, an export
+    /// plan), checking every rule [`Graph::add`] checks, in any order, plus
+    /// cycles.
+    pub fn from_specs(specs: impl IntoIterator<Item = NodeSpec>) -> Result<Self, GraphError> {
+        let mut nodes = BTreeMap::new();
+        for spec in specs {
+            validate_node(&spec)?;
+            if nodes.contains_key(&spec.name) {
+                return Err(GraphError::AlreadyExists {
+                    field: "node.name",
+                    kind: ObjectKind::Node,
+                    name: spec.name,
+                });
+            }
+            nodes.insert(spec.name.clone(), spec);
+        }
+        let graph = Graph { nodes };
+        let mut parent_of: BTreeMap<&str, &str> = BTreeMap::new();
+        for spec in graph.nodes.values() {
+            for child in children(spec) {
+                if !graph.nodes.contains_key(child) {
+                    return Err(GraphError::NotFound {
+                        field: child_field(spec),
+                        kind: ObjectKind::Node,
+                        name: child.to_string(),
+                    });
+                }
+                if let Some(parent) = parent_of.insert(child, &spec.name) {
+                    return Err(GraphError::ChildTaken {
+                        field: child_field(spec),
+                        child: child.to_string(),
+                        parent: parent.to_string(),
+                    });
+                }
+            }
+        }
+        // With at most one parent per node, a cycle is found by walking up
+        // from every node: a walk longer than the node count repeats.
+        for start in graph.nodes.keys() {
+            let mut path = vec![start.clone()];
+            let mut cur = start.as_str();
+            while let Some(&parent) = parent_of.get(cur) {
+                if parent == start {
+                    path.push(start.clone());
+                    path.reverse();
+                    return Err(GraphError::Cycle {
+                        field: "node.raw.child",
+                        path,
+                    });
+                }
+                if path.len() > graph.nodes.len() {
+                    // A cycle not through `start`; it is reported from one of its members.
+                    break;
+                }
+                path.push(parent.to_string());
+                cur = parent;
+            }
+        }
+        Ok(graph)
+    }
+
+    /// Adds a validated node. Its children must exist and must not already
+    /// be the child of another node.
+    pub fn add(&mut self, spec: NodeSpec) -> Result<(), GraphError> {
+        self.check_add(&spec)?;
+        self.nodes.insert(spec.name.clone(), spec);
+        Ok(())
+    }
+
+    /// Checks what [`Graph::add`] would check, without adding.
+    pub fn check_add(&self, spec: &NodeSpec) -> Result<(), GraphError> {
+        validate_node(spec)?;
+        if self.nodes.contains_key(&spec.name) {
+            return Err(GraphError::AlreadyExists {
+                field: "node.name",
+                kind: ObjectKind::Node,
+                name: spec.name.clone(),
+            });
+        }
+        for child in children(spec) {
+            if !self.nodes.contains_key(child) {
+                return Err(GraphError::NotFound {
+                    field: child_field(spec),
+                    kind: ObjectKind::Node,
+                    name: child.to_string(),
+                });
+            }
+            if let Some(parent) = self.users_of(child).first() {
+                return Err(GraphError::ChildTaken {
+                    field: child_field(spec),
+                    child: child.to_string(),
+                    parent: parent.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a node that no other node uses, returning its spec.
+    pub fn remove(&mut self, name: &str) -> Result<NodeSpec, GraphError> {
+        if !self.nodes.contains_key(name) {
+            return Err(GraphError::NotFound {
+                field: "name",
+                kind: ObjectKind::Node,
+                name: name.to_string(),
+            });
+        }
+        let users = self.users_of(name);
+        if !users.is_empty() {
+            return Err(GraphError::InUse {
+                kind: ObjectKind::Node,
+                name: name.to_string(),
+                users: users.iter().map(|u| format!("node {u:?}")).collect(),
+            });
+        }
+        self.nodes.remove(name).ok_or_else(|| GraphError::NotFound {
+            field: "name",
+            kind: ObjectKind::Node,
+            name: name.to_string(),
+        })
+    }
+
+    /// The node called `name`.
+    pub fn get(&self, name: &str) -> Option<&NodeSpec> {
+        self.nodes.get(name)
+    }
+
+    /// Whether a node called `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.nodes.contains_key(name)
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// All nodes, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &NodeSpec> {
+        self.nodes.values()
+    }
+
+    /// The children of `name` (empty for a leaf or an unknown node).
+    pub fn children_of(&self, name: &str) -> Vec<&str> {
+        self.nodes.get(name).map(children).unwrap_or_default()
+    }
+
+    /// The nodes that have `name` as a child, by name.
+    pub fn users_of(&self, name: &str) -> Vec<&str> {
+        self.nodes
+            .values()
+            .filter(|spec| children(spec).contains(&name))
+            .map(|spec| spec.name.as_str())
+            .collect()
+    }
+
+    /// `root` and all its descendants, root first (depth-first pre-order).
+    pub fn subtree(&self, root: &str) -> Result<Vec<NodeSpec>, GraphError> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![(root.to_string(), "node")];
+        while let Some((name, field)) = stack.pop() {
+            let spec = self.nodes.get(&name).ok_or_else(|| GraphError::NotFound {
+                field,
+                kind: ObjectKind::Node,
+                name: name.clone(),
+            })?;
+            if !seen.insert(name.clone()) {
+                return Err(GraphError::Cycle {
+                    field: child_field(spec),
+                    path: vec![root.to_string(), name],
+                });
+            }
+            let field = child_field(spec);
+            for child in children(spec).into_iter().rev() {
+                stack.push((child.to_string(), field));
+            }
+            out.push(spec.clone());
+        }
+        Ok(out)
+    }
+
+    /// Whether `name` refuses writes: its own option, or any descendant's.
+    pub fn is_read_only(&self, name: &str) -> Result<bool, GraphError> {
+        for spec in self.subtree(name)? {
+            let own = match &spec.driver {
+                None => false,
+                Some(Driver::IoUring(o)) => o.read_only,
+                Some(Driver::Null(_)) => false,
+                Some(Driver::Raw(_)) => false,
+            };
+            if own {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorClass;
+    use blkmesh_proto::v1::{IoUringOptions, NullOptions, RawOptions};
+
+    fn null(name: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Null(NullOptions {
+                size: 1 << 20,
+                latency_ns: 0,
+            })),
+        }
+    }
+
+    fn file(name: &str, read_only: bool) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: "/dev/null".into(),
+                direct: false,
+                read_only,
+            })),
+        }
+    }
+
+    fn raw(name: &str, child: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Raw(RawOptions {
+                child: child.into(),
+                offset: 0,
+                size: 0,
+            })),
+        }
+    }
+
+    fn names(specs: &[NodeSpec]) -> Vec<&str> {
+        specs.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn add_and_get() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        assert!(g.contains("a"));
+        assert_eq!(g.get("a"), Some(&null("a")));
+        assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn rejects_duplicate_node_name() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        let e = g.add(null("a")).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::AlreadyExists);
+        assert_eq!(e.field(), Some("node.name"));
+    }
+
+    #[test]
+    fn rejects_invalid_node_on_add() {
+        let mut g = Graph::new();
+        let e = g.add(null("bad name")).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidArgument);
+    }
+
+    #[test]
+    fn rejects_unknown_child() {
+        let mut g = Graph::new();
+        let e = g.add(raw("r", "missing")).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NotFound);
+        assert_eq!(e.to_string(), "node.raw.child: node \"missing\" not found");
+    }
+
+    #[test]
+    fn rejects_second_parent() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(raw("r1", "a")).unwrap();
+        let e = g.add(raw("r2", "a")).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert!(e.to_string().contains("\"r1\""), "{e}");
+    }
+
+    #[test]
+    fn children_and_users() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(raw("r", "a")).unwrap();
+        assert_eq!(g.children_of("r"), vec!["a"]);
+        assert!(g.children_of("a").is_empty());
+        assert_eq!(g.users_of("a"), vec!["r"]);
+        assert!(g.users_of("r").is_empty());
+    }
+
+    #[test]
+    fn rejects_removing_used_node() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(raw("r", "a")).unwrap();
+        let e = g.remove("a").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert_eq!(e.to_string(), "node \"a\" is in use by node \"r\"");
+        g.remove("r").unwrap();
+        g.remove("a").unwrap();
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn rejects_removing_unknown_node() {
+        let mut g = Graph::new();
+        assert_eq!(g.remove("x").unwrap_err().class(), ErrorClass::NotFound);
+    }
+
+    #[test]
+    fn subtree_is_root_first() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(raw("r1", "a")).unwrap();
+        g.add(raw("r2", "r1")).unwrap();
+        g.add(null("other")).unwrap();
+        assert_eq!(names(&g.subtree("r2").unwrap()), vec!["r2", "r1", "a"]);
+        assert_eq!(names(&g.subtree("a").unwrap()), vec!["a"]);
+        assert_eq!(g.subtree("nope").unwrap_err().class(), ErrorClass::NotFound);
+    }
+
+    #[test]
+    fn read_only_is_inherited_from_child() {
+        let mut g = Graph::new();
+        g.add(file("ro", true)).unwrap();
+        g.add(file("rw", false)).unwrap();
+        g.add(raw("over-ro", "ro")).unwrap();
+        g.add(raw("over-rw", "rw")).unwrap();
+        g.add(null("n")).unwrap();
+        assert!(g.is_read_only("ro").unwrap());
+        assert!(g.is_read_only("over-ro").unwrap());
+        assert!(!g.is_read_only("over-rw").unwrap());
+        assert!(!g.is_read_only("n").unwrap());
+    }
+
+    #[test]
+    fn from_specs_accepts_any_order() {
+        let g = Graph::from_specs([raw("r2", "r1"), null("a"), raw("r1", "a")]).unwrap();
+        assert_eq!(names(&g.subtree("r2").unwrap()), vec!["r2", "r1", "a"]);
+    }
+
+    #[test]
+    fn from_specs_rejects_cycle() {
+        let e = Graph::from_specs([raw("x", "y"), raw("y", "x")]).unwrap_err();
+        assert!(matches!(e, GraphError::Cycle { .. }), "{e:?}");
+        assert!(e.to_string().contains("cycle"), "{e}");
+    }
+
+    #[test]
+    fn from_specs_rejects_unknown_child() {
+        let e = Graph::from_specs([raw("x", "y")]).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NotFound);
+    }
+
+    #[test]
+    fn from_specs_rejects_duplicate_names() {
+        let e = Graph::from_specs([null("a"), null("a")]).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::AlreadyExists);
+    }
+
+    #[test]
+    fn from_specs_rejects_shared_child() {
+        let e = Graph::from_specs([null("a"), raw("r1", "a"), raw("r2", "a")]).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+    }
+
+    #[test]
+    fn from_specs_rejects_invalid_spec() {
+        let e = Graph::from_specs([NodeSpec {
+            name: "x".into(),
+            driver: None,
+        }])
+        .unwrap_err();
+        assert_eq!(e.field(), Some("node.driver"));
+    }
+}
