@@ -1,0 +1,128 @@
+//! Errors: process-level ([`ManagerError`]) and per-request ([`ApiError`],
+//! mapped to a `tonic::Status` without wildcards).
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use blkmesh_graph::{ErrorClass, GraphError};
+
+/// Why the manager could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The state directory could not be created.
+    #[error("cannot create state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The state file exists but could not be read.
+    #[error("cannot read state file {}", path.display())]
+    ReadState {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The state file is not a valid blkmesh-manager state; it is left untouched.
+    #[error(
+        "corrupt state file {}: {reason} (refusing to start; the file was not modified)",
+        path.display()
+    )]
+    CorruptState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TCP listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    BindTcp {
+        /// The requested address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The unix listener could not be set up.
+    #[error("cannot listen on unix socket {}", path.display())]
+    BindUnix {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The unix socket path is taken by something that is not a socket.
+    #[error("cannot listen on unix socket {}: path exists and is not a socket", path.display())]
+    UnixPathTaken {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+    /// The server task panicked or was cancelled.
+    #[error("manager task failed")]
+    Join(#[source] tokio::task::JoinError),
+}
+
+/// A rejected request.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// Validation or graph rule.
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// A required message field is missing.
+    #[error("{0}: must be set")]
+    Missing(&'static str),
+    /// An export needs a worker and none is registered.
+    #[error("no live worker registered; start blkmesh-worker")]
+    NoLiveWorker,
+    /// A live worker or frontend already uses this name.
+    #[error("name: a live {kind} named {name:?} is already registered")]
+    AlreadyRegistered {
+        /// `worker` or `frontend`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The change could not be persisted; nothing was changed.
+    #[error("cannot save state to {}: {source}", path.display())]
+    Persist {
+        /// The state file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The manager is stopping and accepts no new registrations.
+    #[error("manager is shutting down")]
+    ShuttingDown,
+    /// A blocking helper task failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::Graph(g) => match g.class() {
+                ErrorClass::InvalidArgument => tonic::Status::invalid_argument(msg),
+                ErrorClass::NotFound => tonic::Status::not_found(msg),
+                ErrorClass::AlreadyExists => tonic::Status::already_exists(msg),
+                ErrorClass::FailedPrecondition => tonic::Status::failed_precondition(msg),
+            },
+            ApiError::Missing(_) => tonic::Status::invalid_argument(msg),
+            ApiError::NoLiveWorker => tonic::Status::failed_precondition(msg),
+            ApiError::AlreadyRegistered { .. } => tonic::Status::already_exists(msg),
+            ApiError::Persist { .. } => tonic::Status::internal(msg),
+            ApiError::ShuttingDown => tonic::Status::unavailable(msg),
+            ApiError::Internal(_) => tonic::Status::internal(msg),
+        }
+    }
+}

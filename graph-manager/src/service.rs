@@ -1,0 +1,710 @@
+//! The gRPC services and the shared, locked manager state behind them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blkmesh_graph::{
+    driver_name, raw_window_size, validate_export, validate_name, validate_node,
+    validate_socket_path, GraphError, ObjectKind, SECTOR_SIZE,
+};
+use blkmesh_proto::v1::export_service_server::ExportService;
+use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
+use blkmesh_proto::v1::frontend_service_server::FrontendService;
+use blkmesh_proto::v1::node_service_server::NodeService;
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
+use blkmesh_proto::v1::worker_service_server::WorkerService;
+use blkmesh_proto::v1::{
+    AddExportRequest, AddExportResponse, AddNodeRequest, AddNodeResponse, ExportInfo, ExportPlan,
+    FrontendEvent, FrontendHello, GetNodeRequest, GetNodeResponse, ListExportsRequest,
+    ListExportsResponse, ListNodesRequest, ListNodesResponse, ListWorkersRequest,
+    ListWorkersResponse, NodeInfo, NodeSpec, QueueAssignment, QueueEndpoint, RemoveExportRequest,
+    RemoveExportResponse, RemoveNodeRequest, RemoveNodeResponse, WorkerAccepted, WorkerEvent,
+    WorkerHello, WorkerInfo, WorkerState,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::state::{self, ExportRecord, State, WorkerRecord};
+
+type EventTx<T> = mpsc::UnboundedSender<Result<T, Status>>;
+/// A server-streaming response.
+pub(crate) type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A registered frontend.
+struct FrontendConn {
+    session: u64,
+    /// `None` once the frontend's stream is gone.
+    tx: Option<EventTx<FrontendEvent>>,
+}
+
+/// Everything behind the manager's lock.
+struct Inner {
+    state: State,
+    /// Live workers: name → registration session.
+    live_workers: BTreeMap<String, u64>,
+    /// Frontends by name, alive (with a sender) or gone.
+    frontends: BTreeMap<String, FrontendConn>,
+    next_session: u64,
+    shutting_down: bool,
+}
+
+/// The manager's state, shared by all services.
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    state_path: PathBuf,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(state: State, state_path: PathBuf) -> Arc<Self> {
+        Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                state,
+                live_workers: BTreeMap::new(),
+                frontends: BTreeMap::new(),
+                next_session: 1,
+                shutting_down: false,
+            }),
+            state_path,
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave `Inner` half-updated:
+        // every change is built on a copy and swapped in whole.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Persists `next` and makes it the current state.
+    fn commit(&self, inner: &mut Inner, next: State) -> Result<(), ApiError> {
+        state::save(&self.state_path, &next).map_err(|source| ApiError::Persist {
+            path: self.state_path.clone(),
+            source,
+        })?;
+        inner.state = next;
+        Ok(())
+    }
+
+    /// Ends every registration stream so the server can shut down.
+    pub(crate) fn begin_shutdown(&self) {
+        let mut inner = self.lock();
+        inner.shutting_down = true;
+        for conn in inner.frontends.values_mut() {
+            conn.tx = None;
+        }
+        self.shutdown.send_replace(true);
+    }
+
+    /// A future that completes once shutdown has begun.
+    pub(crate) fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+
+    fn broadcast(inner: &mut Inner, event: FrontendEventKind) {
+        for (name, conn) in inner.frontends.iter_mut() {
+            if let Some(tx) = &conn.tx {
+                if tx
+                    .send(Ok(FrontendEvent {
+                        event: Some(event.clone()),
+                    }))
+                    .is_err()
+                {
+                    tracing::debug!(frontend = %name, "frontend stream closed while sending");
+                }
+            }
+        }
+    }
+
+    fn worker_gone(&self, name: &str, session: u64) {
+        let mut inner = self.lock();
+        if inner.live_workers.get(name) == Some(&session) {
+            inner.live_workers.remove(name);
+            tracing::info!(worker = %name, "worker gone");
+        }
+    }
+
+    fn frontend_gone(&self, name: &str, session: u64) {
+        let mut inner = self.lock();
+        if let Some(conn) = inner.frontends.get_mut(name) {
+            if conn.session == session && conn.tx.is_some() {
+                conn.tx = None;
+                tracing::info!(frontend = %name, "frontend gone");
+            }
+        }
+    }
+}
+
+// ----- views -----
+
+fn node_info(state: &State, spec: &NodeSpec) -> NodeInfo {
+    let mut used_by: Vec<String> = state
+        .graph
+        .users_of(&spec.name)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    used_by.extend(state.exports_of_node(&spec.name).map(str::to_string));
+    NodeInfo {
+        spec: Some(spec.clone()),
+        size: state.sizes.get(&spec.name).copied().unwrap_or(0),
+        read_only: state.graph.is_read_only(&spec.name).unwrap_or(false),
+        used_by,
+    }
+}
+
+fn export_info(state: &State, rec: &ExportRecord) -> ExportInfo {
+    ExportInfo {
+        export: Some(rec.export.clone()),
+        queues: rec
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, w)| QueueAssignment {
+                queue: i as u32,
+                worker: w.clone(),
+            })
+            .collect(),
+        size: state.sizes.get(&rec.export.node).copied().unwrap_or(0),
+    }
+}
+
+fn export_plan(state: &State, rec: &ExportRecord) -> Option<ExportPlan> {
+    let nodes = match state.graph.subtree(&rec.export.node) {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            tracing::error!(export = %rec.export.id, "cannot build plan: {e}");
+            return None;
+        }
+    };
+    Some(ExportPlan {
+        export: Some(rec.export.clone()),
+        nodes,
+        queues: rec
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, w)| QueueEndpoint {
+                queue: i as u32,
+                worker: w.clone(),
+                worker_socket: state
+                    .workers
+                    .get(w)
+                    .map(|r| r.socket.clone())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    })
+}
+
+/// Size in bytes of a regular file or block device, rounded down to whole
+/// sectors. Errors name `node.io_uring.path`.
+fn probe_io_uring_path(path: &str) -> Result<u64, GraphError> {
+    const FIELD: &str = "node.io_uring.path";
+    let meta = std::fs::metadata(path)
+        .map_err(|e| GraphError::invalid(FIELD, format!("cannot stat {path:?}: {e}")))?;
+    let ft = meta.file_type();
+    let size = if ft.is_file() {
+        meta.len()
+    } else if ft.is_block_device() {
+        let mut f = File::open(path)
+            .map_err(|e| GraphError::invalid(FIELD, format!("cannot open {path:?}: {e}")))?;
+        f.seek(SeekFrom::End(0)).map_err(|e| {
+            GraphError::invalid(FIELD, format!("cannot get the size of {path:?}: {e}"))
+        })?
+    } else {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(GraphError::invalid(
+            FIELD,
+            format!("must be a regular file or block device ({path:?} is {kind})"),
+        ));
+    };
+    Ok(size - size % SECTOR_SIZE)
+}
+
+// ----- NodeService -----
+
+/// `blkmesh.v1.NodeService`.
+pub(crate) struct NodeApi(pub Arc<Shared>);
+
+impl NodeApi {
+    async fn add(&self, spec: NodeSpec) -> Result<NodeInfo, ApiError> {
+        validate_node(&spec)?;
+        self.0.lock().state.graph.check_add(&spec)?;
+        let probed = match &spec.driver {
+            Some(Driver::IoUring(o)) => {
+                let path = o.path.clone();
+                let size = tokio::task::spawn_blocking(move || probe_io_uring_path(&path))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))??;
+                Some(size)
+            }
+            _ => None,
+        };
+        let mut inner = self.0.lock();
+        let mut next = inner.state.clone();
+        next.graph.add(spec.clone())?;
+        let size = match &spec.driver {
+            None => return Err(ApiError::Missing("node.driver")),
+            Some(Driver::IoUring(_)) => probed.unwrap_or(0),
+            Some(Driver::Null(o)) => o.size,
+            Some(Driver::Raw(o)) => {
+                let child_size = next.sizes.get(&o.child).copied().unwrap_or(0);
+                raw_window_size(o, child_size)?
+            }
+        };
+        next.sizes.insert(spec.name.clone(), size);
+        self.0.commit(&mut inner, next)?;
+        tracing::info!(node = %spec.name, driver = driver_name(&spec), size, "node added");
+        Ok(node_info(&inner.state, &spec))
+    }
+
+    fn remove(&self, name: &str) -> Result<(), ApiError> {
+        let mut inner = self.0.lock();
+        if !inner.state.graph.contains(name) {
+            return Err(GraphError::NotFound {
+                field: "name",
+                kind: ObjectKind::Node,
+                name: name.to_string(),
+            }
+            .into());
+        }
+        let mut users: Vec<String> = inner
+            .state
+            .graph
+            .users_of(name)
+            .iter()
+            .map(|u| format!("node {u:?}"))
+            .collect();
+        users.extend(
+            inner
+                .state
+                .exports_of_node(name)
+                .map(|e| format!("export {e:?}")),
+        );
+        if !users.is_empty() {
+            return Err(GraphError::InUse {
+                kind: ObjectKind::Node,
+                name: name.to_string(),
+                users,
+            }
+            .into());
+        }
+        let mut next = inner.state.clone();
+        next.graph.remove(name)?;
+        next.sizes.remove(name);
+        self.0.commit(&mut inner, next)?;
+        tracing::info!(node = %name, "node removed");
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<AddNodeResponse>, Status> {
+        let spec = request.into_inner().node.ok_or(ApiError::Missing("node"))?;
+        let info = self.add(spec).await?;
+        Ok(Response::new(AddNodeResponse { node: Some(info) }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        self.remove(&request.into_inner().name)?;
+        Ok(Response::new(RemoveNodeResponse {}))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let inner = self.0.lock();
+        let nodes = inner
+            .state
+            .graph
+            .iter()
+            .map(|spec| node_info(&inner.state, spec))
+            .collect();
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<GetNodeRequest>,
+    ) -> Result<Response<GetNodeResponse>, Status> {
+        let name = request.into_inner().name;
+        let inner = self.0.lock();
+        let spec = inner
+            .state
+            .graph
+            .get(&name)
+            .ok_or_else(|| GraphError::NotFound {
+                field: "name",
+                kind: ObjectKind::Node,
+                name: name.clone(),
+            })
+            .map_err(ApiError::from)?;
+        Ok(Response::new(GetNodeResponse {
+            node: Some(node_info(&inner.state, spec)),
+        }))
+    }
+}
+
+// ----- ExportService -----
+
+/// `blkmesh.v1.ExportService`.
+pub(crate) struct ExportApi(pub Arc<Shared>);
+
+impl ExportApi {
+    fn add(&self, export: &blkmesh_proto::v1::VhostUserBlkExport) -> Result<ExportInfo, ApiError> {
+        let export = validate_export(export)?;
+        let mut inner = self.0.lock();
+        let state = &inner.state;
+        if state.exports.contains_key(&export.id) {
+            return Err(GraphError::AlreadyExists {
+                field: "export.id",
+                kind: ObjectKind::Export,
+                name: export.id,
+            }
+            .into());
+        }
+        if let Some(other) = state
+            .exports
+            .values()
+            .find(|r| r.export.socket == export.socket)
+        {
+            return Err(GraphError::Duplicate {
+                field: "export.socket",
+                problem: format!(
+                    "socket {:?} is already used by export {:?}",
+                    export.socket, other.export.id
+                ),
+            }
+            .into());
+        }
+        if !state.graph.contains(&export.node) {
+            return Err(GraphError::NotFound {
+                field: "export.node",
+                kind: ObjectKind::Node,
+                name: export.node,
+            }
+            .into());
+        }
+        if let Some(other) = state.exports_of_node(&export.node).next() {
+            return Err(GraphError::precondition(
+                "export.node",
+                format!(
+                    "node {:?} is already exported by export {other:?}",
+                    export.node
+                ),
+            )
+            .into());
+        }
+        if export.writable && state.graph.is_read_only(&export.node)? {
+            return Err(GraphError::precondition(
+                "export.writable",
+                format!(
+                    "node {:?} is read-only; a writable export needs a writable node",
+                    export.node
+                ),
+            )
+            .into());
+        }
+        // All queues on the live worker with the fewest assigned queues
+        // (ties broken by name order: the map is sorted).
+        let counts = state.queue_counts();
+        let worker = inner
+            .live_workers
+            .keys()
+            .min_by_key(|w| (counts.get(w.as_str()).copied().unwrap_or(0), w.as_str()))
+            .cloned()
+            .ok_or(ApiError::NoLiveWorker)?;
+        let rec = ExportRecord {
+            queues: vec![worker.clone(); export.num_queues as usize],
+            export,
+        };
+        let mut next = inner.state.clone();
+        next.exports.insert(rec.export.id.clone(), rec.clone());
+        self.0.commit(&mut inner, next)?;
+        tracing::info!(export = %rec.export.id, node = %rec.export.node, %worker, "export added");
+        if let Some(plan) = export_plan(&inner.state, &rec) {
+            Shared::broadcast(&mut inner, FrontendEventKind::Upsert(plan));
+        }
+        Ok(export_info(&inner.state, &rec))
+    }
+
+    fn remove(&self, id: &str) -> Result<(), ApiError> {
+        let mut inner = self.0.lock();
+        if !inner.state.exports.contains_key(id) {
+            return Err(GraphError::NotFound {
+                field: "id",
+                kind: ObjectKind::Export,
+                name: id.to_string(),
+            }
+            .into());
+        }
+        let mut next = inner.state.clone();
+        next.exports.remove(id);
+        self.0.commit(&mut inner, next)?;
+        tracing::info!(export = %id, "export removed");
+        Shared::broadcast(&mut inner, FrontendEventKind::Remove(id.to_string()));
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ExportService for ExportApi {
+    async fn add_export(
+        &self,
+        request: Request<AddExportRequest>,
+    ) -> Result<Response<AddExportResponse>, Status> {
+        let export = request
+            .into_inner()
+            .export
+            .ok_or(ApiError::Missing("export"))?;
+        let info = self.add(&export)?;
+        Ok(Response::new(AddExportResponse { export: Some(info) }))
+    }
+
+    async fn remove_export(
+        &self,
+        request: Request<RemoveExportRequest>,
+    ) -> Result<Response<RemoveExportResponse>, Status> {
+        self.remove(&request.into_inner().id)?;
+        Ok(Response::new(RemoveExportResponse {}))
+    }
+
+    async fn list_exports(
+        &self,
+        _request: Request<ListExportsRequest>,
+    ) -> Result<Response<ListExportsResponse>, Status> {
+        let inner = self.0.lock();
+        let exports = inner
+            .state
+            .exports
+            .values()
+            .map(|r| export_info(&inner.state, r))
+            .collect();
+        Ok(Response::new(ListExportsResponse { exports }))
+    }
+}
+
+// ----- WorkerService -----
+
+/// `blkmesh.v1.WorkerService`.
+pub(crate) struct WorkerApi(pub Arc<Shared>);
+
+impl WorkerApi {
+    fn register(&self, hello: WorkerHello) -> Result<EventStream<WorkerEvent>, ApiError> {
+        validate_name("name", &hello.name)?;
+        validate_socket_path("socket", &hello.socket)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = {
+            let mut inner = self.0.lock();
+            if inner.shutting_down {
+                return Err(ApiError::ShuttingDown);
+            }
+            if inner.live_workers.contains_key(&hello.name) {
+                return Err(ApiError::AlreadyRegistered {
+                    kind: "worker",
+                    name: hello.name,
+                });
+            }
+            let record = WorkerRecord {
+                socket: hello.socket.clone(),
+                pid: hello.pid,
+            };
+            let previous = inner.state.workers.get(&hello.name).cloned();
+            if previous.as_ref() != Some(&record) {
+                let mut next = inner.state.clone();
+                next.workers.insert(hello.name.clone(), record);
+                self.0.commit(&mut inner, next)?;
+            }
+            let session = inner.next_session;
+            inner.next_session += 1;
+            inner.live_workers.insert(hello.name.clone(), session);
+            tracing::info!(worker = %hello.name, socket = %hello.socket, pid = hello.pid, "worker registered");
+            // Send `accepted` before any other event could be queued.
+            let _ = tx.send(Ok(WorkerEvent {
+                event: Some(WorkerEventKind::Accepted(WorkerAccepted {})),
+            }));
+            if previous.is_some_and(|p| p.socket != hello.socket) {
+                let plans: Vec<ExportPlan> = inner
+                    .state
+                    .exports
+                    .values()
+                    .filter(|r| r.queues.contains(&hello.name))
+                    .filter_map(|r| export_plan(&inner.state, r))
+                    .collect();
+                for plan in plans {
+                    Shared::broadcast(&mut inner, FrontendEventKind::Upsert(plan));
+                }
+            }
+            session
+        };
+        let shared = self.0.clone();
+        let name = hello.name;
+        let mut shutdown = self.0.shutdown.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = shutdown.wait_for(|v| *v) => {}
+            }
+            drop(tx);
+            shared.worker_gone(&name, session);
+        });
+        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    type RegisterStream = EventStream<WorkerEvent>;
+
+    async fn register(
+        &self,
+        request: Request<WorkerHello>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        Ok(Response::new(WorkerApi::register(
+            self,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        let inner = self.0.lock();
+        let mut queues: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for rec in inner.state.exports.values() {
+            for (i, w) in rec.queues.iter().enumerate() {
+                queues
+                    .entry(w.as_str())
+                    .or_default()
+                    .push(format!("{}/{i}", rec.export.id));
+            }
+        }
+        let workers = inner
+            .state
+            .workers
+            .iter()
+            .map(|(name, rec)| {
+                let state = if inner.live_workers.contains_key(name) {
+                    WorkerState::Alive
+                } else {
+                    WorkerState::Gone
+                };
+                WorkerInfo {
+                    name: name.clone(),
+                    socket: rec.socket.clone(),
+                    pid: rec.pid,
+                    state: state as i32,
+                    queues: queues.remove(name.as_str()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+}
+
+// ----- FrontendService -----
+
+/// `blkmesh.v1.FrontendService`.
+pub(crate) struct FrontendApi(pub Arc<Shared>);
+
+impl FrontendApi {
+    fn register(&self, hello: FrontendHello) -> Result<EventStream<FrontendEvent>, ApiError> {
+        validate_name("name", &hello.name)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = {
+            let mut inner = self.0.lock();
+            if inner.shutting_down {
+                return Err(ApiError::ShuttingDown);
+            }
+            if inner
+                .frontends
+                .get(&hello.name)
+                .is_some_and(|c| c.tx.is_some())
+            {
+                return Err(ApiError::AlreadyRegistered {
+                    kind: "frontend",
+                    name: hello.name,
+                });
+            }
+            // The snapshot is queued under the lock, so no later change can
+            // overtake it or be missed.
+            for rec in inner.state.exports.values() {
+                if let Some(plan) = export_plan(&inner.state, rec) {
+                    let _ = tx.send(Ok(FrontendEvent {
+                        event: Some(FrontendEventKind::Upsert(plan)),
+                    }));
+                }
+            }
+            let session = inner.next_session;
+            inner.next_session += 1;
+            inner.frontends.insert(
+                hello.name.clone(),
+                FrontendConn {
+                    session,
+                    tx: Some(tx.clone()),
+                },
+            );
+            tracing::info!(frontend = %hello.name, "frontend registered");
+            session
+        };
+        let shared = self.0.clone();
+        let name = hello.name;
+        let mut shutdown = self.0.shutdown.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = shutdown.wait_for(|v| *v) => {}
+            }
+            drop(tx);
+            shared.frontend_gone(&name, session);
+        });
+        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl FrontendService for FrontendApi {
+    type RegisterStream = EventStream<FrontendEvent>;
+
+    async fn register(
+        &self,
+        request: Request<FrontendHello>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        Ok(Response::new(FrontendApi::register(
+            self,
+            request.into_inner(),
+        )?))
+    }
+}

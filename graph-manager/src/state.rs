@@ -1,0 +1,445 @@
+//! The persistent part of the manager's state and its on-disk form
+//! (`<state-dir>/state.json`, replaced atomically after every change).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use blkmesh_graph::{validate_export, validate_name, validate_socket_path, Graph};
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{IoUringOptions, NodeSpec, NullOptions, RawOptions, VhostUserBlkExport};
+use serde::{Deserialize, Serialize};
+
+use crate::ManagerError;
+
+/// Name of the state file inside the state directory.
+pub const STATE_FILE: &str = "state.json";
+const STATE_VERSION: u32 = 1;
+
+/// An export with its queue → worker assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ExportRecord {
+    /// The normalized export (defaults applied).
+    pub export: VhostUserBlkExport,
+    /// Worker name per queue; `queues.len() == export.num_queues`.
+    pub queues: Vec<String>,
+}
+
+/// A worker the manager has seen.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WorkerRecord {
+    pub socket: String,
+    pub pid: u32,
+}
+
+/// Everything the manager persists.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct State {
+    pub graph: Graph,
+    /// Size in bytes of every node in `graph`.
+    pub sizes: BTreeMap<String, u64>,
+    pub exports: BTreeMap<String, ExportRecord>,
+    pub workers: BTreeMap<String, WorkerRecord>,
+}
+
+impl State {
+    /// Number of queues assigned to each worker (workers with none included).
+    pub fn queue_counts(&self) -> BTreeMap<&str, usize> {
+        let mut counts: BTreeMap<&str, usize> =
+            self.workers.keys().map(|w| (w.as_str(), 0)).collect();
+        for rec in self.exports.values() {
+            for w in &rec.queues {
+                *counts.entry(w.as_str()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// The exports whose root is `node`.
+    pub fn exports_of_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.exports
+            .values()
+            .filter(move |r| r.export.node == node)
+            .map(|r| r.export.id.as_str())
+    }
+}
+
+// ----- on-disk form -----
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    nodes: Vec<NodeJson>,
+    exports: Vec<ExportJson>,
+    workers: Vec<WorkerJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeJson {
+    name: String,
+    size: u64,
+    driver: DriverJson,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum DriverJson {
+    IoUring {
+        path: String,
+        direct: bool,
+        read_only: bool,
+    },
+    Null {
+        size: u64,
+        latency_ns: u64,
+    },
+    Raw {
+        child: String,
+        offset: u64,
+        size: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportJson {
+    id: String,
+    node: String,
+    socket: String,
+    num_queues: u32,
+    queue_size: u32,
+    logical_block_size: u32,
+    writable: bool,
+    serial: String,
+    /// Worker name per queue.
+    queues: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerJson {
+    name: String,
+    socket: String,
+    pid: u32,
+}
+
+fn driver_to_json(spec: &NodeSpec) -> Option<DriverJson> {
+    Some(match spec.driver.as_ref()? {
+        Driver::IoUring(o) => DriverJson::IoUring {
+            path: o.path.clone(),
+            direct: o.direct,
+            read_only: o.read_only,
+        },
+        Driver::Null(o) => DriverJson::Null {
+            size: o.size,
+            latency_ns: o.latency_ns,
+        },
+        Driver::Raw(o) => DriverJson::Raw {
+            child: o.child.clone(),
+            offset: o.offset,
+            size: o.size,
+        },
+    })
+}
+
+fn driver_from_json(d: DriverJson) -> Driver {
+    match d {
+        DriverJson::IoUring {
+            path,
+            direct,
+            read_only,
+        } => Driver::IoUring(IoUringOptions {
+            path,
+            direct,
+            read_only,
+        }),
+        DriverJson::Null { size, latency_ns } => Driver::Null(NullOptions { size, latency_ns }),
+        DriverJson::Raw {
+            child,
+            offset,
+            size,
+        } => Driver::Raw(RawOptions {
+            child,
+            offset,
+            size,
+        }),
+    }
+}
+
+impl State {
+    fn to_file(&self) -> StateFile {
+        StateFile {
+            version: STATE_VERSION,
+            nodes: self
+                .graph
+                .iter()
+                .filter_map(|spec| {
+                    Some(NodeJson {
+                        name: spec.name.clone(),
+                        size: self.sizes.get(&spec.name).copied().unwrap_or(0),
+                        driver: driver_to_json(spec)?,
+                    })
+                })
+                .collect(),
+            exports: self
+                .exports
+                .values()
+                .map(|r| ExportJson {
+                    id: r.export.id.clone(),
+                    node: r.export.node.clone(),
+                    socket: r.export.socket.clone(),
+                    num_queues: r.export.num_queues,
+                    queue_size: r.export.queue_size,
+                    logical_block_size: r.export.logical_block_size,
+                    writable: r.export.writable,
+                    serial: r.export.serial.clone(),
+                    queues: r.queues.clone(),
+                })
+                .collect(),
+            workers: self
+                .workers
+                .iter()
+                .map(|(name, w)| WorkerJson {
+                    name: name.clone(),
+                    socket: w.socket.clone(),
+                    pid: w.pid,
+                })
+                .collect(),
+        }
+    }
+
+    /// Checks a parsed state file against every rule the API enforces.
+    fn from_file(f: StateFile) -> Result<State, String> {
+        if f.version != STATE_VERSION {
+            return Err(format!(
+                "unsupported version {} (expected {STATE_VERSION})",
+                f.version
+            ));
+        }
+        let mut sizes = BTreeMap::new();
+        let mut specs = Vec::new();
+        for n in f.nodes {
+            sizes.insert(n.name.clone(), n.size);
+            specs.push(NodeSpec {
+                name: n.name,
+                driver: Some(driver_from_json(n.driver)),
+            });
+        }
+        let graph = Graph::from_specs(specs).map_err(|e| format!("nodes: {e}"))?;
+
+        let mut workers = BTreeMap::new();
+        for w in f.workers {
+            validate_name("name", &w.name).map_err(|e| format!("workers: {e}"))?;
+            validate_socket_path("socket", &w.socket)
+                .map_err(|e| format!("worker {:?}: {e}", w.name))?;
+            let rec = WorkerRecord {
+                socket: w.socket,
+                pid: w.pid,
+            };
+            if workers.insert(w.name.clone(), rec).is_some() {
+                return Err(format!("workers: duplicate worker {:?}", w.name));
+            }
+        }
+
+        let mut exports = BTreeMap::new();
+        let mut sockets = BTreeSet::new();
+        let mut roots = BTreeSet::new();
+        for e in f.exports {
+            let export = VhostUserBlkExport {
+                id: e.id,
+                node: e.node,
+                socket: e.socket,
+                num_queues: e.num_queues,
+                queue_size: e.queue_size,
+                logical_block_size: e.logical_block_size,
+                writable: e.writable,
+                serial: e.serial,
+            };
+            let ctx = format!("export {:?}", export.id);
+            let normalized = validate_export(&export).map_err(|e| format!("{ctx}: {e}"))?;
+            if normalized != export {
+                return Err(format!("{ctx}: fields are not normalized"));
+            }
+            if !graph.contains(&export.node) {
+                return Err(format!("{ctx}: unknown node {:?}", export.node));
+            }
+            if !roots.insert(export.node.clone()) {
+                return Err(format!("{ctx}: node {:?} exported twice", export.node));
+            }
+            if !sockets.insert(export.socket.clone()) {
+                return Err(format!("{ctx}: duplicate socket {:?}", export.socket));
+            }
+            if e.queues.len() != export.num_queues as usize {
+                return Err(format!(
+                    "{ctx}: {} queue assignments for {} queues",
+                    e.queues.len(),
+                    export.num_queues
+                ));
+            }
+            if let Some(w) = e.queues.iter().find(|w| !workers.contains_key(*w)) {
+                return Err(format!("{ctx}: queue assigned to unknown worker {w:?}"));
+            }
+            let id = export.id.clone();
+            let rec = ExportRecord {
+                export,
+                queues: e.queues,
+            };
+            if exports.insert(id.clone(), rec).is_some() {
+                return Err(format!("exports: duplicate export {id:?}"));
+            }
+        }
+        Ok(State {
+            graph,
+            sizes,
+            exports,
+            workers,
+        })
+    }
+}
+
+/// Loads the state from `path`; a missing file is an empty state.
+pub(crate) fn load(path: &Path) -> Result<State, ManagerError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(ManagerError::CorruptState {
+                path: path.to_path_buf(),
+                reason: "not valid UTF-8".into(),
+            })
+        }
+        Err(source) => {
+            return Err(ManagerError::ReadState {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let corrupt = |reason: String| ManagerError::CorruptState {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file: StateFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+    State::from_file(file).map_err(corrupt)
+}
+
+/// Writes the state to `path` atomically: a temporary file in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub(crate) fn save(path: &Path, state: &State) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "state path has no parent"))?;
+    let json = serde_json::to_vec_pretty(&state.to_file()).map_err(io::Error::other)?;
+    let tmp: PathBuf = dir.join(format!(".{STATE_FILE}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        let mut s = State::default();
+        s.graph
+            .add(NodeSpec {
+                name: "n0".into(),
+                driver: Some(Driver::Null(NullOptions {
+                    size: 1 << 20,
+                    latency_ns: 5,
+                })),
+            })
+            .unwrap();
+        s.graph
+            .add(NodeSpec {
+                name: "r0".into(),
+                driver: Some(Driver::Raw(RawOptions {
+                    child: "n0".into(),
+                    offset: 512,
+                    size: 0,
+                })),
+            })
+            .unwrap();
+        s.sizes.insert("n0".into(), 1 << 20);
+        s.sizes.insert("r0".into(), (1 << 20) - 512);
+        s.workers.insert(
+            "w0".into(),
+            WorkerRecord {
+                socket: "/run/w0.sock".into(),
+                pid: 42,
+            },
+        );
+        let export = validate_export(&VhostUserBlkExport {
+            id: "e0".into(),
+            node: "r0".into(),
+            socket: "/run/e0.sock".into(),
+            num_queues: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        s.exports.insert(
+            "e0".into(),
+            ExportRecord {
+                export,
+                queues: vec!["w0".into(), "w0".into()],
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn state_round_trips_through_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let s = sample();
+        save(&path, &s).unwrap();
+        assert_eq!(load(&path).unwrap(), s);
+        // No temporary file left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn missing_state_file_is_empty_state() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load(&dir.path().join(STATE_FILE)).unwrap(),
+            State::default()
+        );
+    }
+
+    #[test]
+    fn rejects_state_with_unknown_worker_assignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let mut s = sample();
+        s.workers.clear();
+        save(&path, &s).unwrap();
+        let e = load(&path).unwrap_err();
+        assert!(matches!(e, ManagerError::CorruptState { .. }), "{e}");
+        assert!(e.to_string().contains("unknown worker"), "{e}");
+    }
+
+    #[test]
+    fn rejects_garbage_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        fs::write(&path, "{not json").unwrap();
+        let e = load(&path).unwrap_err();
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{not json");
+    }
+}

@@ -1,0 +1,704 @@
+//! In-process tests: a real manager on 127.0.0.1:0 driven by real tonic clients.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use blkmesh_manager::{Manager, ManagerConfig, ManagerError, RunningManager, STATE_FILE};
+use blkmesh_proto::v1::export_service_client::ExportServiceClient;
+use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
+use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
+use blkmesh_proto::v1::node_service_client::NodeServiceClient;
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
+use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
+use blkmesh_proto::v1::*;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+async fn start(dir: &Path) -> RunningManager {
+    let config = ManagerConfig::new(dir.to_path_buf()).with_listen("127.0.0.1:0".parse().unwrap());
+    Manager::bind(config).await.unwrap().spawn()
+}
+
+struct Clients {
+    nodes: NodeServiceClient<Channel>,
+    exports: ExportServiceClient<Channel>,
+    workers: WorkerServiceClient<Channel>,
+    frontends: FrontendServiceClient<Channel>,
+}
+
+async fn connect(m: &RunningManager) -> Clients {
+    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
+        .await
+        .unwrap();
+    Clients {
+        nodes: NodeServiceClient::new(ch.clone()),
+        exports: ExportServiceClient::new(ch.clone()),
+        workers: WorkerServiceClient::new(ch.clone()),
+        frontends: FrontendServiceClient::new(ch),
+    }
+}
+
+fn null(name: &str, size: u64) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::Null(NullOptions {
+            size,
+            latency_ns: 0,
+        })),
+    }
+}
+
+fn raw(name: &str, child: &str, offset: u64, size: u64) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::Raw(RawOptions {
+            child: child.into(),
+            offset,
+            size,
+        })),
+    }
+}
+
+fn file(name: &str, path: &Path, read_only: bool) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::IoUring(IoUringOptions {
+            path: path.to_str().unwrap().into(),
+            direct: false,
+            read_only,
+        })),
+    }
+}
+
+fn export(id: &str, node: &str, socket: &str) -> VhostUserBlkExport {
+    VhostUserBlkExport {
+        id: id.into(),
+        node: node.into(),
+        socket: socket.into(),
+        ..Default::default()
+    }
+}
+
+async fn add_node(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::Status> {
+    c.nodes
+        .add_node(AddNodeRequest { node: Some(spec) })
+        .await
+        .map(|r| r.into_inner().node.unwrap())
+}
+
+async fn add_export(c: &mut Clients, e: VhostUserBlkExport) -> Result<ExportInfo, tonic::Status> {
+    c.exports
+        .add_export(AddExportRequest { export: Some(e) })
+        .await
+        .map(|r| r.into_inner().export.unwrap())
+}
+
+async fn register_worker(c: &mut Clients, name: &str, socket: &str) -> Streaming<WorkerEvent> {
+    let mut stream = c
+        .workers
+        .register(WorkerHello {
+            name: name.into(),
+            socket: socket.into(),
+            pid: 1234,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("accepted", stream.message()).await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(WorkerEventKind::Accepted(_))));
+    stream
+}
+
+async fn workers(c: &mut Clients) -> Vec<WorkerInfo> {
+    c.workers
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+}
+
+async fn wait_worker_state(c: &mut Clients, name: &str, state: WorkerState) {
+    within("worker state", async {
+        loop {
+            let ws = workers(c).await;
+            if ws.iter().any(|w| w.name == name && w.state == state as i32) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+async fn next_event(s: &mut Streaming<FrontendEvent>) -> FrontendEventKind {
+    within("frontend event", s.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+}
+
+fn assert_status(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "{:?} does not contain {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn add_list_get_remove_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8192 + 100]).unwrap();
+    let m = start(&dir.path().join("state")).await;
+    let mut c = connect(&m).await;
+
+    let n = add_node(&mut c, null("n0", 1 << 20)).await.unwrap();
+    assert_eq!(n.size, 1 << 20);
+    assert!(!n.read_only);
+    let f = add_node(&mut c, file("f0", &img, true)).await.unwrap();
+    assert_eq!(f.size, 8192, "file size is rounded down to sectors");
+    assert!(f.read_only);
+    let r = add_node(&mut c, raw("r0", "f0", 1024, 0)).await.unwrap();
+    assert_eq!(r.size, 8192 - 1024);
+    assert!(r.read_only, "read-only is inherited from the child");
+
+    let list = c
+        .nodes
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let names: Vec<_> = list
+        .iter()
+        .map(|n| n.spec.as_ref().unwrap().name.as_str())
+        .collect();
+    assert_eq!(names, ["f0", "n0", "r0"]);
+
+    let got = c
+        .nodes
+        .get_node(GetNodeRequest { name: "f0".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert_eq!(got.used_by, ["r0"]);
+
+    c.nodes
+        .remove_node(RemoveNodeRequest { name: "r0".into() })
+        .await
+        .unwrap();
+    c.nodes
+        .remove_node(RemoveNodeRequest { name: "f0".into() })
+        .await
+        .unwrap();
+    let left = c
+        .nodes
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(left.len(), 1);
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn node_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+
+    assert_status(
+        add_node(&mut c, null("n0", 4096)).await,
+        Code::AlreadyExists,
+        "node.name",
+    );
+    assert_status(
+        add_node(&mut c, raw("r0", "missing", 0, 0)).await,
+        Code::NotFound,
+        "node.raw.child: node \"missing\" not found",
+    );
+    assert_status(
+        add_node(&mut c, null("n1", 1000)).await,
+        Code::InvalidArgument,
+        "node.null.size: must be a non-zero multiple of 512 (got 1000)",
+    );
+    assert_status(
+        add_node(&mut c, file("f0", Path::new("rel.img"), false)).await,
+        Code::InvalidArgument,
+        "node.io_uring.path: must be an absolute path",
+    );
+    assert_status(
+        add_node(&mut c, file("f0", &dir.path().join("nope.img"), false)).await,
+        Code::InvalidArgument,
+        "node.io_uring.path: cannot stat",
+    );
+    assert_status(
+        add_node(&mut c, file("f0", dir.path(), false)).await,
+        Code::InvalidArgument,
+        "is a directory",
+    );
+    assert_status(
+        add_node(&mut c, raw("r0", "n0", 0, 8192)).await,
+        Code::InvalidArgument,
+        "node.raw.size",
+    );
+    assert_status(
+        add_node(
+            &mut c,
+            NodeSpec {
+                name: "x".into(),
+                driver: None,
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "node.driver",
+    );
+    assert_status(
+        c.nodes.add_node(AddNodeRequest { node: None }).await,
+        Code::InvalidArgument,
+        "node: must be set",
+    );
+
+    add_node(&mut c, raw("r0", "n0", 0, 0)).await.unwrap();
+    assert_status(
+        add_node(&mut c, raw("r1", "n0", 0, 0)).await,
+        Code::FailedPrecondition,
+        "already the child of node \"r0\"",
+    );
+    assert_status(
+        c.nodes
+            .remove_node(RemoveNodeRequest { name: "n0".into() })
+            .await,
+        Code::FailedPrecondition,
+        "node \"n0\" is in use by node \"r0\"",
+    );
+    assert_status(
+        c.nodes
+            .remove_node(RemoveNodeRequest { name: "zz".into() })
+            .await,
+        Code::NotFound,
+        "zz",
+    );
+    assert_status(
+        c.nodes.get_node(GetNodeRequest { name: "zz".into() }).await,
+        Code::NotFound,
+        "zz",
+    );
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn export_without_live_worker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    assert_status(
+        add_export(&mut c, export("e0", "n0", "/tmp/e0.sock")).await,
+        Code::FailedPrecondition,
+        "no live worker registered; start blkmesh-worker",
+    );
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn export_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ro.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let m = start(&dir.path().join("state")).await;
+    let mut c = connect(&m).await;
+    let _w = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    add_node(&mut c, null("n1", 4096)).await.unwrap();
+    add_node(&mut c, file("ro", &img, true)).await.unwrap();
+    add_node(&mut c, raw("over-ro", "ro", 0, 0)).await.unwrap();
+
+    let mut writable = export("e-ro", "over-ro", "/tmp/ro.sock");
+    writable.writable = true;
+    assert_status(
+        add_export(&mut c, writable).await,
+        Code::FailedPrecondition,
+        "export.writable: node \"over-ro\" is read-only",
+    );
+    // Read-only exports of read-only nodes are fine.
+    add_export(&mut c, export("e-ro", "over-ro", "/tmp/ro.sock"))
+        .await
+        .unwrap();
+
+    let info = add_export(&mut c, export("e0", "n0", "/tmp/e0.sock"))
+        .await
+        .unwrap();
+    assert_eq!(info.size, 4096);
+    assert_status(
+        add_export(&mut c, export("e0", "n1", "/tmp/other.sock")).await,
+        Code::AlreadyExists,
+        "export.id",
+    );
+    assert_status(
+        add_export(&mut c, export("e1", "n1", "/tmp/e0.sock")).await,
+        Code::AlreadyExists,
+        "export.socket",
+    );
+    assert_status(
+        add_export(&mut c, export("e1", "nope", "/tmp/e1.sock")).await,
+        Code::NotFound,
+        "export.node",
+    );
+    assert_status(
+        add_export(&mut c, export("e1", "n0", "/tmp/e1.sock")).await,
+        Code::FailedPrecondition,
+        "already exported by export \"e0\"",
+    );
+    let mut bad = export("e1", "n1", "/tmp/e1.sock");
+    bad.queue_size = 100;
+    assert_status(
+        add_export(&mut c, bad).await,
+        Code::InvalidArgument,
+        "export.queue_size",
+    );
+    assert_status(
+        c.nodes
+            .remove_node(RemoveNodeRequest { name: "n0".into() })
+            .await,
+        Code::FailedPrecondition,
+        "in use by export \"e0\"",
+    );
+    assert_status(
+        c.exports
+            .remove_export(RemoveExportRequest { id: "zz".into() })
+            .await,
+        Code::NotFound,
+        "zz",
+    );
+    c.exports
+        .remove_export(RemoveExportRequest { id: "e0".into() })
+        .await
+        .unwrap();
+    c.nodes
+        .remove_node(RemoveNodeRequest { name: "n0".into() })
+        .await
+        .unwrap();
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn worker_alive_then_gone_then_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+
+    let stream = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    wait_worker_state(&mut c, "w0", WorkerState::Alive).await;
+    let dup = c
+        .workers
+        .register(WorkerHello {
+            name: "w0".into(),
+            socket: "/tmp/w0.sock".into(),
+            pid: 1,
+        })
+        .await;
+    assert_status(dup.map(|_| ()), Code::AlreadyExists, "w0");
+
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 3;
+    let info = add_export(&mut c, e).await.unwrap();
+    assert_eq!(info.queues.len(), 3);
+    assert!(info.queues.iter().all(|q| q.worker == "w0"));
+
+    drop(stream);
+    wait_worker_state(&mut c, "w0", WorkerState::Gone).await;
+
+    let _again = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    wait_worker_state(&mut c, "w0", WorkerState::Alive).await;
+    let w = workers(&mut c).await;
+    assert_eq!(
+        w[0].queues,
+        ["e0/0", "e0/1", "e0/2"],
+        "assignments are kept"
+    );
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn export_goes_to_least_loaded_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    for i in 0..3 {
+        add_node(&mut c, null(&format!("n{i}"), 4096))
+            .await
+            .unwrap();
+    }
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    let e0 = add_export(&mut c, e).await.unwrap();
+    assert!(
+        e0.queues.iter().all(|q| q.worker == "wa"),
+        "tie → name order"
+    );
+    let e1 = add_export(&mut c, export("e1", "n1", "/tmp/e1.sock"))
+        .await
+        .unwrap();
+    assert_eq!(e1.queues[0].worker, "wb");
+    let e2 = add_export(&mut c, export("e2", "n2", "/tmp/e2.sock"))
+        .await
+        .unwrap();
+    assert_eq!(e2.queues[0].worker, "wb", "wb has 1 queue, wa has 2");
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn frontend_gets_snapshot_then_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let w = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    add_node(&mut c, raw("r0", "n0", 512, 0)).await.unwrap();
+    add_node(&mut c, null("n1", 4096)).await.unwrap();
+    add_export(&mut c, export("e0", "r0", "/tmp/e0.sock"))
+        .await
+        .unwrap();
+
+    let mut fe = c
+        .frontends
+        .register(FrontendHello { name: "fe0".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    match next_event(&mut fe).await {
+        FrontendEventKind::Upsert(plan) => {
+            let e = plan.export.unwrap();
+            assert_eq!(e.id, "e0");
+            assert_eq!(e.queue_size, 256, "plans carry the normalized export");
+            let names: Vec<_> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+            assert_eq!(names, ["r0", "n0"]);
+            assert_eq!(plan.queues.len(), 1);
+            assert_eq!(plan.queues[0].worker, "w0");
+            assert_eq!(plan.queues[0].worker_socket, "/tmp/w0.sock");
+        }
+        other => panic!("expected upsert, got {other:?}"),
+    }
+
+    let dup = c
+        .frontends
+        .register(FrontendHello { name: "fe0".into() })
+        .await;
+    assert_status(dup.map(|_| ()), Code::AlreadyExists, "fe0");
+
+    add_export(&mut c, export("e1", "n1", "/tmp/e1.sock"))
+        .await
+        .unwrap();
+    match next_event(&mut fe).await {
+        FrontendEventKind::Upsert(plan) => assert_eq!(plan.export.unwrap().id, "e1"),
+        other => panic!("expected upsert, got {other:?}"),
+    }
+
+    // A worker back with a new socket: the frontends learn the new endpoint.
+    drop(w);
+    wait_worker_state(&mut c, "w0", WorkerState::Gone).await;
+    let _w = register_worker(&mut c, "w0", "/tmp/w0-new.sock").await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        match next_event(&mut fe).await {
+            FrontendEventKind::Upsert(plan) => {
+                assert_eq!(plan.queues[0].worker_socket, "/tmp/w0-new.sock");
+                seen.push(plan.export.unwrap().id);
+            }
+            other => panic!("expected upsert, got {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["e0", "e1"]);
+
+    c.exports
+        .remove_export(RemoveExportRequest { id: "e0".into() })
+        .await
+        .unwrap();
+    match next_event(&mut fe).await {
+        FrontendEventKind::Remove(id) => assert_eq!(id, "e0"),
+        other => panic!("expected remove, got {other:?}"),
+    }
+
+    // Once its stream is gone the name can register again.
+    drop(fe);
+    within("frontend re-register", async {
+        loop {
+            let r = c
+                .frontends
+                .register(FrontendHello { name: "fe0".into() })
+                .await;
+            match r {
+                Ok(s) => break s,
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(s) => panic!("{s}"),
+            }
+        }
+    })
+    .await;
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn state_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _w = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    add_node(&mut c, null("n0", 1 << 20)).await.unwrap();
+    add_node(&mut c, raw("r0", "n0", 4096, 8192)).await.unwrap();
+    let mut e = export("e0", "r0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    e.writable = true;
+    add_export(&mut c, e).await.unwrap();
+    drop(c);
+    within("stop", m.stop()).await.unwrap();
+
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let nodes = c
+        .nodes
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 2);
+    let r0 = nodes
+        .iter()
+        .find(|n| n.spec.as_ref().unwrap().name == "r0")
+        .unwrap();
+    assert_eq!(r0.size, 8192);
+    assert_eq!(r0.used_by, ["e0"]);
+    let exports = c
+        .exports
+        .list_exports(ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .exports;
+    assert_eq!(exports.len(), 1);
+    assert!(exports[0].export.as_ref().unwrap().writable);
+    assert_eq!(exports[0].queues.len(), 2);
+    let w = workers(&mut c).await;
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].state, WorkerState::Gone as i32, "workers start GONE");
+    assert_eq!(w[0].queues, ["e0/0", "e0/1"]);
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn corrupt_state_file_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    std::fs::write(&path, b"{\"version\": 1, \"nodes\": [").unwrap();
+    let config =
+        ManagerConfig::new(dir.path().to_path_buf()).with_listen("127.0.0.1:0".parse().unwrap());
+    let err = Manager::bind(config).await.unwrap_err();
+    assert!(matches!(err, ManagerError::CorruptState { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"{\"version\": 1, \"nodes\": ["
+    );
+}
+
+#[tokio::test]
+async fn health_reports_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let ch = Channel::from_shared(m.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(ch);
+    for service in ["", "blkmesh.v1.NodeService", "blkmesh.v1.FrontendService"] {
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn serves_on_unix_socket_with_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("m.sock");
+    let config = ManagerConfig::new(dir.path().join("state"))
+        .with_listen("127.0.0.1:0".parse().unwrap())
+        .with_unix(sock.clone());
+    let m = Manager::bind(config).await.unwrap().spawn();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let path = sock.clone();
+    let ch = within(
+        "unix connect",
+        tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector(
+            tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut nodes = NodeServiceClient::new(ch);
+    nodes
+        .add_node(AddNodeRequest {
+            node: Some(null("n0", 512)),
+        })
+        .await
+        .unwrap();
+    m.stop().await.unwrap();
+    assert!(!sock.exists(), "socket removed on shutdown");
+}
