@@ -1,1 +1,431 @@
-fn main() {}
+//! `blkmeshctl`: command-line client for the blkmesh management API.
+//!
+//! ```text
+//! blkmeshctl [--addr http://127.0.0.1:50051] [--json] <noun> <verb> ...
+//! ```
+//!
+//! Exit status: 0 on success, 1 when the manager refuses the request or
+//! cannot be reached (`error: <CODE>: <message>` on stderr), 2 for usage
+//! errors.
+
+mod size;
+mod view;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use blkmesh_proto::v1::export_service_client::ExportServiceClient;
+use blkmesh_proto::v1::node_service_client::NodeServiceClient;
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
+use blkmesh_proto::v1::{
+    AddExportRequest, AddNodeRequest, GetNodeRequest, IoUringOptions, ListExportsRequest,
+    ListNodesRequest, ListWorkersRequest, NodeSpec, NullOptions, RawOptions, RemoveExportRequest,
+    RemoveNodeRequest, VhostUserBlkExport,
+};
+use clap::{Parser, Subcommand};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::size::parse_size;
+use crate::view::Output;
+
+/// Manage a blkmesh-manager: nodes, exports and workers.
+#[derive(Debug, Parser)]
+#[command(name = "blkmeshctl", version)]
+struct Cli {
+    /// Manager address: http://HOST:PORT or unix:/PATH.
+    #[arg(
+        long,
+        global = true,
+        env = "BLKMESH_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    addr: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Block nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// vhost-user-blk exports.
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Backend workers.
+    #[command(subcommand)]
+    Worker(WorkerCmd),
+    /// gRPC health check; exits 0 if the manager is SERVING.
+    Health {
+        /// Service to check ("" = the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Add a file or block device (libblkio io_uring driver).
+    AddIoUring {
+        name: String,
+        /// Absolute path of a regular file or block device.
+        #[arg(long)]
+        path: String,
+        /// Open with O_DIRECT.
+        #[arg(long)]
+        direct: bool,
+        /// Open read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Add a null node (no storage).
+    AddNull {
+        name: String,
+        /// Size, e.g. 1G (a multiple of 512).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Added latency per request, in microseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_us: u64,
+    },
+    /// Add a raw window over a child node.
+    AddRaw {
+        name: String,
+        /// Child node.
+        #[arg(long)]
+        child: String,
+        /// Start of the window in the child.
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        offset: u64,
+        /// Size of the window (0 = to the end of the child).
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        size: u64,
+    },
+    /// Remove a node no other node or export uses.
+    Remove { name: String },
+    /// List nodes.
+    List,
+    /// Show one node.
+    Info { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCmd {
+    /// Add a vhost-user-blk export.
+    Add {
+        id: String,
+        /// Root node of the export.
+        #[arg(long)]
+        node: String,
+        /// Absolute path of the vhost-user socket.
+        #[arg(long)]
+        socket: String,
+        /// Number of virtqueues (default 1).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        num_queues: u32,
+        /// Virtqueue size (default 256).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        queue_size: u32,
+        /// Logical block size: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        /// Accept writes.
+        #[arg(long)]
+        writable: bool,
+        /// GET_ID serial (default: the export id).
+        #[arg(long, default_value = "")]
+        serial: String,
+    },
+    /// Remove an export.
+    Remove { id: String },
+    /// List exports.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkerCmd {
+    /// List workers.
+    List,
+}
+
+/// A failed command, printed as `error: CODE: message`.
+struct Failure {
+    code: &'static str,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure {
+            code: code_name(s.code()),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}: {}", f.code, f.message);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, Failure> {
+    let unavailable = |e: &dyn std::fmt::Display| Failure {
+        code: "UNAVAILABLE",
+        message: format!("cannot connect to {addr}: {e}"),
+    };
+    let invalid = |e: &dyn std::fmt::Display| Failure {
+        code: "INVALID_ARGUMENT",
+        message: format!("--addr {addr:?}: {e}"),
+    };
+    if let Some(path) = addr.strip_prefix("unix:") {
+        // unix:/path or unix:///path
+        let path = std::path::PathBuf::from(format!("/{}", path.trim_start_matches('/')));
+        let endpoint = Endpoint::from_static("http://localhost")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        endpoint
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| unavailable(&error_chain(&e)))
+    } else {
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| invalid(&e))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| unavailable(&error_chain(&e)))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let out = Output { json: cli.json };
+    let channel = connect(&cli.addr).await?;
+    match cli.command {
+        Command::Node(cmd) => node(cmd, channel, out).await,
+        Command::Export(cmd) => export(cmd, channel, out).await,
+        Command::Worker(WorkerCmd::List) => {
+            let workers = WorkerServiceClient::new(channel)
+                .list_workers(ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers;
+            out.workers(&workers);
+            Ok(())
+        }
+        Command::Health { service } => {
+            use tonic_health::pb::health_check_response::ServingStatus;
+            use tonic_health::pb::health_client::HealthClient;
+            use tonic_health::pb::HealthCheckRequest;
+            let resp = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: service.clone(),
+                })
+                .await?
+                .into_inner();
+            let status = ServingStatus::try_from(resp.status).unwrap_or(ServingStatus::Unknown);
+            out.health(&service, status.as_str_name());
+            if status == ServingStatus::Serving {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: "UNAVAILABLE",
+                    message: format!("service {service:?} is {}", status.as_str_name()),
+                })
+            }
+        }
+    }
+}
+
+async fn node(cmd: NodeCmd, channel: Channel, out: Output) -> Result<(), Failure> {
+    let mut client = NodeServiceClient::new(channel);
+    let spec = match cmd {
+        NodeCmd::AddIoUring {
+            name,
+            path,
+            direct,
+            read_only,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path,
+                direct,
+                read_only,
+            })),
+        },
+        NodeCmd::AddNull {
+            name,
+            size,
+            latency_us,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::Null(NullOptions {
+                size,
+                latency_ns: latency_us.checked_mul(1000).ok_or_else(|| Failure {
+                    code: "INVALID_ARGUMENT",
+                    message: format!("--latency-us {latency_us} is too large"),
+                })?,
+            })),
+        },
+        NodeCmd::AddRaw {
+            name,
+            child,
+            offset,
+            size,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::Raw(RawOptions {
+                child,
+                offset,
+                size,
+            })),
+        },
+        NodeCmd::Remove { name } => {
+            client
+                .remove_node(RemoveNodeRequest { name: name.clone() })
+                .await?;
+            out.removed("node", &name);
+            return Ok(());
+        }
+        NodeCmd::List => {
+            let nodes = client
+                .list_nodes(ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            out.nodes(&nodes);
+            return Ok(());
+        }
+        NodeCmd::Info { name } => {
+            let node = client
+                .get_node(GetNodeRequest { name })
+                .await?
+                .into_inner()
+                .node
+                .unwrap_or_default();
+            out.node(&node);
+            return Ok(());
+        }
+    };
+    let node = client
+        .add_node(AddNodeRequest { node: Some(spec) })
+        .await?
+        .into_inner()
+        .node
+        .unwrap_or_default();
+    out.node(&node);
+    Ok(())
+}
+
+async fn export(cmd: ExportCmd, channel: Channel, out: Output) -> Result<(), Failure> {
+    let mut client = ExportServiceClient::new(channel);
+    match cmd {
+        ExportCmd::Add {
+            id,
+            node,
+            socket,
+            num_queues,
+            queue_size,
+            block_size,
+            writable,
+            serial,
+        } => {
+            let export = VhostUserBlkExport {
+                id,
+                node,
+                socket,
+                num_queues,
+                queue_size,
+                logical_block_size: block_size,
+                writable,
+                serial,
+            };
+            let info = client
+                .add_export(AddExportRequest {
+                    export: Some(export),
+                })
+                .await?
+                .into_inner()
+                .export
+                .unwrap_or_default();
+            out.export(&info);
+        }
+        ExportCmd::Remove { id } => {
+            client
+                .remove_export(RemoveExportRequest { id: id.clone() })
+                .await?;
+            out.removed("export", &id);
+        }
+        ExportCmd::List => {
+            let exports = client
+                .list_exports(ListExportsRequest {})
+                .await?
+                .into_inner()
+                .exports;
+            out.exports(&exports);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! End-to-end: the real `blkmesh-manager` binary on an ephemeral port,
+//! driven by the real `blkmeshctl` binary.
+//!
+//! The manager binary belongs to another package, so cargo does not build it
+//! for this test: run `cargo build --bins` (or `cargo build -p blkmesh-manager`)
+//! first. The test looks for it next to this test binary's target directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn manager_binary() -> PathBuf {
+    // target/<profile>/deps/cli-HASH → target/<profile>/blkmesh-manager
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is in target/<profile>/deps");
+    let bin = profile_dir.join("blkmesh-manager");
+    assert!(
+        bin.is_file(),
+        "blkmesh-manager binary not found at {}; build it first with `cargo build --bins` \
+         (or `cargo build -p blkmesh-manager`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running manager process, killed on drop.
+struct ManagerProc {
+    child: Child,
+    url: String,
+}
+
+impl ManagerProc {
+    fn start(state_dir: &Path, extra: &[&str]) -> ManagerProc {
+        let mut child = Command::new(manager_binary())
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn blkmesh-manager");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut proc = ManagerProc {
+            child,
+            url: String::new(),
+        };
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("blkmesh-manager did not print its address in time");
+        let addr = line
+            .trim()
+            .strip_prefix("blkmesh-manager listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from blkmesh-manager: {line:?}"));
+        proc.url = format!("http://{addr}");
+        proc
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "blkmesh-manager did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ManagerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion with a bounded wait (killed on timeout).
+fn run_bounded(cmd: &mut Command, what: &str) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("wait for {what}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{what} timed out");
+        }
+    }
+}
+
+/// Runs blkmeshctl against `addr`.
+fn ctl(addr: &str, args: &[&str]) -> Output {
+    run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_blkmeshctl"))
+            .arg("--addr")
+            .arg(addr)
+            .args(args)
+            .env_remove("BLKMESH_ADDR"),
+        &format!("blkmeshctl {args:?}"),
+    )
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn ok(addr: &str, args: &[&str]) -> String {
+    let o = ctl(addr, args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "blkmeshctl {args:?}: stdout {:?} stderr {:?}",
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+#[track_caller]
+fn fails(addr: &str, args: &[&str], exit: i32, needle: &str) -> String {
+    let o = ctl(addr, args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(exit), "blkmeshctl {args:?}: {err:?}");
+    assert!(
+        err.contains(needle),
+        "blkmeshctl {args:?}: {err:?} lacks {needle:?}"
+    );
+    err
+}
+
+#[test]
+fn node_lifecycle_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = img.to_str().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &[]);
+    let a = m.url.as_str();
+
+    assert_eq!(ok(a, &["health"]).trim(), "SERVING");
+
+    let out = ok(
+        a,
+        &[
+            "node",
+            "add-null",
+            "n0",
+            "--size",
+            "1G",
+            "--latency-us",
+            "5",
+        ],
+    );
+    assert!(
+        out.contains("size:") && out.contains("1G (1073741824 bytes)"),
+        "{out}"
+    );
+    ok(
+        a,
+        &["node", "add-io-uring", "f0", "--path", img, "--read-only"],
+    );
+    ok(
+        a,
+        &[
+            "node", "add-raw", "r0", "--child", "f0", "--offset", "4k", "--size", "8k",
+        ],
+    );
+
+    let list = ok(a, &["node", "list"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 4, "{list}");
+    assert!(lines[0].starts_with("NAME"), "{list}");
+    assert!(
+        lines[1].starts_with("f0 ") && lines[1].contains("1M"),
+        "{list}"
+    );
+    assert!(
+        lines[2].starts_with("n0 ") && lines[2].contains("latency=5us"),
+        "{list}"
+    );
+    assert!(
+        lines[3].starts_with("r0 ") && lines[3].contains("8k"),
+        "{list}"
+    );
+    // Columns are aligned: DRIVER starts at the same offset on every line.
+    let col = lines[0].find("DRIVER").unwrap();
+    for l in &lines[1..] {
+        assert_ne!(&l[col..=col], " ", "{list}");
+        assert_eq!(&l[col - 1..col], " ", "{list}");
+    }
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "list"])).unwrap();
+    let arr = json.as_array().unwrap();
+    assert_eq!(arr.len(), 3);
+    assert_eq!(arr[0]["name"], "f0");
+    assert_eq!(arr[0]["read_only"], true);
+    assert_eq!(arr[0]["used_by"][0], "r0");
+    assert_eq!(arr[2]["options"]["child"], "f0");
+    assert_eq!(arr[2]["size"], 8192);
+
+    let info = ok(a, &["node", "info", "r0"]);
+    assert!(info.contains("child:") && info.contains("f0"), "{info}");
+    assert!(info.contains("read-only: yes"), "{info}");
+
+    // Error paths: gRPC errors exit 1 with `error: CODE: message`.
+    fails(
+        a,
+        &["node", "add-null", "bad", "--size", "1000"],
+        1,
+        "error: INVALID_ARGUMENT: node.null.size: must be a non-zero multiple of 512 (got 1000)",
+    );
+    fails(
+        a,
+        &["node", "add-null", "n0", "--size", "1G"],
+        1,
+        "error: ALREADY_EXISTS: node.name",
+    );
+    fails(
+        a,
+        &["node", "add-raw", "r1", "--child", "nope"],
+        1,
+        "error: NOT_FOUND: node.raw.child",
+    );
+    fails(
+        a,
+        &["node", "add-io-uring", "x", "--path", "relative.img"],
+        1,
+        "error: INVALID_ARGUMENT: node.io_uring.path: must be an absolute path",
+    );
+    fails(
+        a,
+        &["node", "remove", "f0"],
+        1,
+        "error: FAILED_PRECONDITION: node \"f0\" is in use by node \"r0\"",
+    );
+    fails(a, &["node", "info", "nope"], 1, "error: NOT_FOUND");
+    fails(
+        a,
+        &[
+            "export",
+            "add",
+            "e0",
+            "--node",
+            "n0",
+            "--socket",
+            "/tmp/e0.sock",
+        ],
+        1,
+        "error: FAILED_PRECONDITION: no live worker registered",
+    );
+    // Usage errors exit 2.
+    fails(a, &["node", "add-null", "y"], 2, "--size");
+    fails(
+        a,
+        &["node", "add-null", "y", "--size", "1X"],
+        2,
+        "unknown size suffix",
+    );
+    fails(a, &["node", "frobnicate"], 2, "unrecognized subcommand");
+
+    assert!(ok(a, &["node", "remove", "r0"]).contains("removed node r0"));
+    ok(a, &["node", "remove", "f0"]);
+    ok(a, &["node", "remove", "n0"]);
+    assert_eq!(ok(a, &["node", "list"]).lines().count(), 1);
+    assert_eq!(ok(a, &["--json", "node", "list"]).trim(), "[]");
+
+    assert!(m.terminate().success(), "manager exits 0 on SIGTERM");
+}
+
+#[test]
+fn exports_and_workers_with_a_registered_worker() {
+    use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
+    use blkmesh_proto::v1::WorkerHello;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("mgr.sock");
+    let m = ManagerProc::start(
+        &dir.path().join("state"),
+        &["--unix", sock.to_str().unwrap()],
+    );
+    let a = m.url.clone();
+    let a = a.as_str();
+
+    // A stand-in worker holding its registration stream open.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = m.url.clone();
+    let stream = rt.block_on(async move {
+        let mut client = tokio::time::timeout(WAIT, WorkerServiceClient::connect(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        let mut s = client
+            .register(WorkerHello {
+                name: "w0".into(),
+                socket: "/tmp/w0.sock".into(),
+                pid: 4242,
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        tokio::time::timeout(WAIT, s.message())
+            .await
+            .expect("accepted timeout")
+            .expect("accepted");
+        s
+    });
+
+    let workers = ok(a, &["worker", "list"]);
+    assert!(
+        workers.contains("w0") && workers.contains("ALIVE") && workers.contains("4242"),
+        "{workers}"
+    );
+
+    ok(a, &["node", "add-null", "n0", "--size", "64M"]);
+    let out = ok(
+        a,
+        &[
+            "export",
+            "add",
+            "e0",
+            "--node",
+            "n0",
+            "--socket",
+            "/tmp/e0.sock",
+            "--num-queues",
+            "4",
+            "--writable",
+        ],
+    );
+    assert!(
+        out.contains("e0") && out.contains("64M") && out.contains("w0"),
+        "{out}"
+    );
+    fails(
+        a,
+        &[
+            "export",
+            "add",
+            "e0",
+            "--node",
+            "n0",
+            "--socket",
+            "/tmp/e1.sock",
+        ],
+        1,
+        "error: ALREADY_EXISTS: export.id",
+    );
+    fails(
+        a,
+        &[
+            "export",
+            "add",
+            "e1",
+            "--node",
+            "n0",
+            "--socket",
+            "/tmp/e1.sock",
+            "--block-size",
+            "1024",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: export.logical_block_size",
+    );
+
+    // Same manager over its unix socket.
+    let unix = format!("unix:{}", sock.display());
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&unix, &["--json", "export", "list"])).unwrap();
+    let e = &json.as_array().unwrap()[0];
+    assert_eq!(e["id"], "e0");
+    assert_eq!(e["num_queues"], 4);
+    assert_eq!(e["queue_size"], 256);
+    assert_eq!(e["writable"], true);
+    assert_eq!(e["serial"], "e0");
+    assert_eq!(e["queues"].as_array().unwrap().len(), 4);
+
+    let wj: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "worker", "list"])).unwrap();
+    assert_eq!(wj[0]["queues"].as_array().unwrap().len(), 4);
+
+    fails(
+        a,
+        &["node", "remove", "n0"],
+        1,
+        "error: FAILED_PRECONDITION: node \"n0\" is in use by export \"e0\"",
+    );
+    assert!(ok(a, &["export", "remove", "e0"]).contains("removed export e0"));
+    fails(a, &["export", "remove", "e0"], 1, "error: NOT_FOUND");
+    ok(a, &["node", "remove", "n0"]);
+
+    // The worker goes away: GONE.
+    drop(stream);
+    drop(rt);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let w = ok(a, &["worker", "list"]);
+        if w.contains("GONE") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker never GONE: {w}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn state_survives_manager_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let m = ManagerProc::start(&state, &[]);
+    ok(&m.url, &["node", "add-null", "keep", "--size", "1M"]);
+    assert!(m.terminate().success());
+
+    let m = ManagerProc::start(&state, &[]);
+    let list = ok(&m.url, &["node", "list"]);
+    assert!(list.contains("keep"), "{list}");
+}
+
+#[test]
+fn unreachable_manager_is_an_error() {
+    // Port 1 on localhost: nothing listens there.
+    fails(
+        "http://127.0.0.1:1",
+        &["node", "list"],
+        1,
+        "error: UNAVAILABLE",
+    );
+}
+
+#[test]
+fn corrupt_state_file_stops_the_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("state.json"), "garbage").unwrap();
+    let out = run_bounded(
+        Command::new(manager_binary())
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path()),
+        "blkmesh-manager",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt state file") && err.contains("state.json"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state.json")).unwrap(),
+        "garbage"
+    );
+}
