@@ -2,16 +2,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::{Arc, Mutex};
 
 use blkmesh_ipc::channel::{Channel, ChannelError};
 use blkmesh_ipc::guest_ram::{GuestRam, RegionSpec};
+use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::ring::{QueueRings, RingLayout};
 use blkmesh_proto::ipc::v1 as ipc;
 use ipc::reply::Result as ReplyResult;
 use ipc::request::Msg;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::graph::{self, OpenedGraph};
 use crate::memory::RegisteredRam;
@@ -159,9 +158,6 @@ impl Conn {
         let Ok::<[File; 3], _>([ring, kick, call]) = fds.try_into() else {
             return failure(libc::EINVAL, "attach needs exactly 3 fds: ring, kick, call");
         };
-        if !is_eventfd(&kick) || !is_eventfd(&call) {
-            return failure(libc::EINVAL, "kick and call must be eventfds");
-        }
         let layout = match RingLayout::new(a.entries, a.max_segments) {
             Ok(l) => l,
             Err(e) => return failure(libc::EINVAL, e.to_string()),
@@ -170,13 +166,9 @@ impl Conn {
             Ok(r) => r,
             Err(e) => return failure(libc::EINVAL, format!("ring: {e}")),
         };
-        // SAFETY: each File owns its fd; into_raw_fd hands that ownership to
-        // the EventFd.
-        let (kick, call) = unsafe {
-            (
-                EventFd::from_raw_fd(kick.into_raw_fd()),
-                EventFd::from_raw_fd(call.into_raw_fd()),
-            )
+        let (kick, call) = match (Doorbell::from_peer(kick), Doorbell::from_peer(call)) {
+            (Ok(k), Ok(c)) => (k, c),
+            _ => return failure(libc::EINVAL, "kick and call must be eventfds"),
         };
         let setup = QueueSetup {
             index: a.queue,
@@ -194,11 +186,4 @@ impl Conn {
             Err(e) => failure(libc::EIO, e.to_string()),
         }
     }
-}
-
-fn is_eventfd(f: &File) -> bool {
-    use std::os::fd::AsRawFd;
-    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
-        .map(|p| p.to_string_lossy() == "anon_inode:[eventfd]")
-        .unwrap_or(false)
 }

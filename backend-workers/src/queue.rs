@@ -9,17 +9,17 @@
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::ring::{
     Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver, Segment,
     FLAG_FUA, FLAG_NO_UNMAP,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bounce::{BounceBuf, BouncePool};
 use crate::graph::{Leaf, OpenedGraph};
@@ -38,9 +38,9 @@ pub struct QueueSetup {
     pub index: u32,
     pub rings: QueueRings,
     /// Signalled by the frontend when it has published requests.
-    pub kick: EventFd,
+    pub kick: Doorbell,
     /// Signalled by us when we have published completions.
-    pub call: EventFd,
+    pub call: Doorbell,
     pub graph: OpenedGraph,
     pub ram: SharedRam,
 }
@@ -48,7 +48,7 @@ pub struct QueueSetup {
 /// Handle to stop a running queue thread.
 pub struct QueueHandle {
     stop: Arc<AtomicBool>,
-    stop_fd: EventFd,
+    stop_fd: Doorbell,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -57,7 +57,7 @@ impl QueueHandle {
     /// for it.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.stop_fd.write(1);
+        self.stop_fd.ring();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -67,7 +67,7 @@ impl QueueHandle {
 impl Drop for QueueHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.stop_fd.write(1);
+        self.stop_fd.ring();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -102,7 +102,7 @@ pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
         },
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let stop_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(QueueError::Io)?;
+    let stop_fd = Doorbell::new().map_err(QueueError::Io)?;
     let lp = QueueLoop::new(
         setup,
         io,
@@ -152,13 +152,13 @@ struct QueueLoop {
     index: u32,
     rx: RequestReceiver,
     tx: CompletionSender,
-    kick: EventFd,
-    call: EventFd,
+    kick: Doorbell,
+    call: Doorbell,
     graph: OpenedGraph,
     shared_ram: SharedRam,
     io: Backend,
     stop: Arc<AtomicBool>,
-    stop_fd: EventFd,
+    stop_fd: Doorbell,
     slots: Vec<Slot>,
     inflight: usize,
     done: Vec<Completion>,
@@ -172,7 +172,7 @@ struct QueueLoop {
 unsafe impl Send for QueueLoop {}
 
 impl QueueLoop {
-    fn new(setup: QueueSetup, io: Backend, stop: Arc<AtomicBool>, stop_fd: EventFd) -> Self {
+    fn new(setup: QueueSetup, io: Backend, stop: Arc<AtomicBool>, stop_fd: Doorbell) -> Self {
         let (rx, tx) = setup.rings.worker_end();
         let entries = setup.rings.layout().entries() as usize;
         QueueLoop {
@@ -236,7 +236,7 @@ impl QueueLoop {
             let timeout = self.next_timer();
             let _ = epoll.wait(&mut events, timeout);
             self.rx.woke();
-            let _ = self.kick.read();
+            self.kick.clear();
             if let Backend::IoUring { q, .. } = &self.io {
                 if let Some(fd) = q.get_completion_fd() {
                     let mut buf = [0u8; 8];
@@ -252,14 +252,8 @@ impl QueueLoop {
 
     fn epoll(&mut self) -> nix::Result<Epoll> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(
-            self.kick.as_fd_borrowed(),
-            EpollEvent::new(EpollFlags::EPOLLIN, EV_KICK),
-        )?;
-        epoll.add(
-            self.stop_fd.as_fd_borrowed(),
-            EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP),
-        )?;
+        epoll.add(&self.kick, EpollEvent::new(EpollFlags::EPOLLIN, EV_KICK))?;
+        epoll.add(&self.stop_fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP))?;
         if let Backend::IoUring { q, .. } = &mut self.io {
             q.set_completion_fd_enabled(true);
             if let Some(fd) = q.get_completion_fd() {
@@ -592,7 +586,7 @@ impl QueueLoop {
             }
         }
         if self.tx.publish() {
-            let _ = self.call.write(1);
+            self.call.ring();
         }
     }
 }
@@ -613,15 +607,4 @@ fn zero_fill(ram: &RegisteredRam, segs: &[Segment]) -> Result<(), i32> {
         }
     }
     Ok(())
-}
-
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl AsFdBorrowed for EventFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        // SAFETY: the EventFd owns this fd for at least the borrow's lifetime.
-        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
-    }
 }

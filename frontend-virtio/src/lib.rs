@@ -1,0 +1,39 @@
+//! `blkmesh-frontend`: the virtio-blk device front of blkmesh.
+//!
+//! A note on words: in the vhost-user protocol the VMM is the *front-end* and
+//! the device server is the *back-end*. This crate is blkmesh's virtio device
+//! front, and therefore a vhost-user **back-end**: it listens on one
+//! vhost-user-blk socket per export, receives guest RAM as memfds, parses the
+//! virtqueues, and passes requests over shared-memory rings to the worker
+//! processes that do the I/O ([`blkmesh_ipc`]).
+//!
+//! - [`device`]: the vhost-user message handler (our own implementation of the
+//!   vhost crate's back-end handler trait).
+//! - [`vring`]: one thread per virtqueue, guest ring ⇄ worker rings.
+//! - [`request`]: descriptor chain → ring request, with every check.
+//! - [`memory`]: the guest memory table and address translation.
+//! - [`config`]: feature bits and config space.
+//! - [`workers`]: control connections to the workers.
+//! - [`export`]: socket, accept loop, one VMM connection at a time.
+//! - [`manager`]: registration with the manager and export reconciliation.
+
+pub mod config;
+pub mod device;
+pub mod export;
+pub mod manager;
+pub mod memory;
+pub mod request;
+pub mod vring;
+pub mod workers;
+
+/// "error: cause: cause" for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -10,6 +10,7 @@
 //!   notification suppression so a busy queue makes no syscall per request.
 //! - [`guest_ram`]: a worker's mapping of guest RAM, turning
 //!   (region, offset, length) segments into checked host buffers.
+//! - [`notify`]: eventfd doorbells, rung only when the peer sleeps.
 //! - [`channel`]: the control channel (SOCK_SEQPACKET + SCM_RIGHTS) carrying
 //!   `blkmesh.ipc.v1` messages and the file descriptors that go with them.
 
@@ -17,5 +18,6 @@
 
 pub mod channel;
 pub mod guest_ram;
+pub mod notify;
 pub mod ring;
 pub mod shm;
