@@ -67,6 +67,10 @@ pub struct OpenedGraph {
     pub limits: Limits,
     /// GET_ID answer: the serial, NUL-padded to 20 bytes.
     pub serial: [u8; 20],
+    /// The leaf is a regular file: libblkio's discard (fallocate with
+    /// NO_HIDE_STALE) only works on block devices, so discard becomes a
+    /// hole punch (write-zeroes that may unmap).
+    pub discard_punches_holes: bool,
 }
 
 impl OpenedGraph {
@@ -143,6 +147,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                         ..limits
                     },
                     serial: serial(&export.serial, &export.id),
+                    discard_punches_holes: std::fs::metadata(&opts.path).is_ok_and(|m| m.is_file()),
                 });
             }
             Some(Driver::Null(opts)) => {
@@ -171,6 +176,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                         read_only,
                     },
                     serial: serial(&export.serial, &export.id),
+                    discard_punches_holes: false,
                 });
             }
             None => return Err(OpenError::inval(format!("node {name} has no driver"))),

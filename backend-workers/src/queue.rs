@@ -135,6 +135,8 @@ enum Backend {
 #[derive(Default)]
 struct Slot {
     busy: bool,
+    /// Discard is a hint: a device that cannot do it still succeeds (as QEMU).
+    discard: bool,
     /// Keeps the guest mapping alive while the driver holds our iovecs.
     ram: Option<Arc<RegisteredRam>>,
     /// The iovec array handed to libblkio; stable until completion.
@@ -378,9 +380,16 @@ impl QueueLoop {
             Op::Discard => {
                 let start = self.check_range(req)?;
                 let len = req.len;
-                self.submit_simple(req, |q, tag| {
-                    q.discard(start, len, tag, blkio::ReqFlags::empty())
-                })
+                if self.graph.discard_punches_holes {
+                    // Write-zeroes that may unmap: a hole punch on files.
+                    self.submit_simple(req, |q, tag| {
+                        q.write_zeroes(start, len, tag, blkio::ReqFlags::empty())
+                    })
+                } else {
+                    self.submit_simple(req, |q, tag| {
+                        q.discard(start, len, tag, blkio::ReqFlags::empty())
+                    })
+                }
             }
             Op::WriteZeroes => {
                 let start = self.check_range(req)?;
@@ -413,6 +422,7 @@ impl QueueLoop {
         match &mut self.io {
             Backend::IoUring { q, .. } => {
                 self.slots[req.tag as usize].busy = true;
+                self.slots[req.tag as usize].discard = req.op == Op::Discard;
                 self.inflight += 1;
                 f(q, req.tag as usize);
             }
@@ -536,6 +546,11 @@ impl QueueLoop {
                         continue;
                     };
                     let mut result = c.ret;
+                    tracing::trace!(queue = self.index, tag, result, "completion");
+                    if slot.discard && result == -libc::EOPNOTSUPP {
+                        result = 0;
+                    }
+                    slot.discard = false;
                     if let Some((mut bb, is_read)) = slot.bounce.take() {
                         if is_read && result == 0 {
                             if let Some(ram) = &slot.ram {
