@@ -1,1 +1,61 @@
-fn main() {}
+//! `blkmesh`: runs the whole blkmesh process set locally.
+//!
+//! `blkmesh up` starts `blkmesh-manager`, N `blkmesh-worker`s and
+//! `blkmesh-frontend` (found next to this executable), adds a default disk
+//! (node and export `disk0`, an io_uring node over a sparse image) unless
+//! the persisted state has one, prints how to connect, restarts any process
+//! that exits, and on Ctrl-C / SIGTERM stops them all (frontend, workers,
+//! manager) and removes the sockets.
+
+mod banner;
+mod cli;
+mod error;
+mod process;
+mod provision;
+mod signals;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blkmesh: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Up(args) => runtime.block_on(up::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("blkmesh: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

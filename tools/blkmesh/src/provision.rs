@@ -1,0 +1,188 @@
+//! Talking to the manager: waiting for the workers and creating the
+//! default node and export when the persisted state lacks them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use blkmesh_proto::v1::export_service_client::ExportServiceClient;
+use blkmesh_proto::v1::node_service_client::NodeServiceClient;
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
+use blkmesh_proto::v1::{
+    AddExportRequest, AddNodeRequest, ExportInfo, IoUringOptions, ListExportsRequest,
+    ListNodesRequest, ListWorkersRequest, NodeSpec, VhostUserBlkExport, WorkerState,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+use crate::process::ProcessSet;
+
+/// Name of the default node and export.
+pub const DISK: &str = "disk0";
+
+/// A lazily connecting channel to the manager at `url`.
+pub fn channel(url: &str) -> Result<Channel, Error> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|source| Error::Endpoint {
+            addr: url.to_string(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    Ok(endpoint.connect_lazy())
+}
+
+/// Polls ListWorkers until every worker in `names` is ALIVE, failing early
+/// when a supervised process exits.
+pub async fn wait_workers_alive(
+    channel: &Channel,
+    names: &[String],
+    procs: &mut ProcessSet,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let mut client = WorkerServiceClient::new(channel.clone());
+    let deadline = Instant::now() + timeout;
+    loop {
+        procs.startup_check()?;
+        let last = match client.list_workers(ListWorkersRequest {}).await {
+            Ok(resp) => {
+                let workers = resp.into_inner().workers;
+                let missing: Vec<&str> = names
+                    .iter()
+                    .filter(|n| {
+                        !workers
+                            .iter()
+                            .any(|w| &w.name == *n && w.state == WorkerState::Alive as i32)
+                    })
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                format!("not alive yet: {}", missing.join(", "))
+            }
+            Err(status) => format!("manager: {}", status.message()),
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: format!("the workers to register ({last})"),
+                timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the default disk wants.
+#[derive(Debug)]
+pub struct DiskWish<'a> {
+    pub image: &'a Path,
+    pub socket: &'a Path,
+    pub queues: u32,
+}
+
+/// The export to print, and remarks about state kept from an earlier run.
+#[derive(Debug)]
+pub struct Provisioned {
+    pub export: ExportInfo,
+    pub notes: Vec<String>,
+}
+
+/// Adds node `disk0` (io_uring over the image) and export `disk0` unless
+/// they exist already; existing ones are kept as they are.
+pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provisioned, Error> {
+    let mut nodes = NodeServiceClient::new(channel.clone());
+    let mut exports = ExportServiceClient::new(channel.clone());
+    let mut notes = Vec::new();
+
+    let existing_nodes = nodes
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(Error::rpc("listing nodes"))?
+        .into_inner()
+        .nodes;
+    let image = wish.image.display().to_string();
+    match existing_nodes
+        .iter()
+        .find_map(|n| n.spec.as_ref().filter(|s| s.name == DISK))
+    {
+        Some(spec) => {
+            let same = matches!(&spec.driver, Some(Driver::IoUring(o)) if o.path == image);
+            if !same {
+                notes.push(format!(
+                    "node {DISK} exists from an earlier run with other options ({}); kept as is",
+                    describe_driver(spec.driver.as_ref())
+                ));
+            }
+        }
+        None => {
+            nodes
+                .add_node(AddNodeRequest {
+                    node: Some(NodeSpec {
+                        name: DISK.to_string(),
+                        driver: Some(Driver::IoUring(IoUringOptions {
+                            path: image,
+                            direct: false,
+                            read_only: false,
+                        })),
+                    }),
+                })
+                .await
+                .map_err(Error::rpc("adding node disk0"))?;
+            tracing::info!(node = DISK, "node added");
+        }
+    }
+
+    let existing = exports
+        .list_exports(ListExportsRequest {})
+        .await
+        .map_err(Error::rpc("listing exports"))?
+        .into_inner()
+        .exports
+        .into_iter()
+        .find(|e| e.export.as_ref().is_some_and(|x| x.id == DISK));
+    let export = match existing {
+        Some(info) => {
+            let e = info.export.clone().unwrap_or_default();
+            let socket = wish.socket.display().to_string();
+            if e.socket != socket || e.num_queues.max(1) != wish.queues || !e.writable {
+                notes.push(format!(
+                    "export {DISK} exists from an earlier run (socket {}, {} queue(s), {}); kept as is",
+                    e.socket,
+                    e.num_queues.max(1),
+                    if e.writable { "writable" } else { "read-only" }
+                ));
+            }
+            info
+        }
+        None => {
+            let resp = exports
+                .add_export(AddExportRequest {
+                    export: Some(VhostUserBlkExport {
+                        id: DISK.to_string(),
+                        node: DISK.to_string(),
+                        socket: wish.socket.display().to_string(),
+                        num_queues: wish.queues,
+                        queue_size: 0,
+                        logical_block_size: 0,
+                        writable: true,
+                        serial: String::new(),
+                    }),
+                })
+                .await
+                .map_err(Error::rpc("adding export disk0"))?;
+            tracing::info!(export = DISK, "export added");
+            resp.into_inner().export.unwrap_or_default()
+        }
+    };
+    Ok(Provisioned { export, notes })
+}
+
+fn describe_driver(driver: Option<&Driver>) -> String {
+    match driver {
+        Some(Driver::IoUring(o)) => format!("io_uring on {}", o.path),
+        Some(Driver::Null(o)) => format!("null, {} bytes", o.size),
+        Some(Driver::Raw(o)) => format!("raw over {}", o.child),
+        None => "no driver".to_string(),
+    }
+}
