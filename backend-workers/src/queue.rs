@@ -166,6 +166,10 @@ struct QueueLoop {
     done: Vec<Completion>,
     blkio_done: Vec<MaybeUninit<blkio::Completion>>,
     errors_logged: u32,
+    /// Scratch copy of the current request's segments.
+    segs: Vec<Segment>,
+    /// Completions were published while the frontend slept.
+    need_kick: bool,
     _rings: QueueRings,
 }
 
@@ -193,6 +197,8 @@ impl QueueLoop {
             done: Vec::with_capacity(entries),
             blkio_done: (0..entries).map(|_| MaybeUninit::uninit()).collect(),
             errors_logged: 0,
+            segs: Vec::with_capacity(setup.rings.layout().max_segments() as usize),
+            need_kick: false,
             _rings: setup.rings,
         }
     }
@@ -231,24 +237,38 @@ impl QueueLoop {
             if progress > 0 {
                 continue;
             }
-            // Nothing to do: announce sleep (unless requests raced in), then wait.
+            // Idle: now wake the frontend if it asked (deferred to here so a
+            // busy loop is not interrupted by its own doorbell), announce
+            // sleep (unless requests raced in), then wait.
+            self.kick_frontend();
             if !stopping && !self.rx.prepare_sleep() {
                 continue;
             }
             let timeout = self.next_timer();
-            let _ = epoll.wait(&mut events, timeout);
+            let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.rx.woke();
-            self.kick.clear();
-            if let Backend::IoUring { q, .. } = &self.io {
-                if let Some(fd) = q.get_completion_fd() {
-                    let mut buf = [0u8; 8];
-                    // SAFETY: reading 8 bytes into a local buffer from an
-                    // eventfd owned by the libblkio queue (non-blocking).
-                    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
+            for ev in &events[..n] {
+                match ev.data() {
+                    EV_KICK => {
+                        self.kick.clear();
+                    }
+                    EV_IO => {
+                        if let Backend::IoUring { q, .. } = &self.io {
+                            if let Some(fd) = q.get_completion_fd() {
+                                let mut buf = [0u8; 8];
+                                // SAFETY: reading 8 bytes into a local buffer
+                                // from the libblkio queue's non-blocking eventfd.
+                                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
+                            }
+                        }
+                    }
+                    _ => {
+                        self.stop_fd.clear();
+                    }
                 }
             }
         }
-        self.tx.publish();
+        self.kick_frontend();
         tracing::debug!(queue = self.index, "queue loop stopped");
     }
 
@@ -287,11 +307,13 @@ impl QueueLoop {
     /// Takes every published request; returns how many.
     fn take_requests(&mut self) -> Result<usize, blkmesh_ipc::ring::RingError> {
         let ram = Arc::clone(&self.shared_ram.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut segs = std::mem::take(&mut self.segs);
         let mut n = 0;
-        loop {
-            let (req, segs) = match self.rx.pop()? {
-                None => break,
-                Some(Received::Bad(bad)) => {
+        let result = loop {
+            let req = match self.rx.pop() {
+                Err(e) => break Err(e),
+                Ok(None) => break Ok(n),
+                Ok(Some(Received::Bad(bad))) => {
                     n += 1;
                     self.log_guest_error(format_args!("{bad}"));
                     if let Some(tag) = bad.tag {
@@ -305,7 +327,11 @@ impl QueueLoop {
                     }
                     continue;
                 }
-                Some(Received::Request(req, segs)) => (req, segs.to_vec()),
+                Ok(Some(Received::Request(req, s))) => {
+                    segs.clear();
+                    segs.extend_from_slice(s);
+                    req
+                }
             };
             n += 1;
             if self.slots[req.tag as usize].busy {
@@ -321,9 +347,10 @@ impl QueueLoop {
                     extra: 0,
                 });
             }
-        }
+        };
         self.rx.release();
-        Ok(n)
+        self.segs = segs;
+        result
     }
 
     fn log_guest_error(&mut self, msg: std::fmt::Arguments<'_>) {
@@ -600,7 +627,11 @@ impl QueueLoop {
                 tracing::error!(queue = self.index, "completion ring: {e}");
             }
         }
-        if self.tx.publish() {
+        self.need_kick |= self.tx.publish();
+    }
+
+    fn kick_frontend(&mut self) {
+        if std::mem::take(&mut self.need_kick) {
             self.call.ring();
         }
     }

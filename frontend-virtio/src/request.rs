@@ -135,6 +135,7 @@ fn read_exact<M: GuestMemory>(mem: &M, parts: &[(u64, u64)], buf: &mut [u8]) -> 
 
 /// Parses a well-shaped chain (see [`check_chain`]) into an action. Data
 /// segments go into `segs` (cleared first).
+#[allow(clippy::too_many_arguments)]
 pub fn parse<M: GuestMemory>(
     descs: &[Desc],
     status: u64,
@@ -143,8 +144,10 @@ pub fn parse<M: GuestMemory>(
     dev: &DeviceInfo,
     tag: u32,
     segs: &mut Vec<Segment>,
+    parts: &mut Vec<(u64, u64)>,
 ) -> Parsed {
     segs.clear();
+    parts.clear();
     let complete = |s: u32| Parsed {
         status,
         used_len: 1,
@@ -171,10 +174,9 @@ pub fn parse<M: GuestMemory>(
             .map(|d| (d.addr, d.len as u64))
     };
 
-    let mut parts = Vec::new();
-    ranges(readable(), 0, HEADER, &mut parts);
+    ranges(readable(), 0, HEADER, parts);
     let mut hdr = [0u8; HEADER as usize];
-    if readable_len < HEADER || !read_exact(mem, &parts, &mut hdr) {
+    if readable_len < HEADER || !read_exact(mem, parts, &mut hdr) {
         return complete(VIRTIO_BLK_S_IOERR);
     }
     let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -208,11 +210,11 @@ pub fn parse<M: GuestMemory>(
                 return complete(VIRTIO_BLK_S_OK);
             }
             if is_read {
-                ranges(writable(), 0, len, &mut parts);
+                ranges(writable(), 0, len, parts);
             } else {
-                ranges(readable(), HEADER, len, &mut parts);
+                ranges(readable(), HEADER, len, parts);
             }
-            for &(addr, n) in &parts {
+            for &(addr, n) in parts.iter() {
                 if !table.segments(addr, n, segs) {
                     segs.clear();
                     return complete(VIRTIO_BLK_S_IOERR);
@@ -247,9 +249,9 @@ pub fn parse<M: GuestMemory>(
         },
         VIRTIO_BLK_T_GET_ID => {
             let n = writable_len.min(ID_BYTES as u64);
-            ranges(writable(), 0, n, &mut parts);
+            ranges(writable(), 0, n, parts);
             let mut at = 0usize;
-            for &(addr, len) in &parts {
+            for &(addr, len) in parts.iter() {
                 let bytes = &dev.serial[at..at + len as usize];
                 if mem.write_slice(bytes, GuestAddress(addr)).is_err() {
                     return complete(VIRTIO_BLK_S_IOERR);
@@ -268,9 +270,9 @@ pub fn parse<M: GuestMemory>(
             if readable_len - HEADER != 16 {
                 return complete(VIRTIO_BLK_S_IOERR);
             }
-            ranges(readable(), HEADER, 16, &mut parts);
+            ranges(readable(), HEADER, 16, parts);
             let mut seg = [0u8; 16];
-            if !read_exact(mem, &parts, &mut seg) {
+            if !read_exact(mem, parts, &mut seg) {
                 return complete(VIRTIO_BLK_S_IOERR);
             }
             let start = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
@@ -382,7 +384,16 @@ mod tests {
     fn run(t: &MemTable, descs: &[Desc]) -> (Parsed, Vec<Segment>) {
         let status = check_chain(descs).unwrap();
         let mut segs = vec![];
-        let p = parse(descs, status, t.guest_memory(), t, &dev(), 7, &mut segs);
+        let p = parse(
+            descs,
+            status,
+            t.guest_memory(),
+            t,
+            &dev(),
+            7,
+            &mut segs,
+            &mut vec![],
+        );
         (p, segs)
     }
 

@@ -150,6 +150,8 @@ struct Vring {
     inflight: usize,
     descs: Vec<Desc>,
     segs: Vec<Segment>,
+    /// Scratch for request parsing.
+    parts: Vec<(u64, u64)>,
     errors_logged: u32,
 }
 
@@ -162,6 +164,7 @@ pub fn run(setup: VringSetup) -> Queue {
         inflight: 0,
         descs: Vec::with_capacity(n),
         segs: Vec::with_capacity(crate::config::RING_MAX_SEGMENTS as usize),
+        parts: Vec::with_capacity(16),
         errors_logged: 0,
     };
     v.run();
@@ -230,11 +233,19 @@ impl Vring {
             } else {
                 EpollTimeout::from(10u16)
             };
-            let _ = epoll.wait(&mut events, timeout);
+            let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.s.completions.woke();
-            self.s.worker_call.clear();
-            self.s.control.event.clear();
-            drain_eventfd(&self.s.kick);
+            for ev in &events[..n] {
+                match ev.data() {
+                    EV_KICK => drain_eventfd(&self.s.kick),
+                    EV_WORKER => {
+                        self.s.worker_call.clear();
+                    }
+                    _ => {
+                        self.s.control.event.clear();
+                    }
+                }
+            }
         }
     }
 
@@ -321,6 +332,7 @@ impl Vring {
             &self.s.dev,
             head as u32,
             &mut self.segs,
+            &mut self.parts,
         );
         match parsed.action {
             Action::Complete(st) => {
