@@ -496,6 +496,20 @@ mod tests {
     }
 
     #[test]
+    fn writes_to_read_only_device_are_ioerr() {
+        let t = setup();
+        let mut ro = dev();
+        ro.writable = false;
+        for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            header(&t, kind, 0);
+            let descs = [d(0, 32, false, true), d(100, 1, true, false)];
+            let status = check_chain(&descs).unwrap();
+            let p = parse(&descs, status, t.guest_memory(), &t, &ro, 1, &mut vec![], &mut vec![]);
+            assert_eq!(p.action, Action::Complete(VIRTIO_BLK_S_IOERR as u8), "type {kind}");
+        }
+    }
+
+    #[test]
     fn misaligned_length_is_ioerr() {
         let t = setup();
         header(&t, VIRTIO_BLK_T_IN, 0);

@@ -1,0 +1,261 @@
+//! The data path end to end: manager, workers and frontend as real
+//! processes, driven through vhost-user by `blkmesh-io` (libblkio's
+//! virtio-blk-vhost-user driver, i.e. a guest's view). Build the binaries
+//! first: `cargo build --bins`.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use blkmesh_testkit::{Cluster, ClusterOptions, ExportOpts};
+
+const MIB: u64 = 1 << 20;
+
+fn io(cluster: &Cluster, socket: &Path, queues: u16, cmds: &[&str]) -> Output {
+    let mut args: Vec<String> = vec![
+        "--socket".into(),
+        socket.display().to_string(),
+        "--queues".into(),
+        queues.to_string(),
+        "--timeout".into(),
+        "20".into(),
+    ];
+    for c in cmds {
+        args.push("-c".into());
+        args.push((*c).into());
+    }
+    cluster.run_tool("blkmesh-io", args)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[track_caller]
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "{}", text(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[track_caller]
+fn fails_with_io_error(out: &Output) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    assert!(text(out).contains("EIO"), "{}", text(out));
+}
+
+/// A cluster with one writable io_uring export of `size` bytes.
+fn file_export(queues: u32, size: u64) -> (Cluster, PathBuf, PathBuf) {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let image = cluster.sparse_image("disk0.img", size);
+    cluster.add_io_uring("disk0", &image, false, false).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("disk0", "disk0").writable().queues(queues))
+        .unwrap();
+    (cluster, socket, image)
+}
+
+#[test]
+fn pattern_round_trips_from_512_bytes_to_1_mib_including_scatter_gather() {
+    let (cluster, socket, image) = file_export(1, 64 * MIB);
+    let mut cmds = Vec::new();
+    let mut off = 0u64;
+    for (i, len) in [512u64, 4096, 65536, 1 << 20].iter().enumerate() {
+        let p = 0x10 + i;
+        cmds.push(format!("write -P {p:#x} {off} {len}"));
+        cmds.push(format!("read -P {p:#x} {off} {len}"));
+        off += len;
+    }
+    cmds.push("writev -P 0x5a 8M 4k 512 3584 64k".into());
+    cmds.push("readv -P 0x5a 8M 512 7680 64k".into());
+    cmds.push("read -P 0x5a 8M 72k".into());
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let out = ok(&io(&cluster, &socket, 1, &refs));
+    assert!(out.contains("wrote 1048576/1048576"), "{out}");
+
+    // The bytes are really in the image file, at the right place.
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[..512].iter().all(|&b| b == 0x10));
+    assert!(data[512..4608].iter().all(|&b| b == 0x11));
+    assert!(data[8 << 20..(8 << 20) + 73728].iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn pattern_mismatch_is_detected() {
+    let (cluster, socket, _) = file_export(1, 16 * MIB);
+    let out = io(&cluster, &socket, 1, &["write -P 0x01 0 4k", "read -P 0x02 0 4k"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn four_queues_verify_concurrently() {
+    let (cluster, socket, _) = file_export(4, 64 * MIB);
+    let out = cluster.run_tool(
+        "blkmesh-io",
+        [
+            "--socket",
+            socket.to_str().unwrap(),
+            "--queues",
+            "4",
+            "--timeout",
+            "20",
+            "verify",
+            "--size",
+            "64M",
+            "--seconds",
+            "2",
+            "--bs-max",
+            "256k",
+        ],
+    );
+    let stdout = ok(&out);
+    assert!(stdout.contains("0 errors, 0 mismatches"), "{stdout}");
+    for q in 0..4 {
+        assert!(stdout.contains(&format!("queue {q}:")), "{stdout}");
+    }
+}
+
+#[test]
+fn flush_discard_and_write_zeroes() {
+    let (cluster, socket, image) = file_export(1, 16 * MIB);
+    ok(&io(
+        &cluster,
+        &socket,
+        1,
+        &[
+            "write -P 0x77 0 2M",
+            "flush",
+            "discard 0 1M",
+            "read -P 0 0 1M",
+            "write_zeroes 1M 64k",
+            "read -P 0 1M 64k",
+            "write_zeroes -u 1088k 64k",
+            "read -P 0 1088k 64k",
+            "read -P 0x77 1152k 64k",
+            "flush",
+        ],
+    ));
+    // The discarded megabyte is a hole in the image again.
+    let used = std::fs::metadata(&image).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    assert!(used.unwrap() < 2 * MIB, "discard should deallocate");
+}
+
+#[test]
+fn read_only_export_refuses_writes_but_serves_reads() {
+    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let image = cluster.sparse_image("ro.img", 8 * MIB);
+    std::fs::write(&image, vec![0x42u8; 8 * MIB as usize]).unwrap();
+    cluster.add_io_uring("ro", &image, false, true).unwrap();
+    let socket = cluster.add_export(ExportOpts::new("ro", "ro")).unwrap();
+    ok(&io(&cluster, &socket, 1, &["read -P 0x42 0 1M"]));
+    let out = io(&cluster, &socket, 1, &["write -P 1 0 4k"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // The data is untouched.
+    ok(&io(&cluster, &socket, 1, &["read -P 0x42 0 4k"]));
+}
+
+#[test]
+fn requests_past_capacity_fail_and_the_device_stays_usable() {
+    let (cluster, socket, _) = file_export(1, 16 * MIB);
+    fails_with_io_error(&io(&cluster, &socket, 1, &["read 15M 2M"]));
+    fails_with_io_error(&io(&cluster, &socket, 1, &["write 16M 4k"]));
+    // The same export (and so the same worker and frontend) still works.
+    ok(&io(&cluster, &socket, 1, &["write -P 3 15M 1M", "read -P 3 15M 1M"]));
+}
+
+#[test]
+fn client_reconnects_and_sees_earlier_writes() {
+    let (cluster, socket, _) = file_export(2, 16 * MIB);
+    for round in 0..3u8 {
+        let p = format!("{:#x}", 0x20 + round);
+        let w = format!("write -P {p} {}k 64k", 64 * round as u32);
+        ok(&io(&cluster, &socket, 2, &[w.as_str()]));
+    }
+    ok(&io(
+        &cluster,
+        &socket,
+        1,
+        &["read -P 0x20 0 64k", "read -P 0x21 64k 64k", "read -P 0x22 128k 64k"],
+    ));
+}
+
+#[test]
+fn null_and_raw_window_nodes_serve_their_bytes() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let image = cluster.sparse_image("base.img", 16 * MIB);
+    cluster.add_io_uring("base", &image, false, false).unwrap();
+    cluster.add_raw("win", "base", 4 * MIB, 2 * MIB).unwrap();
+    cluster.add_null("nul", 32 * MIB).unwrap();
+    let win = cluster.add_export(ExportOpts::new("win", "win").writable()).unwrap();
+    let nul = cluster.add_export(ExportOpts::new("nul", "nul").writable()).unwrap();
+
+    let info = ok(&io(&cluster, &win, 1, &["info", "write -P 0x66 0 2M"]));
+    assert!(info.contains("capacity: 2097152"), "{info}");
+    fails_with_io_error(&io(&cluster, &win, 1, &["read 2M 4k"]));
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[..4 << 20].iter().all(|&b| b == 0));
+    assert!(data[4 << 20..6 << 20].iter().all(|&b| b == 0x66));
+    assert!(data[6 << 20..].iter().all(|&b| b == 0));
+
+    ok(&io(&cluster, &nul, 1, &["write -P 9 0 1M", "read -P 0 0 1M", "flush"]));
+}
+
+#[test]
+fn exports_on_two_workers_are_independent() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let a = cluster.sparse_image("a.img", 8 * MIB);
+    let b = cluster.sparse_image("b.img", 8 * MIB);
+    cluster.add_io_uring("a", &a, false, false).unwrap();
+    cluster.add_io_uring("b", &b, false, false).unwrap();
+    let sa = cluster.add_export(ExportOpts::new("a", "a").writable()).unwrap();
+    let sb = cluster.add_export(ExportOpts::new("b", "b").writable()).unwrap();
+    let exports = cluster.list_exports().unwrap();
+    let worker_of = |id: &str| {
+        exports
+            .iter()
+            .find(|e| e.export.as_ref().is_some_and(|x| x.id == id))
+            .map(|e| e.queues[0].worker.clone())
+            .unwrap()
+    };
+    assert_ne!(worker_of("a"), worker_of("b"), "least-loaded placement");
+    ok(&io(&cluster, &sa, 1, &["write -P 0xa 0 1M"]));
+    ok(&io(&cluster, &sb, 1, &["write -P 0xb 0 1M"]));
+    ok(&io(&cluster, &sa, 1, &["read -P 0xa 0 1M"]));
+    ok(&io(&cluster, &sb, 1, &["read -P 0xb 0 1M"]));
+}
+
+#[test]
+fn removed_export_closes_its_socket() {
+    let (cluster, socket, _) = file_export(1, 8 * MIB);
+    cluster.remove_export("disk0").unwrap();
+    assert!(blkmesh_testkit::wait_for_path(&socket, false, std::time::Duration::from_secs(10)));
+    let out = io(&cluster, &socket, 1, &["info"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn grpc_refuses_bad_requests_with_clear_codes() {
+    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let image = cluster.sparse_image("x.img", MIB);
+    cluster.add_io_uring("x", &image, false, false).unwrap();
+    let dup = cluster.add_io_uring("x", &image, false, false).unwrap_err();
+    assert_eq!(dup.code(), Some(tonic::Code::AlreadyExists), "{dup}");
+    let missing = cluster.add_raw("r", "nope", 0, 0).unwrap_err();
+    assert_eq!(missing.code(), Some(tonic::Code::NotFound), "{missing}");
+    let bad = cluster.add_null("n", 1000).unwrap_err();
+    assert_eq!(bad.code(), Some(tonic::Code::InvalidArgument), "{bad}");
+    assert!(bad.to_string().contains("node.null.size"), "{bad}");
+    let nofile = cluster
+        .add_io_uring("y", Path::new("/nonexistent/disk.img"), false, false)
+        .unwrap_err();
+    assert_eq!(nofile.code(), Some(tonic::Code::InvalidArgument), "{nofile}");
+    let out = cluster.ctl(["node", "remove", "ghost"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"), "{out:?}");
+}
