@@ -506,7 +506,7 @@ impl QueueLoop {
                     self.inflight += 1;
                     pending.push_back((Instant::now() + *latency, c));
                 }
-                return Ok(());
+                Ok(())
             }
             Backend::IoUring { q, bounce } => {
                 let flags = if req.flags & FLAG_FUA != 0 {

@@ -264,12 +264,12 @@ impl BlkDevice {
 
 fn set_nonblocking(f: &File) -> VuResult<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(f, FcntlArg::F_GETFL).map_err(|e| internal(e))?;
+    let flags = fcntl(f, FcntlArg::F_GETFL).map_err(internal)?;
     fcntl(
         f,
         FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
     )
-    .map_err(|e| internal(e))?;
+    .map_err(internal)?;
     Ok(())
 }
 

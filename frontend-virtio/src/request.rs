@@ -89,10 +89,9 @@ pub fn check_chain(descs: &[Desc]) -> Result<u64, ChainError> {
     if !last.writable || last.len == 0 {
         return Err(ChainError::NoStatus);
     }
-    Ok(last
-        .addr
+    last.addr
         .checked_add(last.len as u64 - 1)
-        .ok_or(ChainError::NoStatus)?)
+        .ok_or(ChainError::NoStatus)
 }
 
 /// Byte ranges `[skip, skip + take)` of the concatenation of `descs`.
@@ -500,12 +499,29 @@ mod tests {
         let t = setup();
         let mut ro = dev();
         ro.writable = false;
-        for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        for kind in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
             header(&t, kind, 0);
             let descs = [d(0, 32, false, true), d(100, 1, true, false)];
             let status = check_chain(&descs).unwrap();
-            let p = parse(&descs, status, t.guest_memory(), &t, &ro, 1, &mut vec![], &mut vec![]);
-            assert_eq!(p.action, Action::Complete(VIRTIO_BLK_S_IOERR as u8), "type {kind}");
+            let p = parse(
+                &descs,
+                status,
+                t.guest_memory(),
+                &t,
+                &ro,
+                1,
+                &mut vec![],
+                &mut vec![],
+            );
+            assert_eq!(
+                p.action,
+                Action::Complete(VIRTIO_BLK_S_IOERR as u8),
+                "type {kind}"
+            );
         }
     }
 
