@@ -1,0 +1,179 @@
+//! `blkmesh-io`: a qemu-io–style tool and benchmark that drives a
+//! vhost-user-blk export as a guest would, through libblkio's
+//! `virtio-blk-vhost-user` driver.
+//!
+//! Code map:
+//! * [`cli`] — clap definitions; [`run`] dispatches to a mode.
+//! * [`cmd`] — parser for `-c` commands; [`exec`] runs them.
+//! * [`device`] — the device, queues and I/O buffers; the only module with
+//!   `unsafe` (raw pointers for libblkio come only from mapped buffers).
+//! * [`bench`] — IOPS / bandwidth / latency benchmark, one thread per queue.
+//! * [`verify`] — concurrent write/read-back/compare on every queue.
+//! * [`hist`], [`pattern`], [`errno`] — helpers.
+
+#![deny(unsafe_code)]
+
+pub mod bench;
+pub mod cli;
+pub mod cmd;
+#[allow(unsafe_code)]
+pub mod device;
+pub mod errno;
+pub mod exec;
+pub mod hist;
+pub mod pattern;
+pub mod verify;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::cli::{Cli, Mode};
+use crate::device::{Device, DeviceConfig, DeviceError, PoolError};
+
+/// Everything that can stop a run.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error("device error")]
+    Device(#[from] DeviceError),
+    #[error("I/O buffer allocation failed")]
+    Pool(#[from] PoolError),
+    #[error("cannot write output")]
+    Output(#[from] std::io::Error),
+    #[error("queue {0} does not exist")]
+    NoSuchQueue(usize),
+    #[error("worker thread for queue {0} panicked")]
+    WorkerPanicked(usize),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// A run finished but found failures (already reported on stdout).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Error {
+    /// 2 for bad usage, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            Error::Device(_)
+            | Error::Pool(_)
+            | Error::Output(_)
+            | Error::NoSuchQueue(_)
+            | Error::WorkerPanicked(_)
+            | Error::Internal(_)
+            | Error::Failed(_) => 1,
+        }
+    }
+}
+
+/// `a: b: c` from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// Runs the tool; the exit code follows [`Error::exit_code`].
+pub fn run(cli: Cli) -> ExitCode {
+    match run_inner(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            // Failures already printed their details on stdout.
+            if !matches!(e, Error::Failed(_)) || !cli.json {
+                eprintln!("blkmesh-io: {}", error_chain(&e));
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// A positive, finite number of seconds.
+pub fn seconds(what: &str, secs: f64) -> Result<Duration, Error> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| Error::Usage(format!("{what} must be a non-negative number of seconds")))
+}
+
+fn run_inner(cli: &Cli) -> Result<(), Error> {
+    let timeout = seconds("--timeout", cli.timeout)?;
+    if timeout.is_zero() {
+        return Err(Error::Usage("--timeout must be positive".into()));
+    }
+    let queues = usize::from(cli.queues);
+    let mut config = DeviceConfig {
+        socket: cli.socket.clone(),
+        queues,
+        poll_queues: cli.poll,
+        queue_size: cli.queue_size,
+        buffer_bytes: 0,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+
+    match (&cli.mode, cli.commands.is_empty()) {
+        (None, true) => Err(Error::Usage(
+            "nothing to do: give -c CMD, or the bench or verify subcommand (see --help)".into(),
+        )),
+        (Some(_), false) => Err(Error::Usage(
+            "-c commands cannot be combined with the bench or verify subcommand".into(),
+        )),
+        (None, false) => {
+            // Parse and check everything before touching the device.
+            let cmds = cli
+                .commands
+                .iter()
+                .map(|line| cmd::parse(line).map_err(|e| Error::Usage(format!("-c '{line}': {e}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(c) = cmds.iter().find(|c| c.queue() >= queues) {
+                return Err(Error::Usage(format!(
+                    "{}: queue {} does not exist (--queues {queues})",
+                    c.name(),
+                    c.queue()
+                )));
+            }
+            config.buffer_bytes = cmds.iter().map(exec::buffer_bytes).max().unwrap_or(0) as usize;
+            let mut device = Device::open(&config)?;
+            let mut qs = device.take_queues();
+            let opts = exec::ExecOptions {
+                json: cli.json,
+                timeout,
+            };
+            let (outcome, index) = exec::run(&device, &mut qs, &cmds, opts, &mut out)?;
+            let what = match outcome {
+                exec::Outcome::Ok => return Ok(()),
+                exec::Outcome::IoFailed(_) => "failed",
+                exec::Outcome::Mismatch { .. } => "failed pattern verification",
+            };
+            Err(Error::Failed(format!(
+                "-c '{}' {what}",
+                cli.commands.get(index).map_or("?", String::as_str)
+            )))
+        }
+        (Some(Mode::Bench(args)), true) => {
+            let plan = bench::Plan::new(args, queues)?;
+            config.buffer_bytes = plan.buffer_bytes() as usize;
+            let mut device = Device::open(&config)?;
+            let report = bench::run(&mut device, &plan, timeout)?;
+            report.print(cli.json, &mut out)?;
+            report.check()
+        }
+        (Some(Mode::Verify(args)), true) => {
+            let plan = verify::Plan::new(args, queues)?;
+            config.buffer_bytes = plan.buffer_bytes() as usize;
+            let mut device = Device::open(&config)?;
+            let report = verify::run(&mut device, &plan, timeout)?;
+            report.print(cli.json, &mut out)?;
+            report.check()
+        }
+    }
+}
