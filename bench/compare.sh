@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# bench/compare.sh — blkmesh vs qemu-storage-daemon (qsd), same client.
+#
+# For each workload point, measures qsd's vhost-user-blk export and
+# blkmesh's export of the same page-cached image (and of a null device),
+# alternating targets, REPS times; prints medians and blkmesh/qsd ratios.
+# The client is `blkmesh-io bench` (libblkio virtio-blk-vhost-user), pinned
+# to CLIENT_CPU; every server (and all its child processes and threads) is
+# pinned to SERVER_CPU the same way, with taskset.
+#
+# Usage: bench/compare.sh            (from anywhere in the repo)
+# Environment (defaults in brackets):
+#   REPS [3]            repetitions of each point (medians are reported)
+#   RUN_SECONDS [10]    measured seconds per run;  WARMUP [1] warm-up seconds
+#   IMAGE_SIZE [1G]     image size (pre-filled with dd, kept in page cache)
+#   CLIENT_CPU [0]      SERVER_CPU [1]
+#   TARGETS ["qsd-file blkmesh-file qsd-null blkmesh-null"]
+#   WORKLOADS           subset of workload names (see WORKLOAD_LIST below)
+#   WORKDIR [mktemp]    scratch dir: image, sockets, logs, results.tsv
+#   QSD [qemu-storage-daemon]   BLKMESH_BIN [target/release/blkmesh]
+#   BLKMESH_START_FILE / BLKMESH_START_NULL: command templates overriding how
+#     blkmesh is started; @IMAGE@, @SOCKET@, @SIZE@ (bytes) and @WORKDIR@ are
+#     substituted. See start_blkmesh_file / start_blkmesh_null.
+#   QUIET_PCT [10] QUIET_WAIT [30]: before each run, wait up to QUIET_WAIT s
+#     for the machine to use at most QUIET_PCT% of one CPU (shared machines)
+#   NOISY_PCT [10] NOISY_RETRIES [2]: a run whose other-CPU% exceeds NOISY_PCT
+#     is discarded (kept in noisy.tsv) and repeated, at most NOISY_RETRIES times
+#   NO_BUILD=1          skip `cargo build --release -p blkmesh-io`
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=${REPS:-3}
+RUN_SECONDS=${RUN_SECONDS:-10}
+WARMUP=${WARMUP:-1}
+IMAGE_SIZE=${IMAGE_SIZE:-1G}
+CLIENT_CPU=${CLIENT_CPU:-0}
+SERVER_CPU=${SERVER_CPU:-1}
+TARGETS=${TARGETS:-"qsd-file blkmesh-file qsd-null blkmesh-null"}
+QSD=${QSD:-qemu-storage-daemon}
+BLKMESH_BIN=${BLKMESH_BIN:-$ROOT/target/release/blkmesh}
+CLIENT=$ROOT/target/release/blkmesh-io
+QUIET_PCT=${QUIET_PCT:-10}
+QUIET_WAIT=${QUIET_WAIT:-30}
+NOISY_PCT=${NOISY_PCT:-10}
+NOISY_RETRIES=${NOISY_RETRIES:-2}
+EXPORT_QUEUES=1
+
+# name|rw|bs|qd|queues — the first is the headline.
+WORKLOAD_LIST=(
+    "4k-randread-qd32|randread|4k|32|1"
+    "4k-randwrite-qd32|randwrite|4k|32|1"
+    "64k-read-qd8|read|64k|8|1"
+    "4k-randread-qd1|randread|4k|1|1"
+)
+WORKLOADS=${WORKLOADS:-$(printf '%s\n' "${WORKLOAD_LIST[@]}" | cut -d'|' -f1 | tr '\n' ' ')}
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "compare.sh: $*"; exit 1; }
+
+to_bytes() {
+    local v=$1 n=${1%[kKmMgGtT]} s=1
+    case $v in
+        *[kK]) s=$((1 << 10)) ;; *[mM]) s=$((1 << 20)) ;;
+        *[gG]) s=$((1 << 30)) ;; *[tT]) s=$((1 << 40)) ;;
+    esac
+    echo $((n * s))
+}
+
+if [[ -z ${WORKDIR:-} ]]; then
+    WORKDIR=$(mktemp -d /tmp/blkmesh-bench.XXXXXX)
+fi
+mkdir -p "$WORKDIR"
+IMAGE=$WORKDIR/disk.img
+SIZE_BYTES=$(to_bytes "$IMAGE_SIZE")
+RESULTS=$WORKDIR/results.tsv
+
+SERVER_PID=
+SOCKET=
+
+# --------------------------------------------------------------------------
+# Server lifecycle
+
+# Waits (bounded) for $SOCKET to appear while $SERVER_PID is alive.
+wait_for_socket() {
+    local name=$1 i
+    for ((i = 0; i < 200; i++)); do
+        [[ -S $SOCKET ]] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || {
+            log "$name exited during start-up; log:"
+            cat "$WORKDIR/$name.log" >&2 || true
+            return 1
+        }
+        sleep 0.05
+    done
+    log "$name did not create $SOCKET within 10 s"
+    return 1
+}
+
+# Starts "$@" pinned to SERVER_CPU, logging to $WORKDIR/<name>.log.
+launch() {
+    local name=$1
+    shift
+    SOCKET=$WORKDIR/$name.sock
+    rm -f "$SOCKET"
+    # Children and threads inherit the affinity: whole server on SERVER_CPU.
+    # setsid makes the server a process-group leader (same PID), so
+    # stop_server can signal it together with any child processes.
+    setsid taskset -c "$SERVER_CPU" "$@" >"$WORKDIR/$name.log" 2>&1 &
+    SERVER_PID=$!
+    wait_for_socket "$name"
+}
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    # The server's own process group (see launch): it and its children.
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+    rm -f "$SOCKET"
+}
+trap stop_server EXIT
+trap 'stop_server; exit 130' INT TERM
+
+qsd_export() {
+    echo "type=vhost-user-blk,id=e0,node-name=$1,addr.type=unix,addr.path=$SOCKET,writable=on,num-queues=$EXPORT_QUEUES"
+}
+
+start_qsd_file() {
+    SOCKET=$WORKDIR/qsd-file.sock
+    launch qsd-file "$QSD" \
+        --blockdev "driver=file,node-name=file0,filename=$IMAGE,cache.direct=off,aio=io_uring" \
+        --blockdev "driver=raw,node-name=raw0,file=file0" \
+        --export "$(qsd_export raw0)"
+}
+
+start_qsd_null() {
+    SOCKET=$WORKDIR/qsd-null.sock
+    launch qsd-null "$QSD" \
+        --blockdev "driver=null-co,node-name=null0,size=$SIZE_BYTES,read-zeroes=on" \
+        --export "$(qsd_export null0)"
+}
+
+# Expands @IMAGE@/@SOCKET@/@SIZE@/@WORKDIR@ in a command template.
+expand() {
+    local t=$1
+    t=${t//@IMAGE@/$IMAGE}
+    t=${t//@SOCKET@/$SOCKET}
+    t=${t//@SIZE@/$SIZE_BYTES}
+    t=${t//@WORKDIR@/$WORKDIR}
+    echo "$t"
+}
+
+# ======================== BLKMESH START-UP: EDIT HERE ========================
+# blkmesh's one-command launcher does not exist yet. When it does, make these
+# defaults match its real CLI (or set BLKMESH_START_FILE / BLKMESH_START_NULL).
+# Requirements: serve a vhost-user-blk export of the image (file, page cache,
+# io_uring, like qsd's cache.direct=off,aio=io_uring) or of a null device that
+# reads zeroes, with $EXPORT_QUEUES queue(s), on @SOCKET@; stay in the
+# foreground; exit on SIGTERM. taskset pins it and all its child processes.
+BLKMESH_OVERRIDE=${BLKMESH_START_FILE:+1}${BLKMESH_START_NULL:+1}
+BLKMESH_START_FILE=${BLKMESH_START_FILE:-"$BLKMESH_BIN up --image @IMAGE@ --cache=writeback --aio=io_uring --num-queues $EXPORT_QUEUES --socket @SOCKET@"}
+BLKMESH_START_NULL=${BLKMESH_START_NULL:-"$BLKMESH_BIN up --null --size @SIZE@ --num-queues $EXPORT_QUEUES --socket @SOCKET@"}
+# =============================================================================
+
+start_blkmesh_file() {
+    SOCKET=$WORKDIR/blkmesh-file.sock
+    # shellcheck disable=SC2046 # the template is split into words on purpose
+    launch blkmesh-file $(expand "$BLKMESH_START_FILE")
+}
+
+start_blkmesh_null() {
+    SOCKET=$WORKDIR/blkmesh-null.sock
+    # shellcheck disable=SC2046
+    launch blkmesh-null $(expand "$BLKMESH_START_NULL")
+}
+
+# --------------------------------------------------------------------------
+# Measurement
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# Busy CPU ticks of the whole machine (user nice system irq softirq steal).
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+
+# CPU ticks used so far by process group $1 (the server and its children).
+group_ticks() {
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v pg="$1" '{
+        sub(/^.*\) /, "")   # drop "pid (comm) ": $3 is now pgrp, $12.. utime
+        if ($3 == pg) t += $12 + $13 + $14 + $15 } END { print t + 0 }'
+}
+
+# Waits (at most QUIET_WAIT s) until the machine is nearly idle, so other
+# users' work does not land inside a measurement.
+wait_for_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) a b busy
+    while :; do
+        a=$(machine_ticks)
+        sleep 0.5
+        b=$(machine_ticks)
+        busy=$(((b - a) * 200 / CLK_TCK)) # % of one CPU
+        ((busy <= QUIET_PCT)) && return 0
+        if ((SECONDS >= deadline)); then
+            log "  machine still busy (${busy}% of a CPU) after ${QUIET_WAIT}s; measuring anyway"
+            return 0
+        fi
+        sleep 1
+    done
+}
+
+# run_point TARGET WORKLOAD-SPEC REP: one measured run, appended to RESULTS.
+run_point() {
+    local target=$1 spec=$2 rep=$3 name rw bs qd queues json
+    IFS='|' read -r name rw bs qd queues <<<"$spec"
+    wait_for_quiet
+    "start_${target//-/_}" || die "cannot start $target"
+    local out=$WORKDIR/client.json ctime=$WORKDIR/client.time
+    local m0 s0 t0 m1 s1 t1 status=0
+    m0=$(machine_ticks) s0=$(group_ticks "$SERVER_PID") t0=$(date +%s.%N)
+    local TIMEFORMAT='%3U %3S'
+    { time taskset -c "$CLIENT_CPU" "$CLIENT" --socket "$SOCKET" --queues "$queues" \
+        --timeout 30 bench --rw "$rw" --bs "$bs" --qd "$qd" \
+        --seconds "$RUN_SECONDS" --warmup "$WARMUP" --json >"$out" 2>"$WORKDIR/client.err"; } \
+        2>"$ctime" || status=$?
+    m1=$(machine_ticks) s1=$(group_ticks "$SERVER_PID") t1=$(date +%s.%N)
+    stop_server
+    ((status == 0)) || { cat "$WORKDIR/client.err" >&2; die "bench failed: $target $name rep $rep"; }
+    # CPU% (of one CPU) used by anything but this client and server: other
+    # users of the machine, plus kernel threads (e.g. writeback). High values
+    # mean a noisy run.
+    local other
+    other=$(awk -v m="$((m1 - m0))" -v s="$((s1 - s0))" -v hz="$CLK_TCK" \
+        -v w="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
+        '{ v = ((m - s) / hz - $1 - $2) / w * 100; printf "%.0f", v < 0 ? 0 : v }' "$ctime")
+    local iops mbps p50 p99 p999
+    read -r iops mbps p50 p99 p999 < <(jq -r \
+        '[.iops, .mb_per_s, .lat_p50_us, .lat_p99_us, .lat_p999_us] | @tsv' "$out")
+    local dest=$RESULTS noisy=0
+    if ((other > NOISY_PCT && ${RETRIES_LEFT:-0} > 0)); then
+        dest=$WORKDIR/noisy.tsv noisy=1
+    fi
+    printf '%s\t%s\t%s\t%.0f\t%.1f\t%.1f\t%.1f\t%.1f\t%s\n' \
+        "$name" "$target" "$rep" "$iops" "$mbps" "$p50" "$p99" "$p999" "$other" >>"$dest"
+    log "$(printf '  %-18s %-13s rep %s: %9.0f IOPS %8.1f MB/s p50 %7.1f p99 %7.1f p99.9 %7.1f us, other CPU %s%%%s' \
+        "$name" "$target" "$rep" "$iops" "$mbps" "$p50" "$p99" "$p999" "$other" \
+        "$( ((noisy)) && echo ' (noisy: discarded, retrying)')")"
+    return $((noisy ? 3 : 0))
+}
+
+# median WORKLOAD TARGET COLUMN (4=iops 5=mbps 6=p50 7=p99 8=p99.9)
+median() {
+    awk -F'\t' -v w="$1" -v t="$2" -v c="$3" '$1 == w && $2 == t { print $c }' "$RESULTS" |
+        sort -g | awk '{ v[NR] = $1 } END {
+            if (NR == 0) { print "-"; exit }
+            if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'
+}
+
+print_table() {
+    local kind w
+    echo
+    echo "Medians of $REPS runs, ${RUN_SECONDS}s each (+${WARMUP}s warm-up); latency in us."
+    echo "Client CPU $CLIENT_CPU, servers CPU $SERVER_CPU; image $IMAGE_SIZE (page cache)."
+    echo
+    echo "| workload | backend | qsd IOPS | blkmesh IOPS | ratio | qsd MB/s | blkmesh MB/s | qsd p50 | blkmesh p50 | qsd p99 | blkmesh p99 | p99 ratio | qsd p99.9 | blkmesh p99.9 |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for w in $WORKLOADS; do
+        for kind in file null; do
+            local q=qsd-$kind b=blkmesh-$kind
+            [[ " $TARGETS " == *" $q "* || " $TARGETS " == *" $b "* ]] || continue
+            local qi bi qm bm q50 b50 q99 b99 q999 b999
+            qi=$(median "$w" "$q" 4) bi=$(median "$w" "$b" 4)
+            qm=$(median "$w" "$q" 5) bm=$(median "$w" "$b" 5)
+            q50=$(median "$w" "$q" 6) b50=$(median "$w" "$b" 6)
+            q99=$(median "$w" "$q" 7) b99=$(median "$w" "$b" 7)
+            q999=$(median "$w" "$q" 8) b999=$(median "$w" "$b" 8)
+            echo "| $w | $kind | $qi | $bi | $(ratio "$bi" "$qi") | $qm | $bm | $q50 | $b50 | $q99 | $b99 | $(ratio "$b99" "$q99") | $q999 | $b999 |"
+        done
+    done
+    echo
+    echo "ratio = blkmesh/qsd (IOPS: higher is better; p99: lower is better)."
+    echo "Raw runs: $RESULTS (columns: workload target rep iops MB/s p50 p99 p99.9 other-CPU%)."
+    awk -F'\t' '{ if ($9 > m) m = $9 } END { printf "Highest other-CPU%% in any run: %d%% (>10%%: rerun on a quiet machine).\n", m }' "$RESULTS"
+}
+
+print_conditions() {
+    echo "## Conditions"
+    echo "date:      $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "machine:   $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
+    echo "kernel:    $(uname -sr)"
+    echo "qsd:       $("$QSD" --version | head -1)"
+    echo "blkmesh:   $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+    echo "client:    blkmesh-io bench (libblkio virtio-blk-vhost-user, eventfd completions), taskset -c $CLIENT_CPU"
+    echo "servers:   taskset -c $SERVER_CPU (all threads/children); export num-queues=$EXPORT_QUEUES"
+    echo "image:     $IMAGE_SIZE raw file pre-filled with dd and read once (page cache); qsd file: cache.direct=off,aio=io_uring"
+    echo "null:      qsd null-co read-zeroes=on size=$SIZE_BYTES"
+    echo "runs:      REPS=$REPS, RUN_SECONDS=$RUN_SECONDS, WARMUP=$WARMUP, targets alternate within each rep;"
+    echo "           each run waits up to ${QUIET_WAIT}s for the machine to be <= ${QUIET_PCT}% busy"
+}
+
+# --------------------------------------------------------------------------
+# Main
+
+command -v "$QSD" >/dev/null || die "$QSD not found"
+command -v jq >/dev/null || die "jq not found"
+command -v taskset >/dev/null || die "taskset not found"
+CPUS=$(nproc)
+((CLIENT_CPU < CPUS && SERVER_CPU < CPUS)) || die "CLIENT_CPU/SERVER_CPU beyond $CPUS CPUs"
+
+if [[ -z ${NO_BUILD:-} ]]; then
+    log "building blkmesh-io (release)…"
+    (cd "$ROOT" && cargo build --release -p blkmesh-io) >&2
+fi
+[[ -x $CLIENT ]] || die "$CLIENT missing"
+
+ACTIVE=()
+for t in $TARGETS; do
+    case $t in
+        qsd-file | qsd-null) ACTIVE+=("$t") ;;
+        blkmesh-file | blkmesh-null)
+            # A custom start template counts as "blkmesh available".
+            if [[ -x $BLKMESH_BIN || -n $BLKMESH_OVERRIDE ]]; then
+                ACTIVE+=("$t")
+            else
+                log "skipping $t: $BLKMESH_BIN not built (and no BLKMESH_START_* override)"
+            fi
+            ;;
+        *) die "unknown target $t" ;;
+    esac
+done
+((${#ACTIVE[@]} > 0)) || die "no targets to run"
+
+if [[ " ${ACTIVE[*]} " == *-file* ]]; then
+    if [[ ! -f $IMAGE || $(stat -c %s "$IMAGE") -ne $SIZE_BYTES ]]; then
+        log "pre-filling $IMAGE ($IMAGE_SIZE) with dd…"
+        dd if=/dev/zero of="$IMAGE" bs=1M count=$((SIZE_BYTES >> 20)) conv=fsync status=none
+    fi
+    cat "$IMAGE" >/dev/null # pull it into the page cache
+fi
+
+: >"$RESULTS"
+: >"$WORKDIR/noisy.tsv"
+print_conditions
+echo
+for w in $WORKLOADS; do
+    spec=
+    for s in "${WORKLOAD_LIST[@]}"; do
+        [[ ${s%%|*} == "$w" ]] && spec=$s
+    done
+    [[ -n $spec ]] || die "unknown workload $w"
+    log "workload $w"
+    for ((rep = 1; rep <= REPS; rep++)); do
+        for t in "${ACTIVE[@]}"; do
+            [[ -f $IMAGE ]] && cat "$IMAGE" >/dev/null # keep it cached
+            RETRIES_LEFT=$NOISY_RETRIES
+            until run_point "$t" "$spec" "$rep"; do
+                RETRIES_LEFT=$((RETRIES_LEFT - 1))
+            done
+        done
+    done
+done
+print_table
