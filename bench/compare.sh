@@ -164,8 +164,8 @@ expand() {
 # reads zeroes, with $EXPORT_QUEUES queue(s), on @SOCKET@; stay in the
 # foreground; exit on SIGTERM. taskset pins it and all its child processes.
 BLKMESH_OVERRIDE=${BLKMESH_START_FILE:+1}${BLKMESH_START_NULL:+1}
-BLKMESH_START_FILE=${BLKMESH_START_FILE:-"$BLKMESH_BIN up --image @IMAGE@ --cache=writeback --aio=io_uring --num-queues $EXPORT_QUEUES --socket @SOCKET@"}
-BLKMESH_START_NULL=${BLKMESH_START_NULL:-"$BLKMESH_BIN up --null --size @SIZE@ --num-queues $EXPORT_QUEUES --socket @SOCKET@"}
+BLKMESH_START_FILE=${BLKMESH_START_FILE:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-file --listen 127.0.0.1:0 --workers 1 --image @IMAGE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
+BLKMESH_START_NULL=${BLKMESH_START_NULL:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-null --listen 127.0.0.1:0 --workers 1 --null --size @SIZE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
 # =============================================================================
 
 start_blkmesh_file() {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blkmesh_ipc::notify::Doorbell;
+use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{
     Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver, Segment,
     FLAG_FUA, FLAG_NO_UNMAP,
@@ -170,6 +171,7 @@ struct QueueLoop {
     segs: Vec<Segment>,
     /// Completions were published while the frontend slept.
     need_kick: bool,
+    poller: Poller,
     _rings: QueueRings,
 }
 
@@ -199,6 +201,7 @@ impl QueueLoop {
             errors_logged: 0,
             segs: Vec::with_capacity(setup.rings.layout().max_segments() as usize),
             need_kick: false,
+            poller: Poller::from_env(),
             _rings: setup.rings,
         }
     }
@@ -238,15 +241,25 @@ impl QueueLoop {
                 continue;
             }
             // Idle: now wake the frontend if it asked (deferred to here so a
-            // busy loop is not interrupted by its own doorbell), announce
-            // sleep (unless requests raced in), then wait.
+            // busy loop is not interrupted by its own doorbell), poll a
+            // little, then announce sleep (unless requests raced in) and wait.
             self.kick_frontend();
+            let idle_since = Instant::now();
+            if !stopping {
+                let mut poller = self.poller;
+                let found = poller.poll(|| self.rx.has_new() || self.driver_has_completions());
+                self.poller = poller;
+                if found {
+                    continue;
+                }
+            }
             if !stopping && !self.rx.prepare_sleep() {
                 continue;
             }
             let timeout = self.next_timer();
             let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.rx.woke();
+            self.poller.slept(idle_since.elapsed());
             for ev in &events[..n] {
                 match ev.data() {
                     EV_KICK => {
@@ -549,6 +562,23 @@ impl QueueLoop {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the driver may have completions to reap (checked without a
+    /// syscall where possible).
+    fn driver_has_completions(&mut self) -> bool {
+        match &self.io {
+            Backend::IoUring { .. } => self.inflight > 0 && self.reap_peek(),
+            Backend::Null { pending, .. } => {
+                pending.front().is_some_and(|(d, _)| *d <= Instant::now())
+            }
+        }
+    }
+
+    /// Reaps io_uring completions into `done` (no syscall when nothing is
+    /// to be submitted); true if any.
+    fn reap_peek(&mut self) -> bool {
+        self.reap() > 0
     }
 
     /// Collects driver completions; returns how many.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use blkmesh_ipc::notify::Doorbell;
+use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, Segment};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use virtio_queue::{Queue, QueueT};
@@ -152,6 +153,9 @@ struct Vring {
     segs: Vec<Segment>,
     /// Scratch for request parsing.
     parts: Vec<(u64, u64)>,
+    /// Guest notifications are enabled (we are about to sleep or asleep).
+    guest_notify: bool,
+    poller: Poller,
     errors_logged: u32,
 }
 
@@ -165,6 +169,8 @@ pub fn run(setup: VringSetup) -> Queue {
         descs: Vec::with_capacity(n),
         segs: Vec::with_capacity(crate::config::RING_MAX_SEGMENTS as usize),
         parts: Vec::with_capacity(16),
+        guest_notify: true,
+        poller: Poller::from_env(),
         errors_logged: 0,
     };
     v.run();
@@ -189,6 +195,7 @@ impl Vring {
         };
         let mut events = [EpollEvent::empty(); 4];
         let mut stop_deadline: Option<Instant> = None;
+        let mut idle_since: Option<Instant> = None;
         loop {
             let cmd = self.s.control.command();
             let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
@@ -223,7 +230,24 @@ impl Vring {
                 _ => {}
             }
             if progress {
+                idle_since = None;
                 continue;
+            }
+            if cmd == Command::Run {
+                idle_since.get_or_insert_with(Instant::now);
+                let gm = mem.guest_memory();
+                let completions = &self.s.completions;
+                let queue_new = |q: &Self| q.guest_has_new(gm);
+                let mut poller = self.poller;
+                let found = poller.poll(|| completions.has_new() || queue_new(self));
+                self.poller = poller;
+                if found {
+                    idle_since = None;
+                    continue;
+                }
+                if !self.arm_guest_notifications(gm) {
+                    continue;
+                }
             }
             if !self.s.completions.prepare_sleep() {
                 continue;
@@ -235,6 +259,9 @@ impl Vring {
             };
             let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.s.completions.woke();
+            if let Some(t) = idle_since.take() {
+                self.poller.slept(t.elapsed());
+            }
             for ev in &events[..n] {
                 match ev.data() {
                     EV_KICK => drain_eventfd(&self.s.kick),
@@ -271,11 +298,14 @@ impl Vring {
         let gm = mem.guest_memory();
         let mut found = false;
         let mut used = false;
-        loop {
+        if self.guest_notify {
             if let Err(e) = self.s.queue.disable_notification(gm) {
                 self.log_guest_error(format_args!("avail ring: {e}"));
                 return found;
             }
+            self.guest_notify = false;
+        }
+        {
             while let Some(chain) = self.s.queue.pop_descriptor_chain(gm) {
                 found = true;
                 let head = chain.head_index();
@@ -290,14 +320,6 @@ impl Vring {
                 }
                 used |= self.handle_chain(head, mem);
             }
-            match self.s.queue.enable_notification(gm) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    self.log_guest_error(format_args!("avail ring: {e}"));
-                    break;
-                }
-            }
         }
         if found && self.s.requests.publish() {
             self.s.worker_kick.ring();
@@ -306,6 +328,27 @@ impl Vring {
             self.notify_guest(gm);
         }
         found
+    }
+
+    /// Whether the guest has made chains available that we have not popped.
+    fn guest_has_new(&self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
+        self.s
+            .queue
+            .avail_idx(gm, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|i| i.0 != self.s.queue.next_avail())
+    }
+
+    /// Asks the guest to kick us again (before sleeping); false if chains
+    /// arrived meanwhile.
+    fn arm_guest_notifications(&mut self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
+        self.guest_notify = true;
+        match self.s.queue.enable_notification(gm) {
+            Ok(more) => !more,
+            Err(e) => {
+                self.log_guest_error(format_args!("avail ring: {e}"));
+                true
+            }
+        }
     }
 
     /// Returns true if the chain was completed at once (used ring touched).

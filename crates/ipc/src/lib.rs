@@ -11,6 +11,7 @@
 //! - [`guest_ram`]: a worker's mapping of guest RAM, turning
 //!   (region, offset, length) segments into checked host buffers.
 //! - [`notify`]: eventfd doorbells, rung only when the peer sleeps.
+//! - [`poll`]: adaptive polling before sleeping.
 //! - [`channel`]: the control channel (SOCK_SEQPACKET + SCM_RIGHTS) carrying
 //!   `blkmesh.ipc.v1` messages and the file descriptors that go with them.
 
@@ -19,5 +20,6 @@
 pub mod channel;
 pub mod guest_ram;
 pub mod notify;
+pub mod poll;
 pub mod ring;
 pub mod shm;

@@ -633,6 +633,12 @@ impl<T: Copy> Spsc<T> {
         self.sleeping_word().store(0, Ordering::Relaxed);
     }
 
+    /// Consumer side: whether the producer has published entries we have
+    /// not taken yet (one Acquire load, no syscall: for polling).
+    fn has_new(&self) -> bool {
+        self.prod_word().load(Ordering::Acquire) != self.local
+    }
+
     fn pending(&self) -> u32 {
         self.prod_word()
             .load(Ordering::Acquire)
@@ -775,6 +781,11 @@ impl RequestReceiver {
         self.ring.release();
     }
 
+    /// Whether requests are waiting (for polling).
+    pub fn has_new(&self) -> bool {
+        self.ring.has_new()
+    }
+
     /// Announces we are going to sleep; false if requests arrived meanwhile
     /// (then keep working).
     pub fn prepare_sleep(&mut self) -> bool {
@@ -819,6 +830,11 @@ impl CompletionReceiver {
 
     pub fn release(&mut self) {
         self.ring.release();
+    }
+
+    /// Whether completions are waiting (for polling).
+    pub fn has_new(&self) -> bool {
+        self.ring.has_new()
     }
 
     pub fn prepare_sleep(&mut self) -> bool {

@@ -42,6 +42,10 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub queues: u32,
+    /// Export a null device of --size (reads zeroes, drops writes) instead of
+    /// an image: for measuring blkmesh's own overhead.
+    #[arg(long)]
+    pub null: bool,
     /// Manager gRPC address (port 0: pick a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,

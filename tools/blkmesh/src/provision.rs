@@ -10,7 +10,7 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
     AddExportRequest, AddNodeRequest, ExportInfo, IoUringOptions, ListExportsRequest,
-    ListNodesRequest, ListWorkersRequest, NodeSpec, VhostUserBlkExport, WorkerState,
+    ListNodesRequest, ListWorkersRequest, NodeSpec, NullOptions, VhostUserBlkExport, WorkerState,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -77,6 +77,8 @@ pub async fn wait_workers_alive(
 #[derive(Debug)]
 pub struct DiskWish<'a> {
     pub image: &'a Path,
+    /// Export a null device of this size instead of the image.
+    pub null_size: Option<u64>,
     pub socket: &'a Path,
     pub queues: u32,
 }
@@ -107,7 +109,11 @@ pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provi
         .find_map(|n| n.spec.as_ref().filter(|s| s.name == DISK))
     {
         Some(spec) => {
-            let same = matches!(&spec.driver, Some(Driver::IoUring(o)) if o.path == image);
+            let same = match (&spec.driver, wish.null_size) {
+                (Some(Driver::Null(o)), Some(size)) => o.size == size,
+                (Some(Driver::IoUring(o)), None) => o.path == image,
+                _ => false,
+            };
             if !same {
                 notes.push(format!(
                     "node {DISK} exists from an earlier run with other options ({}); kept as is",
@@ -120,11 +126,17 @@ pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provi
                 .add_node(AddNodeRequest {
                     node: Some(NodeSpec {
                         name: DISK.to_string(),
-                        driver: Some(Driver::IoUring(IoUringOptions {
-                            path: image,
-                            direct: false,
-                            read_only: false,
-                        })),
+                        driver: Some(match wish.null_size {
+                            Some(size) => Driver::Null(NullOptions {
+                                size,
+                                latency_ns: 0,
+                            }),
+                            None => Driver::IoUring(IoUringOptions {
+                                path: image,
+                                direct: false,
+                                read_only: false,
+                            }),
+                        }),
                     }),
                 })
                 .await

@@ -121,7 +121,11 @@ impl Layout {
             Some(p) => absolute(p)?,
             None => dir.join("disk0.img"),
         };
-        let image_size = ensure_image(&image, args.size)?;
+        let image_size = if args.null {
+            args.size
+        } else {
+            ensure_image(&image, args.size)?
+        };
         let socket = match &args.socket {
             Some(p) => absolute(p)?,
             None => dir.join("disk0.sock"),
@@ -336,6 +340,7 @@ async fn start(
         &channel,
         &DiskWish {
             image: &layout.image,
+            null_size: args.null.then_some(args.size),
             socket: &layout.socket,
             queues: args.queues,
         },
