@@ -86,7 +86,12 @@ fn pattern_round_trips_from_512_bytes_to_1_mib_including_scatter_gather() {
 #[test]
 fn pattern_mismatch_is_detected() {
     let (cluster, socket, _) = file_export(1, 16 * MIB);
-    let out = io(&cluster, &socket, 1, &["write -P 0x01 0 4k", "read -P 0x02 0 4k"]);
+    let out = io(
+        &cluster,
+        &socket,
+        1,
+        &["write -P 0x01 0 4k", "read -P 0x02 0 4k"],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
@@ -147,17 +152,36 @@ fn flush_discard_and_write_zeroes() {
 }
 
 #[test]
-fn read_only_export_refuses_writes_but_serves_reads() {
+fn read_only_export_is_offered_read_only_and_keeps_its_data() {
     let cluster = Cluster::start(ClusterOptions::default().workers(1));
     let image = cluster.sparse_image("ro.img", 8 * MIB);
     std::fs::write(&image, vec![0x42u8; 8 * MIB as usize]).unwrap();
     cluster.add_io_uring("ro", &image, false, true).unwrap();
     let socket = cluster.add_export(ExportOpts::new("ro", "ro")).unwrap();
-    ok(&io(&cluster, &socket, 1, &["read -P 0x42 0 1M"]));
-    let out = io(&cluster, &socket, 1, &["write -P 1 0 4k"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    // The data is untouched.
-    ok(&io(&cluster, &socket, 1, &["read -P 0x42 0 4k"]));
+    let ro = |cmds: &[&str]| {
+        let mut args = vec![
+            "--socket",
+            socket.to_str().unwrap(),
+            "--read-only",
+            "--timeout",
+            "20",
+        ];
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        cluster.run_tool("blkmesh-io", args)
+    };
+    // The device offers VIRTIO_BLK_F_RO: a read-write open is refused.
+    let rw = io(&cluster, &socket, 1, &["info"]);
+    assert_eq!(rw.status.code(), Some(1), "{}", text(&rw));
+    assert!(text(&rw).contains("read-only"), "{}", text(&rw));
+    let info = ok(&ro(&["info", "read -P 0x42 0 1M"]));
+    assert!(info.contains("read-only: true"), "{info}");
+    let write = ro(&["write -P 1 0 4k"]);
+    assert_eq!(write.status.code(), Some(1), "{}", text(&write));
+    ok(&ro(&["read -P 0x42 0 8M"]));
+    assert!(std::fs::read(&image).unwrap().iter().all(|&b| b == 0x42));
 }
 
 #[test]
@@ -166,7 +190,12 @@ fn requests_past_capacity_fail_and_the_device_stays_usable() {
     fails_with_io_error(&io(&cluster, &socket, 1, &["read 15M 2M"]));
     fails_with_io_error(&io(&cluster, &socket, 1, &["write 16M 4k"]));
     // The same export (and so the same worker and frontend) still works.
-    ok(&io(&cluster, &socket, 1, &["write -P 3 15M 1M", "read -P 3 15M 1M"]));
+    ok(&io(
+        &cluster,
+        &socket,
+        1,
+        &["write -P 3 15M 1M", "read -P 3 15M 1M"],
+    ));
 }
 
 #[test]
@@ -181,7 +210,11 @@ fn client_reconnects_and_sees_earlier_writes() {
         &cluster,
         &socket,
         1,
-        &["read -P 0x20 0 64k", "read -P 0x21 64k 64k", "read -P 0x22 128k 64k"],
+        &[
+            "read -P 0x20 0 64k",
+            "read -P 0x21 64k 64k",
+            "read -P 0x22 128k 64k",
+        ],
     ));
 }
 
@@ -192,8 +225,12 @@ fn null_and_raw_window_nodes_serve_their_bytes() {
     cluster.add_io_uring("base", &image, false, false).unwrap();
     cluster.add_raw("win", "base", 4 * MIB, 2 * MIB).unwrap();
     cluster.add_null("nul", 32 * MIB).unwrap();
-    let win = cluster.add_export(ExportOpts::new("win", "win").writable()).unwrap();
-    let nul = cluster.add_export(ExportOpts::new("nul", "nul").writable()).unwrap();
+    let win = cluster
+        .add_export(ExportOpts::new("win", "win").writable())
+        .unwrap();
+    let nul = cluster
+        .add_export(ExportOpts::new("nul", "nul").writable())
+        .unwrap();
 
     let info = ok(&io(&cluster, &win, 1, &["info", "write -P 0x66 0 2M"]));
     assert!(info.contains("capacity: 2097152"), "{info}");
@@ -203,7 +240,12 @@ fn null_and_raw_window_nodes_serve_their_bytes() {
     assert!(data[4 << 20..6 << 20].iter().all(|&b| b == 0x66));
     assert!(data[6 << 20..].iter().all(|&b| b == 0));
 
-    ok(&io(&cluster, &nul, 1, &["write -P 9 0 1M", "read -P 0 0 1M", "flush"]));
+    ok(&io(
+        &cluster,
+        &nul,
+        1,
+        &["write -P 9 0 1M", "read -P 0 0 1M", "flush"],
+    ));
 }
 
 #[test]
@@ -213,8 +255,12 @@ fn exports_on_two_workers_are_independent() {
     let b = cluster.sparse_image("b.img", 8 * MIB);
     cluster.add_io_uring("a", &a, false, false).unwrap();
     cluster.add_io_uring("b", &b, false, false).unwrap();
-    let sa = cluster.add_export(ExportOpts::new("a", "a").writable()).unwrap();
-    let sb = cluster.add_export(ExportOpts::new("b", "b").writable()).unwrap();
+    let sa = cluster
+        .add_export(ExportOpts::new("a", "a").writable())
+        .unwrap();
+    let sb = cluster
+        .add_export(ExportOpts::new("b", "b").writable())
+        .unwrap();
     let exports = cluster.list_exports().unwrap();
     let worker_of = |id: &str| {
         exports
@@ -234,7 +280,11 @@ fn exports_on_two_workers_are_independent() {
 fn removed_export_closes_its_socket() {
     let (cluster, socket, _) = file_export(1, 8 * MIB);
     cluster.remove_export("disk0").unwrap();
-    assert!(blkmesh_testkit::wait_for_path(&socket, false, std::time::Duration::from_secs(10)));
+    assert!(blkmesh_testkit::wait_for_path(
+        &socket,
+        false,
+        std::time::Duration::from_secs(10)
+    ));
     let out = io(&cluster, &socket, 1, &["info"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
@@ -254,8 +304,15 @@ fn grpc_refuses_bad_requests_with_clear_codes() {
     let nofile = cluster
         .add_io_uring("y", Path::new("/nonexistent/disk.img"), false, false)
         .unwrap_err();
-    assert_eq!(nofile.code(), Some(tonic::Code::InvalidArgument), "{nofile}");
+    assert_eq!(
+        nofile.code(),
+        Some(tonic::Code::InvalidArgument),
+        "{nofile}"
+    );
     let out = cluster.ctl(["node", "remove", "ghost"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"),
+        "{out:?}"
+    );
 }

@@ -27,6 +27,10 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub queue_size: Option<u32>,
 
+    /// Open the device read-only (needed for exports that are read-only).
+    #[arg(long)]
+    pub read_only: bool,
+
     /// Use busy-polling queues (libblkio poll queues) instead of eventfds.
     #[arg(long)]
     pub poll: bool,

@@ -98,6 +98,9 @@ pub struct DeviceConfig {
     pub queue_size: Option<u32>,
     /// Bytes of I/O buffer memory to allocate and map.
     pub buffer_bytes: usize,
+    /// Open read-only (required by libblkio for a device that offers
+    /// VIRTIO_BLK_F_RO; writes then fail in the driver with EROFS/EBADF).
+    pub read_only: bool,
 }
 
 /// Values of the driver properties every mode needs.
@@ -187,6 +190,15 @@ impl Device {
                 value: path.clone(),
                 source,
             })?;
+        if config.read_only {
+            blkio
+                .set_bool("read-only", true)
+                .map_err(|source| DeviceError::SetProperty {
+                    name: "read-only",
+                    value: "true".into(),
+                    source,
+                })?;
+        }
         blkio.connect().map_err(|source| DeviceError::Connect {
             path: config.socket.clone(),
             source,

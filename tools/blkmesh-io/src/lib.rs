@@ -116,6 +116,7 @@ fn run_inner(cli: &Cli) -> Result<(), Error> {
         poll_queues: cli.poll,
         queue_size: cli.queue_size,
         buffer_bytes: 0,
+        read_only: cli.read_only,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

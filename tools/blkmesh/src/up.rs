@@ -496,6 +496,7 @@ mod tests {
             socket: None,
             workers: 2,
             queues: 1,
+            null: false,
             listen: "127.0.0.1:0".parse().unwrap(),
         }
     }
