@@ -12,10 +12,16 @@ use blkmesh_proto::v1::{ExportPlan, FrontendHello};
 
 use crate::export::ExportServer;
 
+/// How often exports that could not be started are tried again (a worker
+/// may not be listening yet, or may be restarting).
+const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The exports this frontend serves, by id.
 #[derive(Default)]
 pub struct Exports {
     servers: HashMap<String, ExportServer>,
+    /// Plans that failed to start, retried every [`RETRY_INTERVAL`].
+    pending: HashMap<String, ExportPlan>,
 }
 
 impl Exports {
@@ -31,17 +37,41 @@ impl Exports {
         if let Some(old) = self.servers.remove(&id) {
             old.stop();
         }
-        match ExportServer::start(plan) {
+        self.pending.remove(&id);
+        self.start(id, plan, true);
+    }
+
+    fn start(&mut self, id: String, plan: ExportPlan, first: bool) {
+        match ExportServer::start(plan.clone()) {
             Ok(s) => {
+                if !first {
+                    tracing::info!(export = %id, "export started after retrying");
+                }
                 self.servers.insert(id, s);
             }
             Err(e) => {
-                tracing::error!(export = %id, "cannot serve export: {}", crate::error_chain(&e))
+                if first {
+                    tracing::warn!(export = %id, "cannot serve export yet, will retry: {}", crate::error_chain(&e));
+                }
+                self.pending.insert(id, plan);
             }
         }
     }
 
+    /// Tries the pending exports again.
+    pub fn retry_pending(&mut self) {
+        let pending: Vec<(String, ExportPlan)> = self.pending.drain().collect();
+        for (id, plan) in pending {
+            self.start(id, plan, false);
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub fn remove(&mut self, id: &str) {
+        self.pending.remove(id);
         if let Some(s) = self.servers.remove(id) {
             tracing::info!(export = %id, "export removed");
             s.stop();
@@ -62,6 +92,7 @@ impl Exports {
     }
 
     pub fn stop_all(&mut self) {
+        self.pending.clear();
         for (_, s) in self.servers.drain() {
             s.stop();
         }
@@ -86,8 +117,26 @@ pub async fn run(addr: String, name: String, shutdown: impl std::future::Future<
             }
         }
     };
+    let retry = {
+        let exports = std::sync::Arc::clone(&exports);
+        async move {
+            let mut tick = tokio::time::interval(RETRY_INTERVAL);
+            loop {
+                tick.tick().await;
+                let ex = std::sync::Arc::clone(&exports);
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut ex = ex.lock().unwrap_or_else(|p| p.into_inner());
+                    if ex.has_pending() {
+                        ex.retry_pending();
+                    }
+                })
+                .await;
+            }
+        }
+    };
     tokio::select! {
         _ = work => {}
+        _ = retry => {}
         _ = shutdown => {}
     }
     let _ = tokio::task::spawn_blocking(move || {

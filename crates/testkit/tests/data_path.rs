@@ -316,3 +316,36 @@ fn grpc_refuses_bad_requests_with_clear_codes() {
         "{out:?}"
     );
 }
+
+#[test]
+fn frontend_retries_an_export_until_its_worker_listens() {
+    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let image = cluster.sparse_image("d.img", 8 * MIB);
+    cluster.add_io_uring("d", &image, false, false).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("d", "d").writable())
+        .unwrap();
+    ok(&io(&cluster, &socket, 1, &["write -P 0x31 0 64k"]));
+    // The frontend comes up while the worker is away (a restart, or a
+    // supervisor starting processes in another order).
+    cluster.stop_worker(0);
+    cluster.restart_frontend();
+    // The export cannot be served without its worker (the socket, if still
+    // there, is a stale one that refuses connections).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(io(&cluster, &socket, 1, &["info"]).status.code(), Some(1));
+    cluster.start_worker(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = io(&cluster, &socket, 1, &["read -P 0x31 0 64k"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not come back once its worker listened: {}",
+            text(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
