@@ -187,15 +187,35 @@ fn read_only_export_is_offered_read_only_and_keeps_its_data() {
 #[test]
 fn requests_past_capacity_fail_and_the_device_stays_usable() {
     let (cluster, socket, _) = file_export(1, 16 * MIB);
-    fails_with_io_error(&io(&cluster, &socket, 1, &["read 15M 2M"]));
-    fails_with_io_error(&io(&cluster, &socket, 1, &["write 16M 4k"]));
-    // The same export (and so the same worker and frontend) still works.
-    ok(&io(
-        &cluster,
-        &socket,
-        1,
-        &["write -P 3 15M 1M", "read -P 3 15M 1M"],
-    ));
+    // One connection: the failing requests get EIO, the ones after them
+    // still work on the same queue.
+    let out = cluster.run_tool(
+        "blkmesh-io",
+        [
+            "--socket",
+            socket.to_str().unwrap(),
+            "--keep-going",
+            "-c",
+            "read 15M 2M",
+            "-c",
+            "write -P 3 15M 1M",
+            "-c",
+            "write 16M 4k",
+            "-c",
+            "read -P 3 15M 1M",
+        ],
+    );
+    fails_with_io_error(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("failed: EIO").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("wrote 1048576/1048576 bytes at offset 15728640"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("read 1048576/1048576 bytes at offset 15728640"),
+        "{stdout}"
+    );
 }
 
 #[test]

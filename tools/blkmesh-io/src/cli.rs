@@ -39,6 +39,10 @@ pub struct Cli {
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     pub timeout: f64,
 
+    /// Run every -c command even after one failed (exit status still 1).
+    #[arg(short = 'k', long)]
+    pub keep_going: bool,
+
     /// Command to run (repeatable; run in order, stop at the first failure).
     #[arg(short = 'c', long = "cmd", value_name = "CMD")]
     pub commands: Vec<String>,

@@ -1,5 +1,6 @@
 //! Runs parsed `-c` commands against an open device, qemu-io style: one
-//! result line per command, stop at the first failure.
+//! result line per command, stop at the first failure (unless told to keep
+//! going).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ pub struct ExecOptions {
     pub json: bool,
     /// Upper bound for each command's wait for completions.
     pub timeout: Duration,
+    /// Run every command even after one failed (the result is still the
+    /// first failure): shows that the device stays usable after an error.
+    pub keep_going: bool,
 }
 
 /// Skew of iovec `i` from its chunk's start: all different and none
@@ -66,6 +70,7 @@ pub fn run(
     opts: ExecOptions,
     out: &mut dyn Write,
 ) -> Result<(Outcome, usize), Error> {
+    let mut first_failure: Option<(Outcome, usize)> = None;
     for (index, cmd) in cmds.iter().enumerate() {
         let start = Instant::now();
         let outcome = match cmd {
@@ -77,10 +82,13 @@ pub fn run(
         };
         report(cmd, &outcome, start.elapsed(), opts.json, out)?;
         if outcome != Outcome::Ok {
-            return Ok((outcome, index));
+            if !opts.keep_going {
+                return Ok((outcome, index));
+            }
+            first_failure.get_or_insert((outcome, index));
         }
     }
-    Ok((Outcome::Ok, cmds.len()))
+    Ok(first_failure.unwrap_or((Outcome::Ok, cmds.len())))
 }
 
 fn run_io(

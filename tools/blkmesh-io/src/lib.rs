@@ -148,6 +148,7 @@ fn run_inner(cli: &Cli) -> Result<(), Error> {
             let opts = exec::ExecOptions {
                 json: cli.json,
                 timeout,
+                keep_going: cli.keep_going,
             };
             let (outcome, index) = exec::run(&device, &mut qs, &cmds, opts, &mut out)?;
             let what = match outcome {
