@@ -9,8 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blkmesh_ipc::buckets::BucketSet;
 use blkmesh_proto::ipc::v1::Limits;
 use blkmesh_proto::v1::{node_spec::Driver, ExportPlan, NodeSpec};
+
+use crate::stages::{Faults, Stage, Throttle};
 
 /// Deepest graph accepted (guards against cycles in a hostile plan).
 const MAX_DEPTH: usize = 16;
@@ -39,12 +42,22 @@ impl OpenError {
     }
 }
 
+/// libblkio queues of a driver that cannot add queues after start: created
+/// at open, handed out as queues attach and given back when they detach.
+pub type QueuePool = Arc<Mutex<Vec<blkio::Blkioq>>>;
+
 /// The protocol leaf of a graph.
 #[derive(Clone)]
 pub enum Leaf {
-    /// A libblkio `io_uring` instance, shared by the queues (each adds its own
-    /// libblkio queue) and by memory registration.
-    IoUring(Arc<Mutex<blkio::Blkio>>),
+    /// A libblkio driver instance (io_uring, nvme-io_uring,
+    /// virtio-blk-vhost-user, virtio-blk-vhost-vdpa), shared by the queues
+    /// (each has its own libblkio queue) and by memory registration.
+    Blkio {
+        driver: &'static str,
+        blkio: Arc<Mutex<blkio::Blkio>>,
+        /// `None` when the driver adds queues on demand.
+        pool: Option<QueuePool>,
+    },
     /// No storage: reads return zeroes, writes are dropped.
     Null { latency: Duration },
 }
@@ -52,7 +65,7 @@ pub enum Leaf {
 impl std::fmt::Debug for Leaf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Leaf::IoUring(_) => f.write_str("IoUring"),
+            Leaf::Blkio { driver, .. } => write!(f, "Blkio({driver})"),
             Leaf::Null { latency } => write!(f, "Null({latency:?})"),
         }
     }
@@ -62,8 +75,8 @@ impl std::fmt::Debug for Leaf {
 #[derive(Clone, Debug)]
 pub struct OpenedGraph {
     pub leaf: Leaf,
-    /// Byte offset of the export's first byte in the leaf.
-    pub base: u64,
+    /// Filters and formats from the export down to the leaf.
+    pub stages: Vec<Stage>,
     pub limits: Limits,
     /// GET_ID answer: the serial, NUL-padded to 20 bytes.
     pub serial: [u8; 20],
@@ -77,6 +90,14 @@ impl OpenedGraph {
     pub fn read_only(&self) -> bool {
         self.limits.read_only
     }
+}
+
+/// How a libblkio leaf is opened.
+struct BlkioLeaf<'a> {
+    driver: &'static str,
+    path: &'a str,
+    direct: Option<bool>,
+    read_only: bool,
 }
 
 /// Opens the plan's graph.
@@ -95,17 +116,19 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
             )))
         }
     };
+    let num_queues = export.num_queues.clamp(1, 64);
 
-    // Walk down from the root, narrowing the window.
+    // Walk down from the root, collecting stages and narrowing the window.
     let mut name = export.node.as_str();
     let mut base = 0u64;
     let mut window: Option<u64> = None; // size limit imposed by format nodes above
     let mut read_only = !export.writable;
+    let mut stages = Vec::new();
     for _ in 0..MAX_DEPTH {
         let node = nodes
             .get(name)
             .ok_or_else(|| OpenError::inval(format!("plan lacks node {name}")))?;
-        match &node.driver {
+        let leaf = match &node.driver {
             Some(Driver::Raw(raw)) => {
                 if raw.offset % 512 != 0 || raw.size % 512 != 0 {
                     return Err(OpenError::inval(format!(
@@ -127,29 +150,60 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                 base = base
                     .checked_add(raw.offset)
                     .ok_or_else(|| OpenError::inval(format!("node {name}: offset overflows")))?;
+                stages.push(Stage::Window { offset: raw.offset });
                 name = raw.child.as_str();
                 continue;
             }
-            Some(Driver::IoUring(opts)) => {
-                read_only |= opts.read_only;
-                let blkio = open_io_uring(name, &opts.path, opts.direct, read_only)?;
-                let dev_size = blkio
-                    .get_u64("capacity")
-                    .map_err(|e| OpenError::blkio(name, "capacity", e))?;
-                let limits = io_uring_limits(name, &blkio, lbs)?;
-                let size = fit_window(name, dev_size, base, window, lbs)?;
-                return Ok(OpenedGraph {
-                    leaf: Leaf::IoUring(Arc::new(Mutex::new(blkio))),
-                    base,
-                    limits: Limits {
-                        size,
-                        read_only,
-                        ..limits
-                    },
-                    serial: serial(&export.serial, &export.id),
-                    discard_punches_holes: std::fs::metadata(&opts.path).is_ok_and(|m| m.is_file()),
-                });
+            Some(Driver::Throttle(t)) => {
+                let limits = t.limits.ok_or_else(|| {
+                    OpenError::inval(format!("node {name}: throttle without limits"))
+                })?;
+                let buckets = if t.group.is_empty() {
+                    BucketSet::private()
+                } else {
+                    BucketSet::group(&t.group).map_err(|e| OpenError {
+                        errno: libc::EIO,
+                        message: format!("node {name}: {e}"),
+                    })?
+                };
+                stages.push(Stage::Throttle(Arc::new(Throttle::new(
+                    name, &limits, buckets,
+                ))));
+                name = t.child.as_str();
+                continue;
             }
+            Some(Driver::FaultInjection(f)) => {
+                let seed = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+                });
+                stages.push(Stage::Faults(Arc::new(Faults::new(&f.rules, seed))));
+                name = f.child.as_str();
+                continue;
+            }
+            Some(Driver::IoUring(o)) => BlkioLeaf {
+                driver: "io_uring",
+                path: &o.path,
+                direct: Some(o.direct),
+                read_only: o.read_only,
+            },
+            Some(Driver::NvmeIoUring(o)) => BlkioLeaf {
+                driver: "nvme-io_uring",
+                path: &o.path,
+                direct: None,
+                read_only: o.read_only,
+            },
+            Some(Driver::VirtioBlkVhostUser(o)) => BlkioLeaf {
+                driver: "virtio-blk-vhost-user",
+                path: &o.path,
+                direct: None,
+                read_only: o.read_only,
+            },
+            Some(Driver::VirtioBlkVhostVdpa(o)) => BlkioLeaf {
+                driver: "virtio-blk-vhost-vdpa",
+                path: &o.path,
+                direct: None,
+                read_only: o.read_only,
+            },
             Some(Driver::Null(opts)) => {
                 if opts.size == 0 || opts.size % 512 != 0 {
                     return Err(OpenError::inval(format!(
@@ -161,7 +215,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                     leaf: Leaf::Null {
                         latency: Duration::from_nanos(opts.latency_ns),
                     },
-                    base,
+                    stages,
                     limits: Limits {
                         size,
                         logical_block_size: lbs,
@@ -180,7 +234,32 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                 });
             }
             None => return Err(OpenError::inval(format!("node {name} has no driver"))),
-        }
+        };
+        // A libblkio protocol leaf.
+        read_only |= leaf.read_only;
+        let (blkio, pool) = open_blkio(name, &leaf, read_only, num_queues)?;
+        read_only |= blkio.get_bool("read-only").unwrap_or(false);
+        let dev_size = blkio
+            .get_u64("capacity")
+            .map_err(|e| OpenError::blkio(name, "capacity", e))?;
+        let limits = blkio_limits(name, &blkio, lbs)?;
+        let size = fit_window(name, dev_size, base, window, lbs)?;
+        return Ok(OpenedGraph {
+            leaf: Leaf::Blkio {
+                driver: leaf.driver,
+                blkio: Arc::new(Mutex::new(blkio)),
+                pool,
+            },
+            stages,
+            limits: Limits {
+                size,
+                read_only,
+                ..limits
+            },
+            serial: serial(&export.serial, &export.id),
+            discard_punches_holes: leaf.driver == "io_uring"
+                && std::fs::metadata(leaf.path).is_ok_and(|m| m.is_file()),
+        });
     }
     Err(OpenError::inval("graph deeper than 16 nodes (a cycle?)"))
 }
@@ -217,28 +296,42 @@ fn fit_window(
     Ok(size)
 }
 
-fn open_io_uring(
+fn open_blkio(
     name: &str,
-    path: &str,
-    direct: bool,
+    leaf: &BlkioLeaf<'_>,
     read_only: bool,
-) -> Result<blkio::Blkio, OpenError> {
-    let mut b = blkio::Blkio::new("io_uring").map_err(|e| OpenError::blkio(name, "driver", e))?;
+    num_queues: u32,
+) -> Result<(blkio::Blkio, Option<QueuePool>), OpenError> {
+    let path = leaf.path;
+    let mut b =
+        blkio::Blkio::new(leaf.driver).map_err(|e| OpenError::blkio(name, leaf.driver, e))?;
     b.set_str("path", path)
         .map_err(|e| OpenError::blkio(name, "path", e))?;
-    b.set_bool("direct", direct)
-        .map_err(|e| OpenError::blkio(name, "direct", e))?;
+    if let Some(direct) = leaf.direct {
+        b.set_bool("direct", direct)
+            .map_err(|e| OpenError::blkio(name, "direct", e))?;
+    }
     b.set_bool("read-only", read_only)
         .map_err(|e| OpenError::blkio(name, "read-only", e))?;
     b.connect()
         .map_err(|e| OpenError::blkio(name, &format!("open {path}"), e))?;
-    b.set_i32("num-queues", 0)
+    // Drivers that can add queues get one per attached virtqueue later;
+    // the others get the export's queue count now (bounded by the device).
+    let can_add = b.get_bool("can-add-queues").unwrap_or(false);
+    let n = if can_add {
+        0
+    } else {
+        let max = b.get_i32("max-queues").unwrap_or(1).max(1) as u32;
+        num_queues.min(max) as i32
+    };
+    b.set_i32("num-queues", n)
         .map_err(|e| OpenError::blkio(name, "num-queues", e))?;
-    b.start().map_err(|e| OpenError::blkio(name, "start", e))?;
-    Ok(b)
+    let started = b.start().map_err(|e| OpenError::blkio(name, "start", e))?;
+    let pool = (!can_add).then(|| Arc::new(Mutex::new(started.queues)));
+    Ok((b, pool))
 }
 
-fn io_uring_limits(name: &str, b: &blkio::Blkio, lbs: u32) -> Result<Limits, OpenError> {
+fn blkio_limits(name: &str, b: &blkio::Blkio, lbs: u32) -> Result<Limits, OpenError> {
     let get_i32 = |p: &str| b.get_i32(p).map_err(|e| OpenError::blkio(name, p, e));
     let get_u64 = |p: &str| b.get_u64(p).map_err(|e| OpenError::blkio(name, p, e));
     let request_alignment = get_i32("request-alignment")?.max(1) as u32;
@@ -255,11 +348,11 @@ fn io_uring_limits(name: &str, b: &blkio::Blkio, lbs: u32) -> Result<Limits, Ope
         physical_block_size: phys.max(lbs),
         request_alignment,
         buf_alignment: get_i32("buf-alignment")?.max(1) as u32,
-        optimal_io_size: get_i32("optimal-io-size")?.max(0) as u32,
-        max_transfer: get_i32("max-transfer")?.max(0) as u64,
-        max_segments: get_i32("max-segments")?.max(0) as u32,
-        max_discard: unlimited(get_u64("max-discard-len")?),
-        max_write_zeroes: unlimited(get_u64("max-write-zeroes-len")?),
+        optimal_io_size: get_i32("optimal-io-size").unwrap_or(0).max(0) as u32,
+        max_transfer: get_i32("max-transfer").unwrap_or(0).max(0) as u64,
+        max_segments: get_i32("max-segments").unwrap_or(0).max(0) as u32,
+        max_discard: unlimited(get_u64("max-discard-len").unwrap_or(0)),
+        max_write_zeroes: unlimited(get_u64("max-write-zeroes-len").unwrap_or(0)),
         read_only: false,
     })
 }
@@ -328,7 +421,15 @@ mod tests {
             true,
         ))
         .unwrap();
-        assert_eq!(g.base, (1 << 20) + 4096);
+        let shift: u64 = g
+            .stages
+            .iter()
+            .map(|s| match s {
+                Stage::Window { offset } => *offset,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(shift, (1 << 20) + 4096);
         assert_eq!(g.limits.size, 8192);
         assert!(!g.read_only());
     }

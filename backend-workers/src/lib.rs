@@ -19,6 +19,7 @@ pub mod graph;
 pub mod memory;
 pub mod queue;
 pub mod registration;
+pub mod stages;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

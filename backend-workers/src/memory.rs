@@ -39,7 +39,7 @@ impl RegisteredRam {
 
     /// Registers every region of `ram` with the leaf, if it is a libblkio one.
     pub fn register(ram: GuestRam, leaf: &Leaf) -> Result<Self, blkio::Error> {
-        let Leaf::IoUring(blkio) = leaf else {
+        let Leaf::Blkio { blkio, .. } = leaf else {
             return Ok(RegisteredRam {
                 ram,
                 blkio: None,

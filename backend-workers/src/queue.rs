@@ -1,13 +1,15 @@
 //! One virtqueue's event loop in the worker.
 //!
 //! The loop takes requests from the ring, validates them against the graph's
-//! limits and this worker's own mapping of guest RAM, submits vectored I/O to
-//! its own libblkio queue, and posts completions back. It sleeps only when the
-//! ring is empty and nothing has completed, after announcing it on the ring so
-//! that the frontend knows to kick it; likewise it kicks the frontend only when
+//! limits and this worker's own mapping of guest RAM, runs them through the
+//! graph's stages (windows, fault injection, throttling), submits vectored
+//! I/O to its own libblkio queue, and posts completions back. When it runs
+//! out of work it polls briefly, then sleeps after announcing it on the ring
+//! so the frontend knows to kick it; likewise it kicks the frontend only when
 //! the frontend has said it sleeps.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::mem::MaybeUninit;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +25,9 @@ use blkmesh_ipc::ring::{
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::bounce::{BounceBuf, BouncePool};
-use crate::graph::{Leaf, OpenedGraph};
+use crate::graph::{Leaf, OpenedGraph, QueuePool};
 use crate::memory::RegisteredRam;
+use crate::stages::{self, Stage, Verdict};
 
 const EV_KICK: u64 = 0;
 const EV_IO: u64 = 1;
@@ -57,6 +60,10 @@ impl QueueHandle {
     /// Stops the loop once its in-flight requests have completed and waits
     /// for it.
     pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.stop_fd.ring();
         if let Some(t) = self.thread.take() {
@@ -67,11 +74,7 @@ impl QueueHandle {
 
 impl Drop for QueueHandle {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.stop_fd.ring();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 
@@ -79,6 +82,8 @@ impl Drop for QueueHandle {
 pub enum QueueError {
     #[error("creating the libblkio queue: {0}")]
     Blkio(String),
+    #[error("no libblkio queue left for this virtqueue")]
+    NoQueue,
     #[error("event loop setup")]
     Io(#[source] std::io::Error),
 }
@@ -86,15 +91,23 @@ pub enum QueueError {
 /// Starts the event loop of one queue on its own thread.
 pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
     let io = match &setup.graph.leaf {
-        Leaf::IoUring(b) => {
-            let q = b
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .add_queue(false)
-                .map_err(|e| QueueError::Blkio(e.message().to_string()))?;
-            Backend::IoUring {
-                q,
-                bounce: BouncePool::new(Arc::clone(b)),
+        Leaf::Blkio { blkio, pool, .. } => {
+            let q = match pool {
+                Some(pool) => pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop()
+                    .ok_or(QueueError::NoQueue)?,
+                None => blkio
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add_queue(false)
+                    .map_err(|e| QueueError::Blkio(e.message().to_string()))?,
+            };
+            Backend::Blkio {
+                q: Some(q),
+                pool: pool.clone(),
+                bounce: BouncePool::new(Arc::clone(blkio)),
             }
         }
         Leaf::Null { latency } => Backend::Null {
@@ -122,8 +135,10 @@ pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
 }
 
 enum Backend {
-    IoUring {
-        q: blkio::Blkioq,
+    Blkio {
+        /// Always `Some` while the loop runs; taken back into the pool.
+        q: Option<blkio::Blkioq>,
+        pool: Option<QueuePool>,
         bounce: BouncePool,
     },
     Null {
@@ -132,19 +147,41 @@ enum Backend {
     },
 }
 
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // A driver that cannot add queues gets its queue back for the next
+        // attach of this virtqueue.
+        if let Backend::Blkio {
+            q,
+            pool: Some(pool),
+            ..
+        } = self
+        {
+            if let Some(q) = q.take() {
+                pool.lock().unwrap_or_else(|p| p.into_inner()).push(q);
+            }
+        }
+    }
+}
+
 /// Per-tag state of an in-flight request.
 #[derive(Default)]
 struct Slot {
     busy: bool,
-    /// Discard is a hint: a device that cannot do it still succeeds (as QEMU).
-    discard: bool,
+    op: Option<Op>,
+    flags: u8,
+    len: u64,
+    /// Where the request is in the graph: next stage and offset there.
+    stage: usize,
+    offset: u64,
     /// Keeps the guest mapping alive while the driver holds our iovecs.
     ram: Option<Arc<RegisteredRam>>,
     /// The iovec array handed to libblkio; stable until completion.
     iovs: Vec<libc::iovec>,
-    /// For bounced reads: where to copy the data back.
-    bounce: Option<(BounceBuf, bool)>,
+    /// Data ops: the guest segments (for bounce copies and null reads).
     segs: Vec<Segment>,
+    /// Set when the guest buffers break the driver's alignment.
+    bounce: Option<BounceBuf>,
 }
 
 // SAFETY: the iovecs point into guest RAM kept alive by `ram`; the slot moves
@@ -169,6 +206,11 @@ struct QueueLoop {
     errors_logged: u32,
     /// Scratch copy of the current request's segments.
     segs: Vec<Segment>,
+    /// Requests held by a delay, by wake-up time.
+    held: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Per stage: requests waiting for a throttle, in order, and when the
+    /// head may be admitted.
+    throttled: Vec<(VecDeque<u32>, u64)>,
     /// Completions were published while the frontend slept.
     need_kick: bool,
     poller: Poller,
@@ -183,6 +225,7 @@ impl QueueLoop {
     fn new(setup: QueueSetup, io: Backend, stop: Arc<AtomicBool>, stop_fd: Doorbell) -> Self {
         let (rx, tx) = setup.rings.worker_end();
         let entries = setup.rings.layout().entries() as usize;
+        let stages = setup.graph.stages.len();
         QueueLoop {
             index: setup.index,
             rx,
@@ -200,6 +243,8 @@ impl QueueLoop {
             blkio_done: (0..entries).map(|_| MaybeUninit::uninit()).collect(),
             errors_logged: 0,
             segs: Vec::with_capacity(setup.rings.layout().max_segments() as usize),
+            held: BinaryHeap::new(),
+            throttled: (0..stages).map(|_| (VecDeque::new(), 0)).collect(),
             need_kick: false,
             poller: Poller::from_env(),
             _rings: setup.rings,
@@ -230,6 +275,7 @@ impl QueueLoop {
                     }
                 }
             }
+            progress += self.run_timers();
             progress += self.reap();
             if !self.done.is_empty() {
                 self.post_completions();
@@ -247,7 +293,9 @@ impl QueueLoop {
             let idle_since = Instant::now();
             if !stopping {
                 let mut poller = self.poller;
-                let found = poller.poll(|| self.rx.has_new() || self.driver_has_completions());
+                let found = poller.poll(|| {
+                    self.rx.has_new() || self.driver_has_completions() || self.timer_due()
+                });
                 self.poller = poller;
                 if found {
                     continue;
@@ -266,7 +314,7 @@ impl QueueLoop {
                         self.kick.clear();
                     }
                     EV_IO => {
-                        if let Backend::IoUring { q, .. } = &self.io {
+                        if let Backend::Blkio { q: Some(q), .. } = &self.io {
                             if let Some(fd) = q.get_completion_fd() {
                                 let mut buf = [0u8; 8];
                                 // SAFETY: reading 8 bytes into a local buffer
@@ -289,7 +337,7 @@ impl QueueLoop {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&self.kick, EpollEvent::new(EpollFlags::EPOLLIN, EV_KICK))?;
         epoll.add(&self.stop_fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP))?;
-        if let Backend::IoUring { q, .. } = &mut self.io {
+        if let Backend::Blkio { q: Some(q), .. } = &mut self.io {
             q.set_completion_fd_enabled(true);
             if let Some(fd) = q.get_completion_fd() {
                 // SAFETY: the fd belongs to the libblkio queue, which lives as
@@ -301,19 +349,39 @@ impl QueueLoop {
         Ok(epoll)
     }
 
+    /// The earliest time something held (delay, throttle, null latency) is
+    /// due, in CLOCK_MONOTONIC ns.
+    fn next_deadline(&self) -> Option<u64> {
+        let held = self.held.peek().map(|Reverse((t, _))| *t);
+        let throttled = self
+            .throttled
+            .iter()
+            .filter(|(q, _)| !q.is_empty())
+            .map(|(_, t)| *t)
+            .min();
+        let null = match &self.io {
+            Backend::Null { pending, .. } => pending.front().map(|(d, _)| {
+                let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
+                stages::now() + left
+            }),
+            Backend::Blkio { .. } => None,
+        };
+        [held, throttled, null].into_iter().flatten().min()
+    }
+
+    fn timer_due(&self) -> bool {
+        self.next_deadline().is_some_and(|d| d <= stages::now())
+    }
+
     fn next_timer(&self) -> EpollTimeout {
-        match &self.io {
-            Backend::Null { pending, .. } => match pending.front() {
-                Some((deadline, _)) => {
-                    let ms = deadline
-                        .saturating_duration_since(Instant::now())
-                        .as_millis()
-                        .min(1000) as u16;
-                    EpollTimeout::from(ms.max(if pending.is_empty() { 0 } else { 1 }))
-                }
-                None => EpollTimeout::NONE,
-            },
-            Backend::IoUring { .. } => EpollTimeout::NONE,
+        match self.next_deadline() {
+            None => EpollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_sub(stages::now());
+                // Round up so we do not wake just before the deadline.
+                let ms = left.div_ceil(1_000_000).min(1000) as u16;
+                EpollTimeout::from(ms)
+            }
         }
     }
 
@@ -374,7 +442,7 @@ impl QueueLoop {
         }
     }
 
-    fn check_range(&self, req: &Request) -> Result<u64, i32> {
+    fn check_range(&self, req: &Request) -> Result<(), i32> {
         let l = &self.graph.limits;
         let end = req.offset.checked_add(req.len).ok_or(libc::EINVAL)?;
         if end > l.size {
@@ -384,10 +452,10 @@ impl QueueLoop {
         if req.offset % align != 0 || req.len % align != 0 {
             return Err(libc::EINVAL);
         }
-        Ok(self.graph.base + req.offset)
+        Ok(())
     }
 
-    /// Starts one request; Err(errno) fails it at once.
+    /// Starts one request; Err(errno) fails it at once (nothing held).
     fn start(
         &mut self,
         req: &Request,
@@ -410,135 +478,53 @@ impl QueueLoop {
                     result: 0,
                     extra: 0,
                 });
-                Ok(())
+                return Ok(());
             }
-            Op::Read | Op::Write => {
-                let start = self.check_range(req)?;
-                self.submit_rw(req, start, segs, ram)
-            }
-            Op::Flush => self.submit_simple(req, |q, tag| q.flush(tag, blkio::ReqFlags::empty())),
-            Op::Discard => {
-                let start = self.check_range(req)?;
-                let len = req.len;
-                if self.graph.discard_punches_holes {
-                    // Write-zeroes that may unmap: a hole punch on files.
-                    self.submit_simple(req, |q, tag| {
-                        q.write_zeroes(start, len, tag, blkio::ReqFlags::empty())
-                    })
-                } else {
-                    self.submit_simple(req, |q, tag| {
-                        q.discard(start, len, tag, blkio::ReqFlags::empty())
-                    })
-                }
-            }
-            Op::WriteZeroes => {
-                let start = self.check_range(req)?;
-                let len = req.len;
-                let mut flags = blkio::ReqFlags::empty();
-                if req.flags & FLAG_NO_UNMAP != 0 {
-                    flags |= blkio::ReqFlags::NO_UNMAP;
-                }
-                if req.flags & FLAG_FUA != 0 {
-                    flags |= blkio::ReqFlags::FUA;
-                }
-                self.submit_simple(req, |q, tag| q.write_zeroes(start, len, tag, flags))
-            }
+            Op::Read | Op::Write | Op::Discard | Op::WriteZeroes => self.check_range(req)?,
+            Op::Flush => {}
             Op::ZoneReport
             | Op::ZoneOpen
             | Op::ZoneClose
             | Op::ZoneFinish
             | Op::ZoneReset
             | Op::ZoneResetAll
-            | Op::ZoneAppend => Err(libc::EOPNOTSUPP),
+            | Op::ZoneAppend => return Err(libc::EOPNOTSUPP),
         }
-    }
-
-    /// Ops without data: straight to the driver (or done for null).
-    fn submit_simple(
-        &mut self,
-        req: &Request,
-        f: impl FnOnce(&mut blkio::Blkioq, usize),
-    ) -> Result<(), i32> {
-        match &mut self.io {
-            Backend::IoUring { q, .. } => {
-                self.slots[req.tag as usize].busy = true;
-                self.slots[req.tag as usize].discard = req.op == Op::Discard;
-                self.inflight += 1;
-                f(q, req.tag as usize);
-            }
-            Backend::Null { latency, pending } => {
-                let c = Completion {
-                    tag: req.tag,
-                    result: 0,
-                    extra: 0,
-                };
-                if latency.is_zero() {
-                    self.done.push(c);
-                } else {
-                    self.slots[req.tag as usize].busy = true;
-                    self.inflight += 1;
-                    pending.push_back((Instant::now() + *latency, c));
-                }
-            }
-        }
+        self.prepare(req, segs, ram)?;
+        self.advance(req.tag, 0, req.offset);
         Ok(())
     }
 
-    fn submit_rw(
+    /// Claims the slot and turns data segments into iovecs over guest RAM
+    /// now, while `ram` is the table the segments refer to.
+    fn prepare(
         &mut self,
         req: &Request,
-        start: u64,
         segs: &[Segment],
         ram: &Arc<RegisteredRam>,
     ) -> Result<(), i32> {
-        let tag = req.tag as usize;
-        let is_read = req.op == Op::Read;
         let buf_align = self.graph.limits.buf_alignment.max(1) as usize;
-        let slot = &mut self.slots[tag];
+        let bounce_pool = match &mut self.io {
+            Backend::Blkio { bounce, .. } => Some(bounce),
+            Backend::Null { .. } => None,
+        };
+        let slot = &mut self.slots[req.tag as usize];
         slot.iovs.clear();
-        let mut aligned = true;
-        for s in segs {
-            let b = ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
-            aligned &= (b.as_ptr() as usize) % buf_align == 0 && b.len() % buf_align == 0;
-            slot.iovs.push(b.iovec());
-        }
-        match &mut self.io {
-            Backend::Null { latency, pending } => {
-                if is_read {
-                    zero_fill(ram, segs)?;
-                }
-                let c = Completion {
-                    tag: req.tag,
-                    result: 0,
-                    extra: 0,
-                };
-                if latency.is_zero() {
-                    self.done.push(c);
-                } else {
-                    slot.busy = true;
-                    self.inflight += 1;
-                    pending.push_back((Instant::now() + *latency, c));
-                }
-                Ok(())
+        slot.segs.clear();
+        if matches!(req.op, Op::Read | Op::Write) {
+            let mut aligned = true;
+            for s in segs {
+                let b = ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
+                aligned &= (b.as_ptr() as usize) % buf_align == 0 && b.len() % buf_align == 0;
+                slot.iovs.push(b.iovec());
             }
-            Backend::IoUring { q, bounce } => {
-                let flags = if req.flags & FLAG_FUA != 0 {
-                    blkio::ReqFlags::FUA
-                } else {
-                    blkio::ReqFlags::empty()
-                };
-                if aligned {
-                    let (ptr, n) = (slot.iovs.as_ptr(), slot.iovs.len() as u32);
-                    if is_read {
-                        q.readv(start, ptr, n, tag, flags);
-                    } else {
-                        q.writev(start, ptr, n, tag, flags);
-                    }
-                } else {
-                    let mut bb = bounce
+            slot.segs.extend_from_slice(segs);
+            if !aligned {
+                if let Some(pool) = bounce_pool {
+                    let mut bb = pool
                         .get(req.len as usize)
                         .map_err(|e| e.errno().raw_os_error())?;
-                    if !is_read {
+                    if req.op == Op::Write {
                         let dst = bb.bytes_mut();
                         let mut at = 0;
                         for s in segs {
@@ -546,21 +532,216 @@ impl QueueLoop {
                             at += b.copy_to(&mut dst[at..]);
                         }
                     }
-                    let (ptr, len) = (bb.as_ptr(), bb.len());
-                    if is_read {
-                        q.read(start, ptr, len, tag, flags);
-                    } else {
-                        q.write(start, ptr, len, tag, flags);
-                    }
-                    slot.segs.clear();
-                    slot.segs.extend_from_slice(segs);
-                    slot.bounce = Some((bb, is_read));
+                    slot.bounce = Some(bb);
                 }
-                slot.busy = true;
-                slot.ram = Some(Arc::clone(ram));
-                self.inflight += 1;
-                Ok(())
             }
+        }
+        slot.busy = true;
+        slot.op = Some(req.op);
+        slot.flags = req.flags;
+        slot.len = req.len;
+        slot.ram = Some(Arc::clone(ram));
+        self.inflight += 1;
+        Ok(())
+    }
+
+    /// Runs a claimed request through the stages from `stage` on, then
+    /// submits it to the leaf (or holds it, or fails it).
+    fn advance(&mut self, tag: u32, mut stage: usize, mut offset: u64) {
+        let (op, len) = {
+            let s = &self.slots[tag as usize];
+            (s.op.unwrap_or(Op::Flush), s.len)
+        };
+        let mut now = 0u64;
+        while stage < self.graph.stages.len() {
+            let verdict = match &self.graph.stages[stage] {
+                Stage::Window { offset: o } => {
+                    offset += o;
+                    Verdict::Pass
+                }
+                Stage::Faults(f) => {
+                    if now == 0 {
+                        now = stages::now();
+                    }
+                    f.check(op, offset, len, now)
+                }
+                Stage::Throttle(t) => {
+                    if !self.throttled[stage].0.is_empty() {
+                        // Keep order behind those already waiting.
+                        Verdict::HoldUntil(self.throttled[stage].1)
+                    } else {
+                        if now == 0 {
+                            now = stages::now();
+                        }
+                        t.admit(op, len, now)
+                    }
+                }
+            };
+            match verdict {
+                Verdict::Pass => stage += 1,
+                Verdict::Fail(errno) => {
+                    self.finish(tag, -errno);
+                    return;
+                }
+                Verdict::HoldUntil(at) => {
+                    let slot = &mut self.slots[tag as usize];
+                    slot.offset = offset;
+                    if matches!(self.graph.stages[stage], Stage::Throttle(_)) {
+                        // Retried at this stage.
+                        slot.stage = stage;
+                        let (q, retry) = &mut self.throttled[stage];
+                        if q.is_empty() {
+                            *retry = at;
+                        }
+                        q.push_back(tag);
+                    } else {
+                        // A delay: continue after this stage.
+                        slot.stage = stage + 1;
+                        self.held.push(Reverse((at, tag)));
+                    }
+                    return;
+                }
+            }
+        }
+        self.submit_leaf(tag, offset);
+    }
+
+    /// Releases whatever held requests are due; returns how many moved.
+    fn run_timers(&mut self) -> usize {
+        if self.held.is_empty() && self.throttled.iter().all(|(q, _)| q.is_empty()) {
+            return 0;
+        }
+        let now = stages::now();
+        let mut n = 0;
+        while let Some(Reverse((at, tag))) = self.held.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.held.pop();
+            let (stage, offset) = (
+                self.slots[tag as usize].stage,
+                self.slots[tag as usize].offset,
+            );
+            self.advance(tag, stage, offset);
+            n += 1;
+        }
+        for stage in 0..self.throttled.len() {
+            while let Some(&tag) = self.throttled[stage].0.front() {
+                if self.throttled[stage].1 > now {
+                    break;
+                }
+                let Stage::Throttle(t) = &self.graph.stages[stage] else {
+                    break;
+                };
+                let s = &self.slots[tag as usize];
+                match t.admit(s.op.unwrap_or(Op::Flush), s.len, now) {
+                    Verdict::HoldUntil(at) => {
+                        self.throttled[stage].1 = at;
+                        break;
+                    }
+                    Verdict::Pass | Verdict::Fail(_) => {
+                        self.throttled[stage].0.pop_front();
+                        let offset = self.slots[tag as usize].offset;
+                        self.advance(tag, stage + 1, offset);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Completes a claimed request without the driver.
+    fn finish(&mut self, tag: u32, result: i32) {
+        let slot = &mut self.slots[tag as usize];
+        if let (Some(bb), Backend::Blkio { bounce, .. }) = (slot.bounce.take(), &mut self.io) {
+            bounce.put(bb);
+        }
+        slot.busy = false;
+        slot.ram = None;
+        self.inflight -= 1;
+        self.done.push(Completion {
+            tag,
+            result,
+            extra: 0,
+        });
+    }
+
+    /// Hands a request that passed every stage to the protocol leaf.
+    fn submit_leaf(&mut self, tag: u32, offset: u64) {
+        let t = tag as usize;
+        let (op, flags, len) = {
+            let s = &self.slots[t];
+            (s.op.unwrap_or(Op::Flush), s.flags, s.len)
+        };
+        let fua = if flags & FLAG_FUA != 0 {
+            blkio::ReqFlags::FUA
+        } else {
+            blkio::ReqFlags::empty()
+        };
+        match &mut self.io {
+            Backend::Null { latency, pending } => {
+                let mut result = 0;
+                if op == Op::Read {
+                    let slot = &self.slots[t];
+                    if let Some(ram) = &slot.ram {
+                        if zero_fill(ram, &slot.segs).is_err() {
+                            result = -libc::EFAULT;
+                        }
+                    }
+                }
+                if latency.is_zero() || result != 0 {
+                    self.finish(tag, result);
+                } else {
+                    pending.push_back((
+                        Instant::now() + *latency,
+                        Completion {
+                            tag,
+                            result: 0,
+                            extra: 0,
+                        },
+                    ));
+                }
+            }
+            Backend::Blkio { q: Some(q), .. } => {
+                let slot = &self.slots[t];
+                match op {
+                    Op::Read | Op::Write => match &slot.bounce {
+                        None => {
+                            let (ptr, n) = (slot.iovs.as_ptr(), slot.iovs.len() as u32);
+                            if op == Op::Read {
+                                q.readv(offset, ptr, n, t, fua);
+                            } else {
+                                q.writev(offset, ptr, n, t, fua);
+                            }
+                        }
+                        Some(bb) => {
+                            if op == Op::Read {
+                                q.read(offset, bb.as_ptr(), bb.len(), t, fua);
+                            } else {
+                                q.write(offset, bb.as_ptr(), bb.len(), t, fua);
+                            }
+                        }
+                    },
+                    Op::Flush => q.flush(t, blkio::ReqFlags::empty()),
+                    Op::Discard if self.graph.discard_punches_holes => {
+                        // Write-zeroes that may unmap: a hole punch on files.
+                        q.write_zeroes(offset, len, t, blkio::ReqFlags::empty())
+                    }
+                    Op::Discard => q.discard(offset, len, t, blkio::ReqFlags::empty()),
+                    Op::WriteZeroes => {
+                        let mut f = fua;
+                        if flags & FLAG_NO_UNMAP != 0 {
+                            f |= blkio::ReqFlags::NO_UNMAP;
+                        }
+                        q.write_zeroes(offset, len, t, f)
+                    }
+                    _ => {
+                        self.finish(tag, -libc::EOPNOTSUPP);
+                    }
+                }
+            }
+            Backend::Blkio { q: None, .. } => self.finish(tag, -libc::EIO),
         }
     }
 
@@ -568,23 +749,19 @@ impl QueueLoop {
     /// syscall where possible).
     fn driver_has_completions(&mut self) -> bool {
         match &self.io {
-            Backend::IoUring { .. } => self.inflight > 0 && self.reap_peek(),
+            Backend::Blkio { .. } => self.inflight > 0 && self.reap() > 0,
             Backend::Null { pending, .. } => {
                 pending.front().is_some_and(|(d, _)| *d <= Instant::now())
             }
         }
     }
 
-    /// Reaps io_uring completions into `done` (no syscall when nothing is
-    /// to be submitted); true if any.
-    fn reap_peek(&mut self) -> bool {
-        self.reap() > 0
-    }
-
     /// Collects driver completions; returns how many.
     fn reap(&mut self) -> usize {
         match &mut self.io {
-            Backend::IoUring { q, bounce } => {
+            Backend::Blkio {
+                q: Some(q), bounce, ..
+            } => {
                 if self.inflight == 0 {
                     return 0;
                 }
@@ -603,13 +780,13 @@ impl QueueLoop {
                         continue;
                     };
                     let mut result = c.ret;
-                    tracing::trace!(queue = self.index, tag, result, "completion");
-                    if slot.discard && result == -libc::EOPNOTSUPP {
+                    if slot.op == Some(Op::Discard) && result == -libc::EOPNOTSUPP {
+                        // Discard is a hint: a device that cannot do it
+                        // still succeeds (as QEMU).
                         result = 0;
                     }
-                    slot.discard = false;
-                    if let Some((mut bb, is_read)) = slot.bounce.take() {
-                        if is_read && result == 0 {
+                    if let Some(mut bb) = slot.bounce.take() {
+                        if slot.op == Some(Op::Read) && result == 0 {
                             if let Some(ram) = &slot.ram {
                                 let src = bb.bytes_mut();
                                 let mut at = 0;
@@ -634,17 +811,18 @@ impl QueueLoop {
                 }
                 n
             }
+            Backend::Blkio { q: None, .. } => 0,
             Backend::Null { pending, .. } => {
                 let now = Instant::now();
-                let mut n = 0;
+                let mut due = Vec::new();
                 while pending.front().is_some_and(|(d, _)| *d <= now) {
-                    let Some((_, c)) = pending.pop_front() else {
-                        break;
-                    };
-                    self.slots[c.tag as usize].busy = false;
-                    self.inflight -= 1;
-                    self.done.push(c);
-                    n += 1;
+                    if let Some((_, c)) = pending.pop_front() {
+                        due.push(c);
+                    }
+                }
+                let n = due.len();
+                for c in due {
+                    self.finish(c.tag, c.result);
                 }
                 n
             }

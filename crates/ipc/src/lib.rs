@@ -12,11 +12,13 @@
 //!   (region, offset, length) segments into checked host buffers.
 //! - [`notify`]: eventfd doorbells, rung only when the peer sleeps.
 //! - [`poll`]: adaptive polling before sleeping.
+//! - [`buckets`]: token buckets shared by name between workers (throttle groups).
 //! - [`channel`]: the control channel (SOCK_SEQPACKET + SCM_RIGHTS) carrying
 //!   `blkmesh.ipc.v1` messages and the file descriptors that go with them.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod buckets;
 pub mod channel;
 pub mod guest_ram;
 pub mod notify;
