@@ -209,6 +209,25 @@ fn export_plan(state: &State, rec: &ExportRecord) -> Option<ExportPlan> {
     })
 }
 
+/// What a path turned out to be, for error messages.
+fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Size in bytes of a regular file or block device, rounded down to whole
 /// sectors. Errors name `node.io_uring.path`.
 fn probe_io_uring_path(path: &str) -> Result<u64, GraphError> {
@@ -225,23 +244,54 @@ fn probe_io_uring_path(path: &str) -> Result<u64, GraphError> {
             GraphError::invalid(FIELD, format!("cannot get the size of {path:?}: {e}"))
         })?
     } else {
-        let kind = if ft.is_dir() {
-            "a directory"
-        } else if ft.is_char_device() {
-            "a character device"
-        } else if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
-        };
         return Err(GraphError::invalid(
             FIELD,
-            format!("must be a regular file or block device ({path:?} is {kind})"),
+            format!(
+                "must be a regular file or block device ({path:?} is {})",
+                file_kind(&ft)
+            ),
         ));
     };
     Ok(size - size % SECTOR_SIZE)
+}
+
+/// What the path of a device-backed protocol node must be.
+#[derive(Debug, Clone, Copy)]
+enum DeviceKind {
+    /// A character device (NVMe generic device, vhost-vdpa device).
+    CharDevice,
+    /// A listening unix socket (a vhost-user-blk target).
+    Socket,
+}
+
+/// Checks that `path` exists and is a `kind`, without opening it: a
+/// vhost-user target may serve a single connection, and opening a device
+/// is the worker's job. Errors name `field`.
+fn probe_device_path(field: &'static str, path: &str, kind: DeviceKind) -> Result<(), GraphError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| GraphError::invalid(field, format!("cannot stat {path:?}: {e}")))?;
+    let ft = meta.file_type();
+    let (ok, want) = match kind {
+        DeviceKind::CharDevice => (ft.is_char_device(), "a character device"),
+        DeviceKind::Socket => (ft.is_socket(), "a unix socket"),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(GraphError::invalid(
+            field,
+            format!("must be {want} ({path:?} is {})", file_kind(&ft)),
+        ))
+    }
+}
+
+/// Runs a filesystem probe off the async runtime.
+async fn probe_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, GraphError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??)
 }
 
 // ----- NodeService -----
@@ -253,27 +303,66 @@ impl NodeApi {
     async fn add(&self, spec: NodeSpec) -> Result<NodeInfo, ApiError> {
         validate_node(&spec)?;
         self.0.lock().state.graph.check_add(&spec)?;
+        // Filesystem checks run before the lock is taken again; the graph
+        // rules are checked once more under it.
         let probed = match &spec.driver {
             Some(Driver::IoUring(o)) => {
                 let path = o.path.clone();
-                let size = tokio::task::spawn_blocking(move || probe_io_uring_path(&path))
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))??;
-                Some(size)
+                Some(probe_blocking(move || probe_io_uring_path(&path)).await?)
             }
-            _ => None,
+            Some(Driver::NvmeIoUring(o)) => {
+                let path = o.path.clone();
+                probe_blocking(move || {
+                    probe_device_path("node.nvme_io_uring.path", &path, DeviceKind::CharDevice)
+                })
+                .await?;
+                None
+            }
+            Some(Driver::VirtioBlkVhostUser(o)) => {
+                let path = o.path.clone();
+                probe_blocking(move || {
+                    probe_device_path("node.virtio_blk_vhost_user.path", &path, DeviceKind::Socket)
+                })
+                .await?;
+                None
+            }
+            Some(Driver::VirtioBlkVhostVdpa(o)) => {
+                let path = o.path.clone();
+                probe_blocking(move || {
+                    probe_device_path(
+                        "node.virtio_blk_vhost_vdpa.path",
+                        &path,
+                        DeviceKind::CharDevice,
+                    )
+                })
+                .await?;
+                None
+            }
+            None
+            | Some(Driver::Null(_))
+            | Some(Driver::Raw(_))
+            | Some(Driver::Throttle(_))
+            | Some(Driver::FaultInjection(_)) => None,
         };
         let mut inner = self.0.lock();
         let mut next = inner.state.clone();
         next.graph.add(spec.clone())?;
+        let child_size = |child: &str| next.sizes.get(child).copied().unwrap_or(0);
+        // 0 = not known until a worker opens the node (NodeInfo.size).
         let size = match &spec.driver {
             None => return Err(ApiError::Missing("node.driver")),
             Some(Driver::IoUring(_)) => probed.unwrap_or(0),
             Some(Driver::Null(o)) => o.size,
-            Some(Driver::Raw(o)) => {
-                let child_size = next.sizes.get(&o.child).copied().unwrap_or(0);
-                raw_window_size(o, child_size)?
-            }
+            Some(Driver::NvmeIoUring(_)) => 0,
+            Some(Driver::VirtioBlkVhostUser(_)) => 0,
+            Some(Driver::VirtioBlkVhostVdpa(_)) => 0,
+            Some(Driver::Raw(o)) => match child_size(&o.child) {
+                // The worker checks that the window fits when it opens the child.
+                0 => o.size,
+                n => raw_window_size(o, n)?,
+            },
+            Some(Driver::Throttle(o)) => child_size(&o.child),
+            Some(Driver::FaultInjection(o)) => child_size(&o.child),
         };
         next.sizes.insert(spec.name.clone(), size);
         self.0.commit(&mut inner, next)?;

@@ -702,3 +702,453 @@ async fn serves_on_unix_socket_with_mode_0600() {
     m.stop().await.unwrap();
     assert!(!sock.exists(), "socket removed on shutdown");
 }
+
+// ----- device-backed protocol nodes and filters -----
+
+fn nvme(name: &str, path: &Path, read_only: bool) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::NvmeIoUring(NvmeIoUringOptions {
+            path: path.to_str().unwrap().into(),
+            read_only,
+        })),
+    }
+}
+
+fn vhost_user(name: &str, path: &Path, read_only: bool) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::VirtioBlkVhostUser(VirtioBlkVhostUserOptions {
+            path: path.to_str().unwrap().into(),
+            read_only,
+        })),
+    }
+}
+
+fn vdpa(name: &str, path: &Path, read_only: bool) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::VirtioBlkVhostVdpa(VirtioBlkVhostVdpaOptions {
+            path: path.to_str().unwrap().into(),
+            read_only,
+        })),
+    }
+}
+
+fn iops_limits(rate: u64, burst: u64) -> ThrottleLimits {
+    ThrottleLimits {
+        iops_total: Some(Bucket { rate, burst }),
+        ..Default::default()
+    }
+}
+
+fn throttle(name: &str, child: &str, limits: ThrottleLimits, group: &str) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::Throttle(ThrottleOptions {
+            child: child.into(),
+            limits: Some(limits),
+            group: group.into(),
+        })),
+    }
+}
+
+fn faults(name: &str, child: &str, rules: Vec<FaultRule>) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        driver: Some(Driver::FaultInjection(FaultInjectionOptions {
+            child: child.into(),
+            rules,
+        })),
+    }
+}
+
+fn errno_rule(errno: i32) -> FaultRule {
+    FaultRule {
+        action: Some(fault_rule::Action::Errno(errno)),
+        ..Default::default()
+    }
+}
+
+async fn get_node(c: &mut Clients, name: &str) -> NodeInfo {
+    c.nodes
+        .get_node(GetNodeRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap()
+}
+
+async fn list_nodes(c: &mut Clients) -> Vec<NodeInfo> {
+    c.nodes
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
+#[tokio::test]
+async fn device_protocol_nodes_add_list_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let m = start(&dir.path().join("state")).await;
+    let mut c = connect(&m).await;
+
+    // /dev/null is a character device: enough for the manager's checks.
+    let n = add_node(&mut c, nvme("nvme0", Path::new("/dev/null"), true))
+        .await
+        .unwrap();
+    assert_eq!(n.size, 0, "size is unknown until a worker opens it");
+    assert!(n.read_only);
+    let v = add_node(&mut c, vhost_user("vu0", &sock, false))
+        .await
+        .unwrap();
+    assert_eq!(v.size, 0);
+    assert!(!v.read_only);
+    let d = add_node(&mut c, vdpa("vdpa0", Path::new("/dev/null"), false))
+        .await
+        .unwrap();
+    assert_eq!(d.size, 0);
+
+    let names: Vec<String> = list_nodes(&mut c)
+        .await
+        .iter()
+        .map(|n| n.spec.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(names, ["nvme0", "vdpa0", "vu0"]);
+    let got = get_node(&mut c, "vu0").await;
+    assert_eq!(got.spec.unwrap(), vhost_user("vu0", &sock, false));
+
+    // Raw over a child of unknown size: no fits-in-child check.
+    let r = add_node(&mut c, raw("r0", "nvme0", 4096, 8192))
+        .await
+        .unwrap();
+    assert_eq!(r.size, 8192);
+    assert!(r.read_only, "read-only is inherited from the nvme node");
+    let r = add_node(&mut c, raw("r1", "vdpa0", 4096, 0)).await.unwrap();
+    assert_eq!(r.size, 0, "window to the end of an unknown size is unknown");
+    assert_status(
+        add_node(&mut c, raw("r2", "vu0", 100, 0)).await,
+        Code::InvalidArgument,
+        "node.raw.offset",
+    );
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_or_wrong_device_paths_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file_path = dir.path().join("plain.img");
+    std::fs::write(&file_path, b"x").unwrap();
+    let missing = dir.path().join("missing");
+    let m = start(&dir.path().join("state")).await;
+    let mut c = connect(&m).await;
+
+    assert_status(
+        add_node(&mut c, nvme("n", &missing, false)).await,
+        Code::InvalidArgument,
+        "node.nvme_io_uring.path: cannot stat",
+    );
+    assert_status(
+        add_node(&mut c, nvme("n", &file_path, false)).await,
+        Code::InvalidArgument,
+        "node.nvme_io_uring.path: must be a character device",
+    );
+    assert_status(
+        add_node(&mut c, vdpa("v", &missing, false)).await,
+        Code::InvalidArgument,
+        "node.virtio_blk_vhost_vdpa.path: cannot stat",
+    );
+    assert_status(
+        add_node(&mut c, vdpa("v", dir.path(), false)).await,
+        Code::InvalidArgument,
+        "node.virtio_blk_vhost_vdpa.path: must be a character device",
+    );
+    assert_status(
+        add_node(&mut c, vhost_user("u", &missing, false)).await,
+        Code::InvalidArgument,
+        "node.virtio_blk_vhost_user.path: cannot stat",
+    );
+    assert_status(
+        add_node(&mut c, vhost_user("u", Path::new("/dev/null"), false)).await,
+        Code::InvalidArgument,
+        "node.virtio_blk_vhost_user.path: must be a unix socket (\"/dev/null\" is a character device)",
+    );
+    assert_status(
+        add_node(&mut c, vhost_user("u", Path::new("rel.sock"), false)).await,
+        Code::InvalidArgument,
+        "node.virtio_blk_vhost_user.path: must be an absolute path",
+    );
+    assert!(list_nodes(&mut c).await.is_empty(), "nothing was added");
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn filters_take_child_size_and_hold_their_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    add_node(&mut c, null("n0", 1 << 20)).await.unwrap();
+    let t = add_node(&mut c, throttle("t0", "n0", iops_limits(100, 0), ""))
+        .await
+        .unwrap();
+    assert_eq!(t.size, 1 << 20);
+    let f = add_node(
+        &mut c,
+        faults(
+            "f0",
+            "t0",
+            vec![FaultRule {
+                ops: vec![IoOp::Write as i32],
+                offset_start: 0,
+                offset_end: 4096,
+                skip: 1,
+                count: 2,
+                probability: 0.5,
+                action: Some(fault_rule::Action::Errno(28)),
+            }],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(f.size, 1 << 20);
+    assert_eq!(get_node(&mut c, "n0").await.used_by, ["t0"]);
+    assert_eq!(get_node(&mut c, "t0").await.used_by, ["f0"]);
+
+    assert_status(
+        c.nodes
+            .remove_node(RemoveNodeRequest { name: "n0".into() })
+            .await,
+        Code::FailedPrecondition,
+        "node \"n0\" is in use by node \"t0\"",
+    );
+    assert_status(
+        c.nodes
+            .remove_node(RemoveNodeRequest { name: "t0".into() })
+            .await,
+        Code::FailedPrecondition,
+        "node \"t0\" is in use by node \"f0\"",
+    );
+    assert_status(
+        add_node(&mut c, faults("f1", "t0", vec![])).await,
+        Code::FailedPrecondition,
+        "node.fault_injection.child: node \"t0\" is already the child of node \"f0\"",
+    );
+    assert_status(
+        add_node(&mut c, throttle("t1", "nope", iops_limits(1, 0), "")).await,
+        Code::NotFound,
+        "node.throttle.child: node \"nope\" not found",
+    );
+    for name in ["f0", "t0", "n0"] {
+        c.nodes
+            .remove_node(RemoveNodeRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn read_only_flows_through_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(&dir.path().join("state")).await;
+    let mut c = connect(&m).await;
+    add_node(&mut c, vdpa("d", Path::new("/dev/null"), true))
+        .await
+        .unwrap();
+    let t = add_node(&mut c, throttle("t", "d", iops_limits(10, 0), ""))
+        .await
+        .unwrap();
+    assert!(t.read_only);
+    let f = add_node(&mut c, faults("f", "t", vec![])).await.unwrap();
+    assert!(f.read_only);
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn throttle_group_limits_must_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    for n in ["a", "b", "c"] {
+        add_node(&mut c, null(n, 1 << 20)).await.unwrap();
+    }
+    add_node(&mut c, throttle("ta", "a", iops_limits(100, 200), "tenant"))
+        .await
+        .unwrap();
+    add_node(&mut c, throttle("tb", "b", iops_limits(100, 200), "tenant"))
+        .await
+        .unwrap();
+    let s = add_node(&mut c, throttle("tc", "c", iops_limits(100, 300), "tenant"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+    assert!(
+        s.message().starts_with("node.throttle.limits: ")
+            && s.message().contains("throttle group \"tenant\"")
+            && s.message().contains("\"ta\"")
+            && s.message().contains("\"tc\""),
+        "{}",
+        s.message()
+    );
+    // The same limits in another group, or without a group, are fine.
+    add_node(&mut c, throttle("tc", "c", iops_limits(100, 300), "other"))
+        .await
+        .unwrap();
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn throttle_and_fault_rule_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    add_node(&mut c, null("n0", 1 << 20)).await.unwrap();
+
+    assert_status(
+        add_node(&mut c, throttle("t", "n0", ThrottleLimits::default(), "")).await,
+        Code::InvalidArgument,
+        "node.throttle.limits: throttle with no limit",
+    );
+    let mut no_limits = throttle("t", "n0", ThrottleLimits::default(), "");
+    if let Some(Driver::Throttle(o)) = &mut no_limits.driver {
+        o.limits = None;
+    }
+    assert_status(
+        add_node(&mut c, no_limits).await,
+        Code::InvalidArgument,
+        "node.throttle.limits: must be set",
+    );
+    let limits = ThrottleLimits {
+        iops_read: Some(Bucket {
+            rate: 100,
+            burst: 10,
+        }),
+        ..Default::default()
+    };
+    assert_status(
+        add_node(&mut c, throttle("t", "n0", limits, "")).await,
+        Code::InvalidArgument,
+        "node.throttle.limits.iops_read.burst: must be 0 or >= rate (got 10 < 100)",
+    );
+    assert_status(
+        add_node(&mut c, throttle("t", "n0", iops_limits(1, 0), "bad group")).await,
+        Code::InvalidArgument,
+        "node.throttle.group",
+    );
+
+    assert_status(
+        add_node(
+            &mut c,
+            faults("f", "n0", vec![errno_rule(5), errno_rule(5), errno_rule(0)]),
+        )
+        .await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules[2].errno: must be in 1..=4095",
+    );
+    assert_status(
+        add_node(&mut c, faults("f", "n0", vec![FaultRule::default()])).await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules[0].action: must be set",
+    );
+    let delay = FaultRule {
+        action: Some(fault_rule::Action::DelayNs(11_000_000_000)),
+        ..Default::default()
+    };
+    assert_status(
+        add_node(&mut c, faults("f", "n0", vec![delay])).await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules[0].delay_ns",
+    );
+    let prob = FaultRule {
+        probability: 2.0,
+        ..errno_rule(5)
+    };
+    assert_status(
+        add_node(&mut c, faults("f", "n0", vec![prob])).await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules[0].probability: must be in [0, 1]",
+    );
+    let range = FaultRule {
+        offset_start: 4096,
+        offset_end: 4096,
+        ..errno_rule(5)
+    };
+    assert_status(
+        add_node(&mut c, faults("f", "n0", vec![range])).await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules[0].offset_end",
+    );
+    let unspecified = FaultRule {
+        ops: vec![IoOp::Unspecified as i32],
+        ..errno_rule(5)
+    };
+    assert_status(
+        add_node(&mut c, faults("f", "n0", vec![unspecified])).await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules[0].ops",
+    );
+    assert_status(
+        add_node(&mut c, faults("f", "n0", vec![errno_rule(5); 65])).await,
+        Code::InvalidArgument,
+        "node.fault_injection.rules: must have at most 64 rules (got 65)",
+    );
+    assert_eq!(list_nodes(&mut c).await.len(), 1, "nothing was added");
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn new_node_kinds_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let sock = dir.path().join("vu.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let m = start(&state).await;
+    let mut c = connect(&m).await;
+    add_node(&mut c, nvme("nvme0", Path::new("/dev/null"), true))
+        .await
+        .unwrap();
+    add_node(&mut c, vhost_user("vu0", &sock, false))
+        .await
+        .unwrap();
+    add_node(&mut c, vdpa("vdpa0", Path::new("/dev/null"), false))
+        .await
+        .unwrap();
+    add_node(&mut c, null("n0", 1 << 20)).await.unwrap();
+    add_node(&mut c, throttle("t0", "n0", iops_limits(50, 0), "g"))
+        .await
+        .unwrap();
+    add_node(&mut c, throttle("t1", "vu0", iops_limits(50, 0), "g"))
+        .await
+        .unwrap();
+    let rule = FaultRule {
+        ops: vec![IoOp::Read as i32, IoOp::Flush as i32],
+        offset_end: 1 << 20,
+        probability: 0.5,
+        action: Some(fault_rule::Action::DelayNs(1_000_000)),
+        ..Default::default()
+    };
+    add_node(&mut c, faults("f0", "t0", vec![rule, errno_rule(5)]))
+        .await
+        .unwrap();
+    let before = list_nodes(&mut c).await;
+    drop(c);
+    within("stop", m.stop()).await.unwrap();
+
+    let m = start(&state).await;
+    let mut c = connect(&m).await;
+    assert_eq!(list_nodes(&mut c).await, before);
+    let f0 = get_node(&mut c, "f0").await;
+    assert_eq!(f0.size, 1 << 20);
+    // The group is still enforced after the restart.
+    add_node(&mut c, null("n1", 4096)).await.unwrap();
+    assert_status(
+        add_node(&mut c, throttle("t2", "n1", iops_limits(51, 0), "g")).await,
+        Code::FailedPrecondition,
+        "throttle group \"g\"",
+    );
+    m.stop().await.unwrap();
+}

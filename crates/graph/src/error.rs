@@ -50,6 +50,19 @@ pub enum GraphError {
         /// What is wrong with it, e.g. `must be an absolute path (got "disk.img")`.
         problem: String,
     },
+    /// A field of one element of a repeated field has a value that is never
+    /// acceptable, e.g. `node.fault_injection.rules[2].errno`.
+    #[error("{list}[{index}].{field}: {problem}")]
+    InvalidItem {
+        /// The repeated field, e.g. `node.fault_injection.rules`.
+        list: &'static str,
+        /// Index of the element in the list.
+        index: usize,
+        /// The field inside the element, e.g. `errno`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A referenced object does not exist.
     #[error("{field}: {kind} {name:?} not found")]
     NotFound {
@@ -137,6 +150,7 @@ impl GraphError {
     pub fn class(&self) -> ErrorClass {
         match self {
             GraphError::InvalidField { .. } => ErrorClass::InvalidArgument,
+            GraphError::InvalidItem { .. } => ErrorClass::InvalidArgument,
             GraphError::Cycle { .. } => ErrorClass::InvalidArgument,
             GraphError::NotFound { .. } => ErrorClass::NotFound,
             GraphError::AlreadyExists { .. } => ErrorClass::AlreadyExists,
@@ -147,9 +161,12 @@ impl GraphError {
         }
     }
 
-    /// The request field this error is about, if any.
+    /// The request field this error is about, if any. For an element of a
+    /// repeated field ([`GraphError::InvalidItem`]) this is the repeated
+    /// field; the message names the element and its field.
     pub fn field(&self) -> Option<&'static str> {
         match self {
+            GraphError::InvalidItem { list, .. } => Some(list),
             GraphError::InvalidField { field, .. }
             | GraphError::NotFound { field, .. }
             | GraphError::AlreadyExists { field, .. }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NodeSpec;
 
+use crate::validate::normalize_throttle_limits;
 use crate::{validate_node, GraphError, ObjectKind};
 
 /// The names of the children of a node, in the order its driver lists them.
@@ -13,7 +14,12 @@ pub fn children(spec: &NodeSpec) -> Vec<&str> {
         None => Vec::new(),
         Some(Driver::IoUring(_)) => Vec::new(),
         Some(Driver::Null(_)) => Vec::new(),
+        Some(Driver::NvmeIoUring(_)) => Vec::new(),
+        Some(Driver::VirtioBlkVhostUser(_)) => Vec::new(),
+        Some(Driver::VirtioBlkVhostVdpa(_)) => Vec::new(),
         Some(Driver::Raw(o)) => vec![o.child.as_str()],
+        Some(Driver::Throttle(o)) => vec![o.child.as_str()],
+        Some(Driver::FaultInjection(o)) => vec![o.child.as_str()],
     }
 }
 
@@ -23,17 +29,44 @@ fn child_field(spec: &NodeSpec) -> &'static str {
         None => "node.driver",
         Some(Driver::IoUring(_)) => "node.io_uring",
         Some(Driver::Null(_)) => "node.null",
+        Some(Driver::NvmeIoUring(_)) => "node.nvme_io_uring",
+        Some(Driver::VirtioBlkVhostUser(_)) => "node.virtio_blk_vhost_user",
+        Some(Driver::VirtioBlkVhostVdpa(_)) => "node.virtio_blk_vhost_vdpa",
         Some(Driver::Raw(_)) => "node.raw.child",
+        Some(Driver::Throttle(_)) => "node.throttle.child",
+        Some(Driver::FaultInjection(_)) => "node.fault_injection.child",
     }
 }
 
-/// Short driver name of a node (`io_uring`, `null`, `raw`), or `none`.
+/// Short driver name of a node (`io_uring`, `null`, `nvme_io_uring`,
+/// `virtio_blk_vhost_user`, `virtio_blk_vhost_vdpa`, `raw`, `throttle`,
+/// `fault_injection`: the `NodeSpec.driver` field names), or `none`.
 pub fn driver_name(spec: &NodeSpec) -> &'static str {
     match &spec.driver {
         None => "none",
         Some(Driver::IoUring(_)) => "io_uring",
         Some(Driver::Null(_)) => "null",
+        Some(Driver::NvmeIoUring(_)) => "nvme_io_uring",
+        Some(Driver::VirtioBlkVhostUser(_)) => "virtio_blk_vhost_user",
+        Some(Driver::VirtioBlkVhostVdpa(_)) => "virtio_blk_vhost_vdpa",
         Some(Driver::Raw(_)) => "raw",
+        Some(Driver::Throttle(_)) => "throttle",
+        Some(Driver::FaultInjection(_)) => "fault_injection",
+    }
+}
+
+/// Whether a node refuses writes by its own option (not its children's).
+fn own_read_only(spec: &NodeSpec) -> bool {
+    match &spec.driver {
+        None => false,
+        Some(Driver::IoUring(o)) => o.read_only,
+        Some(Driver::Null(_)) => false,
+        Some(Driver::NvmeIoUring(o)) => o.read_only,
+        Some(Driver::VirtioBlkVhostUser(o)) => o.read_only,
+        Some(Driver::VirtioBlkVhostVdpa(o)) => o.read_only,
+        Some(Driver::Raw(_)) => false,
+        Some(Driver::Throttle(_)) => false,
+        Some(Driver::FaultInjection(_)) => false,
     }
 }
 
@@ -86,6 +119,9 @@ impl Graph {
                 }
             }
         }
+        for spec in graph.nodes.values() {
+            graph.check_throttle_group(spec)?;
+        }
         // With at most one parent per node, a cycle is found by walking up
         // from every node: a walk longer than the node count repeats.
         for start in graph.nodes.keys() {
@@ -95,10 +131,8 @@ impl Graph {
                 if parent == start {
                     path.push(start.clone());
                     path.reverse();
-                    return Err(GraphError::Cycle {
-                        field: "node.raw.child",
-                        path,
-                    });
+                    let field = graph.nodes.get(parent).map_or("node", child_field);
+                    return Err(GraphError::Cycle { field, path });
                 }
                 if path.len() > graph.nodes.len() {
                     // A cycle not through `start`; it is reported from one of its members.
@@ -117,6 +151,45 @@ impl Graph {
         self.check_add(&spec)?;
         self.nodes.insert(spec.name.clone(), spec);
         Ok(())
+    }
+
+    /// Checks that a throttle node in a group carries the same limits as
+    /// every other node of that group (absent buckets count as unlimited).
+    /// Other nodes, and throttle nodes without a group, always pass.
+    pub fn check_throttle_group(&self, spec: &NodeSpec) -> Result<(), GraphError> {
+        let Some(Driver::Throttle(o)) = &spec.driver else {
+            return Ok(());
+        };
+        if o.group.is_empty() {
+            return Ok(());
+        }
+        let mine = normalize_throttle_limits(&o.limits.unwrap_or_default());
+        for other in self.throttle_group(&o.group) {
+            if other.name == spec.name {
+                continue;
+            }
+            let Some(Driver::Throttle(theirs)) = &other.driver else {
+                continue;
+            };
+            if normalize_throttle_limits(&theirs.limits.unwrap_or_default()) != mine {
+                return Err(GraphError::precondition(
+                    "node.throttle.limits",
+                    format!(
+                        "node {:?} has other limits than node {:?} of throttle group {:?}; \
+                         all nodes of a group must carry identical limits",
+                        spec.name, other.name, o.group
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The throttle nodes of group `group`, by name.
+    pub fn throttle_group<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a NodeSpec> + 'a {
+        self.nodes.values().filter(move |spec| {
+            matches!(&spec.driver, Some(Driver::Throttle(o)) if !group.is_empty() && o.group == group)
+        })
     }
 
     /// Checks what [`Graph::add`] would check, without adding.
@@ -145,7 +218,7 @@ impl Graph {
                 });
             }
         }
-        Ok(())
+        self.check_throttle_group(spec)
     }
 
     /// Removes a node that no other node uses, returning its spec.
@@ -239,18 +312,7 @@ impl Graph {
 
     /// Whether `name` refuses writes: its own option, or any descendant's.
     pub fn is_read_only(&self, name: &str) -> Result<bool, GraphError> {
-        for spec in self.subtree(name)? {
-            let own = match &spec.driver {
-                None => false,
-                Some(Driver::IoUring(o)) => o.read_only,
-                Some(Driver::Null(_)) => false,
-                Some(Driver::Raw(_)) => false,
-            };
-            if own {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        Ok(self.subtree(name)?.iter().any(own_read_only))
     }
 }
 
@@ -258,7 +320,10 @@ impl Graph {
 mod tests {
     use super::*;
     use crate::ErrorClass;
-    use blkmesh_proto::v1::{IoUringOptions, NullOptions, RawOptions};
+    use blkmesh_proto::v1::{
+        Bucket, FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, RawOptions,
+        ThrottleLimits, ThrottleOptions, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
+    };
 
     fn null(name: &str) -> NodeSpec {
         NodeSpec {
@@ -434,5 +499,197 @@ mod tests {
         }])
         .unwrap_err();
         assert_eq!(e.field(), Some("node.driver"));
+    }
+
+    fn throttle(name: &str, child: &str, group: &str, iops: u64) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Throttle(ThrottleOptions {
+                child: child.into(),
+                limits: Some(ThrottleLimits {
+                    iops_total: Some(Bucket {
+                        rate: iops,
+                        burst: 0,
+                    }),
+                    ..Default::default()
+                }),
+                group: group.into(),
+            })),
+        }
+    }
+
+    fn faults(name: &str, child: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
+                child: child.into(),
+                rules: vec![],
+            })),
+        }
+    }
+
+    #[test]
+    fn filters_have_their_child() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(throttle("t", "a", "", 10)).unwrap();
+        g.add(faults("f", "t")).unwrap();
+        assert_eq!(g.children_of("t"), vec!["a"]);
+        assert_eq!(g.children_of("f"), vec!["t"]);
+        assert_eq!(g.users_of("a"), vec!["t"]);
+        assert_eq!(names(&g.subtree("f").unwrap()), vec!["f", "t", "a"]);
+        assert_eq!(driver_name(g.get("t").unwrap()), "throttle");
+        assert_eq!(driver_name(g.get("f").unwrap()), "fault_injection");
+    }
+
+    #[test]
+    fn rejects_filter_over_unknown_child() {
+        let g = Graph::new();
+        let e = g.check_add(&throttle("t", "missing", "", 10)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node.throttle.child: node \"missing\" not found"
+        );
+        let e = g.check_add(&faults("f", "missing")).unwrap_err();
+        assert_eq!(e.field(), Some("node.fault_injection.child"));
+    }
+
+    #[test]
+    fn rejects_filter_over_taken_child() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(raw("r", "a")).unwrap();
+        let e = g.add(throttle("t", "a", "", 10)).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert_eq!(e.field(), Some("node.throttle.child"));
+    }
+
+    #[test]
+    fn rejects_removing_child_of_filter() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(faults("f", "a")).unwrap();
+        let e = g.remove("a").unwrap_err();
+        assert_eq!(e.to_string(), "node \"a\" is in use by node \"f\"");
+    }
+
+    #[test]
+    fn new_protocol_leaves_carry_their_read_only_option() {
+        let mut g = Graph::new();
+        g.add(NodeSpec {
+            name: "nvme".into(),
+            driver: Some(Driver::NvmeIoUring(NvmeIoUringOptions {
+                path: "/dev/ng0n1".into(),
+                read_only: true,
+            })),
+        })
+        .unwrap();
+        g.add(NodeSpec {
+            name: "vu".into(),
+            driver: Some(Driver::VirtioBlkVhostUser(VirtioBlkVhostUserOptions {
+                path: "/run/vu.sock".into(),
+                read_only: false,
+            })),
+        })
+        .unwrap();
+        g.add(NodeSpec {
+            name: "vdpa".into(),
+            driver: Some(Driver::VirtioBlkVhostVdpa(VirtioBlkVhostVdpaOptions {
+                path: "/dev/vhost-vdpa-0".into(),
+                read_only: true,
+            })),
+        })
+        .unwrap();
+        assert!(g.is_read_only("nvme").unwrap());
+        assert!(!g.is_read_only("vu").unwrap());
+        assert!(g.is_read_only("vdpa").unwrap());
+        assert!(g.children_of("nvme").is_empty());
+        assert_eq!(driver_name(g.get("vu").unwrap()), "virtio_blk_vhost_user");
+    }
+
+    #[test]
+    fn read_only_is_inherited_through_filters() {
+        let mut g = Graph::new();
+        g.add(file("ro", true)).unwrap();
+        g.add(throttle("t", "ro", "", 10)).unwrap();
+        g.add(faults("f", "t")).unwrap();
+        g.add(file("rw", false)).unwrap();
+        g.add(faults("f2", "rw")).unwrap();
+        assert!(g.is_read_only("t").unwrap());
+        assert!(g.is_read_only("f").unwrap());
+        assert!(!g.is_read_only("f2").unwrap());
+    }
+
+    #[test]
+    fn throttle_group_members_must_share_limits() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(null("b")).unwrap();
+        g.add(null("c")).unwrap();
+        g.add(throttle("t1", "a", "g", 100)).unwrap();
+        g.add(throttle("t2", "b", "g", 100)).unwrap();
+        let e = g.add(throttle("t3", "c", "g", 200)).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert_eq!(e.field(), Some("node.throttle.limits"));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"g\"") && msg.contains("\"t1\"") && msg.contains("\"t3\""),
+            "{msg}"
+        );
+        // Other groups and ungrouped nodes are independent.
+        g.add(throttle("t3", "c", "h", 200)).unwrap();
+        assert_eq!(
+            names(&g.throttle_group("g").cloned().collect::<Vec<_>>()),
+            ["t1", "t2"]
+        );
+    }
+
+    #[test]
+    fn throttle_group_ignores_absent_versus_zero_buckets() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(null("b")).unwrap();
+        g.add(throttle("t1", "a", "g", 100)).unwrap();
+        let mut t2 = throttle("t2", "b", "g", 100);
+        if let Some(Driver::Throttle(o)) = &mut t2.driver {
+            if let Some(l) = &mut o.limits {
+                l.bps_read = Some(Bucket { rate: 0, burst: 0 });
+            }
+        }
+        g.add(t2).unwrap();
+    }
+
+    #[test]
+    fn ungrouped_throttles_may_differ() {
+        let mut g = Graph::new();
+        g.add(null("a")).unwrap();
+        g.add(null("b")).unwrap();
+        g.add(throttle("t1", "a", "", 100)).unwrap();
+        g.add(throttle("t2", "b", "", 200)).unwrap();
+    }
+
+    #[test]
+    fn from_specs_rejects_throttle_group_mismatch() {
+        let e = Graph::from_specs([
+            null("a"),
+            null("b"),
+            throttle("t1", "a", "g", 1),
+            throttle("t2", "b", "g", 2),
+        ])
+        .unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+    }
+
+    #[test]
+    fn from_specs_reports_filter_cycle_on_its_field() {
+        let e = Graph::from_specs([throttle("x", "y", "", 1), faults("y", "x")]).unwrap_err();
+        assert!(matches!(e, GraphError::Cycle { .. }), "{e:?}");
+        assert!(
+            matches!(
+                e.field(),
+                Some("node.throttle.child" | "node.fault_injection.child")
+            ),
+            "{e}"
+        );
     }
 }

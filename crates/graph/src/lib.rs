@@ -14,8 +14,10 @@ mod validate;
 pub use error::{ErrorClass, GraphError, ObjectKind};
 pub use graph::{children, driver_name, Graph};
 pub use validate::{
-    raw_window_size, validate_export, validate_name, validate_node, validate_socket_path,
-    DEFAULT_LOGICAL_BLOCK_SIZE, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NAME_LEN,
-    MAX_NULL_LATENCY_NS, MAX_NUM_QUEUES, MAX_PATH_LEN, MAX_QUEUE_SIZE, MAX_SERIAL_LEN,
-    MAX_SOCKET_PATH_LEN, MIN_QUEUE_SIZE, SECTOR_SIZE,
+    normalize_throttle_limits, raw_window_size, throttle_limits_set, validate_export,
+    validate_name, validate_node, validate_socket_path, DEFAULT_LOGICAL_BLOCK_SIZE,
+    DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_FAULT_DELAY_NS, MAX_FAULT_ERRNO, MAX_FAULT_RULES,
+    MAX_NAME_LEN, MAX_NULL_LATENCY_NS, MAX_NUM_QUEUES, MAX_PATH_LEN, MAX_QUEUE_SIZE,
+    MAX_SERIAL_LEN, MAX_SOCKET_PATH_LEN, MAX_THROTTLE_VALUE, MIN_BPS_BURST, MIN_QUEUE_SIZE,
+    SECTOR_SIZE,
 };
