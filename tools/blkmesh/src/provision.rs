@@ -195,6 +195,11 @@ fn describe_driver(driver: Option<&Driver>) -> String {
         Some(Driver::IoUring(o)) => format!("io_uring on {}", o.path),
         Some(Driver::Null(o)) => format!("null, {} bytes", o.size),
         Some(Driver::Raw(o)) => format!("raw over {}", o.child),
+        Some(Driver::NvmeIoUring(o)) => format!("nvme-io_uring on {}", o.path),
+        Some(Driver::VirtioBlkVhostUser(o)) => format!("virtio-blk-vhost-user to {}", o.path),
+        Some(Driver::VirtioBlkVhostVdpa(o)) => format!("virtio-blk-vhost-vdpa on {}", o.path),
+        Some(Driver::Throttle(o)) => format!("throttle over {}", o.child),
+        Some(Driver::FaultInjection(o)) => format!("fault-injection over {}", o.child),
         None => "no driver".to_string(),
     }
 }

@@ -8,6 +8,7 @@
 //! cannot be reached (`error: <CODE>: <message>` on stderr), 2 for usage
 //! errors.
 
+mod rule;
 mod size;
 mod view;
 
@@ -19,13 +20,16 @@ use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
-    AddExportRequest, AddNodeRequest, GetNodeRequest, IoUringOptions, ListExportsRequest,
-    ListNodesRequest, ListWorkersRequest, NodeSpec, NullOptions, RawOptions, RemoveExportRequest,
-    RemoveNodeRequest, VhostUserBlkExport,
+    AddExportRequest, AddNodeRequest, Bucket, FaultInjectionOptions, FaultRule, GetNodeRequest,
+    IoUringOptions, ListExportsRequest, ListNodesRequest, ListWorkersRequest, NodeSpec,
+    NullOptions, NvmeIoUringOptions, RawOptions, RemoveExportRequest, RemoveNodeRequest,
+    ThrottleLimits, ThrottleOptions, VhostUserBlkExport, VirtioBlkVhostUserOptions,
+    VirtioBlkVhostVdpaOptions,
 };
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::rule::parse_rule;
 use crate::size::parse_size;
 use crate::view::Output;
 
@@ -105,12 +109,151 @@ enum NodeCmd {
         #[arg(long, value_parser = parse_size, default_value = "0")]
         size: u64,
     },
+    /// Add an NVMe namespace's generic char device (libblkio nvme-io_uring driver).
+    AddNvmeIoUring {
+        name: String,
+        /// Absolute path of the char device, e.g. /dev/ng0n1.
+        #[arg(long)]
+        path: String,
+        /// Open read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Add another vhost-user-blk target, e.g. qemu-storage-daemon
+    /// (libblkio virtio-blk-vhost-user driver).
+    AddVhostUser {
+        name: String,
+        /// Absolute path of the target's listening unix socket.
+        #[arg(long)]
+        path: String,
+        /// Open read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Add a vDPA block device (libblkio virtio-blk-vhost-vdpa driver).
+    AddVdpa {
+        name: String,
+        /// Absolute path of the char device, e.g. /dev/vhost-vdpa-0.
+        #[arg(long)]
+        path: String,
+        /// Open read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Add a throttle filter (I/O rate limits) over a child node.
+    ///
+    /// Each limit is a token bucket: RATE per second on average, up to BURST
+    /// at once (burst 0 or unset = the rate). Unset rates are unlimited; at
+    /// least one must be set. Byte values accept k/M/G/T suffixes.
+    AddThrottle {
+        name: String,
+        /// Child node.
+        #[arg(long)]
+        child: String,
+        /// Throttle group: nodes of one group share their buckets and must
+        /// all carry the same limits.
+        #[arg(long, default_value = "", hide_default_value = true)]
+        group: String,
+        #[command(flatten)]
+        limits: ThrottleArgs,
+    },
+    /// Add a fault-injection filter over a child node (for tests).
+    ///
+    /// RULE is `key=value,...`. Rules are tried in order; the first that
+    /// fires decides. Keys:
+    ///   ops=OPS        read, write, flush, discard, write-zeroes joined by +,
+    ///                  or all (the default)
+    ///   start=BYTES    requests must overlap [start, end) (k/M/G/T suffixes;
+    ///   end=BYTES      end 0 or unset = to the end of the device)
+    ///   skip=N         let N matching requests through first
+    ///   count=N        fire N times (0 or unset = forever)
+    ///   prob=P         chance in [0, 1] to fire (0 or unset = always)
+    /// and exactly one action:
+    ///   errno=E        fail with errno E: a number in 1..=4095 or a name
+    ///                  (EIO, ENOSPC, EROFS, EINVAL, ENOMEM, ETIMEDOUT, EAGAIN,
+    ///                  ENOTSUP/EOPNOTSUPP, ENODATA, EBADMSG, ...)
+    ///   delay=D        hold the request D (ns, us, ms or s; at most 10s)
+    /// Examples:
+    ///   --rule ops=read+write,start=0,end=1M,skip=2,count=1,prob=0.5,errno=EIO
+    ///   --rule delay=10ms
+    #[command(verbatim_doc_comment)]
+    AddFaultInjection {
+        name: String,
+        /// Child node.
+        #[arg(long)]
+        child: String,
+        /// A fault rule; repeat for more (at most 64).
+        #[arg(long = "rule", value_name = "RULE", required = true, value_parser = parse_rule)]
+        rules: Vec<FaultRule>,
+    },
     /// Remove a node no other node or export uses.
     Remove { name: String },
     /// List nodes.
     List,
     /// Show one node.
     Info { name: String },
+}
+
+/// The limits of `node add-throttle`.
+#[derive(Debug, Args)]
+struct ThrottleArgs {
+    /// Total I/O operations per second.
+    #[arg(long, value_name = "N")]
+    iops: Option<u64>,
+    /// Read operations per second.
+    #[arg(long, value_name = "N")]
+    iops_read: Option<u64>,
+    /// Write operations per second.
+    #[arg(long, value_name = "N")]
+    iops_write: Option<u64>,
+    /// Total bytes per second, e.g. 100M.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    bps: Option<u64>,
+    /// Bytes read per second.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    bps_read: Option<u64>,
+    /// Bytes written per second.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    bps_write: Option<u64>,
+    /// Burst of --iops (at least the rate).
+    #[arg(long, value_name = "N")]
+    iops_burst: Option<u64>,
+    /// Burst of --iops-read.
+    #[arg(long, value_name = "N")]
+    iops_read_burst: Option<u64>,
+    /// Burst of --iops-write.
+    #[arg(long, value_name = "N")]
+    iops_write_burst: Option<u64>,
+    /// Burst of --bps (at least the rate and 4k).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    bps_burst: Option<u64>,
+    /// Burst of --bps-read.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    bps_read_burst: Option<u64>,
+    /// Burst of --bps-write.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    bps_write_burst: Option<u64>,
+}
+
+impl ThrottleArgs {
+    fn limits(&self) -> ThrottleLimits {
+        // A bucket is sent when its rate or burst is given; the manager
+        // explains what is wrong with a burst without a rate.
+        let b = |rate: Option<u64>, burst: Option<u64>| {
+            (rate.is_some() || burst.is_some()).then(|| Bucket {
+                rate: rate.unwrap_or(0),
+                burst: burst.unwrap_or(0),
+            })
+        };
+        ThrottleLimits {
+            iops_total: b(self.iops, self.iops_burst),
+            iops_read: b(self.iops_read, self.iops_read_burst),
+            iops_write: b(self.iops_write, self.iops_write_burst),
+            bps_total: b(self.bps, self.bps_burst),
+            bps_read: b(self.bps_read, self.bps_read_burst),
+            bps_write: b(self.bps_write, self.bps_write_burst),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +483,56 @@ async fn node(cmd: NodeCmd, channel: Channel, out: Output) -> Result<(), Failure
                 child,
                 offset,
                 size,
+            })),
+        },
+        NodeCmd::AddNvmeIoUring {
+            name,
+            path,
+            read_only,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::NvmeIoUring(NvmeIoUringOptions { path, read_only })),
+        },
+        NodeCmd::AddVhostUser {
+            name,
+            path,
+            read_only,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::VirtioBlkVhostUser(VirtioBlkVhostUserOptions {
+                path,
+                read_only,
+            })),
+        },
+        NodeCmd::AddVdpa {
+            name,
+            path,
+            read_only,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::VirtioBlkVhostVdpa(VirtioBlkVhostVdpaOptions {
+                path,
+                read_only,
+            })),
+        },
+        NodeCmd::AddThrottle {
+            name,
+            child,
+            group,
+            limits,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::Throttle(ThrottleOptions {
+                child,
+                limits: Some(limits.limits()),
+                group,
+            })),
+        },
+        NodeCmd::AddFaultInjection { name, child, rules } => NodeSpec {
+            name,
+            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
+                child,
+                rules,
             })),
         },
         NodeCmd::Remove { name } => {

@@ -1,9 +1,13 @@
 //! Output: aligned tables for people, JSON (`--json`) for scripts.
 
+use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::{ExportInfo, NodeInfo, WorkerInfo, WorkerState};
+use blkmesh_proto::v1::{
+    Bucket, ExportInfo, FaultRule, NodeInfo, ThrottleLimits, WorkerInfo, WorkerState,
+};
 use serde::Serialize;
 
+use crate::rule::{errno_name, format_rule, op_name};
 use crate::size::format_size;
 
 #[derive(Debug, Serialize)]
@@ -28,12 +32,123 @@ enum OptionsView {
         size: u64,
         latency_ns: u64,
     },
+    /// nvme_io_uring, virtio_blk_vhost_user, virtio_blk_vhost_vdpa.
+    Device {
+        path: String,
+        read_only: bool,
+    },
     Raw {
         child: String,
         offset: u64,
         size: u64,
     },
+    Throttle {
+        child: String,
+        group: String,
+        limits: LimitsView,
+    },
+    FaultInjection {
+        child: String,
+        rules: Vec<RuleView>,
+    },
     None {},
+}
+
+/// All six buckets; rate 0 = unlimited, burst 0 = the rate.
+#[derive(Debug, Serialize)]
+struct LimitsView {
+    iops_total: BucketView,
+    iops_read: BucketView,
+    iops_write: BucketView,
+    bps_total: BucketView,
+    bps_read: BucketView,
+    bps_write: BucketView,
+}
+
+#[derive(Debug, Serialize)]
+struct BucketView {
+    rate: u64,
+    burst: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct RuleView {
+    /// Op names (empty = all ops).
+    ops: Vec<String>,
+    offset_start: u64,
+    offset_end: u64,
+    skip: u64,
+    count: u64,
+    probability: f64,
+    /// Set for an error rule.
+    errno: Option<i32>,
+    /// Name of `errno`, e.g. EIO.
+    errno_name: Option<String>,
+    /// Set for a delay rule.
+    delay_ns: Option<u64>,
+    /// The rule as `--rule` text.
+    text: String,
+}
+
+fn bucket_view(b: &Option<Bucket>) -> BucketView {
+    let b = b.unwrap_or_default();
+    BucketView {
+        rate: b.rate,
+        burst: b.burst,
+    }
+}
+
+fn limits_view(l: &ThrottleLimits) -> LimitsView {
+    LimitsView {
+        iops_total: bucket_view(&l.iops_total),
+        iops_read: bucket_view(&l.iops_read),
+        iops_write: bucket_view(&l.iops_write),
+        bps_total: bucket_view(&l.bps_total),
+        bps_read: bucket_view(&l.bps_read),
+        bps_write: bucket_view(&l.bps_write),
+    }
+}
+
+fn rule_view(r: &FaultRule) -> RuleView {
+    let (errno, delay_ns) = match r.action {
+        Some(Action::Errno(e)) => (Some(e), None),
+        Some(Action::DelayNs(d)) => (None, Some(d)),
+        None => (None, None),
+    };
+    RuleView {
+        ops: r.ops.iter().map(|&op| op_name(op)).collect(),
+        offset_start: r.offset_start,
+        offset_end: r.offset_end,
+        skip: r.skip,
+        count: r.count,
+        probability: r.probability,
+        errno,
+        errno_name: errno.map(errno_name),
+        delay_ns,
+        text: format_rule(r),
+    }
+}
+
+/// The limits as `add-throttle` flags without dashes, e.g.
+/// `iops=100 iops-burst=200 bps-read=1M`; unlimited buckets left out.
+fn limits_text(l: &LimitsView) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, b: &BucketView, bytes: bool| {
+        let fmt = |n: u64| if bytes { format_size(n) } else { n.to_string() };
+        if b.rate != 0 {
+            out.push(format!("{name}={}", fmt(b.rate)));
+        }
+        if b.burst != 0 {
+            out.push(format!("{name}-burst={}", fmt(b.burst)));
+        }
+    };
+    push("iops", &l.iops_total, false);
+    push("iops-read", &l.iops_read, false);
+    push("iops-write", &l.iops_write, false);
+    push("bps", &l.bps_total, true);
+    push("bps-read", &l.bps_read, true);
+    push("bps-write", &l.bps_write, true);
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -84,12 +199,48 @@ fn node_view(n: &NodeInfo) -> NodeView {
                 latency_ns: o.latency_ns,
             },
         ),
+        Some(Driver::NvmeIoUring(o)) => (
+            "nvme_io_uring",
+            OptionsView::Device {
+                path: o.path,
+                read_only: o.read_only,
+            },
+        ),
+        Some(Driver::VirtioBlkVhostUser(o)) => (
+            "virtio_blk_vhost_user",
+            OptionsView::Device {
+                path: o.path,
+                read_only: o.read_only,
+            },
+        ),
+        Some(Driver::VirtioBlkVhostVdpa(o)) => (
+            "virtio_blk_vhost_vdpa",
+            OptionsView::Device {
+                path: o.path,
+                read_only: o.read_only,
+            },
+        ),
         Some(Driver::Raw(o)) => (
             "raw",
             OptionsView::Raw {
                 child: o.child,
                 offset: o.offset,
                 size: o.size,
+            },
+        ),
+        Some(Driver::Throttle(o)) => (
+            "throttle",
+            OptionsView::Throttle {
+                child: o.child,
+                group: o.group,
+                limits: limits_view(&o.limits.unwrap_or_default()),
+            },
+        ),
+        Some(Driver::FaultInjection(o)) => (
+            "fault_injection",
+            OptionsView::FaultInjection {
+                child: o.child,
+                rules: o.rules.iter().map(rule_view).collect(),
             },
         ),
     };
@@ -169,7 +320,39 @@ fn options_text(o: &OptionsView) -> String {
             };
             format!("child={child} offset={} size={size}", format_size(*offset))
         }
+        OptionsView::Device { path, read_only } => {
+            let mut s = format!("path={path}");
+            if *read_only {
+                s.push_str(" read-only");
+            }
+            s
+        }
+        OptionsView::Throttle {
+            child,
+            group,
+            limits,
+        } => {
+            let mut parts = vec![format!("child={child}")];
+            if !group.is_empty() {
+                parts.push(format!("group={group}"));
+            }
+            parts.extend(limits_text(limits));
+            parts.join(" ")
+        }
+        OptionsView::FaultInjection { child, rules } => {
+            format!("child={child} rules={}", rules.len())
+        }
         OptionsView::None {} => String::new(),
+    }
+}
+
+/// One bucket for `node info`: `100/s, burst 200`, or `unlimited`.
+fn bucket_text(b: &BucketView, bytes: bool) -> String {
+    let fmt = |n: u64| if bytes { format_size(n) } else { n.to_string() };
+    match (b.rate, b.burst) {
+        (0, _) => "unlimited".into(),
+        (rate, 0) => format!("{}/s", fmt(rate)),
+        (rate, burst) => format!("{}/s, burst {}", fmt(rate), fmt(burst)),
     }
 }
 
@@ -267,6 +450,7 @@ impl Output {
             ("read-only", yes_no(v.read_only).to_string()),
             ("used-by", list_or_dash(&v.used_by)),
         ];
+        let mut rule_rows: Vec<(String, String)> = Vec::new();
         match &v.options {
             OptionsView::IoUring {
                 path,
@@ -297,8 +481,50 @@ impl Output {
                 };
                 rows.push(("window", size));
             }
+            OptionsView::Device { path, read_only } => {
+                rows.push(("path", path.clone()));
+                rows.push(("open-read-only", yes_no(*read_only).to_string()));
+            }
+            OptionsView::Throttle {
+                child,
+                group,
+                limits,
+            } => {
+                rows.push(("child", child.clone()));
+                rows.push((
+                    "group",
+                    if group.is_empty() {
+                        "-".to_string()
+                    } else {
+                        group.clone()
+                    },
+                ));
+                let buckets = [
+                    ("iops", &limits.iops_total, false),
+                    ("iops-read", &limits.iops_read, false),
+                    ("iops-write", &limits.iops_write, false),
+                    ("bps", &limits.bps_total, true),
+                    ("bps-read", &limits.bps_read, true),
+                    ("bps-write", &limits.bps_write, true),
+                ];
+                for (name, b, bytes) in buckets {
+                    rows.push((name, bucket_text(b, bytes)));
+                }
+            }
+            OptionsView::FaultInjection { child, rules } => {
+                rows.push(("child", child.clone()));
+                rows.push(("rules", rules.len().to_string()));
+                for (i, r) in rules.iter().enumerate() {
+                    rule_rows.push((format!("rule[{i}]"), r.text.clone()));
+                }
+            }
             OptionsView::None {} => {}
         }
+        let rows: Vec<(String, String)> = rows
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .chain(rule_rows)
+            .collect();
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
         for (k, val) in rows {
             println!("{:<width$} {val}", format!("{k}:"));

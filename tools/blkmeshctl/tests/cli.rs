@@ -492,3 +492,269 @@ fn corrupt_state_file_stops_the_manager() {
         "garbage"
     );
 }
+
+#[test]
+fn device_nodes_throttle_and_fault_injection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let sock = sock.to_str().unwrap();
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &[]);
+    let a = m.url.as_str();
+
+    // Device-backed protocol nodes: /dev/null passes as a character device.
+    let out = ok(
+        a,
+        &[
+            "node",
+            "add-nvme-io-uring",
+            "nvme0",
+            "--path",
+            "/dev/null",
+            "--read-only",
+        ],
+    );
+    assert!(
+        out.contains("driver:") && out.contains("nvme_io_uring"),
+        "{out}"
+    );
+    assert!(out.contains("open-read-only: yes"), "{out}");
+    ok(a, &["node", "add-vhost-user", "vu0", "--path", sock]);
+    ok(a, &["node", "add-vdpa", "vdpa0", "--path", "/dev/null"]);
+
+    // Filters.
+    ok(a, &["node", "add-null", "n0", "--size", "1M"]);
+    let out = ok(
+        a,
+        &[
+            "node",
+            "add-throttle",
+            "t0",
+            "--child",
+            "n0",
+            "--group",
+            "g",
+            "--iops",
+            "100",
+            "--iops-burst",
+            "200",
+            "--bps-read",
+            "1M",
+        ],
+    );
+    assert!(out.contains("group:") && out.contains(" g"), "{out}");
+    assert!(out.contains("100/s, burst 200"), "{out}");
+    assert!(out.contains("1M/s"), "{out}");
+    assert!(
+        out.contains("size:") && out.contains("1M (1048576 bytes)"),
+        "{out}"
+    );
+    let out = ok(
+        a,
+        &[
+            "node",
+            "add-fault-injection",
+            "f0",
+            "--child",
+            "t0",
+            "--rule",
+            "ops=read+write,start=0,end=1M,skip=2,count=1,prob=0.5,errno=EIO",
+            "--rule",
+            "delay=10ms",
+        ],
+    );
+    assert!(
+        out.contains("rule[0]:")
+            && out.contains("ops=read+write,end=1M,skip=2,count=1,prob=0.5,errno=EIO"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rule[1]:") && out.contains("delay=10ms"),
+        "{out}"
+    );
+
+    let list = ok(a, &["node", "list"]);
+    let line = |name: &str| {
+        list.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {list}"))
+            .to_string()
+    };
+    assert!(line("nvme0").contains("nvme_io_uring"), "{list}");
+    assert!(line("nvme0").contains("path=/dev/null read-only"), "{list}");
+    assert!(line("vu0").contains("virtio_blk_vhost_user"), "{list}");
+    assert!(line("vdpa0").contains("virtio_blk_vhost_vdpa"), "{list}");
+    assert!(
+        line("t0").contains("throttle")
+            && line("t0").contains("child=n0 group=g iops=100 iops-burst=200 bps-read=1M"),
+        "{list}"
+    );
+    assert!(
+        line("f0").contains("fault_injection") && line("f0").contains("child=t0 rules=2"),
+        "{list}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "list"])).unwrap();
+    let node = |name: &str| {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {json}"))
+            .clone()
+    };
+    assert_eq!(node("vu0")["driver"], "virtio_blk_vhost_user");
+    assert_eq!(node("vu0")["options"]["path"], sock);
+    assert_eq!(node("vu0")["size"], 0);
+    assert_eq!(node("nvme0")["read_only"], true);
+    let t0 = node("t0");
+    assert_eq!(t0["options"]["group"], "g");
+    assert_eq!(t0["options"]["limits"]["iops_total"]["rate"], 100);
+    assert_eq!(t0["options"]["limits"]["iops_total"]["burst"], 200);
+    assert_eq!(t0["options"]["limits"]["bps_read"]["rate"], 1 << 20);
+    assert_eq!(t0["options"]["limits"]["bps_write"]["rate"], 0);
+    let f0 = node("f0");
+    assert_eq!(f0["size"], 1 << 20);
+    let rules = f0["options"]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[0]["ops"], serde_json::json!(["read", "write"]));
+    assert_eq!(rules[0]["errno"], 5);
+    assert_eq!(rules[0]["errno_name"], "EIO");
+    assert_eq!(rules[0]["probability"], 0.5);
+    assert_eq!(rules[1]["delay_ns"], 10_000_000);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "info", "f0"])).unwrap();
+    assert_eq!(info["options"]["child"], "t0");
+
+    // Manager errors: exit 1.
+    fails(
+        a,
+        &["node", "add-nvme-io-uring", "x", "--path", missing],
+        1,
+        "error: INVALID_ARGUMENT: node.nvme_io_uring.path: cannot stat",
+    );
+    fails(
+        a,
+        &["node", "add-vhost-user", "x", "--path", "/dev/null"],
+        1,
+        "error: INVALID_ARGUMENT: node.virtio_blk_vhost_user.path: must be a unix socket",
+    );
+    fails(
+        a,
+        &["node", "add-vdpa", "x", "--path", "relative"],
+        1,
+        "error: INVALID_ARGUMENT: node.virtio_blk_vhost_vdpa.path: must be an absolute path",
+    );
+    ok(a, &["node", "add-null", "n1", "--size", "1M"]);
+    fails(
+        a,
+        &["node", "add-throttle", "t1", "--child", "n1"],
+        1,
+        "error: INVALID_ARGUMENT: node.throttle.limits: throttle with no limit",
+    );
+    fails(
+        a,
+        &[
+            "node",
+            "add-throttle",
+            "t1",
+            "--child",
+            "n1",
+            "--iops-read",
+            "100",
+            "--iops-read-burst",
+            "10",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: node.throttle.limits.iops_read.burst: must be 0 or >= rate (got 10 < 100)",
+    );
+    fails(
+        a,
+        &[
+            "node", "add-throttle", "t1", "--child", "n1", "--group", "g", "--iops", "100",
+        ],
+        1,
+        "error: FAILED_PRECONDITION: node.throttle.limits: node \"t1\" has other limits than node \"t0\" of throttle group \"g\"",
+    );
+    fails(
+        a,
+        &[
+            "node",
+            "add-fault-injection",
+            "f1",
+            "--child",
+            "n1",
+            "--rule",
+            "errno=5,start=4k,end=4k",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: node.fault_injection.rules[0].offset_end",
+    );
+    fails(
+        a,
+        &[
+            "node",
+            "add-fault-injection",
+            "f1",
+            "--child",
+            "n1",
+            "--rule",
+            "delay=11s",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: node.fault_injection.rules[0].delay_ns",
+    );
+    fails(
+        a,
+        &["node", "remove", "t0"],
+        1,
+        "error: FAILED_PRECONDITION: node \"t0\" is in use by node \"f0\"",
+    );
+
+    // Usage errors: exit 2, naming the bad key.
+    for (rule, needle) in [
+        ("frob=1,errno=5", "key \"frob\": unknown key"),
+        ("errno=EFROB", "key \"errno\": unknown errno"),
+        ("errno=0", "key \"errno\": must be in 1..=4095"),
+        ("delay=10", "key \"delay\": invalid duration"),
+        ("ops=read+frob,errno=5", "key \"ops\": unknown op"),
+        ("prob=2,errno=5", "key \"prob\""),
+        ("errno=5,delay=1ms", "key \"delay\": a rule has one action"),
+        ("ops=read", "needs an action"),
+    ] {
+        fails(
+            a,
+            &[
+                "node",
+                "add-fault-injection",
+                "f1",
+                "--child",
+                "n1",
+                "--rule",
+                rule,
+            ],
+            2,
+            needle,
+        );
+    }
+    fails(
+        a,
+        &["node", "add-fault-injection", "f1", "--child", "n1"],
+        2,
+        "--rule",
+    );
+    fails(
+        a,
+        &["node", "add-throttle", "t1", "--child", "n1", "--bps", "1X"],
+        2,
+        "unknown size suffix",
+    );
+    fails(a, &["node", "add-vdpa", "x"], 2, "--path");
+
+    ok(a, &["node", "remove", "f0"]);
+    ok(a, &["node", "remove", "t0"]);
+    assert!(m.terminate().success());
+}
