@@ -12,6 +12,7 @@ use std::time::Duration;
 use blkmesh_ipc::buckets::BucketSet;
 use blkmesh_proto::ipc::v1::Limits;
 use blkmesh_proto::v1::{node_spec::Driver, ExportPlan, NodeSpec};
+use blkmesh_stats::IoCounters;
 
 use crate::stages::{Faults, Stage, Throttle};
 
@@ -84,6 +85,10 @@ pub struct OpenedGraph {
     /// NO_HIDE_STALE) only works on block devices, so discard becomes a
     /// hole punch (write-zeroes that may unmap).
     pub discard_punches_holes: bool,
+    /// Statistics at the export's root node and at the leaf (the same
+    /// counters when the root is the leaf).
+    pub root_stats: Arc<IoCounters>,
+    pub leaf_stats: Arc<IoCounters>,
 }
 
 impl OpenedGraph {
@@ -231,6 +236,8 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                     },
                     serial: serial(&export.serial, &export.id),
                     discard_punches_holes: false,
+                    root_stats: crate::stats().node(&export.node),
+                    leaf_stats: crate::stats().node(name),
                 });
             }
             None => return Err(OpenError::inval(format!("node {name} has no driver"))),
@@ -259,6 +266,8 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
             serial: serial(&export.serial, &export.id),
             discard_punches_holes: leaf.driver == "io_uring"
                 && std::fs::metadata(leaf.path).is_ok_and(|m| m.is_file()),
+            root_stats: crate::stats().node(&export.node),
+            leaf_stats: crate::stats().node(name),
         });
     }
     Err(OpenError::inval("graph deeper than 16 nodes (a cycle?)"))

@@ -27,6 +27,12 @@ use std::sync::Arc;
 
 use blkmesh_ipc::channel::{ChannelError, ChannelListener};
 
+/// This process's I/O statistics, reported to the manager.
+pub fn stats() -> &'static blkmesh_stats::Registry {
+    static REGISTRY: std::sync::OnceLock<blkmesh_stats::Registry> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(blkmesh_stats::Registry::default)
+}
+
 /// How a worker is run.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {

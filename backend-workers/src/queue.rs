@@ -28,6 +28,7 @@ use crate::bounce::{BounceBuf, BouncePool};
 use crate::graph::{Leaf, OpenedGraph, QueuePool};
 use crate::memory::RegisteredRam;
 use crate::stages::{self, Stage, Verdict};
+use blkmesh_stats::OpKind;
 
 const EV_KICK: u64 = 0;
 const EV_IO: u64 = 1;
@@ -182,6 +183,19 @@ struct Slot {
     segs: Vec<Segment>,
     /// Set when the guest buffers break the driver's alignment.
     bounce: Option<BounceBuf>,
+    /// When the request arrived, and when it reached the leaf.
+    start: Option<Instant>,
+    leaf_start: Option<Instant>,
+}
+
+fn kind_of(op: Op) -> OpKind {
+    match op {
+        Op::Read => OpKind::Read,
+        Op::Write | Op::ZoneAppend => OpKind::Write,
+        Op::Discard => OpKind::Discard,
+        Op::WriteZeroes => OpKind::WriteZeroes,
+        _ => OpKind::Flush,
+    }
 }
 
 // SAFETY: the iovecs point into guest RAM kept alive by `ram`; the slot moves
@@ -541,6 +555,9 @@ impl QueueLoop {
         slot.flags = req.flags;
         slot.len = req.len;
         slot.ram = Some(Arc::clone(ram));
+        slot.start = Some(Instant::now());
+        slot.leaf_start = None;
+        self.graph.root_stats.started();
         self.inflight += 1;
         Ok(())
     }
@@ -653,6 +670,7 @@ impl QueueLoop {
 
     /// Completes a claimed request without the driver.
     fn finish(&mut self, tag: u32, result: i32) {
+        self.record(tag, result);
         let slot = &mut self.slots[tag as usize];
         if let (Some(bb), Backend::Blkio { bounce, .. }) = (slot.bounce.take(), &mut self.io) {
             bounce.put(bb);
@@ -667,9 +685,17 @@ impl QueueLoop {
         });
     }
 
+    fn record(&self, tag: u32, result: i32) {
+        record(&self.graph, &self.slots[tag as usize], result);
+    }
+
     /// Hands a request that passed every stage to the protocol leaf.
     fn submit_leaf(&mut self, tag: u32, offset: u64) {
         let t = tag as usize;
+        if !Arc::ptr_eq(&self.graph.root_stats, &self.graph.leaf_stats) {
+            self.slots[t].leaf_start = Some(Instant::now());
+            self.graph.leaf_stats.started();
+        }
         let (op, flags, len) = {
             let s = &self.slots[t];
             (s.op.unwrap_or(Op::Flush), s.flags, s.len)
@@ -776,15 +802,17 @@ impl QueueLoop {
                     // SAFETY: do_io initialized the first n entries.
                     let c = unsafe { c.assume_init_read() };
                     let tag = c.user_data;
-                    let Some(slot) = self.slots.get_mut(tag) else {
+                    if tag >= self.slots.len() {
                         continue;
-                    };
+                    }
                     let mut result = c.ret;
-                    if slot.op == Some(Op::Discard) && result == -libc::EOPNOTSUPP {
+                    if self.slots[tag].op == Some(Op::Discard) && result == -libc::EOPNOTSUPP {
                         // Discard is a hint: a device that cannot do it
                         // still succeeds (as QEMU).
                         result = 0;
                     }
+                    record(&self.graph, &self.slots[tag], result);
+                    let slot = &mut self.slots[tag];
                     if let Some(mut bb) = slot.bounce.take() {
                         if slot.op == Some(Op::Read) && result == 0 {
                             if let Some(ram) = &slot.ram {
@@ -842,6 +870,22 @@ impl QueueLoop {
         if std::mem::take(&mut self.need_kick) {
             self.call.ring();
         }
+    }
+}
+
+/// Counts a finished request at the root and, if it got there, the leaf.
+fn record(graph: &OpenedGraph, slot: &Slot, result: i32) {
+    let kind = kind_of(slot.op.unwrap_or(Op::Flush));
+    let ok = result == 0;
+    if let Some(t) = slot.start {
+        graph
+            .root_stats
+            .finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
+    }
+    if let Some(t) = slot.leaf_start {
+        graph
+            .leaf_stats
+            .finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
     }
 }
 

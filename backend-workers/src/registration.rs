@@ -32,6 +32,11 @@ pub fn spawn(addr: String, name: String, socket: PathBuf) -> Result<(), Registra
 }
 
 async fn register_forever(addr: String, name: String, socket: PathBuf) {
+    blkmesh_stats::spawn_reporter(
+        addr.clone(),
+        format!("worker/{name}"),
+        crate::stats().clone(),
+    );
     let hello = WorkerHello {
         name: name.clone(),
         socket: socket.display().to_string(),

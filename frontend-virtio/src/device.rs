@@ -180,6 +180,7 @@ impl BlkDevice {
             worker_kick,
             worker_call,
             dev: Arc::clone(&self.dev),
+            stats: crate::stats().queue(&self.export, index as u32),
             control: Arc::clone(&control),
         };
         let thread = std::thread::Builder::new()

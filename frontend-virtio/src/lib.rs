@@ -26,6 +26,12 @@ pub mod request;
 pub mod vring;
 pub mod workers;
 
+/// This process's I/O statistics, reported to the manager.
+pub fn stats() -> &'static blkmesh_stats::Registry {
+    static REGISTRY: std::sync::OnceLock<blkmesh_stats::Registry> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(blkmesh_stats::Registry::default)
+}
+
 /// "error: cause: cause" for logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

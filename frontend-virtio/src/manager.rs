@@ -103,6 +103,11 @@ impl Exports {
 /// resolves. Export start/stop runs on blocking threads.
 pub async fn run(addr: String, name: String, shutdown: impl std::future::Future<Output = ()>) {
     let exports = std::sync::Arc::new(std::sync::Mutex::new(Exports::default()));
+    blkmesh_stats::spawn_reporter(
+        addr.clone(),
+        format!("frontend/{name}"),
+        crate::stats().clone(),
+    );
     let work = {
         let exports = std::sync::Arc::clone(&exports);
         async move {

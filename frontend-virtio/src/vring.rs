@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
+use blkmesh_ipc::ring::Op;
 use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, Segment};
+use blkmesh_stats::{IoCounters, OpKind};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -136,6 +138,8 @@ pub struct VringSetup {
     /// Worker → us.
     pub worker_call: Doorbell,
     pub dev: Arc<DeviceInfo>,
+    /// This queue's I/O statistics.
+    pub stats: Arc<IoCounters>,
     pub control: Arc<VringControl>,
 }
 
@@ -143,6 +147,20 @@ pub struct VringSetup {
 struct Pending {
     status: u64,
     used_len: u32,
+    kind: Option<OpKind>,
+    bytes: u64,
+    start: Instant,
+}
+
+fn kind_of(op: Op) -> Option<OpKind> {
+    match op {
+        Op::Read => Some(OpKind::Read),
+        Op::Write | Op::ZoneAppend => Some(OpKind::Write),
+        Op::Flush => Some(OpKind::Flush),
+        Op::Discard => Some(OpKind::Discard),
+        Op::WriteZeroes => Some(OpKind::WriteZeroes),
+        _ => None,
+    }
 }
 
 struct Vring {
@@ -387,9 +405,13 @@ impl Vring {
             }
             Action::Submit(req) => match self.s.requests.push(&req, &self.segs) {
                 Ok(()) => {
+                    self.s.stats.started();
                     self.pending[head as usize] = Some(Pending {
                         status: parsed.status,
                         used_len: parsed.used_len,
+                        kind: kind_of(req.op),
+                        bytes: req.len,
+                        start: Instant::now(),
                     });
                     self.inflight += 1;
                     false
@@ -458,6 +480,13 @@ impl Vring {
             self.inflight -= 1;
             let st = request::status_of(c.result);
             let used = if st == 0 { p.used_len } else { 1 };
+            match p.kind {
+                Some(kind) => {
+                    let ns = p.start.elapsed().as_nanos() as u64;
+                    self.s.stats.finished(kind, p.bytes, st == 0, ns);
+                }
+                None => self.s.stats.finished(OpKind::Flush, 0, st == 0, 0),
+            }
             self.complete(gm, c.tag as u16, p.status, st, used);
         }
         self.s.completions.release();

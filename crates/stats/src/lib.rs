@@ -1,0 +1,288 @@
+//! I/O statistics of the data path and their reporting to the manager.
+//!
+//! The queue threads count into [`IoCounters`] (relaxed atomics: a handful
+//! of adds per request, no lock); a [`Registry`] knows every live counter
+//! set of the process, and [`spawn_reporter`] pushes their snapshots to the
+//! manager's `StatsService` about once a second. The manager being away
+//! costs nothing but the report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
+use blkmesh_proto::v1::{IoStats, LatencyHistogram, NodeStats, OpStats, QueueStats, StatsReport};
+
+/// Histogram buckets: <1 µs, then powers of two up to ~2^30 µs.
+pub const BUCKETS: usize = 32;
+
+/// Request kinds counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    Read = 0,
+    Write = 1,
+    Flush = 2,
+    Discard = 3,
+    WriteZeroes = 4,
+}
+
+const KINDS: usize = 5;
+
+#[derive(Debug)]
+struct OpCounters {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    sum_ns: AtomicU64,
+    latency: [AtomicU64; BUCKETS],
+}
+
+impl Default for OpCounters {
+    fn default() -> Self {
+        OpCounters {
+            ops: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// The histogram bucket of a latency.
+pub fn bucket_of(latency_ns: u64) -> usize {
+    let us = latency_ns / 1000;
+    if us == 0 {
+        0
+    } else {
+        ((64 - us.leading_zeros()) as usize).min(BUCKETS - 1)
+    }
+}
+
+impl OpCounters {
+    fn snapshot(&self) -> OpStats {
+        OpStats {
+            ops: self.ops.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            latency: Some(LatencyHistogram {
+                buckets: self
+                    .latency
+                    .iter()
+                    .map(|b| b.load(Ordering::Relaxed))
+                    .collect(),
+                sum_ns: self.sum_ns.load(Ordering::Relaxed),
+            }),
+        }
+    }
+}
+
+/// Counters of one queue or node.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    ops: [OpCounters; KINDS],
+    in_flight: AtomicU64,
+}
+
+impl IoCounters {
+    /// A request started.
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request finished (`started` was called for it).
+    pub fn finished(&self, kind: OpKind, bytes: u64, ok: bool, latency_ns: u64) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        let c = &self.ops[kind as usize];
+        c.ops.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        c.sum_ns.fetch_add(latency_ns, Ordering::Relaxed);
+        c.latency[bucket_of(latency_ns)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> IoStats {
+        IoStats {
+            read: Some(self.ops[OpKind::Read as usize].snapshot()),
+            write: Some(self.ops[OpKind::Write as usize].snapshot()),
+            flush: Some(self.ops[OpKind::Flush as usize].snapshot()),
+            discard: Some(self.ops[OpKind::Discard as usize].snapshot()),
+            write_zeroes: Some(self.ops[OpKind::WriteZeroes as usize].snapshot()),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entries {
+    queues: Vec<(String, u32, Weak<IoCounters>)>,
+    nodes: Vec<(String, Weak<IoCounters>)>,
+}
+
+/// Every live counter set of this process.
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<Entries>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registry")
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counters for one export queue (frontend side). Counting stops being
+    /// reported when the returned Arc is dropped... unless another holder
+    /// registered the same queue, whose counters are then reported.
+    pub fn queue(&self, export: &str, queue: u32) -> Arc<IoCounters> {
+        let mut e = self.lock();
+        if let Some(c) = e
+            .queues
+            .iter()
+            .find(|(x, q, _)| x == export && *q == queue)
+            .and_then(|(_, _, w)| w.upgrade())
+        {
+            return c;
+        }
+        let c = Arc::new(IoCounters::default());
+        e.queues
+            .retain(|(x, q, w)| w.strong_count() > 0 && !(x == export && *q == queue));
+        e.queues
+            .push((export.to_string(), queue, Arc::downgrade(&c)));
+        c
+    }
+
+    /// Counters for a node (worker side), shared by everything that names it.
+    pub fn node(&self, node: &str) -> Arc<IoCounters> {
+        let mut e = self.lock();
+        if let Some(c) = e
+            .nodes
+            .iter()
+            .find(|(n, _)| n == node)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return c;
+        }
+        let c = Arc::new(IoCounters::default());
+        e.nodes.retain(|(n, w)| w.strong_count() > 0 && n != node);
+        e.nodes.push((node.to_string(), Arc::downgrade(&c)));
+        c
+    }
+
+    /// A report of every live counter set.
+    pub fn report(&self, source: &str) -> StatsReport {
+        let mut e = self.lock();
+        e.queues.retain(|(_, _, w)| w.strong_count() > 0);
+        e.nodes.retain(|(_, w)| w.strong_count() > 0);
+        StatsReport {
+            source: source.to_string(),
+            queues: e
+                .queues
+                .iter()
+                .filter_map(|(x, q, w)| {
+                    w.upgrade().map(|c| QueueStats {
+                        export: x.clone(),
+                        queue: *q,
+                        io: Some(c.snapshot()),
+                    })
+                })
+                .collect(),
+            nodes: e
+                .nodes
+                .iter()
+                .filter_map(|(n, w)| {
+                    w.upgrade().map(|c| NodeStats {
+                        node: n.clone(),
+                        io: Some(c.snapshot()),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// How often reports are pushed.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Pushes the registry's report to the manager every [`REPORT_INTERVAL`]
+/// on the current tokio runtime. Failures are logged once per outage.
+pub fn spawn_reporter(addr: String, source: String, registry: Registry) {
+    tokio::spawn(async move {
+        let mut client: Option<StatsServiceClient<tonic::transport::Channel>> = None;
+        let mut failing = false;
+        let mut tick = tokio::time::interval(REPORT_INTERVAL);
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = StatsServiceClient::connect(addr.clone()).await.ok();
+            }
+            let Some(c) = client.as_mut() else {
+                continue;
+            };
+            let report = registry.report(&source);
+            match c.report_stats(report).await {
+                Ok(_) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::debug!("stats report to {addr}: {e}");
+                    }
+                    failing = true;
+                    client = None;
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two_in_microseconds() {
+        assert_eq!(bucket_of(500), 0);
+        assert_eq!(bucket_of(1_000), 1);
+        assert_eq!(bucket_of(1_999), 1);
+        assert_eq!(bucket_of(2_000), 2);
+        assert_eq!(bucket_of(100_000), 7);
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn counts_ops_bytes_errors_and_in_flight() {
+        let r = Registry::default();
+        let c = r.queue("e", 1);
+        c.started();
+        c.started();
+        c.finished(OpKind::Read, 4096, true, 3_000);
+        let rep = r.report("frontend/x");
+        let io = rep.queues[0].io.clone().unwrap();
+        assert_eq!(io.in_flight, 1);
+        let read = io.read.unwrap();
+        assert_eq!((read.ops, read.bytes, read.errors), (1, 4096, 0));
+        assert_eq!(read.latency.unwrap().buckets[2], 1);
+        c.finished(OpKind::Write, 4096, false, 10);
+        let w = r.report("s").queues[0].io.clone().unwrap().write.unwrap();
+        assert_eq!((w.ops, w.bytes, w.errors), (1, 0, 1));
+    }
+
+    #[test]
+    fn dropped_counters_leave_the_report_and_names_are_shared() {
+        let r = Registry::default();
+        let a = r.node("n");
+        let b = r.node("n");
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        assert!(r.report("s").nodes.is_empty());
+    }
+}
