@@ -48,6 +48,15 @@ pub enum ManagerError {
         #[source]
         source: io::Error,
     },
+    /// The metrics listener could not be bound.
+    #[error("cannot serve metrics on {addr}")]
+    BindMetrics {
+        /// The requested address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// The unix listener could not be set up.
     #[error("cannot listen on unix socket {}", path.display())]
     BindUnix {
@@ -80,6 +89,14 @@ pub(crate) enum ApiError {
     /// A required message field is missing.
     #[error("{0}: must be set")]
     Missing(&'static str),
+    /// A field with a run-time path (e.g. `queues[3].export`) is invalid.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// An export needs a worker and none is registered.
     #[error("no live worker registered; start blkmesh-worker")]
     NoLiveWorker,
@@ -118,6 +135,7 @@ impl From<ApiError> for tonic::Status {
                 ErrorClass::FailedPrecondition => tonic::Status::failed_precondition(msg),
             },
             ApiError::Missing(_) => tonic::Status::invalid_argument(msg),
+            ApiError::Invalid { .. } => tonic::Status::invalid_argument(msg),
             ApiError::NoLiveWorker => tonic::Status::failed_precondition(msg),
             ApiError::AlreadyRegistered { .. } => tonic::Status::already_exists(msg),
             ApiError::Persist { .. } => tonic::Status::internal(msg),

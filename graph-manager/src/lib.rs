@@ -2,11 +2,18 @@
 //!
 //! The single source of truth for nodes, exports, workers and the
 //! queue → worker assignment. It serves `blkmesh.v1` (NodeService,
-//! ExportService, WorkerService, FrontendService) plus the standard
+//! ExportService, WorkerService, FrontendService, StatsService) plus the standard
 //! `grpc.health.v1.Health` service, persists its state to
 //! `<state-dir>/state.json` after every change and reloads it on start.
 //! Workers and frontends register over server-streaming calls and keep
 //! them open; a closed stream marks them gone.
+//!
+//! Frontends and workers push cumulative counters (`StatsService.ReportStats`);
+//! the manager keeps the latest report per source in memory and serves them
+//! summed per export, queue and node (`GetStats`, see `stats.rs` for the
+//! rules), and optionally as Prometheus text on `GET /metrics`
+//! ([`ManagerConfig::with_metrics`]). `WatchEvents` streams worker, frontend,
+//! node and export changes and newly counted I/O errors.
 //!
 //! Start it from code:
 //!
@@ -22,8 +29,10 @@
 //! ```
 
 mod error;
+mod metrics;
 mod service;
 mod state;
+mod stats;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +44,7 @@ use std::time::Duration;
 use blkmesh_proto::v1::export_service_server::ExportServiceServer;
 use blkmesh_proto::v1::frontend_service_server::FrontendServiceServer;
 use blkmesh_proto::v1::node_service_server::NodeServiceServer;
+use blkmesh_proto::v1::stats_service_server::StatsServiceServer;
 use blkmesh_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
@@ -46,6 +56,7 @@ pub use error::ManagerError;
 pub use state::STATE_FILE;
 
 use service::{ExportApi, FrontendApi, NodeApi, Shared, WorkerApi};
+use stats::StatsApi;
 
 /// Default TCP listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -62,6 +73,9 @@ pub struct ManagerConfig {
     pub unix: Option<PathBuf>,
     /// Directory of `state.json`; created if missing.
     pub state_dir: PathBuf,
+    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`);
+    /// port 0 picks a free port (see [`Manager::metrics_addr`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ManagerConfig {
@@ -71,6 +85,7 @@ impl ManagerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             unix: None,
             state_dir,
+            metrics: None,
         }
     }
 
@@ -86,6 +101,12 @@ impl ManagerConfig {
         self
     }
 
+    /// Also serves Prometheus metrics on `addr` (`GET /metrics`).
+    pub fn with_metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
     /// Path of the state file.
     pub fn state_file(&self) -> PathBuf {
         self.state_dir.join(STATE_FILE)
@@ -98,6 +119,7 @@ pub struct Manager {
     tcp: TcpListener,
     local_addr: SocketAddr,
     unix: Option<(UnixListener, PathBuf)>,
+    metrics: Option<(TcpListener, SocketAddr)>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -105,6 +127,7 @@ impl std::fmt::Debug for Manager {
         f.debug_struct("Manager")
             .field("local_addr", &self.local_addr)
             .field("unix", &self.unix.as_ref().map(|(_, p)| p))
+            .field("metrics", &self.metrics_addr())
             .finish_non_exhaustive()
     }
 }
@@ -140,17 +163,32 @@ impl Manager {
             Some(path) => Some((bind_unix(path)?, path.clone())),
             None => None,
         };
+        let metrics = match config.metrics {
+            Some(addr) => {
+                let err = |source| ManagerError::BindMetrics { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(err)?;
+                let bound = listener.local_addr().map_err(err)?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         Ok(Manager {
             shared: Shared::new(state, state_path),
             tcp,
             local_addr,
             unix,
+            metrics,
         })
     }
 
     /// The bound TCP address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound metrics address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
     }
 
     /// Serves until `shutdown` completes, then ends every registration
@@ -164,6 +202,7 @@ impl Manager {
             tcp,
             local_addr,
             unix,
+            metrics,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<NodeServiceServer<NodeApi>>().await;
@@ -172,6 +211,7 @@ impl Manager {
         health
             .set_serving::<FrontendServiceServer<FrontendApi>>()
             .await;
+        health.set_serving::<StatsServiceServer<StatsApi>>().await;
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
@@ -183,7 +223,13 @@ impl Manager {
             .add_service(NodeServiceServer::new(NodeApi(shared.clone())))
             .add_service(ExportServiceServer::new(ExportApi(shared.clone())))
             .add_service(WorkerServiceServer::new(WorkerApi(shared.clone())))
-            .add_service(FrontendServiceServer::new(FrontendApi(shared.clone())));
+            .add_service(FrontendServiceServer::new(FrontendApi(shared.clone())))
+            .add_service(StatsServiceServer::new(StatsApi(shared.clone())));
+        // Stops by itself when shutdown begins; aborted below in any case.
+        let metrics_task = metrics.map(|(listener, addr)| {
+            tracing::info!(%addr, "serving metrics");
+            tokio::spawn(metrics::serve(listener, shared.clone()))
+        });
 
         let tcp_server = router
             .clone()
@@ -222,6 +268,9 @@ impl Manager {
                 }
             }
         };
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         if let Some(path) = unix_path {
             let _ = std::fs::remove_file(path);
         }
@@ -231,12 +280,14 @@ impl Manager {
     /// Serves on a spawned task; stop it with [`RunningManager::stop`].
     pub fn spawn(self) -> RunningManager {
         let addr = self.local_addr;
+        let metrics_addr = self.metrics_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(self.serve(async move {
             let _ = rx.await;
         }));
         RunningManager {
             addr,
+            metrics_addr,
             stop: Some(tx),
             task,
         }
@@ -248,6 +299,7 @@ impl Manager {
 #[derive(Debug)]
 pub struct RunningManager {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ManagerError>>,
 }
@@ -256,6 +308,11 @@ impl RunningManager {
     /// The bound TCP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound metrics address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://ADDR`, for tonic clients.

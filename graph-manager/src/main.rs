@@ -22,6 +22,10 @@ struct Args {
     /// Directory holding state.json (created if missing).
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
+    /// Serve Prometheus metrics on this TCP address (`GET /metrics`), e.g.
+    /// 127.0.0.1:9100 (port 0: pick a free port). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Log filter, e.g. `info` or `blkmesh_manager=debug` (default: $RUST_LOG, else info).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
     let mut config = ManagerConfig::new(args.state_dir).with_listen(args.listen);
     config.unix = args.unix;
+    config.metrics = args.metrics;
     let manager = Manager::bind(config).await?;
     let mut stdout = std::io::stdout();
     let _ = writeln!(
@@ -81,6 +86,9 @@ async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
         "blkmesh-manager listening on {}",
         manager.local_addr()
     );
+    if let Some(addr) = manager.metrics_addr() {
+        let _ = writeln!(stdout, "blkmesh-manager metrics on {addr}");
+    }
     let _ = stdout.flush();
     manager.serve(shutdown_signal()).await
 }

@@ -12,6 +12,7 @@ use blkmesh_graph::{
     driver_name, raw_window_size, validate_export, validate_name, validate_node,
     validate_socket_path, GraphError, ObjectKind, SECTOR_SIZE,
 };
+use blkmesh_proto::v1::event::Kind as EventKind;
 use blkmesh_proto::v1::export_service_server::ExportService;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
 use blkmesh_proto::v1::frontend_service_server::FrontendService;
@@ -19,6 +20,7 @@ use blkmesh_proto::v1::node_service_server::NodeService;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
 use blkmesh_proto::v1::worker_service_server::WorkerService;
+use blkmesh_proto::v1::Event;
 use blkmesh_proto::v1::{
     AddExportRequest, AddExportResponse, AddNodeRequest, AddNodeResponse, ExportInfo, ExportPlan,
     FrontendEvent, FrontendHello, GetNodeRequest, GetNodeResponse, ListExportsRequest,
@@ -27,13 +29,14 @@ use blkmesh_proto::v1::{
     RemoveExportResponse, RemoveNodeRequest, RemoveNodeResponse, WorkerAccepted, WorkerEvent,
     WorkerHello, WorkerInfo, WorkerState,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
 use crate::state::{self, ExportRecord, State, WorkerRecord};
+use crate::stats::{self as stats_mod, StatsStore};
 
 type EventTx<T> = mpsc::UnboundedSender<Result<T, Status>>;
 /// A server-streaming response.
@@ -62,6 +65,18 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     state_path: PathBuf,
     shutdown: watch::Sender<bool>,
+    /// Latest stats report per source (memory only; own lock, never held
+    /// together with `inner`).
+    stats: Mutex<StatsStore>,
+    /// The event feed (`StatsService.WatchEvents`).
+    events: broadcast::Sender<Event>,
+}
+
+/// Worker counts for `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WorkerCounts {
+    pub alive: usize,
+    pub gone: usize,
 }
 
 impl Shared {
@@ -76,7 +91,54 @@ impl Shared {
             }),
             state_path,
             shutdown: watch::channel(false).0,
+            stats: Mutex::new(StatsStore::default()),
+            events: stats_mod::event_channel(),
         })
+    }
+
+    /// The stats store.
+    pub(crate) fn stats(&self) -> MutexGuard<'_, StatsStore> {
+        // Every change to the store is a single insert or remove.
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends an event to every `WatchEvents` subscriber (none: dropped).
+    pub(crate) fn emit(&self, kind: EventKind) {
+        let _ = self.events.send(stats_mod::event(kind));
+    }
+
+    /// A receiver of every event from now on.
+    pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The configured exports (with their queue counts) and nodes.
+    pub(crate) fn stats_config(&self) -> stats_mod::Config {
+        let inner = self.lock();
+        stats_mod::Config {
+            exports: inner
+                .state
+                .exports
+                .values()
+                .map(|r| (r.export.id.clone(), r.export.num_queues))
+                .collect(),
+            nodes: inner.state.graph.iter().map(|s| s.name.clone()).collect(),
+        }
+    }
+
+    /// Registered workers, alive and gone.
+    pub(crate) fn worker_counts(&self) -> WorkerCounts {
+        let inner = self.lock();
+        let alive = inner
+            .state
+            .workers
+            .keys()
+            .filter(|w| inner.live_workers.contains_key(*w))
+            .count();
+        WorkerCounts {
+            alive,
+            gone: inner.state.workers.len() - alive,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -133,6 +195,7 @@ impl Shared {
         if inner.live_workers.get(name) == Some(&session) {
             inner.live_workers.remove(name);
             tracing::info!(worker = %name, "worker gone");
+            self.emit(EventKind::WorkerLeft(name.to_string()));
         }
     }
 
@@ -142,6 +205,7 @@ impl Shared {
             if conn.session == session && conn.tx.is_some() {
                 conn.tx = None;
                 tracing::info!(frontend = %name, "frontend gone");
+                self.emit(EventKind::FrontendLeft(name.to_string()));
             }
         }
     }
@@ -367,6 +431,7 @@ impl NodeApi {
         next.sizes.insert(spec.name.clone(), size);
         self.0.commit(&mut inner, next)?;
         tracing::info!(node = %spec.name, driver = driver_name(&spec), size, "node added");
+        self.0.emit(EventKind::NodeAdded(spec.name.clone()));
         Ok(node_info(&inner.state, &spec))
     }
 
@@ -406,6 +471,7 @@ impl NodeApi {
         next.sizes.remove(name);
         self.0.commit(&mut inner, next)?;
         tracing::info!(node = %name, "node removed");
+        self.0.emit(EventKind::NodeRemoved(name.to_string()));
         Ok(())
     }
 }
@@ -542,6 +608,7 @@ impl ExportApi {
         next.exports.insert(rec.export.id.clone(), rec.clone());
         self.0.commit(&mut inner, next)?;
         tracing::info!(export = %rec.export.id, node = %rec.export.node, %worker, "export added");
+        self.0.emit(EventKind::ExportAdded(rec.export.id.clone()));
         if let Some(plan) = export_plan(&inner.state, &rec) {
             Shared::broadcast(&mut inner, FrontendEventKind::Upsert(plan));
         }
@@ -562,6 +629,7 @@ impl ExportApi {
         next.exports.remove(id);
         self.0.commit(&mut inner, next)?;
         tracing::info!(export = %id, "export removed");
+        self.0.emit(EventKind::ExportRemoved(id.to_string()));
         Shared::broadcast(&mut inner, FrontendEventKind::Remove(id.to_string()));
         Ok(())
     }
@@ -639,6 +707,7 @@ impl WorkerApi {
             inner.next_session += 1;
             inner.live_workers.insert(hello.name.clone(), session);
             tracing::info!(worker = %hello.name, socket = %hello.socket, pid = hello.pid, "worker registered");
+            self.0.emit(EventKind::WorkerJoined(hello.name.clone()));
             // Send `accepted` before any other event could be queued.
             let _ = tx.send(Ok(WorkerEvent {
                 event: Some(WorkerEventKind::Accepted(WorkerAccepted {})),
@@ -766,6 +835,7 @@ impl FrontendApi {
                 },
             );
             tracing::info!(frontend = %hello.name, "frontend registered");
+            self.0.emit(EventKind::FrontendJoined(hello.name.clone()));
             session
         };
         let shared = self.0.clone();
