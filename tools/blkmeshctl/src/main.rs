@@ -10,6 +10,7 @@
 
 mod rule;
 mod size;
+mod stats;
 mod view;
 
 use std::process::ExitCode;
@@ -18,13 +19,14 @@ use std::time::Duration;
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
     AddExportRequest, AddNodeRequest, Bucket, FaultInjectionOptions, FaultRule, GetNodeRequest,
-    IoUringOptions, ListExportsRequest, ListNodesRequest, ListWorkersRequest, NodeSpec,
-    NullOptions, NvmeIoUringOptions, RawOptions, RemoveExportRequest, RemoveNodeRequest,
+    GetStatsRequest, IoUringOptions, ListExportsRequest, ListNodesRequest, ListWorkersRequest,
+    NodeSpec, NullOptions, NvmeIoUringOptions, RawOptions, RemoveExportRequest, RemoveNodeRequest,
     ThrottleLimits, ThrottleOptions, VhostUserBlkExport, VirtioBlkVhostUserOptions,
-    VirtioBlkVhostVdpaOptions,
+    VirtioBlkVhostVdpaOptions, WatchEventsRequest,
 };
 use clap::{Args, Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -33,7 +35,7 @@ use crate::rule::parse_rule;
 use crate::size::parse_size;
 use crate::view::Output;
 
-/// Manage a blkmesh-manager: nodes, exports and workers.
+/// Manage a blkmesh-manager: nodes, exports and workers; statistics and events.
 #[derive(Debug, Parser)]
 #[command(name = "blkmeshctl", version)]
 struct Cli {
@@ -63,6 +65,23 @@ enum Command {
     /// Backend workers.
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// I/O statistics per export, queue and node (counters since each
+    /// frontend or worker started; latency percentiles estimated from
+    /// power-of-two histograms, shown as the bucket's bound).
+    Stats {
+        /// Only this export (repeat for more). Given alone, no nodes are shown.
+        #[arg(long = "export", value_name = "E")]
+        exports: Vec<String>,
+        /// Only this node (repeat for more). Given alone, no exports are shown.
+        #[arg(long = "node", value_name = "N")]
+        nodes: Vec<String>,
+    },
+    /// Print events as they happen (one line each) until interrupted.
+    Events {
+        /// Stop after N events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
     /// gRPC health check; exits 0 if the manager is SERVING.
     Health {
         /// Service to check ("" = the whole server).
@@ -354,7 +373,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, Failure> {
+/// Connects to the manager; `streaming` calls get no overall deadline.
+async fn connect(addr: &str, streaming: bool) -> Result<Channel, Failure> {
     let unavailable = |e: &dyn std::fmt::Display| Failure {
         code: "UNAVAILABLE",
         message: format!("cannot connect to {addr}: {e}"),
@@ -366,9 +386,10 @@ async fn connect(addr: &str) -> Result<Channel, Failure> {
     if let Some(path) = addr.strip_prefix("unix:") {
         // unix:/path or unix:///path
         let path = std::path::PathBuf::from(format!("/{}", path.trim_start_matches('/')));
-        let endpoint = Endpoint::from_static("http://localhost")
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
+        let endpoint = deadline(
+            Endpoint::from_static("http://localhost").connect_timeout(Duration::from_secs(5)),
+            streaming,
+        );
         endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
@@ -381,14 +402,25 @@ async fn connect(addr: &str) -> Result<Channel, Failure> {
             .await
             .map_err(|e| unavailable(&error_chain(&e)))
     } else {
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| invalid(&e))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
+        let endpoint = deadline(
+            Endpoint::from_shared(addr.to_string())
+                .map_err(|e| invalid(&e))?
+                .connect_timeout(Duration::from_secs(5)),
+            streaming,
+        );
         endpoint
             .connect()
             .await
             .map_err(|e| unavailable(&error_chain(&e)))
+    }
+}
+
+/// A 30 s deadline per call, except for streams that run until stopped.
+fn deadline(endpoint: Endpoint, streaming: bool) -> Endpoint {
+    if streaming {
+        endpoint
+    } else {
+        endpoint.timeout(Duration::from_secs(30))
     }
 }
 
@@ -405,7 +437,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let out = Output { json: cli.json };
-    let channel = connect(&cli.addr).await?;
+    let streaming = matches!(cli.command, Command::Events { .. });
+    let channel = connect(&cli.addr, streaming).await?;
     match cli.command {
         Command::Node(cmd) => node(cmd, channel, out).await,
         Command::Export(cmd) => export(cmd, channel, out).await,
@@ -418,6 +451,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             out.workers(&workers);
             Ok(())
         }
+        Command::Stats { exports, nodes } => {
+            // Given only one kind of filter, show only that kind.
+            let show_exports = !exports.is_empty() || nodes.is_empty();
+            let show_nodes = !nodes.is_empty() || exports.is_empty();
+            let resp = StatsServiceClient::new(channel)
+                .get_stats(GetStatsRequest { exports, nodes })
+                .await?
+                .into_inner();
+            stats::print_stats(&resp, out.json, show_exports, show_nodes);
+            Ok(())
+        }
+        Command::Events { count } => events(channel, out, count).await,
         Command::Health { service } => {
             use tonic_health::pb::health_check_response::ServingStatus;
             use tonic_health::pb::health_client::HealthClient;
@@ -440,6 +485,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+async fn events(channel: Channel, out: Output, count: Option<u64>) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut stream = StatsServiceClient::new(channel)
+        .watch_events(WatchEventsRequest {})
+        .await?
+        .into_inner();
+    let mut seen: u64 = 0;
+    let mut stdout = std::io::stdout();
+    while count.is_none_or(|n| seen < n) {
+        let Some(event) = stream.message().await? else {
+            return Err(Failure {
+                code: "UNAVAILABLE",
+                message: "the manager ended the event stream".into(),
+            });
+        };
+        seen += 1;
+        let line = stats::event_line(&event, out.json);
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            // stdout closed (e.g. piped into `head`): done.
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 async fn node(cmd: NodeCmd, channel: Channel, out: Output) -> Result<(), Failure> {

@@ -34,6 +34,8 @@ fn manager_binary() -> PathBuf {
 struct ManagerProc {
     child: Child,
     url: String,
+    /// The `--metrics` address, when asked for.
+    metrics: Option<String>,
 }
 
 impl ManagerProc {
@@ -48,15 +50,20 @@ impl ManagerProc {
             .spawn()
             .expect("spawn blkmesh-manager");
         let stdout = child.stdout.take().expect("piped stdout");
+        let lines = if extra.contains(&"--metrics") { 2 } else { 1 };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
+            let mut reader = BufReader::new(stdout);
+            for _ in 0..lines {
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let _ = tx.send(line);
+            }
         });
         let mut proc = ManagerProc {
             child,
             url: String::new(),
+            metrics: None,
         };
         let line = rx
             .recv_timeout(WAIT)
@@ -66,6 +73,16 @@ impl ManagerProc {
             .strip_prefix("blkmesh-manager listening on ")
             .unwrap_or_else(|| panic!("unexpected first line from blkmesh-manager: {line:?}"));
         proc.url = format!("http://{addr}");
+        if lines == 2 {
+            let line = rx
+                .recv_timeout(WAIT)
+                .expect("blkmesh-manager did not print its metrics address in time");
+            let addr = line
+                .trim()
+                .strip_prefix("blkmesh-manager metrics on ")
+                .unwrap_or_else(|| panic!("unexpected second line from blkmesh-manager: {line:?}"));
+            proc.metrics = Some(addr.to_string());
+        }
         proc
     }
 
@@ -757,4 +774,108 @@ fn device_nodes_throttle_and_fault_injection() {
     ok(a, &["node", "remove", "f0"]);
     ok(a, &["node", "remove", "t0"]);
     assert!(m.terminate().success());
+}
+
+#[test]
+fn stats_on_an_empty_manager_and_metrics_endpoint() {
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &["--metrics", "127.0.0.1:0"]);
+    let a = m.url.as_str();
+
+    let out = ok(a, &["stats"]);
+    assert!(
+        out.contains("EXPORT") && out.contains("P99") && out.contains("NODE"),
+        "{out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(a, &["--json", "stats"])).unwrap();
+    assert_eq!(json, serde_json::json!({ "exports": [], "nodes": [] }));
+    fails(
+        a,
+        &["stats", "--export", "nope"],
+        1,
+        "error: NOT_FOUND: exports",
+    );
+
+    ok(a, &["node", "add-null", "n0", "--size", "1M"]);
+    let out = ok(a, &["stats", "--node", "n0"]);
+    assert!(out.contains("n0") && !out.contains("EXPORT"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&ok(a, &["--json", "stats"])).unwrap();
+    assert_eq!(json["nodes"][0]["node"], "n0");
+    assert_eq!(json["nodes"][0]["io"]["read"]["ops"], 0);
+
+    // The Prometheus endpoint of the real binary.
+    let addr = m.metrics.clone().expect("metrics address");
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+    assert!(resp.contains("\nblkmesh_nodes 1\n"), "{resp}");
+    assert!(
+        resp.contains("blkmesh_node_ops_total{node=\"n0\",op=\"read\"} 0"),
+        "{resp}"
+    );
+
+    assert!(m.terminate().success());
+}
+
+/// Runs `blkmeshctl events --count 1` and adds nodes until it prints.
+fn one_event(a: &str, json: bool, prefix: &str) -> String {
+    let mut args = vec!["--addr", a];
+    if json {
+        args.push("--json");
+    }
+    args.extend(["events", "--count", "1"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blkmeshctl"))
+        .args(&args)
+        .env_remove("BLKMESH_ADDR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn blkmeshctl events");
+    // The watcher subscribes at some point after it starts: keep making
+    // events until it has seen one.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut i = 0;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("blkmeshctl events --count 1 did not finish");
+        }
+        ok(
+            a,
+            &["node", "add-null", &format!("{prefix}{i}"), "--size", "1M"],
+        );
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    text
+}
+
+#[test]
+fn events_count_stops_after_n_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &[]);
+    let a = m.url.as_str();
+
+    let line = one_event(a, false, "ev");
+    // e.g. 2025-01-01T00:00:00.000Z node_added ev0
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(parts.len(), 3, "{line}");
+    assert!(parts[0].ends_with('Z') && parts[0].contains('T'), "{line}");
+    assert_eq!(parts[1], "node_added", "{line}");
+    assert!(parts[2].starts_with("ev"), "{line}");
+
+    let json: serde_json::Value = serde_json::from_str(one_event(a, true, "js").trim()).unwrap();
+    assert_eq!(json["kind"], "node_added");
+    assert!(json["name"].as_str().unwrap().starts_with("js"), "{json}");
+    assert!(json["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
 }
