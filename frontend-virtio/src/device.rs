@@ -180,7 +180,12 @@ impl BlkDevice {
             worker_kick,
             worker_call,
             dev: Arc::clone(&self.dev),
-            stats: crate::stats().queue(&self.export, index as u32),
+            stats: self
+                .dev
+                .stats
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| crate::stats().queue(&self.export, index as u32)),
             control: Arc::clone(&control),
         };
         let thread = std::thread::Builder::new()

@@ -78,6 +78,9 @@ impl ExportServer {
             max_write_zeroes_sectors: cfg.max_write_zeroes_sectors(),
             max_segments: crate::config::RING_MAX_SEGMENTS as usize,
             serial,
+            stats: (0..num_queues)
+                .map(|q| crate::stats().queue(&e.id, q))
+                .collect(),
         });
         let socket = PathBuf::from(&e.socket);
         let _ = std::fs::remove_file(&socket);

@@ -31,6 +31,9 @@ pub struct DeviceInfo {
     /// Most ring segments one request may use.
     pub max_segments: usize,
     pub serial: [u8; ID_BYTES],
+    /// Per-queue statistics, kept for the export's lifetime so counts
+    /// survive VMM reconnects.
+    pub stats: Vec<std::sync::Arc<blkmesh_stats::IoCounters>>,
 }
 
 /// A descriptor as the chain yielded it.
@@ -361,6 +364,7 @@ mod tests {
             max_write_zeroes_sectors: 2048,
             max_segments: 8,
             serial: *b"serial-0123456789abc",
+            stats: vec![],
         }
     }
 

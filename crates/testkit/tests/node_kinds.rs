@@ -332,3 +332,66 @@ fn throttle_group_is_shared_by_its_nodes() {
         "{a} + {b} IOPS against a shared 400 IOPS limit"
     );
 }
+
+#[test]
+fn statistics_reach_the_manager_from_frontend_and_worker() {
+    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    cluster.add_null("nul", 64 * MIB).unwrap();
+    let mut rule = fault_rule(&[IoOp::Write], 0, 0, 1, libc::EIO);
+    rule.skip = 0;
+    cluster
+        .client()
+        .add_node(node(
+            "faulty",
+            Driver::FaultInjection(FaultInjectionOptions {
+                child: "nul".into(),
+                rules: vec![rule],
+            }),
+        ))
+        .unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("st", "faulty").writable().queues(2))
+        .unwrap();
+    let out = io(
+        &cluster,
+        &socket,
+        &[
+            "--queues",
+            "2",
+            "--keep-going",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "read 0 64k",
+            "-c",
+            "read -q 1 0 64k",
+            "-c",
+            "write 0 4k",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Reports arrive about once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = cluster.ctl(["--json", "stats"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let export = &v["exports"][0]["io"];
+        let node = v["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["node"] == "faulty"))
+            .cloned()
+            .unwrap_or_default();
+        let reads = export["read"]["ops"].as_u64().unwrap_or(0);
+        let read_bytes = export["read"]["bytes"].as_u64().unwrap_or(0);
+        let writes = export["write"]["ops"].as_u64().unwrap_or(0);
+        let write_errors = export["write"]["errors"].as_u64().unwrap_or(0);
+        let node_reads = node["io"]["read"]["ops"].as_u64().unwrap_or(0);
+        if reads == 2 && writes == 2 && node_reads == 2 {
+            assert_eq!(read_bytes, 2 * 65536, "{v}");
+            assert_eq!(write_errors, 1, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stats never arrived: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
