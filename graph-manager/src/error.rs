@@ -97,6 +97,14 @@ pub(crate) enum ApiError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A request names a worker the manager has never seen.
+    #[error("{field}: worker {name:?} not found")]
+    UnknownWorker {
+        /// The field naming the worker.
+        field: &'static str,
+        /// The name.
+        name: String,
+    },
     /// An export needs a worker and none is registered.
     #[error("no live worker registered; start blkmesh-worker")]
     NoLiveWorker,
@@ -136,6 +144,7 @@ impl From<ApiError> for tonic::Status {
             },
             ApiError::Missing(_) => tonic::Status::invalid_argument(msg),
             ApiError::Invalid { .. } => tonic::Status::invalid_argument(msg),
+            ApiError::UnknownWorker { .. } => tonic::Status::not_found(msg),
             ApiError::NoLiveWorker => tonic::Status::failed_precondition(msg),
             ApiError::AlreadyRegistered { .. } => tonic::Status::already_exists(msg),
             ApiError::Persist { .. } => tonic::Status::internal(msg),

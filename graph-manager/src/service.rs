@@ -22,12 +22,13 @@ use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
 use blkmesh_proto::v1::worker_service_server::WorkerService;
 use blkmesh_proto::v1::Event;
 use blkmesh_proto::v1::{
-    AddExportRequest, AddExportResponse, AddNodeRequest, AddNodeResponse, ExportInfo, ExportPlan,
-    FrontendEvent, FrontendHello, GetNodeRequest, GetNodeResponse, ListExportsRequest,
-    ListExportsResponse, ListNodesRequest, ListNodesResponse, ListWorkersRequest,
-    ListWorkersResponse, NodeInfo, NodeSpec, QueueAssignment, QueueEndpoint, RemoveExportRequest,
-    RemoveExportResponse, RemoveNodeRequest, RemoveNodeResponse, WorkerAccepted, WorkerEvent,
-    WorkerHello, WorkerInfo, WorkerState,
+    AddExportRequest, AddExportResponse, AddNodeRequest, AddNodeResponse, DrainWorkerRequest,
+    DrainWorkerResponse, ExportInfo, ExportPlan, FrontendEvent, FrontendHello, GetNodeRequest,
+    GetNodeResponse, ListExportsRequest, ListExportsResponse, ListNodesRequest, ListNodesResponse,
+    ListWorkersRequest, ListWorkersResponse, MoveQueueRequest, MoveQueueResponse, MovedQueue,
+    NodeInfo, NodeSpec, QueueAssignment, QueueEndpoint, RemoveExportRequest, RemoveExportResponse,
+    RemoveNodeRequest, RemoveNodeResponse, WorkerAccepted, WorkerEvent, WorkerHello, WorkerInfo,
+    WorkerState,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -591,23 +592,50 @@ impl ExportApi {
             )
             .into());
         }
-        // All queues on the live worker with the fewest assigned queues
-        // (ties broken by name order: the map is sorted).
+        if export.spread_queues {
+            if let Some(node) = state.graph.subtree(&export.node)?.iter().find(
+                |spec| matches!(&spec.driver, Some(Driver::Throttle(o)) if o.group.is_empty()),
+            ) {
+                return Err(GraphError::precondition(
+                    "export.spread_queues",
+                    format!(
+                        "node {:?} is a throttle without a group: its buckets are per \
+                         worker, so spreading the queues would multiply its limits \
+                         (give it a group, or do not spread)",
+                        node.name
+                    ),
+                )
+                .into());
+            }
+        }
+        // Live workers by assigned queues, then name (the map is sorted).
+        // All queues go to the first; spread exports go round robin.
         let counts = state.queue_counts();
-        let worker = inner
+        let mut live: Vec<(usize, &String)> = inner
             .live_workers
             .keys()
-            .min_by_key(|w| (counts.get(w.as_str()).copied().unwrap_or(0), w.as_str()))
-            .cloned()
-            .ok_or(ApiError::NoLiveWorker)?;
-        let rec = ExportRecord {
-            queues: vec![worker.clone(); export.num_queues as usize],
-            export,
+            .map(|w| (counts.get(w.as_str()).copied().unwrap_or(0), w))
+            .collect();
+        live.sort();
+        if live.is_empty() {
+            return Err(ApiError::NoLiveWorker);
+        }
+        let n = export.num_queues as usize;
+        let queues: Vec<String> = if export.spread_queues {
+            (0..n).map(|i| live[i % live.len()].1.clone()).collect()
+        } else {
+            vec![live[0].1.clone(); n]
         };
+        let rec = ExportRecord { queues, export };
         let mut next = inner.state.clone();
         next.exports.insert(rec.export.id.clone(), rec.clone());
         self.0.commit(&mut inner, next)?;
-        tracing::info!(export = %rec.export.id, node = %rec.export.node, %worker, "export added");
+        tracing::info!(
+            export = %rec.export.id,
+            node = %rec.export.node,
+            workers = ?rec.queues,
+            "export added"
+        );
         self.0.emit(EventKind::ExportAdded(rec.export.id.clone()));
         if let Some(plan) = export_plan(&inner.state, &rec) {
             Shared::broadcast(&mut inner, FrontendEventKind::Upsert(plan));
@@ -739,6 +767,134 @@ impl WorkerApi {
         });
         Ok(Box::pin(UnboundedReceiverStream::new(rx)))
     }
+
+    /// Moves queue `queue` of export `id` to `worker` (a live worker).
+    fn move_queue(&self, id: &str, queue: u32, worker: &str) -> Result<ExportInfo, ApiError> {
+        let mut inner = self.0.lock();
+        let rec = inner
+            .state
+            .exports
+            .get(id)
+            .ok_or_else(|| GraphError::NotFound {
+                field: "export",
+                kind: ObjectKind::Export,
+                name: id.to_string(),
+            })?;
+        let num_queues = rec.export.num_queues;
+        if queue >= num_queues {
+            return Err(GraphError::invalid(
+                "queue",
+                format!("export {id:?} has {num_queues} queues (0..{num_queues}); got {queue}"),
+            )
+            .into());
+        }
+        if !inner.state.workers.contains_key(worker) {
+            return Err(ApiError::UnknownWorker {
+                field: "worker",
+                name: worker.to_string(),
+            });
+        }
+        if !inner.live_workers.contains_key(worker) {
+            return Err(GraphError::precondition(
+                "worker",
+                format!("worker {worker:?} is not alive; queues can only move to a live worker"),
+            )
+            .into());
+        }
+        let from = rec.queues[queue as usize].clone();
+        if from == worker {
+            return Ok(export_info(&inner.state, rec));
+        }
+        let mut next = inner.state.clone();
+        if let Some(r) = next.exports.get_mut(id) {
+            r.queues[queue as usize] = worker.to_string();
+        }
+        self.0.commit(&mut inner, next)?;
+        tracing::info!(export = %id, queue, %from, to = %worker, "queue moved");
+        Self::push_plans(&mut inner, &[id]);
+        let rec = &inner.state.exports[id];
+        Ok(export_info(&inner.state, rec))
+    }
+
+    /// Moves every queue off `worker` to the least loaded other live workers.
+    fn drain(&self, worker: &str) -> Result<Vec<MovedQueue>, ApiError> {
+        let mut inner = self.0.lock();
+        if !inner.state.workers.contains_key(worker) {
+            return Err(ApiError::UnknownWorker {
+                field: "worker",
+                name: worker.to_string(),
+            });
+        }
+        let on_worker: Vec<(String, usize)> = inner
+            .state
+            .exports
+            .values()
+            .flat_map(|r| {
+                r.queues
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.as_str() == worker)
+                    .map(|(i, _)| (r.export.id.clone(), i))
+            })
+            .collect();
+        if on_worker.is_empty() {
+            return Ok(Vec::new());
+        }
+        let counts = inner.state.queue_counts();
+        let mut targets: Vec<(usize, String)> = inner
+            .live_workers
+            .keys()
+            .filter(|w| w.as_str() != worker)
+            .map(|w| (counts.get(w.as_str()).copied().unwrap_or(0), w.clone()))
+            .collect();
+        if targets.is_empty() {
+            return Err(GraphError::precondition(
+                "worker",
+                format!(
+                    "no other live worker to take the {} queues of worker {worker:?}",
+                    on_worker.len()
+                ),
+            )
+            .into());
+        }
+        let mut next = inner.state.clone();
+        let mut moved = Vec::with_capacity(on_worker.len());
+        for (id, queue) in on_worker {
+            // Least loaded first, counting the queues moved so far; ties by name.
+            let Some(target) = targets.iter_mut().min() else {
+                break;
+            };
+            target.0 += 1;
+            let to = target.1.clone();
+            if let Some(r) = next.exports.get_mut(&id) {
+                r.queues[queue] = to.clone();
+            }
+            moved.push(MovedQueue {
+                export: id,
+                queue: queue as u32,
+                from: worker.to_string(),
+                to,
+            });
+        }
+        self.0.commit(&mut inner, next)?;
+        let mut ids: Vec<&str> = moved.iter().map(|m| m.export.as_str()).collect();
+        ids.dedup();
+        tracing::info!(%worker, queues = moved.len(), exports = ids.len(), "worker drained");
+        Self::push_plans(&mut inner, &ids);
+        Ok(moved)
+    }
+
+    /// Sends the current plan of each export in `ids` to the frontends.
+    fn push_plans(inner: &mut Inner, ids: &[&str]) {
+        let plans: Vec<ExportPlan> = ids
+            .iter()
+            .filter_map(|id| inner.state.exports.get(*id))
+            .filter_map(|r| export_plan(&inner.state, r))
+            .collect();
+        for plan in plans {
+            Shared::broadcast(inner, FrontendEventKind::Upsert(plan));
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -789,6 +945,23 @@ impl WorkerService for WorkerApi {
             })
             .collect();
         Ok(Response::new(ListWorkersResponse { workers }))
+    }
+
+    async fn move_queue(
+        &self,
+        request: Request<MoveQueueRequest>,
+    ) -> Result<Response<MoveQueueResponse>, Status> {
+        let r = request.into_inner();
+        let info = WorkerApi::move_queue(self, &r.export, r.queue, &r.worker)?;
+        Ok(Response::new(MoveQueueResponse { export: Some(info) }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
+        let moved = self.drain(&request.into_inner().worker)?;
+        Ok(Response::new(DrainWorkerResponse { moved }))
     }
 }
 

@@ -272,8 +272,15 @@ struct ExportJson {
     logical_block_size: u32,
     writable: bool,
     serial: String,
+    /// Queues spread over the workers (absent in older files: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    spread_queues: bool,
     /// Worker name per queue.
     queues: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize, Deserialize)]
@@ -402,6 +409,7 @@ impl State {
                     logical_block_size: r.export.logical_block_size,
                     writable: r.export.writable,
                     serial: r.export.serial.clone(),
+                    spread_queues: r.export.spread_queues,
                     queues: r.queues.clone(),
                 })
                 .collect(),
@@ -465,6 +473,7 @@ impl State {
                 logical_block_size: e.logical_block_size,
                 writable: e.writable,
                 serial: e.serial,
+                spread_queues: e.spread_queues,
             };
             let ctx = format!("export {:?}", export.id);
             let normalized = validate_export(&export).map_err(|e| format!("{ctx}: {e}"))?;
@@ -618,6 +627,30 @@ mod tests {
         assert_eq!(load(&path).unwrap(), s);
         // No temporary file left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn spread_flag_round_trips_and_defaults_to_false() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let mut s = sample();
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("spread_queues"), "{text}");
+        s.workers.insert(
+            "w1".into(),
+            WorkerRecord {
+                socket: "/run/w1.sock".into(),
+                pid: 43,
+            },
+        );
+        let e0 = s.exports.get_mut("e0").unwrap();
+        e0.export.spread_queues = true;
+        e0.queues = vec!["w0".into(), "w1".into()];
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"spread_queues\": true"), "{text}");
+        assert_eq!(load(&path).unwrap(), s);
     }
 
     #[test]

@@ -1152,3 +1152,364 @@ async fn new_node_kinds_survive_restart() {
     );
     m.stop().await.unwrap();
 }
+
+// ----- queue placement: spread, MoveQueue, DrainWorker -----
+
+async fn move_queue(
+    c: &mut Clients,
+    export: &str,
+    queue: u32,
+    worker: &str,
+) -> Result<ExportInfo, tonic::Status> {
+    c.workers
+        .move_queue(MoveQueueRequest {
+            export: export.into(),
+            queue,
+            worker: worker.into(),
+        })
+        .await
+        .map(|r| r.into_inner().export.unwrap())
+}
+
+async fn drain(c: &mut Clients, worker: &str) -> Result<Vec<MovedQueue>, tonic::Status> {
+    c.workers
+        .drain_worker(DrainWorkerRequest {
+            worker: worker.into(),
+        })
+        .await
+        .map(|r| r.into_inner().moved)
+}
+
+fn queue_workers(info: &ExportInfo) -> Vec<&str> {
+    info.queues.iter().map(|q| q.worker.as_str()).collect()
+}
+
+fn plan_workers(plan: &ExportPlan) -> Vec<(&str, &str)> {
+    plan.queues
+        .iter()
+        .map(|q| (q.worker.as_str(), q.worker_socket.as_str()))
+        .collect()
+}
+
+async fn frontend(c: &mut Clients) -> Streaming<FrontendEvent> {
+    c.frontends
+        .register(FrontendHello { name: "fe0".into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn next_upsert(s: &mut Streaming<FrontendEvent>) -> ExportPlan {
+    match next_event(s).await {
+        FrontendEventKind::Upsert(plan) => plan,
+        other => panic!("expected upsert, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn spread_export_goes_round_robin_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    add_node(&mut c, null("n1", 4096)).await.unwrap();
+    // wa: 1 queue, so the spread export starts on wb.
+    add_export(&mut c, export("e0", "n0", "/tmp/e0.sock"))
+        .await
+        .unwrap();
+    let mut fe = frontend(&mut c).await;
+    next_upsert(&mut fe).await;
+
+    let mut e = export("e1", "n1", "/tmp/e1.sock");
+    e.num_queues = 5;
+    e.spread_queues = true;
+    let info = add_export(&mut c, e).await.unwrap();
+    assert!(info.export.as_ref().unwrap().spread_queues);
+    assert_eq!(queue_workers(&info), ["wb", "wa", "wb", "wa", "wb"]);
+    let plan = next_upsert(&mut fe).await;
+    assert_eq!(
+        plan_workers(&plan),
+        [
+            ("wb", "/tmp/wb.sock"),
+            ("wa", "/tmp/wa.sock"),
+            ("wb", "/tmp/wb.sock"),
+            ("wa", "/tmp/wa.sock"),
+            ("wb", "/tmp/wb.sock"),
+        ]
+    );
+    drop(fe);
+    drop(c);
+    within("stop", m.stop()).await.unwrap();
+
+    let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+    assert!(text.contains("\"spread_queues\": true"), "{text}");
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let exports = c
+        .exports
+        .list_exports(ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .exports;
+    let e1 = exports
+        .iter()
+        .find(|e| e.export.as_ref().unwrap().id == "e1")
+        .unwrap();
+    assert!(e1.export.as_ref().unwrap().spread_queues);
+    assert_eq!(queue_workers(e1), ["wb", "wa", "wb", "wa", "wb"]);
+    let e0 = exports
+        .iter()
+        .find(|e| e.export.as_ref().unwrap().id == "e0")
+        .unwrap();
+    assert!(!e0.export.as_ref().unwrap().spread_queues);
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn spread_is_refused_over_an_ungrouped_throttle() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    add_node(&mut c, throttle("t0", "n0", iops_limits(100, 0), ""))
+        .await
+        .unwrap();
+    add_node(&mut c, raw("r0", "t0", 0, 0)).await.unwrap();
+    let mut e = export("e0", "r0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    e.spread_queues = true;
+    assert_status(
+        add_export(&mut c, e.clone()).await,
+        Code::FailedPrecondition,
+        "export.spread_queues: node \"t0\" is a throttle without a group",
+    );
+    assert!(c
+        .exports
+        .list_exports(ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .exports
+        .is_empty());
+
+    // Not spread: accepted. A grouped throttle can be spread.
+    e.spread_queues = false;
+    add_export(&mut c, e).await.unwrap();
+    add_node(&mut c, null("n1", 4096)).await.unwrap();
+    add_node(&mut c, throttle("t1", "n1", iops_limits(100, 0), "g"))
+        .await
+        .unwrap();
+    let mut e = export("e1", "t1", "/tmp/e1.sock");
+    e.num_queues = 2;
+    e.spread_queues = true;
+    let info = add_export(&mut c, e).await.unwrap();
+    assert_eq!(queue_workers(&info), ["wb", "wa"]);
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn move_queue_updates_plan_and_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    add_export(&mut c, e).await.unwrap();
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    let mut fe = frontend(&mut c).await;
+    next_upsert(&mut fe).await;
+
+    let info = move_queue(&mut c, "e0", 1, "wb").await.unwrap();
+    assert_eq!(queue_workers(&info), ["wa", "wb"]);
+    assert_eq!(info.size, 4096);
+    let plan = next_upsert(&mut fe).await;
+    assert_eq!(plan.export.as_ref().unwrap().id, "e0");
+    assert_eq!(
+        plan_workers(&plan),
+        [("wa", "/tmp/wa.sock"), ("wb", "/tmp/wb.sock")]
+    );
+    let names: Vec<_> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["n0"]);
+
+    // To the current worker: nothing changes, nothing is pushed.
+    let same = move_queue(&mut c, "e0", 1, "wb").await.unwrap();
+    assert_eq!(queue_workers(&same), ["wa", "wb"]);
+    let w = workers(&mut c).await;
+    assert_eq!(w[0].queues, ["e0/0"]);
+    assert_eq!(w[1].queues, ["e0/1"]);
+    // The next event the frontend sees is the next real change.
+    move_queue(&mut c, "e0", 0, "wb").await.unwrap();
+    let plan = next_upsert(&mut fe).await;
+    assert_eq!(
+        plan_workers(&plan),
+        [("wb", "/tmp/wb.sock"), ("wb", "/tmp/wb.sock")]
+    );
+
+    drop(fe);
+    drop(c);
+    within("stop", m.stop()).await.unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let w = workers(&mut c).await;
+    assert_eq!(w[1].name, "wb");
+    assert_eq!(w[1].queues, ["e0/0", "e0/1"], "moves are persisted");
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn move_queue_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    add_export(&mut c, e).await.unwrap();
+
+    assert_status(
+        move_queue(&mut c, "nope", 0, "wb").await,
+        Code::NotFound,
+        "export: export \"nope\" not found",
+    );
+    assert_status(
+        move_queue(&mut c, "e0", 2, "wb").await,
+        Code::InvalidArgument,
+        "queue: export \"e0\" has 2 queues",
+    );
+    assert_status(
+        move_queue(&mut c, "e0", 0, "wz").await,
+        Code::NotFound,
+        "worker: worker \"wz\" not found",
+    );
+    drop(a);
+    wait_worker_state(&mut c, "wa", WorkerState::Gone).await;
+    assert_status(
+        move_queue(&mut c, "e0", 0, "wa").await,
+        Code::FailedPrecondition,
+        "worker: worker \"wa\" is not alive",
+    );
+    // Nothing changed.
+    let w = workers(&mut c).await;
+    assert_eq!(w[0].queues, ["e0/0", "e0/1"]);
+    assert!(w[1].queues.is_empty());
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn drain_worker_moves_everything_least_loaded_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    add_node(&mut c, null("n1", 4096)).await.unwrap();
+    add_node(&mut c, null("n2", 4096)).await.unwrap();
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 3;
+    add_export(&mut c, e).await.unwrap();
+    add_export(&mut c, export("e1", "n1", "/tmp/e1.sock"))
+        .await
+        .unwrap();
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    let _c = register_worker(&mut c, "wc", "/tmp/wc.sock").await;
+    // wb gets one queue before the drain.
+    add_export(&mut c, export("e2", "n2", "/tmp/e2.sock"))
+        .await
+        .unwrap();
+    let mut fe = frontend(&mut c).await;
+    for _ in 0..3 {
+        next_upsert(&mut fe).await;
+    }
+
+    let moved = drain(&mut c, "wa").await.unwrap();
+    let got: Vec<_> = moved
+        .iter()
+        .map(|m| (m.export.as_str(), m.queue, m.from.as_str(), m.to.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("e0", 0, "wa", "wc"),
+            ("e0", 1, "wa", "wb"),
+            ("e0", 2, "wa", "wc"),
+            ("e1", 0, "wa", "wb"),
+        ]
+    );
+    // One plan per affected export.
+    let p0 = next_upsert(&mut fe).await;
+    assert_eq!(p0.export.as_ref().unwrap().id, "e0");
+    assert_eq!(
+        plan_workers(&p0),
+        [
+            ("wc", "/tmp/wc.sock"),
+            ("wb", "/tmp/wb.sock"),
+            ("wc", "/tmp/wc.sock")
+        ]
+    );
+    let p1 = next_upsert(&mut fe).await;
+    assert_eq!(p1.export.as_ref().unwrap().id, "e1");
+    assert_eq!(plan_workers(&p1), [("wb", "/tmp/wb.sock")]);
+
+    let w = workers(&mut c).await;
+    assert!(w[0].queues.is_empty(), "{w:?}");
+    assert_eq!(w[1].queues.len(), 3);
+    assert_eq!(w[2].queues.len(), 2);
+    // Draining an empty worker moves nothing.
+    assert!(drain(&mut c, "wa").await.unwrap().is_empty());
+
+    // Persisted.
+    drop(fe);
+    drop(c);
+    within("stop", m.stop()).await.unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let w = workers(&mut c).await;
+    assert!(w[0].queues.is_empty(), "{w:?}");
+    assert_eq!(w[2].queues, ["e0/0", "e0/2"]);
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn drain_worker_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    assert_status(
+        drain(&mut c, "wz").await,
+        Code::NotFound,
+        "worker: worker \"wz\" not found",
+    );
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    // No queues: nothing to move, even with no other worker.
+    assert!(drain(&mut c, "wa").await.unwrap().is_empty());
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    add_export(&mut c, e).await.unwrap();
+    assert_status(
+        drain(&mut c, "wa").await,
+        Code::FailedPrecondition,
+        "no other live worker to take the 2 queues of worker \"wa\"",
+    );
+    // A gone second worker does not count.
+    let b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    drop(b);
+    wait_worker_state(&mut c, "wb", WorkerState::Gone).await;
+    assert_status(
+        drain(&mut c, "wa").await,
+        Code::FailedPrecondition,
+        "no other live worker",
+    );
+    let w = workers(&mut c).await;
+    assert_eq!(w[0].queues, ["e0/0", "e0/1"]);
+    m.stop().await.unwrap();
+}

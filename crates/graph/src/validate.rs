@@ -483,6 +483,7 @@ pub fn validate_export(e: &VhostUserBlkExport) -> Result<VhostUserBlkExport, Gra
         logical_block_size,
         writable: e.writable,
         serial,
+        spread_queues: e.spread_queues,
     })
 }
 
