@@ -179,6 +179,7 @@ pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provi
                         logical_block_size: 0,
                         writable: true,
                         serial: String::new(),
+                        spread_queues: false,
                     }),
                 })
                 .await

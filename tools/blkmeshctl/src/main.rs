@@ -22,11 +22,11 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
-    AddExportRequest, AddNodeRequest, Bucket, FaultInjectionOptions, FaultRule, GetNodeRequest,
-    GetStatsRequest, IoUringOptions, ListExportsRequest, ListNodesRequest, ListWorkersRequest,
-    NodeSpec, NullOptions, NvmeIoUringOptions, RawOptions, RemoveExportRequest, RemoveNodeRequest,
-    ThrottleLimits, ThrottleOptions, VhostUserBlkExport, VirtioBlkVhostUserOptions,
-    VirtioBlkVhostVdpaOptions, WatchEventsRequest,
+    AddExportRequest, AddNodeRequest, Bucket, DrainWorkerRequest, FaultInjectionOptions, FaultRule,
+    GetNodeRequest, GetStatsRequest, IoUringOptions, ListExportsRequest, ListNodesRequest,
+    ListWorkersRequest, MoveQueueRequest, NodeSpec, NullOptions, NvmeIoUringOptions, RawOptions,
+    RemoveExportRequest, RemoveNodeRequest, ThrottleLimits, ThrottleOptions, VhostUserBlkExport,
+    VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, WatchEventsRequest,
 };
 use clap::{Args, Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -301,6 +301,10 @@ enum ExportCmd {
         /// GET_ID serial (default: the export id).
         #[arg(long, default_value = "")]
         serial: String,
+        /// Spread the queues over the live workers (round robin) instead of
+        /// placing them all on one. Refused over a throttle without a group.
+        #[arg(long)]
+        spread: bool,
     },
     /// Remove an export.
     Remove { id: String },
@@ -312,6 +316,22 @@ enum ExportCmd {
 enum WorkerCmd {
     /// List workers.
     List,
+    /// Move one queue of an export to another (live) worker, without
+    /// failing any request.
+    MoveQueue {
+        /// Export id.
+        export: String,
+        /// Queue index (0-based).
+        queue: u32,
+        /// Destination worker.
+        worker: String,
+    },
+    /// Move every queue off a worker to the least loaded other live
+    /// workers (for maintenance).
+    Drain {
+        /// The worker to empty.
+        worker: String,
+    },
 }
 
 /// A failed command, printed as `error: CODE: message`.
@@ -442,15 +462,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Node(cmd) => node(cmd, channel, out).await,
         Command::Export(cmd) => export(cmd, channel, out).await,
-        Command::Worker(WorkerCmd::List) => {
-            let workers = WorkerServiceClient::new(channel)
-                .list_workers(ListWorkersRequest {})
-                .await?
-                .into_inner()
-                .workers;
-            out.workers(&workers);
-            Ok(())
-        }
+        Command::Worker(cmd) => worker(cmd, channel, out).await,
         Command::Stats { exports, nodes } => {
             // Given only one kind of filter, show only that kind.
             let show_exports = !exports.is_empty() || nodes.is_empty();
@@ -657,6 +669,7 @@ async fn export(cmd: ExportCmd, channel: Channel, out: Output) -> Result<(), Fai
             block_size,
             writable,
             serial,
+            spread,
         } => {
             let export = VhostUserBlkExport {
                 id,
@@ -667,6 +680,7 @@ async fn export(cmd: ExportCmd, channel: Channel, out: Output) -> Result<(), Fai
                 logical_block_size: block_size,
                 writable,
                 serial,
+                spread_queues: spread,
             };
             let info = client
                 .add_export(AddExportRequest {
@@ -691,6 +705,48 @@ async fn export(cmd: ExportCmd, channel: Channel, out: Output) -> Result<(), Fai
                 .into_inner()
                 .exports;
             out.exports(&exports);
+        }
+    }
+    Ok(())
+}
+
+async fn worker(cmd: WorkerCmd, channel: Channel, out: Output) -> Result<(), Failure> {
+    let mut client = WorkerServiceClient::new(channel);
+    match cmd {
+        WorkerCmd::List => {
+            let workers = client
+                .list_workers(ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers;
+            out.workers(&workers);
+        }
+        WorkerCmd::MoveQueue {
+            export,
+            queue,
+            worker,
+        } => {
+            let info = client
+                .move_queue(MoveQueueRequest {
+                    export,
+                    queue,
+                    worker,
+                })
+                .await?
+                .into_inner()
+                .export
+                .unwrap_or_default();
+            out.export(&info);
+        }
+        WorkerCmd::Drain { worker } => {
+            let moved = client
+                .drain_worker(DrainWorkerRequest {
+                    worker: worker.clone(),
+                })
+                .await?
+                .into_inner()
+                .moved;
+            out.moved(&worker, &moved);
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
-    Bucket, ExportInfo, FaultRule, NodeInfo, ThrottleLimits, WorkerInfo, WorkerState,
+    Bucket, ExportInfo, FaultRule, MovedQueue, NodeInfo, ThrottleLimits, WorkerInfo, WorkerState,
 };
 use serde::Serialize;
 
@@ -162,7 +162,16 @@ struct ExportView {
     logical_block_size: u32,
     writable: bool,
     serial: String,
+    spread_queues: bool,
     queues: Vec<QueueView>,
+}
+
+#[derive(Debug, Serialize)]
+struct MovedView {
+    export: String,
+    queue: u32,
+    from: String,
+    to: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -266,6 +275,7 @@ fn export_view(e: &ExportInfo) -> ExportView {
         logical_block_size: x.logical_block_size,
         writable: x.writable,
         serial: x.serial,
+        spread_queues: x.spread_queues,
         queues: e
             .queues
             .iter()
@@ -539,8 +549,13 @@ impl Output {
         let rows: Vec<Vec<String>> = views
             .iter()
             .map(|v| {
-                let mut workers: Vec<String> = v.queues.iter().map(|q| q.worker.clone()).collect();
-                workers.dedup();
+                // Each worker once, in queue order.
+                let mut workers: Vec<String> = Vec::new();
+                for q in &v.queues {
+                    if !workers.contains(&q.worker) {
+                        workers.push(q.worker.clone());
+                    }
+                }
                 vec![
                     v.id.clone(),
                     v.node.clone(),
@@ -598,6 +613,38 @@ impl Output {
             })
             .collect();
         print_table(&["NAME", "STATE", "PID", "QUEUES", "SOCKET"], &rows);
+    }
+
+    /// The result of `worker drain`.
+    pub fn moved(&self, worker: &str, moved: &[MovedQueue]) {
+        let views: Vec<MovedView> = moved
+            .iter()
+            .map(|m| MovedView {
+                export: m.export.clone(),
+                queue: m.queue,
+                from: m.from.clone(),
+                to: m.to.clone(),
+            })
+            .collect();
+        if self.json {
+            return print_json(&views);
+        }
+        if views.is_empty() {
+            println!("worker {worker} has no queues; nothing moved");
+            return;
+        }
+        let rows: Vec<Vec<String>> = views
+            .iter()
+            .map(|v| {
+                vec![
+                    v.export.clone(),
+                    v.queue.to_string(),
+                    v.from.clone(),
+                    v.to.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["EXPORT", "QUEUE", "FROM", "TO"], &rows);
     }
 
     pub fn removed(&self, kind: &str, name: &str) {

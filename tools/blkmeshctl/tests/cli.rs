@@ -879,3 +879,178 @@ fn events_count_stops_after_n_events() {
     assert!(json["name"].as_str().unwrap().starts_with("js"), "{json}");
     assert!(json["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
 }
+
+/// A stand-in worker holding its registration stream open, on its own
+/// runtime (drop both to make it leave).
+fn stand_in_worker(
+    url: &str,
+    name: &str,
+) -> (
+    tokio::runtime::Runtime,
+    tonic::Streaming<blkmesh_proto::v1::WorkerEvent>,
+) {
+    use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
+    use blkmesh_proto::v1::WorkerHello;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = url.to_string();
+    let name = name.to_string();
+    let stream = rt.block_on(async move {
+        let mut client = tokio::time::timeout(WAIT, WorkerServiceClient::connect(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        let mut s = client
+            .register(WorkerHello {
+                socket: format!("/tmp/{name}.sock"),
+                name,
+                pid: 4242,
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        tokio::time::timeout(WAIT, s.message())
+            .await
+            .expect("accepted timeout")
+            .expect("accepted");
+        s
+    });
+    (rt, stream)
+}
+
+#[test]
+fn spread_move_queue_and_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &[]);
+    let a = m.url.as_str();
+    let _w0 = stand_in_worker(a, "w0");
+    let w1 = stand_in_worker(a, "w1");
+
+    ok(a, &["node", "add-null", "n0", "--size", "1M"]);
+    ok(a, &["node", "add-null", "n1", "--size", "1M"]);
+    ok(
+        a,
+        &[
+            "node",
+            "add-throttle",
+            "t1",
+            "--child",
+            "n1",
+            "--iops",
+            "100",
+        ],
+    );
+    let add = |id: &str, node: &str| {
+        vec![
+            "export".to_string(),
+            "add".into(),
+            id.into(),
+            "--node".into(),
+            node.into(),
+            "--socket".into(),
+            format!("/tmp/{id}.sock"),
+            "--num-queues".into(),
+            "4".into(),
+            "--spread".into(),
+        ]
+    };
+    let args = add("e1", "t1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails(
+        a,
+        &args,
+        1,
+        "error: FAILED_PRECONDITION: export.spread_queues: node \"t1\" is a throttle without a group",
+    );
+
+    let args = add("e0", "n0");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(a, &args);
+    assert!(out.contains("w0,w1"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "export", "list"])).unwrap();
+    let e = &json[0];
+    assert_eq!(e["spread_queues"], true);
+    let workers: Vec<&str> = e["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(workers, ["w0", "w1", "w0", "w1"]);
+
+    // move-queue: happy path (table and JSON), then every error.
+    let out = ok(a, &["worker", "move-queue", "e0", "1", "w0"]);
+    assert!(out.contains("e0"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "worker", "move-queue", "e0", "3", "w0"])).unwrap();
+    assert_eq!(json["queues"][3]["worker"], "w0");
+    assert_eq!(json["queues"][2]["worker"], "w0");
+    fails(
+        a,
+        &["worker", "move-queue", "nope", "0", "w0"],
+        1,
+        "error: NOT_FOUND: export: export \"nope\" not found",
+    );
+    fails(
+        a,
+        &["worker", "move-queue", "e0", "4", "w0"],
+        1,
+        "error: INVALID_ARGUMENT: queue:",
+    );
+    fails(
+        a,
+        &["worker", "move-queue", "e0", "0", "wz"],
+        1,
+        "error: NOT_FOUND: worker: worker \"wz\" not found",
+    );
+    fails(a, &["worker", "move-queue", "e0", "x", "w0"], 2, "QUEUE");
+    fails(a, &["worker", "move-queue", "e0"], 2, "QUEUE");
+
+    // drain: everything to w1.
+    let out = ok(a, &["worker", "drain", "w0"]);
+    assert!(
+        out.contains("EXPORT") && out.contains("FROM") && out.contains("w1"),
+        "{out}"
+    );
+    let moved: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "worker", "drain", "w0"])).unwrap();
+    assert_eq!(moved, serde_json::json!([]));
+    let out = ok(a, &["worker", "drain", "w0"]);
+    assert!(out.contains("nothing moved"), "{out}");
+    fails(
+        a,
+        &["worker", "drain", "wz"],
+        1,
+        "error: NOT_FOUND: worker: worker \"wz\" not found",
+    );
+    // w0 is now the only live worker other than w1; w1 holds all 4 queues.
+    ok(a, &["worker", "move-queue", "e0", "0", "w0"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "worker", "drain", "w1"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 3, "{json}");
+    assert_eq!(json[0]["from"], "w1");
+    assert_eq!(json[0]["to"], "w0");
+
+    // w1 gone: no other worker alive for w0's queues, and w1 is no destination.
+    drop(w1);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !ok(a, &["worker", "list"]).contains("GONE") {
+        assert!(std::time::Instant::now() < deadline, "w1 never GONE");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fails(
+        a,
+        &["worker", "move-queue", "e0", "0", "w1"],
+        1,
+        "error: FAILED_PRECONDITION: worker: worker \"w1\" is not alive",
+    );
+    fails(
+        a,
+        &["worker", "drain", "w0"],
+        1,
+        "error: FAILED_PRECONDITION: worker: no other live worker",
+    );
+}
