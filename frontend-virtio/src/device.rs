@@ -43,7 +43,11 @@ fn internal(msg: impl std::fmt::Display) -> VuError {
 struct Running {
     control: Arc<VringControl>,
     thread: JoinHandle<Queue>,
-    _rings: QueueRings,
+    rings: QueueRings,
+    /// Our ends of the worker's doorbells, to hand to another worker when
+    /// the queue moves.
+    worker_kick: Doorbell,
+    worker_call: Doorbell,
 }
 
 #[derive(Default)]
@@ -156,6 +160,8 @@ impl BlkDevice {
             )
             .map_err(internal)?;
         let (requests, completions) = rings.frontend_end();
+        let kick_copy = worker_kick.try_clone().map_err(VuError::ReqHandlerError)?;
+        let call_copy = worker_call.try_clone().map_err(VuError::ReqHandlerError)?;
         let v = &mut self.vrings[index];
         let kick = v
             .kick
@@ -195,7 +201,9 @@ impl BlkDevice {
         v.running = Some(Running {
             control,
             thread,
-            _rings: rings,
+            rings,
+            worker_kick: kick_copy,
+            worker_call: call_copy,
         });
         tracing::debug!(export = %self.export, queue = index, size, "queue started");
         Ok(())
@@ -258,6 +266,77 @@ impl BlkDevice {
             self.maybe_start(i)?;
         }
         Ok(())
+    }
+
+    /// Moves a queue to the worker on `socket`, live: the queue thread stops
+    /// taking guest requests and waits for the in-flight ones, the old
+    /// worker detaches, the new one opens the graph (if it had no queue of
+    /// this export yet), gets the memory table, and attaches the same ring;
+    /// then the queue resumes. No request fails.
+    pub fn move_queue(
+        &mut self,
+        queue: u32,
+        worker: &str,
+        socket: &str,
+        plan: &blkmesh_proto::v1::ExportPlan,
+    ) -> Result<(), String> {
+        let table = self
+            .mem
+            .as_ref()
+            .map(|m| Arc::clone(&m.lock().unwrap_or_else(|p| p.into_inner())));
+        let mem = table.as_ref().map(|t| t.for_worker());
+        let mem_ref = mem.as_ref().map(|(r, f)| (r.as_slice(), f.as_slice()));
+        let Some(running) = self
+            .vrings
+            .get(queue as usize)
+            .and_then(|v| v.running.as_ref())
+        else {
+            // Not running: the next start attaches to the new worker.
+            return self
+                .links
+                .retarget(queue, worker, socket, plan, mem_ref)
+                .map_err(|e| e.to_string());
+        };
+        if !running.control.drain(PAUSE_TIMEOUT) {
+            running.control.resume();
+            return Err(format!("queue {queue} did not drain"));
+        }
+        let result = (|| {
+            self.links.detach(queue).map_err(|e| e.to_string())?;
+            self.links
+                .retarget(queue, worker, socket, plan, mem_ref)
+                .map_err(|e| e.to_string())?;
+            let layout = running.rings.layout();
+            self.links
+                .attach(
+                    queue,
+                    layout.entries(),
+                    layout.max_segments(),
+                    running.rings.fd(),
+                    &running.worker_kick,
+                    &running.worker_call,
+                )
+                .map_err(|e| e.to_string())
+        })();
+        if result.is_err() {
+            // Put the queue back on whichever worker the links point at
+            // (the old one if the new one could not be reached).
+            let layout = running.rings.layout();
+            if let Err(e) = self.links.attach(
+                queue,
+                layout.entries(),
+                layout.max_segments(),
+                running.rings.fd(),
+                &running.worker_kick,
+                &running.worker_call,
+            ) {
+                tracing::error!(export = %self.export, queue, "re-attach after a failed move: {e}");
+            }
+        }
+        running.control.resume();
+        // Wake the new worker for anything published meanwhile.
+        running.worker_kick.ring();
+        result
     }
 
     /// Stops everything (the VMM went away).

@@ -39,8 +39,13 @@ pub struct ExportServer {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<UnixStream>>>,
+    /// The device of the connected VMM, if any.
+    device: CurrentDevice,
+    links: Arc<WorkerLinks>,
     thread: Option<JoinHandle<()>>,
 }
+
+type CurrentDevice = Arc<Mutex<Option<Arc<Mutex<BlkDevice>>>>>;
 
 impl ExportServer {
     /// Opens the graph on the workers and starts listening for the VMM.
@@ -95,13 +100,16 @@ impl ExportServer {
         let stop = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Mutex::new(None));
         let links = Arc::new(links);
+        let device: CurrentDevice = Arc::new(Mutex::new(None));
         let thread = {
             let stop = Arc::clone(&stop);
             let conn = Arc::clone(&conn);
+            let device = Arc::clone(&device);
+            let links = Arc::clone(&links);
             let id = e.id.clone();
             std::thread::Builder::new()
                 .name(format!("vu-{id}"))
-                .spawn(move || serve(listener, id, cfg, dev, links, stop, conn))
+                .spawn(move || serve(listener, id, cfg, dev, links, stop, conn, device))
                 .map_err(listen_err)?
         };
         tracing::info!(export = %e.id, socket = %e.socket, size = limits.size, "export listening");
@@ -110,8 +118,47 @@ impl ExportServer {
             socket,
             stop,
             conn,
+            device,
+            links,
             thread: Some(thread),
         })
+    }
+
+    /// Whether `new` differs from the served plan only in where queues run.
+    pub fn only_placement_changed(&self, new: &ExportPlan) -> bool {
+        self.plan.export == new.export
+            && self.plan.nodes == new.nodes
+            && self.plan.queues != new.queues
+    }
+
+    /// Moves the queues whose worker changed in `new`, live.
+    pub fn apply_placement(&mut self, new: ExportPlan) -> Result<(), String> {
+        let device = self
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for ep in &new.queues {
+            if self.links.worker_socket(ep.queue).as_deref() == Some(ep.worker_socket.as_str()) {
+                continue;
+            }
+            let moved = match &device {
+                Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).move_queue(
+                    ep.queue,
+                    &ep.worker,
+                    &ep.worker_socket,
+                    &new,
+                ),
+                None => self
+                    .links
+                    .retarget(ep.queue, &ep.worker, &ep.worker_socket, &new, None)
+                    .map_err(|e| e.to_string()),
+            };
+            moved.map_err(|e| format!("queue {} to {}: {e}", ep.queue, ep.worker))?;
+            tracing::info!(queue = ep.queue, worker = %ep.worker, "queue moved");
+        }
+        self.plan = new;
+        Ok(())
     }
 
     /// Stops serving: disconnects the VMM, stops the queues, removes the socket.
@@ -137,6 +184,7 @@ impl Drop for ExportServer {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     listener: UnixListener,
     id: String,
@@ -145,6 +193,7 @@ fn serve(
     links: Arc<WorkerLinks>,
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<UnixStream>>>,
+    current: CurrentDevice,
 ) {
     while !stop.load(Ordering::Acquire) {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -172,6 +221,7 @@ fn serve(
             Arc::clone(&dev),
             Arc::clone(&links),
         )));
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&device));
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
         loop {
             if let Err(e) = handler.handle_request() {
@@ -186,6 +236,7 @@ fn serve(
             }
         }
         drop(handler);
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         device
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -34,6 +34,16 @@ impl Exports {
         if self.servers.get(&id).is_some_and(|s| s.plan == plan) {
             return;
         }
+        if let Some(server) = self.servers.get_mut(&id) {
+            if server.only_placement_changed(&plan) {
+                match server.apply_placement(plan.clone()) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::error!(export = %id, "live move failed, restarting the export: {e}")
+                    }
+                }
+            }
+        }
         if let Some(old) = self.servers.remove(&id) {
             old.stop();
         }

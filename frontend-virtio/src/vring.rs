@@ -37,7 +37,11 @@ pub type SharedMem = Arc<Mutex<Arc<MemTable>>>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Command {
     Run,
+    /// Stop taking guest requests until the worker has taken the ring's.
     Pause,
+    /// Stop taking guest requests until every in-flight one has completed
+    /// (before the queue moves to another worker).
+    Drain,
     Stop,
 }
 
@@ -80,7 +84,17 @@ impl VringControl {
     /// Stops taking guest requests and waits until the worker has taken every
     /// request already on the ring. False on timeout.
     pub fn pause(&self, timeout: Duration) -> bool {
-        self.set(Command::Pause);
+        self.quiesce(Command::Pause, timeout)
+    }
+
+    /// Stops taking guest requests and waits until every request in flight
+    /// has completed. False on timeout.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        self.quiesce(Command::Drain, timeout)
+    }
+
+    fn quiesce(&self, how: Command, timeout: Duration) -> bool {
+        self.set(how);
         let deadline = Instant::now() + timeout;
         let mut g = self.lock();
         while !g.paused {
@@ -114,7 +128,7 @@ impl VringControl {
         let mut g = self.lock();
         g.paused = true;
         self.cv.notify_all();
-        while g.command == Command::Pause {
+        while matches!(g.command, Command::Pause | Command::Drain) {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.paused = false;
@@ -223,7 +237,10 @@ impl Vring {
             }
             progress |= self.finish_completions(&mem);
             match cmd {
-                Command::Pause if self.s.requests.unconsumed() == 0 => {
+                Command::Pause | Command::Drain
+                    if self.s.requests.unconsumed() == 0
+                        && (cmd == Command::Pause || self.inflight == 0) =>
+                {
                     if self.s.control.park() == Command::Stop {
                         continue;
                     }

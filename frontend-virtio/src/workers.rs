@@ -38,6 +38,7 @@ pub enum LinkError {
 
 struct Link {
     worker: String,
+    socket: String,
     channel: Mutex<Channel>,
 }
 
@@ -80,12 +81,46 @@ impl Link {
 
 /// One control connection per worker that serves a queue of the export.
 pub struct WorkerLinks {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
     links: Vec<Link>,
     /// Queue index → link index.
     by_queue: Vec<usize>,
 }
 
+fn connect(worker: &str, socket: &str) -> Result<Link, LinkError> {
+    let err = |source| LinkError::Channel {
+        worker: worker.to_string(),
+        source,
+    };
+    let ch = Channel::connect(Path::new(socket)).map_err(err)?;
+    ch.set_timeout(Some(CALL_TIMEOUT)).map_err(err)?;
+    Ok(Link {
+        worker: worker.to_string(),
+        socket: socket.to_string(),
+        channel: Mutex::new(ch),
+    })
+}
+
+fn open_on(link: &Link, plan: &ExportPlan) -> Result<ipc::Limits, LinkError> {
+    let open = ipc::request::Msg::Open(ipc::OpenExport {
+        plan: Some(plan.clone()),
+    });
+    match link.call(open, &[])? {
+        ReplyResult::Opened(o) => Ok(o.limits.unwrap_or_default()),
+        _ => Err(LinkError::Protocol {
+            worker: link.worker.clone(),
+        }),
+    }
+}
+
 impl WorkerLinks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Connects to every worker of the plan and opens the graph there.
     /// Returns the links and the graph's limits.
     pub fn open(
@@ -104,16 +139,7 @@ impl WorkerLinks {
             let i = match index.get(ep.worker_socket.as_str()) {
                 Some(&i) => i,
                 None => {
-                    let err = |source| LinkError::Channel {
-                        worker: ep.worker.clone(),
-                        source,
-                    };
-                    let ch = Channel::connect(Path::new(&ep.worker_socket)).map_err(err)?;
-                    ch.set_timeout(Some(CALL_TIMEOUT)).map_err(err)?;
-                    links.push(Link {
-                        worker: ep.worker.clone(),
-                        channel: Mutex::new(ch),
-                    });
+                    links.push(connect(&ep.worker, &ep.worker_socket)?);
                     index.insert(ep.worker_socket.as_str(), links.len() - 1);
                     links.len() - 1
                 }
@@ -122,26 +148,19 @@ impl WorkerLinks {
         }
         let mut limits: Option<ipc::Limits> = None;
         for link in &links {
-            let open = ipc::request::Msg::Open(ipc::OpenExport {
-                plan: Some(plan.clone()),
-            });
-            match link.call(open, &[])? {
-                ReplyResult::Opened(o) => {
-                    let l = o.limits.unwrap_or_default();
-                    if limits.is_some_and(|prev| prev != l) {
-                        return Err(LinkError::LimitsDiffer);
-                    }
-                    limits = Some(l);
-                }
-                _ => {
-                    return Err(LinkError::Protocol {
-                        worker: link.worker.clone(),
-                    })
-                }
+            let l = open_on(link, plan)?;
+            if limits.is_some_and(|prev| prev != l) {
+                return Err(LinkError::LimitsDiffer);
             }
+            limits = Some(l);
         }
         let limits = limits.ok_or(LinkError::NoWorker(0))?;
-        Ok((WorkerLinks { links, by_queue }, limits))
+        Ok((
+            WorkerLinks {
+                inner: Mutex::new(Inner { links, by_queue }),
+            },
+            limits,
+        ))
     }
 
     /// Sends the memory table to every worker.
@@ -150,7 +169,7 @@ impl WorkerLinks {
         regions: &[ipc::MemRegion],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), LinkError> {
-        for link in &self.links {
+        for link in &self.lock().links {
             link.expect_ok(
                 ipc::request::Msg::SetMemTable(ipc::SetMemTable {
                     regions: regions.to_vec(),
@@ -161,11 +180,63 @@ impl WorkerLinks {
         Ok(())
     }
 
-    fn link(&self, queue: u32) -> Result<&Link, LinkError> {
-        self.by_queue
+    /// The socket of the worker serving `queue`.
+    pub fn worker_socket(&self, queue: u32) -> Option<String> {
+        let inner = self.lock();
+        inner
+            .by_queue
             .get(queue as usize)
-            .map(|&i| &self.links[i])
-            .ok_or(LinkError::NoWorker(queue))
+            .map(|&i| inner.links[i].socket.clone())
+    }
+
+    /// Points `queue` at the worker listening on `socket`, connecting to it
+    /// and opening the graph there (and sending it the memory table, if any)
+    /// if this export has no link to it yet. The queue must be detached.
+    pub fn retarget(
+        &self,
+        queue: u32,
+        worker: &str,
+        socket: &str,
+        plan: &ExportPlan,
+        mem: Option<(&[ipc::MemRegion], &[BorrowedFd<'_>])>,
+    ) -> Result<(), LinkError> {
+        let mut inner = self.lock();
+        if queue as usize >= inner.by_queue.len() {
+            return Err(LinkError::NoWorker(queue));
+        }
+        let i = match inner.links.iter().position(|l| l.socket == socket) {
+            Some(i) => i,
+            None => {
+                let link = connect(worker, socket)?;
+                open_on(&link, plan)?;
+                if let Some((regions, fds)) = mem {
+                    link.expect_ok(
+                        ipc::request::Msg::SetMemTable(ipc::SetMemTable {
+                            regions: regions.to_vec(),
+                        }),
+                        fds,
+                    )?;
+                }
+                inner.links.push(link);
+                inner.links.len() - 1
+            }
+        };
+        inner.by_queue[queue as usize] = i;
+        Ok(())
+    }
+
+    fn with_link<T>(
+        &self,
+        queue: u32,
+        f: impl FnOnce(&Link) -> Result<T, LinkError>,
+    ) -> Result<T, LinkError> {
+        let inner = self.lock();
+        let link = inner
+            .by_queue
+            .get(queue as usize)
+            .map(|&i| &inner.links[i])
+            .ok_or(LinkError::NoWorker(queue))?;
+        f(link)
     }
 
     /// Hands a queue's rings and eventfds to its worker.
@@ -178,21 +249,25 @@ impl WorkerLinks {
         kick: &impl AsFd,
         call: &impl AsFd,
     ) -> Result<(), LinkError> {
-        self.link(queue)?.expect_ok(
-            ipc::request::Msg::AttachQueue(ipc::AttachQueue {
-                queue,
-                entries,
-                max_segments,
-            }),
-            &[ring, kick.as_fd(), call.as_fd()],
-        )
+        self.with_link(queue, |l| {
+            l.expect_ok(
+                ipc::request::Msg::AttachQueue(ipc::AttachQueue {
+                    queue,
+                    entries,
+                    max_segments,
+                }),
+                &[ring, kick.as_fd(), call.as_fd()],
+            )
+        })
     }
 
     /// Tells a queue's worker to stop serving it.
     pub fn detach(&self, queue: u32) -> Result<(), LinkError> {
-        self.link(queue)?.expect_ok(
-            ipc::request::Msg::DetachQueue(ipc::DetachQueue { queue }),
-            &[],
-        )
+        self.with_link(queue, |l| {
+            l.expect_ok(
+                ipc::request::Msg::DetachQueue(ipc::DetachQueue { queue }),
+                &[],
+            )
+        })
     }
 }
