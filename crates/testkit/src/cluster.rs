@@ -78,6 +78,8 @@ pub struct ExportOpts {
     pub writable: bool,
     pub logical_block_size: u32,
     pub serial: String,
+    /// Spread the queues over the workers.
+    pub spread_queues: bool,
 }
 
 impl ExportOpts {
@@ -88,6 +90,12 @@ impl ExportOpts {
             node: node.to_string(),
             ..ExportOpts::default()
         }
+    }
+
+    /// Spreads the queues over the workers.
+    pub fn spread(mut self) -> Self {
+        self.spread_queues = true;
+        self
     }
 
     /// Makes the export writable.
@@ -509,6 +517,7 @@ impl Cluster {
             logical_block_size: opts.logical_block_size,
             writable: opts.writable,
             serial: opts.serial,
+            spread_queues: opts.spread_queues,
         })?;
         if wait_for_path(&socket, true, SOCKET_TIMEOUT) {
             Ok(socket)
