@@ -42,6 +42,9 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub queues: u32,
+    /// Spread the export's queues over the workers (round robin).
+    #[arg(long)]
+    pub spread: bool,
     /// Export a null device of --size (reads zeroes, drops writes) instead of
     /// an image: for measuring blkmesh's own overhead.
     #[arg(long)]

@@ -79,6 +79,8 @@ pub struct DiskWish<'a> {
     pub image: &'a Path,
     /// Export a null device of this size instead of the image.
     pub null_size: Option<u64>,
+    /// Spread the export's queues over the workers.
+    pub spread: bool,
     pub socket: &'a Path,
     pub queues: u32,
 }
@@ -179,7 +181,7 @@ pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provi
                         logical_block_size: 0,
                         writable: true,
                         serial: String::new(),
-                        spread_queues: false,
+                        spread_queues: wish.spread,
                     }),
                 })
                 .await

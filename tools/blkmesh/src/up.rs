@@ -341,6 +341,7 @@ async fn start(
         &DiskWish {
             image: &layout.image,
             null_size: args.null.then_some(args.size),
+            spread: args.spread,
             socket: &layout.socket,
             queues: args.queues,
         },
@@ -497,6 +498,7 @@ mod tests {
             workers: 2,
             queues: 1,
             null: false,
+            spread: false,
             listen: "127.0.0.1:0".parse().unwrap(),
         }
     }
