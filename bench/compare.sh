@@ -43,7 +43,7 @@ QUIET_PCT=${QUIET_PCT:-10}
 QUIET_WAIT=${QUIET_WAIT:-30}
 NOISY_PCT=${NOISY_PCT:-10}
 NOISY_RETRIES=${NOISY_RETRIES:-2}
-EXPORT_QUEUES=1
+EXPORT_QUEUES=${EXPORT_QUEUES:-1}
 
 # name|rw|bs|qd|queues — the first is the headline.
 WORKLOAD_LIST=(
@@ -51,8 +51,14 @@ WORKLOAD_LIST=(
     "4k-randwrite-qd32|randwrite|4k|32|1"
     "64k-read-qd8|read|64k|8|1"
     "4k-randread-qd1|randread|4k|1|1"
+    "4k-randread-qd32-q2|randread|4k|32|2"
+    "4k-randread-qd32-q4|randread|4k|32|4"
 )
-WORKLOADS=${WORKLOADS:-$(printf '%s\n' "${WORKLOAD_LIST[@]}" | cut -d'|' -f1 | tr '\n' ' ')}
+# Default: the workloads whose queue count is the export's.
+WORKLOADS=${WORKLOADS:-$(printf '%s\n' "${WORKLOAD_LIST[@]}" | awk -F'|' -v q="$EXPORT_QUEUES" '$5 == q { print $1 }' | tr '\n' ' ')}
+# blkmesh's workers, and whether the export's queues are spread over them.
+BLKMESH_WORKERS=${BLKMESH_WORKERS:-1}
+BLKMESH_SPREAD=${BLKMESH_SPREAD:+--spread}
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "compare.sh: $*"; exit 1; }
@@ -157,15 +163,15 @@ expand() {
 }
 
 # ======================== BLKMESH START-UP: EDIT HERE ========================
-# blkmesh's one-command launcher does not exist yet. When it does, make these
-# defaults match its real CLI (or set BLKMESH_START_FILE / BLKMESH_START_NULL).
+# blkmesh is started with `blkmesh up` (override with BLKMESH_START_FILE /
+# BLKMESH_START_NULL).
 # Requirements: serve a vhost-user-blk export of the image (file, page cache,
 # io_uring, like qsd's cache.direct=off,aio=io_uring) or of a null device that
 # reads zeroes, with $EXPORT_QUEUES queue(s), on @SOCKET@; stay in the
 # foreground; exit on SIGTERM. taskset pins it and all its child processes.
 BLKMESH_OVERRIDE=${BLKMESH_START_FILE:+1}${BLKMESH_START_NULL:+1}
-BLKMESH_START_FILE=${BLKMESH_START_FILE:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-file --listen 127.0.0.1:0 --workers 1 --image @IMAGE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
-BLKMESH_START_NULL=${BLKMESH_START_NULL:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-null --listen 127.0.0.1:0 --workers 1 --null --size @SIZE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
+BLKMESH_START_FILE=${BLKMESH_START_FILE:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-file --listen 127.0.0.1:0 --workers $BLKMESH_WORKERS $BLKMESH_SPREAD --image @IMAGE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
+BLKMESH_START_NULL=${BLKMESH_START_NULL:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-null --listen 127.0.0.1:0 --workers $BLKMESH_WORKERS $BLKMESH_SPREAD --null --size @SIZE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
 # =============================================================================
 
 start_blkmesh_file() {
