@@ -395,3 +395,79 @@ fn statistics_reach_the_manager_from_frontend_and_worker() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn absent_nvme_and_vdpa_hardware_fails_clearly_without_hanging() {
+    use blkmesh_proto::v1::{NvmeIoUringOptions, VirtioBlkVhostVdpaOptions};
+    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    // Character devices that are not NVMe or vDPA devices.
+    let client = cluster.client();
+    client
+        .add_node(node(
+            "nv",
+            Driver::NvmeIoUring(NvmeIoUringOptions {
+                path: "/dev/null".into(),
+                read_only: false,
+            }),
+        ))
+        .unwrap();
+    client
+        .add_node(node(
+            "vd",
+            Driver::VirtioBlkVhostVdpa(VirtioBlkVhostVdpaOptions {
+                path: "/dev/zero".into(),
+                read_only: false,
+            }),
+        ))
+        .unwrap();
+    // A path that does not exist is refused at once by the manager.
+    let missing = client
+        .add_node(node(
+            "gone",
+            Driver::NvmeIoUring(NvmeIoUringOptions {
+                path: "/dev/ng-does-not-exist".into(),
+                read_only: false,
+            }),
+        ))
+        .unwrap_err();
+    assert_eq!(
+        missing.code(),
+        Some(tonic::Code::InvalidArgument),
+        "{missing}"
+    );
+    for id in ["nv", "vd"] {
+        client
+            .add_export(blkmesh_proto::v1::VhostUserBlkExport {
+                id: id.into(),
+                node: id.into(),
+                socket: cluster
+                    .run_dir()
+                    .join(format!("{id}.sock"))
+                    .display()
+                    .to_string(),
+                writable: true,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    // The worker refuses to open them at once, with the driver's reason.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap_or_default();
+        if log.contains("node nv: open /dev/null") && log.contains("node vd: open /dev/zero") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no clear open error: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The worker is still healthy: a good export next to them works.
+    cluster.add_null("ok", 8 * MIB).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("ok", "ok").writable())
+        .unwrap();
+    ok(&io(
+        &cluster,
+        &socket,
+        &["-c", "write 0 4k", "-c", "read -P 0 0 4k"],
+    ));
+}
