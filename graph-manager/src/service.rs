@@ -1,6 +1,6 @@
 //! The gRPC services and the shared, locked manager state behind them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
@@ -25,10 +25,10 @@ use blkmesh_proto::v1::{
     AddExportRequest, AddExportResponse, AddNodeRequest, AddNodeResponse, DrainWorkerRequest,
     DrainWorkerResponse, ExportInfo, ExportPlan, FrontendEvent, FrontendHello, GetNodeRequest,
     GetNodeResponse, ListExportsRequest, ListExportsResponse, ListNodesRequest, ListNodesResponse,
-    ListWorkersRequest, ListWorkersResponse, MoveQueueRequest, MoveQueueResponse, MovedQueue,
-    NodeInfo, NodeSpec, QueueAssignment, QueueEndpoint, RemoveExportRequest, RemoveExportResponse,
-    RemoveNodeRequest, RemoveNodeResponse, WorkerAccepted, WorkerEvent, WorkerHello, WorkerInfo,
-    WorkerState,
+    ListWorkersRequest, ListWorkersResponse, MoveNodeRequest, MoveNodeResponse, MoveQueueRequest,
+    MoveQueueResponse, MovedQueue, NodeInfo, NodeSpec, QueueAssignment, QueueEndpoint,
+    RemoveExportRequest, RemoveExportResponse, RemoveNodeRequest, RemoveNodeResponse,
+    WorkerAccepted, WorkerEvent, WorkerHello, WorkerInfo, WorkerState,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -788,19 +788,7 @@ impl WorkerApi {
             )
             .into());
         }
-        if !inner.state.workers.contains_key(worker) {
-            return Err(ApiError::UnknownWorker {
-                field: "worker",
-                name: worker.to_string(),
-            });
-        }
-        if !inner.live_workers.contains_key(worker) {
-            return Err(GraphError::precondition(
-                "worker",
-                format!("worker {worker:?} is not alive; queues can only move to a live worker"),
-            )
-            .into());
-        }
+        Self::check_target(&inner, worker)?;
         let from = rec.queues[queue as usize].clone();
         if from == worker {
             return Ok(export_info(&inner.state, rec));
@@ -814,6 +802,81 @@ impl WorkerApi {
         Self::push_plans(&mut inner, &[id]);
         let rec = &inner.state.exports[id];
         Ok(export_info(&inner.state, rec))
+    }
+
+    /// Checks that `worker` is known and alive, as a move destination.
+    fn check_target(inner: &Inner, worker: &str) -> Result<(), ApiError> {
+        if !inner.state.workers.contains_key(worker) {
+            return Err(ApiError::UnknownWorker {
+                field: "worker",
+                name: worker.to_string(),
+            });
+        }
+        if !inner.live_workers.contains_key(worker) {
+            return Err(GraphError::precondition(
+                "worker",
+                format!("worker {worker:?} is not alive; queues can only move to a live worker"),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Moves every queue of every export whose graph contains `node` to
+    /// `worker` (a live worker). Queues already there are not listed.
+    fn move_node(&self, node: &str, worker: &str) -> Result<Vec<MovedQueue>, ApiError> {
+        let mut inner = self.0.lock();
+        if !inner.state.graph.contains(node) {
+            return Err(GraphError::NotFound {
+                field: "node",
+                kind: ObjectKind::Node,
+                name: node.to_string(),
+            }
+            .into());
+        }
+        Self::check_target(&inner, worker)?;
+        // `node` and everything above it: an export's graph contains `node`
+        // iff its root is one of these.
+        let mut above: BTreeSet<&str> = BTreeSet::new();
+        let mut stack = vec![node];
+        while let Some(name) = stack.pop() {
+            if above.insert(name) {
+                stack.extend(inner.state.graph.users_of(name));
+            }
+        }
+        let moved: Vec<MovedQueue> = inner
+            .state
+            .exports
+            .values()
+            .filter(|r| above.contains(r.export.node.as_str()))
+            .flat_map(|r| {
+                r.queues
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.as_str() != worker)
+                    .map(|(i, from)| MovedQueue {
+                        export: r.export.id.clone(),
+                        queue: i as u32,
+                        from: from.clone(),
+                        to: worker.to_string(),
+                    })
+            })
+            .collect();
+        if moved.is_empty() {
+            return Ok(moved);
+        }
+        let mut next = inner.state.clone();
+        for m in &moved {
+            if let Some(r) = next.exports.get_mut(&m.export) {
+                r.queues[m.queue as usize] = worker.to_string();
+            }
+        }
+        self.0.commit(&mut inner, next)?;
+        let mut ids: Vec<&str> = moved.iter().map(|m| m.export.as_str()).collect();
+        ids.dedup();
+        tracing::info!(%node, to = %worker, queues = moved.len(), exports = ids.len(), "node moved");
+        Self::push_plans(&mut inner, &ids);
+        Ok(moved)
     }
 
     /// Moves every queue off `worker` to the least loaded other live workers.
@@ -962,6 +1025,15 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<DrainWorkerResponse>, Status> {
         let moved = self.drain(&request.into_inner().worker)?;
         Ok(Response::new(DrainWorkerResponse { moved }))
+    }
+
+    async fn move_node(
+        &self,
+        request: Request<MoveNodeRequest>,
+    ) -> Result<Response<MoveNodeResponse>, Status> {
+        let r = request.into_inner();
+        let moved = WorkerApi::move_node(self, &r.node, &r.worker)?;
+        Ok(Response::new(MoveNodeResponse { moved }))
     }
 }
 

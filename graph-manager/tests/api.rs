@@ -1513,3 +1513,112 @@ async fn drain_worker_errors() {
     assert_eq!(w[0].queues, ["e0/0", "e0/1"]);
     m.stop().await.unwrap();
 }
+
+// ----- MoveNode -----
+
+async fn move_node(
+    c: &mut Clients,
+    node: &str,
+    worker: &str,
+) -> Result<Vec<MovedQueue>, tonic::Status> {
+    c.workers
+        .move_node(MoveNodeRequest {
+            node: node.into(),
+            worker: worker.into(),
+        })
+        .await
+        .map(|r| r.into_inner().moved)
+}
+
+#[tokio::test]
+async fn move_node_moves_every_export_above_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    add_node(&mut c, null("base", 4096)).await.unwrap();
+    add_node(&mut c, raw("r", "base", 0, 0)).await.unwrap();
+    add_node(&mut c, null("other", 4096)).await.unwrap();
+    let mut e = export("A", "r", "/tmp/a.sock");
+    e.num_queues = 3;
+    add_export(&mut c, e).await.unwrap();
+    add_export(&mut c, export("B", "other", "/tmp/b.sock"))
+        .await
+        .unwrap();
+    let _b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    // A/1 is already on wb: not listed.
+    move_queue(&mut c, "A", 1, "wb").await.unwrap();
+    let mut fe = frontend(&mut c).await;
+    for _ in 0..2 {
+        next_upsert(&mut fe).await;
+    }
+
+    let moved = move_node(&mut c, "base", "wb").await.unwrap();
+    let got: Vec<_> = moved
+        .iter()
+        .map(|m| (m.export.as_str(), m.queue, m.from.as_str(), m.to.as_str()))
+        .collect();
+    assert_eq!(got, [("A", 0, "wa", "wb"), ("A", 2, "wa", "wb")]);
+    let plan = next_upsert(&mut fe).await;
+    assert_eq!(plan.export.as_ref().unwrap().id, "A");
+    assert_eq!(plan_workers(&plan), [("wb", "/tmp/wb.sock"); 3]);
+    let names: Vec<_> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["r", "base"]);
+
+    // Everything already there: nothing moves, nothing is pushed.
+    assert!(move_node(&mut c, "r", "wb").await.unwrap().is_empty());
+    // The next event the frontend sees is the next real change (B's).
+    let moved = move_node(&mut c, "other", "wb").await.unwrap();
+    assert_eq!(moved.len(), 1);
+    let plan = next_upsert(&mut fe).await;
+    assert_eq!(plan.export.as_ref().unwrap().id, "B");
+
+    drop(fe);
+    drop(c);
+    within("stop", m.stop()).await.unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let w = workers(&mut c).await;
+    assert!(w[0].queues.is_empty(), "{w:?}");
+    assert_eq!(w[1].queues, ["A/0", "A/1", "A/2", "B/0"], "persisted");
+    m.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn move_node_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+    let _a = register_worker(&mut c, "wa", "/tmp/wa.sock").await;
+    let b = register_worker(&mut c, "wb", "/tmp/wb.sock").await;
+    add_node(&mut c, null("n0", 4096)).await.unwrap();
+    add_node(&mut c, null("free", 4096)).await.unwrap();
+    let mut e = export("e0", "n0", "/tmp/e0.sock");
+    e.num_queues = 2;
+    add_export(&mut c, e).await.unwrap();
+
+    assert_status(
+        move_node(&mut c, "nope", "wz").await,
+        Code::NotFound,
+        "node: node \"nope\" not found",
+    );
+    assert_status(
+        move_node(&mut c, "n0", "wz").await,
+        Code::NotFound,
+        "worker: worker \"wz\" not found",
+    );
+    // A node no export uses: success, nothing moved.
+    assert!(move_node(&mut c, "free", "wb").await.unwrap().is_empty());
+    drop(b);
+    wait_worker_state(&mut c, "wb", WorkerState::Gone).await;
+    assert_status(
+        move_node(&mut c, "n0", "wb").await,
+        Code::FailedPrecondition,
+        "worker: worker \"wb\" is not alive",
+    );
+    // Nothing changed.
+    let w = workers(&mut c).await;
+    assert_eq!(w[0].queues, ["e0/0", "e0/1"]);
+    assert!(w[1].queues.is_empty());
+    m.stop().await.unwrap();
+}
