@@ -24,9 +24,10 @@ use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
     AddExportRequest, AddNodeRequest, Bucket, DrainWorkerRequest, FaultInjectionOptions, FaultRule,
     GetNodeRequest, GetStatsRequest, IoUringOptions, ListExportsRequest, ListNodesRequest,
-    ListWorkersRequest, MoveQueueRequest, NodeSpec, NullOptions, NvmeIoUringOptions, RawOptions,
-    RemoveExportRequest, RemoveNodeRequest, ThrottleLimits, ThrottleOptions, VhostUserBlkExport,
-    VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, WatchEventsRequest,
+    ListWorkersRequest, MoveNodeRequest, MoveQueueRequest, NodeSpec, NullOptions,
+    NvmeIoUringOptions, RawOptions, RemoveExportRequest, RemoveNodeRequest, ThrottleLimits,
+    ThrottleOptions, VhostUserBlkExport, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
+    WatchEventsRequest,
 };
 use clap::{Args, Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -211,6 +212,14 @@ enum NodeCmd {
     List,
     /// Show one node.
     Info { name: String },
+    /// Move every queue of every export whose graph contains a node to one
+    /// (live) worker, without failing any request.
+    Move {
+        /// The node.
+        node: String,
+        /// Destination worker.
+        worker: String,
+    },
 }
 
 /// The limits of `node add-throttle`.
@@ -528,7 +537,7 @@ async fn events(channel: Channel, out: Output, count: Option<u64>) -> Result<(),
 }
 
 async fn node(cmd: NodeCmd, channel: Channel, out: Output) -> Result<(), Failure> {
-    let mut client = NodeServiceClient::new(channel);
+    let mut client = NodeServiceClient::new(channel.clone());
     let spec = match cmd {
         NodeCmd::AddIoUring {
             name,
@@ -646,6 +655,23 @@ async fn node(cmd: NodeCmd, channel: Channel, out: Output) -> Result<(), Failure
             out.node(&node);
             return Ok(());
         }
+        NodeCmd::Move { node, worker } => {
+            let moved = WorkerServiceClient::new(channel)
+                .move_node(MoveNodeRequest {
+                    node: node.clone(),
+                    worker: worker.clone(),
+                })
+                .await?
+                .into_inner()
+                .moved;
+            out.moved(
+                &moved,
+                &format!(
+                    "no queue to move: no export over node {node} has one off worker {worker}"
+                ),
+            );
+            return Ok(());
+        }
     };
     let node = client
         .add_node(AddNodeRequest { node: Some(spec) })
@@ -746,7 +772,10 @@ async fn worker(cmd: WorkerCmd, channel: Channel, out: Output) -> Result<(), Fai
                 .await?
                 .into_inner()
                 .moved;
-            out.moved(&worker, &moved);
+            out.moved(
+                &moved,
+                &format!("worker {worker} has no queues; nothing moved"),
+            );
         }
     }
     Ok(())

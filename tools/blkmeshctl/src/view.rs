@@ -615,8 +615,8 @@ impl Output {
         print_table(&["NAME", "STATE", "PID", "QUEUES", "SOCKET"], &rows);
     }
 
-    /// The result of `worker drain`.
-    pub fn moved(&self, worker: &str, moved: &[MovedQueue]) {
+    /// The result of `worker drain` and `node move`: the queues a move changed; `nothing` is printed when there are none.
+    pub fn moved(&self, moved: &[MovedQueue], nothing: &str) {
         let views: Vec<MovedView> = moved
             .iter()
             .map(|m| MovedView {
@@ -630,7 +630,7 @@ impl Output {
             return print_json(&views);
         }
         if views.is_empty() {
-            println!("worker {worker} has no queues; nothing moved");
+            println!("{nothing}");
             return;
         }
         let rows: Vec<Vec<String>> = views

@@ -1054,3 +1054,60 @@ fn spread_move_queue_and_drain() {
         "error: FAILED_PRECONDITION: worker: no other live worker",
     );
 }
+
+#[test]
+fn node_move_moves_exports_and_reports_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &[]);
+    let a = m.url.as_str();
+    let _w0 = stand_in_worker(a, "w0");
+    ok(a, &["node", "add-null", "base", "--size", "1M"]);
+    ok(a, &["node", "add-raw", "r", "--child", "base"]);
+    ok(
+        a,
+        &[
+            "export",
+            "add",
+            "e0",
+            "--node",
+            "r",
+            "--socket",
+            "/tmp/e0.sock",
+            "--num-queues",
+            "2",
+        ],
+    );
+    let _w1 = stand_in_worker(a, "w1");
+
+    let out = ok(a, &["node", "move", "base", "w1"]);
+    assert!(
+        out.contains("EXPORT") && out.contains("FROM") && out.contains("w0") && out.contains("w1"),
+        "{out}"
+    );
+    let moved: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "move", "r", "w1"])).unwrap();
+    assert_eq!(moved, serde_json::json!([]));
+    let out = ok(a, &["node", "move", "r", "w1"]);
+    assert!(out.contains("no queue to move"), "{out}");
+    let moved: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "move", "r", "w0"])).unwrap();
+    assert_eq!(moved.as_array().unwrap().len(), 2, "{moved}");
+    assert_eq!(moved[1]["export"], "e0");
+    assert_eq!(moved[1]["queue"], 1);
+    assert_eq!(moved[1]["from"], "w1");
+    assert_eq!(moved[1]["to"], "w0");
+
+    fails(
+        a,
+        &["node", "move", "nope", "w1"],
+        1,
+        "error: NOT_FOUND: node: node \"nope\" not found",
+    );
+    fails(
+        a,
+        &["node", "move", "base", "wz"],
+        1,
+        "error: NOT_FOUND: worker: worker \"wz\" not found",
+    );
+    fails(a, &["node", "move", "base"], 2, "WORKER");
+}
