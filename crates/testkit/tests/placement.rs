@@ -117,3 +117,32 @@ fn draining_a_worker_moves_its_queues_live() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(workers_of(&cluster, "d").iter().all(|w| *w != from));
 }
+
+#[test]
+fn moving_a_node_moves_its_exports_queues_live() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let image = cluster.sparse_image("node.img", 32 * MIB);
+    cluster.add_io_uring("base", &image, false, false).unwrap();
+    cluster.add_raw("win", "base", 0, 32 * MIB).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("d", "win").writable().queues(2))
+        .unwrap();
+    let from = workers_of(&cluster, "d")[0].clone();
+    let to = if from == "worker0" {
+        "worker1"
+    } else {
+        "worker0"
+    };
+    let out = std::thread::scope(|s| {
+        let load = s.spawn(|| verify(&cluster, &socket, "2", "3"));
+        std::thread::sleep(Duration::from_millis(1000));
+        let m = cluster.ctl(["node", "move", "base", to]);
+        assert!(m.status.success(), "{m:?}");
+        load.join().unwrap()
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        workers_of(&cluster, "d"),
+        vec![to.to_string(), to.to_string()]
+    );
+}
