@@ -12,7 +12,6 @@ use std::time::Duration;
 use blkmesh_ipc::buckets::BucketSet;
 use blkmesh_proto::ipc::v1::Limits;
 use blkmesh_proto::v1::{node_spec::Driver, ExportPlan, NodeSpec};
-use blkmesh_stats::IoCounters;
 
 use crate::stages::{Faults, Stage, Throttle};
 
@@ -85,10 +84,9 @@ pub struct OpenedGraph {
     /// NO_HIDE_STALE) only works on block devices, so discard becomes a
     /// hole punch (write-zeroes that may unmap).
     pub discard_punches_holes: bool,
-    /// Statistics at the export's root node and at the leaf (the same
-    /// counters when the root is the leaf).
-    pub root_stats: Arc<IoCounters>,
-    pub leaf_stats: Arc<IoCounters>,
+    /// Names of the export's root node and of the leaf, for statistics.
+    pub root_node: String,
+    pub leaf_node: String,
 }
 
 impl OpenedGraph {
@@ -236,8 +234,8 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                     },
                     serial: serial(&export.serial, &export.id),
                     discard_punches_holes: false,
-                    root_stats: crate::stats().node(&export.node),
-                    leaf_stats: crate::stats().node(name),
+                    root_node: export.node.clone(),
+                    leaf_node: name.to_string(),
                 });
             }
             None => return Err(OpenError::inval(format!("node {name} has no driver"))),
@@ -266,8 +264,8 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
             serial: serial(&export.serial, &export.id),
             discard_punches_holes: leaf.driver == "io_uring"
                 && std::fs::metadata(leaf.path).is_ok_and(|m| m.is_file()),
-            root_stats: crate::stats().node(&export.node),
-            leaf_stats: crate::stats().node(name),
+            root_node: export.node.clone(),
+            leaf_node: name.to_string(),
         });
     }
     Err(OpenError::inval("graph deeper than 16 nodes (a cycle?)"))

@@ -28,7 +28,7 @@ use crate::bounce::{BounceBuf, BouncePool};
 use crate::graph::{Leaf, OpenedGraph, QueuePool};
 use crate::memory::RegisteredRam;
 use crate::stages::{self, Stage, Verdict};
-use blkmesh_stats::OpKind;
+use blkmesh_stats::{IoCounters, OpKind};
 
 const EV_KICK: u64 = 0;
 const EV_IO: u64 = 1;
@@ -228,6 +228,10 @@ struct QueueLoop {
     /// Completions were published while the frontend slept.
     need_kick: bool,
     poller: Poller,
+    /// This thread's counters at the root node and the leaf (`None` when
+    /// the root is the leaf).
+    root_stats: Arc<IoCounters>,
+    leaf_stats: Option<Arc<IoCounters>>,
     _rings: QueueRings,
 }
 
@@ -240,6 +244,9 @@ impl QueueLoop {
         let (rx, tx) = setup.rings.worker_end();
         let entries = setup.rings.layout().entries() as usize;
         let stages = setup.graph.stages.len();
+        let root_stats = crate::stats().node(&setup.graph.root_node);
+        let leaf_stats = (setup.graph.root_node != setup.graph.leaf_node)
+            .then(|| crate::stats().node(&setup.graph.leaf_node));
         QueueLoop {
             index: setup.index,
             rx,
@@ -261,6 +268,8 @@ impl QueueLoop {
             throttled: (0..stages).map(|_| (VecDeque::new(), 0)).collect(),
             need_kick: false,
             poller: Poller::from_env(),
+            root_stats,
+            leaf_stats,
             _rings: setup.rings,
         }
     }
@@ -344,6 +353,10 @@ impl QueueLoop {
             }
         }
         self.kick_frontend();
+        crate::stats().retire(&self.graph.root_node, &self.root_stats);
+        if let Some(leaf) = &self.leaf_stats {
+            crate::stats().retire(&self.graph.leaf_node, leaf);
+        }
         tracing::debug!(queue = self.index, "queue loop stopped");
     }
 
@@ -557,7 +570,7 @@ impl QueueLoop {
         slot.ram = Some(Arc::clone(ram));
         slot.start = Some(Instant::now());
         slot.leaf_start = None;
-        self.graph.root_stats.started();
+        self.root_stats.started();
         self.inflight += 1;
         Ok(())
     }
@@ -686,15 +699,20 @@ impl QueueLoop {
     }
 
     fn record(&self, tag: u32, result: i32) {
-        record(&self.graph, &self.slots[tag as usize], result);
+        record(
+            &self.root_stats,
+            &self.leaf_stats,
+            &self.slots[tag as usize],
+            result,
+        );
     }
 
     /// Hands a request that passed every stage to the protocol leaf.
     fn submit_leaf(&mut self, tag: u32, offset: u64) {
         let t = tag as usize;
-        if !Arc::ptr_eq(&self.graph.root_stats, &self.graph.leaf_stats) {
+        if let Some(leaf) = &self.leaf_stats {
             self.slots[t].leaf_start = Some(Instant::now());
-            self.graph.leaf_stats.started();
+            leaf.started();
         }
         let (op, flags, len) = {
             let s = &self.slots[t];
@@ -811,7 +829,7 @@ impl QueueLoop {
                         // still succeeds (as QEMU).
                         result = 0;
                     }
-                    record(&self.graph, &self.slots[tag], result);
+                    record(&self.root_stats, &self.leaf_stats, &self.slots[tag], result);
                     let slot = &mut self.slots[tag];
                     if let Some(mut bb) = slot.bounce.take() {
                         if slot.op == Some(Op::Read) && result == 0 {
@@ -874,18 +892,14 @@ impl QueueLoop {
 }
 
 /// Counts a finished request at the root and, if it got there, the leaf.
-fn record(graph: &OpenedGraph, slot: &Slot, result: i32) {
+fn record(root: &IoCounters, leaf: &Option<Arc<IoCounters>>, slot: &Slot, result: i32) {
     let kind = kind_of(slot.op.unwrap_or(Op::Flush));
     let ok = result == 0;
     if let Some(t) = slot.start {
-        graph
-            .root_stats
-            .finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
+        root.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
     }
-    if let Some(t) = slot.leaf_start {
-        graph
-            .leaf_stats
-            .finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
+    if let (Some(t), Some(leaf)) = (slot.leaf_start, leaf) {
+        leaf.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
     }
 }
 

@@ -1,8 +1,9 @@
 //! I/O statistics of the data path and their reporting to the manager.
 //!
-//! The queue threads count into [`IoCounters`] (relaxed atomics: a handful
-//! of adds per request, no lock); a [`Registry`] knows every live counter
-//! set of the process, and [`spawn_reporter`] pushes their snapshots to the
+//! Each queue thread counts into its own [`IoCounters`]: a single writer,
+//! so an update is a relaxed load and store (no locked instruction, no
+//! shared cache line between queues). A [`Registry`] knows every live
+//! counter set of the process and sums those with the same name, and [`spawn_reporter`] pushes their snapshots to the
 //! manager's `StatsService` about once a second. The manager being away
 //! costs nothing but the report.
 
@@ -77,7 +78,13 @@ impl OpCounters {
     }
 }
 
-/// Counters of one queue or node.
+/// Adds to a counter that only one thread writes.
+fn bump(a: &AtomicU64, v: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+}
+
+/// Counters of one queue, or of one queue thread's view of a node. One
+/// thread writes them (readers may see a slightly stale snapshot).
 #[derive(Debug, Default)]
 pub struct IoCounters {
     ops: [OpCounters; KINDS],
@@ -87,23 +94,22 @@ pub struct IoCounters {
 impl IoCounters {
     /// A request started.
     pub fn started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        bump(&self.in_flight, 1);
     }
 
     /// A request finished (`started` was called for it).
     pub fn finished(&self, kind: OpKind, bytes: u64, ok: bool, latency_ns: u64) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        let f = self.in_flight.load(Ordering::Relaxed);
+        self.in_flight.store(f.saturating_sub(1), Ordering::Relaxed);
         let c = &self.ops[kind as usize];
-        c.ops.fetch_add(1, Ordering::Relaxed);
+        bump(&c.ops, 1);
         if ok {
-            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+            bump(&c.bytes, bytes);
         } else {
-            c.errors.fetch_add(1, Ordering::Relaxed);
+            bump(&c.errors, 1);
         }
-        c.sum_ns.fetch_add(latency_ns, Ordering::Relaxed);
-        c.latency[bucket_of(latency_ns)].fetch_add(1, Ordering::Relaxed);
+        bump(&c.sum_ns, latency_ns);
+        bump(&c.latency[bucket_of(latency_ns)], 1);
     }
 
     pub fn snapshot(&self) -> IoStats {
@@ -122,6 +128,8 @@ impl IoCounters {
 struct Entries {
     queues: Vec<(String, u32, Weak<IoCounters>)>,
     nodes: Vec<(String, Weak<IoCounters>)>,
+    /// Totals of node counter sets whose queue thread has ended.
+    retired: Vec<(String, IoStats)>,
 }
 
 /// Every live counter set of this process.
@@ -162,21 +170,27 @@ impl Registry {
         c
     }
 
-    /// Counters for a node (worker side), shared by everything that names it.
+    /// A new counter set for `node` (worker side), for one queue thread;
+    /// the report sums every live set of the same node. The counts of a set
+    /// that is dropped leave the report.
     pub fn node(&self, node: &str) -> Arc<IoCounters> {
         let mut e = self.lock();
-        if let Some(c) = e
-            .nodes
-            .iter()
-            .find(|(n, _)| n == node)
-            .and_then(|(_, w)| w.upgrade())
-        {
-            return c;
-        }
         let c = Arc::new(IoCounters::default());
-        e.nodes.retain(|(n, w)| w.strong_count() > 0 && n != node);
+        e.nodes.retain(|(_, w)| w.strong_count() > 0);
         e.nodes.push((node.to_string(), Arc::downgrade(&c)));
         c
+    }
+
+    /// Folds a node counter set that is going away into the node's totals,
+    /// so the node's counters never go backwards.
+    pub fn retire(&self, node: &str, counters: &IoCounters) {
+        let mut snap = counters.snapshot();
+        snap.in_flight = 0;
+        let mut e = self.lock();
+        match e.retired.iter_mut().find(|(n, _)| n == node) {
+            Some((_, total)) => *total = add(std::mem::take(total), snap),
+            None => e.retired.push((node.to_string(), snap)),
+        }
     }
 
     /// A report of every live counter set.
@@ -197,17 +211,56 @@ impl Registry {
                     })
                 })
                 .collect(),
-            nodes: e
-                .nodes
-                .iter()
-                .filter_map(|(n, w)| {
-                    w.upgrade().map(|c| NodeStats {
-                        node: n.clone(),
-                        io: Some(c.snapshot()),
-                    })
-                })
-                .collect(),
+            nodes: {
+                let mut out: Vec<NodeStats> = Vec::new();
+                let live = e
+                    .nodes
+                    .iter()
+                    .filter_map(|(n, w)| w.upgrade().map(|c| (n.clone(), c.snapshot())));
+                let retired = e.retired.iter().map(|(n, s)| (n.clone(), s.clone()));
+                for (n, snap) in live.chain(retired).collect::<Vec<_>>() {
+                    let n = &n;
+                    match out.iter_mut().find(|s| &s.node == n) {
+                        Some(s) => s.io = Some(add(s.io.take().unwrap_or_default(), snap)),
+                        None => out.push(NodeStats {
+                            node: n.clone(),
+                            io: Some(snap),
+                        }),
+                    }
+                }
+                out
+            },
         }
+    }
+}
+
+fn add_op(a: Option<OpStats>, b: Option<OpStats>) -> Option<OpStats> {
+    let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+    let (la, lb) = (a.latency.unwrap_or_default(), b.latency.unwrap_or_default());
+    let n = la.buckets.len().max(lb.buckets.len());
+    let buckets = (0..n)
+        .map(|i| la.buckets.get(i).copied().unwrap_or(0) + lb.buckets.get(i).copied().unwrap_or(0))
+        .collect();
+    Some(OpStats {
+        ops: a.ops + b.ops,
+        bytes: a.bytes + b.bytes,
+        errors: a.errors + b.errors,
+        latency: Some(LatencyHistogram {
+            buckets,
+            sum_ns: la.sum_ns + lb.sum_ns,
+        }),
+    })
+}
+
+/// Sums two snapshots.
+pub fn add(a: IoStats, b: IoStats) -> IoStats {
+    IoStats {
+        read: add_op(a.read, b.read),
+        write: add_op(a.write, b.write),
+        flush: add_op(a.flush, b.flush),
+        discard: add_op(a.discard, b.discard),
+        write_zeroes: add_op(a.write_zeroes, b.write_zeroes),
+        in_flight: a.in_flight + b.in_flight,
     }
 }
 
@@ -277,12 +330,22 @@ mod tests {
     }
 
     #[test]
-    fn dropped_counters_leave_the_report_and_names_are_shared() {
+    fn node_sets_are_summed_by_name_and_leave_when_dropped() {
         let r = Registry::default();
         let a = r.node("n");
         let b = r.node("n");
-        assert!(Arc::ptr_eq(&a, &b));
+        a.started();
+        a.finished(OpKind::Read, 512, true, 1000);
+        b.started();
+        b.finished(OpKind::Read, 1024, true, 1000);
+        let rep = r.report("s");
+        assert_eq!(rep.nodes.len(), 1);
+        let read = rep.nodes[0].io.clone().unwrap().read.unwrap();
+        assert_eq!((read.ops, read.bytes), (2, 1536));
+        r.retire("n", &a);
         drop((a, b));
-        assert!(r.report("s").nodes.is_empty());
+        let rep = r.report("s");
+        let read = rep.nodes[0].io.clone().unwrap().read.unwrap();
+        assert_eq!((read.ops, read.bytes), (1, 512), "retired counts stay");
     }
 }
