@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::memory::MemTable;
 
@@ -119,15 +119,21 @@ fn ranges(
     }
 }
 
-fn read_exact<M: GuestMemory>(mem: &M, parts: &[(u64, u64)], buf: &mut [u8]) -> bool {
+fn read_exact<M: GuestMemoryBackend>(mem: &M, parts: &[(u64, u64)], buf: &mut [u8]) -> bool {
     let mut at = 0usize;
     for &(addr, len) in parts {
         let n = len as usize;
-        if at + n > buf.len()
-            || mem
-                .read_slice(&mut buf[at..at + n], GuestAddress(addr))
-                .is_err()
-        {
+        if at + n > buf.len() {
+            return false;
+        }
+        let dst = &mut buf[at..at + n];
+        // Fast path: the range lies in one region (always, in practice);
+        // the general path walks regions.
+        let done = match mem.get_slice(GuestAddress(addr), n) {
+            Ok(s) => s.copy_to(dst) == n,
+            Err(_) => mem.read_slice(dst, GuestAddress(addr)).is_ok(),
+        };
+        if !done {
             return false;
         }
         at += n;
@@ -138,7 +144,7 @@ fn read_exact<M: GuestMemory>(mem: &M, parts: &[(u64, u64)], buf: &mut [u8]) -> 
 /// Parses a well-shaped chain (see [`check_chain`]) into an action. Data
 /// segments go into `segs` (cleared first).
 #[allow(clippy::too_many_arguments)]
-pub fn parse<M: GuestMemory>(
+pub fn parse<M: GuestMemoryBackend>(
     descs: &[Desc],
     status: u64,
     mem: &M,

@@ -18,7 +18,7 @@ use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, Segment};
 use blkmesh_stats::{IoCounters, OpKind};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::memory::MemTable;
 use crate::request::{self, Action, Desc, DeviceInfo};
@@ -450,7 +450,14 @@ impl Vring {
         st: u8,
         used_len: u32,
     ) {
-        if gm.write_obj(st, GuestAddress(status)).is_err() {
+        let written = match gm.get_slice(GuestAddress(status), 1) {
+            Ok(s) => {
+                s.copy_from(&[st]);
+                true
+            }
+            Err(_) => false,
+        };
+        if !written {
             self.log_guest_error(format_args!("status byte of chain {head} not writable"));
         }
         if let Err(e) = self.s.queue.add_used(gm, head, used_len) {
