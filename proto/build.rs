@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/blkmesh/v1/exports.proto",
         "proto/blkmesh/v1/workers.proto",
         "proto/blkmesh/v1/stats.proto",
+        "proto/blkmesh/v1/zones.proto",
         "proto/blkmesh/ipc/v1/worker.proto",
     ];
     for f in files {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what blkmesh needs on a fresh Debian 12 machine with a Rust
 # toolchain: qemu-storage-daemon (the benchmark peer and a test target),
-# and cargo-nextest (the test runner). Idempotent; quiet when all is there.
+# cargo-nextest (the test runner) and cargo-fuzz (fuzz/run.sh). Idempotent;
+# quiet when all is there.
 set -euo pipefail
 
 need_apt=()
@@ -21,6 +22,11 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "deps: installing cargo-nextest" >&2
     cargo install --locked cargo-nextest
+fi
+# cargo-fuzz (fuzz/run.sh); libFuzzer itself is built by the libfuzzer-sys crate.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "deps: installing cargo-fuzz" >&2
+    cargo install --locked cargo-fuzz
 fi
 for c in clippy rustfmt; do
     if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then

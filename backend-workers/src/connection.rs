@@ -4,17 +4,19 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use blkmesh_ipc::channel::{Channel, ChannelError};
+use blkmesh_ipc::channel::{Channel, ChannelError, MAX_MESSAGE};
 use blkmesh_ipc::guest_ram::{GuestRam, RegionSpec};
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::ring::{QueueRings, RingLayout};
 use blkmesh_proto::ipc::v1 as ipc;
+use blkmesh_proto::v1::{Zone, ZoneAction};
 use ipc::reply::Result as ReplyResult;
 use ipc::request::Msg;
 
-use crate::graph::{self, OpenedGraph};
+use crate::graph::{self, OpenedGraph, MAX_REPORT_ZONES};
 use crate::memory::RegisteredRam;
 use crate::queue::{self, QueueHandle, QueueSetup, SharedRam};
+use crate::zoned::{Action, ZoneView};
 
 struct Conn {
     graph: Option<OpenedGraph>,
@@ -135,6 +137,7 @@ impl Conn {
                 }
             }
             Some(Msg::AttachQueue(a)) => self.attach(a, fds),
+            Some(Msg::Zone(z)) => self.zone(z),
             Some(Msg::DetachQueue(d)) => match self.queues.remove(&d.queue) {
                 Some(q) => {
                     q.stop();
@@ -142,6 +145,85 @@ impl Conn {
                 }
                 None => failure(libc::ENOENT, format!("queue {} is not attached", d.queue)),
             },
+        }
+    }
+
+    /// A zone report or action on the graph (the gRPC ZoneService), in the
+    /// export's coordinates.
+    fn zone(&self, req: ipc::ZoneRequest) -> ipc::Reply {
+        let Some(graph) = &self.graph else {
+            return failure(libc::EINVAL, "zone request before open");
+        };
+        let Some(access) = &graph.zoned else {
+            return failure(libc::ENOTSUP, "the export's graph is not zoned");
+        };
+        let layer = &access.layer;
+        let zs = layer.geometry().zone_size;
+        let size = graph.limits.size;
+        let Ok(action) = ZoneAction::try_from(req.action) else {
+            return failure(libc::EINVAL, format!("unknown zone action {}", req.action));
+        };
+        let zone_failure = |e: crate::zoned::ZoneError| {
+            failure(e.errno(), format!("zone at byte {}: {e}", req.offset))
+        };
+        if action != ZoneAction::Unspecified && graph.read_only() {
+            return failure(libc::EROFS, "the export is read-only");
+        }
+        let action = match action {
+            ZoneAction::Unspecified => {
+                if req.offset >= size {
+                    return failure(
+                        libc::EINVAL,
+                        format!("offset {} is beyond the export's {size} bytes", req.offset),
+                    );
+                }
+                let max = match req.max_zones {
+                    0 => MAX_REPORT_ZONES,
+                    n => n.min(MAX_REPORT_ZONES),
+                };
+                let first = access.first + (req.offset / zs) as u32;
+                let mut views = Vec::new();
+                if let Err(e) = layer.report(first, access.zones().end, max as usize, &mut views) {
+                    return zone_failure(e);
+                }
+                // As many as one message carries; the caller asks again
+                // from the next zone for the rest.
+                let mut room = MAX_MESSAGE - 16;
+                let mut zones = Vec::with_capacity(views.len());
+                for v in &views {
+                    let z = zone_proto(v, access.shift);
+                    let n = zone_encoded_len(&z);
+                    if n > room {
+                        break;
+                    }
+                    room -= n;
+                    zones.push(z);
+                }
+                return zones_reply(zones);
+            }
+            ZoneAction::ResetAll => {
+                return match layer.reset_all(access.zones()) {
+                    Ok(()) => zones_reply(Vec::new()),
+                    Err(e) => zone_failure(e),
+                };
+            }
+            ZoneAction::Open => Action::Open,
+            ZoneAction::Close => Action::Close,
+            ZoneAction::Finish => Action::Finish,
+            ZoneAction::Reset => Action::Reset,
+        };
+        if req.offset % zs != 0 || req.offset >= size {
+            return failure(
+                libc::EINVAL,
+                format!(
+                    "offset {} is not the start of a zone (a multiple of {zs} below {size})",
+                    req.offset
+                ),
+            );
+        }
+        match layer.manage(action, req.offset + access.shift) {
+            Ok(v) => zones_reply(vec![zone_proto(&v, access.shift)]),
+            Err(e) => zone_failure(e),
         }
     }
 
@@ -184,6 +266,262 @@ impl Conn {
                 ok()
             }
             Err(e) => failure(libc::EIO, e.to_string()),
+        }
+    }
+}
+
+fn zones_reply(zones: Vec<Zone>) -> ipc::Reply {
+    ipc::Reply {
+        result: Some(ReplyResult::Zones(ipc::Zones { zones })),
+    }
+}
+
+/// A zone as the API has it, in the export's coordinates.
+fn zone_proto(v: &ZoneView, shift: u64) -> Zone {
+    Zone {
+        start: v.start - shift,
+        length: v.len,
+        capacity: v.capacity,
+        write_pointer: v.wp.saturating_sub(shift),
+        r#type: v.zone_type as i32,
+        condition: v.cond as i32,
+    }
+}
+
+/// Bytes `z` takes as an element of a repeated field.
+fn zone_encoded_len(z: &Zone) -> usize {
+    fn varint(v: u64) -> usize {
+        (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+    }
+    let field = |v: u64| if v == 0 { 0 } else { 1 + varint(v) };
+    let body = field(z.start)
+        + field(z.length)
+        + field(z.capacity)
+        + field(z.write_pointer)
+        + field(z.r#type as u64)
+        + field(z.condition as u64);
+    1 + varint(body as u64) + body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmesh_proto::v1::{
+        node_spec::Driver, ExportPlan, NodeSpec, NullOptions, RawOptions, VhostUserBlkExport,
+        ZoneCondition, ZonedOptions,
+    };
+
+    const ZS: u64 = 64 * 1024;
+
+    fn conn() -> Conn {
+        Conn {
+            graph: None,
+            ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
+            queues: HashMap::new(),
+        }
+    }
+
+    fn plan(dir: &tempfile::TempDir, root: &str, zones: u64, writable: bool) -> ExportPlan {
+        ExportPlan {
+            export: Some(VhostUserBlkExport {
+                id: "e".into(),
+                node: root.into(),
+                socket: "/tmp/x".into(),
+                writable,
+                ..Default::default()
+            }),
+            nodes: vec![
+                NodeSpec {
+                    name: "w".into(),
+                    driver: Some(Driver::Raw(RawOptions {
+                        child: "z".into(),
+                        offset: ZS,
+                        size: 0,
+                    })),
+                },
+                NodeSpec {
+                    name: "z".into(),
+                    driver: Some(Driver::Zoned(ZonedOptions {
+                        child: "n".into(),
+                        zone_size: ZS,
+                        zone_capacity: 0,
+                        max_open_zones: 1,
+                        max_active_zones: 0,
+                        metadata_path: dir.path().join("zones").display().to_string(),
+                    })),
+                },
+                NodeSpec {
+                    name: "n".into(),
+                    driver: Some(Driver::Null(NullOptions {
+                        size: zones * ZS,
+                        latency_ns: 0,
+                    })),
+                },
+            ],
+            queues: vec![],
+            generation: 0,
+        }
+    }
+
+    fn open(c: &mut Conn, plan: ExportPlan) -> ipc::Limits {
+        let r = c.handle(
+            ipc::Request {
+                msg: Some(Msg::Open(ipc::OpenExport { plan: Some(plan) })),
+            },
+            vec![],
+        );
+        match r.result {
+            Some(ReplyResult::Opened(o)) => o.limits.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn zone(
+        c: &mut Conn,
+        action: ZoneAction,
+        offset: u64,
+        max_zones: u32,
+    ) -> Result<Vec<Zone>, (i32, String)> {
+        let r = c.handle(
+            ipc::Request {
+                msg: Some(Msg::Zone(ipc::ZoneRequest {
+                    action: action as i32,
+                    offset,
+                    max_zones,
+                })),
+            },
+            vec![],
+        );
+        match r.result {
+            Some(ReplyResult::Zones(z)) => Ok(z.zones),
+            Some(ReplyResult::Failure(f)) => Err((f.errno, f.message)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn cond(z: &Zone) -> ZoneCondition {
+        ZoneCondition::try_from(z.condition).unwrap()
+    }
+
+    #[test]
+    fn zone_requests_report_and_act_in_export_coordinates() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = conn();
+        let limits = open(&mut c, plan(&dir, "w", 8, true));
+        let info = limits.zones.unwrap();
+        assert_eq!(info.nr_zones, 7, "the window hides the first zone");
+
+        let all = zone(&mut c, ZoneAction::Unspecified, 0, 0).unwrap();
+        assert_eq!(all.len(), 7);
+        assert_eq!((all[0].start, all[6].start), (0, 6 * ZS));
+        assert!(all.iter().all(|z| cond(z) == ZoneCondition::Empty
+            && z.write_pointer == z.start
+            && z.length == ZS
+            && z.capacity == ZS
+            && z.r#type == 2));
+        let some = zone(&mut c, ZoneAction::Unspecified, 2 * ZS + 7, 2).unwrap();
+        assert_eq!(
+            some.iter().map(|z| z.start).collect::<Vec<_>>(),
+            [2 * ZS, 3 * ZS]
+        );
+
+        let z = zone(&mut c, ZoneAction::Open, ZS, 0).unwrap();
+        assert_eq!(
+            (z.len(), z[0].start, cond(&z[0])),
+            (1, ZS, ZoneCondition::ExplicitOpen)
+        );
+        // max_open_zones 1, held by an explicitly open zone.
+        let e = zone(&mut c, ZoneAction::Open, 2 * ZS, 0).unwrap_err();
+        assert_eq!(e.0, libc::ETOOMANYREFS, "{}", e.1);
+        let z = zone(&mut c, ZoneAction::Finish, ZS, 0).unwrap();
+        assert_eq!(
+            (cond(&z[0]), z[0].write_pointer),
+            (ZoneCondition::Full, 2 * ZS)
+        );
+        let e = zone(&mut c, ZoneAction::Open, ZS, 0).unwrap_err();
+        assert_eq!(e.0, libc::EBADRQC, "{}", e.1);
+        let e = zone(&mut c, ZoneAction::Close, 3 * ZS, 0).unwrap_err();
+        assert_eq!(e.0, libc::EBADRQC, "closing an empty zone: {}", e.1);
+        let z = zone(&mut c, ZoneAction::Reset, ZS, 0).unwrap();
+        assert_eq!(cond(&z[0]), ZoneCondition::Empty);
+        zone(&mut c, ZoneAction::Finish, 6 * ZS, 0).unwrap();
+        assert_eq!(
+            zone(&mut c, ZoneAction::ResetAll, 12345, 0).unwrap(),
+            vec![]
+        );
+        let all = zone(&mut c, ZoneAction::Unspecified, 0, 0).unwrap();
+        assert!(all.iter().all(|z| cond(z) == ZoneCondition::Empty));
+
+        // Bad offsets.
+        for (a, off) in [
+            (ZoneAction::Open, 512),
+            (ZoneAction::Reset, 7 * ZS),
+            (ZoneAction::Unspecified, 7 * ZS),
+        ] {
+            let e = zone(&mut c, a, off, 0).unwrap_err();
+            assert_eq!(e.0, libc::EINVAL, "{a:?} {off}: {}", e.1);
+        }
+        let r = c.handle(
+            ipc::Request {
+                msg: Some(Msg::Zone(ipc::ZoneRequest {
+                    action: 99,
+                    offset: 0,
+                    max_zones: 0,
+                })),
+            },
+            vec![],
+        );
+        assert!(matches!(r.result, Some(ReplyResult::Failure(f)) if f.errno == libc::EINVAL));
+    }
+
+    #[test]
+    fn zone_requests_need_a_zoned_writable_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = conn();
+        let e = zone(&mut c, ZoneAction::Unspecified, 0, 0).unwrap_err();
+        assert_eq!(e.0, libc::EINVAL, "before open");
+        let limits = open(&mut c, plan(&dir, "n", 8, true));
+        assert_eq!(limits.zones.unwrap().model, 0);
+        let e = zone(&mut c, ZoneAction::Unspecified, 0, 0).unwrap_err();
+        assert_eq!(e.0, libc::ENOTSUP, "{}", e.1);
+
+        let mut c = conn();
+        open(&mut c, plan(&dir, "z", 8, false));
+        assert_eq!(
+            zone(&mut c, ZoneAction::Unspecified, 0, 0).unwrap().len(),
+            8
+        );
+        let e = zone(&mut c, ZoneAction::Open, 0, 0).unwrap_err();
+        assert_eq!(e.0, libc::EROFS);
+    }
+
+    #[test]
+    fn a_long_report_fits_one_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = conn();
+        // 5000 zones, write pointers moved so every field is set.
+        open(&mut c, plan(&dir, "z", 5000, true));
+        let layer = Arc::clone(&c.graph.as_ref().unwrap().zoned.as_ref().unwrap().layer);
+        for z in 0..5000u64 {
+            let t = layer
+                .begin_write(crate::zoned::WriteKind::Write, z * ZS, 4096)
+                .unwrap();
+            layer.end_write(&t, true).unwrap();
+        }
+        let zones = zone(&mut c, ZoneAction::Unspecified, 0, 0).unwrap();
+        assert!(zones.len() > 1000 && zones.len() < 4096, "{}", zones.len());
+        let reply = zones_reply(zones.clone());
+        assert!(prost::Message::encoded_len(&reply) < MAX_MESSAGE);
+        // The next page starts where this one stopped.
+        let next = zone(&mut c, ZoneAction::Unspecified, zones.len() as u64 * ZS, 3).unwrap();
+        assert_eq!(next[0].start, zones.len() as u64 * ZS);
+        assert_eq!(next.len(), 3);
+        // The estimate of each zone's size is exact.
+        for z in &zones[..10] {
+            assert_eq!(
+                zone_encoded_len(z),
+                prost::Message::encoded_len(&ipc::Zones { zones: vec![*z] })
+            );
         }
     }
 }

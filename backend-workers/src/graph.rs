@@ -3,17 +3,34 @@
 //! The plan names a root node and carries its whole subtree. Opening walks it
 //! from the root: format nodes (`raw`) narrow a byte window, and the protocol
 //! leaf (`io_uring` through libblkio, or `null`) does the I/O. Limits propagate
-//! from the leaf up to the export, as QEMU's refresh_limits does.
+//! from the leaf up to the export, as QEMU's refresh_limits does: a
+//! fault-injection node's `max_transfer` / `max_segments` / `buf_alignment`
+//! knobs make them stricter (the smallest non-zero maximum, the largest
+//! alignment). The queue loop splits or bounces requests that break them
+//! (see `split.rs`), so the limits are a promise to the frontend, not a
+//! condition for success.
+//!
+//! Zones propagate the same way (see `zoned.rs`): a `zoned` node emulates a
+//! host-managed device over its regular child (whole zones of the child
+//! only), an `io_uring` leaf on a Linux zoned block device is passed
+//! through; raw windows above must be zone-aligned and filters pass zone
+//! operations through. The export's [`Limits::zones`] says what it sees
+//! (model NONE for a regular graph), and a zoned graph takes no discard.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blkmesh_ipc::buckets::BucketSet;
 use blkmesh_proto::ipc::v1::Limits;
-use blkmesh_proto::v1::{node_spec::Driver, ExportPlan, NodeSpec};
+use blkmesh_proto::v1::{
+    node_spec::Driver, ExportPlan, FaultInjectionOptions, NodeSpec, ZoneInfo, ZonedOptions,
+};
 
+use crate::split::min_nonzero;
 use crate::stages::{Faults, Stage, Throttle};
+use crate::zoned::{self, Geometry, SysZoned, ZoneLayer, ZoneLimits, ZonedDevice};
 
 /// Deepest graph accepted (guards against cycles in a hostile plan).
 const MAX_DEPTH: usize = 16;
@@ -87,11 +104,88 @@ pub struct OpenedGraph {
     /// Names of the export's root node and of the leaf, for statistics.
     pub root_node: String,
     pub leaf_node: String,
+    /// The zone layer, when the graph is zoned.
+    pub zoned: Option<ZoneAccess>,
 }
+
+/// How the export sees the graph's zone layer.
+#[derive(Clone, Debug)]
+pub struct ZoneAccess {
+    pub layer: Arc<ZoneLayer>,
+    /// Index of the layer's [`Stage::Zoned`] in [`OpenedGraph::stages`].
+    pub stage: usize,
+    /// Bytes the windows above the layer move requests by (a multiple of
+    /// the zone size): export offset + shift = layer offset.
+    pub shift: u64,
+    /// The layer's zones the export sees: `first..first + count`.
+    pub first: u32,
+    pub count: u32,
+    /// As reported in [`Limits::zones`].
+    pub info: ZoneInfo,
+}
+
+impl ZoneAccess {
+    /// The layer's zones the export sees.
+    pub fn zones(&self) -> std::ops::Range<u32> {
+        self.first..self.first + self.count
+    }
+}
+
+/// Largest zone append when the graph has no maximum transfer.
+pub const DEFAULT_MAX_APPEND: u64 = 1 << 20;
+
+/// Most zones a single report over the control channel carries.
+pub const MAX_REPORT_ZONES: u32 = 4096;
 
 impl OpenedGraph {
     pub fn read_only(&self) -> bool {
         self.limits.read_only
+    }
+}
+
+/// Limits the nodes above the leaf impose (the blkdebug-style knobs of
+/// fault-injection nodes), merged into the leaf's as QEMU's refresh_limits
+/// does: the strictest wins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Imposed {
+    /// Bytes; 0 = none.
+    max_transfer: u64,
+    /// 0 = none.
+    max_segments: u32,
+    /// 0 = none.
+    buf_alignment: u32,
+}
+
+impl Imposed {
+    /// Adds a fault-injection node's knobs (checked again here: the plan
+    /// comes from another process).
+    fn add(&mut self, name: &str, f: &FaultInjectionOptions) -> Result<(), OpenError> {
+        if f.max_transfer % 512 != 0 || f.max_transfer > u32::MAX as u64 * 512 {
+            return Err(OpenError::inval(format!(
+                "node {name}: max_transfer {} is not a multiple of 512 that fits 32-bit sectors",
+                f.max_transfer
+            )));
+        }
+        if f.buf_alignment != 0 && (!f.buf_alignment.is_power_of_two() || f.buf_alignment > 4096) {
+            return Err(OpenError::inval(format!(
+                "node {name}: buf_alignment {} is not a power of two up to 4096",
+                f.buf_alignment
+            )));
+        }
+        self.max_transfer = min_nonzero(self.max_transfer, f.max_transfer);
+        self.max_segments = min_nonzero(self.max_segments, f.max_segments);
+        self.buf_alignment = self.buf_alignment.max(f.buf_alignment);
+        Ok(())
+    }
+
+    /// The leaf's limits made as strict as the nodes above ask.
+    fn apply(&self, leaf: Limits) -> Limits {
+        Limits {
+            max_transfer: min_nonzero(leaf.max_transfer, self.max_transfer),
+            max_segments: min_nonzero(leaf.max_segments, self.max_segments),
+            buf_alignment: leaf.buf_alignment.max(self.buf_alignment).max(1),
+            ..leaf
+        }
     }
 }
 
@@ -103,12 +197,47 @@ struct BlkioLeaf<'a> {
     read_only: bool,
 }
 
+/// A `zoned` node met on the way down, with the windows above it (in its
+/// coordinates).
+struct ZoneMark<'a> {
+    name: &'a str,
+    opts: &'a ZonedOptions,
+    /// Where its stage goes in the list.
+    stage: usize,
+    base: u64,
+    window: Option<u64>,
+    /// The raw nodes above it: (name, offset, size).
+    raws: Vec<(&'a str, u64, u64)>,
+}
+
+/// What the walk found at the leaf.
+struct LeafFound {
+    leaf: Leaf,
+    name: String,
+    dev_size: u64,
+    /// The leaf's limits (size 0, read_only false).
+    limits: Limits,
+    read_only: bool,
+    discard_punches_holes: bool,
+    /// The leaf is a Linux zoned block device (path, what sysfs says).
+    zoned: Option<(String, SysZoned)>,
+}
+
+/// Where sysfs is (a test may point elsewhere).
+const SYS_ROOT: &str = "/sys";
+
 /// Opens the plan's graph.
 pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
     let export = plan
         .export
         .as_ref()
         .ok_or_else(|| OpenError::inval("plan has no export"))?;
+    // The manager validated the plan; the worker trusts no plan it did
+    // not check (its arithmetic relies on these bounds).
+    for node in &plan.nodes {
+        blkmesh_graph::validate_node(node)
+            .map_err(|e| OpenError::inval(format!("node {:?}: {e}", node.name)))?;
+    }
     let nodes: HashMap<&str, &NodeSpec> = plan.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let lbs = match export.logical_block_size {
         0 => 512,
@@ -127,6 +256,11 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
     let mut window: Option<u64> = None; // size limit imposed by format nodes above
     let mut read_only = !export.writable;
     let mut stages = Vec::new();
+    let mut imposed = Imposed::default();
+    // Raw nodes since the root or the zoned node: (name, offset, size).
+    let mut raws: Vec<(&str, u64, u64)> = Vec::new();
+    let mut mark: Option<ZoneMark<'_>> = None;
+    let mut found = None;
     for _ in 0..MAX_DEPTH {
         let node = nodes
             .get(name)
@@ -153,8 +287,31 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                 base = base
                     .checked_add(raw.offset)
                     .ok_or_else(|| OpenError::inval(format!("node {name}: offset overflows")))?;
+                raws.push((name, raw.offset, raw.size));
                 stages.push(Stage::Window { offset: raw.offset });
                 name = raw.child.as_str();
+                continue;
+            }
+            Some(Driver::Zoned(z)) => {
+                if let Some(m) = &mark {
+                    return Err(OpenError::inval(format!(
+                        "node {}: child {name} is zoned; a zoned node needs a regular child",
+                        m.name
+                    )));
+                }
+                // The windows above are in this node's coordinates; below
+                // it, they start again from the child.
+                mark = Some(ZoneMark {
+                    name,
+                    opts: z,
+                    stage: stages.len(),
+                    base,
+                    window,
+                    raws: std::mem::take(&mut raws),
+                });
+                base = 0;
+                window = None;
+                name = z.child.as_str();
                 continue;
             }
             Some(Driver::Throttle(t)) => {
@@ -176,6 +333,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                 continue;
             }
             Some(Driver::FaultInjection(f)) => {
+                imposed.add(name, f)?;
                 let seed = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| {
                     (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
                 });
@@ -213,14 +371,14 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                         "node {name}: null size must be a non-zero multiple of 512"
                     )));
                 }
-                let size = fit_window(name, opts.size, base, window, lbs)?;
-                return Ok(OpenedGraph {
+                found = Some(LeafFound {
                     leaf: Leaf::Null {
                         latency: Duration::from_nanos(opts.latency_ns),
                     },
-                    stages,
+                    name: name.to_string(),
+                    dev_size: opts.size,
                     limits: Limits {
-                        size,
+                        size: 0,
                         logical_block_size: lbs,
                         physical_block_size: lbs,
                         request_alignment: 1,
@@ -230,17 +388,41 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                         max_segments: 0,
                         max_discard: u32::MAX as u64 * 512,
                         max_write_zeroes: u32::MAX as u64 * 512,
-                        read_only,
+                        read_only: false,
+                        zones: None,
                     },
-                    serial: serial(&export.serial, &export.id),
+                    read_only,
                     discard_punches_holes: false,
-                    root_node: export.node.clone(),
-                    leaf_node: name.to_string(),
+                    zoned: None,
                 });
+                break;
             }
             None => return Err(OpenError::inval(format!("node {name} has no driver"))),
         };
         // A libblkio protocol leaf.
+        let sys = Path::new(SYS_ROOT);
+        let zoned_dev = match leaf.driver {
+            "io_uring" => zoned::probe_block_device(sys, Path::new(leaf.path)),
+            "nvme-io_uring" if zoned::nvme_generic_is_zoned(sys, Path::new(leaf.path)) => {
+                return Err(OpenError {
+                    errno: libc::EOPNOTSUPP,
+                    message: format!(
+                        "node {name}: {} is a zoned (ZNS) namespace, and libblkio's nvme-io_uring \
+                         driver has no zone commands; use an io_uring node on its block device \
+                         (/dev/nvme...) instead",
+                        leaf.path
+                    ),
+                });
+            }
+            _ => None,
+        };
+        if zoned_dev.is_some() && leaf.direct == Some(false) {
+            return Err(OpenError::inval(format!(
+                "node {name}: {} is a zoned block device; it needs direct: true (the page cache \
+                 does not write zones sequentially)",
+                leaf.path
+            )));
+        }
         read_only |= leaf.read_only;
         let (blkio, pool) = open_blkio(name, &leaf, read_only, num_queues)?;
         read_only |= blkio.get_bool("read-only").unwrap_or(false);
@@ -248,27 +430,206 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
             .get_u64("capacity")
             .map_err(|e| OpenError::blkio(name, "capacity", e))?;
         let limits = blkio_limits(name, &blkio, lbs)?;
-        let size = fit_window(name, dev_size, base, window, lbs)?;
-        return Ok(OpenedGraph {
+        found = Some(LeafFound {
             leaf: Leaf::Blkio {
                 driver: leaf.driver,
                 blkio: Arc::new(Mutex::new(blkio)),
                 pool,
             },
-            stages,
-            limits: Limits {
-                size,
-                read_only,
-                ..limits
-            },
-            serial: serial(&export.serial, &export.id),
+            name: name.to_string(),
+            dev_size,
+            limits,
+            read_only,
             discard_punches_holes: leaf.driver == "io_uring"
                 && std::fs::metadata(leaf.path).is_ok_and(|m| m.is_file()),
-            root_node: export.node.clone(),
-            leaf_node: name.to_string(),
+            zoned: zoned_dev.map(|z| (leaf.path.to_string(), z)),
         });
+        break;
     }
-    Err(OpenError::inval("graph deeper than 16 nodes (a cycle?)"))
+    let Some(found) = found else {
+        return Err(OpenError::inval("graph deeper than 16 nodes (a cycle?)"));
+    };
+    let mut limits = imposed.apply(found.limits);
+    limits.read_only = found.read_only;
+    let zoned = match (mark, &found.zoned) {
+        (None, None) => {
+            limits.size = fit_window(&found.name, found.dev_size, base, window, lbs)?;
+            limits.zones = Some(ZoneInfo::default());
+            None
+        }
+        (Some(m), Some((path, _))) => {
+            return Err(OpenError::inval(format!(
+                "node {}: its child is the zoned device {path}; a zoned node needs a regular \
+                 child (export the device directly: its zones pass through)",
+                m.name
+            )))
+        }
+        (Some(m), None) => {
+            // Emulation over a regular child.
+            let child_size = fit_window(&found.name, found.dev_size, base, window, lbs)?;
+            let o = m.opts;
+            let zone_size = o.zone_size;
+            let capacity = if o.zone_capacity == 0 {
+                zone_size
+            } else {
+                o.zone_capacity
+            };
+            let nr = child_size / zone_size;
+            if nr == 0 {
+                return Err(OpenError::inval(format!(
+                    "node {}: its child has {child_size} bytes, less than one zone of {zone_size}",
+                    m.name
+                )));
+            }
+            if nr > zoned::MAX_ZONES {
+                return Err(OpenError::inval(format!(
+                    "node {}: {nr} zones of {zone_size} bytes are more than the {} supported; \
+                     use larger zones",
+                    m.name,
+                    zoned::MAX_ZONES
+                )));
+            }
+            let geo = Geometry {
+                zone_size,
+                capacity,
+                nr_zones: nr as u32,
+            };
+            let zl = ZoneLimits {
+                granularity: lbs,
+                max_append: max_append(capacity, limits.max_transfer, lbs),
+                max_open: o.max_open_zones,
+                max_active: o.max_active_zones,
+            };
+            let layer = zoned::open_emulated(m.name, Path::new(&o.metadata_path), geo, zl)?;
+            stages.insert(m.stage, Stage::Zoned(Arc::clone(&layer)));
+            Some(zone_access(
+                layer,
+                m.stage,
+                m.name,
+                &m.raws,
+                m.base,
+                m.window,
+                lbs,
+                &mut limits,
+            )?)
+        }
+        (None, Some((path, sys))) => {
+            // A zoned device passed through: its zones, whole ones only.
+            if sys.zone_size == 0 || !sys.zone_size.is_power_of_two() || sys.zone_size < 4096 {
+                return Err(OpenError::inval(format!(
+                    "node {}: zoned device {path} has zones of {} bytes (not a power of two)",
+                    found.name, sys.zone_size
+                )));
+            }
+            let nr = (found.dev_size / sys.zone_size).min(sys.nr_zones as u64) as u32;
+            if nr == 0 {
+                return Err(OpenError::inval(format!(
+                    "node {}: zoned device {path} has no whole zone",
+                    found.name
+                )));
+            }
+            let granularity = sys.granularity.max(lbs);
+            let zl = ZoneLimits {
+                granularity,
+                max_append: max_append(sys.zone_size, limits.max_transfer, granularity),
+                max_open: sys.max_open,
+                max_active: sys.max_active,
+            };
+            let dev = ZonedDevice::open(path, sys, nr, found.read_only, zl)?;
+            let zl = ZoneLimits {
+                max_append: max_append(dev.geometry().capacity, limits.max_transfer, granularity),
+                ..zl
+            };
+            let dev = dev.with_limits(zl);
+            let layer = Arc::new(ZoneLayer::Device(dev));
+            let stage = stages.len();
+            stages.push(Stage::Zoned(Arc::clone(&layer)));
+            let name = found.name.clone();
+            Some(zone_access(
+                layer,
+                stage,
+                &name,
+                &raws,
+                base,
+                window,
+                lbs,
+                &mut limits,
+            )?)
+        }
+    };
+    Ok(OpenedGraph {
+        leaf: found.leaf,
+        stages,
+        limits,
+        serial: serial(&export.serial, &export.id),
+        discard_punches_holes: found.discard_punches_holes,
+        root_node: export.node.clone(),
+        leaf_node: found.name,
+        zoned,
+    })
+}
+
+/// Largest zone append: a zone's capacity, bounded by the graph's maximum
+/// transfer (or [`DEFAULT_MAX_APPEND`] without one) so that an append
+/// reaches the leaf as one request; a multiple of `granularity`.
+fn max_append(capacity: u64, max_transfer: u64, granularity: u32) -> u64 {
+    let g = granularity.max(1) as u64;
+    let m = capacity.min(if max_transfer == 0 {
+        DEFAULT_MAX_APPEND
+    } else {
+        max_transfer
+    });
+    (m - m % g).max(g)
+}
+
+/// The export's view of a zone layer whose node sees the windows
+/// `raws` (base, window) above it: every window zone-aligned, the export a
+/// whole number of zones. Sets the size, zone info and discard limit.
+#[allow(clippy::too_many_arguments)]
+fn zone_access(
+    layer: Arc<ZoneLayer>,
+    stage: usize,
+    node: &str,
+    raws: &[(&str, u64, u64)],
+    base: u64,
+    window: Option<u64>,
+    lbs: u32,
+    limits: &mut Limits,
+) -> Result<ZoneAccess, OpenError> {
+    let geo = layer.geometry();
+    let zs = geo.zone_size;
+    for (raw, offset, size) in raws {
+        if offset % zs != 0 || size % zs != 0 {
+            return Err(OpenError::inval(format!(
+                "node {raw}: over zoned node {node}, raw offset ({offset}) and size ({size}) must \
+                 be multiples of its zone size {zs}"
+            )));
+        }
+    }
+    let size = fit_window(node, geo.nr_zones as u64 * zs, base, window, lbs)?;
+    let zl = layer.limits();
+    let info = ZoneInfo {
+        model: layer.model() as i32,
+        zone_size: zs,
+        zone_capacity: geo.capacity,
+        nr_zones: (size / zs) as u32,
+        max_open_zones: zl.max_open,
+        max_active_zones: zl.max_active,
+        write_granularity: zl.granularity,
+        max_append: zl.max_append,
+    };
+    limits.size = size;
+    // Zoned devices take no discard (a reset empties a zone).
+    limits.max_discard = 0;
+    limits.zones = Some(info);
+    Ok(ZoneAccess {
+        layer,
+        stage,
+        shift: base,
+        first: (base / zs) as u32,
+        count: info.nr_zones,
+        info,
+    })
 }
 
 /// Size of the export: what is left of the leaf after `base`, bounded by the
@@ -354,13 +715,15 @@ fn blkio_limits(name: &str, b: &blkio::Blkio, lbs: u32) -> Result<Limits, OpenEr
         logical_block_size: lbs,
         physical_block_size: phys.max(lbs),
         request_alignment,
-        buf_alignment: get_i32("buf-alignment")?.max(1) as u32,
+        // A power of two by libblkio's contract; rounded up if not (stricter).
+        buf_alignment: (get_i32("buf-alignment")?.max(1) as u32).next_power_of_two(),
         optimal_io_size: get_i32("optimal-io-size").unwrap_or(0).max(0) as u32,
         max_transfer: get_i32("max-transfer").unwrap_or(0).max(0) as u64,
         max_segments: get_i32("max-segments").unwrap_or(0).max(0) as u32,
         max_discard: unlimited(get_u64("max-discard-len").unwrap_or(0)),
         max_write_zeroes: unlimited(get_u64("max-write-zeroes-len").unwrap_or(0)),
         read_only: false,
+        zones: None,
     })
 }
 
@@ -379,7 +742,9 @@ fn serial(serial: &str, id: &str) -> [u8; 20] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blkmesh_proto::v1::{IoUringOptions, NullOptions, RawOptions, VhostUserBlkExport};
+    use blkmesh_proto::v1::{
+        IoUringOptions, NullOptions, RawOptions, VhostUserBlkExport, ZoneModel,
+    };
 
     fn plan(root: &str, nodes: Vec<NodeSpec>, writable: bool) -> ExportPlan {
         ExportPlan {
@@ -392,6 +757,7 @@ mod tests {
             }),
             nodes,
             queues: vec![],
+            generation: 0,
         }
     }
 
@@ -497,6 +863,348 @@ mod tests {
         };
         let e = open(&plan("f", vec![n], true)).unwrap_err();
         assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
+    }
+
+    fn faulty(name: &str, child: &str, mt: u64, segs: u32, align: u32) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
+                child: child.into(),
+                rules: vec![],
+                max_transfer: mt,
+                max_segments: segs,
+                buf_alignment: align,
+            })),
+        }
+    }
+
+    #[test]
+    fn fault_injection_knobs_merge_strictest_wins() {
+        // Outer node: 64 KiB and alignment 512; inner: 8 KiB, 2 segments,
+        // alignment 4096. The window in between changes nothing.
+        let g = open(&plan(
+            "outer",
+            vec![
+                faulty("outer", "win", 64 << 10, 0, 512),
+                raw("win", "inner", 4096, 0),
+                faulty("inner", "n", 8192, 2, 4096),
+                null("n", 1 << 20),
+            ],
+            true,
+        ))
+        .unwrap();
+        assert_eq!(g.limits.max_transfer, 8192);
+        assert_eq!(g.limits.max_segments, 2);
+        assert_eq!(g.limits.buf_alignment, 4096);
+        assert_eq!(g.limits.size, (1 << 20) - 4096);
+        assert_eq!(g.stages.len(), 3);
+
+        // Knobs at 0 keep the leaf's own limits.
+        let g = open(&plan(
+            "f",
+            vec![faulty("f", "n", 0, 0, 0), null("n", 1 << 20)],
+            true,
+        ))
+        .unwrap();
+        assert_eq!(g.limits.max_transfer, 0);
+        assert_eq!(g.limits.max_segments, 0);
+        assert_eq!(g.limits.buf_alignment, 1);
+    }
+
+    #[test]
+    fn fault_injection_knobs_tighten_a_libblkio_leaf() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let leaf = NodeSpec {
+            name: "file".into(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: f.path().display().to_string(),
+                direct: false,
+                read_only: false,
+            })),
+        };
+        let plain = open(&plan("file", vec![leaf.clone()], true)).unwrap();
+        let g = open(&plan(
+            "f",
+            vec![faulty("f", "file", 8192, 2, 4096), leaf],
+            true,
+        ))
+        .unwrap();
+        assert_eq!(g.limits.max_transfer, 8192);
+        assert_eq!(g.limits.max_segments, 2);
+        assert_eq!(g.limits.buf_alignment, 4096);
+        // What the knobs do not touch stays the leaf's.
+        assert_eq!(g.limits.size, plain.limits.size);
+        assert_eq!(g.limits.request_alignment, plain.limits.request_alignment);
+        assert_eq!(g.limits.max_discard, plain.limits.max_discard);
+        assert!(plain.limits.buf_alignment.is_power_of_two());
+    }
+
+    #[test]
+    fn bad_fault_injection_knobs_are_refused() {
+        for (mt, align) in [(1000, 0), (0, 3000), (0, 8192)] {
+            let e = open(&plan(
+                "f",
+                vec![faulty("f", "n", mt, 0, align), null("n", 1 << 20)],
+                true,
+            ))
+            .unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{}", e.message);
+            assert!(e.message.contains("node f"), "{}", e.message);
+        }
+    }
+
+    fn zoned(name: &str, child: &str, meta: &Path, zone_size: u64, cap: u64) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Zoned(ZonedOptions {
+                child: child.into(),
+                zone_size,
+                zone_capacity: cap,
+                max_open_zones: 4,
+                max_active_zones: 6,
+                metadata_path: meta.display().to_string(),
+            })),
+        }
+    }
+
+    fn throttle(name: &str, child: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Throttle(blkmesh_proto::v1::ThrottleOptions {
+                child: child.into(),
+                limits: Some(blkmesh_proto::v1::ThrottleLimits {
+                    iops_total: Some(blkmesh_proto::v1::Bucket {
+                        rate: 1_000_000,
+                        burst: 0,
+                    }),
+                    ..Default::default()
+                }),
+                group: String::new(),
+            })),
+        }
+    }
+
+    const ZS: u64 = 1 << 20;
+
+    #[test]
+    fn a_regular_graph_reports_no_zones() {
+        let g = open(&plan("n", vec![null("n", 1 << 20)], true)).unwrap();
+        let z = g.limits.zones.unwrap();
+        assert_eq!(z.model, ZoneModel::None as i32);
+        assert!(g.zoned.is_none());
+        assert!(g.limits.max_discard > 0);
+    }
+
+    #[test]
+    fn zoned_node_emulates_whole_zones_of_its_child() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("zones");
+        // 10.5 zones of child: the half zone is not exposed.
+        let g = open(&plan(
+            "z",
+            vec![
+                zoned("z", "n", &meta, ZS, 768 << 10),
+                null("n", 10 * ZS + ZS / 2),
+            ],
+            true,
+        ))
+        .unwrap();
+        let z = g.limits.zones.unwrap();
+        assert_eq!(z.model, ZoneModel::HostManaged as i32);
+        assert_eq!(
+            (z.zone_size, z.zone_capacity, z.nr_zones),
+            (ZS, 768 << 10, 10)
+        );
+        assert_eq!((z.max_open_zones, z.max_active_zones), (4, 6));
+        assert_eq!(z.write_granularity, 512);
+        assert_eq!(z.max_append, 768 << 10, "capacity below the 1 MiB default");
+        assert_eq!(g.limits.size, 10 * ZS);
+        assert_eq!(g.limits.max_discard, 0);
+        let a = g.zoned.as_ref().unwrap();
+        assert_eq!((a.shift, a.first, a.count, a.stage), (0, 0, 10, 0));
+        assert!(matches!(g.stages[0], Stage::Zoned(_)));
+        assert!(meta.is_file());
+    }
+
+    #[test]
+    fn zone_info_passes_through_windows_and_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("zones");
+        // throttle -> raw (zones 2..6) -> faults (64 KiB transfers) ->
+        // zoned -> raw below (any alignment) -> null.
+        let g = open(&plan(
+            "t",
+            vec![
+                throttle("t", "w"),
+                raw("w", "f", 2 * ZS, 4 * ZS),
+                faulty("f", "z", 64 << 10, 0, 0),
+                zoned("z", "below", &meta, ZS, 0),
+                raw("below", "n", 4096, 0),
+                null("n", 16 * ZS),
+            ],
+            true,
+        ))
+        .unwrap();
+        let z = g.limits.zones.unwrap();
+        assert_eq!(z.nr_zones, 4);
+        assert_eq!(z.max_append, 64 << 10, "bounded by the max transfer");
+        assert_eq!(g.limits.size, 4 * ZS);
+        let a = g.zoned.as_ref().unwrap();
+        assert_eq!((a.shift, a.first, a.count), (2 * ZS, 2, 4));
+        // Stages: throttle, window, faults, zoned, window below.
+        assert_eq!(a.stage, 3);
+        assert!(matches!(g.stages[3], Stage::Zoned(_)));
+        assert!(matches!(g.stages[4], Stage::Window { offset: 4096 }));
+        // The layer has the child's 15 whole zones (16 MiB - 4 KiB).
+        assert_eq!(a.layer.geometry().nr_zones, 15);
+    }
+
+    #[test]
+    fn windows_over_zones_must_be_zone_aligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("zones");
+        for (offset, size) in [(4096, 0), (0, ZS + 4096), (ZS / 2, ZS / 2)] {
+            let e = open(&plan(
+                "w",
+                vec![
+                    raw("w", "z", offset, size),
+                    zoned("z", "n", &meta, ZS, 0),
+                    null("n", 8 * ZS),
+                ],
+                true,
+            ))
+            .unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL);
+            assert!(
+                e.message.contains("node w") && e.message.contains("zone size"),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn bad_zoned_graphs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("zones");
+        // Zoned over zoned.
+        let e = open(&plan(
+            "a",
+            vec![
+                zoned("a", "b", &meta, ZS, 0),
+                zoned("b", "n", &dir.path().join("b"), ZS, 0),
+                null("n", 8 * ZS),
+            ],
+            true,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("regular child"), "{}", e.message);
+        // A child smaller than a zone.
+        let e = open(&plan(
+            "a",
+            vec![zoned("a", "n", &meta, ZS, 0), null("n", ZS / 2)],
+            true,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("less than one zone"), "{}", e.message);
+        // Metadata of another geometry.
+        open(&plan(
+            "a",
+            vec![zoned("a", "n", &meta, ZS, 0), null("n", 4 * ZS)],
+            true,
+        ))
+        .unwrap();
+        let e = open(&plan(
+            "a",
+            vec![zoned("a", "n", &meta, ZS, 0), null("n", 5 * ZS)],
+            true,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("remove the file"), "{}", e.message);
+        // Metadata in a missing directory.
+        let e = open(&plan(
+            "a",
+            vec![
+                zoned("a", "n", &dir.path().join("no/such/dir"), ZS, 0),
+                null("n", 4 * ZS),
+            ],
+            true,
+        ))
+        .unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
+    }
+
+    #[test]
+    fn graphs_of_one_zoned_node_share_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("zones");
+        let p = plan(
+            "z",
+            vec![zoned("z", "n", &meta, ZS, 0), null("n", 4 * ZS)],
+            true,
+        );
+        let a = open(&p).unwrap();
+        let b = open(&p).unwrap();
+        let (la, lb) = (
+            &a.zoned.as_ref().unwrap().layer,
+            &b.zoned.as_ref().unwrap().layer,
+        );
+        assert!(Arc::ptr_eq(la, lb));
+        // A graph over a window of the same node shares it too, and may
+        // narrow the open limit (a reopen).
+        let mut nodes = p.nodes.clone();
+        if let Some(Driver::Zoned(o)) = &mut nodes[0].driver {
+            o.max_open_zones = 2;
+        }
+        let c = open(&plan("z", nodes, true)).unwrap();
+        assert!(Arc::ptr_eq(la, &c.zoned.as_ref().unwrap().layer));
+        assert_eq!(la.limits().max_open, 2);
+        // Once all are closed, the file can be opened afresh.
+        drop((c, b, a));
+        let d = open(&p).unwrap();
+        assert_eq!(d.limits.zones.unwrap().nr_zones, 4);
+    }
+
+    #[test]
+    fn zoned_over_a_file_reports_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("img");
+        std::fs::write(&f, b"").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(8 * ZS)
+            .unwrap();
+        let leaf = NodeSpec {
+            name: "file".into(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: f.display().to_string(),
+                direct: false,
+                read_only: false,
+            })),
+        };
+        let mut p = plan(
+            "z",
+            vec![zoned("z", "file", &dir.path().join("zones"), ZS, 0), leaf],
+            true,
+        );
+        p.export.as_mut().unwrap().logical_block_size = 4096;
+        let g = open(&p).unwrap();
+        let z = g.limits.zones.unwrap();
+        assert_eq!((z.nr_zones, z.write_granularity), (8, 4096));
+        assert!(z.max_append >= 4096 && z.max_append <= DEFAULT_MAX_APPEND);
+        assert_eq!(z.max_append % 4096, 0);
+        assert!(!g.discard_punches_holes || g.limits.max_discard == 0);
+    }
+
+    #[test]
+    fn max_append_is_whole_granules() {
+        assert_eq!(max_append(ZS, 0, 512), DEFAULT_MAX_APPEND);
+        assert_eq!(max_append(ZS, 12 * 1024 + 512, 4096), 12 * 1024);
+        assert_eq!(max_append(ZS, 1024, 4096), 4096);
+        assert_eq!(max_append(64 << 10, 0, 512), 64 << 10);
     }
 
     #[test]

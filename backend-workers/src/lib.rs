@@ -7,7 +7,8 @@
 //! The worker opens the graph with libblkio (the `blkio` crate), maps guest RAM
 //! and registers it with libblkio, and runs one event loop thread per queue
 //! that turns ring entries into vectored libblkio requests over guest memory,
-//! with no copy (a bounce buffer only where the driver's alignment demands it).
+//! with no copy (a bounce buffer only where the driver's alignment demands it),
+//! split into sub-requests where they break the graph's limits.
 //!
 //! The worker trusts nothing it receives: the plan is validated again, and
 //! every ring entry's tag, op, segments and range are checked; a bad entry
@@ -19,7 +20,9 @@ pub mod graph;
 pub mod memory;
 pub mod queue;
 pub mod registration;
+pub mod split;
 pub mod stages;
+pub mod zoned;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +46,10 @@ pub struct WorkerConfig {
     /// The manager's gRPC address (e.g. `http://127.0.0.1:50051`); `None` runs
     /// without registering (tests of the data path alone).
     pub manager: Option<String>,
+    /// Socket permissions and seccomp filter (docs/SECURITY.md).
+    pub sandbox: blkmesh_sandbox::SandboxArgs,
+    /// The unprivileged user to run as once the socket is bound.
+    pub user: blkmesh_sandbox::UserArgs,
 }
 
 /// Errors that stop a worker.
@@ -50,6 +57,8 @@ pub struct WorkerConfig {
 pub enum WorkerError {
     #[error("listening on the worker socket")]
     Listen(#[source] ChannelError),
+    #[error("least privilege")]
+    Sandbox(#[source] blkmesh_sandbox::SandboxError),
     #[error("registration with the manager")]
     Registration(#[source] registration::RegistrationError),
 }
@@ -58,6 +67,20 @@ pub enum WorkerError {
 /// registration fails for good.
 pub fn run(config: WorkerConfig, stop: Arc<AtomicBool>) -> Result<(), WorkerError> {
     let listener = ChannelListener::bind(&config.socket).map_err(WorkerError::Listen)?;
+    // Least privilege (docs/SECURITY.md), in this order: who may connect,
+    // then the unprivileged user, then the seccomp filter on every thread.
+    config
+        .sandbox
+        .apply_socket_policy(&config.socket)
+        .map_err(WorkerError::Sandbox)?;
+    config
+        .user
+        .drop_privileges()
+        .map_err(WorkerError::Sandbox)?;
+    config
+        .sandbox
+        .install_seccomp(blkmesh_sandbox::Kind::Worker)
+        .map_err(WorkerError::Sandbox)?;
     tracing::info!(name = %config.name, socket = %config.socket.display(), "worker listening");
     if let Some(addr) = config.manager.clone() {
         registration::spawn(addr, config.name.clone(), config.socket.clone())

@@ -14,28 +14,68 @@ struct Args {
     /// Unix socket to accept frontend connections on.
     #[arg(long)]
     socket: PathBuf,
-    /// Manager gRPC address to register with (e.g. http://127.0.0.1:50051).
+    /// Manager gRPC address to register with (e.g. http://127.0.0.1:50051,
+    /// https://HOST:PORT or unix:/PATH).
     #[arg(long)]
     manager: Option<String>,
+    /// CA certificate (PEM) that signed the manager's TLS certificate; needed
+    /// for an https:// manager address.
+    #[arg(long, value_name = "FILE", env = "BLKMESH_MANAGER_CA")]
+    manager_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a manager that requires one (mutual TLS).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BLKMESH_CLIENT_CERT",
+        requires = "manager_key"
+    )]
+    manager_cert: Option<PathBuf>,
+    /// Private key (PEM) of --manager-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BLKMESH_CLIENT_KEY",
+        requires = "manager_cert"
+    )]
+    manager_key: Option<PathBuf>,
+    /// File holding the bearer token the manager requires (sent as
+    /// `authorization: Bearer <token>`).
+    #[arg(long, value_name = "FILE", env = "BLKMESH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    sandbox: blkmesh_sandbox::SandboxArgs,
+    #[command(flatten)]
+    user: blkmesh_sandbox::UserArgs,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    blkmesh_logging::init(true);
     let args = Args::parse();
+    if let Err(e) = blkmesh_proto::client::install_daemon_security(
+        args.manager.as_deref(),
+        args.manager_ca.clone(),
+        args.manager_cert.clone(),
+        args.manager_key.clone(),
+        args.token_file.clone(),
+    ) {
+        eprintln!("blkmesh-worker: {e}");
+        return std::process::ExitCode::from(2);
+    }
     if let Err(e) = blkmesh_worker::registration::block_termination_signals() {
         eprintln!("blkmesh-worker: blocking signals: {e}");
         return std::process::ExitCode::FAILURE;
+    }
+    // Resolve --user and --socket-owner/--socket-group now, to fail early.
+    if let Err(e) = args.user.identity().and(args.sandbox.socket_policy()) {
+        eprintln!("blkmesh-worker: {e}");
+        return std::process::ExitCode::from(2);
     }
     let config = blkmesh_worker::WorkerConfig {
         name: args.name,
         socket: args.socket.clone(),
         manager: args.manager,
+        sandbox: args.sandbox,
+        user: args.user,
     };
     // SIGTERM/SIGINT: remove the socket and exit; in-flight I/O of a dying
     // worker is the frontend's to resubmit.

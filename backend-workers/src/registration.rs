@@ -49,7 +49,11 @@ async fn register_forever(addr: String, name: String, socket: PathBuf) {
                 tracing::warn!("manager closed the registration stream; re-registering");
                 delay = Duration::from_millis(100);
             }
-            Err(e) => tracing::warn!("registration with {addr} failed: {e}"),
+            Err(e) => tracing::warn!(
+                "registration with {addr} failed: {:?}: {}",
+                e.code(),
+                blkmesh_proto::client::status_message(&e)
+            ),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
@@ -57,9 +61,11 @@ async fn register_forever(addr: String, name: String, socket: PathBuf) {
 }
 
 async fn register_once(addr: &str, hello: WorkerHello) -> Result<(), tonic::Status> {
-    let mut client = WorkerServiceClient::connect(addr.to_string())
+    let channel = blkmesh_proto::client::ClientConfig::for_process(addr)
+        .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = WorkerServiceClient::new(channel);
     let mut stream = client.register(hello).await?.into_inner();
     tracing::info!("registered with the manager at {addr}");
     while stream.message().await?.is_some() {}

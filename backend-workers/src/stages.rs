@@ -14,6 +14,8 @@ use blkmesh_ipc::buckets::{monotonic_ns, BucketSet, BUCKETS};
 use blkmesh_ipc::ring::Op;
 use blkmesh_proto::v1::{fault_rule::Action, Bucket, FaultRule, IoOp, ThrottleLimits};
 
+use crate::zoned::ZoneLayer;
+
 /// One stage of a queue's pipeline, top (export) first.
 #[derive(Clone, Debug)]
 pub enum Stage {
@@ -23,6 +25,10 @@ pub enum Stage {
     },
     Throttle(Arc<Throttle>),
     Faults(Arc<Faults>),
+    /// The graph's zone layer (an emulated `zoned` node, or a zoned device
+    /// leaf): checks and reserves writes, answers zone reports and
+    /// management (see `zoned.rs`).
+    Zoned(Arc<ZoneLayer>),
 }
 
 /// What a gate decides for a request.
@@ -31,8 +37,12 @@ pub enum Verdict {
     Pass,
     /// Fail with this positive errno.
     Fail(i32),
-    /// Try again (throttle) or pass on (delay) at this CLOCK_MONOTONIC time.
+    /// Try again (throttle, a busy zone) or pass on (delay) at this
+    /// CLOCK_MONOTONIC time.
     HoldUntil(u64),
+    /// Done at this stage with this completion result (0 or negative): a
+    /// zone report or management request, or a zone rule broken.
+    Done(i32),
 }
 
 // ---------------------------------------------------------------- throttle
@@ -61,6 +71,8 @@ pub struct Throttle {
 }
 
 const SCALE: u64 = 1 << 16;
+/// Longest burst a bucket holds, in nanoseconds (an hour).
+const MAX_TOLERANCE_NS: u128 = 3_600 * 1_000_000_000;
 
 impl Throttle {
     pub fn new(node: &str, limits: &ThrottleLimits, buckets: BucketSet) -> Self {
@@ -75,9 +87,13 @@ impl Throttle {
                 b.burst.max(b.rate)
             };
             let per_unit = (1_000_000_000u128 * SCALE as u128 / b.rate as u128) as u64;
+            // A burst worth more than an hour is as good as an hour, and
+            // keeps every sum below in range.
+            let tolerance =
+                ((burst as u128 * per_unit as u128) / SCALE as u128).min(MAX_TOLERANCE_NS);
             Some(Rate {
                 per_unit,
-                tolerance: ((burst as u128 * per_unit as u128) / SCALE as u128) as u64,
+                tolerance: tolerance as u64,
             })
         };
         Throttle {
@@ -126,7 +142,7 @@ impl Throttle {
         for (b, _) in buckets {
             if let Some(r) = self.rates[b] {
                 let tat = self.buckets.tat(b).load(Ordering::Acquire);
-                if tat > now + r.tolerance {
+                if tat > now.saturating_add(r.tolerance) {
                     ready = ready.max(tat - r.tolerance);
                 }
             }
@@ -137,12 +153,13 @@ impl Throttle {
         for (b, bytes) in buckets {
             if let Some(r) = self.rates[b] {
                 let units = if bytes { len } else { 1 };
-                let cost = ((units as u128 * r.per_unit as u128) / SCALE as u128) as u64;
+                let cost = ((units as u128 * r.per_unit as u128) / SCALE as u128)
+                    .min(u64::MAX as u128) as u64;
                 let _ =
                     self.buckets
                         .tat(b)
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                            Some(t.max(now) + cost)
+                            Some(t.max(now).saturating_add(cost))
                         });
             }
         }
@@ -199,7 +216,10 @@ impl Faults {
                     .iter()
                     .fold(0u32, |m, &o| m | (1u32 << (o as u32 & 31)));
                 let (action, delay_ns) = match r.action {
-                    Some(Action::Errno(e)) => (Verdict::Fail(e), 0),
+                    // An errno the guest could not be told becomes EIO (the
+                    // manager refuses these; the worker trusts no plan).
+                    Some(Action::Errno(e)) if (1..4096).contains(&e) => (Verdict::Fail(e), 0),
+                    Some(Action::Errno(_)) => (Verdict::Fail(libc::EIO), 0),
                     Some(Action::DelayNs(d)) => (Verdict::HoldUntil(0), d),
                     None => (Verdict::Pass, 0),
                 };
@@ -256,7 +276,7 @@ impl Faults {
                 continue;
             }
             return match r.action {
-                Verdict::HoldUntil(_) => Verdict::HoldUntil(now + r.delay_ns),
+                Verdict::HoldUntil(_) => Verdict::HoldUntil(now.saturating_add(r.delay_ns)),
                 v => v,
             };
         }

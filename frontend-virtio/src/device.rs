@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use blkmesh_ipc::inflight::InflightRegion;
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::ring::{QueueRings, RingLayout};
 use vhost::vhost_user::message::{
@@ -25,13 +26,14 @@ use vhost::vhost_user::{
     Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_ZONED, VIRTIO_BLK_Z_HM};
 use virtio_queue::{Queue, QueueT};
 
 use crate::config::{BlkConfig, RING_MAX_SEGMENTS};
 use crate::memory::{MemTable, RegionDesc, MAX_REGIONS};
-use crate::request::DeviceInfo;
-use crate::vring::{self, SharedMem, VringControl, VringSetup};
-use crate::workers::WorkerLinks;
+use crate::request::{DeviceInfo, ZoneLimits};
+use crate::vring::{self, HangReporter, SharedMem, VringControl, VringSetup, WorkerEnds};
+use crate::workers::{MemRef, StagedLinks, WorkerLinks};
 
 const MAX_QUEUE_SIZE: u16 = 1024;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,12 +68,24 @@ struct VringState {
 pub struct BlkDevice {
     export: String,
     cfg: BlkConfig,
+    /// Feature bits offered on this connection: fixed when it opens, even
+    /// if a reopen changes the config (a guest cannot renegotiate).
+    features: u64,
     dev: Arc<DeviceInfo>,
+    /// The export's zone geometry, for queues of a connection that
+    /// negotiated VIRTIO_BLK_F_ZONED.
+    zones: Arc<ZoneLimits>,
     links: Arc<WorkerLinks>,
+    on_hang: HangReporter,
     owned: bool,
+    /// SET_FEATURES was received (the zoned config fields then follow
+    /// whether VIRTIO_BLK_F_ZONED was accepted).
+    features_set: bool,
     acked_features: u64,
     acked_protocol: u64,
     mem: Option<SharedMem>,
+    /// The inflight-tracking region the VMM keeps for us (INFLIGHT_SHMFD).
+    inflight: Option<InflightRegion>,
     /// The regions behind `mem`, kept to rebuild the table on ADD/REMOVE_MEM_REGION.
     regions: Vec<(RegionDesc, File)>,
     vrings: Vec<VringState>,
@@ -82,18 +96,25 @@ impl BlkDevice {
         export: String,
         cfg: BlkConfig,
         dev: Arc<DeviceInfo>,
+        zones: Arc<ZoneLimits>,
         links: Arc<WorkerLinks>,
+        on_hang: HangReporter,
     ) -> Self {
         let n = cfg.num_queues as usize;
         BlkDevice {
+            on_hang,
             export,
+            features: cfg.features(),
             cfg,
             dev,
+            zones,
             links,
             owned: false,
+            features_set: false,
             acked_features: 0,
             acked_protocol: 0,
             mem: None,
+            inflight: None,
             regions: Vec::new(),
             vrings: (0..n).map(|_| VringState::default()).collect(),
         }
@@ -101,6 +122,11 @@ impl BlkDevice {
 
     fn protocol_features_acked(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Whether the driver accepted VIRTIO_BLK_F_ZONED.
+    fn zoned_acked(&self) -> bool {
+        self.acked_features & (1 << VIRTIO_BLK_F_ZONED) != 0
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut VringState> {
@@ -142,6 +168,26 @@ impl BlkDevice {
             .used_idx(gm, std::sync::atomic::Ordering::Acquire)
             .map_err(internal)?;
         queue.set_next_used(used_idx.0);
+        // With inflight tracking, the region says what the previous
+        // frontend took and never completed: the avail ring is past those
+        // (and past everything completed), whatever base the VMM restored.
+        let inflight = match &self.inflight {
+            Some(region) => match region.queue(index as u16, size) {
+                Some(tracker) => {
+                    let recovered = tracker.start(used_idx.0);
+                    if !recovered.heads.is_empty() {
+                        tracing::info!(export = %self.export, queue = index, heads = recovered.heads.len(), "resuming requests left in flight");
+                        queue.set_next_avail(used_idx.0.wrapping_add(recovered.heads.len() as u16));
+                    }
+                    Some((tracker, recovered))
+                }
+                None => {
+                    tracing::warn!(export = %self.export, queue = index, "inflight region does not cover this queue");
+                    None
+                }
+            },
+            None => None,
+        };
 
         let entries = (size as u32).next_power_of_two();
         let layout = RingLayout::new(entries, RING_MAX_SEGMENTS).map_err(internal)?;
@@ -175,6 +221,8 @@ impl BlkDevice {
             None => None,
         };
         let control = VringControl::new().map_err(VuError::ReqHandlerError)?;
+        let zones =
+            (self.acked_features & (1 << VIRTIO_BLK_F_ZONED) != 0).then(|| Arc::clone(&self.zones));
         let setup = VringSetup {
             index: index as u16,
             queue,
@@ -186,6 +234,7 @@ impl BlkDevice {
             worker_kick,
             worker_call,
             dev: Arc::clone(&self.dev),
+            zones,
             stats: self
                 .dev
                 .stats
@@ -193,6 +242,12 @@ impl BlkDevice {
                 .cloned()
                 .unwrap_or_else(|| crate::stats().queue(&self.export, index as u32)),
             control: Arc::clone(&control),
+            on_hang: Arc::clone(&self.on_hang),
+            inflight,
+            recovery_zones: self.cfg.is_zoned().then(|| crate::zones::ZoneOracle {
+                links: Arc::clone(&self.links),
+                queue: index as u32,
+            }),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vq{index}"))
@@ -253,6 +308,14 @@ impl BlkDevice {
         let (worker_regions, fds) = table.for_worker();
         let sent = self.links.set_mem_table(&worker_regions, &fds);
         drop(fds);
+        if let Err(e) = sent {
+            // Keep the old table: the VMM gets the error and the
+            // connection closes, stopping the queues on memory they know.
+            for c in &running {
+                c.resume();
+            }
+            return Err(internal(e));
+        }
         match &self.mem {
             Some(shared) => *shared.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&table),
             None => self.mem = Some(Arc::new(Mutex::new(Arc::clone(&table)))),
@@ -261,7 +324,6 @@ impl BlkDevice {
         for c in &running {
             c.resume();
         }
-        sent.map_err(internal)?;
         for i in 0..self.vrings.len() {
             self.maybe_start(i)?;
         }
@@ -297,6 +359,10 @@ impl BlkDevice {
                 .retarget(queue, worker, socket, plan, mem_ref)
                 .map_err(|e| e.to_string());
         };
+        if running.control.worker_lost() {
+            // Its worker is gone: nothing to drain, resubmit instead.
+            return self.fail_over(queue, worker, socket, plan);
+        }
         if !running.control.drain(PAUSE_TIMEOUT) {
             running.control.resume();
             return Err(format!("queue {queue} did not drain"));
@@ -339,10 +405,230 @@ impl BlkDevice {
         result
     }
 
+    /// Puts the graph opened by `open` in place of the current one, live:
+    /// every running queue stops taking guest requests and drains, detaches
+    /// from the old workers, attaches to the new ones, and resumes once
+    /// `apply` has run (it updates what the queues check requests
+    /// against). `open` gets the memory table and, when `close_first` is
+    /// set (leaves that take one connection at a time, like a vhost-user
+    /// target), is called only after the old graph has been closed; if it
+    /// fails then, `reopen_old` opens the old graph again. On any failure
+    /// the queues go back to the old graph and no request fails.
+    pub fn reopen(
+        &mut self,
+        close_first: bool,
+        open: &dyn Fn(Option<MemRef<'_>>) -> Result<StagedLinks, String>,
+        reopen_old: &dyn Fn(Option<MemRef<'_>>) -> Result<StagedLinks, String>,
+        apply: impl FnOnce(),
+    ) -> Result<(), String> {
+        let table = self
+            .mem
+            .as_ref()
+            .map(|m| Arc::clone(&m.lock().unwrap_or_else(|p| p.into_inner())));
+        let mem = table.as_ref().map(|t| t.for_worker());
+        let mem_ref = mem.as_ref().map(|(r, f)| (r.as_slice(), f.as_slice()));
+        let staged = if close_first {
+            None
+        } else {
+            Some(open(mem_ref)?)
+        };
+
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].running.is_some())
+            .collect();
+        let control = |i: usize| self.vrings[i].running.as_ref().map(|r| &r.control);
+        let resume_all = |this: &Self| {
+            for &i in &running {
+                if let Some(r) = this.vrings[i].running.as_ref() {
+                    r.control.resume();
+                    r.worker_kick.ring();
+                }
+            }
+        };
+        for &i in &running {
+            if !control(i).is_some_and(|c| c.drain(PAUSE_TIMEOUT)) {
+                resume_all(self);
+                return Err(format!("queue {i} did not drain"));
+            }
+        }
+        for &i in &running {
+            if let Err(e) = self.links.detach(i as u32) {
+                // The old worker may be gone; the queue is quiet either way.
+                tracing::warn!(export = %self.export, queue = i, "detach for reopen: {e}");
+            }
+        }
+        let (staged, mut result) = match staged {
+            Some(s) => (s, Ok(())),
+            None => {
+                drop(self.links.swap(StagedLinks::empty()));
+                match open(mem_ref) {
+                    Ok(s) => (s, Ok(())),
+                    Err(e) => match reopen_old(mem_ref) {
+                        Ok(old) => (old, Err(e)),
+                        Err(e2) => {
+                            tracing::error!(export = %self.export, "reopening the old graph failed too: {e2}");
+                            return Err(format!("{e}; reopening the old graph: {e2}"));
+                        }
+                    },
+                }
+            }
+        };
+        let old = self.links.swap(staged);
+        let attach_all = |this: &Self| -> Result<(), String> {
+            for &i in &running {
+                if let Some(r) = this.vrings[i].running.as_ref() {
+                    let layout = r.rings.layout();
+                    this.links
+                        .attach(
+                            i as u32,
+                            layout.entries(),
+                            layout.max_segments(),
+                            r.rings.fd(),
+                            &r.worker_kick,
+                            &r.worker_call,
+                        )
+                        .map_err(|e| format!("queue {i}: {e}"))?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = attach_all(self) {
+            tracing::warn!(export = %self.export, "attach after reopen: {e}; going back");
+            for &i in &running {
+                let _ = self.links.detach(i as u32);
+            }
+            drop(self.links.swap(old));
+            if let Err(e) = attach_all(self) {
+                tracing::error!(export = %self.export, "re-attach to the old graph: {e}");
+            }
+            resume_all(self);
+            return Err(e);
+        }
+        if result.is_ok() {
+            apply();
+        } else {
+            result = result.map_err(|e| format!("{e} (the old graph was reopened)"));
+        }
+        resume_all(self);
+        drop(old);
+        result
+    }
+
+    /// Replaces the config space offered to this connection (after a
+    /// reopen); the caller notifies the VMM.
+    pub fn set_config(&mut self, cfg: BlkConfig) {
+        self.cfg = cfg;
+    }
+
+    /// The worker of `queues` is gone (its link hung up, or it was fenced):
+    /// their threads stop taking guest requests and keep what is in flight
+    /// for [`Self::fail_over`].
+    pub fn lose_worker(&mut self, queues: &[u32]) {
+        for &q in queues {
+            if let Some(r) = self.vrings.get(q as usize).and_then(|v| v.running.as_ref()) {
+                if !r.control.lose_worker(PAUSE_TIMEOUT) {
+                    tracing::error!(export = %self.export, queue = q, "queue did not quiesce after losing its worker");
+                }
+            }
+        }
+    }
+
+    /// Whether `queue` waits for a replacement worker.
+    pub fn worker_lost(&self, queue: u32) -> bool {
+        self.vrings
+            .get(queue as usize)
+            .and_then(|v| v.running.as_ref())
+            .is_some_and(|r| r.control.worker_lost())
+    }
+
+    /// Moves a queue whose worker was lost to the worker on `socket`: opens
+    /// the graph there with the memory table, attaches a fresh ring pair
+    /// (the old one may hold anything the dead worker left), and hands it
+    /// to the queue thread, which resubmits every in-flight request. On
+    /// failure the queue keeps waiting; the caller tries again.
+    pub fn fail_over(
+        &mut self,
+        queue: u32,
+        worker: &str,
+        socket: &str,
+        plan: &blkmesh_proto::v1::ExportPlan,
+    ) -> Result<(), String> {
+        let table = self
+            .mem
+            .as_ref()
+            .map(|m| Arc::clone(&m.lock().unwrap_or_else(|p| p.into_inner())));
+        let mem = table.as_ref().map(|t| t.for_worker());
+        let mem_ref = mem.as_ref().map(|(r, f)| (r.as_slice(), f.as_slice()));
+        self.links
+            .retarget(queue, worker, socket, plan, mem_ref)
+            .map_err(|e| e.to_string())?;
+        let export = self.export.clone();
+        let Some(running) = self
+            .vrings
+            .get_mut(queue as usize)
+            .and_then(|v| v.running.as_mut())
+        else {
+            // Not running: the next start attaches to the new link.
+            return Ok(());
+        };
+        let layout = running.rings.layout();
+        let rings = QueueRings::create(&format!("blkmesh-{export}-q{queue}"), layout)
+            .map_err(|e| e.to_string())?;
+        let kick = Doorbell::new().map_err(|e| e.to_string())?;
+        let call = Doorbell::new().map_err(|e| e.to_string())?;
+        self.links
+            .attach(
+                queue,
+                layout.entries(),
+                layout.max_segments(),
+                rings.fd(),
+                &kick,
+                &call,
+            )
+            .map_err(|e| e.to_string())?;
+        // A zoned export: which in-flight writes the lost worker applied.
+        let zones = self.cfg.is_zoned().then(|| crate::zones::ZoneOracle {
+            links: Arc::clone(&self.links),
+            queue,
+        });
+        let (requests, completions) = rings.frontend_end();
+        let ends = WorkerEnds {
+            zones,
+            requests,
+            completions,
+            worker_kick: kick.try_clone().map_err(|e| e.to_string())?,
+            worker_call: call.try_clone().map_err(|e| e.to_string())?,
+        };
+        running.rings = rings;
+        running.worker_kick = kick;
+        running.worker_call = call;
+        running.control.replace_worker(ends);
+        tracing::info!(export = %export, queue, worker, "queue failed over");
+        Ok(())
+    }
+
     /// Stops everything (the VMM went away).
     pub fn disconnect(&mut self) {
         for i in 0..self.vrings.len() {
             self.stop(i);
+        }
+    }
+}
+
+/// Kick and call fds must be eventfds: anything else would make the queue
+/// thread's epoll fail (and the queue stop answering) or have it write
+/// into some file.
+fn check_eventfd(export: &str, what: &str, f: &File) -> VuResult<()> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()));
+    match link {
+        Ok(p) if p.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
+        other => {
+            tracing::warn!(
+                export,
+                "vring {what} fd refused: not an eventfd ({other:?})"
+            );
+            Err(VuError::InvalidParam)
         }
     }
 }
@@ -370,6 +656,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn reset_owner(&mut self) -> VuResult<()> {
         self.disconnect();
         self.owned = false;
+        self.features_set = false;
         self.acked_features = 0;
         self.acked_protocol = 0;
         Ok(())
@@ -380,12 +667,13 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         for v in &mut self.vrings {
             *v = VringState::default();
         }
+        self.features_set = false;
         self.acked_features = 0;
         Ok(())
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(self.cfg.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        Ok(self.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
@@ -393,6 +681,16 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             return Err(VuError::InvalidParam);
         }
         self.acked_features = features;
+        self.features_set = true;
+        if !self.zoned_acked() && self.features & (1 << VIRTIO_BLK_F_ZONED) != 0 {
+            // A host-managed device should fail FEATURES_OK here, which
+            // vhost-user gives the back-end no way to do: serve it, with
+            // zone requests refused (UNSUPP) and zone errors as IOERR.
+            let model = self.cfg.zoned_model();
+            if model == VIRTIO_BLK_Z_HM as u8 {
+                tracing::warn!(export = %self.export, "driver did not accept VIRTIO_BLK_F_ZONED for a host-managed device: writes must still follow the zone rules, zone requests are refused");
+            }
+        }
         if !self.protocol_features_acked() {
             // Without protocol features, rings are enabled from the start.
             for i in 0..self.vrings.len() {
@@ -482,12 +780,18 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        if let Some(f) = &fd {
+            check_eventfd(&self.export, "kick", f)?;
+        }
         let v = self.vring(index as u32)?;
         v.kick = fd;
         self.maybe_start(index as usize)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        if let Some(f) = &fd {
+            check_eventfd(&self.export, "call", f)?;
+        }
         let running = self.vring(index as u32)?.running.is_some();
         if running {
             // The thread holds its own copy; restart the queue to pick it up.
@@ -507,6 +811,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
     }
 
@@ -544,7 +850,12 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
-        let space = self.cfg.config_space();
+        let mut space = self.cfg.config_space();
+        if self.features_set && !self.zoned_acked() {
+            // virtio 1.3, 5.2.5.1: zoned characteristics read as zero
+            // when VIRTIO_BLK_F_ZONED was not accepted.
+            space[crate::config::ZONED_OFFSET..].fill(0);
+        }
         let start = offset as usize;
         let end = start
             .checked_add(size as usize)
@@ -580,13 +891,44 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("inflight tracking not offered"))
+        let region = InflightRegion::create(inflight.num_queues, inflight.queue_size).map_err(|e| {
+            let (n, qs) = (inflight.num_queues, inflight.queue_size);
+            tracing::warn!(export = %self.export, queues = n, queue_size = qs, "GET_INFLIGHT_FD: {e}");
+            VuError::InvalidParam
+        })?;
+        let file = File::from(
+            region
+                .fd()
+                .try_clone_to_owned()
+                .map_err(VuError::ReqHandlerError)?,
+        );
+        let reply = VhostUserInflight {
+            mmap_size: region.size(),
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        self.inflight = Some(region);
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("inflight tracking not offered"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let region = InflightRegion::from_peer(
+            file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e| {
+            let (n, qs) = (inflight.num_queues, inflight.queue_size);
+            tracing::warn!(export = %self.export, queues = n, queue_size = qs, "SET_INFLIGHT_FD: {e}");
+            VuError::InvalidParam
+        })?;
+        self.inflight = Some(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -2,7 +2,6 @@
 //! connection it serves (one at a time; a VMM may disconnect and reconnect).
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +13,12 @@ use blkmesh_proto::v1::ExportPlan;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::BackendReqHandler;
 
+use crate::backend_channel;
 use crate::config::BlkConfig;
 use crate::device::BlkDevice;
-use crate::request::{DeviceInfo, ID_BYTES};
-use crate::workers::{LinkError, WorkerLinks};
+use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
+use crate::vring::HangReporter;
+use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -41,11 +42,82 @@ pub struct ExportServer {
     conn: Arc<Mutex<Option<UnixStream>>>,
     /// The device of the connected VMM, if any.
     device: CurrentDevice,
+    /// The connected VMM's back-end request channel, if it gave one.
+    backend: Shared<UnixStream>,
     links: Arc<WorkerLinks>,
+    /// What a newly connected VMM is offered (changes on reopen).
+    cfg: Arc<Mutex<BlkConfig>>,
+    dev: Arc<DeviceInfo>,
+    zones: Arc<ZoneLimits>,
+    num_queues: u32,
+    /// The plan, as the failover thread reads it.
+    shared_plan: Arc<Mutex<ExportPlan>>,
     thread: Option<JoinHandle<()>>,
+    failover: Option<JoinHandle<()>>,
 }
 
-type CurrentDevice = Arc<Mutex<Option<Arc<Mutex<BlkDevice>>>>>;
+type Shared<T> = Arc<Mutex<Option<T>>>;
+type CurrentDevice = Shared<Arc<Mutex<BlkDevice>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Graphs that one connection holds at a time: leaves that serve one
+/// connection (vhost-user, vDPA) and zoned nodes (their state is one
+/// worker's, its metadata file locked). A reopen must close the old graph
+/// before it opens the new one, and moving such a graph to another worker
+/// moves all its queues at once, the same way.
+fn exclusive_graph(plan: &ExportPlan) -> bool {
+    use blkmesh_proto::v1::node_spec::Driver;
+    plan.nodes.iter().any(|n| {
+        matches!(
+            n.driver,
+            Some(Driver::VirtioBlkVhostUser(_))
+                | Some(Driver::VirtioBlkVhostVdpa(_))
+                | Some(Driver::Zoned(_))
+        )
+    })
+}
+
+/// How long a reopen of an exclusive graph waits for the old worker to
+/// let go of it (it closes the graph when its connection drops).
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens `plan` on the workers ([`WorkerLinks::stage`]); for an exclusive
+/// graph whose old connections were just dropped, a worker that still
+/// holds it (EBUSY: the zone metadata lock) is asked again until it let go.
+fn stage_when_free(
+    plan: &ExportPlan,
+    num_queues: u32,
+    mem: Option<MemRef<'_>>,
+    exclusive: bool,
+) -> Result<(StagedLinks, blkmesh_proto::ipc::v1::Limits), LinkError> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match WorkerLinks::stage(plan, num_queues, mem) {
+            Err(LinkError::Refused { errno, .. })
+                if exclusive && errno == libc::EBUSY && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+impl DeviceInfo {
+    /// What the queues check requests against, for `cfg`.
+    fn update(&self, cfg: &BlkConfig) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.capacity.store(cfg.limits.size, Relaxed);
+        self.writable.store(!cfg.read_only(), Relaxed);
+        self.max_discard_sectors
+            .store(cfg.max_discard_sectors(), Relaxed);
+        self.max_write_zeroes_sectors
+            .store(cfg.max_write_zeroes_sectors(), Relaxed);
+    }
+}
 
 impl ExportServer {
     /// Opens the graph on the workers and starts listening for the VMM.
@@ -77,16 +149,19 @@ impl ExportServer {
             *o = c;
         }
         let dev = Arc::new(DeviceInfo {
-            capacity: limits.size,
-            writable: !cfg.read_only(),
-            max_discard_sectors: cfg.max_discard_sectors(),
-            max_write_zeroes_sectors: cfg.max_write_zeroes_sectors(),
+            capacity: Default::default(),
+            writable: Default::default(),
+            max_discard_sectors: Default::default(),
+            max_write_zeroes_sectors: Default::default(),
             max_segments: crate::config::RING_MAX_SEGMENTS as usize,
             serial,
             stats: (0..num_queues)
                 .map(|q| crate::stats().queue(&e.id, q))
                 .collect(),
         });
+        dev.update(&cfg);
+        let zones = Arc::new(ZoneLimits::default());
+        zones.update(&cfg);
         let socket = PathBuf::from(&e.socket);
         let _ = std::fs::remove_file(&socket);
         let listen_err = |source| ExportError::Listen {
@@ -94,22 +169,53 @@ impl ExportServer {
             source,
         };
         let listener = UnixListener::bind(&socket).map_err(listen_err)?;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(listen_err)?;
+        blkmesh_sandbox::SocketPolicy::global()
+            .apply(&socket)
+            .map_err(|e| listen_err(std::io::Error::other(e)))?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Mutex::new(None));
         let links = Arc::new(links);
         let device: CurrentDevice = Arc::new(Mutex::new(None));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            let conn = Arc::clone(&conn);
-            let device = Arc::clone(&device);
-            let links = Arc::clone(&links);
-            let id = e.id.clone();
+        let backend: Shared<UnixStream> = Arc::new(Mutex::new(None));
+        let cfg = Arc::new(Mutex::new(cfg));
+        let shared_plan = Arc::new(Mutex::new(plan.clone()));
+        let (hang_tx, hang_rx) = std::sync::mpsc::channel::<u16>();
+        let hang_tx = Mutex::new(hang_tx);
+        let on_hang: HangReporter = Arc::new(move |q| {
+            let _ = lock(&hang_tx).send(q);
+        });
+        let failover = {
+            let f = Failover {
+                id: e.id.clone(),
+                links: Arc::clone(&links),
+                current: Arc::clone(&device),
+                plan: Arc::clone(&shared_plan),
+                stop: Arc::clone(&stop),
+                hangs: hang_rx,
+            };
             std::thread::Builder::new()
-                .name(format!("vu-{id}"))
-                .spawn(move || serve(listener, id, cfg, dev, links, stop, conn, device))
+                .name(format!("failover-{}", e.id))
+                .spawn(move || f.run())
+                .map_err(listen_err)?
+        };
+        let thread = {
+            let serve = Serve {
+                listener,
+                id: e.id.clone(),
+                cfg: Arc::clone(&cfg),
+                dev: Arc::clone(&dev),
+                zones: Arc::clone(&zones),
+                links: Arc::clone(&links),
+                stop: Arc::clone(&stop),
+                conn: Arc::clone(&conn),
+                current: Arc::clone(&device),
+                backend: Arc::clone(&backend),
+                on_hang,
+            };
+            std::thread::Builder::new()
+                .name(format!("vu-{}", e.id))
+                .spawn(move || serve.run())
                 .map_err(listen_err)?
         };
         tracing::info!(export = %e.id, socket = %e.socket, size = limits.size, "export listening");
@@ -119,9 +225,127 @@ impl ExportServer {
             stop,
             conn,
             device,
+            backend,
             links,
+            cfg,
+            dev,
+            zones,
+            num_queues,
+            shared_plan,
             thread: Some(thread),
+            failover: Some(failover),
         })
+    }
+
+    /// The size in bytes the export serves.
+    pub fn size(&self) -> u64 {
+        lock(&self.cfg).limits.size
+    }
+
+    /// What a zone command runs against; `None` when the graph is not
+    /// zoned.
+    pub fn zone_target(&self) -> Option<crate::zones::ZoneTarget> {
+        let cfg = lock(&self.cfg);
+        if !cfg.is_zoned() {
+            return None;
+        }
+        Some(crate::zones::ZoneTarget {
+            links: Arc::clone(&self.links),
+            info: cfg.limits.zones.unwrap_or_default(),
+            capacity: cfg.limits.size,
+        })
+    }
+
+    /// Whether `new` differs from the served plan only in its graph (node
+    /// options, sizes: a new generation), so it can be reopened live.
+    pub fn can_reopen(&self, new: &ExportPlan) -> bool {
+        self.plan.export == new.export
+            && self.plan.queues == new.queues
+            && (self.plan.nodes != new.nodes || self.plan.generation != new.generation)
+    }
+
+    /// Reopens the graph with `new`'s nodes, live, like QEMU's
+    /// blockdev-reopen: the new graph is opened on the workers, the queues
+    /// drain and switch over, the device takes the new limits, and a VMM
+    /// that gave us its back-end channel is told when the config space
+    /// (the capacity) changed. On failure the old graph keeps serving.
+    pub fn reopen(&mut self, new: ExportPlan) -> Result<(), String> {
+        let nq = self.num_queues;
+        let close_first = exclusive_graph(&self.plan) || exclusive_graph(&new);
+        let limits = std::cell::Cell::new(None);
+        let open = |mem: Option<MemRef<'_>>| {
+            stage_when_free(&new, nq, mem, close_first)
+                .map(|(staged, l)| {
+                    limits.set(Some(l));
+                    staged
+                })
+                .map_err(|e| crate::error_chain(&e))
+        };
+        let old_plan = &self.plan;
+        let reopen_old = |mem: Option<MemRef<'_>>| {
+            stage_when_free(old_plan, nq, mem, close_first)
+                .map(|(staged, _)| staged)
+                .map_err(|e| crate::error_chain(&e))
+        };
+        let old_cfg = lock(&self.cfg).clone();
+        let new_cfg = |l| BlkConfig {
+            limits: l,
+            ..old_cfg.clone()
+        };
+        let device = lock(&self.device).clone();
+        let applied = match &device {
+            Some(d) => {
+                let mut d = lock(d);
+                d.reopen(close_first, &open, &reopen_old, || {
+                    if let Some(l) = limits.get() {
+                        let cfg = new_cfg(l);
+                        self.dev.update(&cfg);
+                        self.zones.update(&cfg);
+                    }
+                })?;
+                let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
+                d.set_config(cfg.clone());
+                cfg
+            }
+            None => {
+                // No VMM: nothing is in flight.
+                if close_first {
+                    drop(self.links.swap(StagedLinks::empty()));
+                }
+                match open(None) {
+                    Ok(staged) => drop(self.links.swap(staged)),
+                    Err(e) => {
+                        if close_first {
+                            drop(self.links.swap(reopen_old(None)?));
+                        }
+                        return Err(e);
+                    }
+                }
+                let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
+                self.dev.update(&cfg);
+                self.zones.update(&cfg);
+                cfg
+            }
+        };
+        let changed = applied.config_space() != old_cfg.config_space();
+        *lock(&self.cfg) = applied;
+        *lock(&self.shared_plan) = new.clone();
+        self.plan = new;
+        if changed {
+            if let Some(chan) = lock(&self.backend).as_ref() {
+                match backend_channel::notify_config_change(chan) {
+                    Ok(()) => tracing::info!(export = %self.id(), "VMM told of the config change"),
+                    Err(e) => {
+                        tracing::warn!(export = %self.id(), "config-change notification: {e}")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn id(&self) -> &str {
+        self.plan.export.as_ref().map_or("", |e| e.id.as_str())
     }
 
     /// Whether `new` differs from the served plan only in where queues run.
@@ -138,6 +362,17 @@ impl ExportServer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // An exclusive graph cannot be open on two workers at once: all its
+        // queues drain and move together (unless a queue's worker is gone,
+        // which the per-queue failover below handles: the old worker, dead,
+        // holds nothing any more).
+        let any_lost = device.as_ref().is_some_and(|d| {
+            let d = lock(d);
+            (0..self.num_queues).any(|q| d.worker_lost(q))
+        });
+        if exclusive_graph(&new) && !any_lost {
+            return self.reopen(new);
+        }
         for ep in &new.queues {
             if self.links.worker_socket(ep.queue).as_deref() == Some(ep.worker_socket.as_str()) {
                 continue;
@@ -157,6 +392,7 @@ impl ExportServer {
             moved.map_err(|e| format!("queue {} to {}: {e}", ep.queue, ep.worker))?;
             tracing::info!(queue = ep.queue, worker = %ep.worker, "queue moved");
         }
+        *lock(&self.shared_plan) = new.clone();
         self.plan = new;
         Ok(())
     }
@@ -174,6 +410,9 @@ impl ExportServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some(t) = self.failover.take() {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -184,63 +423,195 @@ impl Drop for ExportServer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn serve(
+/// The export's accept loop and the connected VMM's message loop.
+struct Serve {
     listener: UnixListener,
     id: String,
-    cfg: BlkConfig,
+    cfg: Arc<Mutex<BlkConfig>>,
     dev: Arc<DeviceInfo>,
+    zones: Arc<ZoneLimits>,
     links: Arc<WorkerLinks>,
     stop: Arc<AtomicBool>,
-    conn: Arc<Mutex<Option<UnixStream>>>,
+    conn: Shared<UnixStream>,
     current: CurrentDevice,
-) {
-    while !stop.load(Ordering::Acquire) {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        if !matches!(poll(&mut fds, PollTimeout::from(200u16)), Ok(n) if n > 0) {
-            continue;
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::warn!(export = %id, "accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
+    backend: Shared<UnixStream>,
+    on_hang: HangReporter,
+}
+
+impl Serve {
+    fn run(self) {
+        let id = &self.id;
+        while !self.stop.load(Ordering::Acquire) {
+            let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+            if !matches!(poll(&mut fds, PollTimeout::from(200u16)), Ok(n) if n > 0) {
                 continue;
             }
-        };
-        if let Err(e) = stream.set_nonblocking(false) {
-            tracing::warn!(export = %id, "socket mode: {e}");
-            continue;
-        }
-        tracing::info!(export = %id, "VMM connected");
-        *conn.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
-        let device = Arc::new(Mutex::new(BlkDevice::new(
-            id.clone(),
-            cfg.clone(),
-            Arc::clone(&dev),
-            Arc::clone(&links),
-        )));
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&device));
-        let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
-        loop {
-            if let Err(e) = handler.handle_request() {
-                match e {
-                    vhost::vhost_user::Error::Disconnected
-                    | vhost::vhost_user::Error::PartialMessage => {
-                        tracing::info!(export = %id, "VMM disconnected")
-                    }
-                    e => tracing::warn!(export = %id, "vhost-user connection closed: {e}"),
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::warn!(export = %id, "accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
                 }
-                break;
+            };
+            if let Err(e) = stream.set_nonblocking(false) {
+                tracing::warn!(export = %id, "socket mode: {e}");
+                continue;
             }
+            tracing::info!(export = %id, "VMM connected");
+            *lock(&self.conn) = stream.try_clone().ok();
+            let device = Arc::new(Mutex::new(BlkDevice::new(
+                id.clone(),
+                lock(&self.cfg).clone(),
+                Arc::clone(&self.dev),
+                Arc::clone(&self.zones),
+                Arc::clone(&self.links),
+                Arc::clone(&self.on_hang),
+            )));
+            *lock(&self.current) = Some(Arc::clone(&device));
+            let peek = stream.try_clone();
+            let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
+            loop {
+                // SET_BACKEND_REQ_FD is ours to take (see backend_channel).
+                match peek.as_ref().map(backend_channel::take) {
+                    Ok(Ok(Some(chan))) => {
+                        tracing::debug!(export = %id, "VMM gave its back-end channel");
+                        *lock(&self.backend) = Some(chan);
+                        continue;
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(export = %id, "vhost-user connection closed: {e}");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(export = %id, "cannot watch the vhost-user socket: {e}");
+                        break;
+                    }
+                }
+                if let Err(e) = handler.handle_request() {
+                    match e {
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage => {
+                            tracing::info!(export = %id, "VMM disconnected")
+                        }
+                        e => tracing::warn!(export = %id, "vhost-user connection closed: {e}"),
+                    }
+                    break;
+                }
+            }
+            drop(handler);
+            *lock(&self.current) = None;
+            *lock(&self.backend) = None;
+            lock(&device).disconnect();
+            *lock(&self.conn) = None;
         }
-        drop(handler);
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .disconnect();
-        *conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// How often a queue whose worker was lost tries its replacement again.
+const FAILOVER_RETRY: Duration = Duration::from_millis(50);
+
+/// Watches an export's worker links and moves the queues of a worker that
+/// died (its link hung up) or hung (a queue reported no completion within
+/// the worker timeout; the worker is fenced first) to the worker the plan
+/// names for them: the same one once its supervisor restarted it, or the
+/// one the manager reassigned them to. In-flight requests are resubmitted;
+/// the guest sees latency, not errors.
+struct Failover {
+    id: String,
+    links: Arc<WorkerLinks>,
+    current: CurrentDevice,
+    plan: Arc<Mutex<ExportPlan>>,
+    stop: Arc<AtomicBool>,
+    hangs: std::sync::mpsc::Receiver<u16>,
+}
+
+impl Failover {
+    fn run(self) {
+        let id = &self.id;
+        // Queue → when its worker was lost.
+        let mut lost: std::collections::BTreeMap<u32, std::time::Instant> = Default::default();
+        let mut next_try = std::time::Instant::now();
+        while !self.stop.load(Ordering::Acquire) {
+            let watched = self.links.watched();
+            let mut hung_up = Vec::new();
+            // Look more often while queues wait for their replacement.
+            let wait_ms: u16 = if lost.is_empty() { 100 } else { 20 };
+            if watched.is_empty() {
+                std::thread::sleep(Duration::from_millis(wait_ms.into()));
+            } else {
+                let mut fds: Vec<PollFd> = watched
+                    .iter()
+                    .map(|w| PollFd::new(w.fd.as_fd(), PollFlags::empty()))
+                    .collect();
+                if poll(&mut fds, PollTimeout::from(wait_ms)).is_ok_and(|n| n > 0) {
+                    let bad = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
+                    for (w, fd) in watched.iter().zip(&fds) {
+                        if fd.revents().is_some_and(|r| r.intersects(bad)) {
+                            hung_up.push(w.clone());
+                        }
+                    }
+                }
+            }
+            while let Ok(q) = self.hangs.try_recv() {
+                match self.links.link_of(q as u32) {
+                    // Killing it makes its link hang up: the next round
+                    // fails its queues over.
+                    Some(link) if self.links.fence(link) => {}
+                    Some(_) => {
+                        tracing::error!(export = %id, queue = q, "hung worker cannot be fenced (pid unknown); its queues wait")
+                    }
+                    None => {}
+                }
+            }
+            for w in hung_up {
+                let queues = self.links.mark_dead(w.id);
+                tracing::warn!(export = %id, worker = %w.worker, ?queues, "worker lost");
+                if let Some(d) = lock(&self.current).clone() {
+                    lock(&d).lose_worker(&queues);
+                }
+                let now = std::time::Instant::now();
+                for q in queues {
+                    lost.entry(q).or_insert(now);
+                }
+                next_try = now;
+            }
+            if lost.is_empty() || std::time::Instant::now() < next_try {
+                continue;
+            }
+            next_try = std::time::Instant::now() + FAILOVER_RETRY;
+            let plan = lock(&self.plan).clone();
+            let device = lock(&self.current).clone();
+            lost.retain(|&q, since| {
+                let Some(ep) = plan.queues.iter().find(|e| e.queue == q) else {
+                    return true;
+                };
+                let moved = match &device {
+                    Some(d) => lock(d).fail_over(q, &ep.worker, &ep.worker_socket, &plan),
+                    None => self
+                        .links
+                        .retarget(q, &ep.worker, &ep.worker_socket, &plan, None)
+                        .map_err(|e| e.to_string()),
+                };
+                match moved {
+                    Ok(()) => {
+                        tracing::info!(
+                            export = %id,
+                            queue = q,
+                            worker = %ep.worker,
+                            recovery_ms = since.elapsed().as_millis() as u64,
+                            "queue recovered"
+                        );
+                        false
+                    }
+                    Err(e) => {
+                        tracing::debug!(export = %id, queue = q, "failover not yet possible: {e}");
+                        true
+                    }
+                }
+            });
+        }
     }
 }

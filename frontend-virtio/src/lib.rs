@@ -16,7 +16,9 @@
 //! - [`workers`]: control connections to the workers.
 //! - [`export`]: socket, accept loop, one VMM connection at a time.
 //! - [`manager`]: registration with the manager and export reconciliation.
+//! - [`zones`]: zone commands from the manager, run on the workers.
 
+pub mod backend_channel;
 pub mod config;
 pub mod device;
 pub mod export;
@@ -25,6 +27,7 @@ pub mod memory;
 pub mod request;
 pub mod vring;
 pub mod workers;
+pub mod zones;
 
 /// This process's I/O statistics, reported to the manager.
 pub fn stats() -> &'static blkmesh_stats::Registry {

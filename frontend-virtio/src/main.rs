@@ -1,26 +1,60 @@
+use std::path::PathBuf;
+
 use clap::Parser;
 
 /// blkmesh frontend: serves vhost-user-blk exports (a vhost-user back-end).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Manager gRPC address.
+    /// Manager gRPC address (http://HOST:PORT, https://HOST:PORT or unix:/PATH).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     manager: String,
     /// Name to register under.
     #[arg(long, default_value = "frontend0")]
     name: String,
+    /// CA certificate (PEM) that signed the manager's TLS certificate; needed
+    /// for an https:// manager address.
+    #[arg(long, value_name = "FILE", env = "BLKMESH_MANAGER_CA")]
+    manager_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a manager that requires one (mutual TLS).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BLKMESH_CLIENT_CERT",
+        requires = "manager_key"
+    )]
+    manager_cert: Option<PathBuf>,
+    /// Private key (PEM) of --manager-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BLKMESH_CLIENT_KEY",
+        requires = "manager_cert"
+    )]
+    manager_key: Option<PathBuf>,
+    /// File holding the bearer token the manager requires (sent as
+    /// `authorization: Bearer <token>`).
+    #[arg(long, value_name = "FILE", env = "BLKMESH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    sandbox: blkmesh_sandbox::SandboxArgs,
+    #[command(flatten)]
+    user: blkmesh_sandbox::UserArgs,
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    blkmesh_logging::init(true);
     let args = Args::parse();
+    if let Err(e) = blkmesh_proto::client::install_daemon_security(
+        Some(&args.manager),
+        args.manager_ca.clone(),
+        args.manager_cert.clone(),
+        args.manager_key.clone(),
+        args.token_file.clone(),
+    ) {
+        eprintln!("blkmesh-frontend: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -32,6 +66,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Least privilege (docs/SECURITY.md): export sockets get the socket
+    // policy when they are bound; switch user, then filter every thread.
+    let sandboxed = args.sandbox.socket_policy().and_then(|policy| {
+        policy.install_global();
+        args.user.drop_privileges()?;
+        args.sandbox
+            .install_seccomp(blkmesh_sandbox::Kind::Frontend)
+    });
+    if let Err(e) = sandboxed {
+        eprintln!("blkmesh-frontend: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     rt.block_on(blkmesh_frontend::manager::run(
         args.manager,
         args.name,

@@ -58,6 +58,29 @@ pub struct RegionDesc {
     pub fd_offset: u64,
 }
 
+/// Seals a guest-RAM memfd against shrinking, so the VMM cannot truncate it
+/// under mappings (ours and the workers'), which would turn our next access
+/// into SIGBUS. Adding F_SEAL_SHRINK needs no cooperation from the VMM
+/// beyond having created the memfd sealable (QEMU's memory-backend-memfd
+/// does, and seals it itself by default). Files that cannot be sealed
+/// (hugetlbfs, /dev/shm files, memfds created without sealing) are accepted
+/// with a warning: such a VMM must be trusted not to shrink its own RAM.
+fn protect_from_shrinking(index: usize, file: &File) {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    let shrink = SealFlag::F_SEAL_SHRINK;
+    let sealed = match fcntl(file, FcntlArg::F_GET_SEALS) {
+        Ok(bits) if SealFlag::from_bits_truncate(bits).contains(shrink) => true,
+        Ok(_) => fcntl(file, FcntlArg::F_ADD_SEALS(shrink)).is_ok(),
+        Err(_) => false,
+    };
+    if !sealed {
+        tracing::warn!(
+            region = index,
+            "guest RAM fd cannot be sealed against shrinking; a VMM that truncates it would crash the frontend"
+        );
+    }
+}
+
 impl MemTable {
     pub fn new(descs: &[RegionDesc], files: Vec<File>) -> Result<Self, MemoryError> {
         if descs.len() > MAX_REGIONS {
@@ -80,10 +103,21 @@ impl MemTable {
             {
                 return Err(MemoryError::BadRegion(index));
             }
-            let dup = file.try_clone().map_err(|e| MemoryError::Map {
-                index,
-                message: e.to_string(),
-            })?;
+            let map_err = |message: String| MemoryError::Map { index, message };
+            // vm-memory maps past the end of a file without complaint; the
+            // first access there would be SIGBUS for the whole frontend.
+            let len = file
+                .metadata()
+                .map_err(|e| map_err(format!("fd: {e}")))?
+                .len();
+            if d.fd_offset + d.size > len {
+                return Err(map_err(format!(
+                    "fd is {len} bytes, region needs {} at offset {}",
+                    d.size, d.fd_offset
+                )));
+            }
+            protect_from_shrinking(index, &file);
+            let dup = file.try_clone().map_err(|e| map_err(e.to_string()))?;
             let region = MmapRegion::<()>::from_file(
                 vm_memory::FileOffset::new(dup, d.fd_offset),
                 d.size as usize,

@@ -11,17 +11,18 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use blkmesh_ipc::inflight::{InflightQueue, Recovered};
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::Op;
-use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, Segment};
+use blkmesh_ipc::ring::{CompletionReceiver, Request, RequestSender, Segment};
 use blkmesh_stats::{IoCounters, OpKind};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::memory::MemTable;
-use crate::request::{self, Action, Desc, DeviceInfo};
+use crate::request::{self, Action, Desc, DeviceInfo, ZoneLimits};
 
 const EV_KICK: u64 = 0;
 const EV_WORKER: u64 = 1;
@@ -45,10 +46,41 @@ enum Command {
     Stop,
 }
 
-#[derive(Debug)]
 struct Ctl {
     command: Command,
     paused: bool,
+    /// The worker died or was fenced: its in-flight requests wait for a
+    /// replacement ring, and no new guest request is taken meanwhile.
+    worker_lost: bool,
+    /// The rings of the replacement worker, for the queue thread to take.
+    replacement: Option<WorkerEnds>,
+}
+
+impl std::fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctl")
+            .field("command", &self.command)
+            .field("paused", &self.paused)
+            .field("worker_lost", &self.worker_lost)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The frontend's ends of a queue's rings and doorbells with one worker.
+pub struct WorkerEnds {
+    pub requests: RequestSender,
+    pub completions: CompletionReceiver,
+    /// Us → worker.
+    pub worker_kick: Doorbell,
+    /// Worker → us.
+    pub worker_call: Doorbell,
+    /// For a replacement worker of a zoned export: where to ask for the
+    /// write pointers of the zones with writes in flight. Writes that lie
+    /// below them were applied by the lost worker (a zoned node moves a
+    /// write pointer only past written data) and complete at once instead
+    /// of being resubmitted, which the zone would refuse as not at its
+    /// write pointer.
+    pub zones: Option<crate::zones::ZoneOracle>,
 }
 
 /// Lets the vhost-user thread pause, resume and stop a queue thread.
@@ -65,6 +97,8 @@ impl VringControl {
             ctl: Mutex::new(Ctl {
                 command: Command::Run,
                 paused: false,
+                worker_lost: false,
+                replacement: None,
             }),
             cv: Condvar::new(),
             event: Doorbell::new()?,
@@ -115,12 +149,40 @@ impl VringControl {
         self.set(Command::Run);
     }
 
+    /// The queue's worker is gone (dead, or fenced after a hang): stop
+    /// taking guest requests, keep the in-flight ones for resubmission, and
+    /// wait quiet. False if the thread did not park in time.
+    pub fn lose_worker(&self, timeout: Duration) -> bool {
+        self.lock().worker_lost = true;
+        self.quiesce(Command::Pause, timeout)
+    }
+
+    pub fn worker_lost(&self) -> bool {
+        self.lock().worker_lost
+    }
+
+    /// Hands a queue whose worker was lost the rings of its replacement:
+    /// the thread resubmits every in-flight request there and resumes.
+    pub fn replace_worker(&self, ends: WorkerEnds) {
+        {
+            let mut g = self.lock();
+            g.replacement = Some(ends);
+            g.worker_lost = false;
+        }
+        self.set(Command::Run);
+    }
+
+    fn take_replacement(&self) -> Option<WorkerEnds> {
+        self.lock().replacement.take()
+    }
+
     pub fn stop(&self) {
         self.set(Command::Stop);
     }
 
-    fn command(&self) -> Command {
-        self.lock().command
+    fn state(&self) -> (Command, bool) {
+        let g = self.lock();
+        (g.command, g.worker_lost)
     }
 
     /// Called by the queue thread once quiet: wait until resumed or stopped.
@@ -152,18 +214,55 @@ pub struct VringSetup {
     /// Worker → us.
     pub worker_call: Doorbell,
     pub dev: Arc<DeviceInfo>,
+    /// The export's zone geometry when this connection negotiated
+    /// VIRTIO_BLK_F_ZONED (zone requests are taken, zone errors get their
+    /// own statuses); `None` otherwise.
+    pub zones: Option<Arc<ZoneLimits>>,
     /// This queue's I/O statistics.
     pub stats: Arc<IoCounters>,
     pub control: Arc<VringControl>,
+    /// Told (once per episode) when requests are in flight and the worker
+    /// has completed none of them for [`worker_timeout`].
+    pub on_hang: HangReporter,
+    /// Inflight tracking, and the heads a previous frontend left in flight
+    /// (resubmitted before anything else).
+    pub inflight: Option<(InflightQueue, Recovered)>,
+    /// For a zoned export: where to ask which of the writes a previous
+    /// frontend left in flight were applied (see [`WorkerEnds::zones`]).
+    pub recovery_zones: Option<crate::zones::ZoneOracle>,
+}
+
+/// Receives a queue's "my worker stopped answering" reports.
+pub type HangReporter = Arc<dyn Fn(u16) + Send + Sync>;
+
+/// How long a worker may leave in-flight requests without any completion
+/// before it is considered hung (`BLKMESH_WORKER_TIMEOUT_MS`, default 5000).
+pub fn worker_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        let ms = std::env::var("BLKMESH_WORKER_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(5000);
+        Duration::from_millis(ms)
+    })
 }
 
 #[derive(Clone, Copy)]
 struct Pending {
+    /// The request as sent, for resubmission to a replacement worker (its
+    /// segments are in `Vring::saved`).
+    req: Request,
     status: u64,
     used_len: u32,
     kind: Option<OpKind>,
     bytes: u64,
     start: Instant,
+    /// Submission order, kept when requests are resubmitted: writes to a
+    /// zone must reach a replacement worker in the order the guest gave
+    /// them.
+    seq: u64,
 }
 
 fn kind_of(op: Op) -> Option<OpKind> {
@@ -180,7 +279,27 @@ fn kind_of(op: Op) -> Option<OpKind> {
 struct Vring {
     s: VringSetup,
     pending: Vec<Option<Pending>>,
+    /// Per head: the segments of the request in flight (capacity reused).
+    saved: Vec<Vec<Segment>>,
+    /// Per head, for a zone append in flight: where its `append_sector`
+    /// goes in guest memory (the first 8 device-writable bytes).
+    append_at: Vec<Vec<(u64, u64)>>,
+    /// Sequence number of the next request submitted.
+    next_seq: u64,
+    /// While resubmitting what a previous frontend left in flight on a
+    /// zoned export: the zones' write pointers; writes below them were
+    /// applied and complete at once.
+    already_written: Option<crate::zones::ZoneMap>,
     inflight: usize,
+    /// When the worker last completed something (or the queue went from
+    /// idle to busy): the hang clock.
+    last_completion: Instant,
+    hang_reported: bool,
+    /// The guest's avail index was last seen broken (logged once).
+    bad_avail: bool,
+    /// Inflight tracking shared with the VMM, and the next submission number.
+    tracker: Option<InflightQueue>,
+    counter: u64,
     descs: Vec<Desc>,
     segs: Vec<Segment>,
     /// Scratch for request parsing.
@@ -192,12 +311,25 @@ struct Vring {
 }
 
 /// Runs the queue until stopped; returns the virtqueue (for GET_VRING_BASE).
-pub fn run(setup: VringSetup) -> Queue {
+pub fn run(mut setup: VringSetup) -> Queue {
     let n = setup.queue.size() as usize;
+    let (tracker, recovered) = match setup.inflight.take() {
+        Some((t, r)) => (Some(t), r),
+        None => (None, Recovered::default()),
+    };
     let mut v = Vring {
+        tracker,
+        counter: recovered.next_counter,
         s: setup,
         pending: vec![None; n],
+        saved: vec![Vec::new(); n],
+        append_at: vec![Vec::new(); n],
+        next_seq: 0,
+        already_written: None,
         inflight: 0,
+        last_completion: Instant::now(),
+        hang_reported: false,
+        bad_avail: false,
         descs: Vec::with_capacity(n),
         segs: Vec::with_capacity(crate::config::RING_MAX_SEGMENTS as usize),
         parts: Vec::with_capacity(16),
@@ -205,6 +337,7 @@ pub fn run(setup: VringSetup) -> Queue {
         poller: Poller::from_env(),
         errors_logged: 0,
     };
+    v.resubmit_recovered(&recovered.heads);
     v.run();
     v.s.queue
 }
@@ -229,16 +362,24 @@ impl Vring {
         let mut stop_deadline: Option<Instant> = None;
         let mut idle_since: Option<Instant> = None;
         loop {
-            let cmd = self.s.control.command();
+            if let Some(ends) = self.s.control.take_replacement() {
+                self.replace_worker(ends, &epoll);
+            }
+            let (cmd, lost) = self.s.control.state();
             let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
             let mut progress = false;
-            if cmd == Command::Run {
+            if cmd == Command::Run && !lost {
                 progress |= self.take_guest_requests(&mem);
             }
             progress |= self.finish_completions(&mem);
+            if cmd == Command::Run && !lost {
+                self.check_hang();
+            }
             match cmd {
+                // A lost worker will never take what is on its ring: the
+                // ring is replaced, so the queue is quiet already.
                 Command::Pause | Command::Drain
-                    if self.s.requests.unconsumed() == 0
+                    if (lost || self.s.requests.unconsumed() == 0)
                         && (cmd == Command::Pause || self.inflight == 0) =>
                 {
                     if self.s.control.park() == Command::Stop {
@@ -251,6 +392,14 @@ impl Vring {
                     let deadline =
                         *stop_deadline.get_or_insert_with(|| Instant::now() + DRAIN_TIMEOUT);
                     if self.inflight == 0 {
+                        return;
+                    }
+                    if lost {
+                        tracing::warn!(
+                            queue = self.s.index,
+                            inflight = self.inflight,
+                            "stopping with the worker lost; in-flight requests are left to the VMM"
+                        );
                         return;
                     }
                     if Instant::now() >= deadline {
@@ -266,6 +415,26 @@ impl Vring {
             }
             if progress {
                 idle_since = None;
+                continue;
+            }
+            if lost {
+                // Nothing to do until the replacement arrives (a control
+                // event); guest kicks wait in the eventfd.
+                let n = epoll
+                    .wait(&mut events, EpollTimeout::from(100u16))
+                    .unwrap_or(0);
+                for ev in &events[..n] {
+                    match ev.data() {
+                        // Kicks are seen in the avail ring on resumption.
+                        EV_KICK => drain_eventfd(&self.s.kick),
+                        EV_WORKER => {
+                            self.s.worker_call.clear();
+                        }
+                        _ => {
+                            self.s.control.event.clear();
+                        }
+                    }
+                }
                 continue;
             }
             if cmd == Command::Run {
@@ -287,10 +456,13 @@ impl Vring {
             if !self.s.completions.prepare_sleep() {
                 continue;
             }
-            let timeout = if cmd == Command::Run {
-                EpollTimeout::NONE
-            } else {
+            let timeout = if cmd != Command::Run {
                 EpollTimeout::from(10u16)
+            } else if self.inflight > 0 && !lost {
+                // Wake up to notice a worker that stopped answering.
+                EpollTimeout::from(500u16)
+            } else {
+                EpollTimeout::NONE
             };
             let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.s.completions.woke();
@@ -309,6 +481,107 @@ impl Vring {
                 }
             }
         }
+    }
+
+    /// Reports the worker once if requests are in flight and it has
+    /// completed none for the worker timeout.
+    fn check_hang(&mut self) {
+        if self.inflight == 0 || self.hang_reported {
+            return;
+        }
+        let quiet = self.last_completion.elapsed();
+        if quiet >= worker_timeout() {
+            self.hang_reported = true;
+            tracing::error!(
+                queue = self.s.index,
+                inflight = self.inflight,
+                quiet_ms = quiet.as_millis() as u64,
+                "worker stopped completing requests"
+            );
+            (self.s.on_hang)(self.s.index);
+        }
+    }
+
+    /// Moves to a replacement worker's rings and resubmits every request
+    /// that was in flight with the lost one, in their submission order (a
+    /// write may thus be applied twice, with the same data; none is lost).
+    ///
+    /// Zoned devices: a write the lost worker already applied is below
+    /// its zone's write pointer now, and would be refused: given the
+    /// replacement's write pointers ([`WorkerEnds::zones`]), such writes
+    /// complete at once instead. A resubmitted zone append cannot be
+    /// told from a new one: it appends again, and the guest is told the
+    /// second place (the first copy stays in the zone, unreferenced, and
+    /// takes zone capacity). Known limit; a fix needs an idempotency key
+    /// carried in the ring entry and remembered by the zoned node.
+    fn replace_worker(&mut self, ends: WorkerEnds, epoll: &Epoll) {
+        let writes = self
+            .pending
+            .iter()
+            .flatten()
+            .filter(|p| p.req.op == Op::Write)
+            .map(|p| p.req.offset);
+        let zones = ends.zones.as_ref().map(|o| o.map(writes));
+        let _ = epoll.delete(&self.s.worker_call);
+        self.s.requests = ends.requests;
+        self.s.completions = ends.completions;
+        self.s.worker_kick = ends.worker_kick;
+        self.s.worker_call = ends.worker_call;
+        if let Err(e) = epoll.add(
+            &self.s.worker_call,
+            EpollEvent::new(EpollFlags::EPOLLIN, EV_WORKER),
+        ) {
+            tracing::error!(queue = self.s.index, "epoll: {e}");
+        }
+        let mut resubmitted = 0;
+        let mut applied = 0;
+        let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
+        // In the order they were first submitted (not by head): a zoned
+        // device takes writes to a zone only in write-pointer order.
+        let mut order: Vec<(u64, usize)> = (0..self.pending.len())
+            .filter_map(|h| self.pending[h].map(|p| (p.seq, h)))
+            .collect();
+        order.sort_unstable();
+        for (_, head) in order {
+            let Some(p) = self.pending[head] else {
+                continue;
+            };
+            let done = p.req.op == Op::Write
+                && zones
+                    .as_ref()
+                    .is_some_and(|z| z.written(p.req.offset, p.req.len));
+            if done {
+                self.pending[head] = None;
+                self.inflight -= 1;
+                if let Some(kind) = p.kind {
+                    let ns = p.start.elapsed().as_nanos() as u64;
+                    self.s.stats.finished(kind, p.bytes, true, ns);
+                }
+                self.complete(mem.guest_memory(), head as u16, p.status, 0, p.used_len);
+                applied += 1;
+                continue;
+            }
+            match self.s.requests.push(&p.req, &self.saved[head]) {
+                Ok(()) => resubmitted += 1,
+                // Cannot happen: the ring holds a whole virtqueue.
+                Err(e) => tracing::error!(queue = self.s.index, head, "resubmit: {e}"),
+            }
+        }
+        if resubmitted > 0 {
+            self.s.requests.publish();
+            self.s.worker_kick.ring();
+        }
+        if applied > 0 {
+            self.notify_guest(mem.guest_memory());
+        }
+        self.last_completion = Instant::now();
+        self.hang_reported = false;
+        tracing::info!(
+            queue = self.s.index,
+            resubmitted,
+            applied,
+            "queue moved to a replacement worker"
+        );
     }
 
     fn epoll(&self) -> nix::Result<Epoll> {
@@ -340,10 +613,17 @@ impl Vring {
             }
             self.guest_notify = false;
         }
+        if !self.avail_index_sane(gm) {
+            return found;
+        }
         {
             while let Some(chain) = self.s.queue.pop_descriptor_chain(gm) {
                 found = true;
                 let head = chain.head_index();
+                if let Some(t) = &self.tracker {
+                    t.taken(head, self.counter);
+                    self.counter = self.counter.wrapping_add(1);
+                }
                 self.descs.clear();
                 for d in chain {
                     self.descs.push(Desc {
@@ -365,12 +645,37 @@ impl Vring {
         found
     }
 
-    /// Whether the guest has made chains available that we have not popped.
-    fn guest_has_new(&self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
-        self.s
+    /// Chains the guest has made available that we have not popped, or
+    /// `None` when its avail index is more than a ring ahead of us (a broken
+    /// or hostile driver).
+    fn guest_pending(&self, gm: &vm_memory::GuestMemoryMmap<()>) -> Option<u16> {
+        let avail = self
+            .s
             .queue
             .avail_idx(gm, std::sync::atomic::Ordering::Acquire)
-            .is_ok_and(|i| i.0 != self.s.queue.next_avail())
+            .ok()?;
+        let n = avail.0.wrapping_sub(self.s.queue.next_avail());
+        (n <= self.s.queue.size()).then_some(n)
+    }
+
+    /// Whether the guest has made chains available that we have not popped
+    /// (never for a broken avail index: that waits for the next kick).
+    fn guest_has_new(&self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
+        self.guest_pending(gm).is_some_and(|n| n > 0)
+    }
+
+    /// False (logged once per episode) when the avail index cannot be
+    /// right; the queue then takes nothing until the guest fixes it.
+    fn avail_index_sane(&mut self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
+        let sane = self.guest_pending(gm).is_some();
+        if !sane && !self.bad_avail {
+            self.log_guest_error(format_args!(
+                "avail index more than a ring ahead of the device (next {}); ignored until fixed",
+                self.s.queue.next_avail()
+            ));
+        }
+        self.bad_avail = !sane;
+        sane
     }
 
     /// Asks the guest to kick us again (before sleeping); false if chains
@@ -378,7 +683,8 @@ impl Vring {
     fn arm_guest_notifications(&mut self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
         self.guest_notify = true;
         match self.s.queue.enable_notification(gm) {
-            Ok(more) => !more,
+            // A broken avail index is not work: sleep until the next kick.
+            Ok(more) => !more || !self.avail_index_sane(gm),
             Err(e) => {
                 self.log_guest_error(format_args!("avail ring: {e}"));
                 true
@@ -394,7 +700,7 @@ impl Vring {
             Err(e) => {
                 self.log_guest_error(format_args!("chain {head}: {e}"));
                 // No status byte we may write: return the chain unused.
-                let _ = self.s.queue.add_used(gm, head, 0);
+                self.put_used(gm, head, 0);
                 return true;
             }
         };
@@ -402,12 +708,13 @@ impl Vring {
             self.log_guest_error(format_args!("chain head {head} reused while in flight"));
             return false;
         }
-        let parsed = request::parse(
+        let parsed = request::parse_with_zones(
             &self.descs,
             status,
             gm,
             mem,
             &self.s.dev,
+            self.s.zones.as_deref(),
             head as u32,
             &mut self.segs,
             &mut self.parts,
@@ -417,19 +724,61 @@ impl Vring {
                 if st != 0 {
                     self.log_guest_error(format_args!("chain {head}: status {st}"));
                 }
+                // Answered here (refused, or nothing to move): count it
+                // with its kind so refusals show up as errors.
+                if let Some(kind) = request::op_kind(parsed.request_type) {
+                    self.s.stats.started();
+                    self.s.stats.finished(kind, 0, st == 0, 0);
+                }
                 self.complete(gm, head, parsed.status, st, parsed.used_len);
+                true
+            }
+            Action::Submit(req)
+                if req.op == Op::Write
+                    && self
+                        .already_written
+                        .as_ref()
+                        .is_some_and(|z| z.written(req.offset, req.len)) =>
+            {
+                // Applied before a frontend restart: below its zone's
+                // write pointer, where the zone would refuse it again.
+                self.s.stats.started();
+                self.s.stats.finished(OpKind::Write, req.len, true, 0);
+                self.complete(gm, head, parsed.status, 0, parsed.used_len);
                 true
             }
             Action::Submit(req) => match self.s.requests.push(&req, &self.segs) {
                 Ok(()) => {
-                    self.s.stats.started();
+                    let kind = kind_of(req.op);
+                    if kind.is_some() {
+                        self.s.stats.started();
+                    }
+                    if self.inflight == 0 {
+                        self.last_completion = Instant::now();
+                    }
+                    let saved = &mut self.saved[head as usize];
+                    saved.clear();
+                    saved.extend_from_slice(&self.segs);
+                    let append_at = &mut self.append_at[head as usize];
+                    append_at.clear();
+                    if req.op == Op::ZoneAppend {
+                        let writable = self
+                            .descs
+                            .iter()
+                            .filter(|d| d.writable)
+                            .map(|d| (d.addr, d.len as u64));
+                        request::byte_ranges(writable, 0, request::APPEND_SECTOR_BYTES, append_at);
+                    }
                     self.pending[head as usize] = Some(Pending {
+                        req,
                         status: parsed.status,
                         used_len: parsed.used_len,
-                        kind: kind_of(req.op),
+                        kind,
                         bytes: req.len,
                         start: Instant::now(),
+                        seq: self.next_seq,
                     });
+                    self.next_seq += 1;
                     self.inflight += 1;
                     false
                 }
@@ -460,9 +809,70 @@ impl Vring {
         if !written {
             self.log_guest_error(format_args!("status byte of chain {head} not writable"));
         }
+        // Without a status byte written, nothing the guest may trust was.
+        self.put_used(gm, head, if written { used_len } else { 0 });
+    }
+
+    /// Puts `head` on the used ring, keeping the inflight record in step.
+    fn put_used(&mut self, gm: &vm_memory::GuestMemoryMmap<()>, head: u16, used_len: u32) {
+        if let Some(t) = &self.tracker {
+            t.completing(head);
+        }
         if let Err(e) = self.s.queue.add_used(gm, head, used_len) {
             self.log_guest_error(format_args!("used ring: {e}"));
         }
+        if let Some(t) = &self.tracker {
+            t.completed(head, self.s.queue.next_used());
+        }
+    }
+
+    /// Processes again the heads a previous frontend took from the avail
+    /// ring and never completed (found in the inflight region), oldest
+    /// first, as if just popped.
+    fn resubmit_recovered(&mut self, heads: &[u16]) {
+        if heads.is_empty() {
+            return;
+        }
+        let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
+        let gm = mem.guest_memory();
+        let (table, size) = (self.s.queue.desc_table(), self.s.queue.size());
+        if let Some(oracle) = self.s.recovery_zones.take() {
+            let mut writes = Vec::new();
+            for &head in heads {
+                if request::walk_chain(gm, table, size, head, &mut self.descs).is_ok() {
+                    if let Some((virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT, sector)) =
+                        request::peek_header(&self.descs, gm)
+                    {
+                        writes.extend(sector.checked_mul(512));
+                    }
+                }
+            }
+            if !writes.is_empty() {
+                self.already_written = Some(oracle.map(writes));
+            }
+        }
+        let mut used = false;
+        for &head in heads {
+            if let Err(e) = request::walk_chain(gm, table, size, head, &mut self.descs) {
+                self.log_guest_error(format_args!("in-flight chain {head}: {e}"));
+                self.put_used(gm, head, 0);
+                used = true;
+                continue;
+            }
+            used |= self.handle_chain(head, &mem);
+        }
+        self.already_written = None;
+        if self.s.requests.publish() {
+            self.s.worker_kick.ring();
+        }
+        if used {
+            self.notify_guest(gm);
+        }
+        tracing::info!(
+            queue = self.s.index,
+            requests = heads.len(),
+            "resubmitted requests left in flight by the previous frontend"
+        );
     }
 
     fn notify_guest(&mut self, gm: &vm_memory::GuestMemoryMmap<()>) {
@@ -502,14 +912,37 @@ impl Vring {
             };
             any = true;
             self.inflight -= 1;
-            let st = request::status_of(c.result);
-            let used = if st == 0 { p.used_len } else { 1 };
-            match p.kind {
-                Some(kind) => {
-                    let ns = p.start.elapsed().as_nanos() as u64;
-                    self.s.stats.finished(kind, p.bytes, st == 0, ns);
+            self.last_completion = Instant::now();
+            self.hang_reported = false;
+            let mut st = if self.s.zones.is_some() {
+                request::zoned_status_of(c.result)
+            } else {
+                request::status_of(c.result)
+            };
+            let mut used = if st == 0 { p.used_len } else { 1 };
+            if st == 0 {
+                match p.req.op {
+                    // What the worker wrote (it is not trusted: at most
+                    // the buffer).
+                    Op::ZoneReport => used = c.extra.min(p.req.len) as u32 + 1,
+                    Op::ZoneAppend => {
+                        let sector = (c.extra / 512).to_le_bytes();
+                        let at = &self.append_at[c.tag as usize];
+                        if !write_ranges(gm, at, &sector) {
+                            self.log_guest_error(format_args!(
+                                "append_sector of chain {} not writable",
+                                c.tag
+                            ));
+                            st = request::status_of(-libc::EIO);
+                            used = 1;
+                        }
+                    }
+                    _ => {}
                 }
-                None => self.s.stats.finished(OpKind::Flush, 0, st == 0, 0),
+            }
+            if let Some(kind) = p.kind {
+                let ns = p.start.elapsed().as_nanos() as u64;
+                self.s.stats.finished(kind, p.bytes, st == 0, ns);
             }
             self.complete(gm, c.tag as u16, p.status, st, used);
         }
@@ -519,6 +952,22 @@ impl Vring {
         }
         any
     }
+}
+
+/// Writes `bytes` across the guest ranges `at` (which cover exactly them).
+fn write_ranges(gm: &vm_memory::GuestMemoryMmap<()>, at: &[(u64, u64)], bytes: &[u8]) -> bool {
+    use vm_memory::Bytes;
+    let mut done = 0usize;
+    for &(addr, len) in at {
+        let Some(chunk) = bytes.get(done..done + len as usize) else {
+            return false;
+        };
+        if gm.write_slice(chunk, GuestAddress(addr)).is_err() {
+            return false;
+        }
+        done += len as usize;
+    }
+    done == bytes.len()
 }
 
 fn signal_eventfd(f: &File) {

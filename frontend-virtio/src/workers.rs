@@ -1,10 +1,13 @@
 //! The frontend's connections to the workers serving one export.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use nix::sys::socket::sockopt;
 
 use blkmesh_ipc::channel::{Channel, ChannelError};
 use blkmesh_proto::ipc::v1 as ipc;
@@ -32,14 +35,34 @@ pub enum LinkError {
     Protocol { worker: String },
     #[error("plan has no worker for queue {0}")]
     NoWorker(u32),
+    #[error("worker {worker} is gone")]
+    Dead { worker: String },
     #[error("workers disagree about the export's limits")]
     LimitsDiffer,
 }
 
 struct Link {
+    /// Unique in this process, so a link can be named after the set changed.
+    id: u64,
     worker: String,
     socket: String,
     channel: Mutex<Channel>,
+    /// A duplicate of the channel's fd, polled for hang-ups without the
+    /// channel's lock.
+    watch: Arc<OwnedFd>,
+    /// The worker's pid as the kernel saw it connect (0 when it lives in
+    /// another pid namespace): what fencing a hung worker kills.
+    peer_pid: i32,
+    /// The worker died or was fenced; nothing is sent to it any more.
+    dead: AtomicBool,
+}
+
+/// A link as the failover watcher sees it.
+#[derive(Clone)]
+pub struct Watched {
+    pub id: u64,
+    pub worker: String,
+    pub fd: Arc<OwnedFd>,
 }
 
 impl Link {
@@ -48,10 +71,28 @@ impl Link {
         msg: ipc::request::Msg,
         fds: &[BorrowedFd<'_>],
     ) -> Result<ReplyResult, LinkError> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(LinkError::Dead {
+                worker: self.worker.clone(),
+            });
+        }
         let ch = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        let err = |source| LinkError::Channel {
-            worker: self.worker.clone(),
-            source,
+        let err = |source| {
+            use nix::errno::Errno;
+            if matches!(
+                source,
+                ChannelError::Closed
+                    | ChannelError::Socket {
+                        source: Errno::EPIPE | Errno::ECONNRESET,
+                        ..
+                    }
+            ) {
+                self.dead.store(true, Ordering::Release);
+            }
+            LinkError::Channel {
+                worker: self.worker.clone(),
+                source,
+            }
         };
         ch.send(&ipc::Request { msg: Some(msg) }, fds)
             .map_err(err)?;
@@ -84,8 +125,25 @@ pub struct WorkerLinks {
     inner: Mutex<Inner>,
 }
 
+/// Worker connections with the graph open, not (yet, or no longer) in use.
+pub struct StagedLinks(Inner);
+
+impl StagedLinks {
+    /// No connections: a queue pointed at them has no worker.
+    pub fn empty() -> Self {
+        StagedLinks(Inner {
+            links: Vec::new(),
+            by_queue: Vec::new(),
+        })
+    }
+}
+
+/// A memory table as the workers get it: regions and their fds.
+pub type MemRef<'a> = (&'a [ipc::MemRegion], &'a [BorrowedFd<'a>]);
+
 struct Inner {
-    links: Vec<Link>,
+    /// Shared so a long call (a zone command) can run without the lock.
+    links: Vec<Arc<Link>>,
     /// Queue index → link index.
     by_queue: Vec<usize>,
 }
@@ -97,10 +155,26 @@ fn connect(worker: &str, socket: &str) -> Result<Link, LinkError> {
     };
     let ch = Channel::connect(Path::new(socket)).map_err(err)?;
     ch.set_timeout(Some(CALL_TIMEOUT)).map_err(err)?;
+    let io = |e: std::io::Error| LinkError::Channel {
+        worker: worker.to_string(),
+        source: ChannelError::Socket {
+            op: "dup",
+            source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        },
+    };
+    let watch = Arc::new(ch.as_fd().try_clone_to_owned().map_err(io)?);
+    let peer_pid = nix::sys::socket::getsockopt(&ch.as_fd(), sockopt::PeerCredentials)
+        .map(|c| c.pid())
+        .unwrap_or(0);
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     Ok(Link {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         worker: worker.to_string(),
         socket: socket.to_string(),
         channel: Mutex::new(ch),
+        watch,
+        peer_pid,
+        dead: AtomicBool::new(false),
     })
 }
 
@@ -127,7 +201,7 @@ impl WorkerLinks {
         plan: &ExportPlan,
         num_queues: u32,
     ) -> Result<(WorkerLinks, ipc::Limits), LinkError> {
-        let mut links: Vec<Link> = Vec::new();
+        let mut links: Vec<Arc<Link>> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut by_queue = Vec::with_capacity(num_queues as usize);
         for q in 0..num_queues {
@@ -139,7 +213,7 @@ impl WorkerLinks {
             let i = match index.get(ep.worker_socket.as_str()) {
                 Some(&i) => i,
                 None => {
-                    links.push(connect(&ep.worker, &ep.worker_socket)?);
+                    links.push(Arc::new(connect(&ep.worker, &ep.worker_socket)?));
                     index.insert(ep.worker_socket.as_str(), links.len() - 1);
                     links.len() - 1
                 }
@@ -170,12 +244,18 @@ impl WorkerLinks {
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), LinkError> {
         for link in &self.lock().links {
-            link.expect_ok(
+            let sent = link.expect_ok(
                 ipc::request::Msg::SetMemTable(ipc::SetMemTable {
                     regions: regions.to_vec(),
                 }),
                 fds,
-            )?;
+            );
+            match sent {
+                // A dead worker's queues get the table from their
+                // replacement's link when they fail over.
+                Err(_) if link.dead.load(Ordering::Acquire) => {}
+                r => r?,
+            }
         }
         Ok(())
     }
@@ -187,6 +267,66 @@ impl WorkerLinks {
             .by_queue
             .get(queue as usize)
             .map(|&i| inner.links[i].socket.clone())
+    }
+
+    /// Every live link, for the failover watcher.
+    pub fn watched(&self) -> Vec<Watched> {
+        self.lock()
+            .links
+            .iter()
+            .filter(|l| !l.dead.load(Ordering::Acquire))
+            .map(|l| Watched {
+                id: l.id,
+                worker: l.worker.clone(),
+                fd: Arc::clone(&l.watch),
+            })
+            .collect()
+    }
+
+    /// Marks link `id` dead; returns the queues it served.
+    pub fn mark_dead(&self, id: u64) -> Vec<u32> {
+        let inner = self.lock();
+        let Some(i) = inner.links.iter().position(|l| l.id == id) else {
+            return Vec::new();
+        };
+        inner.links[i].dead.store(true, Ordering::Release);
+        (0..inner.by_queue.len() as u32)
+            .filter(|&q| inner.by_queue[q as usize] == i)
+            .collect()
+    }
+
+    /// The link serving `queue`, if any.
+    pub fn link_of(&self, queue: u32) -> Option<u64> {
+        let inner = self.lock();
+        inner
+            .by_queue
+            .get(queue as usize)
+            .map(|&i| inner.links[i].id)
+    }
+
+    /// Fences the worker behind link `id` after it stopped answering: kills
+    /// it, so nothing it still holds can reach the disk once its requests
+    /// are resubmitted elsewhere. False if its pid is not known to us (it
+    /// lives in another pid namespace).
+    pub fn fence(&self, id: u64) -> bool {
+        let inner = self.lock();
+        let Some(link) = inner.links.iter().find(|l| l.id == id) else {
+            return false;
+        };
+        if link.peer_pid <= 0 {
+            return false;
+        }
+        let pid = nix::unistd::Pid::from_raw(link.peer_pid);
+        match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+            Ok(()) => {
+                tracing::error!(worker = %link.worker, pid = link.peer_pid, "worker fenced (SIGKILL) after it stopped answering");
+                true
+            }
+            Err(e) => {
+                tracing::error!(worker = %link.worker, pid = link.peer_pid, "cannot fence the worker: {e}");
+                false
+            }
+        }
     }
 
     /// Points `queue` at the worker listening on `socket`, connecting to it
@@ -204,7 +344,8 @@ impl WorkerLinks {
         if queue as usize >= inner.by_queue.len() {
             return Err(LinkError::NoWorker(queue));
         }
-        let i = match inner.links.iter().position(|l| l.socket == socket) {
+        let live = |l: &Arc<Link>| l.socket == socket && !l.dead.load(Ordering::Acquire);
+        let i = match inner.links.iter().position(live) {
             Some(i) => i,
             None => {
                 let link = connect(worker, socket)?;
@@ -217,12 +358,36 @@ impl WorkerLinks {
                         fds,
                     )?;
                 }
-                inner.links.push(link);
+                inner.links.push(Arc::new(link));
                 inner.links.len() - 1
             }
         };
         inner.by_queue[queue as usize] = i;
         Ok(())
+    }
+
+    /// Opens `plan` on fresh connections to the workers it names, with the
+    /// memory table if one is given, without touching the links in use:
+    /// the first half of a live reopen. Dropping the result closes them.
+    pub fn stage(
+        plan: &ExportPlan,
+        num_queues: u32,
+        mem: Option<MemRef<'_>>,
+    ) -> Result<(StagedLinks, ipc::Limits), LinkError> {
+        let (staged, limits) = WorkerLinks::open(plan, num_queues)?;
+        if let Some((regions, fds)) = mem {
+            staged.set_mem_table(regions, fds)?;
+        }
+        Ok((
+            StagedLinks(staged.inner.into_inner().unwrap_or_else(|p| p.into_inner())),
+            limits,
+        ))
+    }
+
+    /// Puts staged links in place of the current ones, returning the old
+    /// ones (closed when dropped). The queues must be detached.
+    pub fn swap(&self, staged: StagedLinks) -> StagedLinks {
+        StagedLinks(std::mem::replace(&mut *self.lock(), staged.0))
     }
 
     fn with_link<T>(
@@ -259,6 +424,43 @@ impl WorkerLinks {
                 &[ring, kick.as_fd(), call.as_fd()],
             )
         })
+    }
+
+    /// Runs a zone report (`action` UNSPECIFIED) or a zone action on the
+    /// export's graph, on the worker of `queue` (every worker of the
+    /// export has the same graph open; the zoned node keeps its state in
+    /// its metadata file). Does not hold the links' lock during the call.
+    /// A worker that is gone is waited for (up to `wait`) while the
+    /// failover thread reconnects the queue.
+    pub fn zone(
+        &self,
+        queue: u32,
+        request: ipc::ZoneRequest,
+        wait: Duration,
+    ) -> Result<Vec<blkmesh_proto::v1::Zone>, LinkError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let link = {
+                let inner = self.lock();
+                inner
+                    .by_queue
+                    .get(queue as usize)
+                    .map(|&i| Arc::clone(&inner.links[i]))
+                    .ok_or(LinkError::NoWorker(queue))?
+            };
+            match link.call(ipc::request::Msg::Zone(request), &[]) {
+                Ok(ReplyResult::Zones(z)) => return Ok(z.zones),
+                Ok(_) => {
+                    return Err(LinkError::Protocol {
+                        worker: link.worker.clone(),
+                    })
+                }
+                Err(LinkError::Dead { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Tells a queue's worker to stop serving it.

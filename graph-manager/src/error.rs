@@ -10,6 +10,9 @@ use blkmesh_graph::{ErrorClass, GraphError};
 /// Why the manager could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
+    /// Narrowing the process's privileges failed (docs/SECURITY.md).
+    #[error("least privilege")]
+    Sandbox(#[source] blkmesh_sandbox::SandboxError),
     /// The state directory could not be created.
     #[error("cannot create state directory {}", path.display())]
     StateDir {
@@ -38,6 +41,26 @@ pub enum ManagerError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The configuration file is invalid, or cannot be applied to the
+    /// state; nothing was changed.
+    #[error(
+        "configuration {file} refused (the manager did not start; its state was not changed):\n{errors}"
+    )]
+    Config {
+        /// The file, as given.
+        file: String,
+        /// Every problem, each with its line and field.
+        errors: crate::config::ConfigErrors,
+    },
+    /// The state file could not be written.
+    #[error("cannot save state file {}", path.display())]
+    SaveState {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
     },
     /// The TCP listener could not be bound.
     #[error("cannot listen on {addr}")]
@@ -72,6 +95,23 @@ pub enum ManagerError {
         /// The socket path.
         path: PathBuf,
     },
+    /// A TLS certificate or key file could not be read.
+    #[error("cannot read TLS {what} {}", path.display())]
+    ReadTls {
+        /// `certificate`, `key` or `client CA certificate`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS certificate, key or client CA is not usable.
+    #[error("invalid TLS certificate, key or client CA")]
+    Tls(#[source] tonic::transport::Error),
+    /// The bearer token is not usable.
+    #[error(transparent)]
+    Token(#[from] blkmesh_proto::client::TokenError),
     /// The gRPC server failed.
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
@@ -130,6 +170,33 @@ pub(crate) enum ApiError {
     /// A blocking helper task failed.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A frontend reported that it could not apply a plan; the change was undone.
+    #[error("export {export:?}: the frontend could not {what}: {reason}; {undone}")]
+    NotApplied {
+        /// The export the frontend failed on.
+        export: String,
+        /// What it tried, e.g. `open the graph`.
+        what: String,
+        /// The frontend's message.
+        reason: String,
+        /// How the change was undone, e.g. `the export was removed`.
+        undone: String,
+    },
+    /// A concurrent change got in the way; retry.
+    #[error("{0}")]
+    Conflict(String),
+    /// A frontend (or its worker) did not answer in time, or went away.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The frontend or worker refused a zone command with `errno`; the
+    /// status code follows the errno (`crate::zones::errno_code`).
+    #[error("{message}")]
+    ZoneRefused {
+        /// The positive errno the frontend reported.
+        errno: i32,
+        /// The whole message: what was asked, the frontend's reason, the errno's name.
+        message: String,
+    },
 }
 
 impl From<ApiError> for tonic::Status {
@@ -150,6 +217,12 @@ impl From<ApiError> for tonic::Status {
             ApiError::Persist { .. } => tonic::Status::internal(msg),
             ApiError::ShuttingDown => tonic::Status::unavailable(msg),
             ApiError::Internal(_) => tonic::Status::internal(msg),
+            ApiError::NotApplied { .. } => tonic::Status::failed_precondition(msg),
+            ApiError::Conflict(_) => tonic::Status::aborted(msg),
+            ApiError::Unavailable(_) => tonic::Status::unavailable(msg),
+            ApiError::ZoneRefused { errno, .. } => {
+                tonic::Status::new(crate::zones::errno_code(errno), msg)
+            }
         }
     }
 }

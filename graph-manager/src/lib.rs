@@ -2,11 +2,18 @@
 //!
 //! The single source of truth for nodes, exports, workers and the
 //! queue → worker assignment. It serves `blkmesh.v1` (NodeService,
-//! ExportService, WorkerService, FrontendService, StatsService) plus the standard
+//! ExportService, WorkerService, FrontendService, StatsService, ZoneService) plus the standard
 //! `grpc.health.v1.Health` service, persists its state to
 //! `<state-dir>/state.json` after every change and reloads it on start.
 //! Workers and frontends register over server-streaming calls and keep
 //! them open; a closed stream marks them gone.
+//!
+//! Every export plan carries a generation (persisted with the export),
+//! bumped when a node of its graph is updated (`UpdateNode`) or resized
+//! (`ResizeNode`). Frontends report per export and generation whether they
+//! serve it (`FrontendService.ReportExport`, kept in memory); AddExport,
+//! UpdateNode and ResizeNode wait up to [`ManagerConfig::apply_timeout`] for
+//! those reports, and undo the change when a frontend reports FAILED.
 //!
 //! Frontends and workers push cumulative counters (`StatsService.ReportStats`);
 //! the manager keeps the latest report per source in memory and serves them
@@ -14,6 +21,46 @@
 //! rules), and optionally as Prometheus text on `GET /metrics`
 //! ([`ManagerConfig::with_metrics`]). `WatchEvents` streams worker, frontend,
 //! node and export changes and newly counted I/O errors.
+//!
+//! Zoned block devices: a `zoned` node emulates a host-managed zoned device
+//! over a regular child (`zoned.rs` has the graph and placement rules: the
+//! queues of an export over a zoned node stay on one worker, its zone layout
+//! is fixed). `ZoneService` calls (ReportZones, ManageZone) are forwarded to
+//! the frontend serving the export as a `FrontendEvent.zone_command`; the
+//! frontend answers with `FrontendService.ZoneCommandDone` within the apply
+//! timeout, or the call fails UNAVAILABLE (`zones.rs`).
+//!
+//! Workers that stay away: when a worker's registration stream ends, a
+//! grace timer starts ([`ManagerConfig::worker_grace`]); if the worker has
+//! not registered again when it runs out, every export queue assigned to it
+//! moves to the live workers (least loaded first; the queues of an export
+//! that is not spread stay together), the change is persisted and the new
+//! plans are pushed to the frontends, which move the queues live. With no
+//! live worker the move waits for the first one to register. A worker that
+//! comes back later gets no queues back by itself. Workers known from the
+//! state file get the same grace from the moment the manager serves.
+//!
+//! Declarative configuration ([`ManagerConfig::with_config`], `--config`):
+//! a TOML file of nodes and exports ([`config`]; `deploy/config/blkmesh.toml`
+//! documents every key) applied at start, after the state file is loaded
+//! and before anything is served (`reconcile.rs`): the whole file is checked
+//! first, with errors located by line, column and field; what the state
+//! lacks is added (io_uring files marked `create` are created sparse), what
+//! is the same is left alone (a restart with the same file writes nothing),
+//! what differs is changed as UpdateNode/ResizeNode would when they could
+//! do it live, and refused otherwise; what the file does not name is kept,
+//! or removed with `config_prune`. New exports of the file wait in memory
+//! (listed PENDING) until a worker registers, then are placed as AddExport
+//! places them. Objects of the file are marked `managed_by_config` in the
+//! state file. [`size`] and [`rule`] are the size and fault-rule syntax the
+//! file shares with blkmeshctl.
+//!
+//! Security (all off by default): TLS on the TCP listener
+//! ([`ManagerConfig::tls`], optionally requiring client certificates) and a
+//! bearer token every `blkmesh.v1` call must carry
+//! ([`ManagerConfig::token`], on the TCP and the unix listener alike). The
+//! gRPC health service and `/metrics` stay open. Clients connect through
+//! [`blkmesh_proto::client`].
 //!
 //! Start it from code:
 //!
@@ -28,11 +75,20 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod checks;
+pub mod config;
 mod error;
 mod metrics;
+mod reconcile;
+mod reopen;
+pub mod rule;
 mod service;
+pub mod size;
 mod state;
 mod stats;
+mod zoned;
+mod zones;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,20 +102,33 @@ use blkmesh_proto::v1::frontend_service_server::FrontendServiceServer;
 use blkmesh_proto::v1::node_service_server::NodeServiceServer;
 use blkmesh_proto::v1::stats_service_server::StatsServiceServer;
 use blkmesh_proto::v1::worker_service_server::WorkerServiceServer;
+use blkmesh_proto::v1::zone_service_server::ZoneServiceServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use error::ManagerError;
 pub use state::STATE_FILE;
 
+use auth::TokenCheck;
 use service::{ExportApi, FrontendApi, NodeApi, Shared, WorkerApi};
 use stats::StatsApi;
+use zones::ZoneApi;
 
 /// Default TCP listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Default of [`ManagerConfig::apply_timeout`].
+pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default of [`ManagerConfig::worker_grace`].
+pub const DEFAULT_WORKER_GRACE: Duration = Duration::from_secs(3);
+
+/// Longest certificate or key file read, in bytes.
+const MAX_PEM_LEN: u64 = 1 << 20;
 
 /// How long a stopping manager waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -76,6 +145,64 @@ pub struct ManagerConfig {
     /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`);
     /// port 0 picks a free port (see [`Manager::metrics_addr`]).
     pub metrics: Option<SocketAddr>,
+    /// How long AddExport, UpdateNode and ResizeNode wait for a connected
+    /// frontend to report that it applied the new plan.
+    pub apply_timeout: Duration,
+    /// How long a worker whose registration ended may take to come back
+    /// before its queues move to the live workers.
+    pub worker_grace: Duration,
+    /// Serve TLS on the TCP listener (the unix socket stays plaintext).
+    pub tls: Option<TlsConfig>,
+    /// Require this bearer token on every `blkmesh.v1` call.
+    pub token: Option<TokenSource>,
+    /// Apply this configuration file (TOML, see [`config`]) at start.
+    pub config: Option<PathBuf>,
+    /// With `config`: remove the nodes and exports it does not name.
+    pub config_prune: bool,
+}
+
+/// TLS files of the manager (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf certificate.
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Where the bearer token comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A file holding the token (surrounding whitespace ignored), read at startup.
+    File(PathBuf),
+    /// The token itself.
+    Value(String),
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            TokenSource::Value(_) => f.write_str("Value(<redacted>)"),
+        }
+    }
+}
+
+impl TokenSource {
+    /// The token, checked like clients check theirs.
+    fn load(&self) -> Result<String, ManagerError> {
+        match self {
+            TokenSource::File(path) => Ok(blkmesh_proto::client::load_token(path)?),
+            TokenSource::Value(t) => {
+                blkmesh_proto::client::validate_token(t).map_err(|reason| {
+                    blkmesh_proto::client::TokenError::Invalid { path: None, reason }
+                })?;
+                Ok(t.clone())
+            }
+        }
+    }
 }
 
 impl ManagerConfig {
@@ -86,7 +213,63 @@ impl ManagerConfig {
             unix: None,
             state_dir,
             metrics: None,
+            apply_timeout: DEFAULT_APPLY_TIMEOUT,
+            worker_grace: DEFAULT_WORKER_GRACE,
+            tls: None,
+            token: None,
+            config: None,
+            config_prune: false,
         }
+    }
+
+    /// Applies the configuration file at `path` at start; with `prune`,
+    /// nodes and exports it does not name are removed.
+    pub fn with_config(mut self, path: PathBuf, prune: bool) -> Self {
+        self.config = Some(path);
+        self.config_prune = prune;
+        self
+    }
+
+    /// Sets how long a lost worker may take to come back before its queues move.
+    pub fn with_worker_grace(mut self, grace: Duration) -> Self {
+        self.worker_grace = grace;
+        self
+    }
+
+    /// Serves TLS on the TCP listener with this certificate and key (PEM).
+    pub fn with_tls(mut self, cert: PathBuf, key: PathBuf) -> Self {
+        self.tls = Some(TlsConfig {
+            cert,
+            key,
+            client_ca: None,
+        });
+        self
+    }
+
+    /// Requires client certificates signed by `ca` (PEM); needs [`ManagerConfig::with_tls`].
+    pub fn with_client_ca(mut self, ca: PathBuf) -> Self {
+        if let Some(tls) = &mut self.tls {
+            tls.client_ca = Some(ca);
+        }
+        self
+    }
+
+    /// Requires the token in `path` on every call.
+    pub fn with_token_file(mut self, path: PathBuf) -> Self {
+        self.token = Some(TokenSource::File(path));
+        self
+    }
+
+    /// Requires `token` on every call.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(TokenSource::Value(token.into()));
+        self
+    }
+
+    /// Sets how long calls wait for frontends to apply a plan.
+    pub fn with_apply_timeout(mut self, timeout: Duration) -> Self {
+        self.apply_timeout = timeout;
+        self
     }
 
     /// Sets the TCP listen address.
@@ -116,6 +299,8 @@ impl ManagerConfig {
 /// A manager with its state loaded and its listeners bound, not yet serving.
 pub struct Manager {
     shared: Arc<Shared>,
+    tls: Option<ServerTlsConfig>,
+    token: TokenCheck,
     tcp: TcpListener,
     local_addr: SocketAddr,
     unix: Option<(UnixListener, PathBuf)>,
@@ -128,6 +313,8 @@ impl std::fmt::Debug for Manager {
             .field("local_addr", &self.local_addr)
             .field("unix", &self.unix.as_ref().map(|(_, p)| p))
             .field("metrics", &self.metrics_addr())
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token)
             .finish_non_exhaustive()
     }
 }
@@ -139,6 +326,9 @@ impl Manager {
             path: config.state_dir.clone(),
             source,
         })?;
+        // Security files first: a typo there should not wait for anything.
+        let tls = config.tls.as_ref().map(load_tls).transpose()?;
+        let token = config.token.as_ref().map(TokenSource::load).transpose()?;
         let state_path = config.state_file();
         let state = state::load(&state_path)?;
         tracing::info!(
@@ -148,6 +338,7 @@ impl Manager {
             workers = state.workers.len(),
             "state loaded"
         );
+        let (state, waiting) = apply_config(&config, state, &state_path)?;
         let tcp =
             TcpListener::bind(config.listen)
                 .await
@@ -172,8 +363,12 @@ impl Manager {
             }
             None => None,
         };
+        let shared = Shared::new(state, state_path, config.apply_timeout, config.worker_grace);
+        shared.set_config_waiting(waiting);
         Ok(Manager {
-            shared: Shared::new(state, state_path),
+            shared,
+            tls,
+            token: TokenCheck::new(token.as_deref()),
             tcp,
             local_addr,
             unix,
@@ -191,6 +386,11 @@ impl Manager {
         self.metrics.as_ref().map(|(_, a)| *a)
     }
 
+    /// `http://ADDR`, or `https://ADDR` when serving TLS.
+    pub fn url(&self) -> String {
+        url(self.local_addr, self.tls.is_some())
+    }
+
     /// Serves until `shutdown` completes, then ends every registration
     /// stream and stops (waiting at most a few seconds for connections).
     pub async fn serve(
@@ -199,11 +399,14 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         let Manager {
             shared,
+            tls,
+            token,
             tcp,
             local_addr,
             unix,
             metrics,
         } = self;
+        let tls_on = tls.is_some();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<NodeServiceServer<NodeApi>>().await;
         health.set_serving::<ExportServiceServer<ExportApi>>().await;
@@ -212,34 +415,33 @@ impl Manager {
             .set_serving::<FrontendServiceServer<FrontendApi>>()
             .await;
         health.set_serving::<StatsServiceServer<StatsApi>>().await;
+        health.set_serving::<ZoneServiceServer<ZoneApi>>().await;
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
 
-        let router = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(health_service)
-            .add_service(NodeServiceServer::new(NodeApi(shared.clone())))
-            .add_service(ExportServiceServer::new(ExportApi(shared.clone())))
-            .add_service(WorkerServiceServer::new(WorkerApi(shared.clone())))
-            .add_service(FrontendServiceServer::new(FrontendApi(shared.clone())))
-            .add_service(StatsServiceServer::new(StatsApi(shared.clone())));
+        // TLS applies to every connection a server accepts, so the unix
+        // socket gets a server of its own.
+        let mut tcp_builder = server_builder();
+        if let Some(tls) = tls {
+            tcp_builder = tcp_builder.tls_config(tls).map_err(ManagerError::Tls)?;
+        }
+        let tcp_router = routes(tcp_builder, &shared, &token, health_service.clone());
+        let unix_router = routes(server_builder(), &shared, &token, health_service);
         // Stops by itself when shutdown begins; aborted below in any case.
         let metrics_task = metrics.map(|(listener, addr)| {
             tracing::info!(%addr, "serving metrics");
             tokio::spawn(metrics::serve(listener, shared.clone()))
         });
 
-        let tcp_server = router
-            .clone()
+        let tcp_server = tcp_router
             .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), shared.shutdown_signal());
         let unix_path = unix.as_ref().map(|(_, p)| p.clone());
         let unix_signal = shared.shutdown_signal();
         let unix_server = async move {
             match unix {
                 Some((listener, _)) => {
-                    router
+                    unix_router
                         .serve_with_incoming_shutdown(
                             UnixListenerStream::new(listener),
                             unix_signal,
@@ -251,7 +453,14 @@ impl Manager {
         };
         let servers = async { tokio::try_join!(tcp_server, unix_server).map(|_| ()) };
         tokio::pin!(servers);
-        tracing::info!(addr = %local_addr, unix = ?unix_path, "serving");
+        tracing::info!(
+            addr = %local_addr,
+            unix = ?unix_path,
+            tls = tls_on,
+            token = ?token,
+            "serving"
+        );
+        shared.arm_startup_timers();
 
         let result = tokio::select! {
             r = &mut servers => r.map_err(ManagerError::Serve),
@@ -280,6 +489,7 @@ impl Manager {
     /// Serves on a spawned task; stop it with [`RunningManager::stop`].
     pub fn spawn(self) -> RunningManager {
         let addr = self.local_addr;
+        let tls = self.tls.is_some();
         let metrics_addr = self.metrics_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(self.serve(async move {
@@ -287,6 +497,7 @@ impl Manager {
         }));
         RunningManager {
             addr,
+            tls,
             metrics_addr,
             stop: Some(tx),
             task,
@@ -299,6 +510,7 @@ impl Manager {
 #[derive(Debug)]
 pub struct RunningManager {
     addr: SocketAddr,
+    tls: bool,
     metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ManagerError>>,
@@ -315,9 +527,9 @@ impl RunningManager {
         self.metrics_addr
     }
 
-    /// `http://ADDR`, for tonic clients.
+    /// `http://ADDR` (`https://ADDR` when serving TLS), for tonic clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        url(self.addr, self.tls)
     }
 
     /// Stops the manager and waits for it to finish.
@@ -343,6 +555,132 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ManagerError> {
     Manager::bind(config).await?.serve(shutdown).await
+}
+
+/// Applies `config.config` (if any) to `state` and persists the result
+/// when it changed: the reconciled state and the exports waiting for a worker.
+fn apply_config(
+    config: &ManagerConfig,
+    state: state::State,
+    state_path: &Path,
+) -> Result<(state::State, Vec<blkmesh_proto::v1::VhostUserBlkExport>), ManagerError> {
+    let Some(path) = &config.config else {
+        if !state.config_nodes.is_empty() || !state.config_exports.is_empty() {
+            tracing::info!(
+                nodes = ?state.config_nodes,
+                exports = ?state.config_exports,
+                "these came from a configuration file; started without --config, they are kept as they are"
+            );
+        }
+        return Ok((state, Vec::new()));
+    };
+    let file = path.display().to_string();
+    let refused = |errors| ManagerError::Config {
+        file: file.clone(),
+        errors,
+    };
+    let parsed = config::load(path).map_err(refused)?;
+    // The file on its own first (as `blkmeshctl config check`), then
+    // against the state.
+    reconcile::validate(&parsed).map_err(refused)?;
+    let opts = reconcile::Options {
+        fs: true,
+        prune: config.config_prune,
+    };
+    let outcome = reconcile::reconcile(&state, &parsed, opts).map_err(refused)?;
+    if outcome.state != state {
+        state::save(state_path, &outcome.state).map_err(|source| ManagerError::SaveState {
+            path: state_path.to_path_buf(),
+            source,
+        })?;
+    }
+    outcome.summary.log(&file);
+    Ok((outcome.state, outcome.waiting))
+}
+
+fn url(addr: SocketAddr, tls: bool) -> String {
+    format!("{}://{addr}", if tls { "https" } else { "http" })
+}
+
+fn server_builder() -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
+/// Every service on `builder`: health open, the `blkmesh.v1` services behind `token`.
+fn routes(
+    mut builder: Server,
+    shared: &Arc<Shared>,
+    token: &TokenCheck,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Router {
+    let t = || token.clone();
+    builder
+        .add_service(health)
+        .add_service(NodeServiceServer::with_interceptor(
+            NodeApi(shared.clone()),
+            t(),
+        ))
+        .add_service(ExportServiceServer::with_interceptor(
+            ExportApi(shared.clone()),
+            t(),
+        ))
+        .add_service(WorkerServiceServer::with_interceptor(
+            WorkerApi(shared.clone()),
+            t(),
+        ))
+        .add_service(FrontendServiceServer::with_interceptor(
+            FrontendApi(shared.clone()),
+            t(),
+        ))
+        .add_service(StatsServiceServer::with_interceptor(
+            StatsApi(shared.clone()),
+            t(),
+        ))
+        .add_service(ZoneServiceServer::with_interceptor(
+            ZoneApi(shared.clone()),
+            t(),
+        ))
+}
+
+/// Reads the TLS files and checks that they make a usable server config.
+fn load_tls(tls: &TlsConfig) -> Result<ServerTlsConfig, ManagerError> {
+    let read = |what: &'static str, path: &Path| {
+        read_pem(path).map_err(|source| ManagerError::ReadTls {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let cert = read("certificate", &tls.cert)?;
+    let key = read("key", &tls.key)?;
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read("client CA certificate", ca)?));
+    }
+    // Builds the acceptor now, so a bad certificate or key fails at startup.
+    Server::builder()
+        .tls_config(config.clone())
+        .map_err(ManagerError::Tls)?;
+    Ok(config)
+}
+
+fn read_pem(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PEM_LEN + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_PEM_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_PEM_LEN} bytes"),
+        ));
+    }
+    Ok(buf)
 }
 
 /// Binds a unix listener at `path` with mode 0600, replacing a stale socket

@@ -5,13 +5,59 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blkmesh_manager::{Manager, ManagerConfig};
+use blkmesh_manager::{Manager, ManagerConfig, TlsConfig, TokenSource};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// Shown after the options in `--help`.
+const AFTER_HELP: &str = r#"Security (everything off by default: plaintext, no token):
+  --tls-cert/--tls-key     serve TLS on --listen; clients then use https://ADDR
+                           and verify the manager with the CA that signed the
+                           certificate (blkmeshctl --ca, the other binaries
+                           --manager-ca, or $BLKMESH_MANAGER_CA).
+  --tls-client-ca          also require a client certificate signed by this CA
+                           (blkmeshctl --cert/--key, the other binaries
+                           --manager-cert/--manager-key).
+  --token-file             every blkmesh.v1 call, on --listen and on --unix, must
+                           carry `authorization: Bearer <token>` (clients:
+                           --token-file or $BLKMESH_TOKEN_FILE); others get
+                           UNAUTHENTICATED. The grpc.health.v1 service and
+                           --metrics stay open for probes.
+The unix socket (--unix, mode 0600) is never TLS.
+
+Configuration file (--config FILE, or $BLKMESH_CONFIG): nodes and exports in
+TOML, applied at start and reconciled with state.json. deploy/config/blkmesh.toml
+is a commented example of every key; in short:
+
+  [[node]]
+  name = "disk0"
+  io_uring = { path = "/var/lib/blkmesh/images/disk0.img" }
+  create = { size = "1G" }        # sparse file, made when missing (io_uring only)
+  [[node]]
+  name = "slow"
+  throttle = { child = "disk0", iops = 5000, bps = "200M", group = "tenant1" }
+  [[export]]
+  id = "disk0"
+  node = "slow"
+  socket = "/run/blkmesh/disk0.sock"
+  writable = true
+  num_queues = 2
+
+Drivers: io_uring, null, nvme_io_uring, virtio_blk_vhost_user,
+virtio_blk_vhost_vdpa, raw, zoned, throttle, fault_injection (fields as in the
+API; sizes as "64k"/"1G" or bytes). At start: nodes and exports of the file that
+the state lacks are added (exports as soon as a worker registers); ones with
+the same settings are left alone; ones with other settings are changed live
+when UpdateNode/ResizeNode can (options, throttle limits, fault rules, growing
+a null node or a sized raw window), else the manager refuses to start; ones
+the file does not name are kept and logged (--config-prune removes them).
+Any error in the file stops the start with exit status 2 and lines such as
+  blkmesh.toml:12:5: node[2].throttle.iops: must be at most ...
+`blkmeshctl config check FILE` runs the same checks offline."#;
+
 /// The blkmesh gRPC control plane.
 #[derive(Debug, Parser)]
-#[command(name = "blkmesh-manager", version)]
+#[command(name = "blkmesh-manager", version, after_help = AFTER_HELP)]
 struct Args {
     /// TCP address to serve gRPC on (port 0: pick a free port).
     #[arg(long, default_value = blkmesh_manager::DEFAULT_LISTEN)]
@@ -26,9 +72,48 @@ struct Args {
     /// 127.0.0.1:9100 (port 0: pick a free port). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// How long AddExport, UpdateNode and ResizeNode wait, in milliseconds,
+    /// for a connected frontend to report that it applied the new plan.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    apply_timeout_ms: u64,
+    /// How long a worker whose registration stream ended may take to
+    /// register again, in milliseconds, before every export queue assigned to
+    /// it moves to the live workers (least loaded first). With no live worker
+    /// the move happens when one registers. Workers in the state file get the
+    /// same grace when the manager starts.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    worker_grace_ms: u64,
+    /// Serve TLS with this certificate chain (PEM, leaf first). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    /// Needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Require `authorization: Bearer <token>` on every blkmesh.v1 call; the
+    /// token is this file's content without surrounding whitespace (visible
+    /// ASCII, at most 4096 bytes). Read once at startup.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Apply this configuration file (TOML) at start: add what the state
+    /// lacks, change live what differs, refuse to start on any error (exit
+    /// status 2). See below.
+    #[arg(long, value_name = "FILE", env = "BLKMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// With --config: remove the nodes and exports the file does not name
+    /// (exports first) instead of keeping them.
+    #[arg(long, requires = "config")]
+    config_prune: bool,
     /// Log filter, e.g. `info` or `blkmesh_manager=debug` (default: $RUST_LOG, else info).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    #[command(flatten)]
+    sandbox: blkmesh_sandbox::SandboxArgs,
+    #[command(flatten)]
+    user: blkmesh_sandbox::UserArgs,
 }
 
 fn main() -> ExitCode {
@@ -44,11 +129,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    blkmesh_logging::init_with_filter(filter, true);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -62,6 +143,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ blkmesh_manager::ManagerError::Config { .. }) => {
+            eprintln!("blkmesh-manager: error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             let mut msg = format!("blkmesh-manager: error: {e}");
             let mut source = std::error::Error::source(&e);
@@ -76,10 +161,33 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
+    let (sandbox, user, unix) = (args.sandbox.clone(), args.user.clone(), args.unix.clone());
     let mut config = ManagerConfig::new(args.state_dir).with_listen(args.listen);
     config.unix = args.unix;
     config.metrics = args.metrics;
+    config.apply_timeout = std::time::Duration::from_millis(args.apply_timeout_ms);
+    config.worker_grace = std::time::Duration::from_millis(args.worker_grace_ms);
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(TlsConfig {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        });
+    }
+    config.token = args.token_file.map(TokenSource::File);
+    config.config = args.config;
+    config.config_prune = args.config_prune;
     let manager = Manager::bind(config).await?;
+    // Least privilege (docs/SECURITY.md): the unix socket's permissions,
+    // then the unprivileged user, then the seccomp filter on every thread.
+    let sandboxed = (|| {
+        if let Some(path) = &unix {
+            sandbox.apply_socket_policy(path)?;
+        }
+        user.drop_privileges()?;
+        sandbox.install_seccomp(blkmesh_sandbox::Kind::Manager)
+    })();
+    sandboxed.map_err(blkmesh_manager::ManagerError::Sandbox)?;
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,

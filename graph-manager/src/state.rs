@@ -12,10 +12,11 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
     Bucket, FaultInjectionOptions, FaultRule, IoOp, IoUringOptions, NodeSpec, NullOptions,
     NvmeIoUringOptions, RawOptions, ThrottleLimits, ThrottleOptions, VhostUserBlkExport,
-    VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
+    VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, ZonedOptions,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::checks::validate_node_limits;
 use crate::ManagerError;
 
 /// Name of the state file inside the state directory.
@@ -29,6 +30,9 @@ pub(crate) struct ExportRecord {
     pub export: VhostUserBlkExport,
     /// Worker name per queue; `queues.len() == export.num_queues`.
     pub queues: Vec<String>,
+    /// Plan generation: bumped whenever a node of the export's graph is
+    /// updated or resized (`ExportPlan.generation`).
+    pub generation: u64,
 }
 
 /// A worker the manager has seen.
@@ -46,6 +50,11 @@ pub(crate) struct State {
     pub sizes: BTreeMap<String, u64>,
     pub exports: BTreeMap<String, ExportRecord>,
     pub workers: BTreeMap<String, WorkerRecord>,
+    /// Nodes that came from a configuration file (`managed_by_config` in
+    /// the file); a subset of the graph's nodes.
+    pub config_nodes: BTreeSet<String>,
+    /// Exports that came from a configuration file; a subset of `exports`.
+    pub config_exports: BTreeSet<String>,
 }
 
 impl State {
@@ -87,6 +96,9 @@ struct NodeJson {
     name: String,
     size: u64,
     driver: DriverJson,
+    /// Added from a configuration file (absent: through the API).
+    #[serde(default, skip_serializing_if = "is_false")]
+    managed_by_config: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -128,7 +140,35 @@ enum DriverJson {
     FaultInjection {
         child: String,
         rules: Vec<FaultRuleJson>,
+        /// Limits imposed on the graph above (absent in older files: 0).
+        #[serde(default, skip_serializing_if = "is_zero_u64")]
+        max_transfer: u64,
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        max_segments: u32,
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        buf_alignment: u32,
     },
+    /// Added with zoned block devices; files without zoned nodes load as before.
+    Zoned {
+        child: String,
+        zone_size: u64,
+        /// 0 (the zone size) is left out.
+        #[serde(default, skip_serializing_if = "is_zero_u64")]
+        zone_capacity: u64,
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        max_open_zones: u32,
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        max_active_zones: u32,
+        metadata_path: String,
+    },
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A [`ThrottleLimits`]; absent buckets stay absent so specs round-trip exactly.
@@ -277,6 +317,12 @@ struct ExportJson {
     spread_queues: bool,
     /// Worker name per queue.
     queues: Vec<String>,
+    /// Plan generation (absent in older files: 0).
+    #[serde(default)]
+    generation: u64,
+    /// Added from a configuration file (absent: through the API).
+    #[serde(default, skip_serializing_if = "is_false")]
+    managed_by_config: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -327,6 +373,17 @@ fn driver_to_json(spec: &NodeSpec) -> Option<DriverJson> {
         Driver::FaultInjection(o) => DriverJson::FaultInjection {
             child: o.child.clone(),
             rules: o.rules.iter().map(rule_to_json).collect(),
+            max_transfer: o.max_transfer,
+            max_segments: o.max_segments,
+            buf_alignment: o.buf_alignment,
+        },
+        Driver::Zoned(o) => DriverJson::Zoned {
+            child: o.child.clone(),
+            zone_size: o.zone_size,
+            zone_capacity: o.zone_capacity,
+            max_open_zones: o.max_open_zones,
+            max_active_zones: o.max_active_zones,
+            metadata_path: o.metadata_path.clone(),
         },
     })
 }
@@ -370,15 +427,37 @@ fn driver_from_json(d: DriverJson) -> Result<Driver, String> {
             limits: limits.map(limits_from_json),
             group,
         }),
-        DriverJson::FaultInjection { child, rules } => {
-            Driver::FaultInjection(FaultInjectionOptions {
-                child,
-                rules: rules
-                    .into_iter()
-                    .map(rule_from_json)
-                    .collect::<Result<_, _>>()?,
-            })
-        }
+        DriverJson::FaultInjection {
+            child,
+            rules,
+            max_transfer,
+            max_segments,
+            buf_alignment,
+        } => Driver::FaultInjection(FaultInjectionOptions {
+            child,
+            rules: rules
+                .into_iter()
+                .map(rule_from_json)
+                .collect::<Result<_, _>>()?,
+            max_transfer,
+            max_segments,
+            buf_alignment,
+        }),
+        DriverJson::Zoned {
+            child,
+            zone_size,
+            zone_capacity,
+            max_open_zones,
+            max_active_zones,
+            metadata_path,
+        } => Driver::Zoned(ZonedOptions {
+            child,
+            zone_size,
+            zone_capacity,
+            max_open_zones,
+            max_active_zones,
+            metadata_path,
+        }),
     })
 }
 
@@ -394,6 +473,7 @@ impl State {
                         name: spec.name.clone(),
                         size: self.sizes.get(&spec.name).copied().unwrap_or(0),
                         driver: driver_to_json(spec)?,
+                        managed_by_config: self.config_nodes.contains(&spec.name),
                     })
                 })
                 .collect(),
@@ -411,6 +491,8 @@ impl State {
                     serial: r.export.serial.clone(),
                     spread_queues: r.export.spread_queues,
                     queues: r.queues.clone(),
+                    generation: r.generation,
+                    managed_by_config: self.config_exports.contains(&r.export.id),
                 })
                 .collect(),
             workers: self
@@ -435,14 +517,21 @@ impl State {
         }
         let mut sizes = BTreeMap::new();
         let mut specs = Vec::new();
+        let mut config_nodes = BTreeSet::new();
+        let mut config_exports = BTreeSet::new();
         for n in f.nodes {
+            if n.managed_by_config {
+                config_nodes.insert(n.name.clone());
+            }
             let driver =
                 driver_from_json(n.driver).map_err(|e| format!("node {:?}: {e}", n.name))?;
-            sizes.insert(n.name.clone(), n.size);
-            specs.push(NodeSpec {
+            let spec = NodeSpec {
                 name: n.name,
                 driver: Some(driver),
-            });
+            };
+            validate_node_limits(&spec).map_err(|e| format!("node {:?}: {e}", spec.name))?;
+            sizes.insert(spec.name.clone(), n.size);
+            specs.push(spec);
         }
         let graph = Graph::from_specs(specs).map_err(|e| format!("nodes: {e}"))?;
 
@@ -464,6 +553,9 @@ impl State {
         let mut sockets = BTreeSet::new();
         let mut roots = BTreeSet::new();
         for e in f.exports {
+            if e.managed_by_config {
+                config_exports.insert(e.id.clone());
+            }
             let export = VhostUserBlkExport {
                 id: e.id,
                 node: e.node,
@@ -503,17 +595,22 @@ impl State {
             let rec = ExportRecord {
                 export,
                 queues: e.queues,
+                generation: e.generation,
             };
             if exports.insert(id.clone(), rec).is_some() {
                 return Err(format!("exports: duplicate export {id:?}"));
             }
         }
-        Ok(State {
+        let state = State {
             graph,
             sizes,
             exports,
             workers,
-        })
+            config_nodes,
+            config_exports,
+        };
+        crate::zoned::check_state(&state)?;
+        Ok(state)
     }
 }
 
@@ -613,6 +710,7 @@ mod tests {
             ExportRecord {
                 export,
                 queues: vec!["w0".into(), "w0".into()],
+                generation: 7,
             },
         );
         s
@@ -650,6 +748,27 @@ mod tests {
         save(&path, &s).unwrap();
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"spread_queues\": true"), "{text}");
+        assert_eq!(load(&path).unwrap(), s);
+    }
+
+    #[test]
+    fn config_marks_round_trip_and_default_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let mut s = sample();
+        save(&path, &s).unwrap();
+        assert!(!fs::read_to_string(&path)
+            .unwrap()
+            .contains("managed_by_config"));
+        s.config_nodes.insert("n0".into());
+        s.config_exports.insert("e0".into());
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.matches("\"managed_by_config\": true").count(),
+            2,
+            "{text}"
+        );
         assert_eq!(load(&path).unwrap(), s);
     }
 
@@ -756,6 +875,9 @@ mod tests {
                             ..Default::default()
                         },
                     ],
+                    max_transfer: 64 << 10,
+                    max_segments: 4,
+                    buf_alignment: 4096,
                 })),
             })
             .unwrap();
@@ -801,5 +923,228 @@ mod tests {
         fs::write(&path, text).unwrap();
         let e = load(&path).unwrap_err();
         assert!(e.to_string().contains("throttle group \"g\""), "{e}");
+    }
+
+    /// Rewrites the state file at `path` through `edit` on its JSON.
+    fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut v);
+        fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn generation_round_trips_and_defaults_to_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let s = sample();
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"generation\": 7"), "{text}");
+        assert_eq!(load(&path).unwrap(), s);
+        // A file written before generations existed.
+        edit_json(&path, |v| {
+            v["exports"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("generation");
+        });
+        assert!(!fs::read_to_string(&path).unwrap().contains("generation"));
+        assert_eq!(load(&path).unwrap().exports["e0"].generation, 0);
+    }
+
+    #[test]
+    fn fault_limits_round_trip_and_default_to_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let s = sample_new_kinds();
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"max_transfer\": 65536"), "{text}");
+        assert!(text.contains("\"buf_alignment\": 4096"), "{text}");
+        assert_eq!(load(&path).unwrap(), s);
+        // Absent (an older file): zero.
+        edit_json(&path, |v| {
+            for n in v["nodes"].as_array_mut().unwrap() {
+                let fi = n
+                    .get_mut("driver")
+                    .and_then(|d| d.get_mut("fault_injection"))
+                    .and_then(|f| f.as_object_mut());
+                if let Some(fi) = fi {
+                    fi.remove("max_transfer");
+                    fi.remove("max_segments");
+                    fi.remove("buf_alignment");
+                }
+            }
+        });
+        assert!(!fs::read_to_string(&path).unwrap().contains("max_transfer"));
+        let loaded = load(&path).unwrap();
+        let Some(Driver::FaultInjection(o)) = &loaded.graph.get("fi").unwrap().driver else {
+            panic!("fi is not a fault-injection node");
+        };
+        assert_eq!((o.max_transfer, o.max_segments, o.buf_alignment), (0, 0, 0));
+    }
+
+    /// `sample()` plus a zoned node over a null node, a raw window and a
+    /// throttle over it, exported.
+    fn sample_zoned(capacity: u64, max_open: u32) -> State {
+        let mut s = sample();
+        let nodes = [
+            NodeSpec {
+                name: "zn".into(),
+                driver: Some(Driver::Null(NullOptions {
+                    size: 64 << 20,
+                    latency_ns: 0,
+                })),
+            },
+            NodeSpec {
+                name: "z".into(),
+                driver: Some(Driver::Zoned(ZonedOptions {
+                    child: "zn".into(),
+                    zone_size: 4 << 20,
+                    zone_capacity: capacity,
+                    max_open_zones: max_open,
+                    max_active_zones: max_open * 2,
+                    metadata_path: "/var/lib/blkmesh/z.zones".into(),
+                })),
+            },
+            NodeSpec {
+                name: "zr".into(),
+                driver: Some(Driver::Raw(RawOptions {
+                    child: "z".into(),
+                    offset: 8 << 20,
+                    size: 0,
+                })),
+            },
+        ];
+        for spec in nodes {
+            s.graph.add(spec).unwrap();
+        }
+        s.sizes.insert("zn".into(), 64 << 20);
+        s.sizes.insert("z".into(), 64 << 20);
+        s.sizes.insert("zr".into(), 56 << 20);
+        let export = validate_export(&VhostUserBlkExport {
+            id: "ez".into(),
+            node: "zr".into(),
+            socket: "/run/ez.sock".into(),
+            num_queues: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        s.exports.insert(
+            "ez".into(),
+            ExportRecord {
+                export,
+                queues: vec!["w0".into(), "w0".into()],
+                generation: 1,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn zoned_nodes_round_trip_with_zero_fields_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let s = sample_zoned(3 << 20, 4);
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"zoned\""), "{text}");
+        assert!(text.contains("\"zone_capacity\": 3145728"), "{text}");
+        assert!(
+            text.contains("\"metadata_path\": \"/var/lib/blkmesh/z.zones\""),
+            "{text}"
+        );
+        assert_eq!(load(&path).unwrap(), s);
+
+        let s = sample_zoned(0, 0);
+        save(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        for absent in ["zone_capacity", "max_open_zones", "max_active_zones"] {
+            assert!(!text.contains(absent), "{absent}: {text}");
+        }
+        assert_eq!(load(&path).unwrap(), s);
+    }
+
+    #[test]
+    fn file_from_before_zoned_nodes_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        // As an older manager wrote it: no zoned driver, no zone fields.
+        let old = r#"{
+  "version": 1,
+  "nodes": [
+    { "name": "n0", "size": 1048576, "driver": { "null": { "size": 1048576, "latency_ns": 5 } } },
+    { "name": "r0", "size": 1048064, "driver": { "raw": { "child": "n0", "offset": 512, "size": 0 } } }
+  ],
+  "exports": [
+    { "id": "e0", "node": "r0", "socket": "/run/e0.sock", "num_queues": 2, "queue_size": 256,
+      "logical_block_size": 512, "writable": false, "serial": "e0", "queues": ["w0", "w0"],
+      "generation": 7 }
+  ],
+  "workers": [ { "name": "w0", "socket": "/run/w0.sock", "pid": 42 } ]
+}"#;
+        fs::write(&path, old).unwrap();
+        assert_eq!(load(&path).unwrap(), sample());
+    }
+
+    #[test]
+    fn rejects_state_breaking_zoned_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        // A spread export over a zoned node.
+        let mut s = sample_zoned(0, 0);
+        s.exports.get_mut("ez").unwrap().export.spread_queues = true;
+        save(&path, &s).unwrap();
+        let e = load(&path).unwrap_err();
+        assert!(
+            e.to_string().contains("spreads its queues over zoned node"),
+            "{e}"
+        );
+        // A raw window that is not zone-aligned.
+        save(&path, &sample_zoned(0, 0)).unwrap();
+        edit_json(&path, |v| {
+            for n in v["nodes"].as_array_mut().unwrap() {
+                if n["name"] == "zr" {
+                    n["driver"]["raw"]["offset"] = 4096.into();
+                }
+            }
+        });
+        let e = load(&path).unwrap_err();
+        assert!(e.to_string().contains("node.raw.offset"), "{e}");
+        // Two zoned nodes sharing a metadata file.
+        let mut s = sample_zoned(0, 0);
+        // n0 becomes the child of z2 instead of r0.
+        s.exports.clear();
+        s.graph.remove("r0").unwrap();
+        s.graph
+            .add(NodeSpec {
+                name: "z2".into(),
+                driver: Some(Driver::Zoned(ZonedOptions {
+                    child: "n0".into(),
+                    zone_size: 1 << 20,
+                    metadata_path: "/var/lib/blkmesh/z.zones".into(),
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+        s.sizes.remove("r0");
+        s.sizes.insert("z2".into(), 1 << 20);
+        save(&path, &s).unwrap();
+        let e = load(&path).unwrap_err();
+        assert!(e.to_string().contains("node.zoned.metadata_path"), "{e}");
+    }
+
+    #[test]
+    fn rejects_state_with_bad_fault_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        save(&path, &sample_new_kinds()).unwrap();
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"buf_alignment\": 4096", "\"buf_alignment\": 3000");
+        fs::write(&path, text).unwrap();
+        let e = load(&path).unwrap_err();
+        assert!(e.to_string().contains("buf_alignment"), "{e}");
     }
 }

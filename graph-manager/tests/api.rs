@@ -25,8 +25,18 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// How long calls wait for a frontend's report in most tests: the stand-in
+/// frontends of the older tests never report.
+const APPLY_TIMEOUT: Duration = Duration::from_millis(300);
+
 async fn start(dir: &Path) -> RunningManager {
-    let config = ManagerConfig::new(dir.to_path_buf()).with_listen("127.0.0.1:0".parse().unwrap());
+    start_with(dir, APPLY_TIMEOUT).await
+}
+
+async fn start_with(dir: &Path, apply_timeout: Duration) -> RunningManager {
+    let config = ManagerConfig::new(dir.to_path_buf())
+        .with_listen("127.0.0.1:0".parse().unwrap())
+        .with_apply_timeout(apply_timeout);
     Manager::bind(config).await.unwrap().spawn()
 }
 
@@ -651,7 +661,12 @@ async fn health_reports_serving() {
         .await
         .unwrap();
     let mut h = HealthClient::new(ch);
-    for service in ["", "blkmesh.v1.NodeService", "blkmesh.v1.FrontendService"] {
+    for service in [
+        "",
+        "blkmesh.v1.NodeService",
+        "blkmesh.v1.FrontendService",
+        "blkmesh.v1.ZoneService",
+    ] {
         let r = h
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -759,6 +774,7 @@ fn faults(name: &str, child: &str, rules: Vec<FaultRule>) -> NodeSpec {
         driver: Some(Driver::FaultInjection(FaultInjectionOptions {
             child: child.into(),
             rules,
+            ..Default::default()
         })),
     }
 }

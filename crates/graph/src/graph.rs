@@ -20,6 +20,7 @@ pub fn children(spec: &NodeSpec) -> Vec<&str> {
         Some(Driver::Raw(o)) => vec![o.child.as_str()],
         Some(Driver::Throttle(o)) => vec![o.child.as_str()],
         Some(Driver::FaultInjection(o)) => vec![o.child.as_str()],
+        Some(Driver::Zoned(o)) => vec![o.child.as_str()],
     }
 }
 
@@ -35,12 +36,13 @@ fn child_field(spec: &NodeSpec) -> &'static str {
         Some(Driver::Raw(_)) => "node.raw.child",
         Some(Driver::Throttle(_)) => "node.throttle.child",
         Some(Driver::FaultInjection(_)) => "node.fault_injection.child",
+        Some(Driver::Zoned(_)) => "node.zoned.child",
     }
 }
 
 /// Short driver name of a node (`io_uring`, `null`, `nvme_io_uring`,
 /// `virtio_blk_vhost_user`, `virtio_blk_vhost_vdpa`, `raw`, `throttle`,
-/// `fault_injection`: the `NodeSpec.driver` field names), or `none`.
+/// `fault_injection`, `zoned`: the `NodeSpec.driver` field names), or `none`.
 pub fn driver_name(spec: &NodeSpec) -> &'static str {
     match &spec.driver {
         None => "none",
@@ -52,6 +54,7 @@ pub fn driver_name(spec: &NodeSpec) -> &'static str {
         Some(Driver::Raw(_)) => "raw",
         Some(Driver::Throttle(_)) => "throttle",
         Some(Driver::FaultInjection(_)) => "fault_injection",
+        Some(Driver::Zoned(_)) => "zoned",
     }
 }
 
@@ -67,6 +70,7 @@ fn own_read_only(spec: &NodeSpec) -> bool {
         Some(Driver::Raw(_)) => false,
         Some(Driver::Throttle(_)) => false,
         Some(Driver::FaultInjection(_)) => false,
+        Some(Driver::Zoned(_)) => false,
     }
 }
 
@@ -523,7 +527,7 @@ mod tests {
             name: name.into(),
             driver: Some(Driver::FaultInjection(FaultInjectionOptions {
                 child: child.into(),
-                rules: vec![],
+                ..Default::default()
             })),
         }
     }

@@ -135,7 +135,7 @@ pub fn validate_node(spec: &NodeSpec) -> Result<(), GraphError> {
         None => Err(GraphError::invalid(
             "node.driver",
             "must be set (one of io_uring, null, nvme_io_uring, virtio_blk_vhost_user, \
-             virtio_blk_vhost_vdpa, raw, throttle, fault_injection)",
+             virtio_blk_vhost_vdpa, raw, throttle, fault_injection, zoned)",
         )),
         Some(Driver::IoUring(o)) => validate_abs_path("node.io_uring.path", &o.path, MAX_PATH_LEN),
         Some(Driver::NvmeIoUring(o)) => {
@@ -149,6 +149,7 @@ pub fn validate_node(spec: &NodeSpec) -> Result<(), GraphError> {
             validate_abs_path("node.virtio_blk_vhost_vdpa.path", &o.path, MAX_PATH_LEN)
         }
         Some(Driver::Throttle(o)) => validate_throttle(&spec.name, o),
+        Some(Driver::Zoned(o)) => validate_zoned(&spec.name, o),
         Some(Driver::FaultInjection(o)) => validate_fault_injection(&spec.name, o),
         Some(Driver::Null(o)) => {
             if o.size == 0 || o.size % SECTOR_SIZE != 0 {
@@ -184,6 +185,47 @@ pub fn validate_node(spec: &NodeSpec) -> Result<(), GraphError> {
             Ok(())
         }
     }
+}
+
+/// Smallest emulated zone.
+pub const MIN_ZONE_SIZE: u64 = 64 * 1024;
+
+fn validate_zoned(node: &str, o: &blkmesh_proto::v1::ZonedOptions) -> Result<(), GraphError> {
+    validate_child("node.zoned.child", &o.child, node)?;
+    if o.zone_size < MIN_ZONE_SIZE || !o.zone_size.is_power_of_two() {
+        return Err(GraphError::invalid(
+            "node.zoned.zone_size",
+            format!(
+                "must be a power of two of at least {MIN_ZONE_SIZE} bytes (got {})",
+                o.zone_size
+            ),
+        ));
+    }
+    if o.zone_capacity % 4096 != 0 || o.zone_capacity > o.zone_size {
+        return Err(GraphError::invalid(
+            "node.zoned.zone_capacity",
+            format!(
+                "must be a multiple of 4096 of at most zone_size {} (got {}; 0 = zone_size)",
+                o.zone_size, o.zone_capacity
+            ),
+        ));
+    }
+    if o.max_active_zones != 0 && o.max_open_zones > o.max_active_zones {
+        return Err(GraphError::invalid(
+            "node.zoned.max_open_zones",
+            format!(
+                "must not exceed max_active_zones {} (got {})",
+                o.max_active_zones, o.max_open_zones
+            ),
+        ));
+    }
+    if o.max_open_zones == 0 && o.max_active_zones != 0 {
+        return Err(GraphError::invalid(
+            "node.zoned.max_open_zones",
+            "must be set (at most max_active_zones) when max_active_zones is",
+        ));
+    }
+    validate_abs_path("node.zoned.metadata_path", &o.metadata_path, MAX_PATH_LEN)
 }
 
 /// What a throttle bucket counts.
@@ -1149,6 +1191,7 @@ mod tests {
             driver: Some(Driver::FaultInjection(FaultInjectionOptions {
                 child: "disk0".into(),
                 rules,
+                ..Default::default()
             })),
         }
     }

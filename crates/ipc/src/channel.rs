@@ -129,28 +129,8 @@ impl Channel {
     /// Receives one message and the fds that came with it.
     pub fn recv<M: prost::Message + Default>(&self) -> Result<(M, Vec<File>), ChannelError> {
         let mut buf = vec![0u8; MAX_MESSAGE + 1];
-        let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let (bytes, flags, fds) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = socket::recvmsg::<()>(
-                self.sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg_buf),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
+        let (bytes, flags, fds) = recv_with_fds(self.sock.as_fd(), &mut buf, MsgFlags::empty())
             .map_err(sock_err("recv"))?;
-            let mut fds = Vec::new();
-            for c in msg.cmsgs().map_err(sock_err("cmsg"))? {
-                if let ControlMessageOwned::ScmRights(v) = c {
-                    for fd in v {
-                        // SAFETY: the kernel just installed this fd for us in
-                        // SCM_RIGHTS; nothing else owns it.
-                        fds.push(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
-                    }
-                }
-            }
-            (msg.bytes, msg.flags, fds)
-        };
         if bytes == 0 {
             return Err(ChannelError::Closed);
         }
@@ -211,6 +191,36 @@ impl ChannelListener {
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
+}
+
+/// Receives into `buf` from a unix socket, taking ownership of up to
+/// [`MAX_FDS`] descriptors passed with `SCM_RIGHTS` (close-on-exec).
+/// `flags` are extra recvmsg flags. Returns the byte count, the message
+/// flags (check `MSG_TRUNC`/`MSG_CTRUNC`) and the descriptors.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> nix::Result<(usize, MsgFlags, Vec<File>)> {
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_buf),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(v) = c {
+            for fd in v {
+                // SAFETY: the kernel just installed this fd for us in
+                // SCM_RIGHTS; nothing else owns it.
+                fds.push(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+    }
+    Ok((msg.bytes, msg.flags, fds))
 }
 
 #[cfg(test)]

@@ -13,15 +13,19 @@
 //! - [`notify`]: eventfd doorbells, rung only when the peer sleeps.
 //! - [`poll`]: adaptive polling before sleeping.
 //! - [`buckets`]: token buckets shared by name between workers (throttle groups).
+//! - [`inflight`]: vhost-user inflight I/O tracking shared with the VMM.
 //! - [`channel`]: the control channel (SOCK_SEQPACKET + SCM_RIGHTS) carrying
 //!   `blkmesh.ipc.v1` messages and the file descriptors that go with them.
+//! - [`zoned_dev`]: the zone ioctls of Linux zoned block devices.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod buckets;
 pub mod channel;
 pub mod guest_ram;
+pub mod inflight;
 pub mod notify;
 pub mod poll;
 pub mod ring;
 pub mod shm;
+pub mod zoned_dev;

@@ -93,7 +93,10 @@ pub enum Op {
     WriteZeroes = 5,
     /// Device id string into the data segments.
     GetId = 6,
-    /// Report zones starting at `offset` into the data segments.
+    /// Report zones from the one containing `offset` into the data
+    /// segments, in virtio-blk's format (struct virtio_blk_zone_report:
+    /// nr_zones and 56 reserved bytes, then 64-byte descriptors, all in
+    /// 512-byte sectors); the completion's `extra` is the bytes written.
     ZoneReport = 10,
     ZoneOpen = 11,
     ZoneClose = 12,
@@ -153,6 +156,21 @@ impl Op {
     }
 }
 
+/// Completion results for zone errors: negated errnos chosen for the ring
+/// protocol, which the frontend turns into virtio-blk's zone statuses.
+/// Any other negative result is a plain I/O error.
+pub mod zone_status {
+    /// VIRTIO_BLK_S_ZONE_INVALID_CMD: the zone's condition or type forbids
+    /// the operation (writing a full zone, opening an offline one...).
+    pub const INVALID_CMD: i32 = -libc::EBADRQC;
+    /// VIRTIO_BLK_S_ZONE_UNALIGNED_WP: a write not at the write pointer.
+    pub const UNALIGNED_WP: i32 = -libc::EILSEQ;
+    /// VIRTIO_BLK_S_ZONE_OPEN_RESOURCE: too many open zones.
+    pub const OPEN_RESOURCE: i32 = -libc::ETOOMANYREFS;
+    /// VIRTIO_BLK_S_ZONE_ACTIVE_RESOURCE: too many active zones.
+    pub const ACTIVE_RESOURCE: i32 = -libc::EOVERFLOW;
+}
+
 /// Force unit access: complete only once the data is on stable storage.
 pub const FLAG_FUA: u8 = 1 << 0;
 /// Write-zeroes must not deallocate.
@@ -190,7 +208,8 @@ pub struct Completion {
     pub tag: u32,
     /// 0 on success, or a negative errno.
     pub result: i32,
-    /// Op-specific value: the written byte offset for zone append.
+    /// Op-specific value: the byte offset where a zone append landed, the
+    /// bytes a zone report wrote.
     pub extra: u64,
 }
 

@@ -271,13 +271,18 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// on the current tokio runtime. Failures are logged once per outage.
 pub fn spawn_reporter(addr: String, source: String, registry: Registry) {
     tokio::spawn(async move {
-        let mut client: Option<StatsServiceClient<tonic::transport::Channel>> = None;
+        let mut client: Option<StatsServiceClient<blkmesh_proto::client::ManagerChannel>> = None;
         let mut failing = false;
         let mut tick = tokio::time::interval(REPORT_INTERVAL);
         loop {
             tick.tick().await;
             if client.is_none() {
-                client = StatsServiceClient::connect(addr.clone()).await.ok();
+                // TLS and token: the process's defaults (see blkmesh_proto::client).
+                client = blkmesh_proto::client::ClientConfig::for_process(addr.as_str())
+                    .connect()
+                    .await
+                    .ok()
+                    .map(StatsServiceClient::new);
             }
             let Some(c) = client.as_mut() else {
                 continue;

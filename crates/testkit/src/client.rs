@@ -2,16 +2,17 @@
 
 use std::time::{Duration, Instant};
 
+use blkmesh_proto::client::{ClientConfig, ManagerChannel};
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
-    AddExportRequest, AddNodeRequest, ExportInfo, IoUringOptions, ListExportsRequest,
-    ListNodesRequest, ListWorkersRequest, NodeInfo, NodeSpec, NullOptions, RawOptions,
-    RemoveExportRequest, RemoveNodeRequest, VhostUserBlkExport, WorkerInfo, WorkerState,
+    AddExportRequest, AddNodeRequest, ExportInfo, GetNodeRequest, IoUringOptions,
+    ListExportsRequest, ListNodesRequest, ListWorkersRequest, NodeInfo, NodeSpec, NullOptions,
+    RawOptions, RemoveExportRequest, RemoveNodeRequest, ResizeNodeRequest, UpdateNodeRequest,
+    VhostUserBlkExport, WorkerInfo, WorkerState,
 };
-use tonic::transport::{Channel, Endpoint};
 
 /// Per-call deadline, so a hung manager fails a test instead of hanging it.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +30,9 @@ pub enum ClientError {
     /// The private runtime could not be created.
     #[error("cannot start the client runtime")]
     Runtime(#[source] std::io::Error),
+    /// The connection options (address, TLS files, token) are not usable.
+    #[error("cannot set up the manager connection")]
+    Config(#[source] blkmesh_proto::client::ClientError),
     /// The manager answered with an error (or could not be reached).
     #[error("rpc failed: {0}")]
     Rpc(#[from] Box<tonic::Status>),
@@ -42,7 +46,10 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Rpc(status) => Some(status.code()),
-            ClientError::Url { .. } | ClientError::Runtime(_) | ClientError::Timeout { .. } => None,
+            ClientError::Url { .. }
+            | ClientError::Runtime(_)
+            | ClientError::Config(_)
+            | ClientError::Timeout { .. } => None,
         }
     }
 }
@@ -58,7 +65,7 @@ impl From<tonic::Status> for ClientError {
 /// lazy and re-established after a manager restart.
 pub struct BlockingClient {
     rt: tokio::runtime::Runtime,
-    channel: Channel,
+    channel: ManagerChannel,
     url: String,
 }
 
@@ -74,24 +81,31 @@ impl BlockingClient {
     /// A client for the manager at `url` (`http://HOST:PORT`). Does not
     /// connect until the first call.
     pub fn new(url: &str) -> Result<BlockingClient, ClientError> {
+        tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|source| {
+            ClientError::Url {
+                url: url.to_string(),
+                source,
+            }
+        })?;
+        Self::with_config(ClientConfig::new(url))
+    }
+
+    /// A client for the manager `config` describes (TLS, token). Does not
+    /// connect until the first call; unset timeouts get the defaults (5 s
+    /// to connect, 10 s per call).
+    pub fn with_config(mut config: ClientConfig) -> Result<BlockingClient, ClientError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(ClientError::Runtime)?;
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|source| ClientError::Url {
-                url: url.to_string(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(RPC_TIMEOUT);
+        config.connect_timeout = config.connect_timeout.or(Some(Duration::from_secs(5)));
+        config.timeout = config.timeout.or(Some(RPC_TIMEOUT));
+        let url = config.url.clone();
         // connect_lazy spawns the channel's worker on the current runtime.
-        let channel = rt.block_on(async { endpoint.connect_lazy() });
-        Ok(BlockingClient {
-            rt,
-            channel,
-            url: url.to_string(),
-        })
+        let channel = rt
+            .block_on(async { config.connect_lazy() })
+            .map_err(ClientError::Config)?;
+        Ok(BlockingClient { rt, channel, url })
     }
 
     /// The manager URL.
@@ -99,15 +113,15 @@ impl BlockingClient {
         &self.url
     }
 
-    fn nodes(&self) -> NodeServiceClient<Channel> {
+    fn nodes(&self) -> NodeServiceClient<ManagerChannel> {
         NodeServiceClient::new(self.channel.clone())
     }
 
-    fn exports(&self) -> ExportServiceClient<Channel> {
+    fn exports(&self) -> ExportServiceClient<ManagerChannel> {
         ExportServiceClient::new(self.channel.clone())
     }
 
-    fn workers(&self) -> WorkerServiceClient<Channel> {
+    fn workers(&self) -> WorkerServiceClient<ManagerChannel> {
         WorkerServiceClient::new(self.channel.clone())
     }
 
@@ -175,6 +189,34 @@ impl BlockingClient {
             name: name.to_string(),
         }))?;
         Ok(())
+    }
+
+    /// Replaces a node's options, live (UpdateNode).
+    pub fn update_node(&self, spec: NodeSpec) -> Result<NodeInfo, ClientError> {
+        let mut client = self.nodes();
+        let resp = self
+            .rt
+            .block_on(client.update_node(UpdateNodeRequest { node: Some(spec) }))?;
+        Ok(resp.into_inner().node.unwrap_or_default())
+    }
+
+    /// Grows a node to `size` bytes (ResizeNode).
+    pub fn resize_node(&self, name: &str, size: u64) -> Result<NodeInfo, ClientError> {
+        let mut client = self.nodes();
+        let resp = self.rt.block_on(client.resize_node(ResizeNodeRequest {
+            name: name.to_string(),
+            size,
+        }))?;
+        Ok(resp.into_inner().node.unwrap_or_default())
+    }
+
+    /// One node.
+    pub fn get_node(&self, name: &str) -> Result<NodeInfo, ClientError> {
+        let mut client = self.nodes();
+        let resp = self.rt.block_on(client.get_node(GetNodeRequest {
+            name: name.to_string(),
+        }))?;
+        Ok(resp.into_inner().node.unwrap_or_default())
     }
 
     /// Lists the nodes.

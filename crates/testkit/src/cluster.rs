@@ -1,11 +1,12 @@
 //! A running set of blkmesh processes in a temporary directory.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use blkmesh_proto::client::ClientConfig;
 use blkmesh_proto::v1::{ExportInfo, NodeInfo, VhostUserBlkExport, WorkerInfo, WorkerState};
 use tempfile::TempDir;
 
@@ -37,6 +38,28 @@ pub struct ClusterOptions {
     /// (PR_SET_PDEATHSIG), so an aborted test run leaves no orphans. Turn it
     /// off to share a cluster between threads (default true).
     pub die_with_parent: bool,
+    /// Extra environment for every process (e.g. `BLKMESH_WORKER_TIMEOUT_MS`).
+    pub env: Vec<(String, String)>,
+    /// The manager's `--worker-grace-ms` (default: none given, the
+    /// manager's own default of 3 s).
+    pub worker_grace_ms: Option<u64>,
+    /// The manager serves TLS with this certificate (PEM) and `tls_key`;
+    /// every process and the clients then use `https://` (default: none).
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate the processes and clients verify the manager with
+    /// (default: `tls_cert` itself, for a self-signed certificate).
+    pub tls_ca: Option<PathBuf>,
+    /// The manager requires client certificates signed by this CA (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client certificate (PEM) every process and client presents.
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Bearer token the manager requires; written to `<dir>/token` and
+    /// given to every process and client (default: none).
+    pub token: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -47,6 +70,15 @@ impl Default for ClusterOptions {
             rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
             startup_timeout: Duration::from_secs(15),
             die_with_parent: true,
+            env: Vec::new(),
+            worker_grace_ms: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_client_ca: None,
+            client_cert: None,
+            client_key: None,
+            token: None,
         }
     }
 }
@@ -61,6 +93,42 @@ impl ClusterOptions {
     /// Starts (or not) the frontend.
     pub fn frontend(mut self, on: bool) -> Self {
         self.frontend = on;
+        self
+    }
+
+    /// Sets an environment variable for every process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets the manager's `--worker-grace-ms`.
+    pub fn worker_grace_ms(mut self, ms: u64) -> Self {
+        self.worker_grace_ms = Some(ms);
+        self
+    }
+
+    /// Serves the manager over TLS with `cert` and `key`; everyone verifies
+    /// it with `ca` (PEM files).
+    pub fn tls(mut self, cert: &Path, key: &Path, ca: &Path) -> Self {
+        self.tls_cert = Some(cert.to_path_buf());
+        self.tls_key = Some(key.to_path_buf());
+        self.tls_ca = Some(ca.to_path_buf());
+        self
+    }
+
+    /// Requires client certificates signed by `client_ca`; every process
+    /// and client presents `cert` and `key`. Needs [`ClusterOptions::tls`].
+    pub fn mutual_tls(mut self, client_ca: &Path, cert: &Path, key: &Path) -> Self {
+        self.tls_client_ca = Some(client_ca.to_path_buf());
+        self.client_cert = Some(cert.to_path_buf());
+        self.client_key = Some(key.to_path_buf());
+        self
+    }
+
+    /// Requires the bearer token `token` on every manager call.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
         self
     }
 }
@@ -155,6 +223,12 @@ impl Cluster {
                 )
             });
         }
+        if let Some(token) = &opts.token {
+            let path = dir.path().join("token");
+            write_private(&path, token.as_bytes()).unwrap_or_else(|e| {
+                panic!("blkmesh-testkit: cannot write {}: {e}", path.display())
+            });
+        }
         // Resolve every binary before starting anything.
         bin_path("blkmesh-manager");
         if opts.workers > 0 {
@@ -181,7 +255,33 @@ impl Cluster {
             cluster.start_frontend();
         }
         cluster.wait_workers_alive();
+        if cluster.opts.frontend {
+            cluster.wait_frontend_registered();
+        }
         cluster
+    }
+
+    /// Waits (startup timeout) until the manager has logged the frontend's
+    /// registration, so that AddExport right after start waits for the
+    /// frontend's report instead of finding no frontend.
+    ///
+    /// # Panics
+    ///
+    /// On timeout.
+    pub fn wait_frontend_registered(&self) {
+        let deadline = std::time::Instant::now() + self.opts.startup_timeout;
+        let log = self.log_path("manager");
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("frontend registered") {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                self.dump_logs();
+                panic!("blkmesh-testkit: the frontend did not register with the manager");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     // ----- paths -----
@@ -249,9 +349,59 @@ impl Cluster {
             .unwrap_or_else(|| panic!("blkmesh-testkit: the manager has not started"))
     }
 
-    /// `http://ADDR` of the manager.
+    /// `http://ADDR` of the manager (`https://ADDR` with TLS).
     pub fn manager_url(&self) -> String {
-        format!("http://{}", self.manager_addr())
+        let scheme = if self.opts.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.manager_addr())
+    }
+
+    /// `<dir>/token`, the bearer token file, when the cluster has a token.
+    pub fn token_file(&self) -> Option<PathBuf> {
+        self.opts.token.as_ref().map(|_| self.dir().join("token"))
+    }
+
+    /// How to reach the manager with the cluster's TLS and token options.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            url: self.manager_url(),
+            ca_file: self.tls_ca(),
+            cert_file: self.opts.client_cert.clone(),
+            key_file: self.opts.client_key.clone(),
+            token_file: self.token_file(),
+            ..ClientConfig::default()
+        }
+    }
+
+    fn tls_ca(&self) -> Option<PathBuf> {
+        self.opts
+            .tls_ca
+            .clone()
+            .or_else(|| self.opts.tls_cert.clone())
+    }
+
+    /// `--manager-ca`, `--manager-cert`/`--manager-key` and `--token-file`
+    /// for the workers and the frontend.
+    fn client_args(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        if let (Some(_), Some(ca)) = (&self.opts.tls_cert, self.tls_ca()) {
+            v.extend(["--manager-ca".into(), ca.into()]);
+        }
+        if let (Some(cert), Some(key)) = (&self.opts.client_cert, &self.opts.client_key) {
+            v.extend([
+                "--manager-cert".into(),
+                cert.into(),
+                "--manager-key".into(),
+                key.into(),
+            ]);
+        }
+        if let Some(t) = self.token_file() {
+            v.extend(["--token-file".into(), t.into()]);
+        }
+        v
     }
 
     /// The blocking gRPC client (reconnected by each manager start).
@@ -287,11 +437,23 @@ impl Cluster {
             .arg(self.state_dir())
             .arg("--listen")
             .arg(listen.to_string());
+        if let Some(ms) = self.opts.worker_grace_ms {
+            cmd.arg("--worker-grace-ms").arg(ms.to_string());
+        }
+        if let (Some(cert), Some(key)) = (&self.opts.tls_cert, &self.opts.tls_key) {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            if let Some(ca) = &self.opts.tls_client_ca {
+                cmd.arg("--tls-client-ca").arg(ca);
+            }
+        }
+        if let Some(t) = self.token_file() {
+            cmd.arg("--token-file").arg(t);
+        }
         self.manager = Some(self.spawn("manager", cmd));
         let addr = self.wait_manager_addr(&log, offset);
         self.manager_addr = Some(addr);
         self.client = Some(
-            BlockingClient::new(&format!("http://{addr}"))
+            BlockingClient::with_config(self.client_config())
                 .unwrap_or_else(|e| panic!("blkmesh-testkit: gRPC client: {e}")),
         );
     }
@@ -368,7 +530,8 @@ impl Cluster {
             .arg("--socket")
             .arg(self.worker_socket(i))
             .arg("--manager")
-            .arg(self.manager_url());
+            .arg(self.manager_url())
+            .args(self.client_args());
         let proc = self.spawn(&name, cmd);
         *self.worker_slot(i) = Some(proc);
     }
@@ -448,7 +611,8 @@ impl Cluster {
         cmd.arg("--manager")
             .arg(self.manager_url())
             .arg("--name")
-            .arg("frontend0");
+            .arg("frontend0")
+            .args(self.client_args());
         self.frontend = Some(self.spawn("frontend", cmd));
     }
 
@@ -560,7 +724,8 @@ impl Cluster {
         tool::run_tool(bin, args)
     }
 
-    /// Runs `blkmeshctl --addr <manager> ARGS…`.
+    /// Runs `blkmeshctl --addr <manager> ARGS…` (with `--ca`, `--cert`,
+    /// `--key` and `--token-file` when the cluster has them).
     pub fn ctl<I, S>(&self, args: I) -> Output
     where
         I: IntoIterator<Item = S>,
@@ -568,6 +733,15 @@ impl Cluster {
     {
         let url = self.manager_url();
         let mut all: Vec<std::ffi::OsString> = vec!["--addr".into(), url.into()];
+        if let (Some(_), Some(ca)) = (&self.opts.tls_cert, self.tls_ca()) {
+            all.extend(["--ca".into(), ca.into()]);
+        }
+        if let (Some(cert), Some(key)) = (&self.opts.client_cert, &self.opts.client_key) {
+            all.extend(["--cert".into(), cert.into(), "--key".into(), key.into()]);
+        }
+        if let Some(t) = self.token_file() {
+            all.extend(["--token-file".into(), t.into()]);
+        }
         all.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
         tool::run_tool("blkmeshctl", all)
     }
@@ -578,6 +752,12 @@ impl Cluster {
         let mut cmd = Command::new(bin_path(bin));
         cmd.env("RUST_LOG", &self.opts.rust_log)
             .env("NO_COLOR", "1")
+            // The cluster's own options decide TLS and token, not the test's environment.
+            .env_remove(blkmesh_proto::client::TOKEN_FILE_ENV)
+            .env_remove(blkmesh_proto::client::MANAGER_CA_ENV)
+            .env_remove(blkmesh_proto::client::CLIENT_CERT_ENV)
+            .env_remove(blkmesh_proto::client::CLIENT_KEY_ENV)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir());
         cmd
     }
@@ -625,6 +805,19 @@ impl Drop for Cluster {
             self.dir.disable_cleanup(true);
         }
     }
+}
+
+/// Writes `data` to a new file only its owner can read.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
 }
 
 fn worker_name(i: usize) -> String {

@@ -154,3 +154,13 @@ fn golden_001_basic_io() {
 fn golden_002_filters() {
     run_script("002-filters");
 }
+
+#[test]
+fn golden_003_reopen_resize() {
+    run_script("003-reopen-resize");
+}
+
+#[test]
+fn golden_004_zoned() {
+    run_script("004-zoned");
+}

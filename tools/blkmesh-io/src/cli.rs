@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cmd::parse_size;
 
 /// Drive a vhost-user-blk export as a guest would (libblkio
-/// virtio-blk-vhost-user): qemu-io–style commands, a benchmark, and a
-/// multi-queue data verifier.
+/// virtio-blk-vhost-user, or blkmesh's own driver): qemu-io–style
+/// commands, zone commands, a benchmark, and a multi-queue data verifier.
 ///
 /// Exit status: 0 success, 1 I/O error / data mismatch / device failure,
 /// 2 bad usage or command syntax.
@@ -39,6 +39,12 @@ pub struct Cli {
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     pub timeout: f64,
 
+    /// virtio-blk driver: libblkio's (`blkio`) or blkmesh's own (`native`,
+    /// which also sends zone requests). Default: native when a zone
+    /// command is given, else blkio. bench and verify need blkio.
+    #[arg(long, value_enum, value_name = "DRIVER")]
+    pub driver: Option<DriverKind>,
+
     /// Run every -c command even after one failed (exit status still 1).
     #[arg(short = 'k', long)]
     pub keep_going: bool,
@@ -64,7 +70,25 @@ Commands for -c (sizes and offsets: bytes or k/m/g/t suffix; -q picks the queue)
   flush        [-q N]
   discard      [-q N] OFF LEN
   write_zeroes [-u] [-q N] OFF LEN               (-u: may unmap)
-  info";
+  info
+Zone commands (zoned devices; native driver, chosen automatically):
+  zone_report    [-q N] [OFF [COUNT]]            (zones from OFF's; default all)
+  zone_open      [-q N] OFF                      (OFF: a zone's start)
+  zone_close     [-q N] OFF
+  zone_finish    [-q N] OFF
+  zone_reset     [-q N] OFF
+  zone_reset_all [-q N]
+  zone_append    [-P pattern] [-q N] OFF LEN     (prints where the data landed)";
+
+/// Which virtio-blk driver talks to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DriverKind {
+    /// libblkio's virtio-blk-vhost-user driver.
+    Blkio,
+    /// blkmesh's own driver (blkmesh-vhost-user-client); needed for zone
+    /// commands.
+    Native,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum Mode {
@@ -198,6 +222,15 @@ mod tests {
         assert_eq!(b.bs, 65536);
         assert_eq!(b.qd, 8);
         assert_eq!(b.rw, RwMode::Randread);
+    }
+
+    #[test]
+    fn parses_driver() {
+        let cli =
+            Cli::try_parse_from(["blkmesh-io", "-s", "/s", "--driver", "native", "-c", "info"])
+                .unwrap();
+        assert_eq!(cli.driver, Some(DriverKind::Native));
+        assert!(Cli::try_parse_from(["blkmesh-io", "-s", "/s", "--driver", "qemu"]).is_err());
     }
 
     #[test]

@@ -11,12 +11,24 @@
 //! discard      [-q queue] OFF LEN
 //! write_zeroes [-u] [-q queue] OFF LEN
 //! info
+//! zone_report    [-q queue] [OFF [COUNT]]      (alias zrp)
+//! zone_open      [-q queue] OFF                (alias zo)
+//! zone_close     [-q queue] OFF                (alias zc)
+//! zone_finish    [-q queue] OFF                (alias zf)
+//! zone_reset     [-q queue] OFF                (alias zrs)
+//! zone_reset_all [-q queue]
+//! zone_append    [-P pattern] [-q queue] OFF LEN   (alias zap)
 //! ```
 //!
 //! Sizes and offsets are plain bytes or take a k/K, m/M, g/G, t/T suffix
-//! (powers of 1024). Patterns are bytes, decimal or `0x` hex.
+//! (powers of 1024). Patterns are bytes, decimal or `0x` hex. Zone
+//! commands need a zoned device and the native driver; OFF is a zone's
+//! start for the zone actions and appends, any offset in the first zone
+//! for a report (COUNT: how many zones, default all to the end).
 
 use thiserror::Error;
+
+pub use crate::native::ZoneAction;
 
 /// Pattern written by `write`/`writev` when `-P` is not given (qemu-io's).
 pub const DEFAULT_WRITE_PATTERN: u8 = 0xcd;
@@ -55,6 +67,27 @@ pub enum Command {
         queue: usize,
     },
     Info,
+    /// `zone_report`: zones from the one holding `offset`; `count` of
+    /// them, or all to the end.
+    ZoneReport {
+        offset: u64,
+        count: Option<u32>,
+        queue: usize,
+    },
+    /// `zone_open`, `zone_close`, `zone_finish`, `zone_reset`,
+    /// `zone_reset_all` (offset 0).
+    ZoneAction {
+        action: ZoneAction,
+        offset: u64,
+        queue: usize,
+    },
+    /// `zone_append`: `len` bytes of `pattern` to the zone at `offset`.
+    ZoneAppend {
+        offset: u64,
+        len: u64,
+        pattern: u8,
+        queue: usize,
+    },
 }
 
 impl Command {
@@ -73,7 +106,24 @@ impl Command {
             Command::Discard { .. } => "discard",
             Command::WriteZeroes { .. } => "write_zeroes",
             Command::Info => "info",
+            Command::ZoneReport { .. } => "zone_report",
+            Command::ZoneAction { action, .. } => match action {
+                ZoneAction::Open => "zone_open",
+                ZoneAction::Close => "zone_close",
+                ZoneAction::Finish => "zone_finish",
+                ZoneAction::Reset => "zone_reset",
+                ZoneAction::ResetAll => "zone_reset_all",
+            },
+            Command::ZoneAppend { .. } => "zone_append",
         }
+    }
+
+    /// Whether this is a zone command (which only the native driver runs).
+    pub fn is_zone(&self) -> bool {
+        matches!(
+            self,
+            Command::ZoneReport { .. } | Command::ZoneAction { .. } | Command::ZoneAppend { .. }
+        )
     }
 
     /// The queue the command runs on (`info` uses none; reported as 0).
@@ -83,7 +133,10 @@ impl Command {
             | Command::Write { queue, .. }
             | Command::Flush { queue }
             | Command::Discard { queue, .. }
-            | Command::WriteZeroes { queue, .. } => *queue,
+            | Command::WriteZeroes { queue, .. }
+            | Command::ZoneReport { queue, .. }
+            | Command::ZoneAction { queue, .. }
+            | Command::ZoneAppend { queue, .. } => *queue,
             Command::Info => 0,
         }
     }
@@ -92,10 +145,13 @@ impl Command {
     pub fn data_len(&self) -> u64 {
         match self {
             Command::Read { lens, .. } | Command::Write { lens, .. } => lens.iter().sum(),
+            Command::ZoneAppend { len, .. } => *len,
             Command::Flush { .. }
             | Command::Discard { .. }
             | Command::WriteZeroes { .. }
-            | Command::Info => 0,
+            | Command::Info
+            | Command::ZoneReport { .. }
+            | Command::ZoneAction { .. } => 0,
         }
     }
 }
@@ -137,6 +193,11 @@ pub enum ParseError {
     BadPattern { cmd: &'static str, value: String },
     #[error("{cmd}: {what} + length overflows")]
     Overflow {
+        cmd: &'static str,
+        what: &'static str,
+    },
+    #[error("{cmd}: {what} must not be 0")]
+    Zero {
         cmd: &'static str,
         what: &'static str,
     },
@@ -192,6 +253,8 @@ pub fn parse_byte(s: &str) -> Option<u8> {
 
 struct Spec {
     name: &'static str,
+    /// qemu-io's short name, if any.
+    alias: Option<&'static str>,
     usage: &'static str,
     pattern: bool,
     unmap: bool,
@@ -200,6 +263,7 @@ struct Spec {
 
 const SPECS: &[Spec] = &[
     Spec {
+        alias: None,
         name: "read",
         usage: "read [-P pattern] [-q queue] OFF LEN",
         pattern: true,
@@ -207,6 +271,7 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "write",
         usage: "write [-P pattern] [-q queue] OFF LEN",
         pattern: true,
@@ -214,6 +279,7 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "readv",
         usage: "readv [-P pattern] [-q queue] OFF LEN [LEN ...]",
         pattern: true,
@@ -221,6 +287,7 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "writev",
         usage: "writev [-P pattern] [-q queue] OFF LEN [LEN ...]",
         pattern: true,
@@ -228,6 +295,7 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "flush",
         usage: "flush [-q queue]",
         pattern: false,
@@ -235,6 +303,7 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "discard",
         usage: "discard [-q queue] OFF LEN",
         pattern: false,
@@ -242,6 +311,7 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "write_zeroes",
         usage: "write_zeroes [-u] [-q queue] OFF LEN",
         pattern: false,
@@ -249,11 +319,68 @@ const SPECS: &[Spec] = &[
         queue: true,
     },
     Spec {
+        alias: None,
         name: "info",
         usage: "info",
         pattern: false,
         unmap: false,
         queue: false,
+    },
+    Spec {
+        alias: Some("zrp"),
+        name: "zone_report",
+        usage: "zone_report [-q queue] [OFF [COUNT]]",
+        pattern: false,
+        unmap: false,
+        queue: true,
+    },
+    Spec {
+        alias: Some("zo"),
+        name: "zone_open",
+        usage: "zone_open [-q queue] OFF",
+        pattern: false,
+        unmap: false,
+        queue: true,
+    },
+    Spec {
+        alias: Some("zc"),
+        name: "zone_close",
+        usage: "zone_close [-q queue] OFF",
+        pattern: false,
+        unmap: false,
+        queue: true,
+    },
+    Spec {
+        alias: Some("zf"),
+        name: "zone_finish",
+        usage: "zone_finish [-q queue] OFF",
+        pattern: false,
+        unmap: false,
+        queue: true,
+    },
+    Spec {
+        alias: Some("zrs"),
+        name: "zone_reset",
+        usage: "zone_reset [-q queue] OFF",
+        pattern: false,
+        unmap: false,
+        queue: true,
+    },
+    Spec {
+        alias: None,
+        name: "zone_reset_all",
+        usage: "zone_reset_all [-q queue]",
+        pattern: false,
+        unmap: false,
+        queue: true,
+    },
+    Spec {
+        alias: Some("zap"),
+        name: "zone_append",
+        usage: "zone_append [-P pattern] [-q queue] OFF LEN",
+        pattern: true,
+        unmap: false,
+        queue: true,
     },
 ];
 
@@ -263,7 +390,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
     let name = words.next().ok_or(ParseError::Empty)?;
     let spec = SPECS
         .iter()
-        .find(|s| s.name == name)
+        .find(|s| s.name == name || s.alias == Some(name))
         .ok_or_else(|| ParseError::UnknownCommand(name.to_string()))?;
     let cmd = spec.name;
 
@@ -378,6 +505,71 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
                 offset,
                 len,
                 may_unmap: unmap,
+                queue,
+            }
+        }
+        "zone_report" => {
+            if let Some(arg) = positional.get(2) {
+                return Err(extra(arg));
+            }
+            let offset = match positional.first() {
+                Some(s) => number("offset", s)?,
+                None => 0,
+            };
+            let count = match positional.get(1) {
+                Some(s) => {
+                    let n = number("count", s)?;
+                    if n == 0 {
+                        return Err(ParseError::Zero { cmd, what: "COUNT" });
+                    }
+                    Some(u32::try_from(n).map_err(|_| ParseError::BadNumber {
+                        cmd,
+                        what: "count",
+                        value: s.to_string(),
+                        reason: SizeError::Overflow,
+                    })?)
+                }
+                None => None,
+            };
+            Command::ZoneReport {
+                offset,
+                count,
+                queue,
+            }
+        }
+        "zone_open" | "zone_close" | "zone_finish" | "zone_reset" => {
+            let offset = number("offset", positional.first().ok_or_else(|| missing("OFF"))?)?;
+            if let Some(arg) = positional.get(1) {
+                return Err(extra(arg));
+            }
+            let action = match cmd {
+                "zone_open" => ZoneAction::Open,
+                "zone_close" => ZoneAction::Close,
+                "zone_finish" => ZoneAction::Finish,
+                _ => ZoneAction::Reset,
+            };
+            Command::ZoneAction {
+                action,
+                offset,
+                queue,
+            }
+        }
+        "zone_reset_all" => {
+            if let Some(arg) = positional.first() {
+                return Err(extra(arg));
+            }
+            Command::ZoneAction {
+                action: ZoneAction::ResetAll,
+                offset: 0,
+                queue,
+            }
+        }
+        "zone_append" => {
+            let (offset, len) = off_len(&positional)?;
+            Command::ZoneAppend {
+                offset,
+                len,
+                pattern: pattern.unwrap_or(DEFAULT_WRITE_PATTERN),
                 queue,
             }
         }
@@ -632,6 +824,107 @@ mod tests {
         assert!(matches!(
             parse("read -q x 0 4k"),
             Err(ParseError::BadNumber { what: "queue", .. })
+        ));
+    }
+
+    #[test]
+    fn parses_zone_commands() {
+        assert_eq!(
+            parse("zone_report"),
+            Ok(Command::ZoneReport {
+                offset: 0,
+                count: None,
+                queue: 0
+            })
+        );
+        assert_eq!(
+            parse("zrp -q 1 512k 4"),
+            Ok(Command::ZoneReport {
+                offset: 512 << 10,
+                count: Some(4),
+                queue: 1
+            })
+        );
+        for (line, action) in [
+            ("zone_open 1M", ZoneAction::Open),
+            ("zo 1M", ZoneAction::Open),
+            ("zone_close 1M", ZoneAction::Close),
+            ("zc 1M", ZoneAction::Close),
+            ("zone_finish 1M", ZoneAction::Finish),
+            ("zf 1M", ZoneAction::Finish),
+            ("zone_reset 1M", ZoneAction::Reset),
+            ("zrs 1M", ZoneAction::Reset),
+        ] {
+            assert_eq!(
+                parse(line),
+                Ok(Command::ZoneAction {
+                    action,
+                    offset: 1 << 20,
+                    queue: 0
+                }),
+                "{line}"
+            );
+        }
+        let all = parse("zone_reset_all -q 2").unwrap();
+        assert_eq!(
+            all,
+            Command::ZoneAction {
+                action: ZoneAction::ResetAll,
+                offset: 0,
+                queue: 2
+            }
+        );
+        assert_eq!(all.name(), "zone_reset_all");
+        assert!(all.is_zone());
+        let zap = parse("zap -P 0x5a 0 8k").unwrap();
+        assert_eq!(
+            zap,
+            Command::ZoneAppend {
+                offset: 0,
+                len: 8192,
+                pattern: 0x5a,
+                queue: 0
+            }
+        );
+        assert_eq!(zap.name(), "zone_append");
+        assert_eq!(zap.data_len(), 8192);
+        assert_eq!(parse("zone_append 0 4k").unwrap().name(), "zone_append");
+        assert!(!parse("read 0 4k").unwrap().is_zone());
+    }
+
+    #[test]
+    fn rejects_bad_zone_commands() {
+        assert!(matches!(
+            parse("zone_open"),
+            Err(ParseError::MissingArgument { what: "OFF", .. })
+        ));
+        assert!(matches!(
+            parse("zone_reset 0 1M"),
+            Err(ParseError::ExtraArgument { .. })
+        ));
+        assert!(matches!(
+            parse("zone_reset_all 0"),
+            Err(ParseError::ExtraArgument { .. })
+        ));
+        assert!(matches!(
+            parse("zone_report 0 0"),
+            Err(ParseError::Zero { what: "COUNT", .. })
+        ));
+        assert!(matches!(
+            parse("zone_report 0 8g"),
+            Err(ParseError::BadNumber { what: "count", .. })
+        ));
+        assert!(matches!(
+            parse("zone_report 0 1 2"),
+            Err(ParseError::ExtraArgument { .. })
+        ));
+        assert!(matches!(
+            parse("zone_append 0"),
+            Err(ParseError::MissingArgument { what: "LEN", .. })
+        ));
+        assert!(matches!(
+            parse("zone_open -P 1 0"),
+            Err(ParseError::UnknownOption { .. })
         ));
     }
 

@@ -33,6 +33,8 @@ pub fn name(errno: i32) -> Option<&'static str> {
         libc::ECONNREFUSED => "ECONNREFUSED",
         libc::ECANCELED => "ECANCELED",
         libc::EDQUOT => "EDQUOT",
+        libc::EPROTO => "EPROTO",
+        libc::ETOOMANYREFS => "ETOOMANYREFS",
         _ => return None,
     })
 }

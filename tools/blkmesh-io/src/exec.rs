@@ -1,15 +1,48 @@
 //! Runs parsed `-c` commands against an open device, qemu-io style: one
 //! result line per command, stop at the first failure (unless told to keep
-//! going).
+//! going). The device is libblkio's driver or the native one
+//! ([`Target`]); the ordinary commands print the same on both.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::cmd::Command;
+use crate::cmd::{Command, ZoneAction};
 use crate::device::{Buffer, BufferPool, Completed, Device, IoError, PropValue, Queue, Request};
+use crate::native::{NativeDevice, NativeError, Zone};
 use crate::Error;
+
+/// The device commands run on.
+pub enum Target<'a> {
+    /// libblkio's virtio-blk-vhost-user driver.
+    Blkio {
+        device: &'a Device,
+        queues: &'a mut [Queue],
+    },
+    /// blkmesh's own driver (needed for zone commands).
+    Native(&'a mut NativeDevice),
+}
+
+impl Target<'_> {
+    fn properties(&self) -> Vec<(&'static str, PropValue)> {
+        match self {
+            Target::Blkio { device, .. } => device.properties(),
+            Target::Native(n) => n.properties(),
+        }
+    }
+}
+
+/// What a successful command has to show besides "done".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum Shown {
+    #[default]
+    Nothing,
+    /// A zone report.
+    Zones(Vec<Zone>),
+    /// Where a zone append landed (bytes).
+    Landed(u64),
+}
 
 /// How a command run went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +89,30 @@ pub fn buffer_bytes(cmd: &Command) -> u64 {
         Command::Flush { .. }
         | Command::Discard { .. }
         | Command::WriteZeroes { .. }
-        | Command::Info => 0,
+        | Command::Info
+        | Command::ZoneReport { .. }
+        | Command::ZoneAction { .. }
+        | Command::ZoneAppend { .. } => 0,
+    }
+}
+
+/// Bytes of guest RAM one command needs with the native driver (its data,
+/// or a zone report's buffer; headers and status bytes are small).
+pub fn native_data_bytes(cmd: &Command) -> u64 {
+    match cmd {
+        Command::Read { lens, .. } | Command::Write { lens, .. } => lens
+            .iter()
+            .map(|l| l.saturating_add(4095) & !4095)
+            .fold(0u64, u64::saturating_add),
+        Command::ZoneAppend { len, .. } => *len,
+        Command::ZoneReport { .. } => {
+            blkmesh_vhost_user_client::zone::report_len(crate::native::REPORT_CHUNK)
+        }
+        Command::Flush { .. }
+        | Command::Discard { .. }
+        | Command::WriteZeroes { .. }
+        | Command::Info
+        | Command::ZoneAction { .. } => 0,
     }
 }
 
@@ -64,8 +120,7 @@ pub fn buffer_bytes(cmd: &Command) -> u64 {
 /// Returns the outcome of the last command run (the first that failed, if
 /// any) and its index. Device errors (hangs, lost connections) are `Err`.
 pub fn run(
-    device: &Device,
-    queues: &mut [Queue],
+    target: &mut Target<'_>,
     cmds: &[Command],
     opts: ExecOptions,
     out: &mut dyn Write,
@@ -73,14 +128,17 @@ pub fn run(
     let mut first_failure: Option<(Outcome, usize)> = None;
     for (index, cmd) in cmds.iter().enumerate() {
         let start = Instant::now();
-        let outcome = match cmd {
-            Command::Info => {
-                print_info(device, opts.json, out)?;
+        let (outcome, shown) = match (cmd, &mut *target) {
+            (Command::Info, t) => {
+                print_info(&t.properties(), opts.json, out)?;
                 continue;
             }
-            _ => run_io(device, queues, cmd, opts.timeout)?,
+            (_, Target::Blkio { device, queues }) => {
+                (run_io(device, queues, cmd, opts.timeout)?, Shown::Nothing)
+            }
+            (_, Target::Native(n)) => run_native(n, cmd)?,
         };
-        report(cmd, &outcome, start.elapsed(), opts.json, out)?;
+        report(cmd, &outcome, &shown, start.elapsed(), opts.json, out)?;
         if outcome != Outcome::Ok {
             if !opts.keep_going {
                 return Ok((outcome, index));
@@ -166,6 +224,14 @@ fn run_io(
             may_unmap: *may_unmap,
         },
         Command::Info => return Ok(Outcome::Ok),
+        // libblkio's virtio-blk driver has no zone requests (the command
+        // line picks the native driver for these).
+        Command::ZoneReport { .. } | Command::ZoneAction { .. } | Command::ZoneAppend { .. } => {
+            return Ok(Outcome::IoFailed(IoError {
+                errno: libc::ENOTSUP,
+                detail: Some("zone commands need --driver native".into()),
+            }))
+        }
     };
 
     let done = submit_and_wait(queue, request, timeout)?;
@@ -178,9 +244,75 @@ fn run_io(
         ..
     } = cmd
     {
-        return Ok(check_pattern(*offset, *p, &done.bufs.into_vec()));
+        let data: Vec<Vec<u8>> = done.bufs.into_vec().iter().map(Buffer::to_vec).collect();
+        return Ok(check_pattern(*offset, *p, &data));
     }
     Ok(Outcome::Ok)
+}
+
+/// Runs one command on the native driver.
+fn run_native(dev: &mut NativeDevice, cmd: &Command) -> Result<(Outcome, Shown), Error> {
+    let queue = cmd.queue();
+    let failed = |e: IoError| (Outcome::IoFailed(e), Shown::Nothing);
+    let done = |r: Result<(), IoError>| match r {
+        Ok(()) => (Outcome::Ok, Shown::Nothing),
+        Err(e) => failed(e),
+    };
+    Ok(match cmd {
+        Command::Read {
+            offset,
+            lens,
+            pattern,
+            ..
+        } => match dev.read(queue, *offset, lens)? {
+            Ok(data) => match pattern {
+                Some(p) => (check_pattern(*offset, *p, &[data]), Shown::Nothing),
+                None => (Outcome::Ok, Shown::Nothing),
+            },
+            Err(e) => failed(e),
+        },
+        Command::Write {
+            offset,
+            lens,
+            pattern,
+            ..
+        } => done(dev.write(queue, *offset, lens, *pattern)?),
+        Command::Flush { .. } => done(dev.flush(queue)?),
+        Command::Discard { offset, len, .. } => {
+            done(dev.discard_or_zeroes(queue, *offset, *len, None)?)
+        }
+        Command::WriteZeroes {
+            offset,
+            len,
+            may_unmap,
+            ..
+        } => done(dev.discard_or_zeroes(queue, *offset, *len, Some(*may_unmap))?),
+        Command::Info => (Outcome::Ok, Shown::Nothing),
+        Command::ZoneReport { offset, count, .. } => {
+            match dev.zone_report(queue, *offset, *count)? {
+                Ok(zones) => (Outcome::Ok, Shown::Zones(zones)),
+                Err(e) => failed(e),
+            }
+        }
+        Command::ZoneAction { action, offset, .. } => {
+            done(dev.zone_action(queue, *action, *offset)?)
+        }
+        Command::ZoneAppend {
+            offset,
+            len,
+            pattern,
+            ..
+        } => match dev.zone_append(queue, *offset, *len, *pattern)? {
+            Ok(at) => (Outcome::Ok, Shown::Landed(at)),
+            Err(e) => failed(e),
+        },
+    })
+}
+
+impl From<NativeError> for Error {
+    fn from(e: NativeError) -> Self {
+        Error::Native(e)
+    }
 }
 
 /// One buffer per length; for vectored commands each at a different skew
@@ -215,11 +347,10 @@ fn submit_and_wait(
     done.pop().ok_or(Error::Internal("no completion"))
 }
 
-fn check_pattern(offset: u64, expected: u8, bufs: &[Buffer]) -> Outcome {
+fn check_pattern(offset: u64, expected: u8, bufs: &[Vec<u8>]) -> Outcome {
     let mut at = offset;
     let checked = bufs.iter().map(|b| b.len() as u64).sum();
-    for b in bufs {
-        let data = b.to_vec();
+    for data in bufs {
         if let Some(i) = data.iter().position(|&x| x != expected) {
             return Outcome::Mismatch {
                 offset: at + i as u64,
@@ -228,7 +359,7 @@ fn check_pattern(offset: u64, expected: u8, bufs: &[Buffer]) -> Outcome {
                 checked,
             };
         }
-        at += b.len() as u64;
+        at += data.len() as u64;
     }
     Outcome::Ok
 }
@@ -236,15 +367,17 @@ fn check_pattern(offset: u64, expected: u8, bufs: &[Buffer]) -> Outcome {
 fn report(
     cmd: &Command,
     outcome: &Outcome,
+    shown: &Shown,
     elapsed: Duration,
     json: bool,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     let (offset, len) = match cmd {
         Command::Read { offset, .. } | Command::Write { offset, .. } => (*offset, cmd.data_len()),
-        Command::Discard { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {
-            (*offset, *len)
-        }
+        Command::Discard { offset, len, .. }
+        | Command::WriteZeroes { offset, len, .. }
+        | Command::ZoneAppend { offset, len, .. } => (*offset, *len),
+        Command::ZoneReport { offset, .. } | Command::ZoneAction { offset, .. } => (*offset, 0),
         Command::Flush { .. } | Command::Info => (0, 0),
     };
     if json {
@@ -256,6 +389,28 @@ fn report(
             "ok": *outcome == Outcome::Ok,
             "elapsed_us": (elapsed.as_secs_f64() * 1e9).round() / 1e3,
         });
+        match shown {
+            Shown::Nothing => {}
+            Shown::Zones(zones) => {
+                v["zones"] = zones
+                    .iter()
+                    .map(|z| {
+                        json!({
+                            "start": z.start,
+                            "length": z.length,
+                            "capacity": z.capacity,
+                            "write_pointer": z.write_pointer,
+                            "condition": z.condition,
+                            "type": z.zone_type,
+                        })
+                    })
+                    .collect();
+            }
+            Shown::Landed(at) => {
+                v["landed"] = json!(at);
+                v["sector"] = json!(at / 512);
+            }
+        }
         match outcome {
             Outcome::Ok => {}
             Outcome::IoFailed(e) => {
@@ -298,9 +453,45 @@ fn report(
         Command::Discard { .. } => "discard",
         Command::Flush { .. } => return writeln!(out, "flush done"),
         Command::Info => return Ok(()),
+        Command::ZoneReport { .. } => {
+            if let Shown::Zones(zones) = shown {
+                for z in zones {
+                    writeln!(out, "{}", zone_line(z))?;
+                }
+            }
+            return Ok(());
+        }
+        Command::ZoneAction {
+            action: ZoneAction::ResetAll,
+            ..
+        } => return writeln!(out, "zone_reset_all done"),
+        Command::ZoneAction { .. } => {
+            return writeln!(out, "{} done at offset {offset}", cmd.name())
+        }
+        Command::ZoneAppend { .. } => {
+            let at = match shown {
+                Shown::Landed(at) => *at,
+                _ => offset,
+            };
+            writeln!(
+                out,
+                "appended {len}/{len} bytes at offset {at} (sector 0x{:x}) in the zone at offset {offset}",
+                at / 512
+            )?;
+            return writeln!(out, "{}", rate_line(len, elapsed));
+        }
     };
     writeln!(out, "{verb} {len}/{len} bytes at offset {offset}")?;
     writeln!(out, "{}", rate_line(len, elapsed))
+}
+
+/// One zone as qemu-io's `zone_report` prints it (bytes, hex):
+/// `start: 0x0, len 0x80000, cap 0x80000, wptr 0x0, zcond:1, ztype:2`.
+fn zone_line(z: &Zone) -> String {
+    format!(
+        "start: 0x{:x}, len 0x{:x}, cap 0x{:x}, wptr 0x{:x}, zcond:{}, ztype:{}",
+        z.start, z.length, z.capacity, z.write_pointer, z.condition, z.zone_type
+    )
 }
 
 /// `64 KiB, 1 ops; 0.0001 sec (512.000 MiB/sec and 8192.0000 ops/sec)`.
@@ -330,11 +521,14 @@ fn human(v: f64) -> String {
     }
 }
 
-fn print_info(device: &Device, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
-    let props = device.properties();
+fn print_info(
+    props: &[(&'static str, PropValue)],
+    json: bool,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     if json {
         let mut map = serde_json::Map::new();
-        for (name, value) in &props {
+        for (name, value) in props {
             let v = match value {
                 PropValue::Bool(b) => json!(b),
                 PropValue::I32(i) => json!(i),
@@ -346,7 +540,7 @@ fn print_info(device: &Device, json: bool, out: &mut dyn Write) -> std::io::Resu
         let v = json!({"command": "info", "ok": true, "properties": map});
         return writeln!(out, "{v}");
     }
-    for (name, value) in &props {
+    for (name, value) in props {
         match (name, value) {
             (&"capacity", PropValue::U64(c)) => {
                 writeln!(out, "capacity: {c} bytes ({} sectors)", c / 512)?
@@ -377,6 +571,80 @@ mod tests {
         assert_eq!(human(512.0), "512 bytes");
         assert_eq!(human(1.5 * 1024.0 * 1024.0), "1.500 MiB");
         assert!(rate_line(65536, Duration::from_millis(1)).starts_with("64 KiB, 1 ops; 0.0010 sec"));
+    }
+
+    #[test]
+    fn zone_lines_look_like_qemu_io() {
+        let z = Zone {
+            start: 0,
+            length: 0x80000,
+            capacity: 0x80000,
+            write_pointer: 0,
+            condition: 1,
+            zone_type: 2,
+        };
+        assert_eq!(
+            zone_line(&z),
+            "start: 0x0, len 0x80000, cap 0x80000, wptr 0x0, zcond:1, ztype:2"
+        );
+        let mut out = Vec::new();
+        let cmd = crate::cmd::parse("zone_report").unwrap();
+        report(
+            &cmd,
+            &Outcome::Ok,
+            &Shown::Zones(vec![z]),
+            Duration::from_millis(1),
+            true,
+            &mut out,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["zones"][0]["length"], 0x80000);
+        assert_eq!(v["zones"][0]["type"], 2);
+    }
+
+    #[test]
+    fn zone_actions_and_appends_report_in_text() {
+        let mut out = Vec::new();
+        for (line, shown) in [
+            ("zone_open 512k", Shown::Nothing),
+            ("zone_reset_all", Shown::Nothing),
+            ("zone_append 512k 4k", Shown::Landed(512 * 1024 + 8192)),
+        ] {
+            let cmd = crate::cmd::parse(line).unwrap();
+            report(
+                &cmd,
+                &Outcome::Ok,
+                &shown,
+                Duration::from_millis(1),
+                false,
+                &mut out,
+            )
+            .unwrap();
+        }
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "zone_open done at offset 524288");
+        assert_eq!(lines[1], "zone_reset_all done");
+        assert_eq!(
+            lines[2],
+            "appended 4096/4096 bytes at offset 532480 (sector 0x410) in the zone at offset 524288"
+        );
+        assert!(lines[3].contains(" ops; "));
+    }
+
+    #[test]
+    fn native_buffers_cover_the_data() {
+        let cmd = crate::cmd::parse("readv 0 4k 512 3584").unwrap();
+        assert_eq!(native_data_bytes(&cmd), 12288);
+        assert_eq!(
+            native_data_bytes(&crate::cmd::parse("zone_append 0 1M").unwrap()),
+            1 << 20
+        );
+        assert_eq!(
+            native_data_bytes(&crate::cmd::parse("zone_report").unwrap()),
+            64 + 1024 * 64
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `blkmesh-io`: a qemu-io–style tool and benchmark that drives a
 //! vhost-user-blk export as a guest would, through libblkio's
-//! `virtio-blk-vhost-user` driver.
+//! `virtio-blk-vhost-user` driver, or (`--driver native`, and for zone
+//! commands) blkmesh's own virtio-blk driver.
 //!
 //! Code map:
 //! * [`cli`] — clap definitions; [`run`] dispatches to a mode.
 //! * [`cmd`] — parser for `-c` commands; [`exec`] runs them.
 //! * [`device`] — the device, queues and I/O buffers; the only module with
 //!   `unsafe` (raw pointers for libblkio come only from mapped buffers).
+//! * [`native`] — the native driver ([`blkmesh_vhost_user_client`]):
+//!   the `-c` commands, zone commands included.
 //! * [`bench`] — IOPS / bandwidth / latency benchmark, one thread per queue.
 //! * [`verify`] — concurrent write/read-back/compare on every queue.
 //! * [`hist`], [`pattern`], [`errno`] — helpers.
@@ -21,6 +24,7 @@ pub mod device;
 pub mod errno;
 pub mod exec;
 pub mod hist;
+pub mod native;
 pub mod pattern;
 pub mod verify;
 
@@ -30,8 +34,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::{Cli, Mode};
+use crate::cli::{Cli, DriverKind, Mode};
 use crate::device::{Device, DeviceConfig, DeviceError, PoolError};
+use crate::native::{NativeConfig, NativeDevice, NativeError};
 
 /// Everything that can stop a run.
 #[derive(Debug, Error)]
@@ -40,6 +45,8 @@ pub enum Error {
     Usage(String),
     #[error("device error")]
     Device(#[from] DeviceError),
+    #[error("device error")]
+    Native(#[source] NativeError),
     #[error("I/O buffer allocation failed")]
     Pool(#[from] PoolError),
     #[error("cannot write output")]
@@ -61,6 +68,7 @@ impl Error {
         match self {
             Error::Usage(_) => 2,
             Error::Device(_)
+            | Error::Native(_)
             | Error::Pool(_)
             | Error::Output(_)
             | Error::NoSuchQueue(_)
@@ -104,6 +112,22 @@ pub fn seconds(what: &str, secs: f64) -> Result<Duration, Error> {
         .map_err(|_| Error::Usage(format!("{what} must be a non-negative number of seconds")))
 }
 
+/// The driver for a list of `-c` commands: as asked, else the native one
+/// when a zone command needs it (libblkio cannot send zone requests),
+/// else libblkio's.
+pub fn pick_driver(asked: Option<DriverKind>, cmds: &[cmd::Command]) -> Result<DriverKind, Error> {
+    let zone = cmds.iter().find(|c| c.is_zone());
+    match (asked, zone) {
+        (Some(DriverKind::Blkio), Some(c)) => Err(Error::Usage(format!(
+            "{}: zone commands need --driver native (libblkio's driver cannot send zone requests)",
+            c.name()
+        ))),
+        (Some(d), _) => Ok(d),
+        (None, Some(_)) => Ok(DriverKind::Native),
+        (None, None) => Ok(DriverKind::Blkio),
+    }
+}
+
 fn run_inner(cli: &Cli) -> Result<(), Error> {
     let timeout = seconds("--timeout", cli.timeout)?;
     if timeout.is_zero() {
@@ -128,6 +152,9 @@ fn run_inner(cli: &Cli) -> Result<(), Error> {
         (Some(_), false) => Err(Error::Usage(
             "-c commands cannot be combined with the bench or verify subcommand".into(),
         )),
+        (Some(_), true) if cli.driver == Some(DriverKind::Native) => Err(Error::Usage(
+            "bench and verify run on libblkio's driver only (drop --driver native)".into(),
+        )),
         (None, false) => {
             // Parse and check everything before touching the device.
             let cmds = cli
@@ -142,15 +169,47 @@ fn run_inner(cli: &Cli) -> Result<(), Error> {
                     c.queue()
                 )));
             }
-            config.buffer_bytes = cmds.iter().map(exec::buffer_bytes).max().unwrap_or(0) as usize;
-            let mut device = Device::open(&config)?;
-            let mut qs = device.take_queues();
+            let driver = pick_driver(cli.driver, &cmds)?;
+            if driver == DriverKind::Native && cli.poll {
+                return Err(Error::Usage(
+                    "--poll needs libblkio's driver (--driver blkio)".into(),
+                ));
+            }
             let opts = exec::ExecOptions {
                 json: cli.json,
                 timeout,
                 keep_going: cli.keep_going,
             };
-            let (outcome, index) = exec::run(&device, &mut qs, &cmds, opts, &mut out)?;
+            let (outcome, index) = match driver {
+                DriverKind::Blkio => {
+                    config.buffer_bytes =
+                        cmds.iter().map(exec::buffer_bytes).max().unwrap_or(0) as usize;
+                    let mut device = Device::open(&config)?;
+                    let mut qs = device.take_queues();
+                    let mut target = exec::Target::Blkio {
+                        device: &device,
+                        queues: &mut qs,
+                    };
+                    exec::run(&mut target, &cmds, opts, &mut out)?
+                }
+                DriverKind::Native => {
+                    let native = NativeConfig {
+                        socket: cli.socket.clone(),
+                        queues,
+                        queue_size: cli.queue_size,
+                        read_only: cli.read_only,
+                        timeout,
+                        data_bytes: cmds.iter().map(exec::native_data_bytes).max().unwrap_or(0),
+                    };
+                    let mut device = NativeDevice::open(&native).map_err(Error::Native)?;
+                    exec::run(
+                        &mut exec::Target::Native(&mut device),
+                        &cmds,
+                        opts,
+                        &mut out,
+                    )?
+                }
+            };
             let what = match outcome {
                 exec::Outcome::Ok => return Ok(()),
                 exec::Outcome::IoFailed(_) => "failed",

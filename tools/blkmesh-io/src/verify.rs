@@ -110,6 +110,10 @@ pub struct QueueStats {
     pub bytes_written: u64,
     pub errors: u64,
     pub mismatches: u64,
+    /// Slowest request, submission to completion, in microseconds.
+    pub max_latency_us: u64,
+    /// Bytes read back at the end, checked against the last write to each sector.
+    pub final_checked: u64,
     pub first_failure: Option<String>,
 }
 
@@ -121,6 +125,8 @@ pub struct VerifyReport {
     pub ops: u64,
     pub errors: u64,
     pub mismatches: u64,
+    pub max_latency_us: u64,
+    pub final_checked: u64,
     pub queues: Vec<QueueStats>,
 }
 
@@ -136,13 +142,26 @@ impl VerifyReport {
             writeln!(
                 out,
                 "verify: queue {}: {} writes, {} reads ({} vectored), {} bytes written, \
-                 {} errors, {} mismatches",
-                q.queue, q.writes, q.reads, q.vectored, q.bytes_written, q.errors, q.mismatches
+                 {} errors, {} mismatches, max latency {} us",
+                q.queue,
+                q.writes,
+                q.reads,
+                q.vectored,
+                q.bytes_written,
+                q.errors,
+                q.mismatches,
+                q.max_latency_us
             )?;
             if let Some(f) = &q.first_failure {
                 writeln!(out, "verify: queue {}: {f}", q.queue)?;
             }
         }
+        writeln!(
+            out,
+            "verify: final read-back of {} bytes against the last write to every sector",
+            self.final_checked
+        )?;
+        writeln!(out, "verify: max latency {} us", self.max_latency_us)?;
         writeln!(
             out,
             "verify: {} ops over {} bytes in {:.2} s, {} errors, {} mismatches",
@@ -192,6 +211,7 @@ pub fn run(device: &mut Device, plan: &Plan, timeout: Duration) -> Result<Verify
                             lo,
                             hi: lo + sub,
                             op: None,
+                            gens: vec![0; (sub / SECTOR) as usize],
                         }
                     })
                     .collect();
@@ -227,6 +247,8 @@ pub fn run(device: &mut Device, plan: &Plan, timeout: Duration) -> Result<Verify
         ops: queues.iter().map(|q| q.writes + q.reads).sum(),
         errors: queues.iter().map(|q| q.errors).sum(),
         mismatches: queues.iter().map(|q| q.mismatches).sum(),
+        max_latency_us: queues.iter().map(|q| q.max_latency_us).max().unwrap_or(0),
+        final_checked: queues.iter().map(|q| q.final_checked).sum(),
         queues,
     })
 }
@@ -239,13 +261,20 @@ struct Op {
     generation: u64,
     reading: bool,
     iovecs: usize,
+    started: Instant,
 }
+
+/// `Slot::gens` value of sectors whose content is unknown (a write failed).
+const UNKNOWN: u64 = u64::MAX;
 
 struct Slot {
     pool: BufferPool,
     lo: u64,
     hi: u64,
     op: Option<Op>,
+    /// Per sector of `lo..hi`: the generation last written there
+    /// (0 = never, [`UNKNOWN`] = a write failed), for the final read-back.
+    gens: Vec<u64>,
 }
 
 struct Worker {
@@ -276,6 +305,12 @@ impl Worker {
                 let op = self.slots[slot]
                     .op
                     .ok_or(Error::Internal("idle slot completed"))?;
+                let latency = op.started.elapsed().as_micros() as u64;
+                self.stats.max_latency_us = self.stats.max_latency_us.max(latency);
+                if !op.reading {
+                    let ok = c.result.is_ok();
+                    self.record_write(slot, &op, ok);
+                }
                 if let Err(e) = &c.result {
                     self.stats.errors += 1;
                     self.fail(format!(
@@ -304,6 +339,69 @@ impl Worker {
                     self.start_write(slot)?;
                 }
             }
+        }
+        for slot in 0..self.slots.len() {
+            self.read_back(slot)?;
+        }
+        Ok(())
+    }
+
+    fn record_write(&mut self, slot: usize, op: &Op, ok: bool) {
+        let s = &mut self.slots[slot];
+        let first = ((op.offset - s.lo) / SECTOR) as usize;
+        let n = (op.len / SECTOR) as usize;
+        if let Some(gens) = s.gens.get_mut(first..first + n) {
+            gens.fill(if ok { op.generation } else { UNKNOWN });
+        }
+    }
+
+    /// Reads the slot's whole range and checks every sector written during
+    /// the run against its last write.
+    fn read_back(&mut self, slot: usize) -> Result<(), Error> {
+        let (lo, hi) = (self.slots[slot].lo, self.slots[slot].hi);
+        let mut offset = lo;
+        let mut done = Vec::new();
+        while offset < hi {
+            let len = self.bs_max.min(hi - offset);
+            let buf = self.slots[slot].pool.alloc(len)?;
+            self.queue
+                .submit(Request::Read { offset, buf }, slot as u64);
+            done.clear();
+            while done.is_empty() {
+                self.queue.wait(1, Some(self.timeout), &mut done)?;
+            }
+            for c in done.drain(..) {
+                if let Err(e) = &c.result {
+                    self.stats.errors += 1;
+                    self.fail(format!(
+                        "final read-back at offset {offset} length {len}: {e}"
+                    ));
+                    return Ok(());
+                }
+                let mut actual = Vec::with_capacity(len as usize);
+                for b in c.bufs.into_vec() {
+                    actual.extend_from_slice(&b.to_vec());
+                }
+                let mut expected = vec![0u8; SECTOR as usize];
+                for (i, sector) in actual.chunks(SECTOR as usize).enumerate() {
+                    let at = offset + i as u64 * SECTOR;
+                    let generation = self.slots[slot].gens[((at - lo) / SECTOR) as usize];
+                    if generation == 0 || generation == UNKNOWN {
+                        continue;
+                    }
+                    pattern::fill(pattern::key(self.seed, generation), at, &mut expected);
+                    if let Some(j) = pattern::first_mismatch(&expected, sector) {
+                        self.stats.mismatches += 1;
+                        self.fail(format!(
+                            "final read-back: mismatch at offset {} (last written by generation {generation})",
+                            at + j as u64
+                        ));
+                        return Ok(());
+                    }
+                }
+                self.stats.final_checked += len;
+            }
+            offset += len;
         }
         Ok(())
     }
@@ -370,6 +468,7 @@ impl Worker {
             generation,
             reading: false,
             iovecs,
+            started: Instant::now(),
         });
         let req = if iovecs == 1 {
             Request::Write {
@@ -397,6 +496,7 @@ impl Worker {
         self.slots[slot].op = Some(Op {
             reading: true,
             iovecs,
+            started: Instant::now(),
             ..op
         });
         let req = if iovecs == 1 {

@@ -369,3 +369,92 @@ fn json_command_output() {
     assert_eq!(lines[2]["mismatch"]["offset"], 0);
     assert_eq!(lines[2]["mismatch"]["actual"], 1);
 }
+
+/// Drops qemu-io style rate lines (timings) and JSON timings.
+fn comparable(s: &str) -> String {
+    s.lines()
+        .filter(|l| !(l.contains(" ops; ") && l.contains("/sec")))
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(mut v) => {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("elapsed_us");
+                }
+                format!("{v}\n")
+            }
+            Err(_) => format!("{l}\n"),
+        })
+        .collect()
+}
+
+#[test]
+fn native_driver_prints_what_libblkio_prints() {
+    let Some(qsd) = Qsd::start("native_driver_prints_what_libblkio_prints") else {
+        return;
+    };
+    let scripts: [&[&str]; 3] = [
+        &["info"],
+        &[
+            "write -P 0xab 0 64k",
+            "readv -P 0xab 0 4k 512 3584 56k",
+            "writev -q 1 -P 0x5c 1M 512 7680 8k",
+            "read -P 0x5c 1M 16k",
+            "flush",
+            "discard 0 64k",
+            "read -P 0 0 64k",
+            "write_zeroes -u 1M 8k",
+            "read -P 0 1M 8k",
+        ],
+        &[
+            "read 64M 4k",
+            "read 100 512",
+            "write_zeroes 1 512",
+            "read -P 0x12 2M 4k",
+            "read 0 4k",
+        ],
+    ];
+    for cmds in scripts {
+        for json in [false, true] {
+            let mut outs = Vec::new();
+            for driver in ["blkio", "native"] {
+                let mut args = vec!["--queues", "2", "--keep-going", "--driver", driver];
+                if json {
+                    args.push("--json");
+                }
+                args.extend(commands(cmds));
+                let out = qsd.run(&args);
+                outs.push(format!(
+                    "exit {}\n{}{}",
+                    out.code,
+                    comparable(&out.stdout),
+                    out.stderr
+                ));
+            }
+            assert_eq!(
+                outs[0], outs[1],
+                "{cmds:?} (json {json}): libblkio's output, then the native driver's"
+            );
+        }
+    }
+    // qsd's export is not zoned: zone requests are refused.
+    let out = qsd.run(&commands(&["zone_report"]));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.contains("zone_report failed: EOPNOTSUPP"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn driver_choice_is_checked() {
+    let Some(qsd) = Qsd::start("driver_choice_is_checked") else {
+        return;
+    };
+    for args in [
+        &["--driver", "blkio", "-c", "zone_report"][..],
+        &["--driver", "native", "--poll", "-c", "info"],
+        &["--driver", "native", "verify", "--seconds", "0.1"],
+    ] {
+        let out = qsd.run(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+    }
+}

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// Run blkmesh locally: the manager, the workers and the frontend, with a
-/// default disk, under one supervisor.
+/// default disk or the nodes and exports of a configuration file, under one
+/// supervisor.
 #[derive(Debug, Parser)]
 #[command(name = "blkmesh", version)]
 pub struct Cli {
@@ -17,14 +18,51 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start everything, print how to connect, and supervise until Ctrl-C.
+    #[command(after_help = UP_HELP)]
     Up(UpArgs),
 }
+
+/// Shown after the options of `blkmesh up --help`.
+const UP_HELP: &str = r#"Configuration file (--config FILE): instead of the default disk, the manager
+applies the nodes and exports of FILE at start, and again at every restart
+(adding what its state lacks, changing live what differs, keeping what the
+file does not name). The file is checked before anything starts; an error
+stops `blkmesh up` with exit status 2 and lines such as
+  blkmesh.toml:12:5: node[2].throttle.iops: must be ...
+Paths in the file are the paths the processes see: here, the host's. The
+same file serves docker-compose when the host directories are mounted at
+those same paths in the containers. deploy/config/blkmesh.toml documents
+every key; for example:
+
+  [[node]]
+  name = "disk0"
+  io_uring = { path = "/var/lib/blkmesh/images/disk0.img" }
+  create = { size = "1G" }
+  [[node]]
+  name = "slow"
+  throttle = { child = "disk0", iops = 5000, bps = "200M" }
+  [[export]]
+  id = "disk0"
+  node = "slow"
+  socket = "/run/blkmesh/disk0.sock"
+  writable = true"#;
+
+/// Options of the default disk, which a configuration file replaces.
+const DEFAULT_DISK: [&str; 6] = ["image", "size", "socket", "queues", "spread", "null"];
 
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// Directory for state, sockets, logs and the default image.
     #[arg(long, value_name = "DIR", default_value = "./run")]
     pub dir: PathBuf,
+    /// Apply the nodes and exports of this configuration file (TOML)
+    /// instead of adding the default disk (see below).
+    #[arg(long, value_name = "FILE", conflicts_with_all = DEFAULT_DISK)]
+    pub config: Option<PathBuf>,
+    /// Remove the nodes and exports the configuration file does not name
+    /// (kept by default). Needs --config.
+    #[arg(long, requires = "config")]
+    pub config_prune: bool,
     /// Disk image to export (default `<dir>/disk0.img`; created sparse if absent).
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
@@ -52,44 +90,27 @@ pub struct UpArgs {
     /// Manager gRPC address (port 0: pick a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve the manager over TLS with this certificate (PEM); it must name
+    /// the --listen host (e.g. an IP SAN 127.0.0.1). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) the workers, the frontend and blkmeshctl verify
+    /// the manager with (default: --tls-cert itself, for a self-signed one).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Require the bearer token in this file on every manager call; every
+    /// process started here gets it.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
-
-const UNITS: [(char, u64); 4] = [
-    ('K', 1 << 10),
-    ('M', 1 << 20),
-    ('G', 1 << 30),
-    ('T', 1 << 40),
-];
 
 /// Parses a non-zero size that is a multiple of 512: bytes, or a number with
 /// a k/M/G/T suffix (powers of 1024; `iB`/`B` accepted and ignored).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix("ib"))
-        .or_else(|| t.strip_suffix(['B', 'b']))
-        .unwrap_or(t);
-    let (digits, mult) = match t.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let up = c.to_ascii_uppercase();
-            let mult = UNITS
-                .iter()
-                .find(|(u, _)| *u == up)
-                .map(|(_, m)| *m)
-                .ok_or_else(|| format!("unknown suffix {c:?} (use k, M, G or T)"))?;
-            (&t[..t.len() - c.len_utf8()], mult)
-        }
-        _ => (t, 1),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("expected a number with an optional k/M/G/T suffix".into());
-    }
-    let n = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or("too large")?;
+    let n = blkmesh_manager::size::parse_size(s)?;
     if n == 0 || n % 512 != 0 {
         return Err("must be a non-zero multiple of 512 bytes".into());
     }
@@ -98,12 +119,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Formats a byte count for people: `64 MiB`, `1 GiB`, `1536 KiB`, `1000 bytes`.
 pub fn format_size(n: u64) -> String {
-    for (u, m) in UNITS.iter().rev() {
-        if n >= *m && n % m == 0 {
-            return format!("{} {u}iB", n / m);
-        }
-    }
-    format!("{n} bytes")
+    blkmesh_manager::size::format_size_iec(n)
 }
 
 #[cfg(test)]
@@ -159,6 +175,54 @@ mod tests {
         assert_eq!(up.size, 1 << 30);
         assert_eq!((up.workers, up.queues), (2, 1));
         assert_eq!(up.listen.to_string(), "127.0.0.1:50051");
+        assert!(up.tls_cert.is_none() && up.tls_key.is_none() && up.tls_ca.is_none());
+        assert!(up.token_file.is_none());
+    }
+
+    #[test]
+    fn tls_needs_cert_and_key() {
+        assert!(Cli::try_parse_from(["blkmesh", "up", "--tls-cert", "c.pem"]).is_err());
+        assert!(Cli::try_parse_from(["blkmesh", "up", "--tls-key", "k.pem"]).is_err());
+        assert!(Cli::try_parse_from(["blkmesh", "up", "--tls-ca", "ca.pem"]).is_err());
+        let cli = Cli::try_parse_from([
+            "blkmesh",
+            "up",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--token-file",
+            "t",
+        ])
+        .unwrap();
+        let Command::Up(up) = cli.command;
+        assert_eq!(up.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(up.token_file, Some(PathBuf::from("t")));
+    }
+
+    #[test]
+    fn config_replaces_the_default_disk() {
+        let cli = Cli::try_parse_from(["blkmesh", "up", "--config", "b.toml"]).unwrap();
+        let Command::Up(up) = cli.command;
+        assert_eq!(up.config, Some(PathBuf::from("b.toml")));
+        assert!(!up.config_prune);
+        for (flag, value) in [
+            ("--size", Some("64M")),
+            ("--image", Some("/i")),
+            ("--socket", Some("/s")),
+            ("--queues", Some("2")),
+            ("--spread", None),
+            ("--null", None),
+        ] {
+            let mut argv = vec!["blkmesh", "up", "--config", "b.toml", flag];
+            argv.extend(value);
+            assert!(
+                Cli::try_parse_from(argv).is_err(),
+                "{flag} accepted with --config"
+            );
+        }
+        assert!(Cli::try_parse_from(["blkmesh", "up", "--config-prune"]).is_err());
+        assert!(Cli::try_parse_from(["blkmesh", "up", "--config", "b", "--config-prune"]).is_ok());
     }
 
     #[test]

@@ -65,17 +65,22 @@ pub enum Error {
     },
     #[error("timed out after {timeout:?} waiting for {what}")]
     Timeout { what: String, timeout: Duration },
-    #[error("invalid manager address {addr}")]
+    #[error("cannot set up the connection to the manager at {addr}")]
     Endpoint {
         addr: String,
         #[source]
-        source: tonic::transport::Error,
+        source: blkmesh_proto::client::ClientError,
     },
     #[error("{what} failed ({code:?}): {message}")]
     Rpc {
         what: &'static str,
         code: tonic::Code,
         message: String,
+    },
+    #[error("configuration {file} refused (nothing was started):\n{errors}")]
+    Config {
+        file: String,
+        errors: blkmesh_manager::config::ConfigErrors,
     },
     #[error("cannot install a handler for {signal}")]
     Signal {
@@ -86,6 +91,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The exit status of `blkmesh`: 2 for a configuration file refused
+    /// (by the check here, or by the manager, which exits with 2 then), 1
+    /// otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config { .. } => 2,
+            Error::StartupExit { name, status, .. }
+                if name == "manager" && status.code() == Some(2) =>
+            {
+                2
+            }
+            _ => 1,
+        }
+    }
+
     pub fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> Error {
         move |status| Error::Rpc {
             what,

@@ -3,9 +3,10 @@
 //! `blkmesh up` starts `blkmesh-manager`, N `blkmesh-worker`s and
 //! `blkmesh-frontend` (found next to this executable), adds a default disk
 //! (node and export `disk0`, an io_uring node over a sparse image) unless
-//! the persisted state has one, prints how to connect, restarts any process
-//! that exits, and on Ctrl-C / SIGTERM stops them all (frontend, workers,
-//! manager) and removes the sockets.
+//! the persisted state has one, or with `--config FILE` has the manager
+//! apply the nodes and exports of a configuration file instead, prints how
+//! to connect, restarts any process that exits, and on Ctrl-C / SIGTERM
+//! stops them all (frontend, workers, manager) and removes the sockets.
 
 mod banner;
 mod cli;
@@ -18,19 +19,12 @@ mod up;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    blkmesh_logging::init(false);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -55,7 +49,7 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("{msg}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

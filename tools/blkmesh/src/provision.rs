@@ -1,9 +1,11 @@
-//! Talking to the manager: waiting for the workers and creating the
-//! default node and export when the persisted state lacks them.
+//! Talking to the manager: waiting for the workers, creating the default
+//! node and export when the persisted state lacks them, or waiting for the
+//! exports of a configuration file (which the manager applies itself).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use blkmesh_proto::client::{ClientConfig, ManagerChannel as Channel};
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
@@ -12,7 +14,6 @@ use blkmesh_proto::v1::{
     AddExportRequest, AddNodeRequest, ExportInfo, IoUringOptions, ListExportsRequest,
     ListNodesRequest, ListWorkersRequest, NodeSpec, NullOptions, VhostUserBlkExport, WorkerState,
 };
-use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
 use crate::process::ProcessSet;
@@ -20,16 +21,15 @@ use crate::process::ProcessSet;
 /// Name of the default node and export.
 pub const DISK: &str = "disk0";
 
-/// A lazily connecting channel to the manager at `url`.
-pub fn channel(url: &str) -> Result<Channel, Error> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|source| Error::Endpoint {
-            addr: url.to_string(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10));
-    Ok(endpoint.connect_lazy())
+/// A lazily connecting channel to the manager (`config.url`, with its TLS
+/// and token options).
+pub fn channel(config: ClientConfig) -> Result<Channel, Error> {
+    let addr = config.url.clone();
+    config
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(10))
+        .connect_lazy()
+        .map_err(|source| Error::Endpoint { addr, source })
 }
 
 /// Polls ListWorkers until every worker in `names` is ALIVE, failing early
@@ -193,6 +193,72 @@ pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provi
     Ok(Provisioned { export, notes })
 }
 
+/// The exports of a configuration file as the manager lists them, and the
+/// other exports it has.
+#[derive(Debug)]
+pub struct ConfigExports {
+    /// In the order of the file.
+    pub exports: Vec<ExportInfo>,
+    /// Ids of the exports the file does not name (kept by the manager).
+    pub others: Vec<String>,
+}
+
+/// Polls ListExports until every export id in `ids` is placed on a worker
+/// (the manager adds the exports of its configuration file when the first
+/// worker registers).
+pub async fn wait_config_exports(
+    channel: &Channel,
+    ids: &[String],
+    procs: &mut ProcessSet,
+    timeout: Duration,
+) -> Result<ConfigExports, Error> {
+    let mut client = ExportServiceClient::new(channel.clone());
+    let deadline = Instant::now() + timeout;
+    loop {
+        procs.startup_check()?;
+        let last = match client.list_exports(ListExportsRequest {}).await {
+            Ok(resp) => {
+                let listed = resp.into_inner().exports;
+                let found: Vec<Option<&ExportInfo>> = ids
+                    .iter()
+                    .map(|id| {
+                        listed.iter().find(|e| {
+                            !e.queues.is_empty() && e.export.as_ref().is_some_and(|x| &x.id == id)
+                        })
+                    })
+                    .collect();
+                if found.iter().all(Option::is_some) {
+                    let others = listed
+                        .iter()
+                        .filter_map(|e| e.export.as_ref())
+                        .filter(|x| !ids.contains(&x.id))
+                        .map(|x| x.id.clone())
+                        .collect();
+                    return Ok(ConfigExports {
+                        exports: found.into_iter().flatten().cloned().collect(),
+                        others,
+                    });
+                }
+                let missing: Vec<&str> = ids
+                    .iter()
+                    .zip(&found)
+                    .filter(|(_, f)| f.is_none())
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                format!("not placed yet: {}", missing.join(", "))
+            }
+            Err(status) => format!("manager: {}", status.message()),
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: format!("the exports of the configuration file ({last})"),
+                timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn describe_driver(driver: Option<&Driver>) -> String {
     match driver {
         Some(Driver::IoUring(o)) => format!("io_uring on {}", o.path),
@@ -203,6 +269,7 @@ fn describe_driver(driver: Option<&Driver>) -> String {
         Some(Driver::VirtioBlkVhostVdpa(o)) => format!("virtio-blk-vhost-vdpa on {}", o.path),
         Some(Driver::Throttle(o)) => format!("throttle over {}", o.child),
         Some(Driver::FaultInjection(o)) => format!("fault-injection over {}", o.child),
+        Some(Driver::Zoned(o)) => format!("zoned over {}", o.child),
         None => "no driver".to_string(),
     }
 }

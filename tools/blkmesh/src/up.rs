@@ -1,5 +1,6 @@
 //! `blkmesh up`: prepare the directory, start the processes, add the
-//! default disk, print how to connect, supervise, stop cleanly.
+//! default disk (or let the manager apply a configuration file), print how
+//! to connect, supervise, stop cleanly.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::banner::Banner;
+use blkmesh_manager::config::Config;
+
+use crate::banner::{Banner, BannerExport};
 use crate::cli::UpArgs;
 use crate::error::Error;
 use crate::process::{self, ProcessSet, Role, Supervised, STOP_GRACE};
@@ -66,23 +69,59 @@ impl Binaries {
     }
 }
 
+/// A configuration file, checked.
+#[derive(Debug)]
+pub struct ConfigFile {
+    /// Absolute path, as given to the manager.
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+impl ConfigFile {
+    /// Reads and checks the file as `blkmeshctl config check` does.
+    pub fn load(path: &Path) -> Result<ConfigFile, Error> {
+        let config = blkmesh_manager::config::check(path).map_err(|errors| Error::Config {
+            file: path.display().to_string(),
+            errors,
+        })?;
+        Ok(ConfigFile {
+            path: absolute(path)?,
+            config,
+        })
+    }
+
+    /// The export sockets of the file.
+    fn sockets(&self) -> Vec<PathBuf> {
+        self.config
+            .exports()
+            .iter()
+            .map(|e| PathBuf::from(&e.export.socket))
+            .collect()
+    }
+}
+
 /// The directory and the files in it.
 #[derive(Debug)]
 pub struct Layout {
     pub dir: PathBuf,
     pub state: PathBuf,
     pub logs: PathBuf,
+    /// The default disk's image (not created with a configuration file).
     pub image: PathBuf,
     pub image_size: u64,
+    /// The default disk's socket.
     pub socket: PathBuf,
+    /// Every export socket: the default disk's, or the configuration file's.
+    pub export_sockets: Vec<PathBuf>,
     pub worker_sockets: Vec<PathBuf>,
     _lock: Flock<File>,
 }
 
 impl Layout {
     /// Creates the directories, takes the directory lock and creates the
-    /// image if it is absent.
-    pub fn prepare(args: &UpArgs) -> Result<Layout, Error> {
+    /// image if it is absent (with a configuration file: the directories of
+    /// its export sockets instead; the manager creates its images).
+    pub fn prepare(args: &UpArgs, config: Option<&ConfigFile>) -> Result<Layout, Error> {
         let dir = absolute(&args.dir)?;
         create_dir(&dir)?;
         let dir = dir.canonicalize().map_err(|source| Error::Path {
@@ -121,19 +160,28 @@ impl Layout {
             Some(p) => absolute(p)?,
             None => dir.join("disk0.img"),
         };
-        let image_size = if args.null {
-            args.size
-        } else {
-            ensure_image(&image, args.size)?
-        };
         let socket = match &args.socket {
             Some(p) => absolute(p)?,
             None => dir.join("disk0.sock"),
         };
+        let (image_size, export_sockets) = match config {
+            Some(c) => {
+                // The frontend creates the sockets, not their directories.
+                let sockets = c.sockets();
+                for s in &sockets {
+                    if let Some(parent) = s.parent() {
+                        create_dir(parent)?;
+                    }
+                }
+                (0, sockets)
+            }
+            None if args.null => (args.size, vec![socket.clone()]),
+            None => (ensure_image(&image, args.size)?, vec![socket.clone()]),
+        };
         let worker_sockets: Vec<PathBuf> = (0..args.workers)
             .map(|i| dir.join(format!("worker{i}.sock")))
             .collect();
-        for s in std::iter::once(&socket).chain(&worker_sockets) {
+        for s in export_sockets.iter().chain(&worker_sockets) {
             check_socket_path(s)?;
         }
         Ok(Layout {
@@ -143,6 +191,7 @@ impl Layout {
             image,
             image_size,
             socket,
+            export_sockets,
             worker_sockets,
             _lock: lock,
         })
@@ -150,7 +199,7 @@ impl Layout {
 
     /// Removes the sockets the processes may have left behind.
     fn remove_sockets(&self) {
-        for s in std::iter::once(&self.socket).chain(&self.worker_sockets) {
+        for s in self.export_sockets.iter().chain(&self.worker_sockets) {
             match std::fs::symlink_metadata(s) {
                 Ok(m) if m.file_type().is_socket() => {
                     if let Err(e) = std::fs::remove_file(s) {
@@ -227,14 +276,122 @@ fn check_socket_path(p: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// TLS and token options of the whole process set (absolute paths).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Manager certificate and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA the clients verify the manager with.
+    pub ca: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Security {
+    fn from_args(args: &UpArgs) -> Result<Security, Error> {
+        let abs = |p: &Option<PathBuf>| p.as_deref().map(absolute).transpose();
+        let cert = abs(&args.tls_cert)?;
+        let key = abs(&args.tls_key)?;
+        let tls = cert.zip(key);
+        let ca = match abs(&args.tls_ca)? {
+            Some(ca) => Some(ca),
+            // A self-signed certificate is its own CA.
+            None => tls.as_ref().map(|(cert, _)| cert.clone()),
+        };
+        Ok(Security {
+            tls,
+            ca,
+            token_file: abs(&args.token_file)?,
+        })
+    }
+
+    /// `http://` or `https://`.
+    fn url(&self, addr: SocketAddr) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    }
+
+    /// Extra arguments of the manager.
+    fn manager_args(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        if let Some((cert, key)) = &self.tls {
+            v.extend([
+                "--tls-cert".into(),
+                cert.into(),
+                "--tls-key".into(),
+                key.into(),
+            ]);
+        }
+        if let Some(t) = &self.token_file {
+            v.extend(["--token-file".into(), t.into()]);
+        }
+        v
+    }
+
+    /// Extra arguments of the workers and the frontend.
+    fn client_args(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        if let Some(ca) = &self.ca {
+            v.extend(["--manager-ca".into(), ca.into()]);
+        }
+        if let Some(t) = &self.token_file {
+            v.extend(["--token-file".into(), t.into()]);
+        }
+        v
+    }
+
+    /// The same options in blkmeshctl's spelling, for the banner.
+    fn ctl_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(ca) = &self.ca {
+            v.extend(["--ca".to_string(), ca.display().to_string()]);
+        }
+        if let Some(t) = &self.token_file {
+            v.extend(["--token-file".to_string(), t.display().to_string()]);
+        }
+        v
+    }
+
+    /// The supervisor's own connection to the manager at `url`.
+    fn client_config(&self, url: &str) -> blkmesh_proto::client::ClientConfig {
+        blkmesh_proto::client::ClientConfig {
+            url: url.to_string(),
+            ca_file: self.ca.clone(),
+            token_file: self.token_file.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where the manager's nodes and exports come from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// The default disk, added through the API.
+    Default,
+    /// A configuration file the manager applies at every start.
+    Config { file: &'a ConfigFile, prune: bool },
+}
+
 /// Arguments of the manager.
-fn manager_args(layout: &Layout, listen: SocketAddr) -> Vec<OsString> {
-    vec![
+fn manager_args(
+    layout: &Layout,
+    listen: SocketAddr,
+    security: &Security,
+    source: Source<'_>,
+) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec![
         "--state-dir".into(),
         layout.state.clone().into(),
         "--listen".into(),
         listen.to_string().into(),
-    ]
+    ];
+    if let Source::Config { file, prune } = source {
+        v.extend(["--config".into(), file.path.clone().into()]);
+        if prune {
+            v.push("--config-prune".into());
+        }
+    }
+    v.extend(security.manager_args());
+    v
 }
 
 /// The address in the manager's "listening on" line, if printed.
@@ -248,9 +405,9 @@ fn parse_listening(text: &str) -> Option<SocketAddr> {
 #[derive(Debug)]
 struct Ready {
     manager_url: String,
-    provisioned: provision::Provisioned,
-    socket: PathBuf,
-    socket_ready: bool,
+    security: Security,
+    exports: Vec<BannerExport>,
+    notes: Vec<String>,
     workers: Vec<String>,
 }
 
@@ -259,6 +416,8 @@ async fn start_manager(
     set: &mut ProcessSet,
     idx: usize,
     layout: &Layout,
+    security: &Security,
+    source: Source<'_>,
 ) -> Result<SocketAddr, Error> {
     let log = set.procs[idx].log().to_path_buf();
     let offset = process::file_len(&log);
@@ -267,7 +426,7 @@ async fn start_manager(
     loop {
         if let Some(addr) = parse_listening(&process::read_from(&log, offset)) {
             // Restarts must come back on the same address.
-            set.procs[idx].set_args(manager_args(layout, addr));
+            set.procs[idx].set_args(manager_args(layout, addr, security, source));
             return Ok(addr);
         }
         set.startup_check()?;
@@ -281,113 +440,191 @@ async fn start_manager(
     }
 }
 
+/// A BannerExport of what the manager lists.
+fn banner_export(info: &blkmesh_proto::v1::ExportInfo) -> BannerExport {
+    let e = info.export.clone().unwrap_or_default();
+    BannerExport {
+        id: e.id,
+        socket: PathBuf::from(e.socket),
+        ready: false,
+        size: info.size,
+        queues: e.num_queues.max(1),
+        writable: e.writable,
+    }
+}
+
+/// Waits (at most [`SOCKET_TIMEOUT`] in all) for the frontend to create
+/// every export's socket, marking the ones that appear.
+async fn wait_sockets(
+    exports: &mut [BannerExport],
+    set: &mut ProcessSet,
+    layout: &Layout,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        for e in exports.iter_mut() {
+            e.ready = e.ready || e.socket.exists();
+        }
+        if exports.iter().all(|e| e.ready) {
+            return Ok(());
+        }
+        set.startup_check()?;
+        if Instant::now() >= deadline {
+            for e in exports.iter().filter(|e| !e.ready) {
+                tracing::warn!(
+                    "the frontend did not create {} within {SOCKET_TIMEOUT:?}; see {}",
+                    e.socket.display(),
+                    layout.logs.join("frontend.log").display()
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn start(
     args: &UpArgs,
     bins: &Binaries,
     layout: &Layout,
     set: &mut ProcessSet,
+    config: Option<&ConfigFile>,
 ) -> Result<Ready, Error> {
+    let source = match config {
+        Some(file) => Source::Config {
+            file,
+            prune: args.config_prune,
+        },
+        None => Source::Default,
+    };
+    let security = Security::from_args(args)?;
+    // Fail on an unreadable CA or token file before starting anything.
+    security
+        .client_config(&security.url(args.listen))
+        .check()
+        .map_err(|source| Error::Endpoint {
+            addr: security.url(args.listen),
+            source,
+        })?;
     let m = set.push(Supervised::new(
         "manager",
         Role::Manager,
         &bins.manager,
-        manager_args(layout, args.listen),
+        manager_args(layout, args.listen, &security, source),
         &layout.logs,
     ));
-    let addr = start_manager(set, m, layout).await?;
-    let manager_url = format!("http://{addr}");
+    let addr = start_manager(set, m, layout, &security, source).await?;
+    let manager_url = security.url(addr);
     tracing::info!("manager listening on {addr}");
 
     let mut workers = Vec::new();
     for (i, sock) in layout.worker_sockets.iter().enumerate() {
         let name = format!("worker{i}");
+        let mut worker_args: Vec<OsString> = vec![
+            "--name".into(),
+            name.clone().into(),
+            "--socket".into(),
+            sock.clone().into(),
+            "--manager".into(),
+            manager_url.clone().into(),
+        ];
+        worker_args.extend(security.client_args());
         let w = set.push(Supervised::new(
             &name,
             Role::Worker,
             &bins.worker,
-            vec![
-                "--name".into(),
-                name.clone().into(),
-                "--socket".into(),
-                sock.clone().into(),
-                "--manager".into(),
-                manager_url.clone().into(),
-            ],
+            worker_args,
             &layout.logs,
         ));
         set.procs[w].spawn()?;
         workers.push(name);
     }
+    let mut frontend_args: Vec<OsString> = vec![
+        "--manager".into(),
+        manager_url.clone().into(),
+        "--name".into(),
+        "frontend0".into(),
+    ];
+    frontend_args.extend(security.client_args());
     let f = set.push(Supervised::new(
         "frontend",
         Role::Frontend,
         &bins.frontend,
-        vec![
-            "--manager".into(),
-            manager_url.clone().into(),
-            "--name".into(),
-            "frontend0".into(),
-        ],
+        frontend_args,
         &layout.logs,
     ));
     set.procs[f].spawn()?;
 
-    let channel = provision::channel(&manager_url)?;
+    let channel = provision::channel(security.client_config(&manager_url))?;
     provision::wait_workers_alive(&channel, &workers, set, STARTUP_TIMEOUT).await?;
     tracing::info!("workers alive: {}", workers.join(", "));
 
-    let provisioned = provision::ensure_disk(
-        &channel,
-        &DiskWish {
-            image: &layout.image,
-            null_size: args.null.then_some(args.size),
-            spread: args.spread,
-            socket: &layout.socket,
-            queues: args.queues,
-        },
-    )
-    .await?;
-    let socket = provisioned
-        .export
-        .export
-        .as_ref()
-        .map(|e| PathBuf::from(&e.socket))
-        .unwrap_or_else(|| layout.socket.clone());
-
-    let deadline = Instant::now() + SOCKET_TIMEOUT;
-    let socket_ready = loop {
-        if socket.exists() {
-            break true;
+    let (mut exports, notes) = match config {
+        Some(file) => {
+            let ids: Vec<String> = file
+                .config
+                .exports()
+                .iter()
+                .map(|e| e.export.id.clone())
+                .collect();
+            let listed =
+                provision::wait_config_exports(&channel, &ids, set, STARTUP_TIMEOUT).await?;
+            tracing::info!("exports of {}: {}", file.path.display(), ids.join(", "));
+            let notes = listed
+                .others
+                .iter()
+                .map(|id| {
+                    format!(
+                        "export {id} is not in the configuration file; kept from an earlier \
+                         run (--config-prune removes it)"
+                    )
+                })
+                .collect();
+            (listed.exports.iter().map(banner_export).collect(), notes)
         }
-        set.startup_check()?;
-        if Instant::now() >= deadline {
-            tracing::warn!(
-                "the frontend did not create {} within {SOCKET_TIMEOUT:?}; see {}",
-                socket.display(),
-                layout.logs.join("frontend.log").display()
-            );
-            break false;
+        None => {
+            let provisioned = provision::ensure_disk(
+                &channel,
+                &DiskWish {
+                    image: &layout.image,
+                    null_size: args.null.then_some(args.size),
+                    spread: args.spread,
+                    socket: &layout.socket,
+                    queues: args.queues,
+                },
+            )
+            .await?;
+            let mut export = banner_export(&provisioned.export);
+            if export.socket.as_os_str().is_empty() {
+                export.socket = layout.socket.clone();
+            }
+            if export.size == 0 {
+                export.size = layout.image_size;
+            }
+            (vec![export], provisioned.notes)
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    wait_sockets(&mut exports, set, layout).await?;
     Ok(Ready {
         manager_url,
-        provisioned,
-        socket,
-        socket_ready,
+        security,
+        exports,
+        notes,
         workers,
     })
 }
 
 /// Runs `blkmesh up` until a termination signal; then stops everything.
 pub async fn run(args: UpArgs) -> Result<(), Error> {
+    // A configuration file is checked before anything is created or started.
+    let config = args.config.as_deref().map(ConfigFile::load).transpose()?;
     let mut signals = Signals::new()?;
     let bins = Binaries::locate()?;
-    let layout = Layout::prepare(&args)?;
+    let layout = Layout::prepare(&args, config.as_ref())?;
     let mut set = ProcessSet::default();
 
     let started = tokio::select! {
-        r = start(&args, &bins, &layout, &mut set) => r.map(Some),
+        r = start(&args, &bins, &layout, &mut set, config.as_ref()) => r.map(Some),
         sig = signals.recv() => {
             tracing::info!("{sig} during startup; stopping");
             Ok(None)
@@ -405,24 +642,18 @@ pub async fn run(args: UpArgs) -> Result<(), Error> {
         }
     };
 
-    let export = ready.provisioned.export.export.clone().unwrap_or_default();
+    let ctl_args = ready.security.ctl_args();
     let banner = Banner {
-        socket: &ready.socket,
-        socket_ready: ready.socket_ready,
-        image: &layout.image,
-        size: if ready.provisioned.export.size > 0 {
-            ready.provisioned.export.size
-        } else {
-            layout.image_size
-        },
-        queues: export.num_queues.max(1),
-        writable: export.writable,
+        exports: &ready.exports,
+        config: config.as_ref().map(|c| c.path.as_path()),
+        image: config.is_none().then_some(layout.image.as_path()),
         workers: &ready.workers,
         manager_url: &ready.manager_url,
+        ctl_args: &ctl_args,
         dir: &layout.dir,
         blkmesh_io: bins.io.clone(),
         blkmeshctl: bins.ctl.clone(),
-        notes: &ready.provisioned.notes,
+        notes: &ready.notes,
     };
     {
         use std::io::Write;
@@ -500,14 +731,117 @@ mod tests {
             null: false,
             spread: false,
             listen: "127.0.0.1:0".parse().unwrap(),
+            config: None,
+            config_prune: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            token_file: None,
         }
+    }
+
+    #[test]
+    fn security_options_reach_every_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = up_args(tmp.path());
+        let none = Security::from_args(&args).unwrap();
+        let addr: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        assert_eq!(none.url(addr), "http://127.0.0.1:5");
+        assert!(none.manager_args().is_empty() && none.client_args().is_empty());
+
+        args.tls_cert = Some(PathBuf::from("/k/cert.pem"));
+        args.tls_key = Some(PathBuf::from("/k/key.pem"));
+        args.token_file = Some(PathBuf::from("/k/token"));
+        let sec = Security::from_args(&args).unwrap();
+        assert_eq!(sec.url(addr), "https://127.0.0.1:5");
+        let strs = |v: Vec<OsString>| -> Vec<String> {
+            v.into_iter()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            strs(sec.manager_args()),
+            [
+                "--tls-cert",
+                "/k/cert.pem",
+                "--tls-key",
+                "/k/key.pem",
+                "--token-file",
+                "/k/token"
+            ]
+        );
+        // A self-signed certificate is its own CA.
+        assert_eq!(
+            strs(sec.client_args()),
+            ["--manager-ca", "/k/cert.pem", "--token-file", "/k/token"]
+        );
+        assert_eq!(
+            sec.ctl_args(),
+            ["--ca", "/k/cert.pem", "--token-file", "/k/token"]
+        );
+        args.tls_ca = Some(PathBuf::from("/k/ca.pem"));
+        let sec = Security::from_args(&args).unwrap();
+        assert_eq!(strs(sec.client_args())[1], "/k/ca.pem");
+        let cfg = sec.client_config("https://127.0.0.1:5");
+        assert_eq!(cfg.ca_file, Some(PathBuf::from("/k/ca.pem")));
+        assert_eq!(cfg.token_file, Some(PathBuf::from("/k/token")));
+    }
+
+    #[test]
+    fn a_config_replaces_the_default_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        let path = base.join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[node]]\nname = \"n\"\nnull = {{ size = \"1M\" }}\n\
+                 [[export]]\nid = \"e\"\nnode = \"n\"\nsocket = \"{}/socks/e.sock\"\n",
+                base.display()
+            ),
+        )
+        .unwrap();
+        let file = ConfigFile::load(&path).unwrap();
+        let mut args = up_args(&base.join("run"));
+        args.config = Some(path.clone());
+        let layout = Layout::prepare(&args, Some(&file)).unwrap();
+        // The sockets' directory exists; no default image was made.
+        assert!(base.join("socks").is_dir());
+        assert!(!layout.image.exists());
+        assert_eq!(layout.export_sockets, [base.join("socks/e.sock")]);
+        let strs = |v: Vec<OsString>| -> Vec<String> {
+            v.into_iter()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect()
+        };
+        let addr: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let sec = Security::default();
+        let with = strs(manager_args(
+            &layout,
+            addr,
+            &sec,
+            Source::Config {
+                file: &file,
+                prune: true,
+            },
+        ));
+        let path = path.display().to_string();
+        assert_eq!(with[4..], ["--config", path.as_str(), "--config-prune"]);
+        let without = strs(manager_args(&layout, addr, &sec, Source::Default));
+        assert_eq!(without.len(), 4);
+
+        // A broken file is an error naming its line and field.
+        std::fs::write(base.join("bad.toml"), "[[node]]\nname = 1\n").unwrap();
+        let e = ConfigFile::load(&base.join("bad.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("bad.toml:2:8: node[0].name"), "{e}");
     }
 
     #[test]
     fn layout_defaults_live_in_dir_and_lock_it() {
         let tmp = tempfile::tempdir().unwrap();
         let args = up_args(&tmp.path().join("run"));
-        let layout = Layout::prepare(&args).unwrap();
+        let layout = Layout::prepare(&args, None).unwrap();
         let dir = tmp.path().join("run").canonicalize().unwrap();
         assert_eq!(layout.image, dir.join("disk0.img"));
         assert_eq!(layout.socket, dir.join("disk0.sock"));
@@ -515,10 +849,10 @@ mod tests {
         assert!(layout.state.is_dir() && layout.logs.is_dir());
         assert_eq!(std::fs::metadata(&layout.image).unwrap().len(), 1 << 20);
         assert!(matches!(
-            Layout::prepare(&args),
+            Layout::prepare(&args, None),
             Err(Error::AlreadyRunning { .. })
         ));
         drop(layout);
-        assert!(Layout::prepare(&args).is_ok());
+        assert!(Layout::prepare(&args, None).is_ok());
     }
 }

@@ -22,14 +22,21 @@ struct Up {
 impl Up {
     /// `blkmesh up --dir <tmp>/run --size 64M --listen 127.0.0.1:0 EXTRA…`
     fn start(tmp: &Path, extra: &[&str]) -> Up {
+        let mut args = vec!["--size", "64M"];
+        args.extend(extra);
+        Up::start_with(tmp, &args)
+    }
+
+    /// `blkmesh up --dir <tmp>/run --listen 127.0.0.1:0 ARGS…`
+    fn start_with(tmp: &Path, args: &[&str]) -> Up {
         let dir = tmp.join("run");
         let stderr_log = tmp.join(format!("blkmesh.{}.stderr", std::process::id()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_blkmesh"))
             .arg("up")
             .arg("--dir")
             .arg(&dir)
-            .args(["--size", "64M", "--listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).unwrap())
@@ -287,4 +294,187 @@ fn up_rejects_bad_size_without_starting_anything() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--size"));
     assert!(!tmp.path().join("run").exists());
+}
+
+/// `blkmesh-io` next to `blkmesh`, run to completion (bounded).
+fn blkmesh_io(args: &[&str]) -> std::process::Output {
+    let bin = Path::new(env!("CARGO_BIN_EXE_blkmesh")).with_file_name("blkmesh-io");
+    assert!(
+        bin.is_file(),
+        "{} not found: build every binary first (cargo build --bins)",
+        bin.display()
+    );
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// An io_uring node over an image the manager creates, a throttle over it
+/// and a writable export, all under `base`.
+fn write_config(base: &Path) -> PathBuf {
+    let text = format!(
+        r#"# blkmesh up --config, end to end
+[[node]]
+name = "disk0"
+io_uring = {{ path = "{base}/images/disk0.img" }}
+create = {{ size = "8M" }}
+
+[[node]]
+name = "slow"
+throttle = {{ child = "disk0", iops = 20000, bps = "256M" }}
+
+[[export]]
+id = "vol"
+node = "slow"
+socket = "{base}/sockets/vol.sock"
+writable = true
+num_queues = 2
+"#,
+        base = base.display()
+    );
+    let path = base.join("blkmesh.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn up_with_a_config_serves_its_exports_and_keeps_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().canonicalize().unwrap();
+    let config = write_config(&base);
+    let socket = base.join("sockets/vol.sock");
+    let image = base.join("images/disk0.img");
+    let cfg = config.to_str().unwrap();
+
+    let mut up = Up::start_with(tmp.path(), &["--workers", "2", "--config", cfg]);
+    up.wait_line("Supervising", |l| l.starts_with("Supervising"));
+    let text = up.stdout.join("\n");
+    assert!(
+        text.starts_with(&format!(
+            "blkmesh is up with {cfg}: 1 export served by worker0, worker1."
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  export vol: {} (8 MiB, 2 queues, writable)",
+            socket.display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("not there yet"), "{text}");
+    assert!(!text.contains("image:"), "{text}");
+    // The manager created the image; no default disk was added.
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 8 << 20);
+    assert!(!up.dir.join("disk0.img").exists());
+    let state = std::fs::read_to_string(up.dir.join("state/state.json")).unwrap();
+    assert!(state.contains("\"managed_by_config\": true"), "{state}");
+
+    // Through the frontend, a worker, the throttle and io_uring to the file.
+    let sock = socket.to_str().unwrap();
+    let out = blkmesh_io(&[
+        "--socket",
+        sock,
+        "--queues",
+        "2",
+        "-c",
+        "write -P 0xab 0 64k",
+        "-c",
+        "write -P 0xcd 1M 4k",
+        "-c",
+        "read -P 0xab 0 64k",
+        "-c",
+        "read -P 0xcd 1M 4k",
+    ]);
+    assert!(
+        out.status.success(),
+        "blkmesh-io: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[..64 << 10].iter().all(|&b| b == 0xab));
+    assert!(data[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0xcd));
+
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait_exit(Duration::from_secs(30)).success());
+    assert!(!socket.exists(), "export socket left behind");
+    drop(up);
+
+    // Again with the same file: the image is not created anew, the data is there.
+    let mut up = Up::start_with(tmp.path(), &["--workers", "1", "--config", cfg]);
+    up.wait_line("Supervising", |l| l.starts_with("Supervising"));
+    let out = blkmesh_io(&["--socket", sock, "-c", "read -P 0xab 0 64k"]);
+    assert!(
+        out.status.success(),
+        "blkmesh-io: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait_exit(Duration::from_secs(30)).success());
+    drop(up);
+
+    // A file without the export: the manager keeps it, the banner says so.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let nodes_only = &text[..text.find("[[export]]").unwrap()];
+    let other = base.join("nodes-only.toml");
+    std::fs::write(&other, nodes_only).unwrap();
+    let mut up = Up::start_with(
+        tmp.path(),
+        &["--workers", "1", "--config", other.to_str().unwrap()],
+    );
+    up.wait_line("Supervising", |l| l.starts_with("Supervising"));
+    let text = up.stdout.join("\n");
+    assert!(text.contains(": 0 exports served by worker0."), "{text}");
+    assert!(
+        text.contains("note:     export vol is not in the configuration file; kept"),
+        "{text}"
+    );
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn up_refuses_a_bad_config_before_starting_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().canonicalize().unwrap();
+    let config = write_config(&base);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("iops = 20000", "iops = 20000, iops_burst = 10");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_blkmesh"))
+        .arg("up")
+        .arg("--dir")
+        .arg(tmp.path().join("run"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:9:58: node[1].throttle.iops_burst: must be 0 or >= rate (got 10 < 20000)",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("run").exists());
+    assert!(!base.join("images").exists());
+    assert!(out.stdout.is_empty());
 }

@@ -2,9 +2,10 @@
 //! the event feed.
 
 use blkmesh_proto::v1::event::Kind;
-use blkmesh_proto::v1::{Event, GetStatsResponse, IoStats, OpStats};
+use blkmesh_proto::v1::{Event, ExportState, GetStatsResponse, IoStats, OpStats};
 use serde::Serialize;
 
+use crate::size::format_size;
 use crate::view::{print_json, print_table};
 
 #[derive(Debug, Serialize)]
@@ -323,6 +324,65 @@ pub(crate) fn event_line(e: &Event, json: bool) -> String {
                 ),
             )
         }
+        Some(Kind::NodeUpdated(u)) => {
+            if json {
+                return serde_json::json!({
+                    "time_ms": e.time_ms,
+                    "kind": "node_updated",
+                    "node": u.node,
+                    "changes": u.changes,
+                })
+                .to_string();
+            }
+            (
+                "node_updated".to_string(),
+                format!("node={} changes={:?}", u.node, u.changes.join(", ")),
+            )
+        }
+        Some(Kind::NodeResized(r)) => {
+            if json {
+                return serde_json::json!({
+                    "time_ms": e.time_ms,
+                    "kind": "node_resized",
+                    "node": r.node,
+                    "old_size": r.old_size,
+                    "new_size": r.new_size,
+                })
+                .to_string();
+            }
+            (
+                "node_resized".to_string(),
+                format!(
+                    "node={} old_size={} new_size={}",
+                    r.node,
+                    format_size(r.old_size),
+                    format_size(r.new_size)
+                ),
+            )
+        }
+        Some(Kind::ExportState(st)) => {
+            let state = match ExportState::try_from(st.state) {
+                Ok(ExportState::Pending) => "PENDING",
+                Ok(ExportState::Serving) => "SERVING",
+                Ok(ExportState::Failed) => "FAILED",
+                Ok(ExportState::Unspecified) | Err(_) => "UNKNOWN",
+            };
+            if json {
+                return serde_json::json!({
+                    "time_ms": e.time_ms,
+                    "kind": "export_state",
+                    "export": st.export,
+                    "state": state,
+                    "message": st.message,
+                })
+                .to_string();
+            }
+            let mut detail = format!("export={} state={state}", st.export);
+            if !st.message.is_empty() {
+                detail.push_str(&format!(" message={:?}", st.message));
+            }
+            ("export_state".to_string(), detail)
+        }
         None => ("unknown".to_string(), String::new()),
     };
     if json {
@@ -353,6 +413,65 @@ mod tests {
                 0.5
             ),
             "<32ms"
+        );
+    }
+
+    fn at(kind: Kind) -> Event {
+        Event {
+            time_ms: 0,
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn new_event_kinds_as_text_and_json() {
+        use blkmesh_proto::v1::{ExportStateEvent, NodeResizedEvent, NodeUpdatedEvent};
+        let updated = at(Kind::NodeUpdated(NodeUpdatedEvent {
+            node: "f".into(),
+            changes: vec!["read-only on".into(), "direct off".into()],
+        }));
+        assert_eq!(
+            event_line(&updated, false),
+            "1970-01-01T00:00:00.000Z node_updated node=f changes=\"read-only on, direct off\""
+        );
+        let v: serde_json::Value = serde_json::from_str(&event_line(&updated, true)).unwrap();
+        assert_eq!(v["kind"], "node_updated");
+        assert_eq!(v["changes"][1], "direct off");
+
+        let resized = at(Kind::NodeResized(NodeResizedEvent {
+            node: "f".into(),
+            old_size: 1 << 30,
+            new_size: 2 << 30,
+        }));
+        assert_eq!(
+            event_line(&resized, false),
+            "1970-01-01T00:00:00.000Z node_resized node=f old_size=1G new_size=2G"
+        );
+        let v: serde_json::Value = serde_json::from_str(&event_line(&resized, true)).unwrap();
+        assert_eq!(v["new_size"], 2u64 << 30);
+
+        let state = at(Kind::ExportState(ExportStateEvent {
+            export: "e".into(),
+            state: ExportState::Failed as i32,
+            message: "no such file".into(),
+        }));
+        assert_eq!(
+            event_line(&state, false),
+            "1970-01-01T00:00:00.000Z export_state export=e state=FAILED message=\"no such file\""
+        );
+        let v: serde_json::Value = serde_json::from_str(&event_line(&state, true)).unwrap();
+        assert_eq!(
+            (v["state"].as_str(), v["message"].as_str()),
+            (Some("FAILED"), Some("no such file"))
+        );
+        let serving = at(Kind::ExportState(ExportStateEvent {
+            export: "e".into(),
+            state: ExportState::Serving as i32,
+            message: String::new(),
+        }));
+        assert_eq!(
+            event_line(&serving, false),
+            "1970-01-01T00:00:00.000Z export_state export=e state=SERVING"
         );
     }
 

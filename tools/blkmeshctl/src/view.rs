@@ -3,7 +3,8 @@
 use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
-    Bucket, ExportInfo, FaultRule, MovedQueue, NodeInfo, ThrottleLimits, WorkerInfo, WorkerState,
+    Bucket, ExportInfo, ExportState, FaultRule, MovedQueue, NodeInfo, ReportZonesResponse,
+    ThrottleLimits, WorkerInfo, WorkerState, Zone, ZoneCondition, ZoneInfo, ZoneModel, ZoneType,
 };
 use serde::Serialize;
 
@@ -18,7 +19,155 @@ struct NodeView {
     read_only: bool,
     used_by: Vec<String>,
     options: OptionsView,
+    /// Zone geometry (null when the node is not zoned).
+    zones: Option<ZonesView>,
 }
+
+/// `NodeInfo.zones` / `ReportZonesResponse.info`.
+#[derive(Debug, Serialize)]
+struct ZonesView {
+    /// HOST_MANAGED, HOST_AWARE or NONE.
+    model: &'static str,
+    nr_zones: u32,
+    zone_size: u64,
+    zone_capacity: u64,
+    /// 0 = no limit.
+    max_open_zones: u32,
+    /// 0 = no limit.
+    max_active_zones: u32,
+    write_granularity: u32,
+    /// 0 = no zone append.
+    max_append: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ZoneView {
+    start: u64,
+    length: u64,
+    capacity: u64,
+    write_pointer: u64,
+    /// CONVENTIONAL, SEQ_WRITE_REQUIRED, SEQ_WRITE_PREFERRED or UNKNOWN.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// EMPTY, IMPLICIT_OPEN, EXPLICIT_OPEN, CLOSED, FULL, READ_ONLY,
+    /// OFFLINE, NOT_WRITE_POINTER or UNKNOWN.
+    condition: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct ZoneReportView {
+    export: String,
+    info: Option<ZonesView>,
+    zones: Vec<ZoneView>,
+}
+
+fn zone_model(model: i32) -> &'static str {
+    match ZoneModel::try_from(model) {
+        Ok(ZoneModel::None) => "NONE",
+        Ok(ZoneModel::HostAware) => "HOST_AWARE",
+        Ok(ZoneModel::HostManaged) => "HOST_MANAGED",
+        Err(_) => "UNKNOWN",
+    }
+}
+
+fn zone_type(t: i32) -> &'static str {
+    match ZoneType::try_from(t) {
+        Ok(ZoneType::Conventional) => "CONVENTIONAL",
+        Ok(ZoneType::SequentialWriteRequired) => "SEQ_WRITE_REQUIRED",
+        Ok(ZoneType::SequentialWritePreferred) => "SEQ_WRITE_PREFERRED",
+        Ok(ZoneType::Unspecified) | Err(_) => "UNKNOWN",
+    }
+}
+
+fn zone_condition(c: i32) -> &'static str {
+    match ZoneCondition::try_from(c) {
+        Ok(ZoneCondition::NotWritePointer) => "NOT_WRITE_POINTER",
+        Ok(ZoneCondition::Empty) => "EMPTY",
+        Ok(ZoneCondition::ImplicitOpen) => "IMPLICIT_OPEN",
+        Ok(ZoneCondition::ExplicitOpen) => "EXPLICIT_OPEN",
+        Ok(ZoneCondition::Closed) => "CLOSED",
+        Ok(ZoneCondition::ReadOnly) => "READ_ONLY",
+        Ok(ZoneCondition::Full) => "FULL",
+        Ok(ZoneCondition::Offline) => "OFFLINE",
+        Err(_) => "UNKNOWN",
+    }
+}
+
+fn zones_view(z: &ZoneInfo) -> ZonesView {
+    ZonesView {
+        model: zone_model(z.model),
+        nr_zones: z.nr_zones,
+        zone_size: z.zone_size,
+        zone_capacity: z.zone_capacity,
+        max_open_zones: z.max_open_zones,
+        max_active_zones: z.max_active_zones,
+        write_granularity: z.write_granularity,
+        max_append: z.max_append,
+    }
+}
+
+fn zone_view(z: &Zone) -> ZoneView {
+    ZoneView {
+        start: z.start,
+        length: z.length,
+        capacity: z.capacity,
+        write_pointer: z.write_pointer,
+        kind: zone_type(z.r#type),
+        condition: zone_condition(z.condition),
+    }
+}
+
+/// `HOST_MANAGED 16x4M cap=3M open=4 active=8` for the node list (limits
+/// only when set).
+fn zones_text(z: &ZonesView) -> String {
+    let mut s = format!(
+        "{} {}x{} cap={}",
+        z.model,
+        z.nr_zones,
+        format_size(z.zone_size),
+        format_size(z.zone_capacity)
+    );
+    if z.max_open_zones != 0 {
+        s.push_str(&format!(" open={}", z.max_open_zones));
+    }
+    if z.max_active_zones != 0 {
+        s.push_str(&format!(" active={}", z.max_active_zones));
+    }
+    s
+}
+
+/// A zone limit for `node info`: the number, or `unlimited`.
+fn limit_text(n: u32) -> String {
+    if n == 0 {
+        "unlimited".into()
+    } else {
+        n.to_string()
+    }
+}
+
+/// Bytes for `node info`: `4M (4194304 bytes)`.
+fn bytes_text(n: u64) -> String {
+    format!("{} ({n} bytes)", format_size(n))
+}
+
+fn zone_row(z: &ZoneView) -> Vec<String> {
+    // The write pointer means nothing for a conventional zone.
+    let wp = if z.kind == "CONVENTIONAL" || z.condition == "NOT_WRITE_POINTER" {
+        "-".to_string()
+    } else {
+        format_size(z.write_pointer)
+    };
+    vec![
+        format_size(z.start),
+        format_size(z.length),
+        format_size(z.capacity),
+        wp,
+        z.kind.to_string(),
+        z.condition.to_string(),
+    ]
+}
+
+const ZONE_HEADERS: [&str; 6] = ["START", "LENGTH", "CAPACITY", "WP", "TYPE", "CONDITION"];
 
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
@@ -50,6 +199,23 @@ enum OptionsView {
     FaultInjection {
         child: String,
         rules: Vec<RuleView>,
+        /// Largest request in bytes (0 = the child's).
+        max_transfer: u64,
+        /// Most memory segments per request (0 = the child's).
+        max_segments: u32,
+        /// Buffer alignment in bytes (0 = the child's).
+        buf_alignment: u32,
+    },
+    Zoned {
+        child: String,
+        zone_size: u64,
+        /// 0 = the zone size.
+        zone_capacity: u64,
+        /// 0 = no limit.
+        max_open_zones: u32,
+        /// 0 = no limit.
+        max_active_zones: u32,
+        metadata_path: String,
     },
     None {},
 }
@@ -156,6 +322,10 @@ struct ExportView {
     id: String,
     node: String,
     socket: String,
+    /// PENDING, SERVING or FAILED (as the frontend reported it).
+    state: &'static str,
+    /// Why the export is pending or failed (empty when serving).
+    message: String,
     size: u64,
     num_queues: u32,
     queue_size: u32,
@@ -250,6 +420,20 @@ fn node_view(n: &NodeInfo) -> NodeView {
             OptionsView::FaultInjection {
                 child: o.child,
                 rules: o.rules.iter().map(rule_view).collect(),
+                max_transfer: o.max_transfer,
+                max_segments: o.max_segments,
+                buf_alignment: o.buf_alignment,
+            },
+        ),
+        Some(Driver::Zoned(o)) => (
+            "zoned",
+            OptionsView::Zoned {
+                child: o.child,
+                zone_size: o.zone_size,
+                zone_capacity: o.zone_capacity,
+                max_open_zones: o.max_open_zones,
+                max_active_zones: o.max_active_zones,
+                metadata_path: o.metadata_path,
             },
         ),
     };
@@ -260,6 +444,7 @@ fn node_view(n: &NodeInfo) -> NodeView {
         read_only: n.read_only,
         used_by: n.used_by.clone(),
         options,
+        zones: n.zones.as_ref().map(zones_view),
     }
 }
 
@@ -269,6 +454,8 @@ fn export_view(e: &ExportInfo) -> ExportView {
         id: x.id,
         node: x.node,
         socket: x.socket,
+        state: export_state(e.state),
+        message: e.message.clone(),
         size: e.size,
         num_queues: x.num_queues,
         queue_size: x.queue_size,
@@ -284,6 +471,15 @@ fn export_view(e: &ExportInfo) -> ExportView {
                 worker: q.worker.clone(),
             })
             .collect(),
+    }
+}
+
+fn export_state(state: i32) -> &'static str {
+    match ExportState::try_from(state) {
+        Ok(ExportState::Pending) => "PENDING",
+        Ok(ExportState::Serving) => "SERVING",
+        Ok(ExportState::Failed) => "FAILED",
+        Ok(ExportState::Unspecified) | Err(_) => "UNKNOWN",
     }
 }
 
@@ -349,9 +545,31 @@ fn options_text(o: &OptionsView) -> String {
             parts.extend(limits_text(limits));
             parts.join(" ")
         }
-        OptionsView::FaultInjection { child, rules } => {
-            format!("child={child} rules={}", rules.len())
+        OptionsView::FaultInjection {
+            child,
+            rules,
+            max_transfer,
+            max_segments,
+            buf_alignment,
+        } => {
+            let mut s = format!("child={child} rules={}", rules.len());
+            if *max_transfer != 0 {
+                s.push_str(&format!(" max-transfer={}", format_size(*max_transfer)));
+            }
+            if *max_segments != 0 {
+                s.push_str(&format!(" max-segments={max_segments}"));
+            }
+            if *buf_alignment != 0 {
+                s.push_str(&format!(" buf-alignment={buf_alignment}"));
+            }
+            s
         }
+        // The geometry is in the ZONES column.
+        OptionsView::Zoned {
+            child,
+            metadata_path,
+            ..
+        } => format!("child={child} metadata={metadata_path}"),
         OptionsView::None {} => String::new(),
     }
 }
@@ -435,12 +653,21 @@ impl Output {
                     format_size(v.size),
                     yes_no(v.read_only).to_string(),
                     list_or_dash(&v.used_by),
+                    v.zones.as_ref().map_or("-".to_string(), zones_text),
                     options_text(&v.options),
                 ]
             })
             .collect();
         print_table(
-            &["NAME", "DRIVER", "SIZE", "READ-ONLY", "USED-BY", "OPTIONS"],
+            &[
+                "NAME",
+                "DRIVER",
+                "SIZE",
+                "READ-ONLY",
+                "USED-BY",
+                "ZONES",
+                "OPTIONS",
+            ],
             &rows,
         );
     }
@@ -521,14 +748,55 @@ impl Output {
                     rows.push((name, bucket_text(b, bytes)));
                 }
             }
-            OptionsView::FaultInjection { child, rules } => {
+            OptionsView::FaultInjection {
+                child,
+                rules,
+                max_transfer,
+                max_segments,
+                buf_alignment,
+            } => {
                 rows.push(("child", child.clone()));
+                // The limits only when set, so plain fault nodes look as before.
+                if *max_transfer != 0 {
+                    rows.push((
+                        "max-transfer",
+                        format!("{} ({max_transfer} bytes)", format_size(*max_transfer)),
+                    ));
+                }
+                if *max_segments != 0 {
+                    rows.push(("max-segments", max_segments.to_string()));
+                }
+                if *buf_alignment != 0 {
+                    rows.push(("buf-alignment", format!("{buf_alignment} bytes")));
+                }
                 rows.push(("rules", rules.len().to_string()));
                 for (i, r) in rules.iter().enumerate() {
                     rule_rows.push((format!("rule[{i}]"), r.text.clone()));
                 }
             }
+            // The geometry follows (from the node's zone info).
+            OptionsView::Zoned {
+                child,
+                metadata_path,
+                ..
+            } => {
+                rows.push(("child", child.clone()));
+                rows.push(("metadata", metadata_path.clone()));
+            }
             OptionsView::None {} => {}
+        }
+        if let Some(z) = &v.zones {
+            rows.push(("zone-model", z.model.to_string()));
+            rows.push(("zones", z.nr_zones.to_string()));
+            rows.push(("zone-size", bytes_text(z.zone_size)));
+            rows.push(("zone-capacity", bytes_text(z.zone_capacity)));
+            rows.push(("max-open-zones", limit_text(z.max_open_zones)));
+            rows.push(("max-active-zones", limit_text(z.max_active_zones)));
+            rows.push((
+                "write-granularity",
+                format!("{} bytes", z.write_granularity),
+            ));
+            rows.push(("max-append", bytes_text(z.max_append)));
         }
         let rows: Vec<(String, String)> = rows
             .into_iter()
@@ -559,6 +827,7 @@ impl Output {
                 vec![
                     v.id.clone(),
                     v.node.clone(),
+                    v.state.to_string(),
                     format_size(v.size),
                     v.num_queues.to_string(),
                     v.queue_size.to_string(),
@@ -572,8 +841,8 @@ impl Output {
             .collect();
         print_table(
             &[
-                "ID", "NODE", "SIZE", "QUEUES", "QSIZE", "BS", "WRITABLE", "SERIAL", "WORKERS",
-                "SOCKET",
+                "ID", "NODE", "STATE", "SIZE", "QUEUES", "QSIZE", "BS", "WRITABLE", "SERIAL",
+                "WORKERS", "SOCKET",
             ],
             &rows,
         );
@@ -645,6 +914,33 @@ impl Output {
             })
             .collect();
         print_table(&["EXPORT", "QUEUE", "FROM", "TO"], &rows);
+    }
+
+    /// The result of `zone report`.
+    pub fn zone_report(&self, export: &str, report: &ReportZonesResponse) {
+        let zones: Vec<ZoneView> = report.zones.iter().map(zone_view).collect();
+        if self.json {
+            return print_json(&ZoneReportView {
+                export: export.to_string(),
+                info: report.info.as_ref().map(zones_view),
+                zones,
+            });
+        }
+        let rows: Vec<Vec<String>> = zones.iter().map(zone_row).collect();
+        print_table(&ZONE_HEADERS, &rows);
+    }
+
+    /// The result of a zone action: the zone afterwards (none for reset-all).
+    pub fn zone_action(&self, export: &str, action: &str, zone: Option<&Zone>) {
+        match (zone, self.json) {
+            (Some(z), true) => print_json(&zone_view(z)),
+            (Some(z), false) => print_table(&ZONE_HEADERS, &[zone_row(&zone_view(z))]),
+            (None, true) => print_json(&serde_json::json!({ "export": export, "action": action })),
+            (None, false) if action == "reset-all" => {
+                println!("reset every zone of export {export}")
+            }
+            (None, false) => println!("zone {action} done on export {export}"),
+        }
     }
 
     pub fn removed(&self, kind: &str, name: &str) {

@@ -757,12 +757,12 @@ fn device_nodes_throttle_and_fault_injection() {
             needle,
         );
     }
-    fails(
+    // No rule: the node passes everything through until rules are set.
+    let out = ok(
         a,
-        &["node", "add-fault-injection", "f1", "--child", "n1"],
-        2,
-        "--rule",
+        &["node", "add-fault-injection", "f-none", "--child", "n1"],
     );
+    assert!(out.contains("rules:     0"), "{out}");
     fails(
         a,
         &["node", "add-throttle", "t1", "--child", "n1", "--bps", "1X"],
@@ -1110,4 +1110,680 @@ fn node_move_moves_exports_and_reports_errors() {
         "error: NOT_FOUND: worker: worker \"wz\" not found",
     );
     fails(a, &["node", "move", "base"], 2, "WORKER");
+}
+
+/// Starts `blkmeshctl [--json] events --count 1`, then calls `make(i)` for
+/// i = 0, 1, ... until the watcher has printed its line; returns the line.
+fn first_event(a: &str, json: bool, mut make: impl FnMut(usize)) -> String {
+    let mut args = vec!["--addr", a];
+    if json {
+        args.push("--json");
+    }
+    args.extend(["events", "--count", "1"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blkmeshctl"))
+        .args(&args)
+        .env_remove("BLKMESH_ADDR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn blkmeshctl events");
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut i = 0;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("blkmeshctl events --count 1 did not finish");
+        }
+        make(i);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+#[test]
+fn node_update_and_resize_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_s = img.to_str().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &["--apply-timeout-ms", "200"]);
+    let a = m.url.as_str();
+    let _w0 = stand_in_worker(a, "w0");
+
+    // Fault injection with limit knobs, then changed live.
+    ok(a, &["node", "add-null", "n0", "--size", "1M"]);
+    let info = ok(
+        a,
+        &[
+            "node",
+            "add-fault-injection",
+            "x",
+            "--child",
+            "n0",
+            "--rule",
+            "delay=1ms",
+            "--max-transfer",
+            "64k",
+            "--max-segments",
+            "4",
+            "--buf-alignment",
+            "4k",
+        ],
+    );
+    assert!(info.contains("max-transfer:  64k (65536 bytes)"), "{info}");
+    assert!(info.contains("max-segments:  4"), "{info}");
+    assert!(info.contains("buf-alignment: 4096 bytes"), "{info}");
+    let info = ok(a, &["node", "set-faults", "x", "--max-transfer", "128k"]);
+    assert!(info.contains("128k (131072 bytes)"), "{info}");
+    assert!(info.contains("rules:         1"), "{info}");
+    assert!(info.contains("max-segments:  4"), "{info}");
+    let info = ok(
+        a,
+        &[
+            "node",
+            "set-faults",
+            "x",
+            "--rule",
+            "errno=EIO",
+            "--rule",
+            "delay=2ms",
+        ],
+    );
+    assert!(
+        info.contains("rule[1]:") && info.contains("delay=2ms"),
+        "{info}"
+    );
+    let info = ok(
+        a,
+        &[
+            "node",
+            "set-faults",
+            "x",
+            "--clear-rules",
+            "--max-segments",
+            "0",
+        ],
+    );
+    assert!(info.contains("rules:         0"), "{info}");
+    assert!(!info.contains("max-segments"), "{info}");
+    let list = ok(a, &["node", "list"]);
+    assert!(
+        list.contains("child=n0 rules=0 max-transfer=128k buf-alignment=4096"),
+        "{list}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "info", "x"])).unwrap();
+    assert_eq!(json["options"]["max_transfer"], 131072);
+    assert_eq!(json["options"]["buf_alignment"], 4096);
+    fails(a, &["node", "set-faults", "x"], 2, "required");
+    fails(
+        a,
+        &["node", "set-faults", "x", "--max-transfer", "1000"],
+        1,
+        "error: INVALID_ARGUMENT: node.fault_injection.max_transfer",
+    );
+    fails(
+        a,
+        &["node", "set-faults", "n0", "--clear-rules"],
+        1,
+        "error: INVALID_ARGUMENT: node n0 is a null node; set-faults applies to fault-injection nodes",
+    );
+    fails(
+        a,
+        &[
+            "node",
+            "add-fault-injection",
+            "y",
+            "--child",
+            "x",
+            "--rule",
+            "delay=1ms",
+            "--buf-alignment",
+            "3",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: node.fault_injection.buf_alignment",
+    );
+
+    // Latency of a null node.
+    let info = ok(a, &["node", "set-latency", "n0", "5ms"]);
+    assert!(
+        info.contains("latency:") && info.contains("5000 us"),
+        "{info}"
+    );
+    fails(
+        a,
+        &["node", "set-latency", "n0", "5"],
+        2,
+        "invalid duration",
+    );
+
+    // Throttle groups: new limits apply to the whole group.
+    ok(a, &["node", "add-io-uring", "f0", "--path", img_s]);
+    ok(a, &["node", "add-null", "n1", "--size", "1M"]);
+    ok(
+        a,
+        &[
+            "node",
+            "add-throttle",
+            "t",
+            "--child",
+            "f0",
+            "--iops",
+            "100",
+            "--group",
+            "g",
+        ],
+    );
+    ok(
+        a,
+        &[
+            "node",
+            "add-throttle",
+            "t2",
+            "--child",
+            "n1",
+            "--iops",
+            "100",
+            "--group",
+            "g",
+        ],
+    );
+    let info = ok(
+        a,
+        &["node", "set-throttle", "t", "--iops", "500", "--bps", "1M"],
+    );
+    assert!(info.contains("iops:       500/s"), "{info}");
+    let info = ok(a, &["node", "info", "t2"]);
+    assert!(
+        info.contains("iops:       500/s") && info.contains("bps:        1M/s"),
+        "{info}"
+    );
+
+    // read-only and direct of an io_uring node.
+    let info = ok(a, &["node", "set-read-only", "f0", "on"]);
+    assert!(info.contains("read-only:      yes"), "{info}");
+    let info = ok(a, &["node", "set-direct", "f0", "on"]);
+    assert!(info.contains("direct:         yes"), "{info}");
+    ok(a, &["node", "set-read-only", "f0", "off"]);
+    fails(
+        a,
+        &["node", "set-read-only", "f0", "maybe"],
+        2,
+        "expected on or off",
+    );
+    fails(
+        a,
+        &["node", "set-direct", "n0", "on"],
+        1,
+        "set-direct applies to io_uring nodes",
+    );
+    fails(
+        a,
+        &["node", "set-read-only", "nope", "on"],
+        1,
+        "error: NOT_FOUND",
+    );
+
+    // Exports show their state: no frontend, so PENDING.
+    let out = ok(
+        a,
+        &[
+            "export",
+            "add",
+            "e0",
+            "--node",
+            "t",
+            "--socket",
+            "/tmp/e0.sock",
+            "--writable",
+        ],
+    );
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID  ") && header.contains(" STATE "),
+        "{out}"
+    );
+    assert!(out.lines().nth(1).unwrap().contains(" PENDING "), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "export", "list"])).unwrap();
+    assert_eq!(json[0]["state"], "PENDING");
+    assert_eq!(json[0]["message"], "no frontend connected");
+    fails(
+        a,
+        &["node", "set-read-only", "f0", "on"],
+        1,
+        "error: FAILED_PRECONDITION: node.io_uring.read_only: writable export \"e0\"",
+    );
+
+    // Resize: the file grows; smaller is refused.
+    let info = ok(a, &["node", "resize", "f0", "4M"]);
+    assert!(info.contains("4M (4194304 bytes)"), "{info}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 << 20);
+    let info = ok(a, &["node", "info", "t"]);
+    assert!(info.contains("size:       4M"), "{info}");
+    let list = ok(a, &["export", "list"]);
+    assert!(list.contains(" 4M "), "{list}");
+    fails(
+        a,
+        &["node", "resize", "f0", "1M"],
+        1,
+        "error: FAILED_PRECONDITION: size: node \"f0\" is 4194304 bytes; it can only grow",
+    );
+    fails(
+        a,
+        &["node", "resize", "f0", "1000"],
+        1,
+        "error: INVALID_ARGUMENT: size",
+    );
+    fails(a, &["node", "resize", "f0", "lots"], 2, "invalid value");
+
+    // The new event kinds.
+    let mut size = 4u64 << 20;
+    let line = first_event(a, false, |_| {
+        size += 1 << 20;
+        ok(a, &["node", "resize", "n1", &size.to_string()]);
+    });
+    assert!(line.contains(" node_resized node=n1 old_size="), "{line}");
+    let mut on = false;
+    let line = first_event(a, true, |_| {
+        on = !on;
+        ok(
+            a,
+            &["node", "set-direct", "f0", if on { "off" } else { "on" }],
+        );
+    });
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(json["kind"], "node_updated", "{json}");
+    assert_eq!(json["node"], "f0", "{json}");
+    assert!(
+        json["changes"][0].as_str().unwrap().starts_with("direct "),
+        "{json}"
+    );
+    assert!(m.terminate().success());
+}
+
+/// A stand-in frontend on its own runtime (drop the runtime to make it
+/// leave): it reports SERVING for every plan and answers zone commands —
+/// reports with two zones from the asked offset's zone, actions at 8M with
+/// EBADRQC, other actions with the zone explicitly open.
+fn stand_in_frontend(url: &str) -> tokio::runtime::Runtime {
+    use blkmesh_proto::v1::frontend_event::Event;
+    use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
+    use blkmesh_proto::v1::zone_command_done::Result as Answer;
+    use blkmesh_proto::v1::*;
+
+    const MIB: u64 = 1 << 20;
+    let zone = |start: u64, wp: u64, condition: ZoneCondition| Zone {
+        start,
+        length: 4 * MIB,
+        capacity: 3 * MIB,
+        write_pointer: wp,
+        r#type: ZoneType::SequentialWriteRequired as i32,
+        condition: condition as i32,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = url.to_string();
+    let mut client = rt.block_on(async move {
+        tokio::time::timeout(WAIT, FrontendServiceClient::connect(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect")
+    });
+    let mut stream = rt
+        .block_on(client.register(FrontendHello { name: "fe".into() }))
+        .expect("register")
+        .into_inner();
+    rt.spawn(async move {
+        while let Ok(Some(ev)) = stream.message().await {
+            match ev.event {
+                Some(Event::Upsert(plan)) => {
+                    let _ = client
+                        .report_export(ExportStatus {
+                            frontend: "fe".into(),
+                            id: plan.export.unwrap_or_default().id,
+                            generation: plan.generation,
+                            state: ExportState::Serving as i32,
+                            message: String::new(),
+                            size: 0,
+                        })
+                        .await;
+                }
+                Some(Event::ZoneCommand(cmd)) => {
+                    let first = cmd.offset / (4 * MIB) * (4 * MIB);
+                    let result = match ZoneAction::try_from(cmd.action) {
+                        Ok(ZoneAction::Unspecified) => Answer::Report(ReportZonesResponse {
+                            info: None,
+                            zones: [
+                                zone(first, first, ZoneCondition::Empty),
+                                zone(
+                                    first + 4 * MIB,
+                                    first + 5 * MIB,
+                                    ZoneCondition::ImplicitOpen,
+                                ),
+                            ]
+                            .into_iter()
+                            .take(cmd.max_zones as usize)
+                            .collect(),
+                        }),
+                        _ if cmd.offset == 8 * MIB => Answer::Error(ZoneCommandError {
+                            errno: 56,
+                            message: "zone 2 is full".into(),
+                        }),
+                        _ => Answer::Zone(zone(first, first, ZoneCondition::ExplicitOpen)),
+                    };
+                    let _ = client
+                        .zone_command_done(ZoneCommandDone {
+                            frontend: "fe".into(),
+                            request_id: cmd.request_id,
+                            result: Some(result),
+                        })
+                        .await;
+                }
+                _ => {}
+            }
+        }
+    });
+    rt
+}
+
+#[test]
+fn zoned_nodes_and_zone_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("z.zones");
+    let meta = meta.to_str().unwrap();
+    let m = ManagerProc::start(&dir.path().join("state"), &["--apply-timeout-ms", "2000"]);
+    let a = m.url.as_str();
+
+    ok(a, &["node", "add-null", "n", "--size", "66M"]);
+    let info = ok(
+        a,
+        &[
+            "node",
+            "add-zoned",
+            "z",
+            "--child",
+            "n",
+            "--zone-size",
+            "4M",
+            "--zone-capacity",
+            "3M",
+            "--max-open",
+            "4",
+            "--max-active",
+            "8",
+            "--metadata",
+            meta,
+        ],
+    );
+    for needle in [
+        "driver:            zoned",
+        "size:              64M (67108864 bytes)",
+        "child:             n",
+        &format!("metadata:          {meta}"),
+        "zone-model:        HOST_MANAGED",
+        "zones:             16",
+        "zone-size:         4M (4194304 bytes)",
+        "zone-capacity:     3M (3145728 bytes)",
+        "max-open-zones:    4",
+        "max-active-zones:  8",
+        "write-granularity: 512 bytes",
+        "max-append:        1M (1048576 bytes)",
+    ] {
+        assert!(info.contains(needle), "{needle:?} not in {info}");
+    }
+    // A raw window over it shows its own zones; limits 0 are unlimited.
+    ok(a, &["node", "add-null", "n2", "--size", "64M"]);
+    let info = ok(
+        a,
+        &[
+            "node",
+            "add-zoned",
+            "z2",
+            "--child",
+            "n2",
+            "--zone-size",
+            "1M",
+            "--metadata",
+            &format!("{meta}2"),
+        ],
+    );
+    assert!(info.contains("max-open-zones:    unlimited"), "{info}");
+    assert!(info.contains("zone-capacity:     1M"), "{info}");
+    let info = ok(
+        a,
+        &["node", "add-raw", "r2", "--child", "z2", "--offset", "8M"],
+    );
+    assert!(info.contains("zones:             56"), "{info}");
+
+    let list = ok(a, &["node", "list"]);
+    let header = list.lines().next().unwrap();
+    assert!(
+        header.contains("USED-BY") && header.contains("ZONES"),
+        "{list}"
+    );
+    assert!(
+        list.contains("HOST_MANAGED 16x4M cap=3M open=4 active=8"),
+        "{list}"
+    );
+    assert!(list.contains("HOST_MANAGED 56x1M cap=1M"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "info", "z"])).unwrap();
+    assert_eq!(json["driver"], "zoned");
+    assert_eq!(json["zones"]["model"], "HOST_MANAGED");
+    assert_eq!(json["zones"]["nr_zones"], 16);
+    assert_eq!(json["zones"]["zone_capacity"], 3 << 20);
+    assert_eq!(json["options"]["zone_size"], 4 << 20);
+    assert_eq!(json["options"]["metadata_path"], meta);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "node", "info", "n"])).unwrap();
+    assert!(json["zones"].is_null(), "{json}");
+
+    // The manager's rules.
+    fails(
+        a,
+        &[
+            "node",
+            "add-zoned",
+            "zz",
+            "--child",
+            "r2",
+            "--zone-size",
+            "1M",
+            "--metadata",
+            "/tmp/zz.zones",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: node.zoned.child",
+    );
+    ok(a, &["node", "add-null", "n3", "--size", "64M"]);
+    fails(
+        a,
+        &[
+            "node",
+            "add-zoned",
+            "zz",
+            "--child",
+            "n3",
+            "--zone-size",
+            "3M",
+            "--metadata",
+            "/tmp/zz.zones",
+        ],
+        1,
+        "error: INVALID_ARGUMENT: node.zoned.zone_size",
+    );
+    fails(
+        a,
+        &[
+            "node",
+            "add-zoned",
+            "zz",
+            "--child",
+            "n3",
+            "--zone-size",
+            "1M",
+            "--metadata",
+            meta,
+        ],
+        1,
+        "error: ALREADY_EXISTS: node.zoned.metadata_path",
+    );
+    fails(
+        a,
+        &["node", "add-raw", "rz", "--child", "z", "--offset", "4k"],
+        1,
+        "error: INVALID_ARGUMENT: node.raw.offset",
+    );
+    fails(
+        a,
+        &["node", "resize", "z", "128M"],
+        1,
+        "error: FAILED_PRECONDITION: name: node \"z\" is zoned",
+    );
+
+    // Zone commands: no frontend yet.
+    let _w = stand_in_worker(a, "w0");
+    ok(
+        a,
+        &[
+            "export",
+            "add",
+            "ez",
+            "--node",
+            "z",
+            "--socket",
+            "/tmp/ez.sock",
+            "--writable",
+        ],
+    );
+    ok(a, &["node", "add-null", "plain", "--size", "1M"]);
+    ok(
+        a,
+        &[
+            "export",
+            "add",
+            "plain",
+            "--node",
+            "plain",
+            "--socket",
+            "/tmp/plain.sock",
+        ],
+    );
+    let no_frontend = "error: FAILED_PRECONDITION: export: no frontend serves export \"ez\"";
+    fails(a, &["zone", "report", "ez"], 1, no_frontend);
+    fails(a, &["zone", "open", "ez", "4M"], 1, no_frontend);
+    fails(a, &["zone", "reset-all", "ez"], 1, no_frontend);
+    fails(
+        a,
+        &["zone", "report", "nope"],
+        1,
+        "error: NOT_FOUND: export: export \"nope\" not found",
+    );
+    fails(
+        a,
+        &["zone", "report", "plain"],
+        1,
+        "error: FAILED_PRECONDITION: export: export \"plain\" is not zoned",
+    );
+    fails(
+        a,
+        &["zone", "close", "ez", "4k"],
+        1,
+        "error: INVALID_ARGUMENT: offset: must be the start of a zone",
+    );
+    fails(
+        a,
+        &["zone", "report", "ez", "--offset", "1G"],
+        1,
+        "error: INVALID_ARGUMENT: offset",
+    );
+    fails(a, &["zone", "open", "ez"], 2, "OFFSET");
+
+    // With a frontend serving the export.
+    let _fe = stand_in_frontend(a);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = ok(a, &["export", "list"]);
+        if list
+            .lines()
+            .any(|l| l.starts_with("ez ") && l.contains("SERVING"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ez never served: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = ok(a, &["zone", "report", "ez"]);
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["START", "LENGTH", "CAPACITY", "WP", "TYPE", "CONDITION"],
+        "{report}"
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", "4M", "3M", "0", "SEQ_WRITE_REQUIRED", "EMPTY"],
+        "{report}"
+    );
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>(),
+        [
+            "4M",
+            "4M",
+            "3M",
+            "5M",
+            "SEQ_WRITE_REQUIRED",
+            "IMPLICIT_OPEN"
+        ],
+        "{report}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        a,
+        &[
+            "--json", "zone", "report", "ez", "--offset", "9M", "--count", "1",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(json["export"], "ez");
+    assert_eq!(json["info"]["nr_zones"], 16);
+    let zones = json["zones"].as_array().unwrap();
+    assert_eq!(zones.len(), 1);
+    assert_eq!(zones[0]["start"], 8 << 20);
+    assert_eq!(zones[0]["write_pointer"], 8 << 20);
+    assert_eq!(zones[0]["type"], "SEQ_WRITE_REQUIRED");
+    assert_eq!(zones[0]["condition"], "EMPTY");
+
+    let out = ok(a, &["zone", "open", "ez", "4M"]);
+    assert!(
+        out.lines().nth(1).unwrap().contains("EXPLICIT_OPEN"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(a, &["--json", "zone", "finish", "ez", "12M"])).unwrap();
+    assert_eq!(json["start"], 12 << 20);
+    for verb in ["close", "reset"] {
+        ok(a, &["zone", verb, "ez", "0"]);
+    }
+    assert_eq!(
+        ok(a, &["zone", "reset-all", "ez"]).trim(),
+        "reset every zone of export ez"
+    );
+    fails(
+        a,
+        &["zone", "open", "ez", "8M"],
+        1,
+        "error: FAILED_PRECONDITION: export \"ez\": zone open at offset 8388608: zone 2 is \
+         full (EBADRQC)",
+    );
 }

@@ -11,6 +11,9 @@
 //! (0 = forever), `prob` (in [0, 1]; 0 = always), and exactly one action:
 //! `errno` (a number in 1..=4095 or a name such as EIO) or `delay` (with a
 //! unit: ns, us, ms or s). [`format_rule`] writes the same syntax back.
+//!
+//! Shared by blkmeshctl (`--rule`) and the configuration file, which also
+//! takes a rule as a table of the same keys ([`RuleBuilder`]).
 
 use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::{FaultRule, IoOp};
@@ -184,10 +187,65 @@ fn parse_probability(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Builds a rule key by key (the keys of [`parse_rule`]); errors name the
+/// problem, not the key (callers know where the value came from).
+#[derive(Debug, Default)]
+pub struct RuleBuilder {
+    rule: FaultRule,
+    seen: Vec<&'static str>,
+}
+
+/// Every key of a rule.
+pub const RULE_KEYS: [&str; 8] = [
+    "ops", "start", "end", "skip", "count", "prob", "errno", "delay",
+];
+
+impl RuleBuilder {
+    /// Sets `key` from its text `value`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let Some(&key) = RULE_KEYS.iter().find(|k| **k == key) else {
+            return Err(format!("unknown key (expected one of {KEYS})"));
+        };
+        if self.seen.contains(&key) {
+            return Err("given twice".to_string());
+        }
+        let rule = &mut self.rule;
+        match key {
+            "ops" => rule.ops = parse_ops(value)?,
+            "start" => rule.offset_start = parse_size(value)?,
+            "end" => rule.offset_end = parse_size(value)?,
+            "skip" => rule.skip = parse_u64(value)?,
+            "count" => rule.count = parse_u64(value)?,
+            "prob" => rule.probability = parse_probability(value)?,
+            _ => {
+                if let Some(other) = self.seen.iter().find(|k| matches!(**k, "errno" | "delay")) {
+                    return Err(format!(
+                        "a rule has one action, errno or delay (already got {other})"
+                    ));
+                }
+                rule.action = Some(if key == "errno" {
+                    Action::Errno(parse_errno(value)?)
+                } else {
+                    Action::DelayNs(parse_duration_ns(value)?)
+                });
+            }
+        }
+        self.seen.push(key);
+        Ok(())
+    }
+
+    /// The rule, once it has an action.
+    pub fn finish(self) -> Result<FaultRule, String> {
+        if self.rule.action.is_none() {
+            return Err("needs an action: errno or delay".to_string());
+        }
+        Ok(self.rule)
+    }
+}
+
 /// Parses a rule (see the module docs). Errors name the bad key.
 pub fn parse_rule(s: &str) -> Result<FaultRule, String> {
-    let mut rule = FaultRule::default();
-    let mut seen: Vec<&str> = Vec::new();
+    let mut rule = RuleBuilder::default();
     for part in s.split(',') {
         let part = part.trim();
         if part.is_empty() {
@@ -197,39 +255,11 @@ pub fn parse_rule(s: &str) -> Result<FaultRule, String> {
             .split_once('=')
             .ok_or_else(|| format!("key {part:?}: expected key=value"))?;
         let key = key.trim();
-        if seen.contains(&key) {
-            return Err(format!("key {key:?}: given twice"));
-        }
-        let bad = |e: String| format!("key {key:?}: {e}");
-        match key {
-            "ops" => rule.ops = parse_ops(value).map_err(bad)?,
-            "start" => rule.offset_start = parse_size(value).map_err(bad)?,
-            "end" => rule.offset_end = parse_size(value).map_err(bad)?,
-            "skip" => rule.skip = parse_u64(value).map_err(bad)?,
-            "count" => rule.count = parse_u64(value).map_err(bad)?,
-            "prob" => rule.probability = parse_probability(value).map_err(bad)?,
-            "errno" | "delay" => {
-                if let Some(other) = seen.iter().find(|k| matches!(**k, "errno" | "delay")) {
-                    return Err(format!(
-                        "key {key:?}: a rule has one action, errno or delay (already got {other})"
-                    ));
-                }
-                rule.action = Some(if key == "errno" {
-                    Action::Errno(parse_errno(value).map_err(bad)?)
-                } else {
-                    Action::DelayNs(parse_duration_ns(value).map_err(bad)?)
-                });
-            }
-            _ => return Err(format!("key {key:?}: unknown key (expected one of {KEYS})")),
-        }
-        seen.push(key);
+        rule.set(key, value)
+            .map_err(|e| format!("key {key:?}: {e}"))?;
     }
-    if rule.action.is_none() {
-        return Err(format!(
-            "rule {s:?} needs an action: errno=... or delay=..."
-        ));
-    }
-    Ok(rule)
+    rule.finish()
+        .map_err(|_| format!("rule {s:?} needs an action: errno=... or delay=..."))
 }
 
 /// Writes a rule in the syntax [`parse_rule`] reads, leaving out defaults.

@@ -1,0 +1,890 @@
+//! Applying a configuration file to the manager's state at start.
+//!
+//! The file is checked as a whole first, then compared with the state:
+//!
+//! - nodes and exports in the file but not in the state are added, as
+//!   AddNode and AddExport would (an io_uring file marked `create` is
+//!   created sparse when missing); exports wait for the first worker to
+//!   register ([`Outcome::waiting`]);
+//! - ones in both with the same settings are left alone: no reopen, no
+//!   generation bump, no write of the state file;
+//! - ones in both with other settings are changed when UpdateNode or
+//!   ResizeNode could change them live (options such as throttle limits,
+//!   fault rules, read-only, direct, null latency; growing a null node or a
+//!   raw window with an explicit size), as those calls do: a throttle
+//!   group's limits change for every member, the generation of every export
+//!   over a changed node is bumped so frontends reopen it live. Anything else
+//!   (a driver, a child, a path, a group, a shrink, any export field) is
+//!   refused with the located error;
+//! - ones in the state but not in the file are kept (they were added
+//!   through the API, or by an earlier file) and logged, or removed with
+//!   `prune` (exports first).
+//!
+//! Everything is planned on a copy of the state; the files to create are
+//! created only when the whole plan holds, and the caller persists the
+//! result. Errors are collected (one per object at most) and located in
+//! the file. [`validate`] runs the same against an empty state without
+//! touching the filesystem: `blkmeshctl config check`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use blkmesh_graph::{children, validate_export, validate_node};
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport};
+
+use crate::checks::validate_node_limits;
+use crate::config::{
+    names, split_api_error, Config, ConfigError, ConfigErrors, ConfigExport, ConfigNode,
+};
+use crate::error::ApiError;
+use crate::reopen::{self, exports_over, replace_specs};
+use crate::service::{
+    check_new_export, check_writable_exports, group_members_with, new_node_size, probe_node_paths,
+};
+use crate::state::{ExportRecord, State};
+
+/// How to reconcile.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Options {
+    /// Look at the filesystem (probe paths, create images), as the manager
+    /// does at start; off for an offline check.
+    pub fs: bool,
+    /// Remove the nodes and exports the file does not name.
+    pub prune: bool,
+}
+
+/// What reconciling did, for the log.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Summary {
+    pub added_nodes: Vec<String>,
+    /// Node and what changed.
+    pub updated_nodes: Vec<(String, Vec<String>)>,
+    /// Node, old and new size.
+    pub resized_nodes: Vec<(String, u64, u64)>,
+    pub unchanged_nodes: Vec<String>,
+    pub unchanged_exports: Vec<String>,
+    /// In the state, not in the file, kept: (name, came from a configuration file).
+    pub kept_nodes: Vec<(String, bool)>,
+    pub kept_exports: Vec<(String, bool)>,
+    pub pruned_nodes: Vec<String>,
+    pub pruned_exports: Vec<String>,
+    /// Files created: (node, path, size).
+    pub created: Vec<(String, String, u64)>,
+    /// Exports whose generation was bumped.
+    pub bumped: Vec<String>,
+}
+
+/// The reconciled state and the exports waiting for a worker.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub state: State,
+    /// New exports of the file, normalized and checked against `state`, in
+    /// file order: placed when a worker registers.
+    pub waiting: Vec<VhostUserBlkExport>,
+    pub summary: Summary,
+}
+
+/// Runs the checks of a reconcile against an empty state, without the
+/// filesystem.
+pub(crate) fn validate(config: &Config) -> Result<(), ConfigErrors> {
+    reconcile(&State::default(), config, Options::default()).map(|_| ())
+}
+
+/// The request field naming a node's child.
+fn child_field(spec: &NodeSpec) -> &'static str {
+    match &spec.driver {
+        Some(Driver::Raw(_)) => "node.raw.child",
+        Some(Driver::Throttle(_)) => "node.throttle.child",
+        Some(Driver::FaultInjection(_)) => "node.fault_injection.child",
+        Some(Driver::Zoned(_)) => "node.zoned.child",
+        _ => "node.driver",
+    }
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> ApiError {
+    ApiError::Invalid {
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// `e`, a change the file makes that cannot be made live, in the file's
+/// words, with how to make it.
+fn not_live(e: ApiError, kind: &str, name: &str) -> ApiError {
+    let (field, problem) = split_api_error(&e);
+    let problem = problem
+        .replace("cannot be changed by UpdateNode", "cannot change live")
+        .replace("; only options can", "")
+        .replace(", got ", ", the file says ")
+        .replace("(got ", "(the file says ");
+    let other = if kind == "export" { "id" } else { "name" };
+    invalid(
+        &field,
+        format!(
+            "{problem}: remove {kind} {name:?} first (start the manager without --config \
+             and run `blkmeshctl {kind} remove {name}`), or give the file's {kind} another \
+             {other}"
+        ),
+    )
+}
+
+/// What a node of the file changes on its namesake in the state.
+#[derive(Debug, Clone, PartialEq)]
+struct NodeChange {
+    /// The new spec with the current size (UpdateNode), if options change.
+    update: Option<(NodeSpec, Vec<String>)>,
+    /// The new size (ResizeNode), if it grows.
+    resize: Option<u64>,
+}
+
+/// How `desired` differs from `current` (same name), or why that cannot
+/// change live. `None`: nothing changes.
+fn plan_change(current: &NodeSpec, desired: &NodeSpec) -> Result<Option<NodeChange>, ApiError> {
+    if current == desired {
+        return Ok(None);
+    }
+    let mut sized = desired.clone();
+    let mut resize = None;
+    match (&current.driver, &mut sized.driver) {
+        (Some(Driver::Null(a)), Some(Driver::Null(b))) if a.size != b.size => {
+            resize = Some(b.size);
+            b.size = a.size;
+        }
+        (Some(Driver::Raw(a)), Some(Driver::Raw(b)))
+            if a.size != b.size && a.size != 0 && b.size != 0 =>
+        {
+            resize = Some(b.size);
+            b.size = a.size;
+        }
+        (Some(Driver::Raw(a)), Some(Driver::Raw(b))) if a.size != b.size => {
+            return Err(invalid(
+                "node.raw.size",
+                format!(
+                    "cannot change live (is {}, the file says {}; 0 = to the end of the \
+                     child): a window changes between an explicit size and the end of its \
+                     child only by adding it again",
+                    a.size, b.size
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let changes = reopen::update_changes(current, &sized)?;
+    let update = (!changes.is_empty()).then_some((sized, changes));
+    if update.is_none() && resize.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(NodeChange { update, resize }))
+}
+
+/// Applies a configuration file to `state` (see the module docs).
+pub(crate) fn reconcile(
+    state: &State,
+    config: &Config,
+    opts: Options,
+) -> Result<Outcome, ConfigErrors> {
+    let nodes = config.nodes();
+    let exports = config.exports();
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut summary = Summary::default();
+
+    // 1. Each node on its own: the API's field validation.
+    let mut ok = vec![true; nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        let checked = validate_node(&n.spec)
+            .and_then(|()| validate_node_limits(&n.spec))
+            .map_err(ApiError::from);
+        if let Err(e) = checked {
+            errors.push(config.node_error(n, &e));
+            ok[i] = false;
+        }
+    }
+
+    // 2. Names defined once; children defined in the file.
+    let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        match by_name.get(n.spec.name.as_str()) {
+            Some(&first) => {
+                errors.push(config.error_in(
+                    &n.at,
+                    "name",
+                    format!(
+                        "node {:?} is defined twice (first at line {})",
+                        n.spec.name,
+                        config.line_of(&nodes[first].at)
+                    ),
+                ));
+                ok[i] = false;
+            }
+            None => {
+                by_name.insert(&n.spec.name, i);
+            }
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if !ok[i] {
+            continue;
+        }
+        for child in children(&n.spec) {
+            if !by_name.contains_key(child) {
+                let e = invalid(
+                    child_field(&n.spec),
+                    format!(
+                        "node {child:?} is not defined in this file (the nodes of a \
+                         configuration file are built only from each other)"
+                    ),
+                );
+                errors.push(config.node_error(n, &e));
+                ok[i] = false;
+            }
+        }
+    }
+
+    // 3. Children before parents; cycles; a node over a failed one fails
+    // silently (its child's error says why).
+    let mut order: Vec<usize> = Vec::new();
+    let mut placed = vec![false; nodes.len()];
+    loop {
+        let mut progress = false;
+        for (i, n) in nodes.iter().enumerate() {
+            if placed[i] || !ok[i] {
+                continue;
+            }
+            let kids: Vec<usize> = children(&n.spec)
+                .iter()
+                .filter_map(|c| by_name.get(c).copied())
+                .collect();
+            if kids.iter().any(|&k| !ok[k]) {
+                ok[i] = false;
+                progress = true;
+            } else if kids.iter().all(|&k| placed[k]) {
+                placed[i] = true;
+                order.push(i);
+                progress = true;
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    let mut in_cycle = BTreeSet::new();
+    for start in 0..nodes.len() {
+        if placed[start] || !ok[start] || in_cycle.contains(&start) {
+            continue;
+        }
+        // Walk down until a node repeats: that closes the cycle.
+        let mut seen = vec![start];
+        let mut cur = start;
+        while let Some(&next) = children(&nodes[cur].spec)
+            .first()
+            .and_then(|c| by_name.get(c))
+        {
+            // Into a cycle reported already.
+            if in_cycle.contains(&next) || !ok[next] {
+                break;
+            }
+            if let Some(pos) = seen.iter().position(|&s| s == next) {
+                let cycle = &seen[pos..];
+                let first = *cycle.iter().min().unwrap_or(&next);
+                let at = cycle.iter().position(|&c| c == first).unwrap_or(0);
+                let mut path: Vec<String> = cycle[at..]
+                    .iter()
+                    .chain(&cycle[..at])
+                    .map(|&c| nodes[c].spec.name.clone())
+                    .collect();
+                path.push(nodes[first].spec.name.clone());
+                let n = &nodes[first];
+                errors.push(config.node_error(
+                    n,
+                    &invalid(
+                        child_field(&n.spec),
+                        format!("nodes form a cycle: {}", path.join(" -> ")),
+                    ),
+                ));
+                in_cycle.extend(cycle.iter().copied());
+                break;
+            }
+            seen.push(next);
+            cur = next;
+        }
+        for s in seen {
+            ok[s] = false;
+        }
+    }
+
+    // 4. Exports: ids, sockets and nodes once; nodes of the file.
+    let mut export_ok = vec![true; exports.len()];
+    let mut first_id: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut first_socket: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut first_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, e) in exports.iter().enumerate() {
+        let x = &e.export;
+        let twice = |key: &str, what: String, first: usize| {
+            config.error_in(
+                &e.at,
+                key,
+                format!(
+                    "{what} (first at line {})",
+                    config.line_of(&exports[first].at)
+                ),
+            )
+        };
+        if let Some(&f) = first_id.get(x.id.as_str()) {
+            errors.push(twice(
+                "id",
+                format!("export {:?} is defined twice", x.id),
+                f,
+            ));
+            export_ok[i] = false;
+            continue;
+        }
+        first_id.insert(&x.id, i);
+        if let Some(&f) = first_socket.get(x.socket.as_str()) {
+            errors.push(twice(
+                "socket",
+                format!(
+                    "socket {:?} is already used by export {:?}",
+                    x.socket, exports[f].export.id
+                ),
+                f,
+            ));
+            export_ok[i] = false;
+            continue;
+        }
+        first_socket.insert(&x.socket, i);
+        match by_name.get(x.node.as_str()) {
+            None => {
+                errors.push(config.error_in(
+                    &e.at,
+                    "node",
+                    format!(
+                        "node {:?} is not defined in this file (an export of a \
+                         configuration file serves one of its nodes)",
+                        x.node
+                    ),
+                ));
+                export_ok[i] = false;
+                continue;
+            }
+            Some(&n) if !ok[n] => {
+                export_ok[i] = false;
+                continue;
+            }
+            Some(_) => {}
+        }
+        if let Some(&f) = first_node.get(x.node.as_str()) {
+            errors.push(twice(
+                "node",
+                format!(
+                    "node {:?} is already exported by export {:?}",
+                    x.node, exports[f].export.id
+                ),
+                f,
+            ));
+            export_ok[i] = false;
+            continue;
+        }
+        first_node.insert(&x.node, i);
+    }
+
+    // 5. The state: what the file does not name.
+    let mut next = state.clone();
+    let (node_names, export_ids) = names(config);
+    let extra_exports: Vec<String> = state
+        .exports
+        .keys()
+        .filter(|id| !export_ids.contains(*id))
+        .cloned()
+        .collect();
+    let mut extra_nodes: Vec<String> = state
+        .graph
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|n| !node_names.contains(n))
+        .collect();
+    if opts.prune {
+        for id in &extra_exports {
+            next.exports.remove(id);
+            next.config_exports.remove(id);
+            summary.pruned_exports.push(id.clone());
+        }
+        // Users before the nodes they use.
+        loop {
+            let removable = extra_nodes.iter().position(|n| {
+                next.graph.users_of(n).is_empty() && next.exports_of_node(n).next().is_none()
+            });
+            let Some(pos) = removable else {
+                break;
+            };
+            let name = extra_nodes.remove(pos);
+            if next.graph.remove(&name).is_ok() {
+                next.sizes.remove(&name);
+                next.config_nodes.remove(&name);
+                summary.pruned_nodes.push(name);
+            }
+        }
+        // What is left is used by a node of the file: its error says why.
+        for n in extra_nodes {
+            summary
+                .kept_nodes
+                .push((n.clone(), state.config_nodes.contains(&n)));
+        }
+    } else {
+        for id in extra_exports {
+            let managed = state.config_exports.contains(&id);
+            summary.kept_exports.push((id, managed));
+        }
+        for n in extra_nodes {
+            let managed = state.config_nodes.contains(&n);
+            summary.kept_nodes.push((n, managed));
+        }
+    }
+
+    // 6. Nodes, children first: added, left alone or changed live.
+    let mut creations: Vec<(usize, String, u64)> = Vec::new();
+    let mut touched: BTreeSet<String> = BTreeSet::new();
+    let mut updated: Vec<usize> = Vec::new();
+    for &i in &order {
+        let n = &nodes[i];
+        // A node over one that failed here fails silently: its child's error says why.
+        let child_failed = children(&n.spec)
+            .iter()
+            .any(|c| by_name.get(c).is_some_and(|&k| !ok[k]));
+        if !ok[i] || child_failed {
+            ok[i] = false;
+            continue;
+        }
+        let result = match next.graph.get(&n.spec.name).cloned() {
+            None => add_node(&mut next, i, n, opts, &mut creations).map(|()| {
+                summary.added_nodes.push(n.spec.name.clone());
+            }),
+            Some(current) => {
+                change_node(&mut next, &current, n, &mut summary, &mut touched).map(|changed| {
+                    if changed {
+                        updated.push(i);
+                    } else {
+                        summary.unchanged_nodes.push(n.spec.name.clone());
+                    }
+                })
+            }
+        };
+        if let Err(e) = result {
+            errors.push(config.node_error(n, &e));
+            ok[i] = false;
+        }
+    }
+    // Read-only changes against the writable exports, once all are made.
+    for &i in &updated {
+        let n = &nodes[i];
+        if let Some(spec) = next.graph.get(&n.spec.name).cloned() {
+            if let Err(e) = check_writable_exports(&next, &spec) {
+                errors.push(config.node_error(n, &e));
+            }
+        }
+    }
+
+    // 7. Exports: left alone, or checked as AddExport would and queued.
+    let mut waiting = Vec::new();
+    let mut scratch = next.clone();
+    for (i, e) in exports.iter().enumerate() {
+        let node_ok = by_name.get(e.export.node.as_str()).is_some_and(|&n| ok[n]);
+        if !export_ok[i] || !node_ok {
+            continue;
+        }
+        match check_export(&next, &mut scratch, e) {
+            Ok(Some(export)) => waiting.push(export),
+            Ok(None) => summary.unchanged_exports.push(e.export.id.clone()),
+            Err(err) => errors.push(config.export_error(e, &err)),
+        }
+    }
+
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.position);
+        return Err(ConfigErrors(errors));
+    }
+
+    // 8. Marks and generations.
+    next.config_nodes.extend(node_names);
+    next.config_exports.extend(
+        export_ids
+            .into_iter()
+            .filter(|id| next.exports.contains_key(id)),
+    );
+    let bumped = exports_over(&next, touched.iter().map(String::as_str));
+    for id in &bumped {
+        if let Some(rec) = next.exports.get_mut(id) {
+            rec.generation += 1;
+        }
+    }
+    summary.bumped = bumped;
+
+    // 9. The files to create, now that the whole plan holds.
+    for (i, path, size) in creations {
+        let n = &nodes[i];
+        if let Err(e) = create_image(Path::new(&path), size) {
+            errors.push(config.error_in(&n.at, "create", format!("cannot create {path:?}: {e}")));
+            continue;
+        }
+        summary.created.push((n.spec.name.clone(), path, size));
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Outcome {
+        state: next,
+        waiting,
+        summary,
+    })
+}
+
+/// Adds a node of the file to `next` as AddNode would.
+fn add_node(
+    next: &mut State,
+    index: usize,
+    n: &ConfigNode,
+    opts: Options,
+    creations: &mut Vec<(usize, String, u64)>,
+) -> Result<(), ApiError> {
+    let spec = &n.spec;
+    next.graph.check_add(spec)?;
+    crate::zoned::check_add(next, spec)?;
+    let probed = if opts.fs {
+        probe(index, n, creations)?
+    } else {
+        None
+    };
+    let size = new_node_size(next, spec, probed)?;
+    next.graph.add(spec.clone())?;
+    next.sizes.insert(spec.name.clone(), size);
+    Ok(())
+}
+
+/// The filesystem checks of AddNode; an io_uring file marked `create` that
+/// is missing is planned for creation (and has the size it will have).
+fn probe(
+    index: usize,
+    n: &ConfigNode,
+    creations: &mut Vec<(usize, String, u64)>,
+) -> Result<Option<u64>, ApiError> {
+    if let Some(Driver::IoUring(o)) = &n.spec.driver {
+        let missing = matches!(
+            std::fs::symlink_metadata(&o.path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        );
+        if missing {
+            return match n.create {
+                Some(size) => {
+                    creations.push((index, o.path.clone(), size));
+                    Ok(Some(size))
+                }
+                None => Err(invalid(
+                    "node.io_uring.path",
+                    format!(
+                        "{:?} does not exist (add `create = {{ size = \"1G\" }}` to the \
+                         node to have it created as a sparse file)",
+                        o.path
+                    ),
+                )),
+            };
+        }
+    }
+    Ok(probe_node_paths(&n.spec)?)
+}
+
+/// Creates a sparse file of `size` bytes (and its directory).
+fn create_image(path: &Path, size: u64) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    if let Err(e) = file.set_len(size) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Changes node `current` in `next` into the file's (live, as UpdateNode
+/// and ResizeNode do); `false` when they are the same.
+fn change_node(
+    next: &mut State,
+    current: &NodeSpec,
+    n: &ConfigNode,
+    summary: &mut Summary,
+    touched: &mut BTreeSet<String>,
+) -> Result<bool, ApiError> {
+    let name = &n.spec.name;
+    let change = plan_change(current, &n.spec).map_err(|e| not_live(e, "node", name))?;
+    let Some(change) = change else {
+        return Ok(false);
+    };
+    if let Some((sized, changes)) = &change.update {
+        let limits_changed = changes.iter().any(|c| c == "throttle limits");
+        let mut specs = vec![(current.clone(), sized.clone())];
+        if limits_changed {
+            specs.extend(group_members_with(next, sized));
+        }
+        let replace: BTreeMap<String, NodeSpec> = specs
+            .iter()
+            .map(|(_, new)| (new.name.clone(), new.clone()))
+            .collect();
+        next.graph = replace_specs(&next.graph, &replace)?;
+        for (_, new) in &specs {
+            touched.insert(new.name.clone());
+            if &new.name != name {
+                summary.updated_nodes.push((
+                    new.name.clone(),
+                    vec![format!("throttle limits (group, via node {name:?})")],
+                ));
+            }
+        }
+        summary.updated_nodes.push((name.clone(), changes.clone()));
+    }
+    if let Some(size) = change.resize {
+        let plan =
+            reopen::plan_resize(next, name, size).map_err(|e| not_live(e.into(), "node", name))?;
+        if let Some(plan) = plan {
+            let replace: BTreeMap<String, NodeSpec> = plan
+                .specs
+                .iter()
+                .map(|(_, new)| (new.name.clone(), new.clone()))
+                .collect();
+            next.graph = replace_specs(&next.graph, &replace)?;
+            touched.extend(replace.keys().cloned());
+            for (node, old, new) in reopen::recompute_sizes(next, &plan.bottom)? {
+                touched.insert(node.clone());
+                summary.resized_nodes.push((node, old, new));
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// An export of the file against `next`: `None` when it exists with the
+/// same settings, the normalized export when it is new (and passes
+/// AddExport's checks against `scratch`, the state plus the file's new
+/// exports so far), or why not.
+fn check_export(
+    next: &State,
+    scratch: &mut State,
+    e: &ConfigExport,
+) -> Result<Option<VhostUserBlkExport>, ApiError> {
+    let desired = validate_export(&e.export)?;
+    if let Some(rec) = next.exports.get(&desired.id) {
+        let cur = &rec.export;
+        let differs: [(&str, String, String); 8] = [
+            (
+                "export.node",
+                format!("{:?}", cur.node),
+                format!("{:?}", desired.node),
+            ),
+            (
+                "export.socket",
+                format!("{:?}", cur.socket),
+                format!("{:?}", desired.socket),
+            ),
+            (
+                "export.num_queues",
+                cur.num_queues.to_string(),
+                desired.num_queues.to_string(),
+            ),
+            (
+                "export.queue_size",
+                cur.queue_size.to_string(),
+                desired.queue_size.to_string(),
+            ),
+            (
+                "export.logical_block_size",
+                cur.logical_block_size.to_string(),
+                desired.logical_block_size.to_string(),
+            ),
+            (
+                "export.writable",
+                cur.writable.to_string(),
+                desired.writable.to_string(),
+            ),
+            (
+                "export.serial",
+                format!("{:?}", cur.serial),
+                format!("{:?}", desired.serial),
+            ),
+            (
+                "export.spread_queues",
+                cur.spread_queues.to_string(),
+                desired.spread_queues.to_string(),
+            ),
+        ];
+        if let Some((field, is, wants)) = differs.into_iter().find(|(_, a, b)| a != b) {
+            return Err(not_live(
+                invalid(
+                    field,
+                    format!("cannot change live (is {is}, the file says {wants})"),
+                ),
+                "export",
+                &desired.id,
+            ));
+        }
+        return Ok(None);
+    }
+    let export = check_new_export(scratch, &desired)?;
+    scratch.exports.insert(
+        export.id.clone(),
+        ExportRecord {
+            export: export.clone(),
+            queues: Vec::new(),
+            generation: 0,
+        },
+    );
+    Ok(Some(export))
+}
+
+impl Summary {
+    /// Logs what reconciling did.
+    pub(crate) fn log(&self, file: &str) {
+        for (node, path, size) in &self.created {
+            tracing::info!(config = file, %node, %path, size, "created a sparse image");
+        }
+        for node in &self.pruned_exports {
+            tracing::info!(config = file, export = %node, "export removed: not in the configuration (--config-prune)");
+        }
+        for node in &self.pruned_nodes {
+            tracing::info!(config = file, %node, "node removed: not in the configuration (--config-prune)");
+        }
+        for node in &self.added_nodes {
+            tracing::info!(config = file, %node, "node added from the configuration");
+        }
+        for (node, changes) in &self.updated_nodes {
+            tracing::info!(config = file, %node, ?changes, "node updated from the configuration");
+        }
+        for (node, old, new) in &self.resized_nodes {
+            tracing::info!(config = file, %node, old, new, "node resized from the configuration");
+        }
+        if !self.bumped.is_empty() {
+            tracing::info!(config = file, exports = ?self.bumped, "exports reopen live when their frontend reconnects");
+        }
+        for (name, managed) in &self.kept_nodes {
+            if *managed {
+                tracing::warn!(config = file, node = %name, "node came from a configuration file but is not in this one; kept (remove it with blkmeshctl, or start with --config-prune)");
+            } else {
+                tracing::info!(config = file, node = %name, "node added through the API is not in the configuration; kept (--config-prune removes it)");
+            }
+        }
+        for (name, managed) in &self.kept_exports {
+            if *managed {
+                tracing::warn!(config = file, export = %name, "export came from a configuration file but is not in this one; kept (remove it with blkmeshctl, or start with --config-prune)");
+            } else {
+                tracing::info!(config = file, export = %name, "export added through the API is not in the configuration; kept (--config-prune removes it)");
+            }
+        }
+        tracing::info!(
+            config = file,
+            added = self.added_nodes.len(),
+            updated = self.updated_nodes.len() + self.resized_nodes.len(),
+            unchanged_nodes = self.unchanged_nodes.len(),
+            unchanged_exports = self.unchanged_exports.len(),
+            kept = self.kept_nodes.len() + self.kept_exports.len(),
+            pruned = self.pruned_nodes.len() + self.pruned_exports.len(),
+            "configuration applied"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmesh_proto::v1::{Bucket, NullOptions, RawOptions, ThrottleLimits, ThrottleOptions};
+
+    fn null(size: u64, latency_ns: u64) -> NodeSpec {
+        NodeSpec {
+            name: "n".into(),
+            driver: Some(Driver::Null(NullOptions { size, latency_ns })),
+        }
+    }
+
+    fn raw(size: u64) -> NodeSpec {
+        NodeSpec {
+            name: "r".into(),
+            driver: Some(Driver::Raw(RawOptions {
+                child: "n".into(),
+                offset: 0,
+                size,
+            })),
+        }
+    }
+
+    fn throttle(limits: ThrottleLimits) -> NodeSpec {
+        NodeSpec {
+            name: "t".into(),
+            driver: Some(Driver::Throttle(ThrottleOptions {
+                child: "n".into(),
+                limits: Some(limits),
+                group: String::new(),
+            })),
+        }
+    }
+
+    #[test]
+    fn same_settings_change_nothing() {
+        assert_eq!(plan_change(&null(512, 0), &null(512, 0)).unwrap(), None);
+        // Absent buckets and unlimited ones are the same limits.
+        let a = ThrottleLimits {
+            iops_total: Some(Bucket { rate: 5, burst: 0 }),
+            bps_read: Some(Bucket { rate: 0, burst: 0 }),
+            ..Default::default()
+        };
+        let b = ThrottleLimits {
+            iops_total: Some(Bucket { rate: 5, burst: 0 }),
+            ..Default::default()
+        };
+        assert_eq!(plan_change(&throttle(a), &throttle(b)).unwrap(), None);
+    }
+
+    #[test]
+    fn options_update_and_sizes_resize() {
+        let c = plan_change(&null(512, 0), &null(1024, 7)).unwrap().unwrap();
+        assert_eq!(c.resize, Some(1024));
+        let (spec, changes) = c.update.unwrap();
+        // The update keeps the current size; the resize makes the new one.
+        assert_eq!(spec, null(512, 7));
+        assert_eq!(changes, ["latency"]);
+        let c = plan_change(&raw(4096), &raw(8192)).unwrap().unwrap();
+        assert_eq!((c.update, c.resize), (None, Some(8192)));
+        let c = plan_change(
+            &throttle(ThrottleLimits {
+                iops_total: Some(Bucket { rate: 5, burst: 0 }),
+                ..Default::default()
+            }),
+            &throttle(ThrottleLimits {
+                iops_total: Some(Bucket { rate: 6, burst: 0 }),
+                ..Default::default()
+            }),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.update.unwrap().1, ["throttle limits"]);
+    }
+
+    #[test]
+    fn what_cannot_change_live_is_refused() {
+        // A window to the end of its child and an explicit one differ in kind.
+        let e = plan_change(&raw(0), &raw(4096)).unwrap_err().to_string();
+        assert!(e.contains("node.raw.size: cannot change live"), "{e}");
+        let e = plan_change(&null(512, 0), &raw(512))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node.driver"), "{e}");
+        let e = not_live(plan_change(&raw(0), &raw(4096)).unwrap_err(), "node", "r");
+        let (field, problem) = split_api_error(&e);
+        assert_eq!(field, "node.raw.size");
+        assert!(
+            problem.ends_with(
+                ": remove node \"r\" first (start the manager without --config and run \
+                 `blkmeshctl node remove r`), or give the file's node another name"
+            ),
+            "{problem}"
+        );
+    }
+}

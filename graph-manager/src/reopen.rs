@@ -1,0 +1,817 @@
+//! The pure half of `UpdateNode` and `ResizeNode`: what an update changes
+//! (and whether it may), how a resize walks down a node's chain, and the
+//! sizes of a node and its ancestors afterwards. The RPC handlers in
+//! `service.rs` add locking, persistence, plan pushes and waiting.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+
+use blkmesh_graph::{
+    driver_name, normalize_throttle_limits, raw_window_size, Graph, GraphError, ObjectKind,
+    SECTOR_SIZE,
+};
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{NodeSpec, ThrottleLimits};
+
+use crate::state::State;
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn cannot_change(field: &'static str, what: &str) -> GraphError {
+    GraphError::invalid(
+        field,
+        format!("cannot be changed by UpdateNode ({what}); only options can"),
+    )
+}
+
+/// The changes `new` makes to `old` (same name), as human-readable items
+/// ("read-only on", "throttle limits", ...), or why it may not: the driver,
+/// children, paths, throttle group, raw window, null size and every option
+/// of a zoned node are fixed (`INVALID_ARGUMENT` naming the field; sizes
+/// change with ResizeNode, except in graphs with a zoned node).
+/// Both specs must be valid.
+pub(crate) fn update_changes(old: &NodeSpec, new: &NodeSpec) -> Result<Vec<String>, GraphError> {
+    let mut changes = Vec::new();
+    let mut flag = |what: &str, a: bool, b: bool| {
+        if a != b {
+            changes.push(format!("{what} {}", on_off(b)));
+        }
+    };
+    let path = |field: &'static str, a: &str, b: &str| {
+        if a == b {
+            Ok(())
+        } else {
+            Err(cannot_change(field, &format!("is {a:?}, got {b:?}")))
+        }
+    };
+    let child = |field: &'static str, a: &str, b: &str| {
+        if a == b {
+            Ok(())
+        } else {
+            Err(cannot_change(
+                field,
+                &format!("child is {a:?}, got {b:?}; add a new node instead"),
+            ))
+        }
+    };
+    match (&old.driver, &new.driver) {
+        (Some(Driver::IoUring(a)), Some(Driver::IoUring(b))) => {
+            path("node.io_uring.path", &a.path, &b.path)?;
+            flag("read-only", a.read_only, b.read_only);
+            flag("direct", a.direct, b.direct);
+        }
+        (Some(Driver::NvmeIoUring(a)), Some(Driver::NvmeIoUring(b))) => {
+            path("node.nvme_io_uring.path", &a.path, &b.path)?;
+            flag("read-only", a.read_only, b.read_only);
+        }
+        (Some(Driver::VirtioBlkVhostUser(a)), Some(Driver::VirtioBlkVhostUser(b))) => {
+            path("node.virtio_blk_vhost_user.path", &a.path, &b.path)?;
+            flag("read-only", a.read_only, b.read_only);
+        }
+        (Some(Driver::VirtioBlkVhostVdpa(a)), Some(Driver::VirtioBlkVhostVdpa(b))) => {
+            path("node.virtio_blk_vhost_vdpa.path", &a.path, &b.path)?;
+            flag("read-only", a.read_only, b.read_only);
+        }
+        (Some(Driver::Null(a)), Some(Driver::Null(b))) => {
+            if a.size != b.size {
+                return Err(GraphError::invalid(
+                    "node.null.size",
+                    format!(
+                        "is changed with ResizeNode, not UpdateNode (is {}, got {})",
+                        a.size, b.size
+                    ),
+                ));
+            }
+            if a.latency_ns != b.latency_ns {
+                changes.push("latency".to_string());
+            }
+        }
+        (Some(Driver::Raw(a)), Some(Driver::Raw(b))) => {
+            child("node.raw.child", &a.child, &b.child)?;
+            if a.offset != b.offset {
+                return Err(cannot_change(
+                    "node.raw.offset",
+                    &format!("is {}, got {}", a.offset, b.offset),
+                ));
+            }
+            if a.size != b.size {
+                return Err(GraphError::invalid(
+                    "node.raw.size",
+                    format!(
+                        "is changed with ResizeNode, not UpdateNode (is {}, got {})",
+                        a.size, b.size
+                    ),
+                ));
+            }
+        }
+        (Some(Driver::Throttle(a)), Some(Driver::Throttle(b))) => {
+            child("node.throttle.child", &a.child, &b.child)?;
+            if a.group != b.group {
+                return Err(cannot_change(
+                    "node.throttle.group",
+                    &format!("is {:?}, got {:?}", a.group, b.group),
+                ));
+            }
+            if !same_limits(&a.limits, &b.limits) {
+                changes.push("throttle limits".to_string());
+            }
+        }
+        (Some(Driver::Zoned(a)), Some(Driver::Zoned(b))) => {
+            crate::zoned::update_conflict(a, b)?;
+        }
+        (Some(Driver::FaultInjection(a)), Some(Driver::FaultInjection(b))) => {
+            child("node.fault_injection.child", &a.child, &b.child)?;
+            if a.rules != b.rules {
+                changes.push("fault rules".to_string());
+            }
+            if a.max_transfer != b.max_transfer {
+                changes.push("max transfer".to_string());
+            }
+            if a.max_segments != b.max_segments {
+                changes.push("max segments".to_string());
+            }
+            if a.buf_alignment != b.buf_alignment {
+                changes.push("buf alignment".to_string());
+            }
+        }
+        (_, None) => {
+            return Err(GraphError::invalid(
+                "node.driver",
+                "must be set (the node's current driver)",
+            ))
+        }
+        _ => {
+            return Err(cannot_change(
+                "node.driver",
+                &format!(
+                    "node {:?} is {}, got {}",
+                    old.name,
+                    driver_name(old),
+                    driver_name(new)
+                ),
+            ))
+        }
+    }
+    Ok(changes)
+}
+
+/// Whether two throttle limits are equivalent (absent buckets are unlimited).
+pub(crate) fn same_limits(a: &Option<ThrottleLimits>, b: &Option<ThrottleLimits>) -> bool {
+    normalize_throttle_limits(&a.unwrap_or_default())
+        == normalize_throttle_limits(&b.unwrap_or_default())
+}
+
+/// The request field of a node's own read-only option.
+pub(crate) fn read_only_field(spec: &NodeSpec) -> &'static str {
+    match &spec.driver {
+        Some(Driver::IoUring(_)) => "node.io_uring.read_only",
+        Some(Driver::NvmeIoUring(_)) => "node.nvme_io_uring.read_only",
+        Some(Driver::VirtioBlkVhostUser(_)) => "node.virtio_blk_vhost_user.read_only",
+        Some(Driver::VirtioBlkVhostVdpa(_)) => "node.virtio_blk_vhost_vdpa.read_only",
+        None
+        | Some(Driver::Null(_))
+        | Some(Driver::Raw(_))
+        | Some(Driver::Throttle(_))
+        | Some(Driver::FaultInjection(_))
+        | Some(Driver::Zoned(_)) => "node",
+    }
+}
+
+/// `graph` with the specs in `replace` (by name) swapped in, checked by
+/// the same rules as a loaded graph (validation, children, throttle groups).
+pub(crate) fn replace_specs(
+    graph: &Graph,
+    replace: &BTreeMap<String, NodeSpec>,
+) -> Result<Graph, GraphError> {
+    Graph::from_specs(
+        graph
+            .iter()
+            .map(|spec| replace.get(&spec.name).unwrap_or(spec).clone()),
+    )
+}
+
+/// `nodes` and every node above them.
+pub(crate) fn with_ancestors<'a>(
+    graph: &'a Graph,
+    nodes: impl IntoIterator<Item = &'a str>,
+) -> BTreeSet<&'a str> {
+    let mut above = BTreeSet::new();
+    let mut stack: Vec<&str> = nodes.into_iter().collect();
+    while let Some(name) = stack.pop() {
+        if above.insert(name) {
+            stack.extend(graph.users_of(name));
+        }
+    }
+    above
+}
+
+/// The exports whose graph contains one of `nodes`, by id.
+pub(crate) fn exports_over<'a>(
+    state: &'a State,
+    nodes: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let above = with_ancestors(&state.graph, nodes);
+    state
+        .exports
+        .values()
+        .filter(|r| above.contains(r.export.node.as_str()))
+        .map(|r| r.export.id.clone())
+        .collect()
+}
+
+/// The io_uring leaf at the bottom of a resize: its file is extended (or
+/// its block device re-read) outside the manager's lock.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LeafGrow {
+    /// The io_uring node.
+    pub node: String,
+    pub path: String,
+    pub read_only: bool,
+    /// Size in bytes it must have at least.
+    pub size: u64,
+}
+
+/// What a resize changes: new specs (null and raw sizes) and possibly an
+/// io_uring leaf to grow. `bottom` is the lowest node whose size changes.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ResizePlan {
+    pub old_size: u64,
+    /// Each changed node: (spec before, spec after).
+    pub specs: Vec<(NodeSpec, NodeSpec)>,
+    pub leaf: Option<LeafGrow>,
+    pub bottom: String,
+}
+
+fn not_found(name: &str) -> GraphError {
+    GraphError::NotFound {
+        field: "name",
+        kind: ObjectKind::Node,
+        name: name.to_string(),
+    }
+}
+
+/// Plans growing node `name` to `size` bytes (validated: a non-zero
+/// multiple of 512). `None`: it already has that size.
+pub(crate) fn plan_resize(
+    state: &State,
+    name: &str,
+    size: u64,
+) -> Result<Option<ResizePlan>, GraphError> {
+    if !state.graph.contains(name) {
+        return Err(not_found(name));
+    }
+    if let Some(why) = crate::zoned::resize_conflict(&state.graph, name) {
+        return Err(GraphError::precondition("name", why));
+    }
+    let old_size = state.sizes.get(name).copied().unwrap_or(0);
+    if size < old_size {
+        return Err(GraphError::precondition(
+            "size",
+            format!(
+                "node {name:?} is {old_size} bytes; it can only grow (got {size}); \
+                 shrinking is not supported"
+            ),
+        ));
+    }
+    if size == old_size {
+        return Ok(None);
+    }
+    let mut specs = Vec::new();
+    let mut leaf = None;
+    let mut cur = name.to_string();
+    let mut target = size;
+    let under = |cur: &str| {
+        if cur == name {
+            String::new()
+        } else {
+            format!(" (under node {name:?})")
+        }
+    };
+    loop {
+        let spec = state.graph.get(&cur).ok_or_else(|| not_found(&cur))?;
+        let next_child = match &spec.driver {
+            None => {
+                return Err(GraphError::invalid("node.driver", "must be set"));
+            }
+            Some(Driver::Null(_)) => {
+                let mut new = spec.clone();
+                if let Some(Driver::Null(n)) = &mut new.driver {
+                    n.size = target;
+                }
+                specs.push((spec.clone(), new));
+                None
+            }
+            Some(Driver::Raw(o)) if o.size != 0 => {
+                let child_size = state.sizes.get(&o.child).copied().unwrap_or(0);
+                let end = o.offset.checked_add(target).ok_or_else(|| {
+                    GraphError::invalid(
+                        "size",
+                        format!("offset {} + size {target} overflows", o.offset),
+                    )
+                })?;
+                // A child of unknown size (0) is checked by the worker when it opens it.
+                if child_size != 0 && end > child_size {
+                    return Err(GraphError::precondition(
+                        "size",
+                        format!(
+                            "raw node {cur:?}{}: window {}+{target} does not fit in child \
+                             {:?} of {child_size} bytes; resize the child first",
+                            under(&cur),
+                            o.offset,
+                            o.child
+                        ),
+                    ));
+                }
+                let mut new = spec.clone();
+                if let Some(Driver::Raw(n)) = &mut new.driver {
+                    n.size = target;
+                }
+                specs.push((spec.clone(), new));
+                None
+            }
+            Some(Driver::Raw(o)) => {
+                target = o.offset.checked_add(target).ok_or_else(|| {
+                    GraphError::invalid(
+                        "size",
+                        format!("offset {} + size {target} overflows", o.offset),
+                    )
+                })?;
+                Some(o.child.clone())
+            }
+            Some(Driver::Throttle(o)) => Some(o.child.clone()),
+            Some(Driver::FaultInjection(o)) => Some(o.child.clone()),
+            // Refused above (`resize_conflict`); kept for exhaustiveness.
+            Some(Driver::Zoned(_)) => {
+                return Err(GraphError::precondition(
+                    "name",
+                    format!("node {cur:?}{} is zoned: it cannot be resized", under(&cur)),
+                ));
+            }
+            Some(Driver::IoUring(o)) => {
+                leaf = Some(LeafGrow {
+                    node: cur.clone(),
+                    path: o.path.clone(),
+                    read_only: o.read_only,
+                    size: target,
+                });
+                None
+            }
+            Some(
+                Driver::NvmeIoUring(_)
+                | Driver::VirtioBlkVhostUser(_)
+                | Driver::VirtioBlkVhostVdpa(_),
+            ) => {
+                return Err(GraphError::precondition(
+                    "name",
+                    format!(
+                        "node {cur:?}{} is a {} node: it cannot grow",
+                        under(&cur),
+                        driver_name(spec)
+                    ),
+                ));
+            }
+        };
+        match next_child {
+            // A child already big enough (sizes are kept consistent, so
+            // only after an outside change) needs nothing.
+            Some(child) if state.sizes.get(&child).copied().unwrap_or(0) >= target => break,
+            Some(child) => cur = child,
+            None => break,
+        }
+    }
+    Ok(Some(ResizePlan {
+        old_size,
+        specs,
+        leaf,
+        bottom: cur,
+    }))
+}
+
+/// Extends the regular file at `leaf.path` to at least `leaf.size` bytes,
+/// or checks that the block device there has grown to at least that; returns
+/// the new size in bytes (whole sectors).
+pub(crate) fn grow_io_uring_path(leaf: &LeafGrow) -> Result<u64, GraphError> {
+    const FIELD: &str = "name";
+    let path = &leaf.path;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        GraphError::precondition(
+            FIELD,
+            format!("node {:?}: cannot stat {path:?}: {e}", leaf.node),
+        )
+    })?;
+    let ft = meta.file_type();
+    let size = if ft.is_file() {
+        if meta.len() < leaf.size {
+            if leaf.read_only {
+                return Err(GraphError::precondition(
+                    FIELD,
+                    format!(
+                        "node {:?} is read-only: its file {path:?} is not extended",
+                        leaf.node
+                    ),
+                ));
+            }
+            let f = OpenOptions::new().write(true).open(path).map_err(|e| {
+                GraphError::precondition(
+                    FIELD,
+                    format!(
+                        "node {:?}: cannot open {path:?} to extend it: {e}",
+                        leaf.node
+                    ),
+                )
+            })?;
+            f.set_len(leaf.size).map_err(|e| {
+                GraphError::precondition(
+                    FIELD,
+                    format!(
+                        "node {:?}: cannot extend {path:?} to {} bytes: {e}",
+                        leaf.node, leaf.size
+                    ),
+                )
+            })?;
+            f.sync_all().map_err(|e| {
+                GraphError::precondition(
+                    FIELD,
+                    format!("node {:?}: cannot sync {path:?}: {e}", leaf.node),
+                )
+            })?;
+        }
+        std::fs::metadata(path)
+            .map_err(|e| {
+                GraphError::precondition(
+                    FIELD,
+                    format!("node {:?}: cannot stat {path:?}: {e}", leaf.node),
+                )
+            })?
+            .len()
+    } else {
+        use std::os::unix::fs::FileTypeExt;
+        if !ft.is_block_device() {
+            return Err(GraphError::precondition(
+                FIELD,
+                format!(
+                    "node {:?}: {path:?} is no longer a regular file or block device",
+                    leaf.node
+                ),
+            ));
+        }
+        let mut f = File::open(path).map_err(|e| {
+            GraphError::precondition(
+                FIELD,
+                format!("node {:?}: cannot open {path:?}: {e}", leaf.node),
+            )
+        })?;
+        let size = f.seek(SeekFrom::End(0)).map_err(|e| {
+            GraphError::precondition(
+                FIELD,
+                format!("node {:?}: cannot get the size of {path:?}: {e}", leaf.node),
+            )
+        })?;
+        if size < leaf.size {
+            return Err(GraphError::precondition(
+                "size",
+                format!(
+                    "node {:?}: block device {path:?} is {size} bytes, smaller than {}; \
+                     grow the device first",
+                    leaf.node, leaf.size
+                ),
+            ));
+        }
+        size
+    };
+    Ok(size - size % SECTOR_SIZE)
+}
+
+/// Recomputes the sizes of `bottom` and every node above it from their
+/// children (io_uring and device leaves keep theirs). Returns the nodes
+/// whose size changed: (name, old, new), bottom first.
+pub(crate) fn recompute_sizes(
+    state: &mut State,
+    bottom: &str,
+) -> Result<Vec<(String, u64, u64)>, GraphError> {
+    let mut changed = Vec::new();
+    let mut cur = Some(bottom.to_string());
+    // At most one parent each and no cycles: the walk ends at a root.
+    let mut steps = 0;
+    while let Some(name) = cur {
+        steps += 1;
+        if steps > state.graph.len() + 1 {
+            break;
+        }
+        let spec = state.graph.get(&name).ok_or_else(|| not_found(&name))?;
+        let old = state.sizes.get(&name).copied().unwrap_or(0);
+        let child_size = |child: &str| state.sizes.get(child).copied().unwrap_or(0);
+        let new = match &spec.driver {
+            Some(Driver::Null(o)) => o.size,
+            Some(Driver::Raw(o)) => match child_size(&o.child) {
+                0 => o.size,
+                n => raw_window_size(o, n).map_err(|e| {
+                    GraphError::precondition("size", format!("raw node {name:?}: {e}"))
+                })?,
+            },
+            Some(Driver::Throttle(o)) => child_size(&o.child),
+            Some(Driver::FaultInjection(o)) => child_size(&o.child),
+            Some(Driver::Zoned(o)) => crate::zoned::zoned_size(o, child_size(&o.child)),
+            None
+            | Some(Driver::IoUring(_))
+            | Some(Driver::NvmeIoUring(_))
+            | Some(Driver::VirtioBlkVhostUser(_))
+            | Some(Driver::VirtioBlkVhostVdpa(_)) => old,
+        };
+        if new != old {
+            state.sizes.insert(name.clone(), new);
+            changed.push((name.clone(), old, new));
+        }
+        cur = state.graph.users_of(&name).first().map(|s| s.to_string());
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmesh_graph::ErrorClass;
+    use blkmesh_proto::v1::{
+        Bucket, FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, RawOptions,
+        ThrottleOptions,
+    };
+
+    fn null(name: &str, size: u64, latency_ns: u64) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Null(NullOptions { size, latency_ns })),
+        }
+    }
+
+    fn file(name: &str, path: &str, read_only: bool, direct: bool) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: path.into(),
+                direct,
+                read_only,
+            })),
+        }
+    }
+
+    fn raw(name: &str, child: &str, offset: u64, size: u64) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Raw(RawOptions {
+                child: child.into(),
+                offset,
+                size,
+            })),
+        }
+    }
+
+    fn throttle(name: &str, child: &str, iops: u64, group: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::Throttle(ThrottleOptions {
+                child: child.into(),
+                limits: Some(ThrottleLimits {
+                    iops_total: Some(Bucket {
+                        rate: iops,
+                        burst: 0,
+                    }),
+                    ..Default::default()
+                }),
+                group: group.into(),
+            })),
+        }
+    }
+
+    fn faults(name: &str, child: &str, max_transfer: u64) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
+                child: child.into(),
+                rules: vec![],
+                max_transfer,
+                max_segments: 0,
+                buf_alignment: 0,
+            })),
+        }
+    }
+
+    #[test]
+    fn update_changes_lists_option_changes() {
+        assert_eq!(
+            update_changes(&file("f", "/a", false, false), &file("f", "/a", true, true)).unwrap(),
+            ["read-only on", "direct on"]
+        );
+        assert_eq!(
+            update_changes(&null("n", 512, 0), &null("n", 512, 5)).unwrap(),
+            ["latency"]
+        );
+        assert_eq!(
+            update_changes(&throttle("t", "c", 1, ""), &throttle("t", "c", 2, "")).unwrap(),
+            ["throttle limits"]
+        );
+        assert_eq!(
+            update_changes(&faults("x", "c", 0), &faults("x", "c", 4096)).unwrap(),
+            ["max transfer"]
+        );
+        assert!(update_changes(&null("n", 512, 0), &null("n", 512, 0))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn update_refuses_fixed_fields() {
+        let field = |old: NodeSpec, new: NodeSpec| {
+            let e = update_changes(&old, &new).unwrap_err();
+            assert_eq!(e.class(), ErrorClass::InvalidArgument, "{e}");
+            e.field()
+        };
+        assert_eq!(
+            field(file("f", "/a", false, false), file("f", "/b", false, false)),
+            Some("node.io_uring.path")
+        );
+        assert_eq!(
+            field(file("f", "/a", false, false), null("f", 512, 0)),
+            Some("node.driver")
+        );
+        assert_eq!(
+            field(null("n", 512, 0), null("n", 1024, 0)),
+            Some("node.null.size")
+        );
+        assert_eq!(
+            field(raw("r", "a", 0, 0), raw("r", "b", 0, 0)),
+            Some("node.raw.child")
+        );
+        assert_eq!(
+            field(raw("r", "a", 0, 0), raw("r", "a", 512, 0)),
+            Some("node.raw.offset")
+        );
+        assert_eq!(
+            field(throttle("t", "c", 1, "g"), throttle("t", "c", 1, "h")),
+            Some("node.throttle.group")
+        );
+        assert_eq!(
+            field(faults("x", "c", 0), faults("x", "d", 0)),
+            Some("node.fault_injection.child")
+        );
+        let nvme = |p: &str| NodeSpec {
+            name: "n".into(),
+            driver: Some(Driver::NvmeIoUring(NvmeIoUringOptions {
+                path: p.into(),
+                read_only: false,
+            })),
+        };
+        assert_eq!(
+            field(nvme("/dev/ng0n1"), nvme("/dev/ng1n1")),
+            Some("node.nvme_io_uring.path")
+        );
+    }
+
+    fn state(specs: Vec<NodeSpec>, sizes: &[(&str, u64)]) -> State {
+        State {
+            graph: Graph::from_specs(specs).unwrap(),
+            sizes: sizes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resize_walks_down_filters_and_open_raw_windows() {
+        let s = state(
+            vec![
+                file("f", "/img", false, false),
+                raw("r", "f", 4096, 0),
+                throttle("t", "r", 10, ""),
+                faults("x", "t", 0),
+            ],
+            &[
+                ("f", 1 << 20),
+                ("r", (1 << 20) - 4096),
+                ("t", (1 << 20) - 4096),
+                ("x", (1 << 20) - 4096),
+            ],
+        );
+        let plan = plan_resize(&s, "x", 2 << 20).unwrap().unwrap();
+        assert!(plan.specs.is_empty());
+        assert_eq!(plan.bottom, "f");
+        let leaf = plan.leaf.unwrap();
+        assert_eq!((leaf.node.as_str(), leaf.size), ("f", (2 << 20) + 4096));
+        assert_eq!(plan.old_size, (1 << 20) - 4096);
+
+        assert_eq!(plan_resize(&s, "x", (1 << 20) - 4096).unwrap(), None);
+        let e = plan_resize(&s, "x", 4096).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert_eq!(
+            plan_resize(&s, "nope", 4096).unwrap_err().class(),
+            ErrorClass::NotFound
+        );
+    }
+
+    #[test]
+    fn resize_sets_null_and_explicit_raw_sizes() {
+        let mut s = state(
+            vec![
+                null("n", 1 << 20, 0),
+                raw("r", "n", 512, 4096),
+                throttle("t", "r", 10, ""),
+            ],
+            &[("n", 1 << 20), ("r", 4096), ("t", 4096)],
+        );
+        let plan = plan_resize(&s, "t", 8192).unwrap().unwrap();
+        assert_eq!(plan.specs.len(), 1);
+        assert_eq!(plan.specs[0].1, raw("r", "n", 512, 8192));
+        assert_eq!(plan.bottom, "r");
+        let e = plan_resize(&s, "t", 1 << 20).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert!(e.to_string().contains("does not fit"), "{e}");
+
+        let plan = plan_resize(&s, "n", 2 << 20).unwrap().unwrap();
+        assert_eq!(plan.specs[0].1, null("n", 2 << 20, 0));
+        // Apply it and recompute: the explicit raw window keeps its size.
+        let mut replace = BTreeMap::new();
+        replace.insert("n".to_string(), plan.specs[0].1.clone());
+        s.graph = replace_specs(&s.graph, &replace).unwrap();
+        let changed = recompute_sizes(&mut s, "n").unwrap();
+        assert_eq!(changed, [("n".to_string(), 1 << 20, 2 << 20)]);
+    }
+
+    #[test]
+    fn recompute_sizes_walks_up_open_windows() {
+        let mut s = state(
+            vec![
+                null("n", 2 << 20, 0),
+                raw("r", "n", 1024, 0),
+                faults("x", "r", 0),
+            ],
+            &[
+                ("n", 1 << 20),
+                ("r", (1 << 20) - 1024),
+                ("x", (1 << 20) - 1024),
+            ],
+        );
+        let changed = recompute_sizes(&mut s, "n").unwrap();
+        assert_eq!(
+            changed,
+            [
+                ("n".to_string(), 1 << 20, 2 << 20),
+                ("r".to_string(), (1 << 20) - 1024, (2 << 20) - 1024),
+                ("x".to_string(), (1 << 20) - 1024, (2 << 20) - 1024),
+            ]
+        );
+    }
+
+    #[test]
+    fn device_leaves_cannot_grow() {
+        let s = state(
+            vec![
+                NodeSpec {
+                    name: "nv".into(),
+                    driver: Some(Driver::NvmeIoUring(NvmeIoUringOptions {
+                        path: "/dev/ng0n1".into(),
+                        read_only: false,
+                    })),
+                },
+                throttle("t", "nv", 5, ""),
+            ],
+            &[("nv", 4096), ("t", 4096)],
+        );
+        let e = plan_resize(&s, "t", 8192).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        assert!(e.to_string().contains("cannot grow"), "{e}");
+    }
+
+    #[test]
+    fn grows_regular_files_and_refuses_read_only_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let leaf = LeafGrow {
+            node: "f".into(),
+            path: path.to_str().unwrap().into(),
+            read_only: false,
+            size: 1 << 20,
+        };
+        assert_eq!(grow_io_uring_path(&leaf).unwrap(), 1 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        let ro = LeafGrow {
+            read_only: true,
+            size: 2 << 20,
+            ..leaf.clone()
+        };
+        let e = grow_io_uring_path(&ro).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::FailedPrecondition);
+        // Already big enough: nothing to write, even when read-only.
+        let ro_small = LeafGrow {
+            read_only: true,
+            size: 4096,
+            ..leaf
+        };
+        assert_eq!(grow_io_uring_path(&ro_small).unwrap(), 1 << 20);
+    }
+}
