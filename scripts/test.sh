@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/deps.sh
 
+# The suite writes images under TMPDIR and builds about 4 GB into target/;
+# a full disk shows up as EIO far from its cause, so say up front.
+echo "== free space"
+df -h "${TMPDIR:-/tmp}" "${CARGO_TARGET_DIR:-target}" 2>/dev/null || df -h .
+
 echo "== rustfmt"
 cargo fmt --all -- --check
 

@@ -92,6 +92,19 @@ impl Qsd {
         std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
     }
 
+    /// What to print when a request failed: qemu-storage-daemon's log and
+    /// the free space where its image lives (a full disk turns writes into
+    /// EIO and can leave blkmesh-io unable to write its own stderr).
+    fn diagnostics(&self) -> String {
+        let df = Command::new("df")
+            .arg("-h")
+            .arg(self.dir.path())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("df: {e}"));
+        format!("qsd log:\n{}\nfree space:\n{df}", self.log())
+    }
+
     /// Runs blkmesh-io with `--socket` and `args`, bounded by RUN_TIMEOUT.
     fn run(&self, args: &[&str]) -> Output {
         run_tool(&self.socket, args, self.dir.path())
@@ -303,7 +316,7 @@ fn verify_passes_on_two_queues() {
         "--seed",
         "7",
     ]);
-    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.code, 0, "{out:?}\n{}", qsd.diagnostics());
     assert!(out.stdout.contains("verify: queue 0:"), "{out:?}");
     assert!(out.stdout.contains("verify: queue 1:"), "{out:?}");
     assert!(out.stdout.contains(" 0 errors, 0 mismatches"), "{out:?}");
@@ -329,7 +342,7 @@ fn bench_reports_json() {
             "0.1",
             "--json",
         ]);
-        assert_eq!(out.code, 0, "{out:?}");
+        assert_eq!(out.code, 0, "{out:?}\n{}", qsd.diagnostics());
         let v: serde_json::Value =
             serde_json::from_str(out.stdout.trim()).expect("one JSON object");
         assert_eq!(v["rw"], rw);
