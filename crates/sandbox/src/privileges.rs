@@ -39,8 +39,12 @@ pub fn resolve_identity(spec: &str) -> Result<Identity, SandboxError> {
     };
     let (uid, primary) = match user.parse::<u32>() {
         Ok(n) => {
+            // A numeric uid needs no passwd entry; the entry (if any) only
+            // supplies the primary group. A failed lookup (static binaries
+            // in an image without /etc/passwd or NSS get ENOENT) is the same
+            // as no entry: `UID:GID` works, a bare `UID` asks for a group.
             let uid = Uid::from_raw(n);
-            (uid, lookup(User::from_uid(uid))?.map(|u| u.gid))
+            (uid, User::from_uid(uid).ok().flatten().map(|u| u.gid))
         }
         Err(_) => match lookup(User::from_name(user))? {
             Some(u) => (u.uid, Some(u.gid)),
