@@ -25,15 +25,15 @@ use blkmesh_proto::v1::Event;
 use blkmesh_proto::v1::{
     AddExportRequest, AddExportResponse, AddNodeRequest, AddNodeResponse, DrainWorkerRequest,
     DrainWorkerResponse, ExportInfo, ExportPlan, ExportState, ExportStateEvent, ExportStatus,
-    FrontendEvent, FrontendHello, GetNodeRequest, GetNodeResponse, ListExportsRequest,
-    ListExportsResponse, ListNodesRequest, ListNodesResponse, ListWorkersRequest,
-    ListWorkersResponse, MoveNodeRequest, MoveNodeResponse, MoveQueueRequest, MoveQueueResponse,
-    MovedQueue, NodeInfo, NodeResizedEvent, NodeSpec, NodeUpdatedEvent, QueueAssignment,
-    QueueEndpoint, RemoveExportRequest, RemoveExportResponse, RemoveNodeRequest,
-    RemoveNodeResponse, ReportExportResponse, ResizeNodeRequest, ResizeNodeResponse,
-    UpdateNodeRequest, UpdateNodeResponse, VhostUserBlkExport, WorkerAccepted, WorkerEvent,
-    WorkerHello, WorkerInfo, WorkerState, ZoneCommand, ZoneCommandDone, ZoneCommandDoneResponse,
-    ZoneInfo,
+    FrontendEvent, FrontendHello, FrontendInfo, GetNodeRequest, GetNodeResponse,
+    ListExportsRequest, ListExportsResponse, ListFrontendsRequest, ListFrontendsResponse,
+    ListNodesRequest, ListNodesResponse, ListWorkersRequest, ListWorkersResponse, MoveNodeRequest,
+    MoveNodeResponse, MoveQueueRequest, MoveQueueResponse, MovedQueue, NodeInfo, NodeResizedEvent,
+    NodeSpec, NodeUpdatedEvent, QueueAssignment, QueueEndpoint, RemoveExportRequest,
+    RemoveExportResponse, RemoveNodeRequest, RemoveNodeResponse, ReportExportResponse,
+    ResizeNodeRequest, ResizeNodeResponse, UpdateNodeRequest, UpdateNodeResponse,
+    VhostUserBlkExport, WorkerAccepted, WorkerEvent, WorkerHello, WorkerInfo, WorkerState,
+    ZoneCommand, ZoneCommandDone, ZoneCommandDoneResponse, ZoneInfo,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -2501,8 +2501,60 @@ impl FrontendApi {
     }
 }
 
+impl FrontendApi {
+    /// Every frontend seen since the manager started, with the exports each
+    /// one last reported on (current generation only).
+    fn list(&self) -> ListFrontendsResponse {
+        let inner = self.0.lock();
+        let mut frontends: BTreeMap<&str, FrontendInfo> = inner
+            .frontends
+            .iter()
+            .map(|(name, conn)| {
+                let info = FrontendInfo {
+                    name: name.clone(),
+                    connected: conn.tx.is_some(),
+                    ..Default::default()
+                };
+                (name.as_str(), info)
+            })
+            .collect();
+        // export_rt is a BTreeMap: the lists come out sorted by id.
+        for (id, rt) in &inner.export_rt {
+            let Some(report) = rt.report.as_ref() else {
+                continue;
+            };
+            let current = inner
+                .state
+                .exports
+                .get(id)
+                .is_some_and(|rec| rec.generation == report.generation);
+            let Some(info) = frontends.get_mut(report.frontend.as_str()) else {
+                continue;
+            };
+            if !current {
+                continue;
+            }
+            match report.state {
+                ExportState::Serving => info.serving.push(id.clone()),
+                ExportState::Failed => info.failed.push(id.clone()),
+                ExportState::Pending | ExportState::Unspecified => info.pending.push(id.clone()),
+            }
+        }
+        ListFrontendsResponse {
+            frontends: frontends.into_values().collect(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl FrontendService for FrontendApi {
+    async fn list_frontends(
+        &self,
+        _request: Request<ListFrontendsRequest>,
+    ) -> Result<Response<ListFrontendsResponse>, Status> {
+        Ok(Response::new(self.list()))
+    }
+
     async fn report_export(
         &self,
         request: Request<ExportStatus>,

@@ -1179,3 +1179,101 @@ async fn device_export_size_comes_from_the_serving_frontend() {
     );
     m.stop().await.unwrap();
 }
+
+async fn list_frontends(c: &mut Clients) -> Vec<FrontendInfo> {
+    c.frontends
+        .list_frontends(ListFrontendsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .frontends
+}
+
+/// Polls ListFrontends until `pick` is satisfied (reports arrive after the
+/// upserts the fake frontend sees).
+async fn wait_frontends(
+    c: &mut Clients,
+    pick: impl Fn(&[FrontendInfo]) -> bool,
+) -> Vec<FrontendInfo> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let list = list_frontends(c).await;
+        if pick(&list) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ListFrontends never matched: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn list_frontends_shows_who_serves_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), APPLY).await;
+    let mut c = connect(&m).await;
+    assert!(list_frontends(&mut c).await.is_empty(), "none seen yet");
+    let _w = register_worker(&mut c).await;
+    add_node(&mut c, null("a", 1 << 20)).await;
+    add_node(&mut c, null("b", 1 << 20)).await;
+    add_node(&mut c, null("c", 1 << 20)).await;
+    // fe0 serves "a" and fails "b"; fe1 answers nothing.
+    let fe0 = FakeFrontend::start(
+        &c,
+        "fe0",
+        Box::new(|plan| {
+            let state = match plan.export.as_ref().unwrap().id.as_str() {
+                "b" => ExportState::Failed,
+                _ => ExportState::Serving,
+            };
+            Some((state, String::new()))
+        }),
+    )
+    .await;
+    let fe1 = FakeFrontend::start(&c, "fe1", silent()).await;
+    add_export(&mut c, export("a", "a", true)).await.unwrap();
+    add_export(&mut c, export("b", "b", true))
+        .await
+        .unwrap_err();
+    let list = wait_frontends(&mut c, |l| l.len() == 2 && !l[0].serving.is_empty()).await;
+    assert_eq!(
+        list,
+        [
+            FrontendInfo {
+                name: "fe0".into(),
+                connected: true,
+                serving: vec!["a".into()],
+                ..Default::default()
+            },
+            FrontendInfo {
+                name: "fe1".into(),
+                connected: true,
+                ..Default::default()
+            },
+        ]
+    );
+    // A failed AddExport removed "b": nothing reports on it any more.
+    assert!(list[0].failed.is_empty());
+
+    // Gone frontends stay listed as disconnected, with nothing served.
+    drop(fe0);
+    let list = wait_frontends(&mut c, |l| !l[0].connected).await;
+    assert_eq!(list[0].name, "fe0");
+    assert!(list[0].serving.is_empty(), "{list:?}");
+    assert!(list[1].connected, "{list:?}");
+    // A frontend that cannot open the export it is handed at registration
+    // reports it FAILED, and is listed so.
+    let _fe2 = FakeFrontend::start(
+        &c,
+        "fe2",
+        Box::new(|_| Some((ExportState::Failed, "no such file".into()))),
+    )
+    .await;
+    let list = wait_frontends(&mut c, |l| l.len() == 3 && !l[2].failed.is_empty()).await;
+    assert_eq!(list[2].failed, ["a"], "{list:?}");
+    assert!(list[2].serving.is_empty() && list[2].pending.is_empty());
+    drop(fe1);
+    m.stop().await.unwrap();
+}

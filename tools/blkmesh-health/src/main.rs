@@ -2,7 +2,7 @@
 //! `healthcheck`, Kubernetes `exec` probes).
 //!
 //! ```text
-//! blkmesh-health [--manager URL] [--worker NAME]... [--frontend]
+//! blkmesh-health [--manager URL] [--worker NAME]... [--frontend NAME]...
 //! ```
 //!
 //! Exits 0 when the manager's `grpc.health.v1` service answers SERVING and
@@ -10,12 +10,10 @@
 //!
 //! - `--worker NAME`: `WorkerService.ListWorkers` lists NAME as ALIVE (the
 //!   worker holds its registration stream open);
-//! - `--frontend`: no export is waiting for a frontend. The API has no list
-//!   of frontends, so this is read from the exports: while no frontend is
-//!   registered the manager reports every export as PENDING with "no
-//!   frontend connected". With no export at all nothing tells whether a
-//!   frontend is registered, and only the manager is checked (the output
-//!   says so).
+//! - `--frontend NAME`: `FrontendService.ListFrontends` lists NAME as
+//!   connected (the frontend holds its registration stream open). Exports
+//!   it failed to open are named in the output but do not make it
+//!   unhealthy: restarting the frontend would not mend a missing file.
 //!
 //! Exit status: 0 healthy, 1 unhealthy or unreachable, 2 usage errors. One
 //! line on stdout says what was checked (docker keeps it in
@@ -26,17 +24,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use blkmesh_proto::client::{status_message, ClientConfig, ManagerChannel};
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
+use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
-use blkmesh_proto::v1::{ExportState, ListExportsRequest, ListWorkersRequest, WorkerState};
+use blkmesh_proto::v1::{ListFrontendsRequest, ListWorkersRequest, WorkerState};
 use clap::Parser;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-/// What the manager says about exports while no frontend is registered
-/// (`graph-manager/src/service.rs`, `Inner::export_state`).
-const NO_FRONTEND: &str = "no frontend connected";
 
 /// Health probe: exits 0 if the blkmesh manager is SERVING and the asked-for
 /// worker(s) and frontend are registered with it.
@@ -54,10 +48,9 @@ struct Args {
     /// Also require this worker to be registered and ALIVE (repeatable).
     #[arg(long, value_name = "NAME")]
     worker: Vec<String>,
-    /// Also require a frontend to be registered, as far as the exports show
-    /// it (with no export, only the manager is checked).
-    #[arg(long)]
-    frontend: bool,
+    /// Also require this frontend to be registered (repeatable).
+    #[arg(long, value_name = "NAME")]
+    frontend: Vec<String>,
     /// Give up after this many milliseconds (connection and calls).
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     timeout_ms: u64,
@@ -157,8 +150,8 @@ async fn probe(args: &Args, timeout: Duration) -> Result<Vec<String>, Unhealthy>
     if !args.worker.is_empty() {
         report.extend(workers(&channel, &args.worker).await?);
     }
-    if args.frontend {
-        report.push(frontend(&channel).await?);
+    if !args.frontend.is_empty() {
+        report.extend(frontends(&channel, &args.frontend).await?);
     }
     Ok(report)
 }
@@ -204,31 +197,34 @@ async fn workers(channel: &ManagerChannel, names: &[String]) -> Result<Vec<Strin
     Ok(out)
 }
 
-async fn frontend(channel: &ManagerChannel) -> Result<String, Unhealthy> {
-    let exports = ExportServiceClient::new(channel.clone())
-        .list_exports(ListExportsRequest {})
+async fn frontends(channel: &ManagerChannel, names: &[String]) -> Result<Vec<String>, Unhealthy> {
+    let list = FrontendServiceClient::new(channel.clone())
+        .list_frontends(ListFrontendsRequest {})
         .await
-        .map_err(|s| Unhealthy(format!("ListExports: {}", status_message(&s))))?
+        .map_err(|s| Unhealthy(format!("ListFrontends: {}", status_message(&s))))?
         .into_inner()
-        .exports;
-    if exports.is_empty() {
-        return Ok("frontend not checked (no export; the API does not list frontends)".into());
+        .frontends;
+    let mut out = Vec::new();
+    for name in names {
+        match list.iter().find(|f| &f.name == name) {
+            None => return Err(Unhealthy(format!("frontend {name} is not registered"))),
+            Some(f) if !f.connected => {
+                return Err(Unhealthy(format!("frontend {name} is gone")));
+            }
+            Some(f) => {
+                let mut line = format!(
+                    "frontend {name} connected ({} exports serving",
+                    f.serving.len()
+                );
+                if !f.failed.is_empty() {
+                    line.push_str(&format!(", failed: {}", f.failed.join(", ")));
+                }
+                line.push(')');
+                out.push(line);
+            }
+        }
     }
-    let waiting = exports
-        .iter()
-        .find(|e| e.state == ExportState::Pending as i32 && e.message.starts_with(NO_FRONTEND));
-    if let Some(e) = waiting {
-        let id = e.export.as_ref().map(|x| x.id.as_str()).unwrap_or("?");
-        return Err(Unhealthy(format!("{NO_FRONTEND} (export {id} is pending)")));
-    }
-    let serving = exports
-        .iter()
-        .filter(|e| e.state == ExportState::Serving as i32)
-        .count();
-    Ok(format!(
-        "frontend connected ({serving} of {} exports serving)",
-        exports.len()
-    ))
+    Ok(out)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

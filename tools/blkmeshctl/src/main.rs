@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use blkmesh_proto::client::{ClientConfig, ClientError, ManagerChannel};
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
+use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
@@ -31,12 +32,12 @@ use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::zone_service_client::ZoneServiceClient;
 use blkmesh_proto::v1::{
     AddExportRequest, AddNodeRequest, Bucket, DrainWorkerRequest, FaultInjectionOptions, FaultRule,
-    GetNodeRequest, GetStatsRequest, IoUringOptions, ListExportsRequest, ListNodesRequest,
-    ListWorkersRequest, ManageZoneRequest, MoveNodeRequest, MoveQueueRequest, NodeInfo, NodeSpec,
-    NullOptions, NvmeIoUringOptions, RawOptions, RemoveExportRequest, RemoveNodeRequest,
-    ReportZonesRequest, ResizeNodeRequest, ThrottleLimits, ThrottleOptions, UpdateNodeRequest,
-    VhostUserBlkExport, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, WatchEventsRequest,
-    ZoneAction, ZonedOptions,
+    GetNodeRequest, GetStatsRequest, IoUringOptions, ListExportsRequest, ListFrontendsRequest,
+    ListNodesRequest, ListWorkersRequest, ManageZoneRequest, MoveNodeRequest, MoveQueueRequest,
+    NodeInfo, NodeSpec, NullOptions, NvmeIoUringOptions, RawOptions, RemoveExportRequest,
+    RemoveNodeRequest, ReportZonesRequest, ResizeNodeRequest, ThrottleLimits, ThrottleOptions,
+    UpdateNodeRequest, VhostUserBlkExport, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
+    WatchEventsRequest, ZoneAction, ZonedOptions,
 };
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
@@ -100,6 +101,9 @@ enum Command {
     /// Backend workers.
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// vhost-user-blk frontends (the processes serving the exports).
+    #[command(subcommand)]
+    Frontend(FrontendCmd),
     /// Zones of an export over a zoned node (run by the frontend serving it).
     #[command(subcommand)]
     Zone(ZoneCmd),
@@ -562,6 +566,13 @@ struct ZoneAt {
 }
 
 #[derive(Debug, Subcommand)]
+enum FrontendCmd {
+    /// List the frontends the manager has seen since it started, and the
+    /// exports each serves, waits for or failed to open.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
 enum WorkerCmd {
     /// List workers.
     List,
@@ -755,6 +766,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Node(cmd) => node(cmd, channel, out).await,
         Command::Export(cmd) => export(cmd, channel, out).await,
         Command::Worker(cmd) => worker(cmd, channel, out).await,
+        Command::Frontend(FrontendCmd::List) => {
+            let frontends = FrontendServiceClient::new(channel)
+                .list_frontends(ListFrontendsRequest {})
+                .await?
+                .into_inner()
+                .frontends;
+            out.frontends(&frontends);
+            Ok(())
+        }
         Command::Zone(cmd) => zone(cmd, channel, out).await,
         Command::Stats { exports, nodes } => {
             // Given only one kind of filter, show only that kind.

@@ -3,8 +3,9 @@
 use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
-    Bucket, ExportInfo, ExportState, FaultRule, MovedQueue, NodeInfo, ReportZonesResponse,
-    ThrottleLimits, WorkerInfo, WorkerState, Zone, ZoneCondition, ZoneInfo, ZoneModel, ZoneType,
+    Bucket, ExportInfo, ExportState, FaultRule, FrontendInfo, MovedQueue, NodeInfo,
+    ReportZonesResponse, ThrottleLimits, WorkerInfo, WorkerState, Zone, ZoneCondition, ZoneInfo,
+    ZoneModel, ZoneType,
 };
 use serde::Serialize;
 
@@ -357,6 +358,15 @@ struct WorkerView {
     pid: u32,
     state: &'static str,
     queues: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct FrontendView<'a> {
+    name: &'a str,
+    state: &'static str,
+    serving: &'a [String],
+    pending: &'a [String],
+    failed: &'a [String],
 }
 
 fn node_view(n: &NodeInfo) -> NodeView {
@@ -882,6 +892,35 @@ impl Output {
             })
             .collect();
         print_table(&["NAME", "STATE", "PID", "QUEUES", "SOCKET"], &rows);
+    }
+
+    pub fn frontends(&self, frontends: &[FrontendInfo]) {
+        let views: Vec<FrontendView> = frontends
+            .iter()
+            .map(|f| FrontendView {
+                name: &f.name,
+                state: if f.connected { "CONNECTED" } else { "GONE" },
+                serving: &f.serving,
+                pending: &f.pending,
+                failed: &f.failed,
+            })
+            .collect();
+        if self.json {
+            return print_json(&views);
+        }
+        let rows: Vec<Vec<String>> = views
+            .iter()
+            .map(|v| {
+                vec![
+                    v.name.to_string(),
+                    v.state.to_string(),
+                    list_or_dash(v.serving),
+                    list_or_dash(v.pending),
+                    list_or_dash(v.failed),
+                ]
+            })
+            .collect();
+        print_table(&["NAME", "STATE", "SERVING", "PENDING", "FAILED"], &rows);
     }
 
     /// The result of `worker drain` and `node move`: the queues a move changed; `nothing` is printed when there are none.
