@@ -681,8 +681,17 @@ fn open_blkio(
     }
     b.set_bool("read-only", read_only)
         .map_err(|e| OpenError::blkio(name, "read-only", e))?;
+    // io_uring refused to this process (a seccomp profile): say so.
+    let why = |mut e: OpenError| {
+        if leaf.driver.contains("io_uring") {
+            if let Err(why) = crate::probe::io_uring() {
+                e.message.push_str(&format!(" ({why})"));
+            }
+        }
+        e
+    };
     b.connect()
-        .map_err(|e| OpenError::blkio(name, &format!("open {path}"), e))?;
+        .map_err(|e| why(OpenError::blkio(name, &format!("open {path}"), e)))?;
     // Drivers that can add queues get one per attached virtqueue later;
     // the others get the export's queue count now (bounded by the device).
     let can_add = b.get_bool("can-add-queues").unwrap_or(false);
@@ -694,7 +703,9 @@ fn open_blkio(
     };
     b.set_i32("num-queues", n)
         .map_err(|e| OpenError::blkio(name, "num-queues", e))?;
-    let started = b.start().map_err(|e| OpenError::blkio(name, "start", e))?;
+    let started = b
+        .start()
+        .map_err(|e| why(OpenError::blkio(name, "start", e)))?;
     let pool = (!can_add).then(|| Arc::new(Mutex::new(started.queues)));
     Ok((b, pool))
 }

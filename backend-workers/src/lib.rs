@@ -18,6 +18,7 @@ pub mod bounce;
 pub mod connection;
 pub mod graph;
 pub mod memory;
+pub mod probe;
 pub mod queue;
 pub mod registration;
 pub mod split;

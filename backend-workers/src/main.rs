@@ -9,11 +9,15 @@ use clap::Parser;
 #[command(version)]
 struct Args {
     /// Unique worker name.
-    #[arg(long)]
-    name: String,
+    #[arg(long, required_unless_present = "check_io_uring")]
+    name: Option<String>,
     /// Unix socket to accept frontend connections on.
-    #[arg(long)]
-    socket: PathBuf,
+    #[arg(long, required_unless_present = "check_io_uring")]
+    socket: Option<PathBuf>,
+    /// Only check whether io_uring may be used here (a container's seccomp
+    /// profile can forbid it), print the answer and exit: 0 yes, 1 no.
+    #[arg(long, exclusive = true)]
+    check_io_uring: bool,
     /// Manager gRPC address to register with (e.g. http://127.0.0.1:50051,
     /// https://HOST:PORT or unix:/PATH).
     #[arg(long)]
@@ -51,6 +55,26 @@ struct Args {
 fn main() -> std::process::ExitCode {
     blkmesh_logging::init(true);
     let args = Args::parse();
+    if args.check_io_uring {
+        return match blkmesh_worker::probe::io_uring() {
+            Ok(()) => {
+                println!("io_uring: available");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(why) => {
+                println!("io_uring: unavailable: {why}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let (Some(name), Some(socket)) = (args.name, args.socket) else {
+        // clap requires both unless --check-io-uring.
+        eprintln!("blkmesh-worker: --name and --socket are required");
+        return std::process::ExitCode::from(2);
+    };
+    if let Err(why) = blkmesh_worker::probe::io_uring() {
+        tracing::warn!("{why}; io_uring and nvme-io_uring nodes will fail to open on this worker");
+    }
     if let Err(e) = blkmesh_proto::client::install_daemon_security(
         args.manager.as_deref(),
         args.manager_ca.clone(),
@@ -71,15 +95,14 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let config = blkmesh_worker::WorkerConfig {
-        name: args.name,
-        socket: args.socket.clone(),
+        name,
+        socket: socket.clone(),
         manager: args.manager,
         sandbox: args.sandbox,
         user: args.user,
     };
     // SIGTERM/SIGINT: remove the socket and exit; in-flight I/O of a dying
     // worker is the frontend's to resubmit.
-    let socket = args.socket;
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

@@ -130,7 +130,11 @@ pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
 /// The leaf's side of one queue: a libblkio queue, or the null leaf.
 fn backend(leaf: &Leaf) -> Result<Backend, QueueError> {
     Ok(match leaf {
-        Leaf::Blkio { blkio, pool, .. } => {
+        Leaf::Blkio {
+            blkio,
+            pool,
+            driver,
+        } => {
             let q = match pool {
                 Some(pool) => pool
                     .lock()
@@ -141,7 +145,16 @@ fn backend(leaf: &Leaf) -> Result<Backend, QueueError> {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .add_queue(false)
-                    .map_err(|e| QueueError::Blkio(e.message().to_string()))?,
+                    .map_err(|e| {
+                        let mut msg = e.message().to_string();
+                        // io_uring refused to this process (a seccomp profile).
+                        if driver.contains("io_uring") {
+                            if let Err(why) = crate::probe::io_uring() {
+                                msg.push_str(&format!(" ({why})"));
+                            }
+                        }
+                        QueueError::Blkio(msg)
+                    })?,
             };
             Backend::Blkio {
                 q: Some(q),
