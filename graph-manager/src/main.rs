@@ -25,7 +25,7 @@ const AFTER_HELP: &str = r#"Security (everything off by default: plaintext, no t
                            --metrics stay open for probes.
 The unix socket (--unix, mode 0600) is never TLS.
 
-Configuration file (--config FILE, or $BLKMESH_CONFIG): nodes and exports in
+Configuration file (--config FILE, or $BLKMESH_CONFIG; empty = none): nodes and exports in
 TOML, applied at start and reconciled with state.json. deploy/config/blkmesh.toml
 is a commented example of every key; in short:
 
@@ -100,12 +100,12 @@ struct Args {
     token_file: Option<PathBuf>,
     /// Apply this configuration file (TOML) at start: add what the state
     /// lacks, change live what differs, refuse to start on any error (exit
-    /// status 2). See below.
-    #[arg(long, value_name = "FILE", env = "BLKMESH_CONFIG")]
+    /// status 2). See below. Without it, $BLKMESH_CONFIG unless empty.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// With --config: remove the nodes and exports the file does not name
-    /// (exports first) instead of keeping them.
-    #[arg(long, requires = "config")]
+    /// With a configuration file: remove the nodes and exports the file
+    /// does not name (exports first) instead of keeping them.
+    #[arg(long)]
     config_prune: bool,
     /// Log filter, e.g. `info` or `blkmesh_manager=debug` (default: $RUST_LOG, else info).
     #[arg(long, value_name = "FILTER")]
@@ -117,7 +117,21 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // Not clap's `env`: an empty $BLKMESH_CONFIG means no file (compose
+    // turns the default off with `BLKMESH_CONFIG=`), not an empty path.
+    if args.config.is_none() {
+        args.config = std::env::var_os("BLKMESH_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+    }
+    if args.config_prune && args.config.is_none() {
+        eprintln!(
+            "blkmesh-manager: error: --config-prune needs a configuration file \
+             (--config FILE or $BLKMESH_CONFIG)"
+        );
+        return ExitCode::from(2);
+    }
     let filter = match &args.log {
         Some(f) => EnvFilter::try_new(f),
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),

@@ -918,4 +918,17 @@ fn the_binary_exits_2_with_every_located_error() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    // An empty $BLKMESH_CONFIG is no file at all (compose's way to turn its
+    // default off), so --config-prune still has nothing to prune by.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blkmesh-manager"))
+        .args(["--state-dir", s.state.to_str().unwrap(), "--config-prune"])
+        .env("BLKMESH_CONFIG", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--config-prune needs a configuration file"),
+        "{stderr}"
+    );
 }
