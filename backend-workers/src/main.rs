@@ -22,30 +22,8 @@ struct Args {
     /// https://HOST:PORT or unix:/PATH).
     #[arg(long)]
     manager: Option<String>,
-    /// CA certificate (PEM) that signed the manager's TLS certificate; needed
-    /// for an https:// manager address.
-    #[arg(long, value_name = "FILE", env = "BLKMESH_MANAGER_CA")]
-    manager_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a manager that requires one (mutual TLS).
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "BLKMESH_CLIENT_CERT",
-        requires = "manager_key"
-    )]
-    manager_cert: Option<PathBuf>,
-    /// Private key (PEM) of --manager-cert.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "BLKMESH_CLIENT_KEY",
-        requires = "manager_cert"
-    )]
-    manager_key: Option<PathBuf>,
-    /// File holding the bearer token the manager requires (sent as
-    /// `authorization: Bearer <token>`).
-    #[arg(long, value_name = "FILE", env = "BLKMESH_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    security: blkmesh_proto::client::ManagerSecurityArgs,
     #[command(flatten)]
     sandbox: blkmesh_sandbox::SandboxArgs,
     #[command(flatten)]
@@ -75,13 +53,7 @@ fn main() -> std::process::ExitCode {
     if let Err(why) = blkmesh_worker::probe::io_uring() {
         tracing::warn!("{why}; io_uring and nvme-io_uring nodes will fail to open on this worker");
     }
-    if let Err(e) = blkmesh_proto::client::install_daemon_security(
-        args.manager.as_deref(),
-        args.manager_ca.clone(),
-        args.manager_cert.clone(),
-        args.manager_key.clone(),
-        args.token_file.clone(),
-    ) {
+    if let Err(e) = args.security.install(args.manager.as_deref()) {
         eprintln!("blkmesh-worker: {e}");
         return std::process::ExitCode::from(2);
     }

@@ -1,5 +1,3 @@
-use std::path::PathBuf;
-
 use clap::Parser;
 
 /// blkmesh frontend: serves vhost-user-blk exports (a vhost-user back-end).
@@ -12,30 +10,8 @@ struct Args {
     /// Name to register under.
     #[arg(long, default_value = "frontend0")]
     name: String,
-    /// CA certificate (PEM) that signed the manager's TLS certificate; needed
-    /// for an https:// manager address.
-    #[arg(long, value_name = "FILE", env = "BLKMESH_MANAGER_CA")]
-    manager_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a manager that requires one (mutual TLS).
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "BLKMESH_CLIENT_CERT",
-        requires = "manager_key"
-    )]
-    manager_cert: Option<PathBuf>,
-    /// Private key (PEM) of --manager-cert.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "BLKMESH_CLIENT_KEY",
-        requires = "manager_cert"
-    )]
-    manager_key: Option<PathBuf>,
-    /// File holding the bearer token the manager requires (sent as
-    /// `authorization: Bearer <token>`).
-    #[arg(long, value_name = "FILE", env = "BLKMESH_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    security: blkmesh_proto::client::ManagerSecurityArgs,
     #[command(flatten)]
     sandbox: blkmesh_sandbox::SandboxArgs,
     #[command(flatten)]
@@ -45,13 +21,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     blkmesh_logging::init(true);
     let args = Args::parse();
-    if let Err(e) = blkmesh_proto::client::install_daemon_security(
-        Some(&args.manager),
-        args.manager_ca.clone(),
-        args.manager_cert.clone(),
-        args.manager_key.clone(),
-        args.token_file.clone(),
-    ) {
+    if let Err(e) = args.security.install(Some(&args.manager)) {
         eprintln!("blkmesh-frontend: {e}");
         return std::process::ExitCode::from(2);
     }

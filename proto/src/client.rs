@@ -262,6 +262,60 @@ impl fmt::Debug for ClientConfig {
 
 static PROCESS_DEFAULTS: OnceLock<ClientConfig> = OnceLock::new();
 
+/// The flags every process that talks to the manager takes for TLS and
+/// the bearer token (flatten into a clap parser; `cli` feature).
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ManagerSecurityArgs {
+    /// CA certificate (PEM) that signed the manager's TLS certificate; needed
+    /// for an https:// manager address.
+    #[arg(long, value_name = "FILE", env = "BLKMESH_MANAGER_CA")]
+    pub manager_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a manager that requires one (mutual TLS).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BLKMESH_CLIENT_CERT",
+        requires = "manager_key"
+    )]
+    pub manager_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --manager-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BLKMESH_CLIENT_KEY",
+        requires = "manager_cert"
+    )]
+    pub manager_key: Option<std::path::PathBuf>,
+    /// File holding the bearer token the manager requires (sent as
+    /// `authorization: Bearer <token>`).
+    #[arg(long, value_name = "FILE", env = "BLKMESH_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+#[cfg(feature = "cli")]
+impl ManagerSecurityArgs {
+    /// `config` with these options added.
+    pub fn apply(&self, mut config: ClientConfig) -> ClientConfig {
+        config.ca_file = self.manager_ca.clone().or(config.ca_file);
+        config.cert_file = self.manager_cert.clone().or(config.cert_file);
+        config.key_file = self.manager_key.clone().or(config.key_file);
+        config.token_file = self.token_file.clone().or(config.token_file);
+        config
+    }
+
+    /// [`install_daemon_security`] with these options.
+    pub fn install(&self, manager: Option<&str>) -> Result<(), ClientError> {
+        install_daemon_security(
+            manager,
+            self.manager_ca.clone(),
+            self.manager_cert.clone(),
+            self.manager_key.clone(),
+            self.token_file.clone(),
+        )
+    }
+}
+
 /// For a daemon (worker, frontend) at start: reads the security options
 /// once (later reconnections need no file access, the process may have
 /// dropped privileges by then), checks them against `manager` when given,

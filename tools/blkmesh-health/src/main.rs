@@ -19,7 +19,6 @@
 //! line on stdout says what was checked (docker keeps it in
 //! `docker inspect`'s health log).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,29 +53,8 @@ struct Args {
     /// Give up after this many milliseconds (connection and calls).
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     timeout_ms: u64,
-    /// CA certificate (PEM) of an https:// manager.
-    #[arg(long, value_name = "FILE", env = "BLKMESH_MANAGER_CA")]
-    manager_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a manager that requires one.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "BLKMESH_CLIENT_CERT",
-        requires = "manager_key"
-    )]
-    manager_cert: Option<PathBuf>,
-    /// Private key (PEM) of --manager-cert.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "BLKMESH_CLIENT_KEY",
-        requires = "manager_cert"
-    )]
-    manager_key: Option<PathBuf>,
-    /// File holding the manager's bearer token (needed for --worker and
-    /// --frontend when the manager requires one; the health service is open).
-    #[arg(long, value_name = "FILE", env = "BLKMESH_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    security: blkmesh_proto::client::ManagerSecurityArgs,
     /// Print nothing; only the exit status tells.
     #[arg(short, long)]
     quiet: bool,
@@ -125,19 +103,11 @@ fn main() -> ExitCode {
 }
 
 fn config(args: &Args, timeout: Duration) -> ClientConfig {
-    let mut c = ClientConfig::new(args.manager.clone())
-        .with_connect_timeout(timeout)
-        .with_timeout(timeout);
-    if let Some(ca) = &args.manager_ca {
-        c = c.with_ca_file(ca);
-    }
-    if let (Some(cert), Some(key)) = (&args.manager_cert, &args.manager_key) {
-        c = c.with_client_identity(cert, key);
-    }
-    if let Some(t) = &args.token_file {
-        c = c.with_token_file(t);
-    }
-    c
+    args.security.apply(
+        ClientConfig::new(args.manager.clone())
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout),
+    )
 }
 
 /// Runs the checks; returns what was found healthy, one item per check.
