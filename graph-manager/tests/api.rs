@@ -1,29 +1,19 @@
 //! In-process tests: a real manager on 127.0.0.1:0 driven by real tonic clients.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, ManagerError, RunningManager, STATE_FILE};
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::*;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
+mod common;
+use common::client::{connect, file, null, raw, within, Clients};
 
 /// How long calls wait for a frontend's report in most tests: the stand-in
 /// frontends of the older tests never report.
@@ -38,57 +28,6 @@ async fn start_with(dir: &Path, apply_timeout: Duration) -> RunningManager {
         .with_listen("127.0.0.1:0".parse().unwrap())
         .with_apply_timeout(apply_timeout);
     Manager::bind(config).await.unwrap().spawn()
-}
-
-struct Clients {
-    nodes: NodeServiceClient<Channel>,
-    exports: ExportServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
-    frontends: FrontendServiceClient<Channel>,
-}
-
-async fn connect(m: &RunningManager) -> Clients {
-    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
-        .await
-        .unwrap();
-    Clients {
-        nodes: NodeServiceClient::new(ch.clone()),
-        exports: ExportServiceClient::new(ch.clone()),
-        workers: WorkerServiceClient::new(ch.clone()),
-        frontends: FrontendServiceClient::new(ch),
-    }
-}
-
-fn null(name: &str, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Null(NullOptions {
-            size,
-            latency_ns: 0,
-        })),
-    }
-}
-
-fn raw(name: &str, child: &str, offset: u64, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Raw(RawOptions {
-            child: child.into(),
-            offset,
-            size,
-        })),
-    }
-}
-
-fn file(name: &str, path: &Path, read_only: bool) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::IoUring(IoUringOptions {
-            path: path.to_str().unwrap().into(),
-            direct: false,
-            read_only,
-        })),
-    }
 }
 
 fn export(id: &str, node: &str, socket: &str) -> VhostUserBlkExport {

@@ -3,29 +3,17 @@
 //! live-changeable differences are applied live, others stop the start with
 //! the located error, pruning, and exports waiting for the first worker.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, ManagerError, RunningManager, STATE_FILE};
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::*;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
+mod common;
+use common::client::{connect, within, Clients};
 
 /// A state directory, a directory for images and sockets, and the
 /// configuration file.
@@ -108,26 +96,6 @@ fn entry<'a>(v: &'a serde_json::Value, list: &str, key: &str, name: &str) -> &'a
         .iter()
         .find(|n| n[key] == name)
         .unwrap_or_else(|| panic!("{name} not in {list}: {v:#}"))
-}
-
-#[derive(Clone)]
-struct Clients {
-    nodes: NodeServiceClient<Channel>,
-    exports: ExportServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
-    frontends: FrontendServiceClient<Channel>,
-}
-
-async fn connect(m: &RunningManager) -> Clients {
-    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
-        .await
-        .unwrap();
-    Clients {
-        nodes: NodeServiceClient::new(ch.clone()),
-        exports: ExportServiceClient::new(ch.clone()),
-        workers: WorkerServiceClient::new(ch.clone()),
-        frontends: FrontendServiceClient::new(ch),
-    }
 }
 
 async fn register_worker(c: &mut Clients, name: &str) -> Streaming<WorkerEvent> {

@@ -2,32 +2,19 @@
 //! worker's queues move to the live workers (in-process manager, stand-in
 //! workers and frontends over the real gRPC API).
 
-use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager};
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::*;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
+mod common;
+use common::client::{connect, within, Clients};
 
 async fn start(dir: &Path, grace: Duration) -> RunningManager {
     let config = ManagerConfig::new(dir.to_path_buf())
@@ -35,27 +22,6 @@ async fn start(dir: &Path, grace: Duration) -> RunningManager {
         .with_apply_timeout(Duration::from_millis(100))
         .with_worker_grace(grace);
     Manager::bind(config).await.unwrap().spawn()
-}
-
-struct Clients {
-    nodes: NodeServiceClient<Channel>,
-    exports: ExportServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
-    frontends: FrontendServiceClient<Channel>,
-    stats: StatsServiceClient<Channel>,
-}
-
-async fn connect(m: &RunningManager) -> Clients {
-    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
-        .await
-        .unwrap();
-    Clients {
-        nodes: NodeServiceClient::new(ch.clone()),
-        exports: ExportServiceClient::new(ch.clone()),
-        workers: WorkerServiceClient::new(ch.clone()),
-        frontends: FrontendServiceClient::new(ch.clone()),
-        stats: StatsServiceClient::new(ch),
-    }
 }
 
 fn sock(worker: &str) -> String {

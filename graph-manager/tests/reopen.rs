@@ -2,96 +2,30 @@
 //! real manager in-process. Frontends are played by the tests: they open a
 //! `FrontendService.Register` stream and answer plans with `ReportExport`.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager, STATE_FILE};
 use blkmesh_proto::v1::event::Kind;
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::*;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-const WAIT: Duration = Duration::from_secs(10);
+mod common;
+use common::client::{connect, file, null, raw, within, Clients, WAIT};
+
 /// Apply timeout of most tests: long enough for an in-process fake
 /// frontend to answer, short enough when nobody does.
 const APPLY: Duration = Duration::from_millis(2000);
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
 
 async fn start(dir: &Path, apply: Duration) -> RunningManager {
     let config = ManagerConfig::new(dir.to_path_buf())
         .with_listen("127.0.0.1:0".parse().unwrap())
         .with_apply_timeout(apply);
     Manager::bind(config).await.unwrap().spawn()
-}
-
-#[derive(Clone)]
-struct Clients {
-    nodes: NodeServiceClient<Channel>,
-    exports: ExportServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
-    frontends: FrontendServiceClient<Channel>,
-    stats: StatsServiceClient<Channel>,
-}
-
-async fn connect(m: &RunningManager) -> Clients {
-    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
-        .await
-        .unwrap();
-    Clients {
-        nodes: NodeServiceClient::new(ch.clone()),
-        exports: ExportServiceClient::new(ch.clone()),
-        workers: WorkerServiceClient::new(ch.clone()),
-        frontends: FrontendServiceClient::new(ch.clone()),
-        stats: StatsServiceClient::new(ch),
-    }
-}
-
-fn null(name: &str, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Null(NullOptions {
-            size,
-            latency_ns: 0,
-        })),
-    }
-}
-
-fn raw(name: &str, child: &str, offset: u64, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Raw(RawOptions {
-            child: child.into(),
-            offset,
-            size,
-        })),
-    }
-}
-
-fn file(name: &str, path: &Path, read_only: bool) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::IoUring(IoUringOptions {
-            path: path.to_str().unwrap().into(),
-            direct: false,
-            read_only,
-        })),
-    }
 }
 
 fn iops(rate: u64) -> ThrottleLimits {

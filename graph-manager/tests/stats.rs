@@ -1,60 +1,25 @@
 //! StatsService, the event feed and the Prometheus endpoint: a real manager
 //! on 127.0.0.1:0, real tonic clients and real TCP connections.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager};
 use blkmesh_proto::v1::event::Kind;
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
+mod common;
+use common::client::{connect, within, Clients};
 
 async fn start(dir: &Path) -> RunningManager {
     let config = ManagerConfig::new(dir.to_path_buf())
         .with_listen("127.0.0.1:0".parse().unwrap())
         .with_metrics("127.0.0.1:0".parse().unwrap());
     Manager::bind(config).await.unwrap().spawn()
-}
-
-struct Clients {
-    nodes: NodeServiceClient<Channel>,
-    exports: ExportServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
-    frontends: FrontendServiceClient<Channel>,
-    stats: StatsServiceClient<Channel>,
-}
-
-async fn connect(m: &RunningManager) -> Clients {
-    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
-        .await
-        .unwrap();
-    Clients {
-        nodes: NodeServiceClient::new(ch.clone()),
-        exports: ExportServiceClient::new(ch.clone()),
-        workers: WorkerServiceClient::new(ch.clone()),
-        frontends: FrontendServiceClient::new(ch.clone()),
-        stats: StatsServiceClient::new(ch),
-    }
 }
 
 async fn add_null(c: &mut Clients, name: &str) {

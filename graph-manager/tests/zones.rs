@@ -3,36 +3,26 @@
 //! with `FrontendService.Register`, reports SERVING for every plan, and
 //! answers each `zone_command` with `ZoneCommandDone` as its policy says.
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager};
-use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
 use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::zone_command_done::Result as Answer;
-use blkmesh_proto::v1::zone_service_client::ZoneServiceClient;
 use blkmesh_proto::v1::*;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-const WAIT: Duration = Duration::from_secs(10);
+mod common;
+use common::client::{connect, null, raw, within, Clients, WAIT};
+
 const APPLY: Duration = Duration::from_millis(2000);
 const MIB: u64 = 1 << 20;
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
 
 async fn start(dir: &Path, apply: Duration) -> RunningManager {
     start_with(dir, apply, Duration::from_secs(3)).await
@@ -44,49 +34,6 @@ async fn start_with(dir: &Path, apply: Duration, grace: Duration) -> RunningMana
         .with_apply_timeout(apply)
         .with_worker_grace(grace);
     Manager::bind(config).await.unwrap().spawn()
-}
-
-#[derive(Clone)]
-struct Clients {
-    nodes: NodeServiceClient<Channel>,
-    exports: ExportServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
-    frontends: FrontendServiceClient<Channel>,
-    zones: ZoneServiceClient<Channel>,
-}
-
-async fn connect(m: &RunningManager) -> Clients {
-    let ch = within("connect", Channel::from_shared(m.url()).unwrap().connect())
-        .await
-        .unwrap();
-    Clients {
-        nodes: NodeServiceClient::new(ch.clone()),
-        exports: ExportServiceClient::new(ch.clone()),
-        workers: WorkerServiceClient::new(ch.clone()),
-        frontends: FrontendServiceClient::new(ch.clone()),
-        zones: ZoneServiceClient::new(ch),
-    }
-}
-
-fn null(name: &str, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Null(NullOptions {
-            size,
-            latency_ns: 0,
-        })),
-    }
-}
-
-fn raw(name: &str, child: &str, offset: u64, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Raw(RawOptions {
-            child: child.into(),
-            offset,
-            size,
-        })),
-    }
 }
 
 fn throttle(name: &str, child: &str) -> NodeSpec {
