@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 mod common;
-use common::client::{connect, file, null, raw, within, Clients};
+use common::client::{add_export, connect, file, get_node, null, raw, within, Clients};
 
 /// How long calls wait for a frontend's report in most tests: the stand-in
 /// frontends of the older tests never report.
@@ -44,13 +44,6 @@ async fn add_node(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::St
         .add_node(AddNodeRequest { node: Some(spec) })
         .await
         .map(|r| r.into_inner().node.unwrap())
-}
-
-async fn add_export(c: &mut Clients, e: VhostUserBlkExport) -> Result<ExportInfo, tonic::Status> {
-    c.exports
-        .add_export(AddExportRequest { export: Some(e) })
-        .await
-        .map(|r| r.into_inner().export.unwrap())
 }
 
 async fn register_worker(c: &mut Clients, name: &str, socket: &str) -> Streaming<WorkerEvent> {
@@ -723,16 +716,6 @@ fn errno_rule(errno: i32) -> FaultRule {
         action: Some(fault_rule::Action::Errno(errno)),
         ..Default::default()
     }
-}
-
-async fn get_node(c: &mut Clients, name: &str) -> NodeInfo {
-    c.nodes
-        .get_node(GetNodeRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .node
-        .unwrap()
 }
 
 async fn list_nodes(c: &mut Clients) -> Vec<NodeInfo> {

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tonic::{Code, Streaming};
 
 mod common;
-use common::client::{connect, file, null, raw, within, Clients, WAIT};
+use common::client::{add_export, connect, file, get_node, null, raw, within, Clients, WAIT};
 
 /// Apply timeout of most tests: long enough for an in-process fake
 /// frontend to answer, short enough when nobody does.
@@ -77,13 +77,6 @@ async fn add_node(c: &mut Clients, spec: NodeSpec) -> NodeInfo {
         .unwrap()
 }
 
-async fn add_export(c: &mut Clients, e: VhostUserBlkExport) -> Result<ExportInfo, tonic::Status> {
-    c.exports
-        .add_export(AddExportRequest { export: Some(e) })
-        .await
-        .map(|r| r.into_inner().export.unwrap())
-}
-
 async fn update(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::Status> {
     c.nodes
         .update_node(UpdateNodeRequest { node: Some(spec) })
@@ -99,16 +92,6 @@ async fn resize(c: &mut Clients, name: &str, size: u64) -> Result<NodeInfo, toni
         })
         .await
         .map(|r| r.into_inner().node.unwrap())
-}
-
-async fn get_node(c: &mut Clients, name: &str) -> NodeInfo {
-    c.nodes
-        .get_node(GetNodeRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .node
-        .unwrap()
 }
 
 async fn list_exports(c: &mut Clients) -> Vec<ExportInfo> {

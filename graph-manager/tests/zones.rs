@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 mod common;
-use common::client::{connect, null, raw, within, Clients, WAIT};
+use common::client::{add_export, connect, get_node, null, raw, within, Clients, WAIT};
 
 const APPLY: Duration = Duration::from_millis(2000);
 const MIB: u64 = 1 << 20;
@@ -102,23 +102,6 @@ async fn add_node(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::St
         .add_node(AddNodeRequest { node: Some(spec) })
         .await
         .map(|r| r.into_inner().node.unwrap())
-}
-
-async fn get_node(c: &mut Clients, name: &str) -> NodeInfo {
-    c.nodes
-        .get_node(GetNodeRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .node
-        .unwrap()
-}
-
-async fn add_export(c: &mut Clients, e: VhostUserBlkExport) -> Result<ExportInfo, tonic::Status> {
-    c.exports
-        .add_export(AddExportRequest { export: Some(e) })
-        .await
-        .map(|r| r.into_inner().export.unwrap())
 }
 
 async fn exports(c: &mut Clients) -> Vec<ExportInfo> {

@@ -13,7 +13,10 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::zone_service_client::ZoneServiceClient;
-use blkmesh_proto::v1::{IoUringOptions, NodeSpec, NullOptions, RawOptions};
+use blkmesh_proto::v1::{
+    AddExportRequest, ExportInfo, GetNodeRequest, IoUringOptions, NodeInfo, NodeSpec, NullOptions,
+    RawOptions, VhostUserBlkExport,
+};
 use tonic::transport::Channel;
 
 /// How long any single wait in a test may take.
@@ -82,4 +85,24 @@ pub fn file(name: &str, path: &Path, read_only: bool) -> NodeSpec {
             read_only,
         })),
     }
+}
+
+pub async fn add_export(
+    c: &mut Clients,
+    e: VhostUserBlkExport,
+) -> Result<ExportInfo, tonic::Status> {
+    c.exports
+        .add_export(AddExportRequest { export: Some(e) })
+        .await
+        .map(|r| r.into_inner().export.unwrap())
+}
+
+pub async fn get_node(c: &mut Clients, name: &str) -> NodeInfo {
+    c.nodes
+        .get_node(GetNodeRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap()
 }
