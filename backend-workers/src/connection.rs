@@ -52,7 +52,10 @@ pub fn serve(channel: Channel, worker: &str) {
                 break;
             }
         };
-        let reply = conn.handle(req, fds);
+        let id = req.id;
+        let mut reply = conn.handle(req, fds);
+        // Echoed so the frontend can tell this reply from a late one.
+        reply.id = id;
         if let Err(e) = channel.send(&reply, &[]) {
             tracing::warn!(worker, "replying: {e}");
             break;
@@ -70,12 +73,14 @@ fn failure(errno: i32, message: impl Into<String>) -> ipc::Reply {
             errno,
             message: message.into(),
         })),
+        id: 0,
     }
 }
 
 fn ok() -> ipc::Reply {
     ipc::Reply {
         result: Some(ReplyResult::Ok(ipc::Ok {})),
+        id: 0,
     }
 }
 
@@ -103,6 +108,7 @@ impl Conn {
                             result: Some(ReplyResult::Opened(ipc::Opened {
                                 limits: Some(limits),
                             })),
+                            id: 0,
                         }
                     }
                     Err(e) => failure(e.errno, e.message),
@@ -273,6 +279,7 @@ impl Conn {
 fn zones_reply(zones: Vec<Zone>) -> ipc::Reply {
     ipc::Reply {
         result: Some(ReplyResult::Zones(ipc::Zones { zones })),
+        id: 0,
     }
 }
 
@@ -367,6 +374,7 @@ mod tests {
         let r = c.handle(
             ipc::Request {
                 msg: Some(Msg::Open(ipc::OpenExport { plan: Some(plan) })),
+                id: 1,
             },
             vec![],
         );
@@ -389,6 +397,7 @@ mod tests {
                     offset,
                     max_zones,
                 })),
+                id: 1,
             },
             vec![],
         );
@@ -468,6 +477,7 @@ mod tests {
                     offset: 0,
                     max_zones: 0,
                 })),
+                id: 1,
             },
             vec![],
         );

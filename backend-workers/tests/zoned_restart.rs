@@ -156,7 +156,15 @@ impl Conn {
     }
 
     fn call(&self, msg: Msg, fds: &[std::os::fd::BorrowedFd<'_>]) -> ReplyResult {
-        self.ch.send(&ipc::Request { msg: Some(msg) }, fds).unwrap();
+        self.ch
+            .send(
+                &ipc::Request {
+                    msg: Some(msg),
+                    id: 1,
+                },
+                fds,
+            )
+            .unwrap();
         let (reply, _): (ipc::Reply, _) = self.ch.recv().unwrap();
         reply.result.unwrap()
     }

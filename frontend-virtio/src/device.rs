@@ -32,8 +32,10 @@ use virtio_queue::{Queue, QueueT};
 use crate::config::{BlkConfig, RING_MAX_SEGMENTS};
 use crate::memory::{MemTable, RegionDesc, MAX_REGIONS};
 use crate::request::{DeviceInfo, ZoneLimits};
-use crate::vring::{self, HangReporter, SharedMem, VringControl, VringSetup, WorkerEnds};
-use crate::workers::{MemRef, StagedLinks, WorkerLinks};
+use crate::vring::{
+    self, HangReporter, QueueControls, SharedMem, VringControl, VringSetup, WorkerEnds,
+};
+use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
 
 const MAX_QUEUE_SIZE: u16 = 1024;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +78,8 @@ pub struct BlkDevice {
     /// negotiated VIRTIO_BLK_F_ZONED.
     zones: Arc<ZoneLimits>,
     links: Arc<WorkerLinks>,
+    /// The running queues' controls, shared with the failover thread.
+    controls: Arc<QueueControls>,
     on_hang: HangReporter,
     owned: bool,
     /// SET_FEATURES was received (the zoned config fields then follow
@@ -98,11 +102,13 @@ impl BlkDevice {
         dev: Arc<DeviceInfo>,
         zones: Arc<ZoneLimits>,
         links: Arc<WorkerLinks>,
+        controls: Arc<QueueControls>,
         on_hang: HangReporter,
     ) -> Self {
         let n = cfg.num_queues as usize;
         BlkDevice {
             on_hang,
+            controls,
             export,
             features: cfg.features(),
             cfg,
@@ -195,16 +201,29 @@ impl BlkDevice {
             .map_err(internal)?;
         let worker_kick = Doorbell::new().map_err(VuError::ReqHandlerError)?;
         let worker_call = Doorbell::new().map_err(VuError::ReqHandlerError)?;
-        self.links
-            .attach(
-                index as u32,
-                entries,
-                RING_MAX_SEGMENTS,
-                rings.fd(),
-                &worker_kick,
-                &worker_call,
-            )
-            .map_err(internal)?;
+        let attached = self.links.attach(
+            index as u32,
+            entries,
+            RING_MAX_SEGMENTS,
+            rings.fd(),
+            &worker_kick,
+            &worker_call,
+        );
+        // A worker that is gone (or goes while we ask) must not fail the
+        // VMM's message: the queue starts detached and waits for the
+        // failover thread to attach it to the replacement, which takes
+        // what the guest queued meanwhile. Only a worker that answered
+        // with a refusal fails the message.
+        let detached = match attached {
+            Ok(()) => false,
+            Err(e @ (LinkError::Refused { .. } | LinkError::LimitsDiffer)) => {
+                return Err(internal(e))
+            }
+            Err(e) => {
+                tracing::warn!(export = %self.export, queue = index, "queue starts without a worker ({e}); it waits for the replacement");
+                true
+            }
+        };
         let (requests, completions) = rings.frontend_end();
         let kick_copy = worker_kick.try_clone().map_err(VuError::ReqHandlerError)?;
         let call_copy = worker_call.try_clone().map_err(VuError::ReqHandlerError)?;
@@ -221,6 +240,9 @@ impl BlkDevice {
             None => None,
         };
         let control = VringControl::new().map_err(VuError::ReqHandlerError)?;
+        if detached {
+            control.mark_lost();
+        }
         let zones =
             (self.acked_features & (1 << VIRTIO_BLK_F_ZONED) != 0).then(|| Arc::clone(&self.zones));
         let setup = VringSetup {
@@ -253,6 +275,7 @@ impl BlkDevice {
             .name(format!("vq{index}"))
             .spawn(move || vring::run(setup))
             .map_err(VuError::ReqHandlerError)?;
+        self.controls.set(index, Some(Arc::clone(&control)));
         v.running = Some(Running {
             control,
             thread,
@@ -268,6 +291,7 @@ impl BlkDevice {
     /// avail index.
     fn stop(&mut self, index: usize) -> Option<u16> {
         let running = self.vrings[index].running.take()?;
+        self.controls.set(index, None);
         running.control.stop();
         let next = match running.thread.join() {
             Ok(q) => Some(q.next_avail()),
@@ -518,19 +542,6 @@ impl BlkDevice {
     /// reopen); the caller notifies the VMM.
     pub fn set_config(&mut self, cfg: BlkConfig) {
         self.cfg = cfg;
-    }
-
-    /// The worker of `queues` is gone (its link hung up, or it was fenced):
-    /// their threads stop taking guest requests and keep what is in flight
-    /// for [`Self::fail_over`].
-    pub fn lose_worker(&mut self, queues: &[u32]) {
-        for &q in queues {
-            if let Some(r) = self.vrings.get(q as usize).and_then(|v| v.running.as_ref()) {
-                if !r.control.lose_worker(PAUSE_TIMEOUT) {
-                    tracing::error!(export = %self.export, queue = q, "queue did not quiesce after losing its worker");
-                }
-            }
-        }
     }
 
     /// Whether `queue` waits for a replacement worker.

@@ -17,7 +17,7 @@ use crate::backend_channel;
 use crate::config::BlkConfig;
 use crate::device::BlkDevice;
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
-use crate::vring::HangReporter;
+use crate::vring::{HangReporter, QueueControls};
 use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
 
 #[derive(Debug, thiserror::Error)]
@@ -185,11 +185,13 @@ impl ExportServer {
         let on_hang: HangReporter = Arc::new(move |q| {
             let _ = lock(&hang_tx).send(q);
         });
+        let controls = Arc::new(QueueControls::default());
         let failover = {
             let f = Failover {
                 id: e.id.clone(),
                 links: Arc::clone(&links),
                 current: Arc::clone(&device),
+                controls: Arc::clone(&controls),
                 plan: Arc::clone(&shared_plan),
                 stop: Arc::clone(&stop),
                 hangs: hang_rx,
@@ -211,6 +213,7 @@ impl ExportServer {
                 conn: Arc::clone(&conn),
                 current: Arc::clone(&device),
                 backend: Arc::clone(&backend),
+                controls,
                 on_hang,
             };
             std::thread::Builder::new()
@@ -435,6 +438,7 @@ struct Serve {
     conn: Shared<UnixStream>,
     current: CurrentDevice,
     backend: Shared<UnixStream>,
+    controls: Arc<QueueControls>,
     on_hang: HangReporter,
 }
 
@@ -467,6 +471,7 @@ impl Serve {
                 Arc::clone(&self.dev),
                 Arc::clone(&self.zones),
                 Arc::clone(&self.links),
+                Arc::clone(&self.controls),
                 Arc::clone(&self.on_hang),
             )));
             *lock(&self.current) = Some(Arc::clone(&device));
@@ -523,6 +528,9 @@ struct Failover {
     id: String,
     links: Arc<WorkerLinks>,
     current: CurrentDevice,
+    /// Where a lost worker's queues are stopped at once, without the
+    /// device's lock (the vhost-user thread may hold it, waiting for them).
+    controls: Arc<QueueControls>,
     plan: Arc<Mutex<ExportPlan>>,
     stop: Arc<AtomicBool>,
     hangs: std::sync::mpsc::Receiver<u16>,
@@ -536,9 +544,15 @@ impl Failover {
         let mut next_try = std::time::Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let watched = self.links.watched();
-            let mut hung_up = Vec::new();
+            // Links a call already found dead need no poll.
+            let (mut hung_up, watched): (Vec<_>, Vec<_>) =
+                watched.into_iter().partition(|w| w.dead);
             // Look more often while queues wait for their replacement.
-            let wait_ms: u16 = if lost.is_empty() { 100 } else { 20 };
+            let wait_ms: u16 = match (hung_up.is_empty(), lost.is_empty()) {
+                (false, _) => 0,
+                (true, true) => 100,
+                (true, false) => 20,
+            };
             if watched.is_empty() {
                 std::thread::sleep(Duration::from_millis(wait_ms.into()));
             } else {
@@ -569,8 +583,8 @@ impl Failover {
             for w in hung_up {
                 let queues = self.links.mark_dead(w.id);
                 tracing::warn!(export = %id, worker = %w.worker, ?queues, "worker lost");
-                if let Some(d) = lock(&self.current).clone() {
-                    lock(&d).lose_worker(&queues);
+                for &q in &queues {
+                    self.controls.mark_lost(q);
                 }
                 let now = std::time::Instant::now();
                 for q in queues {

@@ -149,16 +149,18 @@ impl VringControl {
         self.set(Command::Run);
     }
 
-    /// The queue's worker is gone (dead, or fenced after a hang): stop
-    /// taking guest requests, keep the in-flight ones for resubmission, and
-    /// wait quiet. False if the thread did not park in time.
-    pub fn lose_worker(&self, timeout: Duration) -> bool {
-        self.lock().worker_lost = true;
-        self.quiesce(Command::Pause, timeout)
-    }
-
     pub fn worker_lost(&self) -> bool {
         self.lock().worker_lost
+    }
+
+    /// Marks the queue's worker gone without waiting: the thread stops
+    /// taking guest requests and keeps what is in flight for the
+    /// replacement ([`Self::replace_worker`]). Safe to call before the
+    /// thread runs (a queue started while its worker is gone).
+    pub fn mark_lost(&self) {
+        self.lock().worker_lost = true;
+        self.cv.notify_all();
+        self.event.ring();
     }
 
     /// Hands a queue whose worker was lost the rings of its replacement:
@@ -195,6 +197,38 @@ impl VringControl {
         }
         g.paused = false;
         g.command
+    }
+}
+
+/// The controls of an export's running queues, by queue index. Shared by
+/// the vhost-user thread, which starts and stops queues, and the failover
+/// thread, which marks a queue's worker lost at once: it must not wait for
+/// the vhost-user thread, which may be in a message that waits for that
+/// very queue (a memory-table change pausing it).
+#[derive(Debug, Default)]
+pub struct QueueControls(Mutex<Vec<Option<Arc<VringControl>>>>);
+
+impl QueueControls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Arc<VringControl>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records (or, with `None`, forgets) the control of a running queue.
+    pub fn set(&self, queue: usize, control: Option<Arc<VringControl>>) {
+        let mut v = self.lock();
+        if v.len() <= queue {
+            v.resize(queue + 1, None);
+        }
+        v[queue] = control;
+    }
+
+    /// Marks the worker of `queue` lost if the queue runs (see
+    /// [`VringControl::mark_lost`]); a queue that does not run attaches to
+    /// whatever worker its link points at when it starts.
+    pub fn mark_lost(&self, queue: u32) {
+        if let Some(Some(c)) = self.lock().get(queue as usize) {
+            c.mark_lost();
+        }
     }
 }
 

@@ -46,15 +46,20 @@ struct Link {
     id: u64,
     worker: String,
     socket: String,
-    channel: Mutex<Channel>,
+    /// The channel and the id of the next request on it.
+    channel: Mutex<(Channel, u64)>,
     /// A duplicate of the channel's fd, polled for hang-ups without the
     /// channel's lock.
     watch: Arc<OwnedFd>,
     /// The worker's pid as the kernel saw it connect (0 when it lives in
     /// another pid namespace): what fencing a hung worker kills.
     peer_pid: i32,
-    /// The worker died or was fenced; nothing is sent to it any more.
+    /// The worker died, was fenced, or the link fell out of step (a
+    /// timeout, a reply to another request): nothing is sent to it any
+    /// more.
     dead: AtomicBool,
+    /// The failover watcher has taken note of `dead` (see [`WorkerLinks::watched`]).
+    reported: AtomicBool,
 }
 
 /// A link as the failover watcher sees it.
@@ -63,9 +68,18 @@ pub struct Watched {
     pub id: u64,
     pub worker: String,
     pub fd: Arc<OwnedFd>,
+    /// Already found dead by a call: its queues are lost without waiting
+    /// for the hang-up.
+    pub dead: bool,
 }
 
 impl Link {
+    /// Sends one request and waits for its reply. Any failure of the
+    /// exchange (not a refusal by the worker) leaves the link dead: after a
+    /// timeout or a reply to some other request the two ends are out of
+    /// step, and a late reply must never be taken for a later request's.
+    /// A worker that timed out is fenced, so nothing it still does can
+    /// reach the disk or guest memory once its queues fail over.
     fn call(
         &self,
         msg: ipc::request::Msg,
@@ -76,27 +90,34 @@ impl Link {
                 worker: self.worker.clone(),
             });
         }
-        let ch = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        let err = |source| {
-            use nix::errno::Errno;
-            if matches!(
+        let mut ch = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let id = ch.1;
+        ch.1 += 1;
+        let fail = |source: ChannelError| {
+            if !matches!(
                 source,
-                ChannelError::Closed
-                    | ChannelError::Socket {
-                        source: Errno::EPIPE | Errno::ECONNRESET,
-                        ..
-                    }
+                ChannelError::TooLarge(_) | ChannelError::TooManyFds(_)
             ) {
                 self.dead.store(true, Ordering::Release);
+            }
+            if matches!(source, ChannelError::Timeout) {
+                self.fence();
             }
             LinkError::Channel {
                 worker: self.worker.clone(),
                 source,
             }
         };
-        ch.send(&ipc::Request { msg: Some(msg) }, fds)
-            .map_err(err)?;
-        let (reply, _fds): (ipc::Reply, _) = ch.recv().map_err(err)?;
+        ch.0.send(&ipc::Request { msg: Some(msg), id }, fds)
+            .map_err(fail)?;
+        let (reply, _fds): (ipc::Reply, _) = ch.0.recv().map_err(fail)?;
+        if reply.id != id {
+            self.dead.store(true, Ordering::Release);
+            tracing::error!(worker = %self.worker, sent = id, got = reply.id, "reply to another request: link dropped");
+            return Err(LinkError::Protocol {
+                worker: self.worker.clone(),
+            });
+        }
         match reply.result {
             Some(ReplyResult::Failure(f)) => Err(LinkError::Refused {
                 worker: self.worker.clone(),
@@ -116,6 +137,26 @@ impl Link {
             _ => Err(LinkError::Protocol {
                 worker: self.worker.clone(),
             }),
+        }
+    }
+
+    /// Kills the worker (it stopped answering) and marks the link dead.
+    /// False if its pid is not known to us (another pid namespace).
+    fn fence(&self) -> bool {
+        self.dead.store(true, Ordering::Release);
+        if self.peer_pid <= 0 {
+            return false;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.peer_pid);
+        match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+            Ok(()) => {
+                tracing::error!(worker = %self.worker, pid = self.peer_pid, "worker fenced (SIGKILL) after it stopped answering");
+                true
+            }
+            Err(e) => {
+                tracing::error!(worker = %self.worker, pid = self.peer_pid, "cannot fence the worker: {e}");
+                false
+            }
         }
     }
 }
@@ -149,33 +190,51 @@ struct Inner {
 }
 
 fn connect(worker: &str, socket: &str) -> Result<Link, LinkError> {
-    let err = |source| LinkError::Channel {
+    let ch = Channel::connect(Path::new(socket)).map_err(|source| LinkError::Channel {
         worker: worker.to_string(),
         source,
-    };
-    let ch = Channel::connect(Path::new(socket)).map_err(err)?;
-    ch.set_timeout(Some(CALL_TIMEOUT)).map_err(err)?;
-    let io = |e: std::io::Error| LinkError::Channel {
-        worker: worker.to_string(),
-        source: ChannelError::Socket {
-            op: "dup",
-            source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-        },
-    };
-    let watch = Arc::new(ch.as_fd().try_clone_to_owned().map_err(io)?);
+    })?;
     let peer_pid = nix::sys::socket::getsockopt(&ch.as_fd(), sockopt::PeerCredentials)
         .map(|c| c.pid())
         .unwrap_or(0);
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    Ok(Link {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        worker: worker.to_string(),
-        socket: socket.to_string(),
-        channel: Mutex::new(ch),
-        watch,
-        peer_pid,
-        dead: AtomicBool::new(false),
-    })
+    Link::over(worker, socket, ch, CALL_TIMEOUT, peer_pid)
+}
+
+impl Link {
+    /// A link over a connected channel to the worker `peer_pid` (0: not
+    /// known, never fenced).
+    fn over(
+        worker: &str,
+        socket: &str,
+        ch: Channel,
+        timeout: Duration,
+        peer_pid: i32,
+    ) -> Result<Link, LinkError> {
+        let err = |source| LinkError::Channel {
+            worker: worker.to_string(),
+            source,
+        };
+        ch.set_timeout(Some(timeout)).map_err(err)?;
+        let io = |e: std::io::Error| LinkError::Channel {
+            worker: worker.to_string(),
+            source: ChannelError::Socket {
+                op: "dup",
+                source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            },
+        };
+        let watch = Arc::new(ch.as_fd().try_clone_to_owned().map_err(io)?);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Ok(Link {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            worker: worker.to_string(),
+            socket: socket.to_string(),
+            channel: Mutex::new((ch, 1)),
+            watch,
+            peer_pid,
+            dead: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+        })
+    }
 }
 
 fn open_on(link: &Link, plan: &ExportPlan) -> Result<ipc::Limits, LinkError> {
@@ -269,27 +328,31 @@ impl WorkerLinks {
             .map(|&i| inner.links[i].socket.clone())
     }
 
-    /// Every live link, for the failover watcher.
+    /// Every link the failover watcher has not yet seen die: the live ones
+    /// to poll for a hang-up, and those a call found dead (flagged).
     pub fn watched(&self) -> Vec<Watched> {
         self.lock()
             .links
             .iter()
-            .filter(|l| !l.dead.load(Ordering::Acquire))
+            .filter(|l| !l.reported.load(Ordering::Acquire))
             .map(|l| Watched {
                 id: l.id,
                 worker: l.worker.clone(),
                 fd: Arc::clone(&l.watch),
+                dead: l.dead.load(Ordering::Acquire),
             })
             .collect()
     }
 
-    /// Marks link `id` dead; returns the queues it served.
+    /// Marks link `id` dead (and seen so by the watcher); returns the
+    /// queues it served.
     pub fn mark_dead(&self, id: u64) -> Vec<u32> {
         let inner = self.lock();
         let Some(i) = inner.links.iter().position(|l| l.id == id) else {
             return Vec::new();
         };
         inner.links[i].dead.store(true, Ordering::Release);
+        inner.links[i].reported.store(true, Ordering::Release);
         (0..inner.by_queue.len() as u32)
             .filter(|&q| inner.by_queue[q as usize] == i)
             .collect()
@@ -310,23 +373,11 @@ impl WorkerLinks {
     /// lives in another pid namespace).
     pub fn fence(&self, id: u64) -> bool {
         let inner = self.lock();
-        let Some(link) = inner.links.iter().find(|l| l.id == id) else {
-            return false;
-        };
-        if link.peer_pid <= 0 {
-            return false;
-        }
-        let pid = nix::unistd::Pid::from_raw(link.peer_pid);
-        match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
-            Ok(()) => {
-                tracing::error!(worker = %link.worker, pid = link.peer_pid, "worker fenced (SIGKILL) after it stopped answering");
-                true
-            }
-            Err(e) => {
-                tracing::error!(worker = %link.worker, pid = link.peer_pid, "cannot fence the worker: {e}");
-                false
-            }
-        }
+        inner
+            .links
+            .iter()
+            .find(|l| l.id == id)
+            .is_some_and(|l| l.fence())
     }
 
     /// Points `queue` at the worker listening on `socket`, connecting to it
@@ -471,5 +522,106 @@ impl WorkerLinks {
                 &[],
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detach() -> ipc::request::Msg {
+        ipc::request::Msg::DetachQueue(ipc::DetachQueue { queue: 0 })
+    }
+
+    fn ok(id: u64) -> ipc::Reply {
+        ipc::Reply {
+            result: Some(ReplyResult::Ok(ipc::Ok {})),
+            id,
+        }
+    }
+
+    /// A link whose worker end the test plays, with a short timeout.
+    fn link() -> (Link, Channel) {
+        let (ours, theirs) = Channel::pair().unwrap();
+        let link = Link::over("w", "s", ours, Duration::from_millis(200), 0).unwrap();
+        (link, theirs)
+    }
+
+    #[test]
+    fn replies_are_matched_to_their_request() {
+        let (link, worker) = link();
+        let t = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (req, _): (ipc::Request, _) = worker.recv().unwrap();
+                worker.send(&ok(req.id), &[]).unwrap();
+            }
+            worker
+        });
+        link.expect_ok(detach(), &[]).unwrap();
+        link.expect_ok(detach(), &[]).unwrap();
+        drop(t.join().unwrap());
+        assert!(!link.dead.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_reply_to_another_request_kills_the_link() {
+        let (link, worker) = link();
+        let t = std::thread::spawn(move || {
+            let (req, _): (ipc::Request, _) = worker.recv().unwrap();
+            worker.send(&ok(req.id + 1), &[]).unwrap();
+            worker
+        });
+        let e = link.expect_ok(detach(), &[]).unwrap_err();
+        assert!(matches!(e, LinkError::Protocol { .. }), "{e}");
+        let _worker = t.join().unwrap();
+        // Never reused out of step: the next call fails at once.
+        assert!(matches!(
+            link.expect_ok(detach(), &[]),
+            Err(LinkError::Dead { .. })
+        ));
+    }
+
+    #[test]
+    fn a_late_reply_is_never_taken_for_the_next_request() {
+        let (link, worker) = link();
+        // The worker answers only after the caller gave up.
+        let e = link.expect_ok(detach(), &[]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LinkError::Channel {
+                    source: ChannelError::Timeout,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let (req, _): (ipc::Request, _) = worker.recv().unwrap();
+        worker.send(&ok(req.id), &[]).unwrap();
+        assert!(matches!(
+            link.expect_ok(detach(), &[]),
+            Err(LinkError::Dead { .. })
+        ));
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_link() {
+        let (link, worker) = link();
+        let t = std::thread::spawn(move || {
+            let (req, _): (ipc::Request, _) = worker.recv().unwrap();
+            let reply = ipc::Reply {
+                result: Some(ReplyResult::Failure(ipc::Failure {
+                    errno: libc::EINVAL,
+                    message: "no".into(),
+                })),
+                id: req.id,
+            };
+            worker.send(&reply, &[]).unwrap();
+            worker
+        });
+        let e = link.expect_ok(detach(), &[]).unwrap_err();
+        assert!(matches!(e, LinkError::Refused { errno, .. } if errno == libc::EINVAL));
+        let _worker = t.join().unwrap();
+        assert!(!link.dead.load(Ordering::Acquire));
     }
 }

@@ -550,6 +550,7 @@ fn open_msg() -> Vec<u8> {
         msg: Some(ipc::request::Msg::Open(ipc::OpenExport {
             plan: Some(plan),
         })),
+        id: 1,
     }
     .encode_to_vec()
 }
@@ -564,6 +565,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 fd_offset: 100,
             }],
         })),
+        id: 1,
     }
     .encode_to_vec();
     let attach = ipc::Request {
@@ -572,12 +574,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             entries: 8,
             max_segments: 4,
         })),
+        id: 1,
     }
     .encode_to_vec();
     let detach = ipc::Request {
         msg: Some(ipc::request::Msg::DetachQueue(ipc::DetachQueue {
             queue: 0,
         })),
+        id: 1,
     }
     .encode_to_vec();
     // Open, memory table, segments, attach (ring with a read entry), pop,
@@ -642,6 +646,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     zones: None,
                 }),
             })),
+            id: 1,
         };
         datagram_seed(&mut w, true, &[], &opened.encode_to_vec());
         w.u8(2).u8(3).bool(true);
@@ -650,10 +655,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 errno: 22,
                 message: "no such node".into(),
             })),
+            id: 1,
         };
         datagram_seed(&mut w, true, &[], &failure.encode_to_vec());
         let ok = ipc::Reply {
             result: Some(ipc::reply::Result::Ok(ipc::Ok {})),
+            id: 1,
         };
         datagram_seed(&mut w, true, &[], &ok.encode_to_vec());
         out.push(("frontend-replies", w.buf));

@@ -238,6 +238,7 @@ mod tests {
             msg: Some(ipc::request::Msg::DetachQueue(ipc::DetachQueue {
                 queue: 3,
             })),
+            id: 7,
         };
         a.send(&req, &[f.as_fd()]).unwrap();
         let (got, mut fds): (ipc::Request, _) = b.recv().unwrap();

@@ -43,6 +43,14 @@ pub const BIN_DIR_ENV: &str = "BLKMESH_BIN_DIR";
 /// The directory holding the workspace binaries: `$BLKMESH_BIN_DIR` if set,
 /// else the directory of the running executable, or its parent when that is
 /// a `deps/` directory (where cargo puts test binaries).
+/// Test data that differs per 512-byte sector and per `seed`, so a write
+/// that lands in the wrong place, or an old one over a new one, shows.
+pub fn sector_pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 512) as u8))
+        .collect()
+}
+
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         return PathBuf::from(dir);

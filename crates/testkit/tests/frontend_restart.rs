@@ -6,17 +6,13 @@ use std::time::{Duration, Instant};
 
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{fault_rule, FaultInjectionOptions, FaultRule, IoOp, NodeSpec};
-use blkmesh_testkit::{wait_for_path, Cluster, ClusterOptions, ExportOpts};
+use blkmesh_testkit::{
+    sector_pattern as pattern, wait_for_path, Cluster, ClusterOptions, ExportOpts,
+};
 use blkmesh_vhost_user_client::{Options, RequestSpec, Token, VhostUserBlk};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(20);
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| seed.wrapping_add((i / 512) as u8))
-        .collect()
-}
 
 #[test]
 fn requests_in_flight_survive_a_frontend_restart() {
