@@ -57,9 +57,16 @@ pub enum InflightError {
         offset: u64,
         needed: usize,
     },
+    #[error("region offset {0} is not a multiple of the page size ({PAGE} bytes)")]
+    Unaligned(u64),
     #[error(transparent)]
     Shm(#[from] ShmError),
 }
+
+/// Alignment required of a peer's region offset: what mmap requires of an
+/// offset (libvhost-user maps the region at it), and enough for the atomic
+/// fields the region holds.
+const PAGE: u64 = 4096;
 
 /// The inflight region of one device: `num_queues` queues of `queue_size`.
 #[derive(Debug, Clone)]
@@ -109,6 +116,9 @@ impl InflightRegion {
             offset: mmap_offset,
             needed,
         };
+        if mmap_offset % PAGE != 0 {
+            return Err(InflightError::Unaligned(mmap_offset));
+        }
         if mmap_size < needed as u64 {
             return Err(too_small());
         }
@@ -343,6 +353,13 @@ mod tests {
         ));
         let r = InflightRegion::create(1, 8).unwrap();
         let file = || File::from(r.fd().try_clone_to_owned().unwrap());
+        // An unaligned offset would put the atomics off their alignment.
+        for offset in [1, 8, 4095] {
+            assert!(matches!(
+                InflightRegion::from_peer(file(), r.size() + 4096, offset, 1, 8),
+                Err(InflightError::Unaligned(o)) if o == offset
+            ));
+        }
         assert!(matches!(
             InflightRegion::from_peer(file(), 16, 0, 1, 8),
             Err(InflightError::Size { .. })

@@ -1599,3 +1599,51 @@ fn inflight_tracking_when_offered() {
     }
     fx.assert_healthy(&mut blk, "a reconnection with inflight tracking");
 }
+
+/// SET_INFLIGHT_FD with an offset off the page size would put the
+/// region's atomics off their alignment: refused, and the connection
+/// stays usable with an aligned one.
+#[test]
+fn unaligned_inflight_offset_is_refused() {
+    let mut fx = fixture();
+    let mut blk = VhostUserBlk::connect(&fx.d, opts().inflight(true)).unwrap();
+    let region = blk.inflight_region().expect("GET_INFLIGHT_FD answered");
+    let (size, queues, queue_size) = (region.mmap_size, region.num_queues, region.queue_size);
+    // A region of our own, big enough at any of the offsets tried, and
+    // sealed against resizing as the frontend requires.
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let file = File::from(memfd_create("inflight", MFdFlags::MFD_ALLOW_SEALING).unwrap());
+    file.set_len(size + 8192).unwrap();
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+    )
+    .unwrap();
+    let message = |offset: u64| {
+        let mut p = Vec::with_capacity(24);
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&offset.to_le_bytes());
+        p.extend_from_slice(&queues.to_le_bytes());
+        p.extend_from_slice(&queue_size.to_le_bytes());
+        p.extend_from_slice(&[0; 4]);
+        RawMessage::new(req::SET_INFLIGHT_FD)
+            .flags(FLAG_VERSION | raw::FLAG_NEED_REPLY)
+            .payload(&p)
+            .fd(&file)
+            .unwrap()
+    };
+    for offset in [1u64, 8, 4095] {
+        let out = blk.raw_request(&message(offset)).unwrap();
+        assert!(
+            out.refused() || out.closed,
+            "offset {offset}: {}",
+            describe(&out)
+        );
+        fx.assert_alive("SET_INFLIGHT_FD at an unaligned offset");
+        blk.reconnect().unwrap();
+    }
+    let out = blk.raw_request(&message(4096)).unwrap();
+    assert!(!out.refused() && !out.closed, "{}", describe(&out));
+    fx.assert_healthy(&mut blk, "SET_INFLIGHT_FD at a page-aligned offset");
+}
