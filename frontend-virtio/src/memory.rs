@@ -181,6 +181,19 @@ impl MemTable {
         (regions, fds)
     }
 
+    /// Appends the segments that `old` (segments of `from`, another table)
+    /// covers in this table: the same guest bytes, perhaps in other regions
+    /// or split differently. False if some of them are not in this table
+    /// any more (the VMM removed memory under an in-flight request).
+    pub fn translate_from(&self, from: &MemTable, old: &[Segment], out: &mut Vec<Segment>) -> bool {
+        old.iter().all(|s| {
+            from.regions
+                .get(s.region as usize)
+                .and_then(|r| r.gpa.checked_add(s.offset))
+                .is_some_and(|gpa| self.segments(gpa, s.len as u64, out))
+        })
+    }
+
     /// Appends the segments covering `[gpa, gpa + len)`; a range that leaves
     /// guest memory (or crosses into a gap) is refused.
     pub fn segments(&self, mut gpa: u64, mut len: u64, out: &mut Vec<Segment>) -> bool {
@@ -208,6 +221,38 @@ impl MemTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segments_translate_to_a_reordered_table() {
+        let a = table();
+        let desc = |gpa, vmm_addr| RegionDesc {
+            gpa,
+            size: 0x10000,
+            vmm_addr,
+            fd_offset: 0,
+        };
+        // The same two regions plus a third, in another order.
+        let b = MemTable::new(
+            &[
+                desc(0x20000, 0x8000_0000),
+                desc(0, 0x6000_0000),
+                desc(0x10000, 0x7000_0000),
+            ],
+            vec![memfd(0x10000), memfd(0x10000), memfd(0x10000)],
+        )
+        .unwrap();
+        let mut old = Vec::new();
+        assert!(a.segments(0xff00, 0x200, &mut old));
+        let mut new = Vec::new();
+        assert!(b.translate_from(&a, &old, &mut new));
+        let mut want = Vec::new();
+        assert!(b.segments(0xff00, 0x200, &mut want));
+        assert_eq!(new, want);
+        assert_eq!((new[0].region, new[1].region), (1, 2));
+        // Memory that is gone does not translate.
+        let c = MemTable::new(&[desc(0, 0x6000_0000)], vec![memfd(0x10000)]).unwrap();
+        assert!(!c.translate_from(&a, &old, &mut Vec::new()));
+    }
 
     fn memfd(len: u64) -> File {
         let f = tempfile::tempfile().unwrap();

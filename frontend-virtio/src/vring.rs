@@ -297,6 +297,45 @@ struct Pending {
     /// zone must reach a replacement worker in the order the guest gave
     /// them.
     seq: u64,
+    /// The memory table its segments were translated against (see
+    /// [`Tables`]).
+    epoch: u32,
+}
+
+/// The memory tables that requests in flight were translated against.
+/// Segments name regions by their index in one table; a replacement worker
+/// only knows the current one, so requests from before a memory-table
+/// change are translated again before they are resubmitted. Nothing is
+/// done per request: a table is noticed when it changes.
+struct Tables {
+    current: Arc<MemTable>,
+    epoch: u32,
+    /// Older tables with requests in flight against them, by epoch.
+    older: Vec<(u32, Arc<MemTable>)>,
+}
+
+impl Tables {
+    /// Notes the table the queue works with now; forgets older tables once
+    /// nothing is in flight.
+    fn see(&mut self, mem: &Arc<MemTable>, inflight: usize) {
+        if inflight == 0 {
+            self.older.clear();
+        }
+        if !Arc::ptr_eq(&self.current, mem) {
+            let old = std::mem::replace(&mut self.current, Arc::clone(mem));
+            if inflight > 0 {
+                self.older.push((self.epoch, old));
+            }
+            self.epoch = self.epoch.wrapping_add(1);
+        }
+    }
+
+    fn of(&self, epoch: u32) -> Option<&Arc<MemTable>> {
+        if epoch == self.epoch {
+            return Some(&self.current);
+        }
+        self.older.iter().find(|(e, _)| *e == epoch).map(|(_, t)| t)
+    }
 }
 
 fn kind_of(op: Op) -> Option<OpKind> {
@@ -320,6 +359,7 @@ struct Vring {
     append_at: Vec<Vec<(u64, u64)>>,
     /// Sequence number of the next request submitted.
     next_seq: u64,
+    tables: Tables,
     /// While resubmitting what a previous frontend left in flight on a
     /// zoned export: the zones' write pointers; writes below them were
     /// applied and complete at once.
@@ -351,6 +391,7 @@ pub fn run(mut setup: VringSetup) -> Queue {
         Some((t, r)) => (Some(t), r),
         None => (None, Recovered::default()),
     };
+    let current = Arc::clone(&setup.mem.lock().unwrap_or_else(|p| p.into_inner()));
     let mut v = Vring {
         tracker,
         counter: recovered.next_counter,
@@ -359,6 +400,11 @@ pub fn run(mut setup: VringSetup) -> Queue {
         saved: vec![Vec::new(); n],
         append_at: vec![Vec::new(); n],
         next_seq: 0,
+        tables: Tables {
+            current,
+            epoch: 0,
+            older: Vec::new(),
+        },
         already_written: None,
         inflight: 0,
         last_completion: Instant::now(),
@@ -401,6 +447,7 @@ impl Vring {
             }
             let (cmd, lost) = self.s.control.state();
             let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
+            self.tables.see(&mem, self.inflight);
             let mut progress = false;
             if cmd == Command::Run && !lost {
                 progress |= self.take_guest_requests(&mem);
@@ -569,7 +616,9 @@ impl Vring {
         }
         let mut resubmitted = 0;
         let mut applied = 0;
+        let mut failed = 0;
         let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
+        self.tables.see(&mem, self.inflight);
         // In the order they were first submitted (not by head): a zoned
         // device takes writes to a zone only in write-pointer order.
         let mut order: Vec<(u64, usize)> = (0..self.pending.len())
@@ -595,17 +644,37 @@ impl Vring {
                 applied += 1;
                 continue;
             }
-            match self.s.requests.push(&p.req, &self.saved[head]) {
-                Ok(()) => resubmitted += 1,
-                // Cannot happen: the ring holds a whole virtqueue.
-                Err(e) => tracing::error!(queue = self.s.index, head, "resubmit: {e}"),
+            // Memory-table changes since it was translated: translate
+            // again; its memory may have left the table meanwhile.
+            let translated = p.epoch == self.tables.epoch || self.translate_again(head, p.epoch);
+            let pushed = translated
+                && match self.s.requests.push(&p.req, &self.saved[head]) {
+                    Ok(()) => true,
+                    // The ring holds a whole virtqueue: only more segments
+                    // than a ring entry takes (after translating again).
+                    Err(e) => {
+                        tracing::error!(queue = self.s.index, head, "resubmit: {e}");
+                        false
+                    }
+                };
+            if pushed {
+                resubmitted += 1;
+                continue;
             }
+            self.pending[head] = None;
+            self.inflight -= 1;
+            if let Some(kind) = p.kind {
+                self.s.stats.finished(kind, p.bytes, false, 0);
+            }
+            let status = request::status_of(-libc::EFAULT);
+            self.complete(mem.guest_memory(), head as u16, p.status, status, 1);
+            failed += 1;
         }
         if resubmitted > 0 {
             self.s.requests.publish();
             self.s.worker_kick.ring();
         }
-        if applied > 0 {
+        if applied + failed > 0 {
             self.notify_guest(mem.guest_memory());
         }
         self.last_completion = Instant::now();
@@ -614,8 +683,30 @@ impl Vring {
             queue = self.s.index,
             resubmitted,
             applied,
+            failed,
             "queue moved to a replacement worker"
         );
+    }
+
+    /// Translates the segments of the request on `head`, made against the
+    /// table of `epoch`, into the current table. False if they are not all
+    /// in it (or that table is unknown, which cannot happen).
+    fn translate_again(&mut self, head: usize, epoch: u32) -> bool {
+        let Some(old) = self.tables.of(epoch) else {
+            return false;
+        };
+        self.segs.clear();
+        if !self
+            .tables
+            .current
+            .translate_from(old, &self.saved[head], &mut self.segs)
+        {
+            return false;
+        }
+        let saved = &mut self.saved[head];
+        saved.clear();
+        saved.extend_from_slice(&self.segs);
+        true
     }
 
     fn epoll(&self) -> nix::Result<Epoll> {
@@ -811,6 +902,7 @@ impl Vring {
                         bytes: req.len,
                         start: Instant::now(),
                         seq: self.next_seq,
+                        epoch: self.tables.epoch,
                     });
                     self.next_seq += 1;
                     self.inflight += 1;

@@ -1,0 +1,82 @@
+//! Requests resubmitted to a replacement worker reach the same guest bytes
+//! they were made for, whatever happened to the memory table meanwhile.
+//! Build the binaries first: `cargo build --bins`.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{fault_rule, FaultInjectionOptions, FaultRule, IoOp, NodeSpec};
+use blkmesh_testkit::{sector_pattern as pattern, Cluster, ClusterOptions, ExportOpts};
+use blkmesh_vhost_user_client::raw::{self, RawMessage};
+use blkmesh_vhost_user_client::{MemRegion, Options, RequestSpec, VhostUserBlk};
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(20);
+
+/// A write in flight when the VMM reorders its memory table (so the
+/// write's region index now names another region) and then the worker
+/// dies: the replacement must write the guest's data, not the bytes at the
+/// same index and offset of the new table.
+#[test]
+fn a_write_resubmitted_after_a_memory_table_change_writes_the_guest_data() {
+    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let image = cluster.sparse_image("d.img", 16 * MIB);
+    cluster.add_io_uring("file", &image, false, false).unwrap();
+    // Writes are held 1 s in the worker, so one is in flight throughout.
+    cluster
+        .client()
+        .add_node(NodeSpec {
+            name: "slow".into(),
+            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
+                child: "file".into(),
+                rules: vec![FaultRule {
+                    ops: vec![IoOp::Write as i32],
+                    action: Some(fault_rule::Action::DelayNs(1_000_000_000)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("d", "slow").writable())
+        .unwrap();
+    let opts = Options::default().queues(1).queue_size(64).timeout(T);
+    let mut blk = VhostUserBlk::connect(&socket, opts).unwrap();
+
+    let data = pattern(5, 8192);
+    let write = blk.submit(0, &RequestSpec::write(8, &data)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The same guest RAM, now second in the table behind a new region of
+    // zeroes placed above it: region 0 is the zeroes.
+    let ram = blk.mem_region();
+    let zeroes = nix::sys::memfd::memfd_create("zeroes", nix::sys::memfd::MFdFlags::empty())
+        .map(std::fs::File::from)
+        .unwrap();
+    zeroes.set_len(ram.size).unwrap();
+    let above = MemRegion {
+        gpa: ram.size,
+        user_addr: ram.user_addr + (1 << 40),
+        ..ram
+    };
+    let msg = RawMessage::mem_table(&[above, ram], &[&zeroes.as_fd(), &blk.guest_ram().fd()])
+        .unwrap()
+        .flags(raw::FLAG_VERSION | raw::FLAG_NEED_REPLY);
+    let out = blk.raw_request(&msg).unwrap();
+    assert!(!out.refused() && !out.closed, "SET_MEM_TABLE: {out:?}");
+
+    // The worker dies with the write still held; its replacement gets
+    // the new table only.
+    cluster.kill_worker(0);
+    cluster.start_worker(0);
+    let c = blk.wait(0, write, T).unwrap();
+    assert!(c.is_ok(), "the write after failover: {c:?}");
+    let on_disk = std::fs::read(&image).unwrap();
+    assert_eq!(
+        &on_disk[8 * 512..8 * 512 + 8192],
+        &data[..],
+        "the replacement wrote other bytes than the guest's"
+    );
+}
