@@ -117,6 +117,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no other process of this uid may read the token or state
+    // through /proc/<pid>/{mem,environ}.
+    if let Err(e) = blkmesh_sandbox::set_not_dumpable() {
+        eprintln!("blkmesh-manager: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut args = Args::parse();
     // Not clap's `env`: an empty $BLKMESH_CONFIG means no file (compose
     // turns the default off with `BLKMESH_CONFIG=`), not an empty path.

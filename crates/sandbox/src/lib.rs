@@ -51,12 +51,14 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod dumpable;
 mod error;
 mod privileges;
 pub mod seccomp;
 mod socket;
 
 pub use cli::{SandboxArgs, UserArgs};
+pub use dumpable::set_not_dumpable;
 pub use error::SandboxError;
 pub use privileges::{drop_privileges, drop_to, resolve_identity, set_no_new_privs, Identity};
 pub use seccomp::{Action, Kind, SeccompMode};
