@@ -181,9 +181,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
-    let (sandbox, user, unix) = (args.sandbox.clone(), args.user.clone(), args.unix.clone());
+    let (sandbox, user) = (args.sandbox.clone(), args.user.clone());
     let mut config = ManagerConfig::new(args.state_dir).with_listen(args.listen);
     config.unix = args.unix;
+    config.unix_policy = sandbox
+        .socket_policy()
+        .map_err(blkmesh_manager::ManagerError::Sandbox)?;
     config.metrics = args.metrics;
     config.apply_timeout = std::time::Duration::from_millis(args.apply_timeout_ms);
     config.worker_grace = std::time::Duration::from_millis(args.worker_grace_ms);
@@ -201,9 +204,7 @@ async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
     // Least privilege (docs/SECURITY.md): the unix socket's permissions,
     // then the unprivileged user, then the seccomp filter on every thread.
     let sandboxed = (|| {
-        if let Some(path) = &unix {
-            sandbox.apply_socket_policy(path)?;
-        }
+        // The unix socket was created with its policy (Manager::bind).
         user.drop_privileges()?;
         sandbox.install_seccomp(blkmesh_sandbox::Kind::Manager)
     })();

@@ -188,6 +188,10 @@ pub(crate) const WORKER_LEGACY: &[Sys] = &[];
 pub(crate) const FRONTEND: &[Sys] = sys![
     // Export sockets are bound whenever the manager adds an export.
     SYS_listen,
+    // Bound in a private directory and renamed into place with their
+    // final mode (SocketPolicy::listen_unix).
+    SYS_mkdirat,
+    SYS_renameat2,
     // Their permissions (SocketPolicy::apply) and their removal.
     SYS_fchmodat,
     SYS_fchmod,
