@@ -118,15 +118,16 @@ struct PrivateDir {
 
 impl PrivateDir {
     fn create(parent: &Path) -> Result<PrivateDir, SandboxError> {
+        use std::hash::{BuildHasher, Hasher};
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let pid = std::process::id();
+        // Random keys from getrandom (no getpid: the frontend's seccomp
+        // filter does not allow it).
+        let keys = std::hash::RandomState::new();
         let mut last = nix::Error::EEXIST;
         for _ in 0..16 {
-            let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            let salt = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            let path = parent.join(format!(".bm{:x}", pid ^ salt.rotate_left(13) ^ n));
+            let mut h = keys.build_hasher();
+            h.write_u32(SEQ.fetch_add(1, Ordering::Relaxed));
+            let path = parent.join(format!(".bm{:x}", h.finish() as u32));
             // The umask can only take bits away: at most 0700.
             match mkdirat(AT_FDCWD, &path, Mode::S_IRWXU) {
                 Ok(()) => {

@@ -205,8 +205,15 @@ pub(crate) const FRONTEND: &[Sys] = sys![
     SYS_kill,
 ];
 #[cfg(target_arch = "x86_64")]
-pub(crate) const FRONTEND_LEGACY: &[Sys] =
-    sys![SYS_unlink, SYS_chmod, SYS_chown, SYS_lchown, SYS_fchmodat2];
+// renameat: glibc's renameat2() with no flags calls it where it exists.
+pub(crate) const FRONTEND_LEGACY: &[Sys] = sys![
+    SYS_unlink,
+    SYS_chmod,
+    SYS_chown,
+    SYS_lchown,
+    SYS_fchmodat2,
+    SYS_renameat
+];
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) const FRONTEND_LEGACY: &[Sys] = &[];
 
