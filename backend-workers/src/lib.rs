@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use blkmesh_ipc::channel::{ChannelError, ChannelListener};
+use blkmesh_ipc::channel::ChannelListener;
 
 /// This process's I/O statistics, reported to the manager.
 pub fn stats() -> &'static blkmesh_stats::Registry {
@@ -57,7 +57,7 @@ pub struct WorkerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("listening on the worker socket")]
-    Listen(#[source] ChannelError),
+    Listen(#[source] blkmesh_sandbox::SandboxError),
     #[error("least privilege")]
     Sandbox(#[source] blkmesh_sandbox::SandboxError),
     #[error("registration with the manager")]
@@ -67,13 +67,21 @@ pub enum WorkerError {
 /// Runs a worker until `stop` is set (it is checked between connections) or
 /// registration fails for good.
 pub fn run(config: WorkerConfig, stop: Arc<AtomicBool>) -> Result<(), WorkerError> {
-    let listener = ChannelListener::bind(&config.socket).map_err(WorkerError::Listen)?;
-    // Least privilege (docs/SECURITY.md), in this order: who may connect,
-    // then the unprivileged user, then the seccomp filter on every thread.
-    config
+    // Least privilege (docs/SECURITY.md), in this order: who may connect
+    // (the socket has its final mode before its path exists), then the
+    // unprivileged user, then the seccomp filter on every thread.
+    let policy = config
         .sandbox
-        .apply_socket_policy(&config.socket)
+        .socket_policy()
         .map_err(WorkerError::Sandbox)?;
+    let listener = policy
+        .listen_unix(
+            &config.socket,
+            blkmesh_sandbox::UnixSocketKind::SeqPacket,
+            64,
+        )
+        .map(ChannelListener::from_listening)
+        .map_err(WorkerError::Listen)?;
     config
         .user
         .drop_privileges()

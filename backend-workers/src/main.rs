@@ -32,6 +32,11 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     blkmesh_logging::init(true);
+    // First: no other process of this uid may read this one through /proc.
+    if let Err(e) = blkmesh_sandbox::set_not_dumpable() {
+        eprintln!("blkmesh-worker: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let args = Args::parse();
     if args.check_io_uring {
         return match blkmesh_worker::probe::io_uring() {

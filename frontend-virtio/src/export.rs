@@ -163,14 +163,15 @@ impl ExportServer {
         let zones = Arc::new(ZoneLimits::default());
         zones.update(&cfg);
         let socket = PathBuf::from(&e.socket);
-        let _ = std::fs::remove_file(&socket);
         let listen_err = |source| ExportError::Listen {
             path: e.socket.clone(),
             source,
         };
-        let listener = UnixListener::bind(&socket).map_err(listen_err)?;
-        blkmesh_sandbox::SocketPolicy::global()
-            .apply(&socket)
+        // The socket has the policy's mode before its path exists (a stale
+        // socket there is replaced; anything else is refused).
+        let listener = blkmesh_sandbox::SocketPolicy::global()
+            .listen_unix(&socket, blkmesh_sandbox::UnixSocketKind::Stream, 128)
+            .map(UnixListener::from)
             .map_err(|e| listen_err(std::io::Error::other(e)))?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));

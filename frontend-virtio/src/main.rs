@@ -20,6 +20,12 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     blkmesh_logging::init(true);
+    // First: no other process of this uid (a worker, say) may read guest
+    // memory or the memfds of other tenants through /proc/<pid>/{mem,fd}.
+    if let Err(e) = blkmesh_sandbox::set_not_dumpable() {
+        eprintln!("blkmesh-frontend: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let args = Args::parse();
     if let Err(e) = args.security.install(Some(&args.manager)) {
         eprintln!("blkmesh-frontend: {e}");

@@ -92,7 +92,6 @@ mod zones;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,8 +137,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct ManagerConfig {
     /// TCP address; port 0 picks a free port (see [`Manager::local_addr`]).
     pub listen: SocketAddr,
-    /// Also serve on this unix socket (created with mode 0600).
+    /// Also serve on this unix socket, created with `unix_policy`.
     pub unix: Option<PathBuf>,
+    /// Mode, owner and group of the `unix` socket, in force before its
+    /// path exists (default 0600, owner and group unchanged).
+    pub unix_policy: blkmesh_sandbox::SocketPolicy,
     /// Directory of `state.json`; created if missing.
     pub state_dir: PathBuf,
     /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`);
@@ -211,6 +213,7 @@ impl ManagerConfig {
         ManagerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             unix: None,
+            unix_policy: blkmesh_sandbox::SocketPolicy::default(),
             state_dir,
             metrics: None,
             apply_timeout: DEFAULT_APPLY_TIMEOUT,
@@ -351,7 +354,7 @@ impl Manager {
             source,
         })?;
         let unix = match &config.unix {
-            Some(path) => Some((bind_unix(path)?, path.clone())),
+            Some(path) => Some((bind_unix(path, &config.unix_policy)?, path.clone())),
             None => None,
         };
         let metrics = match config.metrics {
@@ -683,24 +686,26 @@ fn read_pem(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Binds a unix listener at `path` with mode 0600, replacing a stale socket
-/// but never anything else.
-fn bind_unix(path: &Path) -> Result<UnixListener, ManagerError> {
+/// Binds a unix listener at `path` with `policy`'s mode (0600 by default)
+/// from the moment the path exists, replacing a stale socket but never
+/// anything else.
+fn bind_unix(
+    path: &Path,
+    policy: &blkmesh_sandbox::SocketPolicy,
+) -> Result<UnixListener, ManagerError> {
     let err = |source| ManagerError::BindUnix {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-        Ok(_) => {
-            return Err(ManagerError::UnixPathTaken {
+    let fd = policy
+        .listen_unix(path, blkmesh_sandbox::UnixSocketKind::Stream, 1024)
+        .map_err(|e| match e {
+            blkmesh_sandbox::SandboxError::PathTaken(_) => ManagerError::UnixPathTaken {
                 path: path.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+            },
+            e => ManagerError::Sandbox(e),
+        })?;
+    let std = std::os::unix::net::UnixListener::from(fd);
+    std.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(std).map_err(err)
 }

@@ -117,6 +117,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no other process of this uid may read the token or state
+    // through /proc/<pid>/{mem,environ}.
+    if let Err(e) = blkmesh_sandbox::set_not_dumpable() {
+        eprintln!("blkmesh-manager: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut args = Args::parse();
     // Not clap's `env`: an empty $BLKMESH_CONFIG means no file (compose
     // turns the default off with `BLKMESH_CONFIG=`), not an empty path.
@@ -175,9 +181,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
-    let (sandbox, user, unix) = (args.sandbox.clone(), args.user.clone(), args.unix.clone());
+    let (sandbox, user) = (args.sandbox.clone(), args.user.clone());
     let mut config = ManagerConfig::new(args.state_dir).with_listen(args.listen);
     config.unix = args.unix;
+    config.unix_policy = sandbox
+        .socket_policy()
+        .map_err(blkmesh_manager::ManagerError::Sandbox)?;
     config.metrics = args.metrics;
     config.apply_timeout = std::time::Duration::from_millis(args.apply_timeout_ms);
     config.worker_grace = std::time::Duration::from_millis(args.worker_grace_ms);
@@ -195,9 +204,7 @@ async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
     // Least privilege (docs/SECURITY.md): the unix socket's permissions,
     // then the unprivileged user, then the seccomp filter on every thread.
     let sandboxed = (|| {
-        if let Some(path) = &unix {
-            sandbox.apply_socket_policy(path)?;
-        }
+        // The unix socket was created with its policy (Manager::bind).
         user.drop_privileges()?;
         sandbox.install_seccomp(blkmesh_sandbox::Kind::Manager)
     })();

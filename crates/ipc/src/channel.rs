@@ -8,12 +8,11 @@
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    self, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr,
 };
 use thiserror::Error;
@@ -156,27 +155,12 @@ pub struct ChannelListener {
 }
 
 impl ChannelListener {
-    /// Binds `path` (replacing a stale socket file) with mode 0600.
-    pub fn bind(path: &Path) -> Result<ChannelListener, ChannelError> {
-        let _ = std::fs::remove_file(path);
-        let sock = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(sock_err("create"))?;
-        let addr = UnixAddr::new(path).map_err(sock_err("address"))?;
-        socket::bind(sock.as_raw_fd(), &addr).map_err(sock_err("bind"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-            ChannelError::Socket {
-                op: "chmod",
-                source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-            }
-        })?;
-        socket::listen(&sock, Backlog::new(64).map_err(sock_err("listen"))?)
-            .map_err(sock_err("listen"))?;
-        Ok(ChannelListener { sock })
+    /// Wraps a bound, listening `SOCK_SEQPACKET` unix socket. Create it with
+    /// `blkmesh_sandbox::SocketPolicy::listen_unix`, which gives the socket
+    /// file its final mode before its path exists (a bind followed by a
+    /// chmod leaves a window in which anyone may connect).
+    pub fn from_listening(sock: OwnedFd) -> ChannelListener {
+        ChannelListener { sock }
     }
 
     /// Waits for the next connection.

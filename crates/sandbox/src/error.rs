@@ -23,6 +23,8 @@ pub enum SandboxError {
         #[source]
         source: nix::Error,
     },
+    #[error("{}: exists and is not a unix socket; not replacing it", .0.display())]
+    PathTaken(PathBuf),
     #[error("{}: not a unix socket", .0.display())]
     NotASocket(PathBuf),
     #[error("{op} {}", path.display())]

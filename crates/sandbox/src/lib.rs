@@ -51,13 +51,17 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod dumpable;
 mod error;
+mod listener;
 mod privileges;
 pub mod seccomp;
 mod socket;
 
 pub use cli::{SandboxArgs, UserArgs};
+pub use dumpable::set_not_dumpable;
 pub use error::SandboxError;
+pub use listener::UnixSocketKind;
 pub use privileges::{drop_privileges, drop_to, resolve_identity, set_no_new_privs, Identity};
 pub use seccomp::{Action, Kind, SeccompMode};
 pub use socket::{parse_mode, resolve_group, resolve_user, SocketPolicy};

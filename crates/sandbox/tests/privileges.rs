@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 
 use blkmesh_sandbox::seccomp::{self, Action, Kind};
 use blkmesh_sandbox::{drop_privileges, resolve_group, resolve_user, SandboxError, SocketPolicy};
-use common::{assert_done, done, is_root, no_core_dumps, run, scenario};
+use common::{assert_done, done, no_core_dumps, require_root, run, scenario};
 use nix::unistd::{getgroups, getresgid, getresuid, setuid, Uid};
 
 fn nobody() -> (u32, u32) {
@@ -93,19 +93,13 @@ fn child() {
 
 #[test]
 fn drop_privileges_to_nobody_leaves_root_for_good() {
-    if !is_root() {
-        eprintln!("not root: cannot test switching users");
-        return;
-    }
+    require_root("switching users");
     assert_done(&run("drop-to-nobody"));
 }
 
 #[test]
 fn worker_binds_sets_permissions_drops_then_filters() {
-    if !is_root() {
-        eprintln!("not root: cannot test switching users");
-        return;
-    }
+    require_root("switching users");
     assert_done(&run("worker-sequence"));
 }
 
@@ -129,10 +123,7 @@ fn socket_policy_sets_mode() {
 
 #[test]
 fn socket_policy_sets_owner_and_group() {
-    if !is_root() {
-        eprintln!("not root: cannot test chown");
-        return;
-    }
+    require_root("changing a socket's owner");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
     let _l = UnixListener::bind(&sock).unwrap();

@@ -2,6 +2,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -60,6 +61,19 @@ pub struct ClusterOptions {
     /// Bearer token the manager requires; written to `<dir>/token` and
     /// given to every process and client (default: none).
     pub token: Option<String>,
+    /// Every process starts with this umask (default: the test's own).
+    pub umask: Option<u32>,
+    /// Start the frontend directly as this `(uid, gid)` (no supplementary
+    /// groups), the way a container's `user:` does, instead of as the
+    /// test's user. The cluster directory becomes traversable (0711),
+    /// `run/` is given to that uid, and the workers get `--socket-owner UID`
+    /// so that the frontend can connect to them (default: none).
+    pub frontend_uid: Option<(u32, u32)>,
+    /// The workers' `--user USER[:GROUP]`: they start as the test's user,
+    /// bind their socket and switch (default: none).
+    pub worker_user: Option<String>,
+    /// Extra arguments of the manager (e.g. `--unix PATH`).
+    pub manager_args: Vec<OsString>,
 }
 
 impl Default for ClusterOptions {
@@ -79,6 +93,10 @@ impl Default for ClusterOptions {
             client_cert: None,
             client_key: None,
             token: None,
+            umask: None,
+            frontend_uid: None,
+            worker_user: None,
+            manager_args: Vec::new(),
         }
     }
 }
@@ -130,6 +148,36 @@ impl ClusterOptions {
     pub fn token(mut self, token: &str) -> Self {
         self.token = Some(token.to_string());
         self
+    }
+
+    /// Starts every process with umask `mask`.
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.umask = Some(mask);
+        self
+    }
+
+    /// Starts the frontend as `uid`:`gid` (see [`ClusterOptions::frontend_uid`]).
+    pub fn frontend_uid(mut self, uid: u32, gid: u32) -> Self {
+        self.frontend_uid = Some((uid, gid));
+        self
+    }
+
+    /// Gives the workers `--user spec`.
+    pub fn worker_user(mut self, spec: &str) -> Self {
+        self.worker_user = Some(spec.to_string());
+        self
+    }
+
+    /// Adds an argument of the manager.
+    pub fn manager_arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.manager_args.push(arg.into());
+        self
+    }
+
+    /// Runs every process under `BLKMESH_SECCOMP=enforce`: a system call
+    /// outside its allow-list kills it (as in the deployments).
+    pub fn seccomp_enforce(self) -> Self {
+        self.env("BLKMESH_SECCOMP", "enforce")
     }
 }
 
@@ -221,6 +269,18 @@ impl Cluster {
                     "blkmesh-testkit: cannot create {}: {e}",
                     dir.path().join(sub).display()
                 )
+            });
+        }
+        if let Some((uid, _)) = opts.frontend_uid {
+            // The frontend (not root) must reach run/ and bind its export
+            // sockets there; nothing else in the directory is opened to it.
+            let give = || -> std::io::Result<()> {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+                std::os::unix::fs::chown(dir.path().join("run"), Some(uid), None)
+            };
+            give().unwrap_or_else(|e| {
+                panic!("blkmesh-testkit: cannot open the cluster directory to uid {uid}: {e}")
             });
         }
         if let Some(token) = &opts.token {
@@ -449,6 +509,7 @@ impl Cluster {
         if let Some(t) = self.token_file() {
             cmd.arg("--token-file").arg(t);
         }
+        cmd.args(&self.opts.manager_args);
         self.manager = Some(self.spawn("manager", cmd));
         let addr = self.wait_manager_addr(&log, offset);
         self.manager_addr = Some(addr);
@@ -532,6 +593,12 @@ impl Cluster {
             .arg("--manager")
             .arg(self.manager_url())
             .args(self.client_args());
+        if let Some(user) = &self.opts.worker_user {
+            cmd.arg("--user").arg(user);
+        }
+        if let Some((uid, _)) = self.opts.frontend_uid {
+            cmd.arg("--socket-owner").arg(uid.to_string());
+        }
         let proc = self.spawn(&name, cmd);
         *self.worker_slot(i) = Some(proc);
     }
@@ -613,6 +680,10 @@ impl Cluster {
             .arg("--name")
             .arg("frontend0")
             .args(self.client_args());
+        if let Some((uid, gid)) = self.opts.frontend_uid {
+            // std drops the supplementary groups when root sets a uid.
+            cmd.uid(uid).gid(gid);
+        }
         self.frontend = Some(self.spawn("frontend", cmd));
     }
 
@@ -759,6 +830,18 @@ impl Cluster {
             .env_remove(blkmesh_proto::client::CLIENT_KEY_ENV)
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir());
+        if let Some(mask) = self.opts.umask {
+            let mask = nix::sys::stat::Mode::from_bits_truncate(mask);
+            // SAFETY: the closure runs in the forked child before exec and
+            // only makes the umask(2) system call, which is async-signal-safe;
+            // it allocates nothing and touches no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::stat::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         cmd
     }
 

@@ -49,13 +49,20 @@ fn fails_with_io_error(out: &Output) {
 
 /// A cluster with one writable io_uring export of `size` bytes.
 fn file_export(queues: u32, size: u64) -> (Cluster, PathBuf, PathBuf) {
-    let cluster = Cluster::start(ClusterOptions::default());
+    let cluster = Cluster::start(options());
     let image = cluster.sparse_image("disk0.img", size);
     cluster.add_io_uring("disk0", &image, false, false).unwrap();
     let socket = cluster
         .add_export(ExportOpts::new("disk0", "disk0").writable().queues(queues))
         .unwrap();
     (cluster, socket, image)
+}
+
+/// Every cluster here runs under the processes' seccomp filters
+/// (`BLKMESH_SECCOMP=enforce`), as deployed: a system call missing from an
+/// allow-list kills the process and fails the test.
+fn options() -> ClusterOptions {
+    ClusterOptions::default().seccomp_enforce()
 }
 
 #[test]
@@ -153,7 +160,7 @@ fn flush_discard_and_write_zeroes() {
 
 #[test]
 fn read_only_export_is_offered_read_only_and_keeps_its_data() {
-    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let cluster = Cluster::start(options().workers(1));
     let image = cluster.sparse_image("ro.img", 8 * MIB);
     std::fs::write(&image, vec![0x42u8; 8 * MIB as usize]).unwrap();
     cluster.add_io_uring("ro", &image, false, true).unwrap();
@@ -240,7 +247,7 @@ fn client_reconnects_and_sees_earlier_writes() {
 
 #[test]
 fn null_and_raw_window_nodes_serve_their_bytes() {
-    let cluster = Cluster::start(ClusterOptions::default());
+    let cluster = Cluster::start(options());
     let image = cluster.sparse_image("base.img", 16 * MIB);
     cluster.add_io_uring("base", &image, false, false).unwrap();
     cluster.add_raw("win", "base", 4 * MIB, 2 * MIB).unwrap();
@@ -270,7 +277,7 @@ fn null_and_raw_window_nodes_serve_their_bytes() {
 
 #[test]
 fn exports_on_two_workers_are_independent() {
-    let cluster = Cluster::start(ClusterOptions::default());
+    let cluster = Cluster::start(options());
     let a = cluster.sparse_image("a.img", 8 * MIB);
     let b = cluster.sparse_image("b.img", 8 * MIB);
     cluster.add_io_uring("a", &a, false, false).unwrap();
@@ -311,7 +318,7 @@ fn removed_export_closes_its_socket() {
 
 #[test]
 fn grpc_refuses_bad_requests_with_clear_codes() {
-    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let cluster = Cluster::start(options().workers(1));
     let image = cluster.sparse_image("x.img", MIB);
     cluster.add_io_uring("x", &image, false, false).unwrap();
     let dup = cluster.add_io_uring("x", &image, false, false).unwrap_err();
@@ -339,7 +346,7 @@ fn grpc_refuses_bad_requests_with_clear_codes() {
 
 #[test]
 fn frontend_retries_an_export_until_its_worker_listens() {
-    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let mut cluster = Cluster::start(options().workers(1));
     let image = cluster.sparse_image("d.img", 8 * MIB);
     cluster.add_io_uring("d", &image, false, false).unwrap();
     let socket = cluster

@@ -1,5 +1,7 @@
 //! Worker failure under verified load: a worker killed (or hung and then
-//! fenced) costs the guest latency, never an error or a lost write.
+//! fenced) costs the guest latency, never an error or a lost write. The
+//! processes run under their seccomp filters (`BLKMESH_SECCOMP=enforce`),
+//! as deployed.
 //! Build the binaries first: `cargo build --bins`.
 
 use std::path::Path;
@@ -40,6 +42,32 @@ fn verify(socket: &Path, seconds: &str) -> Output {
     )
 }
 
+/// The `resubmitted` counts of the frontend's "queue moved to a replacement
+/// worker" lines: requests that were in flight on the lost worker and went
+/// to its replacement.
+fn resubmitted(cluster: &Cluster) -> Vec<u64> {
+    let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap();
+    log.lines()
+        .filter(|l| l.contains("queue moved to a replacement worker"))
+        .filter_map(|l| {
+            let rest = &l[l.find("resubmitted=")? + "resubmitted=".len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// At least one move resubmitted requests: the failure really hit requests
+/// in flight (else the test proved nothing about them).
+fn assert_resubmitted(cluster: &Cluster) {
+    let counts = resubmitted(cluster);
+    assert!(
+        counts.iter().any(|&n| n > 0),
+        "no request was in flight and resubmitted when the worker went away \
+         (resubmitted counts of the queue moves: {counts:?})"
+    );
+}
+
 fn assert_clean(out: &Output) {
     assert!(out.status.success(), "{}", text(out));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -48,7 +76,7 @@ fn assert_clean(out: &Output) {
 
 #[test]
 fn a_killed_worker_costs_latency_not_errors() {
-    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let mut cluster = Cluster::start(ClusterOptions::default().workers(1).seccomp_enforce());
     let image = cluster.sparse_image("kill.img", 16 * MIB);
     cluster.add_io_uring("d", &image, false, false).unwrap();
     let socket = cluster
@@ -68,6 +96,7 @@ fn a_killed_worker_costs_latency_not_errors() {
     assert_clean(&out);
     let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap();
     assert!(log.contains("queue recovered"), "no recovery logged");
+    assert_resubmitted(&cluster);
 }
 
 #[test]
@@ -75,6 +104,7 @@ fn a_hung_worker_is_fenced_and_replaced() {
     let mut cluster = Cluster::start(
         ClusterOptions::default()
             .workers(1)
+            .seccomp_enforce()
             .env("BLKMESH_WORKER_TIMEOUT_MS", "1000"),
     );
     let image = cluster.sparse_image("hang.img", 16 * MIB);
@@ -100,4 +130,5 @@ fn a_hung_worker_is_fenced_and_replaced() {
     assert_clean(&out);
     let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap();
     assert!(log.contains("fenced"), "no fencing logged");
+    assert_resubmitted(&cluster);
 }

@@ -74,17 +74,29 @@ fn a_dead_worker_s_queues_move_to_a_live_one_without_errors() {
         "tie → name order"
     );
 
-    let killed_at = std::thread::scope(|s| {
+    let moved_after = std::thread::scope(|s| {
         let load = s.spawn(|| verify(&socket));
         std::thread::sleep(Duration::from_millis(1500));
         cluster.kill_worker(0);
         let killed_at = Instant::now();
-        // Not restarted: the manager has to move the queues.
+        // Not restarted: the manager has to move the queues, and not before
+        // the grace has passed. Watch for the move while the load runs.
+        let deadline = killed_at + Duration::from_millis(GRACE_MS) + Duration::from_secs(10);
+        let moved_after = loop {
+            if queue_workers(&cluster, "d") == ["worker1", "worker1"] {
+                break killed_at.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the queues did not move within the grace + 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
         let out = load.join().unwrap();
         assert!(out.status.success(), "{}", text(&out));
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("0 errors, 0 mismatches"), "{}", text(&out));
-        killed_at
+        moved_after
     });
 
     assert_eq!(cluster.worker_pid(0), None, "worker0 stays dead");
@@ -95,7 +107,12 @@ fn a_dead_worker_s_queues_move_to_a_live_one_without_errors() {
     assert_eq!(w1.state, WorkerState::Alive as i32);
     assert_eq!(w1.queues, ["d/0", "d/1"]);
     assert_eq!(queue_workers(&cluster, "d"), ["worker1", "worker1"]);
-    assert!(killed_at.elapsed() >= Duration::from_millis(GRACE_MS));
+    // The grace counts from when the manager saw the registration end,
+    // which is after the kill: an earlier move ignored the grace.
+    assert!(
+        moved_after >= Duration::from_millis(GRACE_MS),
+        "queues moved {moved_after:?} after the kill, before the {GRACE_MS} ms grace"
+    );
 
     let log = std::fs::read_to_string(cluster.log_path("manager")).unwrap();
     assert!(

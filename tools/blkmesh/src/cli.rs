@@ -47,6 +47,10 @@ every key; for example:
   socket = "/run/blkmesh/disk0.sock"
   writable = true"#;
 
+/// Default of `--worker-user`: a uid and gid no distribution assigns
+/// (Debian's range for such ids is 60000-64999; docs in deploy/README.md).
+pub const DEFAULT_WORKER_USER: &str = "64055:64055";
+
 /// Options of the default disk, which a configuration file replaces.
 const DEFAULT_DISK: [&str; 6] = ["image", "size", "socket", "queues", "spread", "null"];
 
@@ -105,6 +109,14 @@ pub struct UpArgs {
     /// process started here gets it.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// When blkmesh runs as root: the user (and group) the workers switch to
+    /// once their socket is bound, so that a compromised worker is not the
+    /// frontend's uid (it cannot signal it or read it through /proc). The
+    /// images blkmesh creates are given to this user; other images must be
+    /// readable and writable by it. `root` keeps the workers root. Ignored
+    /// when blkmesh does not run as root (everything runs as the caller).
+    #[arg(long, value_name = "USER[:GROUP]", default_value = DEFAULT_WORKER_USER)]
+    pub worker_user: String,
 }
 
 /// Parses a non-zero size that is a multiple of 512: bytes, or a number with

@@ -42,6 +42,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--worker-user")]
+    WorkerUser(#[source] blkmesh_sandbox::SandboxError),
+    #[error("cannot give {} to the worker user {user}", path.display())]
+    GiveToWorker {
+        path: PathBuf,
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image {} is not {need} by the worker user {user}: chown it, or pass --worker-user root", path.display())]
+    NotForWorker {
+        path: PathBuf,
+        user: String,
+        need: &'static str,
+    },
     #[error("another `blkmesh up` is already running in {}", dir.display())]
     AlreadyRunning { dir: PathBuf },
     #[error("cannot open log {}", path.display())]

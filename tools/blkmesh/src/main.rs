@@ -23,6 +23,13 @@ use clap::Parser;
 use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // The supervisor holds the manager's token: keep it out of other
+    // processes' reach through /proc (its children are exec'd and start
+    // dumpable, until they set it themselves).
+    if let Err(e) = blkmesh_sandbox::set_not_dumpable() {
+        eprintln!("blkmesh: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     blkmesh_logging::init(false);
 

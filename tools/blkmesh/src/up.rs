@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,76 @@ impl Layout {
             }
         }
     }
+}
+
+/// The workers' user: `--worker-user` when blkmesh runs as root (and it is
+/// not root itself), else none.
+fn worker_identity(args: &UpArgs) -> Result<Option<blkmesh_sandbox::Identity>, Error> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let id = blkmesh_sandbox::resolve_identity(&args.worker_user).map_err(Error::WorkerUser)?;
+    Ok((!id.uid.is_root()).then_some(id))
+}
+
+/// Makes the images the workers open accessible to their user: the ones
+/// blkmesh creates (the default disk, a configuration's `create` images,
+/// made by the root manager) are given to it; any other must already be
+/// readable (and writable, unless read-only) by it.
+fn give_images_to_worker(
+    args: &UpArgs,
+    layout: &Layout,
+    config: Option<&ConfigFile>,
+    id: &blkmesh_sandbox::Identity,
+) -> Result<(), Error> {
+    use blkmesh_proto::v1::node_spec::Driver;
+    let mut images: Vec<(PathBuf, bool, bool)> = Vec::new(); // path, ours, read-only
+    match config {
+        Some(c) => {
+            for n in c.config.nodes() {
+                if let Some(Driver::IoUring(o)) = &n.spec.driver {
+                    images.push((PathBuf::from(&o.path), n.create.is_some(), o.read_only));
+                }
+            }
+        }
+        None if args.null => {}
+        None => images.push((layout.image.clone(), args.image.is_none(), false)),
+    }
+    for (path, ours, read_only) in images {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue; // The manager reports a missing image.
+        };
+        if ours && meta.is_file() && meta.uid() == 0 {
+            std::os::unix::fs::chown(&path, Some(id.uid.as_raw()), Some(id.gid.as_raw())).map_err(
+                |source| Error::GiveToWorker {
+                    path: path.clone(),
+                    user: id.name.clone(),
+                    source,
+                },
+            )?;
+            continue;
+        }
+        let bits = if meta.uid() == id.uid.as_raw() {
+            meta.mode() >> 6
+        } else if meta.gid() == id.gid.as_raw() {
+            meta.mode() >> 3
+        } else {
+            meta.mode()
+        } & 0o6;
+        let need = if read_only { 0o4 } else { 0o6 };
+        if bits & need != need {
+            return Err(Error::NotForWorker {
+                path,
+                user: id.name.clone(),
+                need: if read_only {
+                    "readable"
+                } else {
+                    "readable and writable"
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Error> {
@@ -517,6 +587,10 @@ async fn start(
     let manager_url = security.url(addr);
     tracing::info!("manager listening on {addr}");
 
+    let worker_user = worker_identity(args)?;
+    if let Some(id) = &worker_user {
+        give_images_to_worker(args, layout, config, id)?;
+    }
     let mut workers = Vec::new();
     for (i, sock) in layout.worker_sockets.iter().enumerate() {
         let name = format!("worker{i}");
@@ -529,6 +603,11 @@ async fn start(
             manager_url.clone().into(),
         ];
         worker_args.extend(security.client_args());
+        if let Some(id) = &worker_user {
+            // Bound as root (0600, root's: only the frontend connects),
+            // then the worker switches.
+            worker_args.extend(["--user".into(), format!("{}:{}", id.uid, id.gid).into()]);
+        }
         let w = set.push(Supervised::new(
             &name,
             Role::Worker,
@@ -737,7 +816,45 @@ mod tests {
             tls_key: None,
             tls_ca: None,
             token_file: None,
+            worker_user: crate::cli::DEFAULT_WORKER_USER.to_string(),
         }
+    }
+
+    #[test]
+    fn images_go_to_the_worker_user_or_are_refused() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "needs root (as the CI runs): it changes file owners"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = up_args(tmp.path());
+        let id = worker_identity(&args)
+            .unwrap()
+            .expect("root gets a worker user");
+        assert_eq!((id.uid.as_raw(), id.gid.as_raw()), (64055, 64055));
+        // The default image, created by blkmesh: given to the workers.
+        let layout = Layout::prepare(&args, None).unwrap();
+        give_images_to_worker(&args, &layout, None, &id).unwrap();
+        let meta = std::fs::metadata(&layout.image).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (64055, 64055));
+        drop(layout);
+        // Somebody else's image is not taken over but refused.
+        let theirs = tmp.path().join("theirs.img");
+        std::fs::write(&theirs, [0u8; 512]).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        args.image = Some(theirs.clone());
+        let layout = Layout::prepare(&args, None).unwrap();
+        assert!(matches!(
+            give_images_to_worker(&args, &layout, None, &id),
+            Err(Error::NotForWorker { .. })
+        ));
+        assert_eq!(std::fs::metadata(&theirs).unwrap().uid(), 0);
+        // `--worker-user root` keeps the workers root.
+        args.worker_user = "root".into();
+        assert!(worker_identity(&args).unwrap().is_none());
     }
 
     #[test]

@@ -188,6 +188,10 @@ pub(crate) const WORKER_LEGACY: &[Sys] = &[];
 pub(crate) const FRONTEND: &[Sys] = sys![
     // Export sockets are bound whenever the manager adds an export.
     SYS_listen,
+    // Bound in a private directory and renamed into place with their
+    // final mode (SocketPolicy::listen_unix).
+    SYS_mkdirat,
+    SYS_renameat2,
     // Their permissions (SocketPolicy::apply) and their removal.
     SYS_fchmodat,
     SYS_fchmod,
@@ -201,8 +205,15 @@ pub(crate) const FRONTEND: &[Sys] = sys![
     SYS_kill,
 ];
 #[cfg(target_arch = "x86_64")]
-pub(crate) const FRONTEND_LEGACY: &[Sys] =
-    sys![SYS_unlink, SYS_chmod, SYS_chown, SYS_lchown, SYS_fchmodat2];
+// renameat: glibc's renameat2() with no flags calls it where it exists.
+pub(crate) const FRONTEND_LEGACY: &[Sys] = sys![
+    SYS_unlink,
+    SYS_chmod,
+    SYS_chown,
+    SYS_lchown,
+    SYS_fchmodat2,
+    SYS_renameat
+];
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) const FRONTEND_LEGACY: &[Sys] = &[];
 

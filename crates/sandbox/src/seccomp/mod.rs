@@ -42,7 +42,9 @@
 //! makes on paths the traces did not reach — name resolution over netlink,
 //! a panic's backtrace, `abort()`, plain `pread`/`pwrite`/`fsync` in the
 //! worker, the forms glibc uses on other architectures (`*at`, `ppoll`,
-//! `epoll_pwait`). Nothing on them changes identity, mounts, namespaces,
+//! `epoll_pwait`), and the frontend's `mkdirat`, `renameat2` and
+//! `unlinkat` of the private directory its export sockets are bound in
+//! ([`crate::SocketPolicy::listen_unix`], added after those traces). Nothing on them changes identity, mounts, namespaces,
 //! traces or executes: `execve`, `ptrace`, `process_vm_readv`, `mount`,
 //! `unshare`, `setns`, `bpf`, `perf_event_open`, `keyctl`, `setuid`, module
 //! loading and the like fail for every kind, and `io_uring_*` is allowed for

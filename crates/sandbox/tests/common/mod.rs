@@ -103,3 +103,12 @@ pub fn assert_killed_by_seccomp(out: &Output) {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Fails the test (instead of skipping it) when not root: the CI runs as
+/// root, so a test that cannot run there must say so, not pass.
+pub fn require_root(what: &str) {
+    assert!(
+        is_root(),
+        "{what} needs root (the CI runs the tests as root); not skipping"
+    );
+}
