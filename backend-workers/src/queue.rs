@@ -23,7 +23,7 @@ use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{
     zone_status, Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver,
-    Segment, FLAG_FUA, FLAG_NO_UNMAP,
+    Segment, FLAG_FUA, FLAG_NO_UNMAP, HEARTBEAT_INTERVAL,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
@@ -434,6 +434,9 @@ impl QueueLoop {
         };
         let mut events = [EpollEvent::empty(); 4];
         loop {
+            // Alive: the frontend judges hangs by this, not by how long a
+            // request has been held.
+            self.tx.beat();
             let stopping = self.stop.load(Ordering::Acquire);
             let mut progress = 0usize;
             if !stopping {
@@ -560,15 +563,21 @@ impl QueueLoop {
         self.next_deadline().is_some_and(|d| d <= stages::now())
     }
 
+    /// How long the loop may sleep: until the next held request is due,
+    /// and, while requests are in flight, at most [`HEARTBEAT_INTERVAL`],
+    /// so the heartbeat keeps moving while a throttle or a delay holds a
+    /// request (or the device is slow) and the frontend does not take the
+    /// worker for hung. With nothing in flight it sleeps until woken.
     fn next_timer(&self) -> EpollTimeout {
-        match self.next_deadline() {
+        let beat = (self.inflight > 0).then(|| HEARTBEAT_INTERVAL.as_millis() as u64);
+        let due = self.next_deadline().map(|d| {
+            let left = d.saturating_sub(stages::now());
+            // Round up so we do not wake just before the deadline.
+            left.div_ceil(1_000_000).min(1000)
+        });
+        match [beat, due].into_iter().flatten().min() {
             None => EpollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_sub(stages::now());
-                // Round up so we do not wake just before the deadline.
-                let ms = left.div_ceil(1_000_000).min(1000) as u16;
-                EpollTimeout::from(ms)
-            }
+            Some(ms) => EpollTimeout::from(ms as u16),
         }
     }
 
