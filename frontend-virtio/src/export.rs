@@ -17,7 +17,7 @@ use crate::backend_channel;
 use crate::config::BlkConfig;
 use crate::device::BlkDevice;
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
-use crate::vring::HangReporter;
+use crate::vring::{HangReporter, WorkerFault};
 use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
 
 #[derive(Debug, thiserror::Error)]
@@ -180,10 +180,10 @@ impl ExportServer {
         let backend: Shared<UnixStream> = Arc::new(Mutex::new(None));
         let cfg = Arc::new(Mutex::new(cfg));
         let shared_plan = Arc::new(Mutex::new(plan.clone()));
-        let (hang_tx, hang_rx) = std::sync::mpsc::channel::<u16>();
+        let (hang_tx, hang_rx) = std::sync::mpsc::channel::<(u16, WorkerFault)>();
         let hang_tx = Mutex::new(hang_tx);
-        let on_hang: HangReporter = Arc::new(move |q| {
-            let _ = lock(&hang_tx).send(q);
+        let on_hang: HangReporter = Arc::new(move |q, why| {
+            let _ = lock(&hang_tx).send((q, why));
         });
         let failover = {
             let f = Failover {
@@ -525,7 +525,7 @@ struct Failover {
     current: CurrentDevice,
     plan: Arc<Mutex<ExportPlan>>,
     stop: Arc<AtomicBool>,
-    hangs: std::sync::mpsc::Receiver<u16>,
+    hangs: std::sync::mpsc::Receiver<(u16, WorkerFault)>,
 }
 
 impl Failover {
@@ -555,13 +555,15 @@ impl Failover {
                     }
                 }
             }
-            while let Ok(q) = self.hangs.try_recv() {
+            while let Ok((q, why)) = self.hangs.try_recv() {
                 match self.links.link_of(q as u32) {
                     // Killing it makes its link hang up: the next round
-                    // fails its queues over.
+                    // fails its queues over. A corrupt worker goes the same
+                    // way: it may still write guest memory, so its
+                    // requests are resubmitted only once it is dead.
                     Some(link) if self.links.fence(link) => {}
                     Some(_) => {
-                        tracing::error!(export = %id, queue = q, "hung worker cannot be fenced (pid unknown); its queues wait")
+                        tracing::error!(export = %id, queue = q, ?why, "worker cannot be fenced (pid unknown); its queues wait")
                     }
                     None => {}
                 }
