@@ -32,6 +32,7 @@ use crate::graph::{Leaf, OpenedGraph, QueuePool, ZoneAccess};
 use crate::memory::RegisteredRam;
 use crate::split::{next_linear, next_vectored, part_offset, Cursor, SplitLimits, LANES};
 use crate::stages::{self, Stage, Verdict};
+use crate::test_hooks::Corruption;
 use crate::zoned::{self, Action, Ticket, WriteKind, ZoneError, ZoneLayer, ZoneView};
 use blkmesh_stats::{IoCounters, OpKind};
 
@@ -368,6 +369,10 @@ struct QueueLoop {
     throttled: Vec<(VecDeque<u32>, u64)>,
     /// Completions were published while the frontend slept.
     need_kick: bool,
+    /// Completions posted so far, and whether the test fault hook broke
+    /// the completion ring (see [`crate::test_hooks`]).
+    posted: u64,
+    corrupted: bool,
     poller: Poller,
     /// This thread's counters at the root node and the leaf (`None` when
     /// the root is the leaf).
@@ -415,6 +420,8 @@ impl QueueLoop {
             held: BinaryHeap::new(),
             throttled: (0..stages).map(|_| (VecDeque::new(), 0)).collect(),
             need_kick: false,
+            posted: 0,
+            corrupted: false,
             poller: Poller::from_env(),
             root_stats,
             leaf_stats,
@@ -1205,9 +1212,39 @@ impl QueueLoop {
     }
 
     fn post_completions(&mut self) {
+        if self.corrupted {
+            // The test hook broke the ring: keep it broken.
+            self.done.clear();
+            return;
+        }
+        self.posted += self.done.len() as u64;
+        let last = self.done.last().copied();
         for c in self.done.drain(..) {
             if let Err(e) = self.tx.push(c) {
                 tracing::error!(queue = self.index, "completion ring: {e}");
+            }
+        }
+        match crate::test_hooks::corruption_due(self.posted) {
+            None => {}
+            Some(Corruption::Index) => {
+                tracing::warn!(
+                    queue = self.index,
+                    "test fault hook: corrupt completion index"
+                );
+                self.tx.publish_corrupt_index();
+                self.corrupted = true;
+                self.need_kick = true;
+                return;
+            }
+            Some(Corruption::Tag) => {
+                if let Some(c) = last {
+                    tracing::warn!(
+                        queue = self.index,
+                        tag = c.tag,
+                        "test fault hook: completion repeated"
+                    );
+                    let _ = self.tx.push(c);
+                }
             }
         }
         self.need_kick |= self.tx.publish();
