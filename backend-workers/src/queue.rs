@@ -10,6 +10,12 @@
 //! out of work it polls briefly, then sleeps after announcing it on the ring
 //! so the frontend knows to kick it; likewise it kicks the frontend only when
 //! the frontend has said it sleeps.
+//!
+//! Every loop iteration beats the ring's heartbeat, and while requests are
+//! in flight the loop never sleeps longer than [`HEARTBEAT_INTERVAL`]: the
+//! frontend takes a worker for hung only when requests are in flight and
+//! the heartbeat stopped, so a request held for long by a throttle or a
+//! delay does not get a live worker fenced.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};

@@ -514,8 +514,9 @@ impl Serve {
 const FAILOVER_RETRY: Duration = Duration::from_millis(50);
 
 /// Watches an export's worker links and moves the queues of a worker that
-/// died (its link hung up) or hung (a queue reported no completion within
-/// the worker timeout; the worker is fenced first) to the worker the plan
+/// died (its link hung up), hung (a queue saw requests in flight and no
+/// completion nor heartbeat within the worker timeout) or broke a ring (a
+/// queue distrusts it) — the last two fenced first — to the worker the plan
 /// names for them: the same one once its supervisor restarted it, or the
 /// one the manager reassigned them to. In-flight requests are resubmitted;
 /// the guest sees latency, not errors.
