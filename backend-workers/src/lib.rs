@@ -23,6 +23,7 @@ pub mod queue;
 pub mod registration;
 pub mod split;
 pub mod stages;
+pub mod test_hooks;
 pub mod zoned;
 
 use std::path::PathBuf;

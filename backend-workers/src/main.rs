@@ -71,6 +71,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("blkmesh-worker: {e}");
         return std::process::ExitCode::from(2);
     }
+    blkmesh_worker::test_hooks::arm_from_env();
     let config = blkmesh_worker::WorkerConfig {
         name,
         socket: socket.clone(),

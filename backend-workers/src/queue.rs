@@ -10,6 +10,12 @@
 //! out of work it polls briefly, then sleeps after announcing it on the ring
 //! so the frontend knows to kick it; likewise it kicks the frontend only when
 //! the frontend has said it sleeps.
+//!
+//! Every loop iteration beats the ring's heartbeat, and while requests are
+//! in flight the loop never sleeps longer than [`HEARTBEAT_INTERVAL`]: the
+//! frontend takes a worker for hung only when requests are in flight and
+//! the heartbeat stopped, so a request held for long by a throttle or a
+//! delay does not get a live worker fenced.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -23,7 +29,7 @@ use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{
     zone_status, Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver,
-    Segment, FLAG_FUA, FLAG_NO_UNMAP,
+    Segment, FLAG_FUA, FLAG_NO_UNMAP, HEARTBEAT_INTERVAL,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
@@ -32,6 +38,7 @@ use crate::graph::{Leaf, OpenedGraph, QueuePool, ZoneAccess};
 use crate::memory::RegisteredRam;
 use crate::split::{next_linear, next_vectored, part_offset, Cursor, SplitLimits, LANES};
 use crate::stages::{self, Stage, Verdict};
+use crate::test_hooks::Corruption;
 use crate::zoned::{self, Action, Ticket, WriteKind, ZoneError, ZoneLayer, ZoneView};
 use blkmesh_stats::{IoCounters, OpKind};
 
@@ -368,6 +375,10 @@ struct QueueLoop {
     throttled: Vec<(VecDeque<u32>, u64)>,
     /// Completions were published while the frontend slept.
     need_kick: bool,
+    /// Completions posted so far, and whether the test fault hook broke
+    /// the completion ring (see [`crate::test_hooks`]).
+    posted: u64,
+    corrupted: bool,
     poller: Poller,
     /// This thread's counters at the root node and the leaf (`None` when
     /// the root is the leaf).
@@ -415,6 +426,8 @@ impl QueueLoop {
             held: BinaryHeap::new(),
             throttled: (0..stages).map(|_| (VecDeque::new(), 0)).collect(),
             need_kick: false,
+            posted: 0,
+            corrupted: false,
             poller: Poller::from_env(),
             root_stats,
             leaf_stats,
@@ -434,6 +447,9 @@ impl QueueLoop {
         };
         let mut events = [EpollEvent::empty(); 4];
         loop {
+            // Alive: the frontend judges hangs by this, not by how long a
+            // request has been held.
+            self.tx.beat();
             let stopping = self.stop.load(Ordering::Acquire);
             let mut progress = 0usize;
             if !stopping {
@@ -560,15 +576,21 @@ impl QueueLoop {
         self.next_deadline().is_some_and(|d| d <= stages::now())
     }
 
+    /// How long the loop may sleep: until the next held request is due,
+    /// and, while requests are in flight, at most [`HEARTBEAT_INTERVAL`],
+    /// so the heartbeat keeps moving while a throttle or a delay holds a
+    /// request (or the device is slow) and the frontend does not take the
+    /// worker for hung. With nothing in flight it sleeps until woken.
     fn next_timer(&self) -> EpollTimeout {
-        match self.next_deadline() {
+        let beat = (self.inflight > 0).then(|| HEARTBEAT_INTERVAL.as_millis() as u64);
+        let due = self.next_deadline().map(|d| {
+            let left = d.saturating_sub(stages::now());
+            // Round up so we do not wake just before the deadline.
+            left.div_ceil(1_000_000).min(1000)
+        });
+        match [beat, due].into_iter().flatten().min() {
             None => EpollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_sub(stages::now());
-                // Round up so we do not wake just before the deadline.
-                let ms = left.div_ceil(1_000_000).min(1000) as u16;
-                EpollTimeout::from(ms)
-            }
+            Some(ms) => EpollTimeout::from(ms as u16),
         }
     }
 
@@ -1196,9 +1218,39 @@ impl QueueLoop {
     }
 
     fn post_completions(&mut self) {
+        if self.corrupted {
+            // The test hook broke the ring: keep it broken.
+            self.done.clear();
+            return;
+        }
+        self.posted += self.done.len() as u64;
+        let last = self.done.last().copied();
         for c in self.done.drain(..) {
             if let Err(e) = self.tx.push(c) {
                 tracing::error!(queue = self.index, "completion ring: {e}");
+            }
+        }
+        match crate::test_hooks::corruption_due(self.posted) {
+            None => {}
+            Some(Corruption::Index) => {
+                tracing::warn!(
+                    queue = self.index,
+                    "test fault hook: corrupt completion index"
+                );
+                self.tx.publish_corrupt_index();
+                self.corrupted = true;
+                self.need_kick = true;
+                return;
+            }
+            Some(Corruption::Tag) => {
+                if let Some(c) = last {
+                    tracing::warn!(
+                        queue = self.index,
+                        tag = c.tag,
+                        "test fault hook: completion repeated"
+                    );
+                    let _ = self.tx.push(c);
+                }
             }
         }
         self.need_kick |= self.tx.publish();

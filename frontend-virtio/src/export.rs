@@ -17,7 +17,7 @@ use crate::backend_channel;
 use crate::config::BlkConfig;
 use crate::device::BlkDevice;
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
-use crate::vring::{HangReporter, QueueControls};
+use crate::vring::{HangReporter, QueueControls, WorkerFault};
 use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
 
 #[derive(Debug, thiserror::Error)]
@@ -181,10 +181,10 @@ impl ExportServer {
         let backend: Shared<UnixStream> = Arc::new(Mutex::new(None));
         let cfg = Arc::new(Mutex::new(cfg));
         let shared_plan = Arc::new(Mutex::new(plan.clone()));
-        let (hang_tx, hang_rx) = std::sync::mpsc::channel::<u16>();
+        let (hang_tx, hang_rx) = std::sync::mpsc::channel::<(u16, WorkerFault)>();
         let hang_tx = Mutex::new(hang_tx);
-        let on_hang: HangReporter = Arc::new(move |q| {
-            let _ = lock(&hang_tx).send(q);
+        let on_hang: HangReporter = Arc::new(move |q, why| {
+            let _ = lock(&hang_tx).send((q, why));
         });
         let controls = Arc::new(QueueControls::default());
         let failover = {
@@ -520,8 +520,9 @@ impl Serve {
 const FAILOVER_RETRY: Duration = Duration::from_millis(50);
 
 /// Watches an export's worker links and moves the queues of a worker that
-/// died (its link hung up) or hung (a queue reported no completion within
-/// the worker timeout; the worker is fenced first) to the worker the plan
+/// died (its link hung up), hung (a queue saw requests in flight and no
+/// completion nor heartbeat within the worker timeout) or broke a ring (a
+/// queue distrusts it) — the last two fenced first — to the worker the plan
 /// names for them: the same one once its supervisor restarted it, or the
 /// one the manager reassigned them to. In-flight requests are resubmitted;
 /// the guest sees latency, not errors.
@@ -534,7 +535,7 @@ struct Failover {
     controls: Arc<QueueControls>,
     plan: Arc<Mutex<ExportPlan>>,
     stop: Arc<AtomicBool>,
-    hangs: std::sync::mpsc::Receiver<u16>,
+    hangs: std::sync::mpsc::Receiver<(u16, WorkerFault)>,
 }
 
 impl Failover {
@@ -570,13 +571,15 @@ impl Failover {
                     }
                 }
             }
-            while let Ok(q) = self.hangs.try_recv() {
+            while let Ok((q, why)) = self.hangs.try_recv() {
                 match self.links.link_of(q as u32) {
                     // Killing it makes its link hang up: the next round
-                    // fails its queues over.
+                    // fails its queues over. A corrupt worker goes the same
+                    // way: it may still write guest memory, so its
+                    // requests are resubmitted only once it is dead.
                     Some(link) if self.links.fence(link) => {}
                     Some(_) => {
-                        tracing::error!(export = %id, queue = q, "hung worker cannot be fenced (pid unknown); its queues wait")
+                        tracing::error!(export = %id, queue = q, ?why, "worker cannot be fenced (pid unknown); its queues wait")
                     }
                     None => {}
                 }

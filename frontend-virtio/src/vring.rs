@@ -255,8 +255,9 @@ pub struct VringSetup {
     /// This queue's I/O statistics.
     pub stats: Arc<IoCounters>,
     pub control: Arc<VringControl>,
-    /// Told (once per episode) when requests are in flight and the worker
-    /// has completed none of them for [`worker_timeout`].
+    /// Told (once per episode) when requests are in flight and the
+    /// worker's heartbeat has not moved for [`worker_timeout`], or when the
+    /// worker broke the completion ring.
     pub on_hang: HangReporter,
     /// Inflight tracking, and the heads a previous frontend left in flight
     /// (resubmitted before anything else).
@@ -266,11 +267,33 @@ pub struct VringSetup {
     pub recovery_zones: Option<crate::zones::ZoneOracle>,
 }
 
-/// Receives a queue's "my worker stopped answering" reports.
-pub type HangReporter = Arc<dyn Fn(u16) + Send + Sync>;
+/// Why a queue gave up on its worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerFault {
+    /// Requests in flight, and the worker's event loop showed no sign of
+    /// life (no completion, no heartbeat) for [`worker_timeout`].
+    Hung,
+    /// The worker broke the ring protocol: a completion index more than a
+    /// ring ahead, a completion for a head not in flight, or an impossible
+    /// heartbeat. The queue reads nothing more from that ring.
+    Corrupt,
+}
 
-/// How long a worker may leave in-flight requests without any completion
-/// before it is considered hung (`BLKMESH_WORKER_TIMEOUT_MS`, default 5000).
+/// Receives a queue's "my worker stopped answering" (or "my worker is
+/// corrupt") reports. Either way the worker must be fenced before the
+/// queue's requests go elsewhere.
+pub type HangReporter = Arc<dyn Fn(u16, WorkerFault) + Send + Sync>;
+
+/// How often a queue with requests in flight samples its worker's
+/// heartbeat (a load of a line the worker writes: not on every loop).
+const HEARTBEAT_SAMPLE: Duration = Duration::from_millis(100);
+
+/// How long a worker's event loop may show no sign of life (no completion,
+/// and a heartbeat that did not move: see [`blkmesh_ipc::ring`]) while
+/// requests are in flight before it is considered hung
+/// (`BLKMESH_WORKER_TIMEOUT_MS`, default 5000). It is not a bound on a
+/// request's age: a throttle or a fault-injection delay may hold a request
+/// far longer, on a worker whose loop keeps beating.
 pub fn worker_timeout() -> Duration {
     static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
@@ -365,10 +388,17 @@ struct Vring {
     /// applied and complete at once.
     already_written: Option<crate::zones::ZoneMap>,
     inflight: usize,
-    /// When the worker last completed something (or the queue went from
-    /// idle to busy): the hang clock.
-    last_completion: Instant,
+    /// When the worker last showed progress: a completion, a heartbeat
+    /// that moved, or the queue going from idle to busy. The hang clock.
+    last_progress: Instant,
+    /// When the heartbeat was last sampled.
+    heartbeat_sampled: Instant,
     hang_reported: bool,
+    /// The worker broke the completion ring (or its heartbeat): nothing
+    /// more is read from that ring, no guest request is taken, and the
+    /// worker was reported to be fenced. Latched until a replacement ring
+    /// arrives.
+    distrusted: bool,
     /// The guest's avail index was last seen broken (logged once).
     bad_avail: bool,
     /// Inflight tracking shared with the VMM, and the next submission number.
@@ -407,8 +437,10 @@ pub fn run(mut setup: VringSetup) -> Queue {
         },
         already_written: None,
         inflight: 0,
-        last_completion: Instant::now(),
+        last_progress: Instant::now(),
+        heartbeat_sampled: Instant::now(),
         hang_reported: false,
+        distrusted: false,
         bad_avail: false,
         descs: Vec::with_capacity(n),
         segs: Vec::with_capacity(crate::config::RING_MAX_SEGMENTS as usize),
@@ -446,6 +478,9 @@ impl Vring {
                 self.replace_worker(ends, &epoll);
             }
             let (cmd, lost) = self.s.control.state();
+            // A distrusted worker is as good as lost: its ring is not read
+            // and nothing new goes to it while it is fenced and replaced.
+            let lost = lost || self.distrusted;
             let mem = Arc::clone(&self.s.mem.lock().unwrap_or_else(|p| p.into_inner()));
             self.tables.see(&mem, self.inflight);
             let mut progress = false;
@@ -564,23 +599,59 @@ impl Vring {
         }
     }
 
-    /// Reports the worker once if requests are in flight and it has
-    /// completed none for the worker timeout.
+    /// Reports the worker once if requests are in flight and its event
+    /// loop showed no sign of life for the worker timeout: no completion,
+    /// and a heartbeat that did not move. A request held for long (a
+    /// throttle, a fault-injection delay, a slow device) on a worker that
+    /// keeps beating is not a hang. A heartbeat that moves impossibly
+    /// (backwards, absurdly far) makes the worker distrusted instead.
     fn check_hang(&mut self) {
-        if self.inflight == 0 || self.hang_reported {
+        if self.inflight == 0 || self.hang_reported || self.distrusted {
             return;
         }
-        let quiet = self.last_completion.elapsed();
+        let now = Instant::now();
+        if now.saturating_duration_since(self.heartbeat_sampled) >= HEARTBEAT_SAMPLE {
+            self.heartbeat_sampled = now;
+            match self.s.completions.heartbeat(now) {
+                Ok(true) => self.last_progress = now,
+                Ok(false) => {}
+                Err(e) => {
+                    self.distrust_worker(format_args!("{e}"));
+                    return;
+                }
+            }
+        }
+        let quiet = now.saturating_duration_since(self.last_progress);
         if quiet >= worker_timeout() {
             self.hang_reported = true;
             tracing::error!(
                 queue = self.s.index,
                 inflight = self.inflight,
                 quiet_ms = quiet.as_millis() as u64,
-                "worker stopped completing requests"
+                "worker stopped: requests in flight and no heartbeat"
             );
-            (self.s.on_hang)(self.s.index);
+            (self.s.on_hang)(self.s.index, WorkerFault::Hung);
         }
+    }
+
+    /// The worker broke the completion ring: stop trusting it, for good
+    /// (until a replacement ring arrives). Nothing more is read from the
+    /// ring, no guest request is taken, and the worker is reported so the
+    /// failover thread fences it (it may still hold our requests and write
+    /// guest memory: it must be dead before they are resubmitted) and
+    /// moves the queue, with its requests in flight, to the replacement.
+    fn distrust_worker(&mut self, why: std::fmt::Arguments<'_>) {
+        if self.distrusted {
+            return;
+        }
+        self.distrusted = true;
+        self.hang_reported = true;
+        tracing::error!(
+            queue = self.s.index,
+            inflight = self.inflight,
+            "worker broke the completion ring: {why}; ring no longer read, worker to be fenced"
+        );
+        (self.s.on_hang)(self.s.index, WorkerFault::Corrupt);
     }
 
     /// Moves to a replacement worker's rings and resubmits every request
@@ -677,8 +748,10 @@ impl Vring {
         if applied + failed > 0 {
             self.notify_guest(mem.guest_memory());
         }
-        self.last_completion = Instant::now();
+        self.last_progress = Instant::now();
+        self.heartbeat_sampled = self.last_progress;
         self.hang_reported = false;
+        self.distrusted = false;
         tracing::info!(
             queue = self.s.index,
             resubmitted,
@@ -879,7 +952,7 @@ impl Vring {
                         self.s.stats.started();
                     }
                     if self.inflight == 0 {
-                        self.last_completion = Instant::now();
+                        self.last_progress = Instant::now();
                     }
                     let saved = &mut self.saved[head as usize];
                     saved.clear();
@@ -1013,7 +1086,14 @@ impl Vring {
     }
 
     /// Applies the worker's completions; returns whether there were any.
+    /// A completion index more than a ring ahead, or a completion for a
+    /// head not in flight, makes the worker distrusted: the ring is not
+    /// read again (completions applied before it stand: their heads were
+    /// in flight).
     fn finish_completions(&mut self, mem: &Arc<MemTable>) -> bool {
+        if self.distrusted {
+            return false;
+        }
         let gm = mem.guest_memory();
         let mut any = false;
         loop {
@@ -1021,24 +1101,17 @@ impl Vring {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::error!(
-                        queue = self.s.index,
-                        "completion ring broken by the worker: {e}"
-                    );
+                    self.distrust_worker(format_args!("{e}"));
                     break;
                 }
             };
             let Some(p) = self.pending.get_mut(c.tag as usize).and_then(Option::take) else {
-                tracing::error!(
-                    queue = self.s.index,
-                    tag = c.tag,
-                    "completion for a request not in flight"
-                );
-                continue;
+                self.distrust_worker(format_args!("completion for tag {}, not in flight", c.tag));
+                break;
             };
             any = true;
             self.inflight -= 1;
-            self.last_completion = Instant::now();
+            self.last_progress = Instant::now();
             self.hang_reported = false;
             let mut st = if self.s.zones.is_some() {
                 request::zoned_status_of(c.result)
@@ -1072,7 +1145,9 @@ impl Vring {
             }
             self.complete(gm, c.tag as u16, p.status, st, used);
         }
-        self.s.completions.release();
+        if !self.distrusted {
+            self.s.completions.release();
+        }
         if any {
             self.notify_guest(gm);
         }

@@ -150,7 +150,7 @@ impl Link {
         let pid = nix::unistd::Pid::from_raw(self.peer_pid);
         match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
             Ok(()) => {
-                tracing::error!(worker = %self.worker, pid = self.peer_pid, "worker fenced (SIGKILL) after it stopped answering");
+                tracing::error!(worker = %self.worker, pid = self.peer_pid, "worker fenced (SIGKILL): hung or corrupt");
                 true
             }
             Err(e) => {
@@ -367,7 +367,8 @@ impl WorkerLinks {
             .map(|&i| inner.links[i].id)
     }
 
-    /// Fences the worker behind link `id` after it stopped answering: kills
+    /// Fences the worker behind link `id` after it stopped answering or
+    /// broke a ring: kills
     /// it, so nothing it still holds can reach the disk once its requests
     /// are resubmitted elsewhere. False if its pid is not known to us (it
     /// lives in another pid namespace).

@@ -611,7 +611,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             e[16..24].copy_from_slice(&512u64.to_le_bytes());
             e[36..40].copy_from_slice(&512u32.to_le_bytes());
             e[40..48].copy_from_slice(&1024u64.to_le_bytes());
-            w.u32(320).bytes(&e);
+            w.u32(384).bytes(&e);
         };
         let efd = |w: &mut Writer| {
             w.u8(3);

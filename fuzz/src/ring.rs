@@ -63,7 +63,7 @@ const OFF_REQ_CONS: usize = 128;
 const OFF_CPL_PROD: usize = 192;
 const OFF_CPL_CONS: usize = 256;
 const SLEEP_DELTA: usize = 4;
-const OFF_REQ_ENTRIES: usize = 320;
+const OFF_REQ_ENTRIES: usize = 384;
 
 thread_local! {
     /// The worker's guest RAM: two regions, the second at an fd offset that

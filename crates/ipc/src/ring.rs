@@ -9,7 +9,8 @@
 //! 128  request ring consumer index, sleeping flag   (worker writes)
 //! 192  completion ring producer index       (worker writes)
 //! 256  completion ring consumer index, sleeping flag (frontend writes)
-//! 320  request entries      entries × 64 B
+//! 320  worker heartbeat, u64                (worker writes)
+//! 384  request entries      entries × 64 B
 //!      completion entries   entries × 16 B
 //!      segment table        entries × max_segments × 16 B (indexed by tag)
 //! ```
@@ -21,6 +22,15 @@
 //! against "set the flag, then re-check the index"), so a busy queue makes no
 //! syscall per request.
 //!
+//! The heartbeat is a counter the worker's queue loop bumps on every
+//! iteration, and at least every [`HEARTBEAT_INTERVAL`] while it holds
+//! requests (a throttle or a fault-injection delay may hold one for seconds).
+//! The frontend judges a hang by it, not by the age of a request: requests
+//! in flight and a heartbeat that has not moved for the worker timeout mean
+//! the worker's loop is stopped (SIGSTOP, deadlock), while a slow request
+//! on a live loop does not. It has a line of its own so that the worker's
+//! bumps do not evict the lines the frontend polls.
+//!
 //! Nothing read from the ring is trusted: every entry is copied out of shared
 //! memory once and then validated (tag, op, flags, segment count and lengths);
 //! guest-memory bounds are checked against the reader's own mapping by
@@ -28,15 +38,17 @@
 
 use std::fs::File;
 use std::marker::PhantomData;
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::shm::{SharedMemory, ShmError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"BLKMRING");
-const VERSION: u32 = 1;
+/// 2: the heartbeat line at 320 (entries moved from 320 to 384).
+const VERSION: u32 = 2;
 const LINE: usize = 64;
 
 const OFF_MAGIC: usize = 0;
@@ -51,7 +63,19 @@ const OFF_CPL_PROD: usize = 3 * LINE;
 const OFF_CPL_CONS: usize = 4 * LINE;
 /// The sleeping flag sits after the consumer index, on the consumer's line.
 const SLEEP_DELTA: usize = 4;
-const OFF_ENTRIES_START: usize = 5 * LINE;
+/// The worker's heartbeat (u64), alone on its line.
+const OFF_HEARTBEAT: usize = 5 * LINE;
+const OFF_ENTRIES_START: usize = 6 * LINE;
+// The heartbeat has its line to itself: nothing else before the entries.
+const _: () = assert!(OFF_HEARTBEAT % LINE == 0 && OFF_HEARTBEAT + LINE == OFF_ENTRIES_START);
+
+/// Longest a worker's queue loop sleeps while it has requests in flight, so
+/// that its heartbeat keeps moving while a request is held.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+/// Slack on the "absurd jump" bound of the heartbeat: a loop iteration
+/// takes far more than a nanosecond, so the heartbeat cannot move by more
+/// than the nanoseconds elapsed between two samples, plus this.
+const HEARTBEAT_SLACK: u64 = 1_000_000;
 
 /// Largest ring (and so largest virtqueue) supported.
 pub const MAX_ENTRIES: u32 = 4096;
@@ -76,6 +100,11 @@ pub enum RingError {
     BadHeader(&'static str),
     #[error("peer index out of range (peer {peer}, ours {ours})")]
     PeerIndex { peer: u32, ours: u32 },
+    /// The worker's heartbeat went backwards, or moved by more than one
+    /// beat per nanosecond since the last sample: the worker (or its
+    /// mapping of the ring) is corrupt.
+    #[error("worker heartbeat impossible (was {was}, now {now}, {elapsed_ns} ns later)")]
+    Heartbeat { was: u64, now: u64, elapsed_ns: u64 },
     #[error("ring is full")]
     Full,
     #[error("{0} segments do not fit the segment table")]
@@ -355,7 +384,7 @@ impl QueueRings {
             shm: Arc::new(shm),
             layout,
         };
-        // SAFETY: the header offsets are inside the mapping (size() > 320) and
+        // SAFETY: the header offsets are inside the mapping (size() > OFF_ENTRIES_START) and
         // aligned; nobody else has the memfd yet.
         unsafe {
             let p = rings
@@ -431,6 +460,17 @@ impl QueueRings {
             .unwrap_or(std::ptr::null())
     }
 
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            _shm: Arc::clone(&self.shm),
+            word: self
+                .shm
+                .ptr_at(OFF_HEARTBEAT, 8)
+                .map(|p| p.cast::<AtomicU64>().cast_const())
+                .unwrap_or(std::ptr::null()),
+        }
+    }
+
     fn state_word(&self, off: usize) -> &AtomicU32 {
         // SAFETY: `word` returns an aligned, in-bounds pointer for header
         // offsets, valid as long as `self.shm`; AtomicU32 tolerates concurrent
@@ -473,6 +513,7 @@ impl QueueRings {
             sleeping: self.word(cons + SLEEP_DELTA),
             local: 0,
             cached_peer: 0,
+            broken: None,
             _t: PhantomData,
         }
     }
@@ -506,12 +547,19 @@ impl QueueRings {
             self.spsc::<Completion>(OFF_CPL_PROD, OFF_CPL_CONS, self.layout.cpl_entries_off());
         cpl.local = cpl.cons_word().load(Ordering::Acquire);
         cpl.cached_peer = cpl.local;
+        let heartbeat = self.heartbeat();
+        let seen = heartbeat.word().load(Ordering::Relaxed);
         (
             RequestSender {
                 ring: req,
                 segments: self.segment_table(),
             },
-            CompletionReceiver { ring: cpl },
+            CompletionReceiver {
+                ring: cpl,
+                heartbeat,
+                seen,
+                seen_at: Instant::now(),
+            },
         )
     }
 
@@ -532,7 +580,10 @@ impl QueueRings {
                 layout: self.layout,
                 scratch: Vec::with_capacity(self.layout.max_segments as usize),
             },
-            CompletionSender { ring: cpl },
+            CompletionSender {
+                ring: cpl,
+                heartbeat: self.heartbeat(),
+            },
         )
     }
 }
@@ -550,6 +601,9 @@ struct Spsc<T> {
     sleeping: *const AtomicU32,
     local: u32,
     cached_peer: u32,
+    /// Consumer side: the producer published an impossible index (peer,
+    /// ours); latched.
+    broken: Option<(u32, u32)>,
     _t: PhantomData<T>,
 }
 
@@ -613,13 +667,20 @@ impl<T: Copy> Spsc<T> {
 
     // ---- consumer side ----
 
+    /// Takes the next entry. A producer index more than a ring ahead is
+    /// latched: this and every later call fail with the same error, so no
+    /// slot is ever read on the word of a producer caught lying.
     fn pop(&mut self) -> Result<Option<T>, RingError> {
+        if let Some((peer, ours)) = self.broken {
+            return Err(RingError::PeerIndex { peer, ours });
+        }
         if self.local == self.cached_peer {
             self.cached_peer = self.prod_word().load(Ordering::Acquire);
             if self.local == self.cached_peer {
                 return Ok(None);
             }
             if self.cached_peer.wrapping_sub(self.local) > self.entries {
+                self.broken = Some((self.cached_peer, self.local));
                 return Err(RingError::PeerIndex {
                     peer: self.cached_peer,
                     ours: self.local,
@@ -662,6 +723,46 @@ impl<T: Copy> Spsc<T> {
         self.prod_word()
             .load(Ordering::Acquire)
             .wrapping_sub(self.cons_word().load(Ordering::Acquire))
+    }
+}
+
+/// The worker's heartbeat word.
+struct Heartbeat {
+    /// Keeps the mapping alive for `word`.
+    _shm: Arc<SharedMemory>,
+    word: *const AtomicU64,
+}
+
+// SAFETY: a pointer into the Arc'd mapping, only used as an atomic.
+unsafe impl Send for Heartbeat {}
+
+impl Heartbeat {
+    fn word(&self) -> &AtomicU64 {
+        // SAFETY: OFF_HEARTBEAT is 64-byte aligned inside the header, which
+        // every ring mapping covers (size() > OFF_ENTRIES_START), so the
+        // pointer is valid and aligned for as long as `_shm` lives; the peer
+        // only ever changes the word, which an AtomicU64 tolerates.
+        unsafe { &*self.word }
+    }
+}
+
+/// Judges a heartbeat sample: `Ok(true)` if it moved since `was`,
+/// `Ok(false)` if it did not, `Err` if the move is impossible for a sane
+/// worker: backwards (the counter is a u64 bumped by one, so it does not
+/// wrap in practice), or by more than one beat per nanosecond of `elapsed`
+/// (plus [`HEARTBEAT_SLACK`]).
+pub fn judge_heartbeat(was: u64, now: u64, elapsed: Duration) -> Result<bool, RingError> {
+    let elapsed_ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    let bad = || RingError::Heartbeat {
+        was,
+        now,
+        elapsed_ns,
+    };
+    match now.checked_sub(was) {
+        None => Err(bad()),
+        Some(0) => Ok(false),
+        Some(d) if d > elapsed_ns.saturating_add(HEARTBEAT_SLACK) => Err(bad()),
+        Some(_) => Ok(true),
     }
 }
 
@@ -817,9 +918,10 @@ impl RequestReceiver {
     }
 }
 
-/// Worker → frontend: posts completions.
+/// Worker → frontend: posts completions, and beats the heartbeat.
 pub struct CompletionSender {
     ring: Spsc<Completion>,
+    heartbeat: Heartbeat,
 }
 
 impl CompletionSender {
@@ -833,11 +935,39 @@ impl CompletionSender {
     pub fn publish(&mut self) -> bool {
         self.ring.publish()
     }
+
+    /// One beat of the heartbeat: the queue loop is alive. An atomic add,
+    /// not a store of a private count, so that the counter only ever moves
+    /// forward even if a queue moving between workers briefly has two
+    /// (the old one about to stop).
+    pub fn beat(&self) {
+        self.heartbeat.word().fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Test hook, for the frontend's handling of a corrupt worker: publishes
+    /// a producer index more than a ring ahead of the consumer's. Only the
+    /// worker's debug-build fault hook calls it (see `backend-workers`);
+    /// nothing a guest sends can reach it.
+    #[doc(hidden)]
+    pub fn publish_corrupt_index(&mut self) {
+        let bad = self
+            .ring
+            .cons_word()
+            .load(Ordering::Acquire)
+            .wrapping_add(self.ring.entries)
+            .wrapping_add(1);
+        self.ring.local = bad;
+        self.ring.publish();
+    }
 }
 
-/// Frontend side: takes completions.
+/// Frontend side: takes completions, and samples the worker's heartbeat.
 pub struct CompletionReceiver {
     ring: Spsc<Completion>,
+    heartbeat: Heartbeat,
+    /// The heartbeat at the last sample, and when that was.
+    seen: u64,
+    seen_at: Instant,
 }
 
 impl CompletionReceiver {
@@ -862,6 +992,24 @@ impl CompletionReceiver {
 
     pub fn woke(&mut self) {
         self.ring.woke();
+    }
+
+    /// Samples the worker's heartbeat: `Ok(true)` if it moved since the
+    /// last sample (or since this end was taken), `Ok(false)` if not, and
+    /// [`RingError::Heartbeat`] if it moved in a way a sane worker cannot
+    /// (see [`judge_heartbeat`]); the caller must then stop trusting the
+    /// worker. One Relaxed load of a line the worker owns: sample it only
+    /// while requests are in flight, and not on every loop iteration.
+    pub fn heartbeat(&mut self, now: Instant) -> Result<bool, RingError> {
+        let value = self.heartbeat.word().load(Ordering::Relaxed);
+        let moved = judge_heartbeat(
+            self.seen,
+            value,
+            now.saturating_duration_since(self.seen_at),
+        )?;
+        self.seen = value;
+        self.seen_at = now;
+        Ok(moved)
     }
 }
 
@@ -991,6 +1139,80 @@ mod tests {
         fn word_for_test(&self, off: usize) -> &AtomicU32 {
             self.state_word(off)
         }
+    }
+
+    #[test]
+    fn rejects_corrupt_completion_index() {
+        let (f, w) = pair(4);
+        let (_, mut rx_cpl) = f.frontend_end();
+        let (_, mut tx_cpl) = w.worker_end();
+        tx_cpl
+            .push(Completion {
+                tag: 1,
+                result: 0,
+                extra: 0,
+            })
+            .unwrap();
+        tx_cpl.publish();
+        assert_eq!(rx_cpl.pop().unwrap().unwrap().tag, 1);
+        rx_cpl.release();
+        // Exactly a ring ahead is a full ring, not corruption.
+        f.word_for_test(OFF_CPL_PROD)
+            .store(1 + 4, Ordering::Release);
+        assert!(rx_cpl.pop().unwrap().is_some());
+        // A worker that claims more than a ring of completions is corrupt,
+        // and stays so on every later look.
+        let (_, mut rx_cpl) = f.frontend_end();
+        tx_cpl.publish_corrupt_index();
+        for _ in 0..2 {
+            assert!(matches!(rx_cpl.pop(), Err(RingError::PeerIndex { .. })));
+        }
+    }
+
+    #[test]
+    fn heartbeat_is_on_its_own_line_and_counts_beats() {
+        let (f, w) = pair(4);
+        let (_, mut rx_cpl) = f.frontend_end();
+        let (_, tx_cpl) = w.worker_end();
+        for off in [OFF_REQ_PROD, OFF_REQ_CONS, OFF_CPL_PROD, OFF_CPL_CONS] {
+            assert_ne!(off / LINE, OFF_HEARTBEAT / LINE);
+        }
+        let t0 = Instant::now();
+        assert!(!rx_cpl.heartbeat(t0).unwrap(), "no beat yet");
+        tx_cpl.beat();
+        tx_cpl.beat();
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(rx_cpl.heartbeat(t1).unwrap());
+        assert!(!rx_cpl.heartbeat(t1 + Duration::from_millis(100)).unwrap());
+        // A re-attached end continues the count; it never restarts at 0.
+        let (_, tx_again) = w.worker_end();
+        tx_again.beat();
+        assert!(rx_cpl.heartbeat(t1 + Duration::from_millis(200)).unwrap());
+    }
+
+    #[test]
+    fn impossible_heartbeats_are_corrupt() {
+        let ms = Duration::from_millis;
+        assert!(!judge_heartbeat(7, 7, ms(500)).unwrap());
+        assert!(judge_heartbeat(7, 8, Duration::ZERO).unwrap());
+        assert!(judge_heartbeat(0, 1_000_000, ms(1)).unwrap());
+        // Backwards.
+        assert!(matches!(
+            judge_heartbeat(8, 7, ms(500)),
+            Err(RingError::Heartbeat { was: 8, now: 7, .. })
+        ));
+        // More than one beat per nanosecond (plus the slack).
+        assert!(judge_heartbeat(0, 3 * HEARTBEAT_SLACK, ms(1)).is_err());
+        assert!(judge_heartbeat(5, u64::MAX, ms(500)).is_err());
+        // Through the ring: a worker scribbling the word.
+        let (f, _w) = pair(4);
+        let (_, mut rx_cpl) = f.frontend_end();
+        let t0 = Instant::now();
+        f.heartbeat().word().store(u64::MAX / 2, Ordering::Relaxed);
+        assert!(matches!(
+            rx_cpl.heartbeat(t0 + ms(100)),
+            Err(RingError::Heartbeat { .. })
+        ));
     }
 
     #[test]
