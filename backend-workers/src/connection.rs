@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use blkmesh_ipc::channel::{Channel, ChannelError, MAX_MESSAGE};
 use blkmesh_ipc::guest_ram::{GuestRam, RegionSpec};
@@ -14,23 +15,44 @@ use ipc::reply::Result as ReplyResult;
 use ipc::request::Msg;
 
 use crate::graph::{self, OpenedGraph, MAX_REPORT_ZONES};
+use crate::handover::{self, Claim, Peer};
 use crate::memory::RegisteredRam;
 use crate::queue::{self, QueueHandle, QueueSetup, SharedRam};
 use crate::zoned::{Action, ZoneView};
 
 struct Conn {
     graph: Option<OpenedGraph>,
+    /// The export the graph was opened for.
+    export: String,
     ram: SharedRam,
-    queues: HashMap<u32, QueueHandle>,
+    /// This connection, as the other connections of the export see it.
+    peer: Option<Peer>,
+    queues: HashMap<u32, Attached>,
 }
 
+/// A queue this connection serves, and its claim on the export's queue
+/// (released once the loop has stopped: the fields drop in this order).
+struct Attached {
+    queue: QueueHandle,
+    _claim: Claim,
+}
+
+/// How long an attach waits for the queue of a frontend that is gone to
+/// finish (its held requests are dropped; requests in the kernel complete).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves one frontend connection until it closes. Closing (or the frontend
-/// dying) stops every queue of the connection once its in-flight requests
-/// have completed.
+/// dying) stops every queue of the connection: requests held by a delay or
+/// a throttle are dropped, those at the leaf complete (see [`handover`]).
 pub fn serve(channel: Channel, worker: &str) {
+    let peer = Peer::new(channel.as_fd())
+        .map_err(|e| tracing::warn!(worker, "cannot watch the connection: {e}"))
+        .ok();
     let mut conn = Conn {
         graph: None,
+        export: String::new(),
         ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
+        peer,
         queues: HashMap::new(),
     };
     loop {
@@ -61,8 +83,10 @@ pub fn serve(channel: Channel, worker: &str) {
             break;
         }
     }
-    for (_, q) in conn.queues.drain() {
-        q.stop();
+    // The frontend is gone (or closed the connection): nothing may run
+    // for it any more once a new connection takes its queues over.
+    for (_, a) in conn.queues.drain() {
+        a.queue.abandon();
     }
     tracing::info!(worker, "frontend connection closed");
 }
@@ -104,6 +128,7 @@ impl Conn {
                             "export opened"
                         );
                         self.graph = Some(g);
+                        self.export = plan.export.map(|e| e.id).unwrap_or_default();
                         ipc::Reply {
                             result: Some(ReplyResult::Opened(ipc::Opened {
                                 limits: Some(limits),
@@ -145,8 +170,8 @@ impl Conn {
             Some(Msg::AttachQueue(a)) => self.attach(a, fds),
             Some(Msg::Zone(z)) => self.zone(z),
             Some(Msg::DetachQueue(d)) => match self.queues.remove(&d.queue) {
-                Some(q) => {
-                    q.stop();
+                Some(a) => {
+                    a.queue.stop();
                     ok()
                 }
                 None => failure(libc::ENOENT, format!("queue {} is not attached", d.queue)),
@@ -258,6 +283,17 @@ impl Conn {
             (Ok(k), Ok(c)) => (k, c),
             _ => return failure(libc::EINVAL, "kick and call must be eventfds"),
         };
+        let Some(peer) = &self.peer else {
+            return failure(libc::EIO, "the connection cannot be watched");
+        };
+        // After the queues of a frontend that is gone, never beside them.
+        let claim = match handover::claim(&self.export, a.queue, peer, HANDOVER_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                return failure(libc::EBUSY, e.to_string());
+            }
+        };
         let setup = QueueSetup {
             index: a.queue,
             rings,
@@ -267,8 +303,14 @@ impl Conn {
             ram: Arc::clone(&self.ram),
         };
         match queue::spawn(setup) {
-            Ok(h) => {
-                self.queues.insert(a.queue, h);
+            Ok(queue) => {
+                self.queues.insert(
+                    a.queue,
+                    Attached {
+                        queue,
+                        _claim: claim,
+                    },
+                );
                 ok()
             }
             Err(e) => failure(libc::EIO, e.to_string()),
@@ -323,7 +365,9 @@ mod tests {
     fn conn() -> Conn {
         Conn {
             graph: None,
+            export: String::new(),
             ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
+            peer: None,
             queues: HashMap::new(),
         }
     }

@@ -17,6 +17,7 @@
 pub mod bounce;
 pub mod connection;
 pub mod graph;
+pub mod handover;
 pub mod memory;
 pub mod probe;
 pub mod queue;

@@ -76,6 +76,7 @@ pub struct QueueSetup {
 /// Handle to stop a running queue thread.
 pub struct QueueHandle {
     stop: Arc<AtomicBool>,
+    abandon: Arc<AtomicBool>,
     stop_fd: Doorbell,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -84,6 +85,16 @@ impl QueueHandle {
     /// Stops the loop once its in-flight requests have completed and waits
     /// for it.
     pub fn stop(mut self) {
+        self.halt();
+    }
+
+    /// Stops the loop for a frontend that is gone: requests still held by
+    /// a delay or a throttle are dropped (their completions would reach
+    /// nobody, and the restarted frontend resubmits them), those already
+    /// at the leaf complete; then waits for it. After this nothing of the
+    /// queue's requests runs any more.
+    pub fn abandon(mut self) {
+        self.abandon.store(true, Ordering::Release);
         self.halt();
     }
 
@@ -116,19 +127,22 @@ pub enum QueueError {
 pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
     let io = backend(&setup.graph.leaf)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let abandon = Arc::new(AtomicBool::new(false));
     let stop_fd = Doorbell::new().map_err(QueueError::Io)?;
-    let lp = QueueLoop::new(
+    let mut lp = QueueLoop::new(
         setup,
         io,
         Arc::clone(&stop),
         stop_fd.try_clone().map_err(QueueError::Io)?,
     );
+    lp.abandon = Arc::clone(&abandon);
     let thread = std::thread::Builder::new()
         .name(format!("q{}", lp.index))
         .spawn(move || lp.run())
         .map_err(QueueError::Io)?;
     Ok(QueueHandle {
         stop,
+        abandon,
         stop_fd,
         thread: Some(thread),
     })
@@ -360,6 +374,8 @@ struct QueueLoop {
     shared_ram: SharedRam,
     io: Backend,
     stop: Arc<AtomicBool>,
+    /// Set with `stop` when the frontend is gone (see [`QueueHandle::abandon`]).
+    abandon: Arc<AtomicBool>,
     stop_fd: Doorbell,
     slots: Vec<Slot>,
     inflight: usize,
@@ -416,6 +432,7 @@ impl QueueLoop {
             shared_ram: setup.ram,
             io,
             stop,
+            abandon: Arc::new(AtomicBool::new(false)),
             stop_fd,
             slots: (0..entries).map(|_| Slot::default()).collect(),
             inflight: 0,
@@ -463,6 +480,9 @@ impl QueueLoop {
                         self.stop.store(true, Ordering::Release);
                     }
                 }
+            }
+            if stopping && self.abandon.load(Ordering::Acquire) {
+                progress += self.cancel_held();
             }
             progress += self.run_timers();
             progress += self.reap();
@@ -880,6 +900,38 @@ impl QueueLoop {
             }
         }
         self.submit_leaf(tag, offset);
+    }
+
+    /// Drops every request held by a delay or a throttle (the frontend is
+    /// gone); returns how many.
+    fn cancel_held(&mut self) -> usize {
+        let mut tags: Vec<u32> = self.held.drain().map(|Reverse((_, t))| t).collect();
+        for (q, _) in &mut self.throttled {
+            tags.extend(q.drain(..));
+        }
+        // Zone writes give their reservations back only last first: drop
+        // them from the highest offset down, so each zone's write pointer
+        // returns to where the dropped writes began (the restarted
+        // frontend resubmits them).
+        tags.sort_unstable_by_key(|&t| {
+            std::cmp::Reverse(
+                self.slots[t as usize]
+                    .zone
+                    .as_ref()
+                    .map(|z| (z.zone, z.offset)),
+            )
+        });
+        for &tag in &tags {
+            self.complete(tag, -libc::ECANCELED);
+        }
+        if !tags.is_empty() {
+            tracing::info!(
+                queue = self.index,
+                cancelled = tags.len(),
+                "frontend gone: held requests dropped"
+            );
+        }
+        tags.len()
     }
 
     /// Releases whatever held requests are due; returns how many moved.

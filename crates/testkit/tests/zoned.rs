@@ -839,7 +839,8 @@ fn zone_writes_in_flight_survive_a_frontend_restart() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     cluster.kill_frontend();
-    // The worker finishes the writes meanwhile.
+    // The worker drops the writes it held for the dead frontend and gives
+    // their zone reservations back; the restarted one resubmits them.
     std::thread::sleep(Duration::from_millis(1500));
     cluster.start_frontend();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
