@@ -226,3 +226,59 @@ fn a_real_guest_rides_out_killed_workers() {
         "image differs from the plan: {problems:#?}"
     );
 }
+
+/// Loop mode across frontend crashes: QEMU (reconnect-ms) reconnects to
+/// the restarted frontend and hands back its inflight region; the guest
+/// kernel sees stalls, never an error or a wrong byte.
+#[test]
+fn a_real_guest_rides_out_frontend_restarts() {
+    let image = GuestImage::prepare().unwrap_or_else(|e| panic!("{e}"));
+    let (mut cluster, disk, socket) = two_queue_export();
+    let seed = 11;
+    let opts = GuestOptions::new(&socket)
+        .dir(cluster.dir())
+        .reconnect_ms(200)
+        .param("seed", seed)
+        .param("loop", 20);
+    let mut vm = GuestVm::start(&image, opts).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + VERDICT_TIMEOUT;
+    while !vm.console().contains("CHECK geometry") {
+        assert!(
+            Instant::now() < deadline,
+            "no check started:\n{}",
+            vm.console()
+        );
+        assert!(vm.pid().is_some(), "qemu exited:\n{}", vm.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(4));
+        cluster.kill_frontend();
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.start_frontend();
+    }
+
+    let out = vm
+        .wait_verdict(VERDICT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "guest: boot {:?}, verdict after {:?}\n{}",
+        out.boot,
+        out.elapsed,
+        summary(&out)
+    );
+    assert!(out.passed(), "{}", out.console);
+    let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap();
+    assert!(
+        log.matches("VMM connected").count() >= 3,
+        "QEMU did not reconnect twice:\n{log}"
+    );
+
+    drop(vm);
+    let plan = Plan::new(seed, 64 * MIB).unwrap();
+    let problems = plan.verify_image(&File::open(&disk).unwrap(), out.report.loop_rounds);
+    assert!(
+        problems.is_empty(),
+        "image differs from the plan: {problems:#?}"
+    );
+}
