@@ -130,11 +130,12 @@ fn run(dev: &Path, params: BTreeMap<String, String>) -> u32 {
         params,
         plan,
     };
-    let checks: [(&str, CheckFn); 9] = [
+    let checks: [(&str, CheckFn); 10] = [
         ("geometry", check_geometry),
         ("loop", check_loop),
         ("buffered", check_buffered),
         ("concurrent", check_concurrent),
+        ("large", check_large),
         ("scattered", check_scattered),
         ("discard", check_discard),
         ("zeroout", check_zeroout),
@@ -498,6 +499,52 @@ fn check_concurrent(ctx: &Ctx) -> CheckResult {
         deltas.push(format!("q{q}+{}", a - b));
     }
     Ok(format!("cpus={cpus:?} irqs={}", deltas.join(",")))
+}
+
+/// One 4 MiB O_DIRECT write and one read, with the request size limit
+/// raised as far as the device allows (from the kernel's 1280 KiB
+/// default), so requests near seg_max × size_max reach blkmesh.
+fn check_large(ctx: &Ctx) -> CheckResult {
+    let region = plan::LARGE;
+    let c = pattern(tag::LARGE);
+    let seed = ctx.plan.seed;
+    let knob = ctx.sys("queue/max_sectors_kb");
+    let old = ctx.sys_u64("queue/max_sectors_kb")?;
+    let new = ctx
+        .sys_u64("queue/max_hw_sectors_kb")?
+        .min(region.len / 1024);
+    std::fs::write(&knob, new.to_string()).map_err(|e| format!("{knob} = {new}: {e}"))?;
+    let r = (|| -> Result<String, String> {
+        let f = ctx.open_direct()?;
+        let mut buf = AlignedBuf::with_align(region.len as usize, 2 << 20);
+        plan::fill(&mut buf, region.offset, seed, c);
+        let ios = |ctx: &Ctx| -> Result<(u64, u64), String> {
+            let s = std::fs::read_to_string(ctx.sys("stat")).map_err(|e| format!("stat: {e}"))?;
+            let f: Vec<u64> = s
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            Ok((f[0], f[4]))
+        };
+        let (r0, w0) = ios(ctx)?;
+        f.write_all_at(&buf, region.offset)
+            .map_err(|e| format!("write {}+{}: {e}", region.offset, region.len))?;
+        buf.fill(0);
+        f.read_exact_at(&mut buf, region.offset)
+            .map_err(|e| format!("read {}+{}: {e}", region.offset, region.len))?;
+        let (r1, w1) = ios(ctx)?;
+        if let Some(at) = plan::first_mismatch(&buf, region.offset, seed, c) {
+            return Err(format!("mismatch at offset {at}"));
+        }
+        Ok(format!(
+            "max_sectors_kb={old}->{new} write_requests={} read_requests={}",
+            w1 - w0,
+            r1 - r0
+        ))
+    })();
+    // Put the limit back even on failure, for the checks after this one.
+    std::fs::write(&knob, old.to_string()).map_err(|e| format!("{knob} = {old}: {e}"))?;
+    r
 }
 
 /// Single 4 KiB O_DIRECT writes all over the disk, the last block included.

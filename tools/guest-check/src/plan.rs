@@ -12,7 +12,8 @@
 //! [11, 13 MiB)  zeroout     written, then BLKZEROOUT: zeroes
 //! [13, 14 MiB)  flush       FLUSH_BLOCKS 4 KiB blocks, one per fsync
 //! [14, 16 MiB)  loop        1 MiB per thread, rewritten each round of the loop mode
-//! [16 MiB, end) scattered   SCATTERED_BLOCKS 4 KiB blocks at seeded offsets + the last block
+//! [16, 20 MiB)  large       one 4 MiB O_DIRECT write and read (large requests)
+//! [20 MiB, end) scattered   SCATTERED_BLOCKS 4 KiB blocks at seeded offsets + the last block
 //! ```
 //!
 //! Everything else stays zero: the host test starts from a sparse (zero)
@@ -40,8 +41,10 @@ pub const FLUSH_BLOCKS: u64 = 16;
 pub const LOOP: Region = Region::new(14 * MIB, 2 * MIB);
 /// Size of one loop-mode write.
 pub const LOOP_CHUNK: u64 = 64 * KIB;
+/// Written and read with one system call each.
+pub const LARGE: Region = Region::new(16 * MIB, 4 * MIB);
 /// Where the scattered blocks start.
-pub const SCATTERED_START: u64 = 16 * MIB;
+pub const SCATTERED_START: u64 = 20 * MIB;
 /// Seeded scattered blocks (the last block of the disk comes on top).
 pub const SCATTERED_BLOCKS: usize = 63;
 
@@ -87,6 +90,7 @@ pub mod tag {
     pub const FLUSH: u64 = 5;
     /// Loop thread `t` uses `LOOP + t`.
     pub const LOOP: u64 = 6;
+    pub const LARGE: u64 = 9;
     pub const SCATTERED: u64 = 8;
 }
 
@@ -201,6 +205,10 @@ impl Plan {
                 });
             }
         }
+        v.push(Extent {
+            region: LARGE,
+            content: pat(tag::LARGE),
+        });
         v.extend(self.scattered.iter().map(|&off| Extent {
             region: Region::new(off, BLOCK),
             content: pat(tag::SCATTERED),

@@ -16,10 +16,11 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
-/// A zeroed, [`ALIGN`]-aligned heap buffer.
+/// A zeroed, [`ALIGN`]-aligned (or more) heap buffer.
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    align: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -28,16 +29,23 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     /// A buffer of `len` bytes (> 0).
     pub fn new(len: usize) -> AlignedBuf {
-        let layout = Self::layout(len);
+        Self::with_align(len, ALIGN)
+    }
+
+    /// A buffer of `len` bytes (> 0) aligned to `align` (a power of two;
+    /// 2 MiB lets the kernel back it with a transparent huge page, so a
+    /// large O_DIRECT transfer needs few segments).
+    pub fn with_align(len: usize, align: usize) -> AlignedBuf {
+        let layout = Self::layout(len, align);
         // SAFETY: the layout has a non-zero size (asserted in layout()).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, align }
     }
 
-    fn layout(len: usize) -> Layout {
+    fn layout(len: usize, align: usize) -> Layout {
         assert!(len > 0, "empty aligned buffer");
-        Layout::from_size_align(len, ALIGN).expect("aligned buffer layout")
+        Layout::from_size_align(len, align.max(ALIGN)).expect("aligned buffer layout")
     }
 }
 
@@ -59,8 +67,8 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in new() with exactly this layout, freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        // SAFETY: allocated in with_align() with exactly this layout, freed once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len, self.align)) }
     }
 }
 
@@ -133,6 +141,8 @@ mod tests {
         assert!(b.iter().all(|&x| x == 0));
         b[5] = 7;
         assert_eq!(b[5], 7);
+        let h = AlignedBuf::with_align(4 << 20, 2 << 20);
+        assert_eq!(h.as_ptr() as usize % (2 << 20), 0);
     }
 
     #[test]
