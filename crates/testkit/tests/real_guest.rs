@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use blkmesh_guest_check::plan::Plan;
 use blkmesh_guest_check::report::Verdict;
 use blkmesh_testkit::{
-    Cluster, ClusterOptions, ExportOpts, GuestImage, GuestOptions, GuestOutcome, GuestVm,
+    Cluster, ClusterOptions, ExportOpts, GuestError, GuestImage, GuestOptions, GuestOutcome,
+    GuestVm,
 };
 
 const MIB: u64 = 1 << 20;
@@ -281,4 +282,22 @@ fn a_real_guest_rides_out_frontend_restarts() {
         problems.is_empty(),
         "image differs from the plan: {problems:#?}"
     );
+}
+
+/// Nobody listening on the socket: QEMU exits at once, and the harness
+/// reports that with QEMU's own message instead of waiting or passing.
+#[test]
+fn qemu_without_a_disk_server_is_an_error() {
+    let image = GuestImage::prepare().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nobody.sock");
+    let mut vm = GuestVm::start(&image, GuestOptions::new(&socket).dir(dir.path()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    match vm.wait_verdict(VERDICT_TIMEOUT) {
+        Err(e @ GuestError::Exited { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("nobody.sock"), "{text}");
+        }
+        other => panic!("expected GuestError::Exited, got {other:?}"),
+    }
 }
