@@ -48,8 +48,8 @@ use crate::process::Proc;
 /// Environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "BLKMESH_GUEST_CACHE";
 /// The cache directory when [`CACHE_ENV`] is not set; `scripts/deps.sh`
-/// downloads the kernel package here (outside the repository: it is 60 MB
-/// and machine-specific).
+/// downloads the kernel package here (outside the repository: it is about
+/// 27 MB and machine-specific).
 pub const DEFAULT_CACHE: &str = "/var/cache/blkmesh-guest";
 /// Environment variable naming a prebuilt, statically linked
 /// `blkmesh-guest-check` to use instead of building one.
@@ -192,8 +192,9 @@ pub struct GuestOptions {
     /// `blkmesh.<key>=<value>` on the kernel command line: the guest
     /// check's parameters and expected geometry (see `blkmesh-guest-check`).
     pub params: Vec<(String, String)>,
-    /// Directory for the console log, QEMU's output and the QMP socket
-    /// (default: a new temporary directory, removed on drop).
+    /// Directory whose `guest/` subdirectory gets the console log
+    /// (`console.log`), QEMU's output (`qemu.log`) and the QMP socket
+    /// (`qmp.sock`) (default: a new temporary directory, removed on drop).
     pub dir: Option<PathBuf>,
 }
 
@@ -229,8 +230,8 @@ impl GuestOptions {
         self
     }
 
-    /// Puts the VM's files in `dir` (e.g. the cluster directory, so
-    /// `BLKMESH_TEST_KEEP=1` keeps them).
+    /// Puts the VM's files in `<dir>/guest/` (e.g. under the cluster
+    /// directory, so `BLKMESH_TEST_KEEP=1` keeps them).
     pub fn dir(mut self, dir: &Path) -> Self {
         self.dir = Some(dir.to_path_buf());
         self
