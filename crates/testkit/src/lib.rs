@@ -21,12 +21,16 @@
 //! cluster is dropped during a panic, i.e. when a test fails. Set
 //! `BLKMESH_TEST_KEEP=1` to keep the directory (logs, state, images) afterwards.
 //!
+//! [`guest`] boots a real Linux guest (QEMU, TCG) on an export and runs
+//! `blkmesh-guest-check` in it: [`GuestImage`], [`GuestVm`].
+//!
 //! The API is blocking: gRPC calls run on a private current-thread tokio
 //! runtime, so plain `#[test]` functions can use it. Do not call it from
 //! inside an async runtime.
 
 mod client;
 mod cluster;
+pub mod guest;
 mod process;
 mod tool;
 
@@ -35,6 +39,7 @@ use std::path::PathBuf;
 pub use blkmesh_proto::v1::WorkerState;
 pub use client::{BlockingClient, ClientError};
 pub use cluster::{wait_for_path, Cluster, ClusterOptions, ExportOpts, KEEP_ENV};
+pub use guest::{GuestError, GuestImage, GuestOptions, GuestOutcome, GuestVm};
 pub use tool::{run_tool, run_tool_timeout, DEFAULT_TOOL_TIMEOUT};
 
 /// Environment variable naming the directory of the blkmesh binaries.
