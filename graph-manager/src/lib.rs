@@ -161,6 +161,9 @@ pub struct ManagerConfig {
     pub config: Option<PathBuf>,
     /// With `config`: remove the nodes and exports it does not name.
     pub config_prune: bool,
+    /// Give the images the configuration creates to this uid and gid: the
+    /// workers' user, when it is not the manager's (docker-compose).
+    pub image_owner: Option<(u32, u32)>,
 }
 
 /// TLS files of the manager (PEM).
@@ -222,6 +225,7 @@ impl ManagerConfig {
             token: None,
             config: None,
             config_prune: false,
+            image_owner: None,
         }
     }
 
@@ -589,6 +593,7 @@ fn apply_config(
     let opts = reconcile::Options {
         fs: true,
         prune: config.config_prune,
+        image_owner: config.image_owner,
     };
     let outcome = reconcile::reconcile(&state, &parsed, opts).map_err(refused)?;
     if outcome.state != state {

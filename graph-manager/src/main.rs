@@ -107,6 +107,11 @@ struct Args {
     /// does not name (exports first) instead of keeping them.
     #[arg(long)]
     config_prune: bool,
+    /// Give the images the configuration file creates to this numeric
+    /// UID:GID (the workers' user, when they run as another user than the
+    /// manager, as in docker-compose; needs CAP_CHOWN).
+    #[arg(long, value_name = "UID:GID", value_parser = parse_owner)]
+    image_owner: Option<(u32, u32)>,
     /// Log filter, e.g. `info` or `blkmesh_manager=debug` (default: $RUST_LOG, else info).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
@@ -114,6 +119,18 @@ struct Args {
     sandbox: blkmesh_sandbox::SandboxArgs,
     #[command(flatten)]
     user: blkmesh_sandbox::UserArgs,
+}
+
+/// `UID:GID`, both numeric.
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected UID:GID"))?;
+    let num = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{v:?} in {s:?}: not a number"))
+    };
+    Ok((num(u)?, num(g)?))
 }
 
 fn main() -> ExitCode {
@@ -200,6 +217,7 @@ async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
     config.token = args.token_file.map(TokenSource::File);
     config.config = args.config;
     config.config_prune = args.config_prune;
+    config.image_owner = args.image_owner;
     let manager = Manager::bind(config).await?;
     // Least privilege (docs/SECURITY.md): the unix socket's permissions,
     // then the unprivileged user, then the seccomp filter on every thread.

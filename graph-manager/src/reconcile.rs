@@ -53,6 +53,9 @@ pub(crate) struct Options {
     pub fs: bool,
     /// Remove the nodes and exports the file does not name.
     pub prune: bool,
+    /// Give the images it creates to this uid and gid (the workers' user,
+    /// when they run apart from the manager).
+    pub image_owner: Option<(u32, u32)>,
 }
 
 /// What reconciling did, for the log.
@@ -523,7 +526,7 @@ pub(crate) fn reconcile(
     // 9. The files to create, now that the whole plan holds.
     for (i, path, size) in creations {
         let n = &nodes[i];
-        if let Err(e) = create_image(Path::new(&path), size) {
+        if let Err(e) = create_image(Path::new(&path), size, opts.image_owner) {
             errors.push(config.error_in(&n.at, "create", format!("cannot create {path:?}: {e}")));
             continue;
         }
@@ -593,13 +596,18 @@ fn probe(
     Ok(probe_node_paths(&n.spec)?)
 }
 
-/// Creates a sparse file of `size` bytes (and its directory).
-fn create_image(path: &Path, size: u64) -> std::io::Result<()> {
+/// Creates a sparse file of `size` bytes (and its directory), owned by
+/// `owner` if given.
+fn create_image(path: &Path, size: u64, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let file = OpenOptions::new().write(true).create_new(true).open(path)?;
-    if let Err(e) = file.set_len(size) {
+    let made = file.set_len(size).and_then(|()| match owner {
+        Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid)),
+        None => Ok(()),
+    });
+    if let Err(e) = made {
         drop(file);
         let _ = std::fs::remove_file(path);
         return Err(e);
@@ -794,6 +802,27 @@ impl Summary {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn created_images_go_to_the_owner_asked_for() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Ours: the directory we just made.
+        let d = std::fs::metadata(dir.path()).unwrap();
+        let me = (d.uid(), d.gid());
+        let path = dir.path().join("sub/a.img");
+        create_image(&path, 1 << 20, Some(me)).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.len()), (me.0, me.1, 1 << 20));
+        // An existing file is never taken over.
+        assert!(create_image(&path, 1 << 20, Some(me)).is_err());
+        if me.0 != 0 {
+            // Giving it away needs CAP_CHOWN: refused, and nothing is left.
+            let other = dir.path().join("b.img");
+            assert!(create_image(&other, 1 << 20, Some((me.0 + 1, me.1))).is_err());
+            assert!(!other.exists());
+        }
+    }
+
     use super::*;
     use blkmesh_proto::v1::{Bucket, NullOptions, RawOptions, ThrottleLimits, ThrottleOptions};
 

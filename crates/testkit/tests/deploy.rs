@@ -35,6 +35,8 @@ const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The frontend's hang detection, shortened for the test (default 5 s).
 const WORKER_TIMEOUT_MS: &str = "2000";
 const SERVICES: [&str; 4] = ["manager", "frontend", "worker0", "worker1"];
+/// The workers' uid and gid in the compose file (BLKMESH_WORKER_UID).
+const WORKER_UID: u32 = 64055;
 const MIB: u64 = 1 << 20;
 
 fn workspace() -> PathBuf {
@@ -681,6 +683,8 @@ fn compose_deployment_serves_survives_and_cleans_up() {
     std::fs::File::create(&image_file)
         .and_then(|f| f.set_len(64 * MIB))
         .unwrap();
+    // The workers' user opens it (deploy/README.md, "Users").
+    std::os::unix::fs::chown(&image_file, Some(WORKER_UID), Some(WORKER_UID)).unwrap();
     ok(
         "node add-io-uring",
         d.ctl(&[
