@@ -42,12 +42,6 @@ pub use cluster::{wait_for_path, Cluster, ClusterOptions, ExportOpts, KEEP_ENV};
 pub use guest::{GuestError, GuestImage, GuestOptions, GuestOutcome, GuestVm};
 pub use tool::{run_tool, run_tool_timeout, DEFAULT_TOOL_TIMEOUT};
 
-/// Environment variable naming the directory of the blkmesh binaries.
-pub const BIN_DIR_ENV: &str = "BLKMESH_BIN_DIR";
-
-/// The directory holding the workspace binaries: `$BLKMESH_BIN_DIR` if set,
-/// else the directory of the running executable, or its parent when that is
-/// a `deps/` directory (where cargo puts test binaries).
 /// Test data that differs per 512-byte sector and per `seed`, so a write
 /// that lands in the wrong place, or an old one over a new one, shows.
 pub fn sector_pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -56,6 +50,12 @@ pub fn sector_pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Environment variable naming the directory of the blkmesh binaries.
+pub const BIN_DIR_ENV: &str = "BLKMESH_BIN_DIR";
+
+/// The directory holding the workspace binaries: `$BLKMESH_BIN_DIR` if set,
+/// else the directory of the running executable, or its parent when that is
+/// a `deps/` directory (where cargo puts test binaries).
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         return PathBuf::from(dir);

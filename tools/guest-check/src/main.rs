@@ -254,8 +254,10 @@ fn write_direct(f: &File, seed: u64, region: Region, content: Content) -> Result
     while off < region.end() {
         let n = (region.end() - off).min(CHUNK) as usize;
         plan::fill(&mut buf[..n], off, seed, content);
+        let t = Instant::now();
         f.write_all_at(&buf[..n], off)
             .map_err(|e| format!("write at offset {off} (+{n}): {e}"))?;
+        latency::record(t.elapsed());
         off += n as u64;
     }
     Ok(())
@@ -267,8 +269,10 @@ fn verify_direct(f: &File, seed: u64, region: Region, content: Content) -> Resul
     let mut off = region.offset;
     while off < region.end() {
         let n = (region.end() - off).min(CHUNK) as usize;
+        let t = Instant::now();
         f.read_exact_at(&mut buf[..n], off)
             .map_err(|e| format!("read at offset {off} (+{n}): {e}"))?;
+        latency::record(t.elapsed());
         if let Some(at) = plan::first_mismatch(&buf[..n], off, seed, content) {
             let what = match content {
                 Content::Zero => "expected zeroes".to_string(),
@@ -289,6 +293,49 @@ fn pattern(tag: u64) -> Content {
 
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Latencies of the O_DIRECT reads and writes of a loop thread: what a
+/// stall (a worker or frontend restart) costs as the guest sees it.
+mod latency {
+    use std::cell::RefCell;
+    use std::time::Duration;
+
+    thread_local! {
+        static SAMPLES: RefCell<Option<Vec<u32>>> = const { RefCell::new(None) };
+    }
+
+    /// Starts recording on this thread.
+    pub fn start() {
+        SAMPLES.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    }
+
+    /// Records one request (when recording).
+    pub fn record(d: Duration) {
+        SAMPLES.with(|s| {
+            if let Some(v) = s.borrow_mut().as_mut() {
+                v.push(d.as_micros().min(u32::MAX as u128) as u32);
+            }
+        });
+    }
+
+    /// Stops recording: `ops=N p50_us=… p99_us=… max_us=…` (empty if
+    /// nothing was recorded).
+    pub fn take() -> String {
+        let mut v = SAMPLES.with(|s| s.borrow_mut().take()).unwrap_or_default();
+        if v.is_empty() {
+            return String::new();
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        format!(
+            "ops={} p50_us={} p99_us={} max_us={}",
+            v.len(),
+            at(0.5),
+            at(0.99),
+            v[v.len() - 1]
+        )
+    }
 }
 
 // ----- checks -----
@@ -348,14 +395,17 @@ fn check_loop(ctx: &Ctx) -> CheckResult {
         return Ok("not requested".into());
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let results: Vec<(u64, Result<(), String>)> = std::thread::scope(|s| {
+    let results: Vec<(u64, String, Result<(), String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2u64)
             .map(|t| {
                 s.spawn(move || {
                     let mut rounds = 0u64;
+                    latency::start();
                     let r = loop_rounds(ctx, t, deadline, &mut rounds);
+                    let lat = latency::take();
                     (
                         rounds,
+                        lat,
                         r.map_err(|e| format!("thread {t} round {rounds}: {e}")),
                     )
                 })
@@ -363,12 +413,15 @@ fn check_loop(ctx: &Ctx) -> CheckResult {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or((0, Err("thread panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or((0, String::new(), Err("thread panicked".into())))
+            })
             .collect()
     });
     let mut errors = Vec::new();
-    for (t, (rounds, r)) in results.iter().enumerate() {
-        println!("{}thread={t} rounds={rounds}", report::LOOP);
+    for (t, (rounds, lat, r)) in results.iter().enumerate() {
+        println!("{}thread={t} rounds={rounds} {lat}", report::LOOP);
         if let Err(e) = r {
             errors.push(e.clone());
         }
