@@ -232,8 +232,8 @@ impl Scenario {
         // What the faults cost the guest (docs/RELIABILITY.md).
         for (t, lat) in out.report.loop_latency.iter().enumerate() {
             eprintln!(
-                "guest loop thread {t}: rounds {} {lat:?}",
-                out.report.loop_rounds[t]
+                "guest loop thread {t}: rounds {} {lat:?} stalls_ms {:?}",
+                out.report.loop_rounds[t], out.report.loop_stalls_ms[t]
             );
         }
         drop(vm);

@@ -319,21 +319,35 @@ mod latency {
         });
     }
 
-    /// Stops recording: `ops=N p50_us=… p99_us=… max_us=…` (empty if
-    /// nothing was recorded).
+    /// A request slower than this is a stall (a failure being recovered
+    /// from, as the guest sees it), listed on its own.
+    const STALL_US: u32 = 50_000;
+    /// At most this many stalls are listed.
+    const MAX_STALLS: usize = 64;
+
+    /// Stops recording: `ops=N p50_us=… p99_us=… max_us=… stalls_ms=a,b,…`
+    /// (the stalls in the order they happened; empty if nothing was
+    /// recorded).
     pub fn take() -> String {
         let mut v = SAMPLES.with(|s| s.borrow_mut().take()).unwrap_or_default();
         if v.is_empty() {
             return String::new();
         }
+        let stalls: Vec<String> = v
+            .iter()
+            .filter(|&&us| us >= STALL_US)
+            .take(MAX_STALLS)
+            .map(|us| (us / 1000).to_string())
+            .collect();
         v.sort_unstable();
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
         format!(
-            "ops={} p50_us={} p99_us={} max_us={}",
+            "ops={} p50_us={} p99_us={} max_us={} stalls_ms={}",
             v.len(),
             at(0.5),
             at(0.99),
-            v[v.len() - 1]
+            v[v.len() - 1],
+            stalls.join(",")
         )
     }
 }

@@ -9,7 +9,7 @@
 //! GEOMETRY size=67108864 logical_block_size=512 ... hw_queues=2
 //! CHECK geometry ok
 //! CHECK discard FAIL offset 9437184: expected zeroes
-//! LOOP thread=0 rounds=12 ops=960 p50_us=900 p99_us=4100 max_us=412000
+//! LOOP thread=0 rounds=12 ops=960 p50_us=900 p99_us=4100 max_us=412000 stalls_ms=380,412
 //! BLKMESH-GUEST-VERDICT: FAIL 1 checks failed
 //! ```
 
@@ -52,6 +52,9 @@ pub struct Report {
     /// Per loop thread: `ops`, `p50_us`, `p99_us`, `max_us` of its reads
     /// and writes (empty without loop mode).
     pub loop_latency: [BTreeMap<String, u64>; 2],
+    /// Per loop thread: the requests that took 50 ms or more, in ms, in
+    /// the order they happened (the stalls failures cost).
+    pub loop_stalls_ms: [Vec<u64>; 2],
     /// `None` until the verdict line was printed.
     pub verdict: Option<Verdict>,
 }
@@ -86,10 +89,14 @@ impl Report {
                 let mut t = None;
                 let mut n = None;
                 let mut lat = BTreeMap::new();
+                let mut stalls = Vec::new();
                 for (k, v) in kv(rest) {
                     match k {
                         "thread" => t = v.parse::<usize>().ok(),
                         "rounds" => n = v.parse::<u64>().ok(),
+                        "stalls_ms" => {
+                            stalls = v.split(',').filter_map(|x| x.parse().ok()).collect()
+                        }
                         _ => {
                             if let Ok(v) = v.parse::<u64>() {
                                 lat.insert(k.to_string(), v);
@@ -100,6 +107,7 @@ impl Report {
                 if let (Some(t @ 0..=1), Some(n)) = (t, n) {
                     r.loop_rounds[t] = n;
                     r.loop_latency[t] = lat;
+                    r.loop_stalls_ms[t] = stalls;
                 }
             } else if let Some(rest) = after(line, CHECK) {
                 let mut it = rest.splitn(3, ' ');
@@ -144,7 +152,7 @@ mod tests {
                     GEOMETRY size=67108864 logical_block_size=512 hw_queues=2\n\
                     CHECK geometry ok\n\
                     [    9.9] random: crng initCHECK discard FAIL offset 9437184: expected zeroes\n\
-                    LOOP thread=1 rounds=7 ops=56 p50_us=800 p99_us=9000 max_us=410000\n\
+                    LOOP thread=1 rounds=7 ops=56 p50_us=800 p99_us=9000 max_us=410000 stalls_ms=60,410\n\
                     BLKMESH-GUEST-VERDICT: FAIL 1 checks failed\n";
         let r = Report::parse(text);
         assert_eq!(r.start_uptime_ms, Some(4100));
@@ -159,6 +167,7 @@ mod tests {
         assert_eq!(r.loop_latency[1]["max_us"], 410000);
         assert_eq!(r.loop_latency[1]["ops"], 56);
         assert!(r.loop_latency[0].is_empty());
+        assert_eq!(r.loop_stalls_ms, [vec![], vec![60, 410]]);
         assert_eq!(r.verdict, Some(Verdict::Fail(1)));
     }
 
