@@ -989,6 +989,7 @@ read 4096/4096 bytes at offset 3145728
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("cannot connect"), "{}", text(&out));
+    assert!(text(&out).contains("--driver native"), "{}", text(&out));
 }
 
 // ===================== the ZoneService =====================
