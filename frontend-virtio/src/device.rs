@@ -29,7 +29,7 @@ use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_ZONED, VIRTIO_BLK_Z_HM};
 use virtio_queue::{Queue, QueueT};
 
-use crate::config::{BlkConfig, RING_MAX_SEGMENTS};
+use crate::config::{BlkConfig, RING_MAX_SEGMENTS, ZONED_OFFSET};
 use crate::memory::{MemTable, RegionDesc, MAX_REGIONS};
 use crate::request::{DeviceInfo, ZoneLimits};
 use crate::vring::{
@@ -42,6 +42,71 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn internal(msg: impl std::fmt::Display) -> VuError {
     VuError::ReqHandlerError(std::io::Error::other(msg.to_string()))
+}
+
+/// Why a VMM connection is refused: it cannot use the device the export
+/// is. vhost-user gives the back-end no FEATURES_OK veto, so the refusal
+/// comes at the first message that shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A pre-negotiation config read that stops before the zoned
+    /// characteristics: the VMM's own config space has no room for them,
+    /// so it cannot pass VIRTIO_BLK_F_ZONED on to its guest (QEMU's
+    /// vhost-user-blk reads 57 bytes when it starts).
+    #[error(
+        "host-managed zoned export refused: the VMM's virtio-blk config space ends at byte \
+         {end}, before the zoned characteristics (bytes {ZONED_OFFSET}..{ZONED_MODEL_END}), so it \
+         cannot pass VIRTIO_BLK_F_ZONED on to its guest, which would see an ordinary disk whose \
+         writes fail (QEMU's vhost-user-blk is such a VMM; use one that passes zoned devices \
+         through, e.g. a libblkio-based one)"
+    )]
+    ZonedConfigTooShort { end: u64 },
+    /// The driver negotiated without VIRTIO_BLK_F_ZONED: a host-managed
+    /// device must then fail FEATURES_OK (virtio 1.3, 5.2.3.1).
+    #[error(
+        "host-managed zoned export refused: the driver did not accept VIRTIO_BLK_F_ZONED \
+         (features {features:#x}), so it would see an ordinary disk whose writes fail \
+         (writes must be at a zone's write pointer)"
+    )]
+    ZonedNotAccepted { features: u64 },
+}
+
+/// Told of a refusal (`Some`) and of a VMM whose features were accepted
+/// (`None`, which ends an earlier refusal).
+pub type RefusalReporter = Arc<dyn Fn(Option<&Refusal>) + Send + Sync>;
+
+/// Who a connection's device tells of what goes wrong.
+#[derive(Clone)]
+pub struct Reporters {
+    /// A queue's worker hung or broke a ring.
+    pub on_hang: HangReporter,
+    /// The VMM was refused, or accepted.
+    pub on_refusal: RefusalReporter,
+}
+
+/// The end of the zoned characteristics' `model` byte in the config space:
+/// a config space shorter than this cannot describe a zoned device.
+pub const ZONED_MODEL_END: usize = ZONED_OFFSET + 21;
+
+/// Whether SET_FEATURES with `acked` must be refused for a device that
+/// offered `offered` with zoned model `model` (`VIRTIO_BLK_Z_*`): a
+/// host-managed device whose driver did not accept VIRTIO_BLK_F_ZONED.
+/// A host-aware device serves such a driver as an ordinary disk (writes
+/// anywhere are allowed), and a device that is not zoned never needs it.
+pub fn refusal_on_features(offered: u64, model: u8, acked: u64) -> Option<Refusal> {
+    let zoned = 1u64 << VIRTIO_BLK_F_ZONED;
+    (offered & zoned != 0 && acked & zoned == 0 && model == VIRTIO_BLK_Z_HM as u8)
+        .then_some(Refusal::ZonedNotAccepted { features: acked })
+}
+
+/// Whether a GET_CONFIG of `size` bytes at `offset`, before SET_FEATURES,
+/// must be refused: for a host-managed device, a read that ends before
+/// the zoned model byte is a VMM whose config space cannot carry it.
+pub fn refusal_on_config(offered: u64, model: u8, offset: u32, size: u32) -> Option<Refusal> {
+    let end = offset as u64 + size as u64;
+    let zoned = offered & (1u64 << VIRTIO_BLK_F_ZONED) != 0;
+    (zoned && model == VIRTIO_BLK_Z_HM as u8 && end < ZONED_MODEL_END as u64)
+        .then_some(Refusal::ZonedConfigTooShort { end })
 }
 
 struct Running {
@@ -81,6 +146,7 @@ pub struct BlkDevice {
     /// The running queues' controls, shared with the failover thread.
     controls: Arc<QueueControls>,
     on_hang: HangReporter,
+    on_refusal: RefusalReporter,
     owned: bool,
     /// SET_FEATURES was received (the zoned config fields then follow
     /// whether VIRTIO_BLK_F_ZONED was accepted).
@@ -103,11 +169,12 @@ impl BlkDevice {
         zones: Arc<ZoneLimits>,
         links: Arc<WorkerLinks>,
         controls: Arc<QueueControls>,
-        on_hang: HangReporter,
+        reporters: Reporters,
     ) -> Self {
         let n = cfg.num_queues as usize;
         BlkDevice {
-            on_hang,
+            on_hang: reporters.on_hang,
+            on_refusal: reporters.on_refusal,
             controls,
             export,
             features: cfg.features(),
@@ -124,6 +191,13 @@ impl BlkDevice {
             regions: Vec::new(),
             vrings: (0..n).map(|_| VringState::default()).collect(),
         }
+    }
+
+    /// Logs and reports a refusal; the error fails the VMM's message.
+    fn refuse(&self, r: Refusal) -> VuError {
+        tracing::error!(export = %self.export, reason = %r, "VMM refused");
+        (self.on_refusal)(Some(&r));
+        VuError::InvalidOperation("the VMM cannot use this export (see the frontend's log)")
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -691,17 +765,13 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         if features & !self.get_features()? != 0 {
             return Err(VuError::InvalidParam);
         }
+        tracing::debug!(export = %self.export, features = format_args!("{features:#x}"), "SET_FEATURES");
+        if let Some(r) = refusal_on_features(self.features, self.cfg.zoned_model(), features) {
+            return Err(self.refuse(r));
+        }
         self.acked_features = features;
         self.features_set = true;
-        if !self.zoned_acked() && self.features & (1 << VIRTIO_BLK_F_ZONED) != 0 {
-            // A host-managed device should fail FEATURES_OK here, which
-            // vhost-user gives the back-end no way to do: serve it, with
-            // zone requests refused (UNSUPP) and zone errors as IOERR.
-            let model = self.cfg.zoned_model();
-            if model == VIRTIO_BLK_Z_HM as u8 {
-                tracing::warn!(export = %self.export, "driver did not accept VIRTIO_BLK_F_ZONED for a host-managed device: writes must still follow the zone rules, zone requests are refused");
-            }
-        }
+        (self.on_refusal)(None);
         if !self.protocol_features_acked() {
             // Without protocol features, rings are enabled from the start.
             for i in 0..self.vrings.len() {
@@ -861,6 +931,13 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
+        tracing::debug!(export = %self.export, offset, size, features_set = self.features_set, "GET_CONFIG");
+        if !self.features_set {
+            if let Some(r) = refusal_on_config(self.features, self.cfg.zoned_model(), offset, size)
+            {
+                return Err(self.refuse(r));
+            }
+        }
         let mut space = self.cfg.config_space();
         if self.features_set && !self.zoned_acked() {
             // virtio 1.3, 5.2.5.1: zoned characteristics read as zero
@@ -1019,5 +1096,57 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 impl Drop for BlkDevice {
     fn drop(&mut self) {
         self.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_Z_HA, VIRTIO_BLK_Z_NONE};
+
+    const ZONED: u64 = 1 << VIRTIO_BLK_F_ZONED;
+    const BASE: u64 = 1 << 32 | 1 << 30 | 1 << 9;
+    const HM: u8 = VIRTIO_BLK_Z_HM as u8;
+    const HA: u8 = VIRTIO_BLK_Z_HA as u8;
+    const NONE: u8 = VIRTIO_BLK_Z_NONE as u8;
+
+    #[test]
+    fn host_managed_needs_a_driver_that_accepts_zoned() {
+        assert_eq!(
+            refusal_on_features(BASE | ZONED, HM, BASE),
+            Some(Refusal::ZonedNotAccepted { features: BASE })
+        );
+        assert_eq!(refusal_on_features(BASE | ZONED, HM, BASE | ZONED), None);
+    }
+
+    #[test]
+    fn host_aware_and_regular_devices_serve_drivers_without_zoned() {
+        assert_eq!(refusal_on_features(BASE | ZONED, HA, BASE), None);
+        assert_eq!(refusal_on_features(BASE, NONE, BASE), None);
+        // Not offered (no valid zone geometry): nothing to refuse.
+        assert_eq!(refusal_on_features(BASE, HM, BASE), None);
+    }
+
+    #[test]
+    fn a_config_space_without_the_zoned_model_is_refused_for_host_managed() {
+        // QEMU's vhost-user-blk reads 57 bytes when it starts.
+        assert_eq!(
+            refusal_on_config(BASE | ZONED, HM, 0, 57),
+            Some(Refusal::ZonedConfigTooShort { end: 57 })
+        );
+        assert!(refusal_on_config(BASE | ZONED, HM, 0, ZONED_MODEL_END as u32).is_none());
+        assert!(refusal_on_config(BASE | ZONED, HM, 0, 96).is_none());
+        assert!(refusal_on_config(BASE | ZONED, HA, 0, 57).is_none());
+        assert!(refusal_on_config(BASE, NONE, 0, 57).is_none());
+        // Offsets do not overflow.
+        assert!(refusal_on_config(BASE | ZONED, HM, u32::MAX, u32::MAX).is_none());
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        let r = Refusal::ZonedConfigTooShort { end: 57 }.to_string();
+        assert!(r.contains("VIRTIO_BLK_F_ZONED") && r.contains("57"), "{r}");
+        let r = Refusal::ZonedNotAccepted { features: BASE }.to_string();
+        assert!(r.contains("did not accept VIRTIO_BLK_F_ZONED"), "{r}");
     }
 }

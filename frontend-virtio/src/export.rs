@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blkmesh_proto::v1::ExportPlan;
+use blkmesh_proto::v1::{ExportPlan, ExportState};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::BackendReqHandler;
 
 use crate::backend_channel;
 use crate::config::BlkConfig;
-use crate::device::BlkDevice;
+use crate::device::{BlkDevice, Refusal, RefusalReporter, Reporters};
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
 use crate::vring::{HangReporter, QueueControls, WorkerFault};
 use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
@@ -33,6 +33,10 @@ pub enum ExportError {
         source: std::io::Error,
     },
 }
+
+/// Where an export's state changes after it started go (the manager's
+/// reports): the plan served, the new state, why, and the size served.
+pub type StatusSink = Arc<dyn Fn(&ExportPlan, ExportState, String, u64) + Send + Sync>;
 
 /// A served export.
 pub struct ExportServer {
@@ -52,6 +56,9 @@ pub struct ExportServer {
     num_queues: u32,
     /// The plan, as the failover thread reads it.
     shared_plan: Arc<Mutex<ExportPlan>>,
+    /// Why the last VMM was refused (see [`Refusal`]); cleared when a VMM's
+    /// features are accepted.
+    refusal: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<()>>,
     failover: Option<JoinHandle<()>>,
 }
@@ -121,7 +128,7 @@ impl DeviceInfo {
 
 impl ExportServer {
     /// Opens the graph on the workers and starts listening for the VMM.
-    pub fn start(plan: ExportPlan) -> Result<ExportServer, ExportError> {
+    pub fn start(plan: ExportPlan, sink: StatusSink) -> Result<ExportServer, ExportError> {
         let e = plan.export.clone().ok_or(ExportError::NoExport)?;
         let num_queues = e.num_queues.clamp(1, 64);
         let (links, limits) = WorkerLinks::open(&plan, num_queues).map_err(ExportError::Workers)?;
@@ -187,6 +194,31 @@ impl ExportServer {
             let _ = lock(&hang_tx).send((q, why));
         });
         let controls = Arc::new(QueueControls::default());
+        let refusal = Arc::new(Mutex::new(None::<String>));
+        let on_refusal: RefusalReporter = {
+            let refusal = Arc::clone(&refusal);
+            let plan = Arc::clone(&shared_plan);
+            let cfg = Arc::clone(&cfg);
+            Arc::new(move |r: Option<&Refusal>| {
+                let message = r.map(|r| r.to_string());
+                {
+                    let mut current = lock(&refusal);
+                    if *current == message {
+                        return;
+                    }
+                    current.clone_from(&message);
+                }
+                let plan = lock(&plan).clone();
+                let size = lock(&cfg).limits.size;
+                match message {
+                    Some(m) => sink(&plan, ExportState::VmmRefused, m, size),
+                    None => {
+                        tracing::info!(export = %plan.export.as_ref().map_or("", |e| e.id.as_str()), "VMM accepted; the earlier refusal is over");
+                        sink(&plan, ExportState::Serving, String::new(), size)
+                    }
+                }
+            })
+        };
         let failover = {
             let f = Failover {
                 id: e.id.clone(),
@@ -216,6 +248,7 @@ impl ExportServer {
                 backend: Arc::clone(&backend),
                 controls,
                 on_hang,
+                on_refusal,
             };
             std::thread::Builder::new()
                 .name(format!("vu-{}", e.id))
@@ -236,9 +269,16 @@ impl ExportServer {
             zones,
             num_queues,
             shared_plan,
+            refusal,
             thread: Some(thread),
             failover: Some(failover),
         })
+    }
+
+    /// Why the last VMM that connected was refused, if it was (and no VMM
+    /// was accepted since).
+    pub fn vmm_refusal(&self) -> Option<String> {
+        lock(&self.refusal).clone()
     }
 
     /// The size in bytes the export serves.
@@ -441,6 +481,7 @@ struct Serve {
     backend: Shared<UnixStream>,
     controls: Arc<QueueControls>,
     on_hang: HangReporter,
+    on_refusal: RefusalReporter,
 }
 
 impl Serve {
@@ -473,7 +514,10 @@ impl Serve {
                 Arc::clone(&self.zones),
                 Arc::clone(&self.links),
                 Arc::clone(&self.controls),
-                Arc::clone(&self.on_hang),
+                Reporters {
+                    on_hang: Arc::clone(&self.on_hang),
+                    on_refusal: Arc::clone(&self.on_refusal),
+                },
             )));
             *lock(&self.current) = Some(Arc::clone(&device));
             let peek = stream.try_clone();

@@ -68,10 +68,31 @@ impl Exports {
         });
     }
 
+    /// Reports a started export: SERVING, or VMM_REFUSED while the last
+    /// VMM that connected is refused.
     fn report_serving(&self, id: &str) {
         if let Some(s) = self.servers.get(id) {
-            self.report(&s.plan, ExportState::Serving, String::new(), s.size());
+            match s.vmm_refusal() {
+                Some(why) => self.report(&s.plan, ExportState::VmmRefused, why, s.size()),
+                None => self.report(&s.plan, ExportState::Serving, String::new(), s.size()),
+            }
         }
+    }
+
+    /// Where an export reports what changes while it serves.
+    fn sink(&self) -> crate::export::StatusSink {
+        let reports = self.reports.clone();
+        let frontend = self.frontend.clone();
+        std::sync::Arc::new(move |plan, state, message, size| {
+            let _ = reports.send(ExportStatus {
+                frontend: frontend.clone(),
+                id: plan.export.as_ref().map_or(String::new(), |e| e.id.clone()),
+                generation: plan.generation,
+                state: state as i32,
+                message,
+                size,
+            });
+        })
     }
 
     /// Serves `plan`: moves queues or reopens the graph live when only
@@ -117,7 +138,7 @@ impl Exports {
     }
 
     fn start(&mut self, id: String, plan: ExportPlan, retry: Option<Pending>) {
-        match ExportServer::start(plan.clone()) {
+        match ExportServer::start(plan.clone(), self.sink()) {
             Ok(s) => {
                 if retry.is_some() {
                     tracing::info!(export = %id, "export started after retrying");

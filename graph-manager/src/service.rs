@@ -133,6 +133,12 @@ struct Report {
     size: u64,
 }
 
+/// Whether a report in `state` means the frontend has the graph open and
+/// listens (a refused VMM does not change that).
+fn serves(state: ExportState) -> bool {
+    matches!(state, ExportState::Serving | ExportState::VmmRefused)
+}
+
 /// What the manager knows at run time about an export's serving state.
 #[derive(Debug, Clone)]
 struct ExportRuntime {
@@ -189,7 +195,7 @@ impl Inner {
         self.export_rt
             .get(&rec.export.id)
             .and_then(|rt| rt.report.as_ref())
-            .filter(|r| r.generation == rec.generation && r.state == ExportState::Serving)
+            .filter(|r| r.generation == rec.generation && serves(r.state))
             .filter(|r| {
                 self.frontends
                     .get(&r.frontend)
@@ -612,7 +618,11 @@ impl Shared {
                                 match report {
                                     None => continue,
                                     Some(r) => match r.state {
-                                        ExportState::Serving => Applied::Serving,
+                                        // A refused VMM does not undo the plan:
+                                        // the graph is open and served.
+                                        ExportState::Serving | ExportState::VmmRefused => {
+                                            Applied::Serving
+                                        }
                                         ExportState::Failed => Applied::Failed(r.message.clone()),
                                         ExportState::Pending | ExportState::Unspecified => {
                                             Applied::Pending(r.message.clone())
@@ -685,7 +695,7 @@ impl Shared {
             .export_rt
             .get(export)
             .and_then(|rt| rt.report.as_ref())
-            .filter(|r| r.state == ExportState::Serving)
+            .filter(|r| serves(r.state))
             .filter(|r| {
                 inner
                     .frontends
@@ -2401,13 +2411,18 @@ impl FrontendApi {
         validate_name("frontend", &st.frontend)?;
         validate_name("id", &st.id)?;
         let state = match ExportState::try_from(st.state) {
-            Ok(s @ (ExportState::Pending | ExportState::Serving | ExportState::Failed)) => s,
+            Ok(
+                s @ (ExportState::Pending
+                | ExportState::Serving
+                | ExportState::Failed
+                | ExportState::VmmRefused),
+            ) => s,
             Ok(ExportState::Unspecified) | Err(_) => {
                 return Err(GraphError::invalid(
                     "state",
                     format!(
-                        "must be EXPORT_STATE_PENDING, EXPORT_STATE_SERVING or \
-                         EXPORT_STATE_FAILED (got {})",
+                        "must be EXPORT_STATE_PENDING, EXPORT_STATE_SERVING, \
+                         EXPORT_STATE_FAILED or EXPORT_STATE_VMM_REFUSED (got {})",
                         st.state
                     ),
                 )
@@ -2537,6 +2552,7 @@ impl FrontendApi {
             match report.state {
                 ExportState::Serving => info.serving.push(id.clone()),
                 ExportState::Failed => info.failed.push(id.clone()),
+                ExportState::VmmRefused => info.vmm_refused.push(id.clone()),
                 ExportState::Pending | ExportState::Unspecified => info.pending.push(id.clone()),
             }
         }

@@ -985,6 +985,63 @@ async fn report_export_ignores_unknown_and_stale_reports() {
     m.stop().await.unwrap();
 }
 
+/// VMM_REFUSED: the frontend serves the export but refused its VMM. The
+/// state and reason show in ExportInfo, an event and ListFrontends; the
+/// export still counts as applied (AddExport does not roll it back) and a
+/// later SERVING report ends it.
+#[tokio::test]
+async fn a_refused_vmm_shows_and_the_export_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), Duration::from_millis(300)).await;
+    let mut c = connect(&m).await;
+    let mut events = watch(&mut c).await;
+    let _w = register_worker(&mut c).await;
+    add_node(&mut c, null("n", 1 << 20)).await;
+    let _fe = FakeFrontend::start(&c, "fe0", silent()).await;
+    add_export(&mut c, export("e", "n", false)).await.unwrap();
+    let status = |state: ExportState, message: &str| ExportStatus {
+        frontend: "fe0".into(),
+        id: "e".into(),
+        generation: 1,
+        state: state as i32,
+        message: message.into(),
+        size: 1 << 20,
+    };
+    let mut fc = c.frontends.clone();
+    let why = "host-managed zoned export refused: the driver did not accept VIRTIO_BLK_F_ZONED";
+    fc.report_export(status(ExportState::VmmRefused, why))
+        .await
+        .unwrap();
+    assert_eq!(
+        export_state(&mut c, "e").await,
+        (ExportState::VmmRefused, why.to_string())
+    );
+    let ev = wait_event(&mut events, |k| match k {
+        Kind::ExportState(s) if s.state == ExportState::VmmRefused as i32 => Some(s.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!((ev.export.as_str(), ev.message.as_str()), ("e", why));
+    let list = list_frontends(&mut c).await;
+    assert_eq!(list[0].vmm_refused, ["e"], "{list:?}");
+    assert!(list[0].failed.is_empty() && list[0].serving.is_empty());
+
+    fc.report_export(status(ExportState::Serving, ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        export_state(&mut c, "e").await,
+        (ExportState::Serving, String::new())
+    );
+    let ev = wait_event(&mut events, |k| match k {
+        Kind::ExportState(s) if s.export == "e" => Some(s.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(ev.state, ExportState::Serving as i32);
+    m.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn generation_persists_so_a_restart_does_not_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -81,7 +81,11 @@ fn health_probe_checks_manager_workers_and_frontends() {
     assert!(table.starts_with("NAME"), "{table}");
     let row = table.lines().nth(1).unwrap_or_default();
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(cols, ["frontend0", "CONNECTED", "e0", "-", "-"], "{table}");
+    assert_eq!(
+        cols,
+        ["frontend0", "CONNECTED", "e0", "-", "-", "-"],
+        "{table}"
+    );
     let out = cluster.ctl(["--json", "frontend", "list"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(json[0]["name"], "frontend0");

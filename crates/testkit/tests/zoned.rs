@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use blkmesh_proto::v1::event::Kind;
 use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::zone_service_client::ZoneServiceClient;
 use blkmesh_proto::v1::{
-    ManageZoneRequest, NodeSpec, ReportZonesRequest, ZoneAction, ZoneCondition, ZoneModel,
-    ZoneType, ZonedOptions,
+    ExportState, ManageZoneRequest, NodeSpec, ReportZonesRequest, WatchEventsRequest, ZoneAction,
+    ZoneCondition, ZoneModel, ZoneType, ZonedOptions,
 };
 use blkmesh_testkit::{Cluster, ClusterOptions, ExportOpts};
 use blkmesh_vhost_user_client::{
@@ -616,25 +618,14 @@ fn zone_transitions_and_limits_reach_the_guest() {
             blk.zone_close(0, z(i)).unwrap();
         }
     }
-    // A guest that did not negotiate ZONED gets UNSUPP for zone requests,
-    // and zone errors as IOERR.
+    // A driver that does not accept ZONED gets no host-managed disk at
+    // all (see a_host_managed_export_refuses_a_driver_without_zoned).
     drop(blk);
     let opts = Options {
         features_wanted: blkmesh_vhost_user_client::DEFAULT_FEATURES & !(1u64 << F_ZONED),
         ..Options::default()
     };
-    let mut plain = VhostUserBlk::connect(&socket, opts).unwrap();
-    assert!(!plain.has_feature(F_ZONED));
-    // Zoned fields read as zero once ZONED was refused.
-    assert!(!plain.config().unwrap().is_zoned());
-    let c = plain.run(0, &RequestSpec::zone_report(0, 1)).unwrap();
-    assert_eq!(c.status, Some(S_UNSUPP));
-    fails_with(
-        plain.write(0, z(3), &[1; 4096]),
-        S_IOERR,
-        "unaligned write without ZONED",
-    );
-    plain.write(0, z(3) + 8, &[1; 4096]).unwrap();
+    assert!(VhostUserBlk::connect(&socket, opts).is_err());
 }
 
 /// Sequential writes (queue 0) and appends (queue 1) keep going while the
@@ -988,17 +979,17 @@ read 4096/4096 bytes at offset 3145728
     assert_eq!(lines[0]["sector"], 5 * MIB / 512);
     assert_eq!(lines[1]["zones"][0]["write_pointer"], 5 * MIB + 4096);
     assert_eq!(lines[1]["zones"][0]["condition"], 2);
-    // libblkio's driver still reads and writes a zoned export (sequentially).
-    let out = ok(&io(
+    // libblkio's driver (0.5) does not accept VIRTIO_BLK_F_ZONED: a
+    // host-managed export refuses it rather than pass as an ordinary disk.
+    let out = io(
         &cluster,
         &socket,
         &["--driver", "blkio"],
         &["write -P 9 6M 4k", "read -P 9 6M 4k"],
-    ));
-    assert!(
-        out.contains("wrote 4096/4096 bytes at offset 6291456"),
-        "{out}"
     );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("cannot connect"), "{}", text(&out));
+    assert!(text(&out).contains("--driver native"), "{}", text(&out));
 }
 
 // ===================== the ZoneService =====================
@@ -1176,4 +1167,126 @@ fn a_zoned_export_moves_to_another_worker_live() {
         !log.contains("restarting the export"),
         "the move was not live"
     );
+}
+
+/// The export's state and message as the manager lists them.
+fn export_state(cluster: &Cluster, id: &str) -> (ExportState, String) {
+    let e = cluster
+        .list_exports()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.export.as_ref().is_some_and(|x| x.id == id))
+        .expect("export listed");
+    (ExportState::try_from(e.state).unwrap(), e.message)
+}
+
+/// Waits for the manager to list export `id` in `state`; its message.
+fn wait_state(cluster: &Cluster, id: &str, state: ExportState) -> String {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (s, message) = export_state(cluster, id);
+        if s == state {
+            return message;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export {id} still {s:?} ({message}), waiting for {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A host-managed export must not pass as an ordinary disk: a driver that
+/// does not accept VIRTIO_BLK_F_ZONED is refused (its SET_FEATURES fails
+/// and the connection closes), the frontend logs why, and the export's
+/// state (VMM_REFUSED, with the reason) reaches `blkmeshctl export list`
+/// and the event feed. A driver that accepts ZONED is served afterwards,
+/// and the export is SERVING again.
+#[test]
+fn a_host_managed_export_refuses_a_driver_without_zoned() {
+    let (cluster, socket) = zoned_export(1, 4, 8);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = rt.block_on(cluster.client_config().connect()).unwrap();
+    let mut events = rt
+        .block_on(StatsServiceClient::new(channel).watch_events(WatchEventsRequest {}))
+        .unwrap()
+        .into_inner();
+    let mut next_state = |want: ExportState| -> String {
+        loop {
+            let ev = rt
+                .block_on(async { tokio::time::timeout(T, events.message()).await })
+                .unwrap_or_else(|_| panic!("no {want:?} event within {T:?}"))
+                .unwrap()
+                .expect("event stream open");
+            if let Some(Kind::ExportState(st)) = ev.kind {
+                if st.export == "z" && st.state == want as i32 {
+                    return st.message;
+                }
+            }
+        }
+    };
+
+    let defaults = Options::default().queues(1).timeout(T);
+    let without_zoned = Options {
+        features_wanted: defaults.features_wanted & !(1u64 << F_ZONED),
+        ..defaults
+    };
+    let refused = VhostUserBlk::connect(&socket, without_zoned);
+    assert!(
+        refused.is_err(),
+        "a driver without ZONED was served a host-managed export"
+    );
+
+    let why = "did not accept VIRTIO_BLK_F_ZONED";
+    let message = wait_state(&cluster, "z", ExportState::VmmRefused);
+    assert!(message.contains(why), "{message}");
+    let message = next_state(ExportState::VmmRefused);
+    assert!(message.contains(why), "{message}");
+    let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("export=z") && l.contains(why)),
+        "no error line naming the export and the reason:\n{log}"
+    );
+    let out = cluster.ctl(["export", "list"]);
+    let table = ok(&out);
+    assert!(table.contains(" VMM_REFUSED "), "{table}");
+    assert!(
+        table.contains("z: VMM_REFUSED: host-managed zoned export refused"),
+        "{table}"
+    );
+    let out = cluster.ctl(["--json", "export", "list"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(json[0]["state"], "VMM_REFUSED", "{json}");
+
+    // The export still serves: a driver that accepts ZONED gets the disk.
+    let mut blk = connect(&socket, 1);
+    assert!(blk.has_feature(F_ZONED));
+    blk.write(0, 0, &pattern(1, 4096)).unwrap();
+    assert_eq!(wait_state(&cluster, "z", ExportState::Serving), "");
+    next_state(ExportState::Serving);
+}
+
+/// A regular export serves a driver that does not accept
+/// VIRTIO_BLK_F_ZONED (it is not offered); only host-managed exports
+/// refuse. (Host-aware exports serve such drivers too, as ordinary disks:
+/// see frontend-virtio's device tests; no node emulates host-aware.)
+#[test]
+fn a_regular_export_serves_a_driver_without_zoned() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.add_null("plain", 16 * MIB).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("plain", "plain").writable())
+        .unwrap();
+    let defaults = Options::default().queues(1).timeout(T);
+    let without_zoned = Options {
+        features_wanted: defaults.features_wanted & !(1u64 << F_ZONED),
+        ..defaults
+    };
+    let mut blk = VhostUserBlk::connect(&socket, without_zoned).unwrap();
+    blk.write(0, 0, &pattern(2, 4096)).unwrap();
+    assert_eq!(export_state(&cluster, "plain").0, ExportState::Serving);
 }

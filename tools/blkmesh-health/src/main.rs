@@ -189,6 +189,9 @@ async fn frontends(channel: &ManagerChannel, names: &[String]) -> Result<Vec<Str
                 if !f.failed.is_empty() {
                     line.push_str(&format!(", failed: {}", f.failed.join(", ")));
                 }
+                if !f.vmm_refused.is_empty() {
+                    line.push_str(&format!(", vmm refused: {}", f.vmm_refused.join(", ")));
+                }
                 line.push(')');
                 out.push(line);
             }

@@ -48,7 +48,11 @@ pub enum DeviceError {
         #[source]
         source: blkio::Error,
     },
-    #[error("cannot connect to {}", path.display())]
+    #[error(
+        "cannot connect to {} (a host-managed zoned export refuses libblkio's driver, \
+         which does not accept VIRTIO_BLK_F_ZONED: use --driver native there)",
+        path.display()
+    )]
     Connect {
         path: PathBuf,
         #[source]

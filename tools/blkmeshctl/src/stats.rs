@@ -365,6 +365,7 @@ pub(crate) fn event_line(e: &Event, json: bool) -> String {
                 Ok(ExportState::Pending) => "PENDING",
                 Ok(ExportState::Serving) => "SERVING",
                 Ok(ExportState::Failed) => "FAILED",
+                Ok(ExportState::VmmRefused) => "VMM_REFUSED",
                 Ok(ExportState::Unspecified) | Err(_) => "UNKNOWN",
             };
             if json {

@@ -367,6 +367,7 @@ struct FrontendView<'a> {
     serving: &'a [String],
     pending: &'a [String],
     failed: &'a [String],
+    vmm_refused: &'a [String],
 }
 
 fn node_view(n: &NodeInfo) -> NodeView {
@@ -489,6 +490,7 @@ fn export_state(state: i32) -> &'static str {
         Ok(ExportState::Pending) => "PENDING",
         Ok(ExportState::Serving) => "SERVING",
         Ok(ExportState::Failed) => "FAILED",
+        Ok(ExportState::VmmRefused) => "VMM_REFUSED",
         Ok(ExportState::Unspecified) | Err(_) => "UNKNOWN",
     }
 }
@@ -856,6 +858,11 @@ impl Output {
             ],
             &rows,
         );
+        // Why an export is not simply serving, below the table (a column
+        // would be too wide).
+        for v in views.iter().filter(|v| !v.message.is_empty()) {
+            println!("{}: {}: {}", v.id, v.state, v.message);
+        }
     }
 
     pub fn export(&self, export: &ExportInfo) {
@@ -903,6 +910,7 @@ impl Output {
                 serving: &f.serving,
                 pending: &f.pending,
                 failed: &f.failed,
+                vmm_refused: &f.vmm_refused,
             })
             .collect();
         if self.json {
@@ -917,10 +925,21 @@ impl Output {
                     list_or_dash(v.serving),
                     list_or_dash(v.pending),
                     list_or_dash(v.failed),
+                    list_or_dash(v.vmm_refused),
                 ]
             })
             .collect();
-        print_table(&["NAME", "STATE", "SERVING", "PENDING", "FAILED"], &rows);
+        print_table(
+            &[
+                "NAME",
+                "STATE",
+                "SERVING",
+                "PENDING",
+                "FAILED",
+                "VMM_REFUSED",
+            ],
+            &rows,
+        );
     }
 
     /// The result of `worker drain` and `node move`: the queues a move changed; `nothing` is printed when there are none.
