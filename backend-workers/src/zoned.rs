@@ -411,6 +411,9 @@ struct InFlight {
     end: u64,
     done: bool,
     ok: bool,
+    /// Reserved behind a write that failed: the write pointer went back
+    /// below it, so it is no longer at the write pointer and fails.
+    doomed: bool,
 }
 
 #[derive(Debug)]
@@ -963,6 +966,7 @@ impl ZonedState {
             end,
             done: false,
             ok: false,
+            doomed: false,
         });
         let gen = zone.gen;
         if end == geo.capacity {
@@ -998,16 +1002,46 @@ impl ZonedState {
         let Some(i) = zone.inflight.iter().position(|f| f.start == start) else {
             return Ok(());
         };
-        if !ok && i + 1 == zone.inflight.len() && zone.cond != Cond::Full {
-            // The last reservation failed: give its range back.
-            zone.inflight.pop_back();
+        let mut result = Ok(());
+        if zone.inflight[i].doomed {
+            // Its data lies past the write pointer now: not the zone's.
+            zone.inflight.remove(i);
+            if ok {
+                result = Err(ZoneError::UnalignedWp);
+            }
+        } else if !ok && zone.inflight.iter().skip(i + 1).any(|f| f.done) {
+            // Writes behind it already completed (and were acknowledged):
+            // the failed range stays a hole below them. The zone becomes
+            // read-only, as a device's does on a media error, so no write
+            // lands there and a failover never takes the hole as written.
+            zone.inflight[i].done = true;
+            g.set_cond(z, Cond::ReadOnly);
+            tracing::error!(
+                zone = z,
+                offset = t.offset,
+                "a write failed below completed ones: zone made read-only"
+            );
+        } else if !ok {
+            // The write pointer never stays past data that was not written
+            // (a failover takes what lies below it as written): it goes
+            // back to where the failed write began, and the writes
+            // reserved behind it fail too, as on a device.
+            zone.inflight.remove(i);
+            for f in zone.inflight.iter_mut().skip(i) {
+                f.doomed = true;
+            }
             zone.wp = start;
-            if zone.wp == 0 && matches!(zone.cond, Cond::ImplicitOpen | Cond::Closed) {
+            let cond = zone.cond;
+            if start == 0 && matches!(cond, Cond::ImplicitOpen | Cond::Closed | Cond::Full) {
                 g.set_cond(z, Cond::Empty);
+            } else if cond == Cond::Full {
+                // Filled by reservations: open again (possibly above the
+                // open limit until a zone closes).
+                g.set_cond(z, Cond::ImplicitOpen);
             }
         } else {
             zone.inflight[i].done = true;
-            zone.inflight[i].ok = ok;
+            zone.inflight[i].ok = true;
         }
         let zone = &mut g.zones[z];
         while zone.inflight.front().is_some_and(|f| f.done) {
@@ -1016,7 +1050,8 @@ impl ZonedState {
                 zone.last = if f.ok { (f.start, f.end) } else { (0, 0) };
             }
         }
-        self.persist(&mut g, z)
+        self.persist(&mut g, z)?;
+        result
     }
 
     fn sync(&self) -> Result<(), ZoneError> {
@@ -1915,13 +1950,43 @@ mod tests {
         s.end_write(&a, false).unwrap();
         assert_eq!((t.cond(0), t.wp(0)), (Cond::Empty, 0));
         assert_eq!(t.counts(), (0, 0));
-        // One with later reservations behind it counts as written.
+        // One with later reservations behind it: the write pointer goes
+        // back to where it began (never past unwritten data: a failover
+        // takes what lies below it as written), and the later ones fail
+        // as no longer at the write pointer.
+        let w = s.begin_write(WriteKind::Write, 0, 4096).unwrap();
+        s.end_write(&w, true).unwrap();
         let a = s.begin_write(WriteKind::Append, 0, 4096).unwrap();
         let b = s.begin_write(WriteKind::Append, 0, 4096).unwrap();
         s.end_write(&a, false).unwrap();
-        s.end_write(&b, true).unwrap();
-        assert_eq!(t.wp(0), 8192);
-        assert_eq!(t.record(0).1, 8192);
+        assert_eq!(t.wp(0), 4096);
+        assert_eq!(t.record(0).1, 4096, "the file never says more was written");
+        assert!(matches!(s.end_write(&b, true), Err(ZoneError::UnalignedWp)));
+        assert_eq!((t.wp(0), t.record(0).1), (4096, 4096));
+        // The zone takes writes at the write pointer again.
+        let c = s.begin_write(WriteKind::Write, 4096, 4096).unwrap();
+        s.end_write(&c, true).unwrap();
+        assert_eq!((t.wp(0), t.record(0).1), (8192, 8192));
+        // A zone filled by reservations opens again when one of them fails.
+        let d = s.begin_write(WriteKind::Write, ZS, ZS - 4096).unwrap();
+        let e = s
+            .begin_write(WriteKind::Write, 2 * ZS - 4096, 4096)
+            .unwrap();
+        assert_eq!(t.cond(1), Cond::Full);
+        s.end_write(&d, false).unwrap();
+        assert_eq!((t.cond(1), t.wp(1)), (Cond::Empty, 0));
+        assert!(s.end_write(&e, true).is_err());
+        assert_eq!((t.cond(1), t.wp(1), t.record(1).1), (Cond::Empty, 0, 0));
+        assert_eq!(t.counts(), (1, 1));
+        // A failure below a write that already completed leaves a hole
+        // under acknowledged data: the zone turns read-only.
+        let f = s.begin_write(WriteKind::Write, ZS, 4096).unwrap();
+        let g = s.begin_write(WriteKind::Write, ZS + 4096, 4096).unwrap();
+        s.end_write(&g, true).unwrap();
+        s.end_write(&f, false).unwrap();
+        assert_eq!(t.cond(1), Cond::ReadOnly);
+        assert_eq!(t.record(1).0, Cond::ReadOnly as u8);
+        assert!(s.begin_write(WriteKind::Write, ZS + 8192, 4096).is_err());
     }
 
     #[test]
