@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::{fault_rule, FaultInjectionOptions, FaultRule, IoOp, NodeSpec};
+use blkmesh_proto::v1::IoOp;
 use blkmesh_testkit::{
-    sector_pattern as pattern, wait_for_path, Cluster, ClusterOptions, ExportOpts,
+    delay_node, sector_pattern as pattern, wait_for_path, Cluster, ClusterOptions, ExportOpts,
 };
 use blkmesh_vhost_user_client::{Options, RequestSpec, Token, VhostUserBlk};
 
@@ -23,18 +22,12 @@ fn requests_in_flight_survive_a_frontend_restart() {
     // frontend dies.
     cluster
         .client()
-        .add_node(NodeSpec {
-            name: "slow".into(),
-            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-                child: "file".into(),
-                rules: vec![FaultRule {
-                    ops: vec![IoOp::Read as i32],
-                    action: Some(fault_rule::Action::DelayNs(1_500_000_000)),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-        })
+        .add_node(delay_node(
+            "slow",
+            "file",
+            &[IoOp::Read],
+            Duration::from_millis(1500),
+        ))
         .unwrap();
     let socket = cluster
         .add_export(ExportOpts::new("d", "slow").writable())

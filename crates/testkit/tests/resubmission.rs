@@ -5,9 +5,8 @@
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::{fault_rule, FaultInjectionOptions, FaultRule, IoOp, NodeSpec};
-use blkmesh_testkit::{sector_pattern as pattern, Cluster, ClusterOptions, ExportOpts};
+use blkmesh_proto::v1::IoOp;
+use blkmesh_testkit::{delay_node, sector_pattern as pattern, Cluster, ClusterOptions, ExportOpts};
 use blkmesh_vhost_user_client::raw::{self, RawMessage};
 use blkmesh_vhost_user_client::{MemRegion, Options, RequestSpec, VhostUserBlk};
 
@@ -26,18 +25,12 @@ fn a_write_resubmitted_after_a_memory_table_change_writes_the_guest_data() {
     // Writes are held 1 s in the worker, so one is in flight throughout.
     cluster
         .client()
-        .add_node(NodeSpec {
-            name: "slow".into(),
-            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-                child: "file".into(),
-                rules: vec![FaultRule {
-                    ops: vec![IoOp::Write as i32],
-                    action: Some(fault_rule::Action::DelayNs(1_000_000_000)),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-        })
+        .add_node(delay_node(
+            "slow",
+            "file",
+            &[IoOp::Write],
+            Duration::from_secs(1),
+        ))
         .unwrap();
     let socket = cluster
         .add_export(ExportOpts::new("d", "slow").writable())
@@ -81,25 +74,6 @@ fn a_write_resubmitted_after_a_memory_table_change_writes_the_guest_data() {
     );
 }
 
-fn delayed_writes(delay: Duration) -> NodeSpec {
-    NodeSpec {
-        name: "slow".into(),
-        driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-            child: "file".into(),
-            rules: if delay.is_zero() {
-                Vec::new()
-            } else {
-                vec![FaultRule {
-                    ops: vec![IoOp::Write as i32],
-                    action: Some(fault_rule::Action::DelayNs(delay.as_nanos() as u64)),
-                    ..Default::default()
-                }]
-            },
-            ..Default::default()
-        })),
-    }
-}
-
 /// A frontend dies with a write held in the worker (a fault-injection
 /// delay of 3 s). Its restart resubmits the write, which completes at once
 /// (the delay was lifted meanwhile); the guest then writes newer data to
@@ -112,7 +86,10 @@ fn a_write_held_for_a_dead_frontend_never_lands_over_newer_data() {
     let image = cluster.sparse_image("d.img", 16 * MIB);
     cluster.add_io_uring("file", &image, false, false).unwrap();
     let held = Duration::from_secs(3);
-    cluster.client().add_node(delayed_writes(held)).unwrap();
+    cluster
+        .client()
+        .add_node(delay_node("slow", "file", &[IoOp::Write], held))
+        .unwrap();
     let socket = cluster
         .add_export(ExportOpts::new("d", "slow").writable())
         .unwrap();
@@ -132,7 +109,7 @@ fn a_write_held_for_a_dead_frontend_never_lands_over_newer_data() {
     // opens the graph without it.
     cluster
         .client()
-        .update_node(delayed_writes(Duration::ZERO))
+        .update_node(delay_node("slow", "file", &[IoOp::Write], Duration::ZERO))
         .unwrap();
     cluster.start_frontend();
     let deadline = std::time::Instant::now() + T;

@@ -788,24 +788,19 @@ fn a_killed_worker_loses_no_zone_write() {
 /// them, which the zone would refuse as not at its write pointer.
 #[test]
 fn zone_writes_in_flight_survive_a_frontend_restart() {
-    use blkmesh_proto::v1::{fault_rule, FaultInjectionOptions, FaultRule, IoOp};
+    use blkmesh_proto::v1::IoOp;
+    use blkmesh_testkit::delay_node;
     let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
     let image = cluster.sparse_image("d.img", DISK);
     cluster.add_io_uring("file", &image, false, false).unwrap();
     cluster
         .client()
-        .add_node(NodeSpec {
-            name: "slow".into(),
-            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-                child: "file".into(),
-                rules: vec![FaultRule {
-                    ops: vec![IoOp::Write as i32],
-                    action: Some(fault_rule::Action::DelayNs(1_000_000_000)),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-        })
+        .add_node(delay_node(
+            "slow",
+            "file",
+            &[IoOp::Write],
+            Duration::from_secs(1),
+        ))
         .unwrap();
     cluster
         .client()
