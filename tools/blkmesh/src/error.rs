@@ -57,6 +57,12 @@ pub enum Error {
         user: String,
         need: &'static str,
     },
+    #[error("the worker user {user} cannot reach {}: directory {} is closed to it; use a --dir (or image) it can reach, e.g. under /var/lib, or --worker-user root", path.display(), dir.display())]
+    WorkerCannotReach {
+        path: PathBuf,
+        dir: PathBuf,
+        user: String,
+    },
     #[error("another `blkmesh up` is already running in {}", dir.display())]
     AlreadyRunning { dir: PathBuf },
     #[error("cannot open log {}", path.display())]

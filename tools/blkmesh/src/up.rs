@@ -249,6 +249,13 @@ fn give_images_to_worker(
         let Ok(meta) = std::fs::metadata(&path) else {
             continue; // The manager reports a missing image.
         };
+        if let Some(dir) = closed_ancestor(&path, id) {
+            return Err(Error::WorkerCannotReach {
+                path,
+                dir,
+                user: id.name.clone(),
+            });
+        }
         if ours && meta.is_file() && meta.uid() == 0 {
             std::os::unix::fs::chown(&path, Some(id.uid.as_raw()), Some(id.gid.as_raw())).map_err(
                 |source| Error::GiveToWorker {
@@ -259,13 +266,7 @@ fn give_images_to_worker(
             )?;
             continue;
         }
-        let bits = if meta.uid() == id.uid.as_raw() {
-            meta.mode() >> 6
-        } else if meta.gid() == id.gid.as_raw() {
-            meta.mode() >> 3
-        } else {
-            meta.mode()
-        } & 0o6;
+        let bits = bits_for(&meta, id) & 0o6;
         let need = if read_only { 0o4 } else { 0o6 };
         if bits & need != need {
             return Err(Error::NotForWorker {
@@ -280,6 +281,26 @@ fn give_images_to_worker(
         }
     }
     Ok(())
+}
+
+/// The permission bits (`rwx`, low three bits) `meta` grants `id`.
+fn bits_for(meta: &std::fs::Metadata, id: &blkmesh_sandbox::Identity) -> u32 {
+    (if meta.uid() == id.uid.as_raw() {
+        meta.mode() >> 6
+    } else if meta.gid() == id.gid.as_raw() {
+        meta.mode() >> 3
+    } else {
+        meta.mode()
+    }) & 0o7
+}
+
+/// The first directory above `path` that `id` may not search (a checkout
+/// under root's 0700 home, say): the worker could not open the image.
+fn closed_ancestor(path: &Path, id: &blkmesh_sandbox::Identity) -> Option<PathBuf> {
+    path.ancestors().skip(1).find_map(|dir| {
+        let meta = std::fs::metadata(dir).ok()?;
+        (bits_for(&meta, id) & 0o1 == 0).then(|| dir.to_path_buf())
+    })
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Error> {
@@ -826,11 +847,22 @@ mod tests {
             nix::unistd::Uid::effective().is_root(),
             "needs root (as the CI runs): it changes file owners"
         );
+        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let mut args = up_args(tmp.path());
         let id = worker_identity(&args)
             .unwrap()
             .expect("root gets a worker user");
+        // A directory the workers cannot search (a checkout in root's
+        // home): refused up front, naming it.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let layout = Layout::prepare(&args, None).unwrap();
+        match give_images_to_worker(&args, &layout, None, &id) {
+            Err(Error::WorkerCannotReach { dir, .. }) => assert_eq!(dir, tmp.path()),
+            other => panic!("a 0700 directory: {other:?}"),
+        }
+        drop(layout);
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!((id.uid.as_raw(), id.gid.as_raw()), (64055, 64055));
         // The default image, created by blkmesh: given to the workers.
         let layout = Layout::prepare(&args, None).unwrap();
@@ -841,10 +873,7 @@ mod tests {
         // Somebody else's image is not taken over but refused.
         let theirs = tmp.path().join("theirs.img");
         std::fs::write(&theirs, [0u8; 512]).unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
         args.image = Some(theirs.clone());
         let layout = Layout::prepare(&args, None).unwrap();
         assert!(matches!(
