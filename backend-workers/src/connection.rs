@@ -24,6 +24,9 @@ struct Conn {
     graph: Option<OpenedGraph>,
     /// The export the graph was opened for.
     export: String,
+    /// The writable io_uring leaves' paths: what a queue that takes over a
+    /// dead worker's requests settles first (see [`crate::settle`]).
+    files: Vec<std::path::PathBuf>,
     ram: SharedRam,
     /// This connection, as the other connections of the export see it.
     peer: Option<Peer>,
@@ -51,6 +54,7 @@ pub fn serve(channel: Channel, worker: &str) {
     let mut conn = Conn {
         graph: None,
         export: String::new(),
+        files: Vec::new(),
         ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
         peer,
         queues: HashMap::new(),
@@ -128,6 +132,7 @@ impl Conn {
                             "export opened"
                         );
                         self.graph = Some(g);
+                        self.files = writable_files(&plan);
                         self.export = plan.export.map(|e| e.id).unwrap_or_default();
                         ipc::Reply {
                             result: Some(ReplyResult::Opened(ipc::Opened {
@@ -294,6 +299,9 @@ impl Conn {
                 return failure(libc::EBUSY, e.to_string());
             }
         };
+        if a.settle {
+            self.settle(a.queue);
+        }
         let setup = QueueSetup {
             index: a.queue,
             rings,
@@ -316,6 +324,41 @@ impl Conn {
             Err(e) => failure(libc::EIO, e.to_string()),
         }
     }
+}
+
+impl Conn {
+    /// Waits out the direct I/O a dead worker may still have in the kernel
+    /// on this graph's files before `queue` takes its requests over. A
+    /// file that cannot be settled is logged, and the queue goes on: the
+    /// guest must get its disk back.
+    fn settle(&self, queue: u32) {
+        for path in &self.files {
+            let t = std::time::Instant::now();
+            match crate::settle::settle_file(path) {
+                Ok(how) => tracing::info!(
+                    export = %self.export,
+                    queue,
+                    path = %path.display(),
+                    ?how,
+                    waited_ms = t.elapsed().as_millis() as u64,
+                    "settled the I/O of the lost worker"
+                ),
+                Err(e) => tracing::error!(export = %self.export, queue, "{e}"),
+            }
+        }
+    }
+}
+
+/// The paths of the plan's writable io_uring leaves.
+fn writable_files(plan: &blkmesh_proto::v1::ExportPlan) -> Vec<std::path::PathBuf> {
+    use blkmesh_proto::v1::node_spec::Driver;
+    plan.nodes
+        .iter()
+        .filter_map(|n| match &n.driver {
+            Some(Driver::IoUring(o)) if !o.read_only => Some(std::path::PathBuf::from(&o.path)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn zones_reply(zones: Vec<Zone>) -> ipc::Reply {
@@ -366,6 +409,7 @@ mod tests {
         Conn {
             graph: None,
             export: String::new(),
+            files: Vec::new(),
             ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
             peer: None,
             queues: HashMap::new(),

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod probe;
 pub mod queue;
 pub mod registration;
+pub mod settle;
 pub mod split;
 pub mod stages;
 pub mod test_hooks;

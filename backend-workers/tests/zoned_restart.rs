@@ -201,6 +201,7 @@ impl Conn {
             queue: 0,
             entries: ENTRIES,
             max_segments: 4,
+            settle: false,
         });
         let reply = self.call(attach, &[rings.fd(), kick.as_fd(), call.as_fd()]);
         assert!(matches!(reply, ReplyResult::Ok(_)), "{reply:?}");

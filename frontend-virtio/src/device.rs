@@ -275,6 +275,11 @@ impl BlkDevice {
             .map_err(internal)?;
         let worker_kick = Doorbell::new().map_err(VuError::ReqHandlerError)?;
         let worker_call = Doorbell::new().map_err(VuError::ReqHandlerError)?;
+        // Resubmitting what a previous frontend left in flight: its worker
+        // may have died too, with some of it still in the kernel.
+        let resubmits = inflight
+            .as_ref()
+            .is_some_and(|(_, recovered)| !recovered.heads.is_empty());
         let attached = self.links.attach(
             index as u32,
             entries,
@@ -282,6 +287,7 @@ impl BlkDevice {
             rings.fd(),
             &worker_kick,
             &worker_call,
+            resubmits,
         );
         // A worker that is gone (or goes while we ask) must not fail the
         // VMM's message: the queue starts detached and waits for the
@@ -479,6 +485,7 @@ impl BlkDevice {
                     running.rings.fd(),
                     &running.worker_kick,
                     &running.worker_call,
+                    false,
                 )
                 .map_err(|e| e.to_string())
         })();
@@ -493,6 +500,7 @@ impl BlkDevice {
                 running.rings.fd(),
                 &running.worker_kick,
                 &running.worker_call,
+                false,
             ) {
                 tracing::error!(export = %self.export, queue, "re-attach after a failed move: {e}");
             }
@@ -584,6 +592,7 @@ impl BlkDevice {
                             r.rings.fd(),
                             &r.worker_kick,
                             &r.worker_call,
+                            false,
                         )
                         .map_err(|e| format!("queue {i}: {e}"))?;
                 }
@@ -661,6 +670,8 @@ impl BlkDevice {
             .map_err(|e| e.to_string())?;
         let kick = Doorbell::new().map_err(|e| e.to_string())?;
         let call = Doorbell::new().map_err(|e| e.to_string())?;
+        // Its requests are resubmitted: the lost worker's I/O still in the
+        // kernel must finish first.
         self.links
             .attach(
                 queue,
@@ -669,6 +680,7 @@ impl BlkDevice {
                 rings.fd(),
                 &kick,
                 &call,
+                true,
             )
             .map_err(|e| e.to_string())?;
         // A zoned export: which in-flight writes the lost worker applied.

@@ -456,7 +456,10 @@ impl WorkerLinks {
         f(link)
     }
 
-    /// Hands a queue's rings and eventfds to its worker.
+    /// Hands a queue's rings and eventfds to its worker. With `settle`
+    /// (requests of a lost worker are about to be resubmitted) the worker
+    /// first waits out the I/O that worker may still have in the kernel.
+    #[allow(clippy::too_many_arguments)]
     pub fn attach(
         &self,
         queue: u32,
@@ -465,6 +468,7 @@ impl WorkerLinks {
         ring: BorrowedFd<'_>,
         kick: &impl AsFd,
         call: &impl AsFd,
+        settle: bool,
     ) -> Result<(), LinkError> {
         self.with_link(queue, |l| {
             l.expect_ok(
@@ -472,6 +476,7 @@ impl WorkerLinks {
                     queue,
                     entries,
                     max_segments,
+                    settle,
                 }),
                 &[ring, kick.as_fd(), call.as_fd()],
             )

@@ -573,6 +573,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             queue: 0,
             entries: 8,
             max_segments: 4,
+            settle: true,
         })),
         id: 1,
     }

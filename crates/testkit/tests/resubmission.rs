@@ -136,3 +136,128 @@ fn a_write_held_for_a_dead_frontend_never_lands_over_newer_data() {
     let on_disk = std::fs::read(&image).unwrap();
     assert_eq!(&on_disk[..4096], &new[..], "an old write landed on disk");
 }
+
+/// A blkio cgroup (v1) whose writes to the block device holding `file`
+/// are throttled to `bps`: what a slow disk does to O_DIRECT writes, made
+/// on purpose. Removed on drop (once its processes are gone).
+struct Throttle {
+    dir: std::path::PathBuf,
+}
+
+impl Throttle {
+    const ROOT: &'static str = "/sys/fs/cgroup/blkio";
+
+    fn new(file: &std::path::Path, bps: u64) -> Throttle {
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            std::path::Path::new(Self::ROOT)
+                .join("blkio.throttle.write_bps_device")
+                .exists(),
+            "this test needs cgroup v1's blkio throttling at {} (and root)",
+            Self::ROOT
+        );
+        let dev = std::fs::metadata(file).unwrap().dev();
+        let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+        // Throttling applies to whole disks: a partition's parent.
+        let sys = std::path::PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let disk = if sys.join("partition").exists() {
+            std::fs::read_to_string(sys.join("../dev")).unwrap()
+        } else {
+            format!("{major}:{minor}")
+        };
+        let dir = std::path::Path::new(Self::ROOT).join(format!(
+            "blkmesh-test-{}-{}",
+            std::process::id(),
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .unwrap()
+                .tv_nsec()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("blkio.throttle.write_bps_device"),
+            format!("{} {bps}", disk.trim()),
+        )
+        .unwrap();
+        Throttle { dir }
+    }
+
+    /// Moves process `pid` (all its threads) in.
+    fn enter(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// Bytes of writes its processes have submitted to the disk.
+    fn submitted(&self) -> u64 {
+        let text =
+            std::fs::read_to_string(self.dir.join("blkio.throttle.io_service_bytes")).unwrap();
+        text.lines()
+            .filter_map(|l| l.split_once(" Write "))
+            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A worker dies with an O_DIRECT write still in the kernel (held by the
+/// block layer's throttle, as a slow disk holds it): the process is gone
+/// long before the write lands. Its resubmission must not complete before
+/// the original: else the guest writes newer data to the same sectors and
+/// the original lands last. The replacement waits the original out (the
+/// filesystem drains a file's direct I/O before it changes allocation).
+#[test]
+fn a_write_still_in_the_kernel_when_its_worker_dies_never_lands_over_newer_data() {
+    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let image = cluster.sparse_image("d.img", 16 * MIB);
+    cluster.add_io_uring("file", &image, true, false).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("d", "file").writable())
+        .unwrap();
+    let opts = Options::default().queues(1).queue_size(64).timeout(T);
+    let mut blk = VhostUserBlk::connect(&socket, opts).unwrap();
+    blk.write(0, 0, &pattern(1, 4096)).unwrap();
+
+    // 16 KiB at 4 KiB/s: the write stays in the kernel for about 4 s.
+    let throttle = Throttle::new(&image, 4096);
+    throttle.enter(cluster.worker_pid(0).unwrap());
+    let old = pattern(2, 16384);
+    let first = blk.submit(0, &RequestSpec::write(0, &old)).unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while throttle.submitted() < 16384 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached the disk's queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.kill_worker(0);
+    cluster.start_worker(0);
+    let c = blk.wait(0, first, T).unwrap();
+    assert!(c.is_ok(), "the resubmitted write: {c:?}");
+    // The guest reuses the first write's buffer (a read goes there; the
+    // original, zero-copy, writes whatever that buffer holds when it
+    // lands) and writes newer data to the same sectors from another one.
+    let reuse = blk.submit(0, &RequestSpec::read(4096, 16384)).unwrap();
+    let new = pattern(3, 16384);
+    blk.write(0, 0, &new).unwrap();
+
+    // Everything in flight on the file has landed once the filesystem
+    // lets an allocation through (the same barrier).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, 4096).unwrap();
+    let mut on_disk = vec![0u8; 16384];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut on_disk, 0).unwrap();
+    assert!(on_disk == new, "the original write landed over newer data");
+    assert!(blk.wait(0, reuse, T).unwrap().is_ok());
+    assert_eq!(blk.read(0, 0, 16384).unwrap(), new);
+    let log = std::fs::read_to_string(cluster.log_path("worker0")).unwrap();
+    assert!(log.contains("settled the I/O of the lost worker"), "{log}");
+}
