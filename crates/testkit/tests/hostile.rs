@@ -1577,15 +1577,11 @@ fn adding_regions_past_the_slot_limit_is_refused() {
 fn inflight_tracking_when_offered() {
     let mut fx = fixture();
     let mut blk = VhostUserBlk::connect(&fx.d, opts().inflight(true)).unwrap();
-    if !blk
-        .offered_protocol_features()
-        .contains(ProtocolFeatures::INFLIGHT_SHMFD)
-    {
-        eprintln!("the frontend does not offer INFLIGHT_SHMFD: nothing to test yet");
-        assert!(blk.inflight_region().is_none());
-        fx.assert_healthy(&mut blk, "a connection asking for inflight tracking");
-        return;
-    }
+    assert!(
+        blk.offered_protocol_features()
+            .contains(ProtocolFeatures::INFLIGHT_SHMFD),
+        "the frontend must offer INFLIGHT_SHMFD (frontend restarts depend on it)"
+    );
     let region = blk.inflight_region().expect("GET_INFLIGHT_FD answered");
     assert!(region.mmap_size > 0);
     blk.write(0, 0, &pattern(9, 4096)).unwrap();
