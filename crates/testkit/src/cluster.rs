@@ -720,6 +720,25 @@ impl Cluster {
         self.client().add_io_uring(name, path, direct, read_only)
     }
 
+    /// One worker serving a sparse image of `size` bytes as node `file`,
+    /// under node `slow` that holds every request of `ops` for `delay`
+    /// ([`crate::delay_node`]): requests in flight for a test to act on.
+    /// Returns the cluster and the image path.
+    pub fn with_delayed_file(
+        size: u64,
+        ops: &[blkmesh_proto::v1::IoOp],
+        delay: Duration,
+    ) -> (Cluster, PathBuf) {
+        let cluster = Cluster::start(ClusterOptions::default().workers(1));
+        let image = cluster.sparse_image("d.img", size);
+        cluster.add_io_uring("file", &image, false, false).unwrap();
+        cluster
+            .client()
+            .add_node(crate::delay_node("slow", "file", ops, delay))
+            .unwrap();
+        (cluster, image)
+    }
+
     /// See [`BlockingClient::add_null`].
     pub fn add_null(&self, name: &str, size: u64) -> Result<NodeInfo, ClientError> {
         self.client().add_null(name, size)

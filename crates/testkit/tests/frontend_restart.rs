@@ -5,9 +5,7 @@
 use std::time::{Duration, Instant};
 
 use blkmesh_proto::v1::IoOp;
-use blkmesh_testkit::{
-    delay_node, sector_pattern as pattern, wait_for_path, Cluster, ClusterOptions, ExportOpts,
-};
+use blkmesh_testkit::{sector_pattern as pattern, wait_for_path, Cluster, ExportOpts};
 use blkmesh_vhost_user_client::{Options, RequestSpec, Token, VhostUserBlk};
 
 const MIB: u64 = 1 << 20;
@@ -15,20 +13,10 @@ const T: Duration = Duration::from_secs(20);
 
 #[test]
 fn requests_in_flight_survive_a_frontend_restart() {
-    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
-    let image = cluster.sparse_image("d.img", 16 * MIB);
-    cluster.add_io_uring("file", &image, false, false).unwrap();
     // Reads are held 1.5 s in the worker, so they are in flight when the
     // frontend dies.
-    cluster
-        .client()
-        .add_node(delay_node(
-            "slow",
-            "file",
-            &[IoOp::Read],
-            Duration::from_millis(1500),
-        ))
-        .unwrap();
+    let (mut cluster, _image) =
+        Cluster::with_delayed_file(16 * MIB, &[IoOp::Read], Duration::from_millis(1500));
     let socket = cluster
         .add_export(ExportOpts::new("d", "slow").writable())
         .unwrap();

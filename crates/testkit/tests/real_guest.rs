@@ -56,17 +56,7 @@ fn a_real_guest_reads_back_what_it_wrote_on_two_queues() {
         "guest: boot {:?}, verdict after {:?}\n{}",
         out.boot,
         out.elapsed,
-        out.report
-            .checks
-            .iter()
-            .map(|c| format!(
-                "  {} {} {}",
-                c.name,
-                if c.ok { "ok" } else { "FAIL" },
-                c.detail
-            ))
-            .collect::<Vec<_>>()
-            .join("\n")
+        summary(&out)
     );
     assert_eq!(
         out.report.verdict,

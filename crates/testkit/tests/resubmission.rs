@@ -19,19 +19,9 @@ const T: Duration = Duration::from_secs(20);
 /// same index and offset of the new table.
 #[test]
 fn a_write_resubmitted_after_a_memory_table_change_writes_the_guest_data() {
-    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
-    let image = cluster.sparse_image("d.img", 16 * MIB);
-    cluster.add_io_uring("file", &image, false, false).unwrap();
     // Writes are held 1 s in the worker, so one is in flight throughout.
-    cluster
-        .client()
-        .add_node(delay_node(
-            "slow",
-            "file",
-            &[IoOp::Write],
-            Duration::from_secs(1),
-        ))
-        .unwrap();
+    let (mut cluster, image) =
+        Cluster::with_delayed_file(16 * MIB, &[IoOp::Write], Duration::from_secs(1));
     let socket = cluster
         .add_export(ExportOpts::new("d", "slow").writable())
         .unwrap();
@@ -82,14 +72,8 @@ fn a_write_resubmitted_after_a_memory_table_change_writes_the_guest_data() {
 /// restarted frontend's queue only after that.
 #[test]
 fn a_write_held_for_a_dead_frontend_never_lands_over_newer_data() {
-    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
-    let image = cluster.sparse_image("d.img", 16 * MIB);
-    cluster.add_io_uring("file", &image, false, false).unwrap();
     let held = Duration::from_secs(3);
-    cluster
-        .client()
-        .add_node(delay_node("slow", "file", &[IoOp::Write], held))
-        .unwrap();
+    let (mut cluster, image) = Cluster::with_delayed_file(16 * MIB, &[IoOp::Write], held);
     let socket = cluster
         .add_export(ExportOpts::new("d", "slow").writable())
         .unwrap();

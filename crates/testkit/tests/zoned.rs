@@ -789,19 +789,8 @@ fn a_killed_worker_loses_no_zone_write() {
 #[test]
 fn zone_writes_in_flight_survive_a_frontend_restart() {
     use blkmesh_proto::v1::IoOp;
-    use blkmesh_testkit::delay_node;
-    let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
-    let image = cluster.sparse_image("d.img", DISK);
-    cluster.add_io_uring("file", &image, false, false).unwrap();
-    cluster
-        .client()
-        .add_node(delay_node(
-            "slow",
-            "file",
-            &[IoOp::Write],
-            Duration::from_secs(1),
-        ))
-        .unwrap();
+    let (mut cluster, _image) =
+        Cluster::with_delayed_file(DISK, &[IoOp::Write], Duration::from_secs(1));
     cluster
         .client()
         .add_node(zoned_spec(&cluster, "zoned", "slow", 4, 8))

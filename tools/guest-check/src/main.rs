@@ -359,14 +359,8 @@ mod latency {
 fn check_geometry(ctx: &Ctx) -> CheckResult {
     let mut g: BTreeMap<&str, u64> = BTreeMap::new();
     g.insert("size", ctx.sys_u64("size")? * 512);
-    for key in [
-        "logical_block_size",
-        "physical_block_size",
-        "max_hw_sectors_kb",
-        "max_segments",
-        "discard_max_bytes",
-        "write_zeroes_max_bytes",
-    ] {
+    // Between "size" and "hw_queues": the queue's own attributes.
+    for key in &GEOMETRY_KEYS[1..GEOMETRY_KEYS.len() - 1] {
         g.insert(key, ctx.sys_u64(&format!("queue/{key}"))?);
     }
     let mq = std::fs::read_dir(ctx.sys("mq")).map_err(|e| format!("{}: {e}", ctx.sys("mq")))?;
@@ -762,15 +756,7 @@ mod tests {
     fn direct_io_round_trips_on_a_file() {
         // tmpfs does not take O_DIRECT; a plain buffered file exercises the
         // chunking and comparison.
-        let path = std::env::temp_dir().join(format!("blkmesh-gc-test.{}", std::process::id()));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let f = tempfile::tempfile().unwrap();
         let r = Region::new(8192, 3 * CHUNK + 4096);
         write_direct(&f, 4, r, pattern(7)).unwrap();
         verify_direct(&f, 4, r, pattern(7)).unwrap();

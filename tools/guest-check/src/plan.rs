@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn verify_image_finds_good_and_bad_bytes() {
         let p = Plan::new(5, MIN_DISK_SIZE).unwrap();
-        let f = tempfile_in_tmp();
+        let f = tempfile::tempfile().unwrap();
         f.set_len(MIN_DISK_SIZE).unwrap();
         for e in p.expected([1, 1]) {
             let mut buf = vec![0u8; e.region.len as usize];
@@ -428,22 +428,5 @@ mod tests {
         let bad = p.verify_image(&f, [1, 1]);
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert!(bad[0].contains("expected zeroes"), "{bad:?}");
-    }
-
-    fn tempfile_in_tmp() -> File {
-        let path = std::env::temp_dir().join(format!(
-            "blkmesh-guest-plan-test.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
     }
 }
