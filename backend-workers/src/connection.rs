@@ -24,9 +24,9 @@ struct Conn {
     graph: Option<OpenedGraph>,
     /// The export the graph was opened for.
     export: String,
-    /// The writable io_uring leaves' paths: what a queue that takes over a
-    /// dead worker's requests settles first (see [`crate::settle`]).
-    files: Vec<std::path::PathBuf>,
+    /// The paths of the leaves with claims: what a queue that takes over a
+    /// lost worker's requests settles first (see [`crate::claim`]).
+    leaves: Vec<std::path::PathBuf>,
     ram: SharedRam,
     /// This connection, as the other connections of the export see it.
     peer: Option<Peer>,
@@ -54,7 +54,7 @@ pub fn serve(channel: Channel, worker: &str) {
     let mut conn = Conn {
         graph: None,
         export: String::new(),
-        files: Vec::new(),
+        leaves: Vec::new(),
         ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
         peer,
         queues: HashMap::new(),
@@ -132,7 +132,7 @@ impl Conn {
                             "export opened"
                         );
                         self.graph = Some(g);
-                        self.files = writable_files(&plan);
+                        self.leaves = claimed_leaves(&plan);
                         self.export = plan.export.map(|e| e.id).unwrap_or_default();
                         ipc::Reply {
                             result: Some(ReplyResult::Opened(ipc::Opened {
@@ -327,19 +327,20 @@ impl Conn {
 }
 
 impl Conn {
-    /// Waits out the direct I/O a dead worker may still have in the kernel
-    /// on this graph's files before `queue` takes its requests over. A
-    /// file that cannot be settled is logged, and the queue goes on: the
-    /// guest must get its disk back.
+    /// Waits out the I/O a lost worker may still have in the kernel on
+    /// this graph's leaves before `queue` takes its requests over
+    /// ([`crate::claim`]). A leaf that cannot be settled within
+    /// [`SETTLE_LIMIT`] is logged, and the queue goes on: the guest must
+    /// get its disk back, and the frontend's call would time out first.
     fn settle(&self, queue: u32) {
-        for path in &self.files {
+        for path in &self.leaves {
             let t = std::time::Instant::now();
-            match crate::settle::settle_file(path) {
-                Ok(how) => tracing::info!(
+            match crate::claim::settle(path, SETTLE_LIMIT) {
+                Ok(found) => tracing::info!(
                     export = %self.export,
                     queue,
                     path = %path.display(),
-                    ?how,
+                    lost_workers = found.lost,
                     waited_ms = t.elapsed().as_millis() as u64,
                     "settled the I/O of the lost worker"
                 ),
@@ -349,13 +350,18 @@ impl Conn {
     }
 }
 
-/// The paths of the plan's writable io_uring leaves.
-fn writable_files(plan: &blkmesh_proto::v1::ExportPlan) -> Vec<std::path::PathBuf> {
+/// How long a replacement waits for a lost worker's requests to leave the
+/// kernel: less than the frontend's control-call timeout (30 s).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The paths of the plan's leaves that carry claims (crate::claim).
+fn claimed_leaves(plan: &blkmesh_proto::v1::ExportPlan) -> Vec<std::path::PathBuf> {
     use blkmesh_proto::v1::node_spec::Driver;
     plan.nodes
         .iter()
         .filter_map(|n| match &n.driver {
-            Some(Driver::IoUring(o)) if !o.read_only => Some(std::path::PathBuf::from(&o.path)),
+            Some(Driver::IoUring(o)) => Some(std::path::PathBuf::from(&o.path)),
+            Some(Driver::NvmeIoUring(o)) => Some(std::path::PathBuf::from(&o.path)),
             _ => None,
         })
         .collect()
@@ -409,7 +415,7 @@ mod tests {
         Conn {
             graph: None,
             export: String::new(),
-            files: Vec::new(),
+            leaves: Vec::new(),
             ram: Arc::new(Mutex::new(Arc::new(RegisteredRam::empty()))),
             peer: None,
             queues: HashMap::new(),

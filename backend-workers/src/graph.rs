@@ -18,6 +18,7 @@
 //! (model NONE for a regular graph), and a zoned graph takes no discard.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,6 +75,9 @@ pub enum Leaf {
         blkio: Arc<Mutex<blkio::Blkio>>,
         /// `None` when the driver adds queues on demand.
         pool: Option<QueuePool>,
+        /// This worker's life claim on the leaf (crate::claim), held while
+        /// any queue or the graph still has the leaf.
+        claim: Option<Arc<crate::claim::LifeClaim>>,
     },
     /// No storage: reads return zeroes, writes are dropped.
     Null { latency: Duration },
@@ -195,6 +199,14 @@ struct BlkioLeaf<'a> {
     path: &'a str,
     direct: Option<bool>,
     read_only: bool,
+}
+
+impl BlkioLeaf<'_> {
+    /// Whether the worker opens the leaf itself, with a claim: the drivers
+    /// whose requests the kernel runs on this process's behalf.
+    fn claimed(&self) -> bool {
+        matches!(self.driver, "io_uring" | "nvme-io_uring")
+    }
 }
 
 /// A `zoned` node met on the way down, with the windows above it (in its
@@ -424,7 +436,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
             )));
         }
         read_only |= leaf.read_only;
-        let (blkio, pool) = open_blkio(name, &leaf, read_only, num_queues)?;
+        let OpenedBlkio { blkio, pool, claim } = open_blkio(name, &leaf, read_only, num_queues)?;
         read_only |= blkio.get_bool("read-only").unwrap_or(false);
         let dev_size = blkio
             .get_u64("capacity")
@@ -435,6 +447,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                 driver: leaf.driver,
                 blkio: Arc::new(Mutex::new(blkio)),
                 pool,
+                claim,
             },
             name: name.to_string(),
             dev_size,
@@ -664,20 +677,47 @@ fn fit_window(
     Ok(size)
 }
 
+/// A started libblkio instance.
+struct OpenedBlkio {
+    blkio: blkio::Blkio,
+    pool: Option<QueuePool>,
+    claim: Option<Arc<crate::claim::LifeClaim>>,
+}
+
 fn open_blkio(
     name: &str,
     leaf: &BlkioLeaf<'_>,
     read_only: bool,
     num_queues: u32,
-) -> Result<(blkio::Blkio, Option<QueuePool>), OpenError> {
+) -> Result<OpenedBlkio, OpenError> {
     let path = leaf.path;
     let mut b =
         blkio::Blkio::new(leaf.driver).map_err(|e| OpenError::blkio(name, leaf.driver, e))?;
-    b.set_str("path", path)
-        .map_err(|e| OpenError::blkio(name, "path", e))?;
-    if let Some(direct) = leaf.direct {
-        b.set_bool("direct", direct)
-            .map_err(|e| OpenError::blkio(name, "direct", e))?;
+    let mut claim = None;
+    if leaf.claimed() {
+        // Opened here, with this worker's claim on it, so that a
+        // replacement can wait out its requests (crate::claim).
+        let access = crate::claim::Access {
+            // nvme-io_uring passthrough needs only read access.
+            write: !read_only && leaf.driver == "io_uring",
+            direct: leaf.direct.unwrap_or(false),
+        };
+        let (fd, life) = crate::claim::open(Path::new(path), access).map_err(|e| OpenError {
+            errno: e.errno(),
+            message: format!("node {name}: open {e}"),
+        })?;
+        claim = Some(life);
+        b.set_i32("fd", fd.as_raw_fd())
+            .map_err(|e| OpenError::blkio(name, "fd", e))?;
+        // libblkio owns the descriptor from here on.
+        let _ = fd.into_raw_fd();
+    } else {
+        b.set_str("path", path)
+            .map_err(|e| OpenError::blkio(name, "path", e))?;
+        if let Some(direct) = leaf.direct {
+            b.set_bool("direct", direct)
+                .map_err(|e| OpenError::blkio(name, "direct", e))?;
+        }
     }
     b.set_bool("read-only", read_only)
         .map_err(|e| OpenError::blkio(name, "read-only", e))?;
@@ -707,7 +747,11 @@ fn open_blkio(
         .start()
         .map_err(|e| why(OpenError::blkio(name, "start", e)))?;
     let pool = (!can_add).then(|| Arc::new(Mutex::new(started.queues)));
-    Ok((b, pool))
+    Ok(OpenedBlkio {
+        blkio: b,
+        pool,
+        claim: claim.map(Arc::new),
+    })
 }
 
 fn blkio_limits(name: &str, b: &blkio::Blkio, lbs: u32) -> Result<Limits, OpenError> {

@@ -15,6 +15,7 @@
 //! fails that request only.
 
 pub mod bounce;
+pub mod claim;
 pub mod connection;
 pub mod graph;
 pub mod handover;
@@ -22,7 +23,6 @@ pub mod memory;
 pub mod probe;
 pub mod queue;
 pub mod registration;
-pub mod settle;
 pub mod split;
 pub mod stages;
 pub mod test_hooks;

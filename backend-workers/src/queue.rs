@@ -155,6 +155,7 @@ fn backend(leaf: &Leaf) -> Result<Backend, QueueError> {
             blkio,
             pool,
             driver,
+            ..
         } => {
             let q = match pool {
                 Some(pool) => pool

@@ -131,15 +131,9 @@ struct Throttle {
 impl Throttle {
     const ROOT: &'static str = "/sys/fs/cgroup/blkio";
 
+    /// Throttles the disk that holds `file`.
     fn new(file: &std::path::Path, bps: u64) -> Throttle {
         use std::os::unix::fs::MetadataExt;
-        assert!(
-            std::path::Path::new(Self::ROOT)
-                .join("blkio.throttle.write_bps_device")
-                .exists(),
-            "this test needs cgroup v1's blkio throttling at {} (and root)",
-            Self::ROOT
-        );
         let dev = std::fs::metadata(file).unwrap().dev();
         let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
         // Throttling applies to whole disks: a partition's parent.
@@ -149,6 +143,18 @@ impl Throttle {
         } else {
             format!("{major}:{minor}")
         };
+        Throttle::disk(disk.trim(), bps)
+    }
+
+    /// Throttles the disk numbered `disk` ("major:minor").
+    fn disk(disk: &str, bps: u64) -> Throttle {
+        assert!(
+            std::path::Path::new(Self::ROOT)
+                .join("blkio.throttle.write_bps_device")
+                .exists(),
+            "this test needs cgroup v1's blkio throttling at {} (and root)",
+            Self::ROOT
+        );
         let dir = std::path::Path::new(Self::ROOT).join(format!(
             "blkmesh-test-{}-{}",
             std::process::id(),
@@ -159,7 +165,7 @@ impl Throttle {
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(
             dir.join("blkio.throttle.write_bps_device"),
-            format!("{} {bps}", disk.trim()),
+            format!("{disk} {bps}"),
         )
         .unwrap();
         Throttle { dir }
@@ -187,26 +193,28 @@ impl Drop for Throttle {
     }
 }
 
-/// A worker dies with an O_DIRECT write still in the kernel (held by the
-/// block layer's throttle, as a slow disk holds it): the process is gone
-/// long before the write lands. Its resubmission must not complete before
-/// the original: else the guest writes newer data to the same sectors and
-/// the original lands last. The replacement waits the original out (the
-/// filesystem drains a file's direct I/O before it changes allocation).
-#[test]
-fn a_write_still_in_the_kernel_when_its_worker_dies_never_lands_over_newer_data() {
+/// A worker dies with a write still in the kernel, held by the block
+/// layer's throttle as a slow disk holds it: the process is gone long
+/// before the write lands. The guest's driver then reuses the write's
+/// buffer (a read goes there; the original, zero-copy, writes whatever
+/// that buffer holds when it lands) and writes newer data to the same
+/// sectors from another one. Returns the cluster, the client and the
+/// newer data, once the resubmission and the newer write have completed.
+fn kill_the_worker_under_a_held_write(
+    leaf: &std::path::Path,
+    throttle: impl FnOnce() -> Throttle,
+) -> (Cluster, VhostUserBlk, Vec<u8>) {
     let mut cluster = Cluster::start(ClusterOptions::default().workers(1));
-    let image = cluster.sparse_image("d.img", 16 * MIB);
-    cluster.add_io_uring("file", &image, true, false).unwrap();
+    cluster.add_io_uring("leaf", leaf, true, false).unwrap();
     let socket = cluster
-        .add_export(ExportOpts::new("d", "file").writable())
+        .add_export(ExportOpts::new("d", "leaf").writable())
         .unwrap();
     let opts = Options::default().queues(1).queue_size(64).timeout(T);
     let mut blk = VhostUserBlk::connect(&socket, opts).unwrap();
     blk.write(0, 0, &pattern(1, 4096)).unwrap();
 
     // 16 KiB at 4 KiB/s: the write stays in the kernel for about 4 s.
-    let throttle = Throttle::new(&image, 4096);
+    let throttle = throttle();
     throttle.enter(cluster.worker_pid(0).unwrap());
     let old = pattern(2, 16384);
     let first = blk.submit(0, &RequestSpec::write(0, &old)).unwrap();
@@ -222,15 +230,30 @@ fn a_write_still_in_the_kernel_when_its_worker_dies_never_lands_over_newer_data(
     cluster.start_worker(0);
     let c = blk.wait(0, first, T).unwrap();
     assert!(c.is_ok(), "the resubmitted write: {c:?}");
-    // The guest reuses the first write's buffer (a read goes there; the
-    // original, zero-copy, writes whatever that buffer holds when it
-    // lands) and writes newer data to the same sectors from another one.
     let reuse = blk.submit(0, &RequestSpec::read(4096, 16384)).unwrap();
     let new = pattern(3, 16384);
     blk.write(0, 0, &new).unwrap();
+    assert!(blk.wait(0, reuse, T).unwrap().is_ok());
+    let log = std::fs::read_to_string(cluster.log_path("worker0")).unwrap();
+    assert!(log.contains("settled the I/O of the lost worker"), "{log}");
+    (cluster, blk, new)
+}
 
+/// On an image file: the replacement waits until the dead worker's claim
+/// on the file has gone with the last of its requests
+/// (backend-workers/src/claim.rs).
+#[test]
+fn a_write_still_in_the_kernel_when_its_worker_dies_never_lands_over_newer_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let (_cluster, mut blk, new) =
+        kill_the_worker_under_a_held_write(&image, || Throttle::new(&image, 4096));
     // Everything in flight on the file has landed once the filesystem
-    // lets an allocation through (the same barrier).
+    // lets an allocation through (it drains the file's direct I/O first).
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -240,8 +263,83 @@ fn a_write_still_in_the_kernel_when_its_worker_dies_never_lands_over_newer_data(
     let mut on_disk = vec![0u8; 16384];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut on_disk, 0).unwrap();
     assert!(on_disk == new, "the original write landed over newer data");
-    assert!(blk.wait(0, reuse, T).unwrap().is_ok());
     assert_eq!(blk.read(0, 0, 16384).unwrap(), new);
-    let log = std::fs::read_to_string(cluster.log_path("worker0")).unwrap();
-    assert!(log.contains("settled the I/O of the lost worker"), "{log}");
+}
+
+/// A loop device: a block device this machine can make without a disk.
+/// Detached on drop.
+struct LoopDevice {
+    path: std::path::PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &std::path::Path) -> LoopDevice {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap_or_else(|e| panic!("this test needs losetup (util-linux): {e}"));
+        assert!(
+            out.status.success(),
+            "this test needs a loop device (root, the loop driver): losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = String::from_utf8(out.stdout).unwrap().trim().into();
+        LoopDevice { path }
+    }
+
+    /// "major:minor".
+    fn number(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&self.path).unwrap().rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        format!("{major}:{minor}")
+    }
+
+    /// Sectors of writes the device has completed.
+    fn sectors_written(&self) -> u64 {
+        let name = self.path.file_name().unwrap().to_str().unwrap();
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        stat.split_whitespace().nth(6).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The same on a block device, which has no filesystem to drain.
+#[test]
+fn a_write_still_in_a_block_device_when_its_worker_dies_never_lands_over_newer_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let before = dev.sectors_written();
+    let (_cluster, mut blk, new) =
+        kill_the_worker_under_a_held_write(&dev.path, || Throttle::disk(&dev.number(), 4096));
+    // Four writes reached the device: the first, the held one, its
+    // resubmission and the newer one. Once all have completed, the device
+    // holds whichever came last.
+    let deadline = std::time::Instant::now() + T;
+    while dev.sectors_written() < before + 8 + 3 * 32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device completed {} of 104 sectors",
+            dev.sectors_written() - before
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        blk.read(0, 0, 16384).unwrap() == new,
+        "the original write landed over newer data"
+    );
 }
