@@ -8,6 +8,11 @@
 //! The test plays the frontend: it speaks the control protocol on the
 //! worker socket and drives a ring of its own, over a guest-RAM file.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;

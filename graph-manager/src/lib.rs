@@ -75,6 +75,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod checks;
 pub mod config;

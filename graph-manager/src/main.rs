@@ -1,5 +1,7 @@
 //! `blkmesh-manager` binary: parses arguments and runs the library.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,5 +1,10 @@
 //! In-process tests: a real manager on 127.0.0.1:0 driven by real tonic clients.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -3,6 +3,11 @@
 //! statistics through it; blkmeshctl and blkmesh-io work as usual. Build the
 //! binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 mod common;
 
 use std::process::{Command, Output, Stdio};

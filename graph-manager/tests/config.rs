@@ -3,6 +3,11 @@
 //! live-changeable differences are applied live, others stop the start with
 //! the located error, pruning, and exports waiting for the first worker.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

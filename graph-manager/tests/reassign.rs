@@ -2,6 +2,11 @@
 //! worker's queues move to the live workers (in-process manager, stand-in
 //! workers and frontends over the real gRPC API).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

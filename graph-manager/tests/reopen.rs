@@ -2,6 +2,11 @@
 //! real manager in-process. Frontends are played by the tests: they open a
 //! `FrontendService.Register` stream and answer plans with `ReportExport`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,11 @@
 //! TLS and bearer tokens (in-process manager, clients through
 //! `blkmesh_proto::client`).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 mod common;
 
 use std::path::Path;

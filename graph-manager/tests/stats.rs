@@ -1,6 +1,11 @@
 //! StatsService, the event feed and the Prometheus endpoint: a real manager
 //! on 127.0.0.1:0, real tonic clients and real TCP connections.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 

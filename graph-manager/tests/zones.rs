@@ -3,6 +3,11 @@
 //! with `FrontendService.Register`, reports SERVING for every plan, and
 //! answers each `zone_command` with `ZoneCommandDone` as its policy says.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

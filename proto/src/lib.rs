@@ -7,6 +7,8 @@
 //! - [`client`]: how every client connects to the manager (TLS, bearer
 //!   token, unix sockets).
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 
 /// `blkmesh.v1`: the management API.

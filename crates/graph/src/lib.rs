@@ -7,6 +7,8 @@
 //! the request field and the problem; [`GraphError::class`] tells the API
 //! layer which status code to answer with.
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod graph;
 mod validate;

@@ -6,6 +6,8 @@
 //! collectors; anything else, or nothing, gives human-readable text, with
 //! colours only on a terminal.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;

@@ -48,6 +48,7 @@
 //! the policy once with [`SocketPolicy::install_global`] and applies
 //! [`SocketPolicy::global`] after each bind.
 
+#![forbid(unsafe_code)]
 #![deny(unsafe_code)]
 
 mod cli;

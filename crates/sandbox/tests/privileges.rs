@@ -2,6 +2,11 @@
 //! processes. The ownership and user changes need root: without it those
 //! tests say so and pass.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

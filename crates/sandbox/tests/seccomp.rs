@@ -1,6 +1,11 @@
 //! The filters installed in real processes: what they let through, what
 //! they stop, and that they hold on every thread.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 mod common;
 
 use std::fs::OpenOptions;

@@ -7,6 +7,8 @@
 //! manager's `StatsService` about once a second. The manager being away
 //! costs nothing but the report.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;

@@ -28,6 +28,11 @@
 //! runtime, so plain `#[test]` functions can use it. Do not call it from
 //! inside an async runtime.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test support: a failed unwrap is a failed test, with its place"
+)]
+
 mod client;
 mod cluster;
 pub mod guest;

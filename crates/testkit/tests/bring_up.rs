@@ -3,6 +3,11 @@
 //! requests once a replacement worker is there, and the driver sees
 //! latency, never an error. Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,5 +1,10 @@
 //! Starts the real processes: build them first with `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::time::Duration;
 
 use blkmesh_testkit::{Cluster, ClusterOptions, ExportOpts, WorkerState};

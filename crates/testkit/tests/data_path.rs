@@ -3,6 +3,11 @@
 //! virtio-blk-vhost-user driver, i.e. a guest's view). Build the binaries
 //! first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 

@@ -15,6 +15,11 @@
 //! The image build is a release build in target/deploy: minutes the first
 //! time, seconds once cached.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};

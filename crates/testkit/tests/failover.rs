@@ -6,6 +6,11 @@
 //! (`BLKMESH_SECCOMP=enforce`), as deployed.
 //! Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};

@@ -7,6 +7,11 @@
 //! write. Recovery times are printed (`--no-capture`) and recorded in
 //! docs/RELIABILITY.md. Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

@@ -2,6 +2,11 @@
 //! restarted frontend, hands back the inflight region (INFLIGHT_SHMFD), and
 //! gets every request completed. Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::time::{Duration, Instant};
 
 use blkmesh_proto::v1::IoOp;

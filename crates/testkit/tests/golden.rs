@@ -4,6 +4,11 @@
 //! `NNN-name.out`. Run with `BLKMESH_GOLDEN_UPDATE=1` to (re)write the
 //! expected files after a deliberate change, and review the diff.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::{Path, PathBuf};
 
 use blkmesh_testkit::{Cluster, ClusterOptions};

@@ -1,6 +1,11 @@
 //! `blkmesh-health` (the container health probe) and `blkmeshctl frontend
 //! list` against real processes: healthy, unhealthy and usage errors.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 

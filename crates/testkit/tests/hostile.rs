@@ -15,6 +15,11 @@
 //!
 //! Build the binaries first: `cargo build --bins`. Every wait is bounded.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::PathBuf;

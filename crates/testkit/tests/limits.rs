@@ -15,6 +15,11 @@
 //! these tests rely on (the worker's own unit tests cover the same paths with
 //! hand-made ring entries).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};

@@ -2,6 +2,11 @@
 //! filters, driven through the real processes. Build the binaries first:
 //! `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -1,6 +1,11 @@
 //! Placement: queues spread over workers and moved between them live,
 //! under verified load. Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;

@@ -6,6 +6,11 @@
 //! test fails and says what is missing. Build the binaries first:
 //! `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

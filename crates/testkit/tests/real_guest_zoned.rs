@@ -7,6 +7,11 @@
 //! boots; the export's state says why. Needs what `real_guest.rs` needs
 //! (`scripts/deps.sh`); build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::time::Duration;
 
 use blkmesh_proto::v1::node_spec::Driver;

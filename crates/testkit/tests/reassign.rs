@@ -2,6 +2,11 @@
 //! move to a live worker, live, under verified load, with no failed request.
 //! Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};

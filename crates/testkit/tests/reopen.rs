@@ -3,6 +3,11 @@
 //! channel), and the new size seen by a client that reconnects.
 //! Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::Path;

@@ -2,6 +2,11 @@
 //! they were made for, whatever happened to the memory table meanwhile.
 //! Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::os::fd::AsFd;
 use std::time::Duration;
 

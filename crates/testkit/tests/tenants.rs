@@ -4,6 +4,11 @@
 //! Needs root (the CI runs as root): the processes are started as other
 //! users. Starts the real processes: build them first with `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -6,6 +6,11 @@
 //! `blkmesh-io --driver native` printing what libblkio's driver prints.
 //! Build the binaries first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;

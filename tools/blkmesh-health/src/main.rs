@@ -19,6 +19,8 @@
 //! line on stdout says what was checked (docker keeps it in
 //! `docker inspect`'s health log).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -3,6 +3,11 @@
 //! installed (scripts/deps.sh does): without it the tests fail, they do not
 //! skip. Every wait is bounded.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

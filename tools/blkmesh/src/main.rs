@@ -8,6 +8,8 @@
 //! to connect, restarts any process that exits, and on Ctrl-C / SIGTERM
 //! stops them all (frontend, workers, manager) and removes the sockets.
 
+#![forbid(unsafe_code)]
+
 mod banner;
 mod cli;
 mod error;

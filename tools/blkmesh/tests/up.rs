@@ -1,6 +1,11 @@
 //! Runs the real `blkmesh up`; needs the sibling binaries built first
 //! (`cargo build --bins`).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

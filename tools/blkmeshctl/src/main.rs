@@ -12,6 +12,8 @@
 //! cannot be reached (`error: <CODE>: <message>` on stderr), 2 for usage
 //! errors and for a configuration file `config check` refuses.
 
+#![forbid(unsafe_code)]
+
 mod stats;
 mod view;
 

@@ -5,6 +5,11 @@
 //! for this test: run `cargo build --bins` (or `cargo build -p blkmesh-manager`)
 //! first. The test looks for it next to this test binary's target directory.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,5 +1,10 @@
 //! `blkmeshctl config check`: the manager's configuration checks, offline.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

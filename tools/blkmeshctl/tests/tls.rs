@@ -2,6 +2,11 @@
 //! made here with rcgen) and requiring a bearer token, driven by the real
 //! `blkmeshctl` binary. Build the manager first: `cargo build --bins`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

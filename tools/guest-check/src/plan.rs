@@ -318,11 +318,13 @@ pub fn fill(buf: &mut [u8], off: u64, seed: u64, content: Content) {
 pub fn first_mismatch(buf: &[u8], off: u64, seed: u64, content: Content) -> Option<u64> {
     buf.chunks_exact(8).enumerate().find_map(|(i, w)| {
         let at = off + 8 * i as u64;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(w);
         let want = match content {
             Content::Zero => 0,
             Content::Pattern { tag, generation } => word(seed, tag, generation, at),
         };
-        (u64::from_le_bytes(w.try_into().unwrap()) != want).then_some(at)
+        (u64::from_le_bytes(bytes) != want).then_some(at)
     })
 }
 
