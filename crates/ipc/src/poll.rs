@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn finds_work_that_arrives_within_the_window() {
-        let mut p = Poller::new(Duration::from_millis(50));
+        // A window of seconds: a loaded machine may take milliseconds per
+        // yield, and this is about what is found, not how fast.
+        let mut p = Poller::new(Duration::from_secs(40));
         let mut n = 0;
         assert!(p.poll(|| {
             n += 1;
