@@ -29,36 +29,14 @@ use blkmesh_proto::v1::{
     node_spec::Driver, ExportPlan, FaultInjectionOptions, NodeSpec, ZoneInfo, ZonedOptions,
 };
 
+use crate::errno::Errno;
+pub use crate::errno::OpenError;
 use crate::split::min_nonzero;
 use crate::stages::{Faults, Stage, Throttle};
 use crate::zoned::{self, Geometry, SysZoned, ZoneLayer, ZoneLimits, ZonedDevice};
 
 /// Deepest graph accepted (guards against cycles in a hostile plan).
 const MAX_DEPTH: usize = 16;
-
-/// Why a graph could not be opened: an errno for the frontend plus a message.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct OpenError {
-    pub errno: i32,
-    pub message: String,
-}
-
-impl OpenError {
-    fn inval(message: impl Into<String>) -> Self {
-        OpenError {
-            errno: libc::EINVAL,
-            message: message.into(),
-        }
-    }
-
-    fn blkio(node: &str, what: &str, e: blkio::Error) -> Self {
-        OpenError {
-            errno: e.errno().raw_os_error(),
-            message: format!("node {node}: {what}: {}", e.message()),
-        }
-    }
-}
 
 /// libblkio queues of a driver that cannot add queues after start: created
 /// at open, handed out as queues attach and given back when they detach.
@@ -333,10 +311,8 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
                 let buckets = if t.group.is_empty() {
                     BucketSet::private()
                 } else {
-                    BucketSet::group(&t.group).map_err(|e| OpenError {
-                        errno: libc::EIO,
-                        message: format!("node {name}: {e}"),
-                    })?
+                    BucketSet::group(&t.group)
+                        .map_err(|e| OpenError::new(Errno::EIO, format!("node {name}: {e}")))?
                 };
                 stages.push(Stage::Throttle(Arc::new(Throttle::new(
                     name, &limits, buckets,
@@ -416,15 +392,15 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
         let zoned_dev = match leaf.driver {
             "io_uring" => zoned::probe_block_device(sys, Path::new(leaf.path)),
             "nvme-io_uring" if zoned::nvme_generic_is_zoned(sys, Path::new(leaf.path)) => {
-                return Err(OpenError {
-                    errno: libc::EOPNOTSUPP,
-                    message: format!(
+                return Err(OpenError::new(
+                    Errno::EOPNOTSUPP,
+                    format!(
                         "node {name}: {} is a zoned (ZNS) namespace, and libblkio's nvme-io_uring \
                          driver has no zone commands; use an io_uring node on its block device \
                          (/dev/nvme...) instead",
                         leaf.path
                     ),
-                });
+                ));
             }
             _ => None,
         };
@@ -702,9 +678,9 @@ fn open_blkio(
             write: !read_only && leaf.driver == "io_uring",
             direct: leaf.direct.unwrap_or(false),
         };
-        let (fd, life) = crate::claim::open(Path::new(path), access).map_err(|e| OpenError {
-            errno: e.errno(),
-            message: format!("node {name}: open {e}"),
+        let (fd, life) = crate::claim::open(Path::new(path), access).map_err(|e| {
+            let errno = Errno::new(e.errno()).unwrap_or(Errno::EIO);
+            OpenError::new(errno, format!("node {name}: open {e}"))
         })?;
         claim = Some(life);
         b.set_i32("fd", fd.as_raw_fd())

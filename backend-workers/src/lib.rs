@@ -17,6 +17,7 @@
 pub mod bounce;
 pub mod claim;
 pub mod connection;
+pub mod errno;
 pub mod graph;
 pub mod handover;
 pub mod memory;

@@ -101,7 +101,7 @@ use blkmesh_ipc::ring::zone_status;
 use blkmesh_ipc::zoned_dev::{self, ZoneMgmt};
 use blkmesh_proto::v1::ZoneModel;
 
-use crate::graph::OpenError;
+use crate::errno::{Errno, OpenError};
 
 /// Zone conditions, numbered as virtio-blk's `z_state` (and the kernel's
 /// `BLK_ZONE_COND_*`).
@@ -175,8 +175,8 @@ pub enum ZoneError {
     /// time: try again shortly.
     #[error("zone busy")]
     Busy,
-    #[error("I/O error (errno {0})")]
-    Io(i32),
+    #[error("I/O error ({0})")]
+    Io(Errno),
 }
 
 impl ZoneError {
@@ -188,17 +188,18 @@ impl ZoneError {
             ZoneError::OpenResource => zone_status::OPEN_RESOURCE,
             ZoneError::ActiveResource => zone_status::ACTIVE_RESOURCE,
             ZoneError::Busy => -libc::EBUSY,
-            ZoneError::Io(e) => -e,
+            ZoneError::Io(e) => e.ring_result(),
         }
     }
 
-    /// The errno of a control-channel failure (positive).
-    pub fn errno(self) -> i32 {
+    /// The errno of a control-channel failure: the zone statuses are
+    /// negated errnos too (EBADRQC, EILSEQ, ETOOMANYREFS, EOVERFLOW).
+    pub fn errno(self) -> Errno {
         match self {
-            ZoneError::BadOffset => libc::EINVAL,
-            ZoneError::Busy => libc::EBUSY,
+            ZoneError::BadOffset => Errno::EINVAL,
+            ZoneError::Busy => Errno::EBUSY,
             ZoneError::Io(e) => e,
-            e => -e.ring_result(),
+            e => Errno::new(e.ring_result()).unwrap_or(Errno::EIO),
         }
     }
 
@@ -206,8 +207,7 @@ impl ZoneError {
         match e.raw_os_error() {
             Some(libc::ETOOMANYREFS) => ZoneError::OpenResource,
             Some(libc::EOVERFLOW) => ZoneError::ActiveResource,
-            Some(e) => ZoneError::Io(e),
-            None => ZoneError::Io(libc::EIO),
+            _ => ZoneError::Io(Errno::of_io(e)),
         }
     }
 }
@@ -640,16 +640,10 @@ fn read_fully(file: &File, mut at: u64, buf: &mut [u8]) -> io::Result<()> {
 impl ZonedState {
     /// Opens (or creates) the metadata at `path` for `geo` and loads it.
     pub fn open(path: &Path, geo: Geometry, limits: ZoneLimits) -> Result<ZonedState, OpenError> {
-        let fail = |errno: i32, msg: String| OpenError {
-            errno,
-            message: format!("zone metadata {}: {msg}", path.display()),
+        let fail = |errno: Errno, msg: String| {
+            OpenError::new(errno, format!("zone metadata {}: {msg}", path.display()))
         };
-        let io_fail = |what: &str, e: io::Error| {
-            fail(
-                e.raw_os_error().unwrap_or(libc::EIO),
-                format!("{what}: {e}"),
-            )
-        };
+        let io_fail = |what: &str, e: io::Error| fail(Errno::of_io(&e), format!("{what}: {e}"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -659,11 +653,11 @@ impl ZonedState {
             .open(path)
             .map_err(|e| io_fail("open", e))?;
         if !file.metadata().map_err(|e| io_fail("stat", e))?.is_file() {
-            return Err(fail(libc::EINVAL, "not a regular file".into()));
+            return Err(fail(Errno::EINVAL, "not a regular file".into()));
         }
         lock_file(&file).map_err(|e| {
             fail(
-                libc::EBUSY,
+                Errno::EBUSY,
                 format!("in use by another process (another worker serving this node?): {e}"),
             )
         })?;
@@ -680,14 +674,14 @@ impl ZonedState {
             let mut h = [0u8; 48];
             if meta.len() < h.len() as u64 {
                 return Err(fail(
-                    libc::EINVAL,
+                    Errno::EINVAL,
                     "not a blkmesh zone metadata file (too short); refusing to overwrite it".into(),
                 ));
             }
             read_fully(&file, 0, &mut h).map_err(|e| io_fail("reading the header", e))?;
             if h[0..8] != MAGIC {
                 return Err(fail(
-                    libc::EINVAL,
+                    Errno::EINVAL,
                     "not a blkmesh zone metadata file (no BLKMZONE magic); refusing to overwrite it"
                         .into(),
                 ));
@@ -695,14 +689,14 @@ impl ZonedState {
             let version = le32(&h[8..]);
             if version != VERSION || le32(&h[12..]) as usize != RECORD_SIZE {
                 return Err(fail(
-                    libc::EINVAL,
+                    Errno::EINVAL,
                     format!("format version {version} is not supported (expected {VERSION})"),
                 ));
             }
             let (zs, cap, nr) = (le64(&h[16..]), le64(&h[24..]), le32(&h[32..]));
             if (zs, cap, nr) != (geo.zone_size, geo.capacity, geo.nr_zones) {
                 return Err(fail(
-                    libc::EINVAL,
+                    Errno::EINVAL,
                     format!(
                         "holds {nr} zones of {zs} bytes (capacity {cap}) but the node has {} zones \
                          of {} bytes (capacity {}); remove the file to start over (all zone state \
@@ -726,7 +720,7 @@ impl ZonedState {
         for (z, rec) in raw.chunks_exact(RECORD_SIZE).enumerate() {
             let corrupt = |why: &str| {
                 fail(
-                    libc::EINVAL,
+                    Errno::EINVAL,
                     format!("record of zone {z} is corrupt ({why}); remove the file to start over"),
                 )
             };
@@ -818,7 +812,7 @@ impl ZonedState {
                     g.errors_logged += 1;
                     tracing::error!(path = %self.path.display(), zone = z, "writing zone record: {e}");
                 }
-                Err(ZoneError::Io(e.raw_os_error().unwrap_or(libc::EIO)))
+                Err(ZoneError::Io(Errno::of_io(&e)))
             }
         }
     }
@@ -1061,7 +1055,7 @@ impl ZonedState {
         }
         self.file
             .sync_data()
-            .map_err(|e| ZoneError::Io(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            .map_err(|e| ZoneError::Io(Errno::of_io(&e)))?;
         self.synced.fetch_max(w, Ordering::AcqRel);
         Ok(())
     }
@@ -1102,24 +1096,22 @@ pub fn open_emulated(
     reg.retain(|_, w| w.strong_count() > 0);
     if let Some(layer) = reg.get(path).and_then(Weak::upgrade) {
         if layer.geometry() != geo {
-            return Err(OpenError {
-                errno: libc::EBUSY,
-                message: format!(
+            return Err(OpenError::new(
+                Errno::EBUSY,
+                format!(
                     "node {node}: zone metadata {} is in use by an open graph with another \
                      zone geometry",
                     path.display()
                 ),
-            });
+            ));
         }
         if let ZoneLayer::Emulated(s) = &*layer {
             s.set_limits(limits);
         }
         return Ok(layer);
     }
-    let state = ZonedState::open(path, geo, limits).map_err(|e| OpenError {
-        errno: e.errno,
-        message: format!("node {node}: {}", e.message),
-    })?;
+    let state =
+        ZonedState::open(path, geo, limits).map_err(|e| e.context(format_args!("node {node}")))?;
     let layer = Arc::new(ZoneLayer::Emulated(state));
     reg.insert(path.to_path_buf(), Arc::downgrade(&layer));
     Ok(layer)
@@ -1255,10 +1247,8 @@ impl ZonedDevice {
         read_only: bool,
         limits: ZoneLimits,
     ) -> Result<ZonedDevice, OpenError> {
-        let fail = |e: io::Error| OpenError {
-            errno: e.raw_os_error().unwrap_or(libc::EIO),
-            message: format!("zoned device {path}: {e}"),
-        };
+        let fail =
+            |e: io::Error| OpenError::new(Errno::of_io(&e), format!("zoned device {path}: {e}"));
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -1272,10 +1262,10 @@ impl ZonedDevice {
             let want = (nr_zones as usize - zones.len()).min(zoned_dev::MAX_REPORT as usize);
             let got = zoned_dev::report_zones(file.as_fd(), sector, want as u32).map_err(fail)?;
             if got.is_empty() {
-                return Err(OpenError {
-                    errno: libc::EIO,
-                    message: format!("zoned device {path}: reported no zone at sector {sector}"),
-                });
+                return Err(OpenError::new(
+                    Errno::EIO,
+                    format!("zoned device {path}: reported no zone at sector {sector}"),
+                ));
             }
             for z in got.iter().take(want) {
                 zones.push(DevZone {
@@ -1323,7 +1313,7 @@ impl ZonedDevice {
             .map_err(|e| ZoneError::from_io(&e))?
             .into_iter()
             .next()
-            .ok_or(ZoneError::Io(libc::EIO))
+            .ok_or(ZoneError::Io(Errno::EIO))
     }
 
     fn report(
@@ -2062,7 +2052,7 @@ mod tests {
         t.s = None;
         for other in [geo(ZS, 5), geo(ZS / 2, 4), geo(ZS - 4096, 4)] {
             let e = ZonedState::open(&t.path(), other, t.limits).unwrap_err();
-            assert_eq!(e.errno, libc::EINVAL);
+            assert_eq!(e.errno.get(), libc::EINVAL);
             assert!(e.message.contains("remove the file"), "{}", e.message);
         }
         // Not ours at all.
@@ -2090,7 +2080,7 @@ mod tests {
     fn metadata_is_locked_against_a_second_opener() {
         let t = T::new(geo(ZS, 2), limits(0, 0));
         let e = ZonedState::open(&t.path(), t.geo, t.limits).unwrap_err();
-        assert_eq!(e.errno, libc::EBUSY, "{}", e.message);
+        assert_eq!(e.errno.get(), libc::EBUSY, "{}", e.message);
     }
 
     #[test]
@@ -2180,13 +2170,13 @@ mod tests {
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(ZoneError::InvalidCmd.errno(), libc::EBADRQC);
-        assert_eq!(ZoneError::UnalignedWp.errno(), libc::EILSEQ);
-        assert_eq!(ZoneError::OpenResource.errno(), libc::ETOOMANYREFS);
-        assert_eq!(ZoneError::ActiveResource.errno(), libc::EOVERFLOW);
-        assert_eq!(ZoneError::BadOffset.errno(), libc::EINVAL);
+        assert_eq!(ZoneError::InvalidCmd.errno().get(), libc::EBADRQC);
+        assert_eq!(ZoneError::UnalignedWp.errno().get(), libc::EILSEQ);
+        assert_eq!(ZoneError::OpenResource.errno().get(), libc::ETOOMANYREFS);
+        assert_eq!(ZoneError::ActiveResource.errno().get(), libc::EOVERFLOW);
+        assert_eq!(ZoneError::BadOffset.errno().get(), libc::EINVAL);
         assert_eq!(ZoneError::BadOffset.ring_result(), zone_status::INVALID_CMD);
-        assert_eq!(ZoneError::Io(5).ring_result(), -5);
+        assert_eq!(ZoneError::Io(Errno::EIO).ring_result(), -libc::EIO);
         assert_eq!(
             ZoneError::from_io(&io::Error::from_raw_os_error(libc::ETOOMANYREFS)),
             ZoneError::OpenResource

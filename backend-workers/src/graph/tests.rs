@@ -70,7 +70,7 @@ fn rejects_window_larger_than_child() {
         true,
     ))
     .unwrap_err();
-    assert_eq!(e.errno, libc::EINVAL);
+    assert_eq!(e.errno.get(), libc::EINVAL);
 }
 
 #[test]
@@ -117,7 +117,7 @@ fn io_uring_missing_file_is_enoent() {
         })),
     };
     let e = open(&plan("f", vec![n], true)).unwrap_err();
-    assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
+    assert_eq!(e.errno.get(), libc::ENOENT, "{}", e.message);
 }
 
 fn faulty(name: &str, child: &str, mt: u64, segs: u32, align: u32) -> NodeSpec {
@@ -204,7 +204,7 @@ fn bad_fault_injection_knobs_are_refused() {
             true,
         ))
         .unwrap_err();
-        assert_eq!(e.errno, libc::EINVAL, "{}", e.message);
+        assert_eq!(e.errno.get(), libc::EINVAL, "{}", e.message);
         assert!(e.message.contains("node f"), "{}", e.message);
     }
 }
@@ -330,7 +330,7 @@ fn windows_over_zones_must_be_zone_aligned() {
             true,
         ))
         .unwrap_err();
-        assert_eq!(e.errno, libc::EINVAL);
+        assert_eq!(e.errno.get(), libc::EINVAL);
         assert!(
             e.message.contains("node w") && e.message.contains("zone size"),
             "{}",
@@ -387,7 +387,7 @@ fn bad_zoned_graphs_are_refused() {
         true,
     ))
     .unwrap_err();
-    assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
+    assert_eq!(e.errno.get(), libc::ENOENT, "{}", e.message);
 }
 
 #[test]
