@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use blkmesh_ipc::zoned_dev::{self, ZoneMgmt};
 use blkmesh_proto::v1::ZoneModel;
 
-use super::{
+use super::types::{
     Action, Cond, Geometry, Ticket, WriteKind, ZoneError, ZoneLimits, ZoneView, TYPE_CONVENTIONAL,
 };
 use crate::errno::{Errno, OpenError};

@@ -2,15 +2,14 @@
 //! zone state machine, the reservations of writes in flight, and what of
 //! it goes to the metadata file (see the crate's `zoned` module docs).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use super::metadata::{MetadataFile, RawRecord, Record, RECORD_SIZE};
-use super::{
-    Action, Cond, Geometry, Ticket, WriteKind, ZoneError, ZoneLayer, ZoneLimits, ZoneView,
-    TYPE_SEQ_REQUIRED,
+use super::types::{
+    Action, Cond, Geometry, Ticket, WriteKind, ZoneError, ZoneLimits, ZoneView, TYPE_SEQ_REQUIRED,
 };
 use crate::errno::{Errno, OpenError};
 
@@ -560,47 +559,6 @@ impl ZonedState {
         g.set_cond(z, cond);
         let _ = self.persist(&mut g, z);
     }
-}
-
-/// The emulated zone layers of this process, by metadata path: every graph
-/// that uses a node shares its state (queues of one export on several
-/// connections, a reopened graph and the one it replaces).
-fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<ZoneLayer>>> {
-    static R: OnceLock<Mutex<HashMap<PathBuf, Weak<ZoneLayer>>>> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
-
-/// The zone layer of emulated zoned node `node` (its metadata at `path`),
-/// shared with the graphs of this process that already use it.
-pub fn open_emulated(
-    node: &str,
-    path: &Path,
-    geo: Geometry,
-    limits: ZoneLimits,
-) -> Result<Arc<ZoneLayer>, OpenError> {
-    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
-    reg.retain(|_, w| w.strong_count() > 0);
-    if let Some(layer) = reg.get(path).and_then(Weak::upgrade) {
-        if layer.geometry() != geo {
-            return Err(OpenError::new(
-                Errno::EBUSY,
-                format!(
-                    "node {node}: zone metadata {} is in use by an open graph with another \
-                     zone geometry",
-                    path.display()
-                ),
-            ));
-        }
-        if let ZoneLayer::Emulated(s) = &*layer {
-            s.set_limits(limits);
-        }
-        return Ok(layer);
-    }
-    let state =
-        ZonedState::open(path, geo, limits).map_err(|e| e.context(format_args!("node {node}")))?;
-    let layer = Arc::new(ZoneLayer::Emulated(state));
-    reg.insert(path.to_path_buf(), Arc::downgrade(&layer));
-    Ok(layer)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Geometry, ZoneError};
+use super::types::{Geometry, ZoneError};
 use crate::errno::{Errno, OpenError};
 
 const MAGIC: [u8; 8] = *b"BLKMZONE";

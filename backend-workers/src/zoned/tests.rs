@@ -1,3 +1,8 @@
+use blkmesh_ipc::ring::zone_status;
+use blkmesh_proto::v1::ZoneModel;
+use std::io;
+
+use crate::errno::Errno;
 use std::path::Path;
 
 use super::metadata::le64;

@@ -1,10 +1,11 @@
 use super::*;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use crate::zoned::metadata::le64;
-use crate::zoned::{HEADER_SIZE, RECORD_SIZE};
+use crate::zoned::{ZoneLayer, HEADER_SIZE, RECORD_SIZE};
 
 const ZS: u64 = 64 * 1024;
 
