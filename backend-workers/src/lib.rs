@@ -20,6 +20,7 @@ pub mod connection;
 pub mod errno;
 pub mod graph;
 pub mod handover;
+pub mod leaf;
 pub mod memory;
 pub mod probe;
 pub mod queue;

@@ -19,22 +19,21 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::mem::MaybeUninit;
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{
     zone_status, Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver,
-    Segment, FLAG_FUA, FLAG_NO_UNMAP, HEARTBEAT_INTERVAL,
+    Segment, FLAG_FUA, HEARTBEAT_INTERVAL,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::bounce::{BounceBuf, BouncePool};
-use crate::graph::{Leaf, OpenedGraph, QueuePool, ZoneAccess};
+use crate::bounce::BounceBuf;
+use crate::graph::{OpenedGraph, ZoneAccess};
+use crate::leaf::{AttachError, Data, Issued, LeafCompletion, LeafQueue, LeafRequest};
 use crate::memory::RegisteredRam;
 use crate::split::{next_linear, next_vectored, part_offset, Cursor, SplitLimits, LANES};
 use crate::stages::{self, Stage, Verdict};
@@ -115,23 +114,22 @@ impl Drop for QueueHandle {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("creating the libblkio queue: {0}")]
-    Blkio(String),
-    #[error("no libblkio queue left for this virtqueue")]
-    NoQueue,
+    #[error(transparent)]
+    Leaf(#[from] AttachError),
     #[error("event loop setup")]
     Io(#[source] std::io::Error),
 }
 
 /// Starts the event loop of one queue on its own thread.
 pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
-    let io = backend(&setup.graph.leaf)?;
+    let entries = setup.rings.layout().entries() as usize;
+    let leaf = LeafQueue::attach(&setup.graph.leaf, entries)?;
     let stop = Arc::new(AtomicBool::new(false));
     let abandon = Arc::new(AtomicBool::new(false));
     let stop_fd = Doorbell::new().map_err(QueueError::Io)?;
     let mut lp = QueueLoop::new(
         setup,
-        io,
+        leaf,
         Arc::clone(&stop),
         stop_fd.try_clone().map_err(QueueError::Io)?,
     );
@@ -146,89 +144,6 @@ pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
         stop_fd,
         thread: Some(thread),
     })
-}
-
-/// The leaf's side of one queue: a libblkio queue, or the null leaf.
-fn backend(leaf: &Leaf) -> Result<Backend, QueueError> {
-    Ok(match leaf {
-        Leaf::Blkio {
-            blkio,
-            pool,
-            driver,
-            ..
-        } => {
-            let q = match pool {
-                Some(pool) => pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop()
-                    .ok_or(QueueError::NoQueue)?,
-                None => blkio
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add_queue(false)
-                    .map_err(|e| {
-                        let mut msg = e.message().to_string();
-                        // io_uring refused to this process (a seccomp profile).
-                        if driver.contains("io_uring") {
-                            if let Err(why) = crate::probe::io_uring() {
-                                msg.push_str(&format!(" ({why})"));
-                            }
-                        }
-                        QueueError::Blkio(msg)
-                    })?,
-            };
-            Backend::Blkio {
-                q: Some(q),
-                pool: pool.clone(),
-                bounce: BouncePool::new(Arc::clone(blkio)),
-            }
-        }
-        Leaf::Null { latency } => Backend::Null {
-            latency: *latency,
-            pending: VecDeque::new(),
-            bounce: BouncePool::heap(),
-        },
-    })
-}
-
-enum Backend {
-    Blkio {
-        /// Always `Some` while the loop runs; taken back into the pool.
-        q: Option<blkio::Blkioq>,
-        pool: Option<QueuePool>,
-        bounce: BouncePool,
-    },
-    Null {
-        latency: Duration,
-        pending: VecDeque<(Instant, Completion)>,
-        bounce: BouncePool,
-    },
-}
-
-impl Backend {
-    fn bounce_pool(&mut self) -> &mut BouncePool {
-        match self {
-            Backend::Blkio { bounce, .. } | Backend::Null { bounce, .. } => bounce,
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        // A driver that cannot add queues gets its queue back for the next
-        // attach of this virtqueue.
-        if let Backend::Blkio {
-            q,
-            pool: Some(pool),
-            ..
-        } = self
-        {
-            if let Some(q) = q.take() {
-                pool.lock().unwrap_or_else(|p| p.into_inner()).push(q);
-            }
-        }
-    }
 }
 
 /// Per-tag state of an in-flight request.
@@ -295,57 +210,6 @@ struct SplitCounters {
     bounced: u64,
 }
 
-/// Where the bytes of one libblkio request are.
-#[derive(Clone, Copy)]
-enum Data {
-    None,
-    Buf(*mut u8, usize),
-    Iovecs(*const libc::iovec, u32),
-}
-
-/// Hands one request (or part of one) to libblkio; Err(errno) for an op the
-/// leaf does not do.
-#[inline]
-#[allow(clippy::too_many_arguments)]
-fn issue(
-    q: &mut blkio::Blkioq,
-    op: Op,
-    flags: u8,
-    punch_holes: bool,
-    offset: u64,
-    len: u64,
-    data: Data,
-    user_data: usize,
-) -> Result<(), i32> {
-    let fua = if flags & FLAG_FUA != 0 {
-        blkio::ReqFlags::FUA
-    } else {
-        blkio::ReqFlags::empty()
-    };
-    match (op, data) {
-        (Op::Read, Data::Iovecs(p, n)) => q.readv(offset, p, n, user_data, fua),
-        (Op::Write, Data::Iovecs(p, n)) => q.writev(offset, p, n, user_data, fua),
-        (Op::Read, Data::Buf(p, n)) => q.read(offset, p, n, user_data, fua),
-        (Op::Write, Data::Buf(p, n)) => q.write(offset, p.cast_const(), n, user_data, fua),
-        (Op::Read | Op::Write, Data::None) => return Err(libc::EIO),
-        (Op::Flush, _) => q.flush(user_data, blkio::ReqFlags::empty()),
-        // Write-zeroes that may unmap: a hole punch on files.
-        (Op::Discard, _) if punch_holes => {
-            q.write_zeroes(offset, len, user_data, blkio::ReqFlags::empty())
-        }
-        (Op::Discard, _) => q.discard(offset, len, user_data, blkio::ReqFlags::empty()),
-        (Op::WriteZeroes, _) => {
-            let mut f = fua;
-            if flags & FLAG_NO_UNMAP != 0 {
-                f |= blkio::ReqFlags::NO_UNMAP;
-            }
-            q.write_zeroes(offset, len, user_data, f)
-        }
-        _ => return Err(libc::EOPNOTSUPP),
-    }
-    Ok(())
-}
-
 fn kind_of(op: Op) -> OpKind {
     match op {
         Op::Read => OpKind::Read,
@@ -373,7 +237,7 @@ struct QueueLoop {
     /// Scratch pieces of a null-leaf part.
     null_segs: Vec<Segment>,
     shared_ram: SharedRam,
-    io: Backend,
+    leaf: LeafQueue,
     stop: Arc<AtomicBool>,
     /// Set with `stop` when the frontend is gone (see [`QueueHandle::abandon`]).
     abandon: Arc<AtomicBool>,
@@ -381,7 +245,8 @@ struct QueueLoop {
     slots: Vec<Slot>,
     inflight: usize,
     done: Vec<Completion>,
-    blkio_done: Vec<MaybeUninit<blkio::Completion>>,
+    /// What the leaf finished, as [`LeafQueue::reap`] hands it over.
+    reaped: Vec<LeafCompletion>,
     errors_logged: u32,
     /// Scratch copy of the current request's segments.
     segs: Vec<Segment>,
@@ -407,12 +272,8 @@ struct QueueLoop {
     _rings: QueueRings,
 }
 
-// SAFETY: Blkioq is Send (its driver queue is Send + Sync); the rest are owned
-// values. The loop is moved once into its thread.
-unsafe impl Send for QueueLoop {}
-
 impl QueueLoop {
-    fn new(setup: QueueSetup, io: Backend, stop: Arc<AtomicBool>, stop_fd: Doorbell) -> Self {
+    fn new(setup: QueueSetup, leaf: LeafQueue, stop: Arc<AtomicBool>, stop_fd: Doorbell) -> Self {
         let (rx, tx) = setup.rings.worker_end();
         let entries = setup.rings.layout().entries() as usize;
         let stages = setup.graph.stages.len();
@@ -431,14 +292,14 @@ impl QueueLoop {
             counters: SplitCounters::default(),
             null_segs: Vec::new(),
             shared_ram: setup.ram,
-            io,
+            leaf,
             stop,
             abandon: Arc::new(AtomicBool::new(false)),
             stop_fd,
             slots: (0..entries).map(|_| Slot::default()).collect(),
             inflight: 0,
             done: Vec::with_capacity(entries),
-            blkio_done: (0..entries).map(|_| MaybeUninit::uninit()).collect(),
+            reaped: Vec::with_capacity(entries),
             errors_logged: 0,
             segs: Vec::with_capacity(setup.rings.layout().max_segments() as usize),
             held: BinaryHeap::new(),
@@ -523,16 +384,7 @@ impl QueueLoop {
                     EV_KICK => {
                         self.kick.clear();
                     }
-                    EV_IO => {
-                        if let Backend::Blkio { q: Some(q), .. } = &self.io {
-                            if let Some(fd) = q.get_completion_fd() {
-                                let mut buf = [0u8; 8];
-                                // SAFETY: reading 8 bytes into a local buffer
-                                // from the libblkio queue's non-blocking eventfd.
-                                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
-                            }
-                        }
-                    }
+                    EV_IO => self.leaf.clear_completion_fd(),
                     _ => {
                         self.stop_fd.clear();
                     }
@@ -561,14 +413,10 @@ impl QueueLoop {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&self.kick, EpollEvent::new(EpollFlags::EPOLLIN, EV_KICK))?;
         epoll.add(&self.stop_fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP))?;
-        if let Backend::Blkio { q: Some(q), .. } = &mut self.io {
-            q.set_completion_fd_enabled(true);
-            if let Some(fd) = q.get_completion_fd() {
-                // SAFETY: the fd belongs to the libblkio queue, which lives as
-                // long as this loop (and so as long as the epoll set).
-                let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
-                epoll.add(bfd, EpollEvent::new(EpollFlags::EPOLLIN, EV_IO))?;
-            }
+        // The fd lives as long as the leaf queue, and so as this loop and
+        // its epoll set.
+        if let Some(fd) = self.leaf.completion_fd() {
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_IO))?;
         }
         Ok(epoll)
     }
@@ -583,13 +431,10 @@ impl QueueLoop {
             .filter(|(q, _)| !q.is_empty())
             .map(|(_, t)| *t)
             .min();
-        let null = match &self.io {
-            Backend::Null { pending, .. } => pending.front().map(|(d, _)| {
-                let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
-                stages::now() + left
-            }),
-            Backend::Blkio { .. } => None,
-        };
+        let null = self.leaf.next_due().map(|d| {
+            let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
+            stages::now() + left
+        });
         [held, throttled, null].into_iter().flatten().min()
     }
 
@@ -783,7 +628,7 @@ impl QueueLoop {
                 let misaligned = (addr_bits | len_bits) & lim.buf_mask != 0;
                 if misaligned || (split && !lim.segments_cuttable(len_bits)) {
                     let mut bb = self
-                        .io
+                        .leaf
                         .bounce_pool()
                         .get(req.len as usize)
                         .map_err(|e| e.errno().raw_os_error())?;
@@ -983,7 +828,7 @@ impl QueueLoop {
     /// Completes a claimed request (at the leaf or before it): copies a
     /// bounced read back to the guest, counts it, and queues its completion.
     fn complete(&mut self, tag: u32, mut result: i32) {
-        let pool = self.io.bounce_pool();
+        let pool = self.leaf.bounce_pool();
         let slot = &mut self.slots[tag as usize];
         if let Some(mut bb) = slot.bounce.take() {
             if slot.op == Some(Op::Read) && result == 0 {
@@ -1030,23 +875,9 @@ impl QueueLoop {
     /// The leaf is done with a request: the null leaf may still hold it for
     /// its latency.
     fn leaf_done(&mut self, tag: u32, result: i32) {
-        if let Backend::Null {
-            latency, pending, ..
-        } = &mut self.io
-        {
-            if !latency.is_zero() && result == 0 {
-                pending.push_back((
-                    Instant::now() + *latency,
-                    Completion {
-                        tag,
-                        result: 0,
-                        extra: 0,
-                    },
-                ));
-                return;
-            }
+        if !self.leaf.hold(tag as usize, result) {
+            self.complete(tag, result);
         }
-        self.complete(tag, result);
     }
 
     /// Hands a request that passed every stage to the protocol leaf.
@@ -1067,36 +898,25 @@ impl QueueLoop {
             return;
         }
         let slot = &mut self.slots[t];
-        let op = slot.op.unwrap_or(Op::Flush);
-        match &mut self.io {
-            Backend::Null { .. } => {
-                let mut result = 0;
-                if op == Op::Read {
-                    let zeroed = match (&mut slot.bounce, &slot.ram) {
-                        (Some(bb), _) => {
-                            bb.bytes_mut().fill(0);
-                            Ok(())
-                        }
-                        (None, Some(ram)) => zero_fill(ram, &slot.segs),
-                        (None, None) => Ok(()),
-                    };
-                    if zeroed.is_err() {
-                        result = -libc::EFAULT;
-                    }
-                }
-                self.leaf_done(tag, result);
+        let req = LeafRequest {
+            op: slot.op.unwrap_or(Op::Flush),
+            flags: slot.flags,
+            offset,
+            len: slot.len,
+        };
+        let data = match (&mut slot.bounce, &slot.ram) {
+            (Some(buf), _) => {
+                let len = buf.len();
+                Data::Bounce { buf, at: 0, len }
             }
-            Backend::Blkio { q: Some(q), .. } => {
-                let data = match &slot.bounce {
-                    Some(bb) => Data::Buf(bb.as_ptr(), bb.len()),
-                    None => Data::Iovecs(slot.iovs.as_ptr(), slot.iovs.len() as u32),
-                };
-                let punch = self.graph.discard_punches_holes;
-                if let Err(errno) = issue(q, op, slot.flags, punch, offset, slot.len, data, t) {
-                    self.complete(tag, -errno);
-                }
-            }
-            Backend::Blkio { q: None, .. } => self.complete(tag, -libc::EIO),
+            (None, Some(ram)) if self.leaf.takes_segments() => Data::Segments(&slot.segs, ram),
+            (None, _) => Data::Iovecs(&slot.iovs),
+        };
+        let punch = self.graph.discard_punches_holes;
+        match self.leaf.submit(&req, punch, data, t) {
+            Ok(Issued::InFlight) => {}
+            Ok(Issued::Done) => self.leaf_done(tag, 0),
+            Err(errno) => self.complete(tag, errno.ring_result()),
         }
     }
 
@@ -1107,7 +927,7 @@ impl QueueLoop {
         let t = tag as usize;
         let lim = self.limits;
         let punch = self.graph.discard_punches_holes;
-        let null = matches!(self.io, Backend::Null { .. });
+        let segments = self.leaf.takes_segments();
         loop {
             let slot = &mut self.slots[t];
             let op = slot.op.unwrap_or(Op::Flush);
@@ -1121,23 +941,24 @@ impl QueueLoop {
             // Cut the next part: out of the bounce buffer, out of the guest
             // segments (iovecs for the driver, segments for the null leaf),
             // or out of a discard / write-zeroes range.
-            let cut = match (op, &slot.bounce) {
-                (Op::Read | Op::Write, Some(bb)) => {
+            let cut = match (op, &mut slot.bounce, &slot.ram) {
+                (Op::Read | Op::Write, Some(buf), _) => {
                     next_linear(slot.len, lim.max_transfer, &mut p.cur).map(|(at, n)| {
-                        let ptr = bb.as_ptr().wrapping_add(at as usize);
-                        (at, n, Data::Buf(ptr, n as usize))
+                        let (at, len) = (at as usize, n as usize);
+                        (at as u64, n, Data::Bounce { buf, at, len })
                     })
                 }
-                (Op::Read | Op::Write, None) if null => {
-                    next_vectored(&slot.segs, slot.len, &lim, &mut p.cur, &mut self.null_segs)
-                        .map(|(at, n)| (at, n, Data::None))
+                (Op::Read | Op::Write, None, Some(ram)) if segments => {
+                    let pieces = &mut self.null_segs;
+                    next_vectored(&slot.segs, slot.len, &lim, &mut p.cur, pieces)
+                        .map(|(at, n)| (at, n, Data::Segments(pieces, ram)))
                 }
-                (Op::Read | Op::Write, None) => {
+                (Op::Read | Op::Write, None, _) => {
                     let iovs = &mut p.iovs[lane];
                     next_vectored(&slot.iovs, slot.len, &lim, &mut p.cur, iovs)
-                        .map(|(at, n)| (at, n, Data::Iovecs(iovs.as_ptr(), iovs.len() as u32)))
+                        .map(|(at, n)| (at, n, Data::Iovecs(iovs)))
                 }
-                (Op::Discard | Op::WriteZeroes, _) => {
+                (Op::Discard | Op::WriteZeroes, _, _) => {
                     let max = lim.max_range(op).unwrap_or(u64::MAX);
                     next_linear(slot.len, max, &mut p.cur).map(|(at, n)| (at, n, Data::None))
                 }
@@ -1151,30 +972,17 @@ impl QueueLoop {
                 break;
             };
             self.counters.parts += 1;
-            match &mut self.io {
-                Backend::Blkio { q: Some(q), .. } => {
-                    let ud = part_user_data(t, lane);
-                    match issue(q, op, slot.flags, punch, offset, n, data, ud) {
-                        Ok(()) => p.busy |= 1 << lane,
-                        Err(errno) => p.result = -errno,
-                    }
-                }
-                Backend::Blkio { q: None, .. } => p.result = -libc::EIO,
-                // The null leaf does its part at once.
-                Backend::Null { .. } if op == Op::Read => {
-                    let zeroed = match (&mut slot.bounce, &slot.ram) {
-                        (Some(bb), _) => {
-                            bb.bytes_mut()[at as usize..(at + n) as usize].fill(0);
-                            Ok(())
-                        }
-                        (None, Some(ram)) => zero_fill(ram, &self.null_segs),
-                        (None, None) => Ok(()),
-                    };
-                    if zeroed.is_err() {
-                        p.result = -libc::EFAULT;
-                    }
-                }
-                Backend::Null { .. } => {}
+            let req = LeafRequest {
+                op,
+                flags: slot.flags,
+                offset,
+                len: n,
+            };
+            // The null leaf does its part at once.
+            match self.leaf.submit(&req, punch, data, part_user_data(t, lane)) {
+                Ok(Issued::InFlight) => p.busy |= 1 << lane,
+                Ok(Issued::Done) => {}
+                Err(errno) => p.result = errno.ring_result(),
             }
         }
         let p = &self.slots[t].parts;
@@ -1201,40 +1009,22 @@ impl QueueLoop {
     /// Whether the driver may have completions to reap (checked without a
     /// syscall where possible).
     fn driver_has_completions(&mut self) -> bool {
-        match &self.io {
-            Backend::Blkio { .. } => self.inflight > 0 && self.reap() > 0,
-            Backend::Null { pending, .. } => {
-                pending.front().is_some_and(|(d, _)| *d <= Instant::now())
-            }
+        match self.leaf.due() {
+            Some(due) => due,
+            None => self.inflight > 0 && self.reap() > 0,
         }
     }
 
-    /// Collects driver completions; returns how many.
+    /// Collects the leaf's completions; returns how many.
     fn reap(&mut self) -> usize {
-        let n = match &mut self.io {
-            Backend::Blkio { q: Some(q), .. } => {
-                if self.inflight == 0 {
-                    return 0;
-                }
-                match q.do_io(&mut self.blkio_done, 0, None, None) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::error!(queue = self.index, "libblkio do_io: {}", e.message());
-                        0
-                    }
-                }
-            }
-            Backend::Blkio { q: None, .. } => 0,
-            Backend::Null { .. } => return self.reap_null(),
-        };
-        for i in 0..n {
-            // SAFETY: do_io initialized the first n entries.
-            let c = unsafe { self.blkio_done[i].assume_init_read() };
+        let mut reaped = std::mem::take(&mut self.reaped);
+        self.leaf.reap(self.index, self.inflight > 0, &mut reaped);
+        for c in &reaped {
             let (tag, lane) = (c.user_data & TAG_MASK, c.user_data >> LANE_SHIFT);
             if tag >= self.slots.len() || !self.slots[tag].busy || lane > LANES {
                 continue;
             }
-            let mut result = c.ret;
+            let mut result = c.result;
             if self.slots[tag].op == Some(Op::Discard) && result == -libc::EOPNOTSUPP {
                 // Discard is a hint: a device that cannot do it still
                 // succeeds (as QEMU).
@@ -1246,28 +1036,9 @@ impl QueueLoop {
                 self.part_done(tag, lane - 1, result);
             }
         }
+        let n = reaped.len();
+        self.reaped = reaped;
         n
-    }
-
-    /// Completes the null leaf's requests whose latency has passed.
-    fn reap_null(&mut self) -> usize {
-        let now = Instant::now();
-        let mut n = 0;
-        loop {
-            let due = match &mut self.io {
-                Backend::Null { pending, .. }
-                    if pending.front().is_some_and(|(d, _)| *d <= now) =>
-                {
-                    pending.pop_front()
-                }
-                _ => None,
-            };
-            let Some((_, c)) = due else {
-                return n;
-            };
-            self.complete(c.tag, c.result);
-            n += 1;
-        }
     }
 
     fn post_completions(&mut self) {
@@ -1408,24 +1179,6 @@ fn record(root: &IoCounters, leaf: &Option<Arc<IoCounters>>, slot: &Slot, result
     if let (Some(t), Some(leaf)) = (slot.leaf_start, leaf) {
         leaf.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
     }
-}
-
-fn zero_fill(ram: &RegisteredRam, segs: &[Segment]) -> Result<(), i32> {
-    static ZEROES: [u8; 4096] = [0; 4096];
-    for s in segs {
-        let mut seg = *s;
-        while seg.len > 0 {
-            let chunk = seg.len.min(ZEROES.len() as u32);
-            let b = ram
-                .ram()
-                .buf(&Segment { len: chunk, ..seg })
-                .map_err(|_| libc::EFAULT)?;
-            b.copy_from(&ZEROES[..chunk as usize]);
-            seg.offset += chunk as u64;
-            seg.len -= chunk;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

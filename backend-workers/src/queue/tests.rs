@@ -2,6 +2,8 @@
 //! guest RAM file mapped twice (the worker's mapping and the test's) and
 //! a real libblkio io_uring leaf on a temporary file.
 
+use std::time::Duration;
+
 use super::*;
 use blkmesh_ipc::guest_ram::{GuestRam, RegionSpec};
 use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, RingLayout};
@@ -102,7 +104,7 @@ fn harness(graph: OpenedGraph) -> Harness {
     let worker_ram = GuestRam::map(&[spec], vec![file.try_clone().unwrap()]).unwrap();
     let ram = GuestRam::map(&[spec], vec![file.try_clone().unwrap()]).unwrap();
     let registered = RegisteredRam::register(worker_ram, &graph.leaf).unwrap();
-    let io = backend(&graph.leaf).unwrap();
+    let io = LeafQueue::attach(&graph.leaf, 16).unwrap();
     let setup = QueueSetup {
         index: 0,
         rings,
