@@ -17,8 +17,6 @@
 //! the heartbeat stopped, so a request held for long by a throttle or a
 //! delay does not get a live worker fenced.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -26,35 +24,26 @@ use std::time::Instant;
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{
-    zone_status, Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver,
-    Segment, FLAG_FUA, HEARTBEAT_INTERVAL,
+    Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver, Segment,
+    FLAG_FUA, HEARTBEAT_INTERVAL,
 };
+use blkmesh_stats::IoCounters;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::bounce::BounceBuf;
-use crate::graph::{OpenedGraph, ZoneAccess};
-use crate::leaf::{AttachError, Data, Issued, LeafCompletion, LeafQueue, LeafRequest};
+use crate::checks::check_request;
+use crate::errno::Errno;
+use crate::graph::OpenedGraph;
+use crate::leaf::{AttachError, LeafCompletion, LeafQueue};
 use crate::memory::RegisteredRam;
-use crate::split::{next_linear, next_vectored, part_offset, Cursor, SplitLimits, LANES};
-use crate::stages::{self, Stage, Verdict};
+use crate::pipeline::Pipeline;
+use crate::slot::{InFlight, Slot, SplitProgress, TagBuffers};
+use crate::split::SplitLimits;
+use crate::stages;
 use crate::test_hooks::Corruption;
-use crate::zoned::{self, Action, Ticket, WriteKind, ZoneError, ZoneLayer, ZoneView};
-use blkmesh_stats::{IoCounters, OpKind};
 
 const EV_KICK: u64 = 0;
 const EV_IO: u64 = 1;
 const EV_STOP: u64 = 2;
-
-/// libblkio user_data: the tag in the low bits, and above them 0 for a whole
-/// request or 1 + lane for a part of a split one.
-const LANE_SHIFT: u32 = 16;
-const TAG_MASK: usize = (1 << LANE_SHIFT) - 1;
-const _: () = assert!(blkmesh_ipc::ring::MAX_ENTRIES as usize <= TAG_MASK + 1);
-const _: () = assert!(LANES <= u8::BITS as usize);
-
-fn part_user_data(tag: usize, lane: usize) -> usize {
-    tag | (lane + 1) << LANE_SHIFT
-}
 
 /// The current memory table of a connection, swapped by the control thread
 /// while the frontend holds the rings quiet.
@@ -146,60 +135,6 @@ pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
     })
 }
 
-/// Per-tag state of an in-flight request.
-#[derive(Default)]
-struct Slot {
-    busy: bool,
-    op: Option<Op>,
-    flags: u8,
-    len: u64,
-    /// Where the request is in the graph: next stage and offset there.
-    stage: usize,
-    offset: u64,
-    /// Keeps the guest mapping alive while the driver holds our iovecs.
-    ram: Option<Arc<RegisteredRam>>,
-    /// The iovec array handed to libblkio; stable until completion.
-    iovs: Vec<libc::iovec>,
-    /// Data ops: the guest segments (for bounce copies and null reads).
-    segs: Vec<Segment>,
-    /// Set when the guest buffers break the driver's alignment (or cannot be
-    /// cut where a split needs it).
-    bounce: Option<BounceBuf>,
-    /// When the request arrived, and when it reached the leaf.
-    start: Option<Instant>,
-    leaf_start: Option<Instant>,
-    /// The request breaks the graph's limits: it goes to the leaf in parts.
-    split: bool,
-    parts: Parts,
-    /// The completion's `extra`: where a zone append landed, the bytes of
-    /// a zone report.
-    extra: u64,
-    /// A write reserved in the graph's zone layer, handed back on completion.
-    zone: Option<Ticket>,
-}
-
-/// Progress of a split request. Lives in its slot and is reused, so a split
-/// allocates nothing once each lane's iovec array has grown to its size.
-#[derive(Default)]
-struct Parts {
-    /// The next byte to hand out.
-    cur: Cursor,
-    /// Leaf offset of the request's first byte.
-    base: u64,
-    /// Lanes with a part in flight (bit i: lane i).
-    busy: u8,
-    /// The first error of a part (0: none yet); no new part starts after it.
-    result: i32,
-    /// Per lane, the iovecs of its part, stable until the part completes.
-    iovs: [Vec<libc::iovec>; LANES],
-}
-
-/// The lowest free lane.
-fn free_lane(busy: u8) -> Option<usize> {
-    let free = !busy;
-    (free != 0).then(|| free.trailing_zeros() as usize)
-}
-
 /// What happened to requests outside the limits, for the log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct SplitCounters {
@@ -209,20 +144,6 @@ struct SplitCounters {
     /// Requests that went through a bounce buffer.
     bounced: u64,
 }
-
-fn kind_of(op: Op) -> OpKind {
-    match op {
-        Op::Read => OpKind::Read,
-        Op::Write | Op::ZoneAppend => OpKind::Write,
-        Op::Discard => OpKind::Discard,
-        Op::WriteZeroes => OpKind::WriteZeroes,
-        _ => OpKind::Flush,
-    }
-}
-
-// SAFETY: the iovecs point into guest RAM kept alive by `ram`; the slot moves
-// with the queue thread that owns it.
-unsafe impl Send for Slot {}
 
 struct QueueLoop {
     index: u32,
@@ -243,6 +164,8 @@ struct QueueLoop {
     abandon: Arc<AtomicBool>,
     stop_fd: Doorbell,
     slots: Vec<Slot>,
+    /// Per tag, the memory its requests reuse.
+    buffers: Vec<TagBuffers>,
     inflight: usize,
     done: Vec<Completion>,
     /// What the leaf finished, as [`LeafQueue::reap`] hands it over.
@@ -250,11 +173,8 @@ struct QueueLoop {
     errors_logged: u32,
     /// Scratch copy of the current request's segments.
     segs: Vec<Segment>,
-    /// Requests held by a delay, by wake-up time.
-    held: BinaryHeap<Reverse<(u64, u32)>>,
-    /// Per stage: requests waiting for a throttle, in order, and when the
-    /// head may be admitted.
-    throttled: Vec<(VecDeque<u32>, u64)>,
+    /// What the stages hold, and their scratch space.
+    pipeline: Pipeline,
     /// Completions were published while the frontend slept.
     need_kick: bool,
     /// Completions posted so far, and whether the test fault hook broke
@@ -266,9 +186,6 @@ struct QueueLoop {
     /// the root is the leaf).
     root_stats: Arc<IoCounters>,
     leaf_stats: Option<Arc<IoCounters>>,
-    /// Scratch space of zone reports.
-    zone_views: Vec<ZoneView>,
-    report_buf: Vec<u8>,
     _rings: QueueRings,
 }
 
@@ -296,22 +213,20 @@ impl QueueLoop {
             stop,
             abandon: Arc::new(AtomicBool::new(false)),
             stop_fd,
-            slots: (0..entries).map(|_| Slot::default()).collect(),
+            slots: (0..entries).map(|_| Slot::Free).collect(),
+            buffers: (0..entries).map(|_| TagBuffers::default()).collect(),
             inflight: 0,
             done: Vec::with_capacity(entries),
             reaped: Vec::with_capacity(entries),
             errors_logged: 0,
             segs: Vec::with_capacity(setup.rings.layout().max_segments() as usize),
-            held: BinaryHeap::new(),
-            throttled: (0..stages).map(|_| (VecDeque::new(), 0)).collect(),
+            pipeline: Pipeline::new(stages),
             need_kick: false,
             posted: 0,
             corrupted: false,
             poller: Poller::from_env(),
             root_stats,
             leaf_stats,
-            zone_views: Vec::new(),
-            report_buf: Vec::new(),
             _rings: setup.rings,
         }
     }
@@ -424,18 +339,12 @@ impl QueueLoop {
     /// The earliest time something held (delay, throttle, null latency) is
     /// due, in CLOCK_MONOTONIC ns.
     fn next_deadline(&self) -> Option<u64> {
-        let held = self.held.peek().map(|Reverse((t, _))| *t);
-        let throttled = self
-            .throttled
-            .iter()
-            .filter(|(q, _)| !q.is_empty())
-            .map(|(_, t)| *t)
-            .min();
-        let null = self.leaf.next_due().map(|d| {
+        let held = self.pipeline.waiting.next_deadline();
+        let leaf = self.leaf.next_due().map(|d| {
             let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
             stages::now() + left
         });
-        [held, throttled, null].into_iter().flatten().min()
+        [held, leaf].into_iter().flatten().min()
     }
 
     fn timer_due(&self) -> bool {
@@ -473,7 +382,7 @@ impl QueueLoop {
                     n += 1;
                     self.log_guest_error(format_args!("{bad}"));
                     if let Some(tag) = bad.tag {
-                        if !self.slots[tag as usize].busy {
+                        if !self.slots[tag as usize].is_busy() {
                             self.done.push(Completion {
                                 tag,
                                 result: -libc::EINVAL,
@@ -490,7 +399,7 @@ impl QueueLoop {
                 }
             };
             n += 1;
-            if self.slots[req.tag as usize].busy {
+            if self.slots[req.tag as usize].is_busy() {
                 // A tag reused while in flight: the frontend is broken. The
                 // original request still owns the slot; drop the duplicate.
                 self.log_guest_error(format_args!("tag {} reused while in flight", req.tag));
@@ -499,7 +408,7 @@ impl QueueLoop {
             if let Err(errno) = self.start(&req, &segs, &ram) {
                 self.done.push(Completion {
                     tag: req.tag,
-                    result: -errno,
+                    result: errno.ring_result(),
                     extra: 0,
                 });
             }
@@ -517,79 +426,23 @@ impl QueueLoop {
         }
     }
 
-    fn check_range(&self, req: &Request) -> Result<(), i32> {
-        let l = &self.graph.limits;
-        let end = req.offset.checked_add(req.len).ok_or(libc::EINVAL)?;
-        if end > l.size {
-            return Err(libc::EINVAL);
-        }
-        let align = l.request_alignment.max(1) as u64;
-        if req.offset % align != 0 || req.len % align != 0 {
-            return Err(libc::EINVAL);
-        }
-        Ok(())
-    }
-
-    /// Checks a zone request against the graph: zoned at all (else
-    /// EOPNOTSUPP), offset inside and a report buffer that holds at least
-    /// the header (else ZONE_INVALID_CMD, as virtio-blk has it).
-    fn check_zone_op(&self, req: &Request) -> Result<(), i32> {
-        if self.graph.zoned.is_none() {
-            return Err(libc::EOPNOTSUPP);
-        }
-        let l = &self.graph.limits;
-        let invalid = -zone_status::INVALID_CMD;
-        match req.op {
-            Op::ZoneResetAll => Ok(()),
-            _ if req.offset >= l.size => Err(invalid),
-            Op::ZoneReport if req.len < 64 => Err(invalid),
-            Op::ZoneAppend if req.len % l.request_alignment.max(1) as u64 != 0 => Err(libc::EINVAL),
-            _ => Ok(()),
-        }
-    }
-
     /// Starts one request; Err(errno) fails it at once (nothing held).
     fn start(
         &mut self,
         req: &Request,
         segs: &[Segment],
         ram: &Arc<RegisteredRam>,
-    ) -> Result<(), i32> {
-        let writes = matches!(
-            req.op,
-            Op::Write
-                | Op::Discard
-                | Op::WriteZeroes
-                | Op::ZoneAppend
-                | Op::ZoneOpen
-                | Op::ZoneClose
-                | Op::ZoneFinish
-                | Op::ZoneReset
-                | Op::ZoneResetAll
-        );
-        if writes && self.graph.read_only() {
-            return Err(libc::EROFS);
-        }
-        match req.op {
-            Op::GetId => {
-                let buf = ram.ram().buf(&segs[0]).map_err(|_| libc::EFAULT)?;
-                buf.copy_from(&self.graph.serial);
-                self.done.push(Completion {
-                    tag: req.tag,
-                    result: 0,
-                    extra: 0,
-                });
-                return Ok(());
-            }
-            Op::Read | Op::Write | Op::Discard | Op::WriteZeroes => self.check_range(req)?,
-            Op::Flush => {}
-            Op::ZoneReport
-            | Op::ZoneOpen
-            | Op::ZoneClose
-            | Op::ZoneFinish
-            | Op::ZoneReset
-            | Op::ZoneResetAll
-            | Op::ZoneAppend => self.check_zone_op(req)?,
+    ) -> Result<(), Errno> {
+        check_request(&self.graph, req)?;
+        if req.op == Op::GetId {
+            let buf = ram.ram().buf(&segs[0]).map_err(|_| Errno::EFAULT)?;
+            buf.copy_from(&self.graph.serial);
+            self.done.push(Completion {
+                tag: req.tag,
+                result: 0,
+                extra: 0,
+            });
+            return Ok(());
         }
         self.prepare(req, segs, ram)?;
         self.advance(req.tag, 0, req.offset);
@@ -605,245 +458,95 @@ impl QueueLoop {
         req: &Request,
         segs: &[Segment],
         ram: &Arc<RegisteredRam>,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let lim = &self.limits;
-        let slot = &mut self.slots[req.tag as usize];
-        slot.iovs.clear();
-        slot.segs.clear();
-        slot.split = false;
-        slot.extra = 0;
-        slot.zone = None;
+        let bufs = &mut self.buffers[req.tag as usize];
+        bufs.iovs.clear();
+        bufs.segs.clear();
+        let mut split = false;
+        let mut bounce = None;
         match req.op {
             Op::Read | Op::Write | Op::ZoneAppend => {
                 // Every address and length ORed: one mask test for all.
                 let (mut addr_bits, mut len_bits) = (0usize, 0usize);
                 for s in segs {
-                    let b = ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
+                    let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
                     addr_bits |= b.as_ptr() as usize;
                     len_bits |= b.len();
-                    slot.iovs.push(b.iovec());
+                    bufs.iovs.push(b.iovec());
                 }
-                slot.segs.extend_from_slice(segs);
-                let split = lim.data_needs_split(req.len, segs.len());
+                bufs.segs.extend_from_slice(segs);
+                split = lim.data_needs_split(req.len, segs.len());
                 let misaligned = (addr_bits | len_bits) & lim.buf_mask != 0;
                 if misaligned || (split && !lim.segments_cuttable(len_bits)) {
                     let mut bb = self
                         .leaf
                         .bounce_pool()
                         .get(req.len as usize)
-                        .map_err(|e| e.errno().raw_os_error())?;
+                        .map_err(|e| Errno::of_blkio(&e))?;
                     if req.op != Op::Read {
                         let dst = bb.bytes_mut();
                         let mut at = 0;
                         for s in segs {
-                            let b = ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
+                            let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
                             at += b.copy_to(&mut dst[at..]);
                         }
                     }
-                    slot.bounce = Some(bb);
+                    bounce = Some(bb);
                     // One contiguous buffer: only the length can be too much.
-                    slot.split = req.len > lim.max_transfer;
+                    split = req.len > lim.max_transfer;
                     self.counters.bounced += 1;
-                } else {
-                    slot.split = split;
                 }
             }
             Op::Discard | Op::WriteZeroes => {
-                slot.split = lim.max_range(req.op).is_some_and(|max| req.len > max);
+                split = lim.max_range(req.op).is_some_and(|max| req.len > max);
             }
             Op::ZoneReport => {
                 for s in segs {
-                    ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
+                    ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
                 }
-                slot.segs.extend_from_slice(segs);
+                bufs.segs.extend_from_slice(segs);
             }
             _ => {}
         }
-        slot.busy = true;
-        slot.op = Some(req.op);
-        slot.flags = req.flags;
-        slot.len = req.len;
-        slot.ram = Some(Arc::clone(ram));
-        slot.start = Some(Instant::now());
-        slot.leaf_start = None;
+        self.slots[req.tag as usize] = Slot::Busy(InFlight {
+            op: req.op,
+            flags: req.flags,
+            len: req.len,
+            stage: 0,
+            offset: req.offset,
+            ram: Arc::clone(ram),
+            bounce,
+            start: Instant::now(),
+            leaf_start: None,
+            split,
+            parts: SplitProgress::default(),
+            extra: 0,
+            zone: None,
+        });
         self.root_stats.started();
         self.inflight += 1;
         Ok(())
     }
 
-    /// Runs a claimed request through the stages from `stage` on, then
-    /// submits it to the leaf (or holds it, or fails it).
-    fn advance(&mut self, tag: u32, mut stage: usize, mut offset: u64) {
-        let (op, len) = {
-            let s = &self.slots[tag as usize];
-            (s.op.unwrap_or(Op::Flush), s.len)
-        };
-        let mut now = 0u64;
-        while stage < self.graph.stages.len() {
-            let verdict = match &self.graph.stages[stage] {
-                Stage::Window { offset: o } => {
-                    offset += o;
-                    Verdict::Pass
-                }
-                Stage::Faults(f) => {
-                    if now == 0 {
-                        now = stages::now();
-                    }
-                    f.check(op, offset, len, now)
-                }
-                Stage::Throttle(t) => {
-                    if !self.throttled[stage].0.is_empty() {
-                        // Keep order behind those already waiting.
-                        Verdict::HoldUntil(self.throttled[stage].1)
-                    } else {
-                        if now == 0 {
-                            now = stages::now();
-                        }
-                        t.admit(op, len, now)
-                    }
-                }
-                Stage::Zoned(layer) => zone_step(
-                    layer,
-                    self.graph.zoned.as_ref(),
-                    &mut self.slots[tag as usize],
-                    &mut offset,
-                    &mut self.zone_views,
-                    &mut self.report_buf,
-                ),
-            };
-            match verdict {
-                Verdict::Pass => stage += 1,
-                Verdict::Fail(errno) => {
-                    self.complete(tag, -errno);
-                    return;
-                }
-                Verdict::Done(result) => {
-                    self.complete(tag, result);
-                    return;
-                }
-                Verdict::HoldUntil(at) => {
-                    let slot = &mut self.slots[tag as usize];
-                    slot.offset = offset;
-                    if matches!(self.graph.stages[stage], Stage::Zoned(_)) {
-                        // A busy zone: retried at this stage.
-                        slot.stage = stage;
-                        self.held.push(Reverse((at, tag)));
-                    } else if matches!(self.graph.stages[stage], Stage::Throttle(_)) {
-                        // Retried at this stage.
-                        slot.stage = stage;
-                        let (q, retry) = &mut self.throttled[stage];
-                        if q.is_empty() {
-                            *retry = at;
-                        }
-                        q.push_back(tag);
-                    } else {
-                        // A delay: continue after this stage.
-                        slot.stage = stage + 1;
-                        self.held.push(Reverse((at, tag)));
-                    }
-                    return;
-                }
-            }
-        }
-        self.submit_leaf(tag, offset);
-    }
-
-    /// Drops every request held by a delay or a throttle (the frontend is
-    /// gone); returns how many.
-    fn cancel_held(&mut self) -> usize {
-        let mut tags: Vec<u32> = self.held.drain().map(|Reverse((_, t))| t).collect();
-        for (q, _) in &mut self.throttled {
-            tags.extend(q.drain(..));
-        }
-        // Zone writes give their reservations back only last first: drop
-        // them from the highest offset down, so each zone's write pointer
-        // returns to where the dropped writes began (the restarted
-        // frontend resubmits them).
-        tags.sort_unstable_by_key(|&t| {
-            std::cmp::Reverse(
-                self.slots[t as usize]
-                    .zone
-                    .as_ref()
-                    .map(|z| (z.zone, z.offset)),
-            )
-        });
-        for &tag in &tags {
-            self.complete(tag, -libc::ECANCELED);
-        }
-        if !tags.is_empty() {
-            tracing::info!(
-                queue = self.index,
-                cancelled = tags.len(),
-                "frontend gone: held requests dropped"
-            );
-        }
-        tags.len()
-    }
-
-    /// Releases whatever held requests are due; returns how many moved.
-    fn run_timers(&mut self) -> usize {
-        if self.held.is_empty() && self.throttled.iter().all(|(q, _)| q.is_empty()) {
-            return 0;
-        }
-        let now = stages::now();
-        let mut n = 0;
-        while let Some(Reverse((at, tag))) = self.held.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.held.pop();
-            let (stage, offset) = (
-                self.slots[tag as usize].stage,
-                self.slots[tag as usize].offset,
-            );
-            self.advance(tag, stage, offset);
-            n += 1;
-        }
-        for stage in 0..self.throttled.len() {
-            while let Some(&tag) = self.throttled[stage].0.front() {
-                if self.throttled[stage].1 > now {
-                    break;
-                }
-                let Stage::Throttle(t) = &self.graph.stages[stage] else {
-                    break;
-                };
-                let s = &self.slots[tag as usize];
-                match t.admit(s.op.unwrap_or(Op::Flush), s.len, now) {
-                    Verdict::HoldUntil(at) => {
-                        self.throttled[stage].1 = at;
-                        break;
-                    }
-                    Verdict::Pass | Verdict::Fail(_) | Verdict::Done(_) => {
-                        self.throttled[stage].0.pop_front();
-                        let offset = self.slots[tag as usize].offset;
-                        self.advance(tag, stage + 1, offset);
-                        n += 1;
-                    }
-                }
-            }
-        }
-        n
-    }
-
     /// Completes a claimed request (at the leaf or before it): copies a
     /// bounced read back to the guest, counts it, and queues its completion.
     fn complete(&mut self, tag: u32, mut result: i32) {
-        let pool = self.leaf.bounce_pool();
-        let slot = &mut self.slots[tag as usize];
-        if let Some(mut bb) = slot.bounce.take() {
-            if slot.op == Some(Op::Read) && result == 0 {
-                if let Some(ram) = &slot.ram {
-                    let src = bb.bytes_mut();
-                    let mut at = 0;
-                    for s in &slot.segs {
-                        match ram.ram().buf(s) {
-                            Ok(b) => at += b.copy_from(&src[at..]),
-                            Err(_) => result = -libc::EFAULT,
-                        }
+        let Some(mut r) = self.slots[tag as usize].take() else {
+            return;
+        };
+        if let Some(mut bb) = r.bounce.take() {
+            if r.op == Op::Read && result == 0 {
+                let src = bb.bytes_mut();
+                let mut at = 0;
+                for s in &self.buffers[tag as usize].segs {
+                    match r.ram.ram().buf(s) {
+                        Ok(b) => at += b.copy_from(&src[at..]),
+                        Err(_) => result = Errno::EFAULT.ring_result(),
                     }
                 }
             }
-            pool.put(bb);
+            self.leaf.bounce_pool().put(bb);
         }
         if let Some(z) = &self.graph.zoned {
             // Record a reserved write in the zone state (after its data,
@@ -851,10 +554,10 @@ impl QueueLoop {
             // is: after a FUA write, after the leaf's flush.
             let ok = result == 0;
             let mut recorded = Ok(());
-            if let Some(t) = slot.zone.take() {
+            if let Some(t) = r.zone.take() {
                 recorded = z.layer.end_write(&t, ok);
             }
-            if ok && (slot.flags & FLAG_FUA != 0 || slot.op == Some(Op::Flush)) {
+            if ok && (r.flags & FLAG_FUA != 0 || r.op == Op::Flush) {
                 recorded = recorded.and_then(|()| z.layer.sync());
             }
             if let Err(e) = recorded {
@@ -863,182 +566,10 @@ impl QueueLoop {
                 }
             }
         }
-        record(&self.root_stats, &self.leaf_stats, slot, result);
-        slot.busy = false;
-        slot.split = false;
-        slot.ram = None;
-        let extra = if result == 0 { slot.extra } else { 0 };
+        record(&self.root_stats, &self.leaf_stats, &r, result);
+        let extra = if result == 0 { r.extra } else { 0 };
         self.inflight -= 1;
         self.done.push(Completion { tag, result, extra });
-    }
-
-    /// The leaf is done with a request: the null leaf may still hold it for
-    /// its latency.
-    fn leaf_done(&mut self, tag: u32, result: i32) {
-        if !self.leaf.hold(tag as usize, result) {
-            self.complete(tag, result);
-        }
-    }
-
-    /// Hands a request that passed every stage to the protocol leaf.
-    fn submit_leaf(&mut self, tag: u32, offset: u64) {
-        let t = tag as usize;
-        if let Some(leaf) = &self.leaf_stats {
-            self.slots[t].leaf_start = Some(Instant::now());
-            leaf.started();
-        }
-        if self.slots[t].split {
-            self.counters.split += 1;
-            let p = &mut self.slots[t].parts;
-            p.cur = Cursor::default();
-            p.base = offset;
-            p.busy = 0;
-            p.result = 0;
-            self.pump(tag);
-            return;
-        }
-        let slot = &mut self.slots[t];
-        let req = LeafRequest {
-            op: slot.op.unwrap_or(Op::Flush),
-            flags: slot.flags,
-            offset,
-            len: slot.len,
-        };
-        let data = match (&mut slot.bounce, &slot.ram) {
-            (Some(buf), _) => {
-                let len = buf.len();
-                Data::Bounce { buf, at: 0, len }
-            }
-            (None, Some(ram)) if self.leaf.takes_segments() => Data::Segments(&slot.segs, ram),
-            (None, _) => Data::Iovecs(&slot.iovs),
-        };
-        let punch = self.graph.discard_punches_holes;
-        match self.leaf.submit(&req, punch, data, t) {
-            Ok(Issued::InFlight) => {}
-            Ok(Issued::Done) => self.leaf_done(tag, 0),
-            Err(errno) => self.complete(tag, errno.ring_result()),
-        }
-    }
-
-    /// Hands out the next parts of a split request while it has free lanes;
-    /// completes it once no part is in flight and either all were done or
-    /// one failed (the first error wins).
-    fn pump(&mut self, tag: u32) {
-        let t = tag as usize;
-        let lim = self.limits;
-        let punch = self.graph.discard_punches_holes;
-        let segments = self.leaf.takes_segments();
-        loop {
-            let slot = &mut self.slots[t];
-            let op = slot.op.unwrap_or(Op::Flush);
-            let p = &mut slot.parts;
-            if p.result != 0 {
-                break;
-            }
-            let Some(lane) = free_lane(p.busy) else {
-                break;
-            };
-            // Cut the next part: out of the bounce buffer, out of the guest
-            // segments (iovecs for the driver, segments for the null leaf),
-            // or out of a discard / write-zeroes range.
-            let cut = match (op, &mut slot.bounce, &slot.ram) {
-                (Op::Read | Op::Write, Some(buf), _) => {
-                    next_linear(slot.len, lim.max_transfer, &mut p.cur).map(|(at, n)| {
-                        let (at, len) = (at as usize, n as usize);
-                        (at as u64, n, Data::Bounce { buf, at, len })
-                    })
-                }
-                (Op::Read | Op::Write, None, Some(ram)) if segments => {
-                    let pieces = &mut self.null_segs;
-                    next_vectored(&slot.segs, slot.len, &lim, &mut p.cur, pieces)
-                        .map(|(at, n)| (at, n, Data::Segments(pieces, ram)))
-                }
-                (Op::Read | Op::Write, None, _) => {
-                    let iovs = &mut p.iovs[lane];
-                    next_vectored(&slot.iovs, slot.len, &lim, &mut p.cur, iovs)
-                        .map(|(at, n)| (at, n, Data::Iovecs(iovs)))
-                }
-                (Op::Discard | Op::WriteZeroes, _, _) => {
-                    let max = lim.max_range(op).unwrap_or(u64::MAX);
-                    next_linear(slot.len, max, &mut p.cur).map(|(at, n)| (at, n, Data::None))
-                }
-                _ => None,
-            };
-            let Some((at, n, data)) = cut else {
-                break;
-            };
-            let Some(offset) = part_offset(p.base, at, n) else {
-                p.result = -libc::EINVAL;
-                break;
-            };
-            self.counters.parts += 1;
-            let req = LeafRequest {
-                op,
-                flags: slot.flags,
-                offset,
-                len: n,
-            };
-            // The null leaf does its part at once.
-            match self.leaf.submit(&req, punch, data, part_user_data(t, lane)) {
-                Ok(Issued::InFlight) => p.busy |= 1 << lane,
-                Ok(Issued::Done) => {}
-                Err(errno) => p.result = errno.ring_result(),
-            }
-        }
-        let p = &self.slots[t].parts;
-        if p.busy == 0 {
-            let result = p.result;
-            self.leaf_done(tag, result);
-        }
-    }
-
-    /// A part of a split request came back.
-    fn part_done(&mut self, tag: usize, lane: usize, result: i32) {
-        let slot = &mut self.slots[tag];
-        let bit = 1u8 << lane;
-        if !slot.busy || !slot.split || slot.parts.busy & bit == 0 {
-            return; // not ours (a confused driver); nothing to complete
-        }
-        slot.parts.busy &= !bit;
-        if result != 0 && slot.parts.result == 0 {
-            slot.parts.result = result;
-        }
-        self.pump(tag as u32);
-    }
-
-    /// Whether the driver may have completions to reap (checked without a
-    /// syscall where possible).
-    fn driver_has_completions(&mut self) -> bool {
-        match self.leaf.due() {
-            Some(due) => due,
-            None => self.inflight > 0 && self.reap() > 0,
-        }
-    }
-
-    /// Collects the leaf's completions; returns how many.
-    fn reap(&mut self) -> usize {
-        let mut reaped = std::mem::take(&mut self.reaped);
-        self.leaf.reap(self.index, self.inflight > 0, &mut reaped);
-        for c in &reaped {
-            let (tag, lane) = (c.user_data & TAG_MASK, c.user_data >> LANE_SHIFT);
-            if tag >= self.slots.len() || !self.slots[tag].busy || lane > LANES {
-                continue;
-            }
-            let mut result = c.result;
-            if self.slots[tag].op == Some(Op::Discard) && result == -libc::EOPNOTSUPP {
-                // Discard is a hint: a device that cannot do it still
-                // succeeds (as QEMU).
-                result = 0;
-            }
-            if lane == 0 {
-                self.complete(tag as u32, result);
-            } else {
-                self.part_done(tag, lane - 1, result);
-            }
-        }
-        let n = reaped.len();
-        self.reaped = reaped;
-        n
     }
 
     fn post_completions(&mut self) {
@@ -1087,99 +618,16 @@ impl QueueLoop {
     }
 }
 
-/// How soon a write to a busy zone of a zoned device is tried again.
-const ZONE_RETRY_NS: u64 = 20_000;
-
-/// The zone layer's part of a request at its stage: reserve a write (an
-/// append learns where it lands and becomes a write there), answer a report
-/// or a management request.
-fn zone_step(
-    layer: &ZoneLayer,
-    access: Option<&ZoneAccess>,
-    slot: &mut Slot,
-    offset: &mut u64,
-    views: &mut Vec<ZoneView>,
-    buf: &mut Vec<u8>,
-) -> Verdict {
-    let Some(access) = access else {
-        return Verdict::Fail(libc::EIO);
-    };
-    let op = slot.op.unwrap_or(Op::Flush);
-    let done =
-        |r: Result<(), ZoneError>| Verdict::Done(r.map_or_else(ZoneError::ring_result, |()| 0));
-    match op {
-        // A flush syncs the zone state once the leaf flushed (`complete`).
-        Op::Read | Op::GetId | Op::Flush => Verdict::Pass,
-        Op::Discard => Verdict::Fail(libc::EOPNOTSUPP),
-        Op::Write | Op::WriteZeroes | Op::ZoneAppend => {
-            let kind = if op == Op::ZoneAppend {
-                WriteKind::Append
-            } else {
-                WriteKind::Write
-            };
-            match layer.begin_write(kind, *offset, slot.len) {
-                Ok(t) => {
-                    *offset = t.offset;
-                    if op == Op::ZoneAppend {
-                        slot.op = Some(Op::Write);
-                        slot.extra = t.offset - access.shift;
-                    }
-                    slot.zone = Some(t);
-                    Verdict::Pass
-                }
-                Err(ZoneError::Busy) => Verdict::HoldUntil(stages::now() + ZONE_RETRY_NS),
-                Err(e) => Verdict::Done(e.ring_result()),
-            }
-        }
-        Op::ZoneReport => {
-            let zone = (*offset / layer.geometry().zone_size) as u32;
-            let room = usize::try_from(slot.len).unwrap_or(usize::MAX);
-            views.clear();
-            let end = access.first + access.count;
-            if let Err(e) = layer.report(zone, end, room.saturating_sub(64) / 64, views) {
-                return Verdict::Done(e.ring_result());
-            }
-            let n = zoned::encode_report(views, access.shift, room, buf);
-            let Some(ram) = &slot.ram else {
-                return Verdict::Fail(libc::EFAULT);
-            };
-            let mut at = 0;
-            for s in &slot.segs {
-                if at == n {
-                    break;
-                }
-                match ram.ram().buf(s) {
-                    Ok(b) => at += b.copy_from(&buf[at..n]),
-                    Err(_) => return Verdict::Fail(libc::EFAULT),
-                }
-            }
-            slot.extra = n as u64;
-            Verdict::Done(0)
-        }
-        Op::ZoneOpen | Op::ZoneClose | Op::ZoneFinish | Op::ZoneReset => {
-            let action = match op {
-                Op::ZoneOpen => Action::Open,
-                Op::ZoneClose => Action::Close,
-                Op::ZoneFinish => Action::Finish,
-                _ => Action::Reset,
-            };
-            done(layer.manage(action, *offset).map(|_| ()))
-        }
-        Op::ZoneResetAll => done(layer.reset_all(access.zones())),
-    }
-}
-
 /// Counts a finished request at the root and, if it got there, the leaf.
-fn record(root: &IoCounters, leaf: &Option<Arc<IoCounters>>, slot: &Slot, result: i32) {
-    let kind = kind_of(slot.op.unwrap_or(Op::Flush));
+fn record(root: &IoCounters, leaf: &Option<Arc<IoCounters>>, r: &InFlight, result: i32) {
+    let kind = r.kind();
     let ok = result == 0;
-    if let Some(t) = slot.start {
-        root.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
-    }
-    if let (Some(t), Some(leaf)) = (slot.leaf_start, leaf) {
-        leaf.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
+    root.finished(kind, r.len, ok, r.start.elapsed().as_nanos() as u64);
+    if let (Some(t), Some(leaf)) = (r.leaf_start, leaf) {
+        leaf.finished(kind, r.len, ok, t.elapsed().as_nanos() as u64);
     }
 }
 
+mod submit;
 #[cfg(test)]
 mod tests;

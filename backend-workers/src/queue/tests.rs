@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use blkmesh_ipc::guest_ram::{GuestRam, RegionSpec};
+use blkmesh_ipc::ring::zone_status;
 use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, RingLayout};
 use blkmesh_proto::v1::{
     node_spec::Driver, ExportPlan, FaultInjectionOptions, IoUringOptions, NodeSpec, NullOptions,
@@ -382,7 +383,7 @@ fn the_first_failed_part_decides_and_the_request_completes_once() {
     h.submit(5, Op::Write, 0, 128 * KIB, &[seg(0, 128 * 1024)]);
     h.lp.take_requests().unwrap();
     assert_eq!(h.counters(), (1, 8, 0));
-    assert_eq!(h.lp.slots[5].parts.busy, 0xff);
+    assert_eq!(h.lp.slots[5].in_flight().map(|r| r.parts.busy), Some(0xff));
     // Two lanes fail (as a driver would report it) before any other
     // part is back: the first error wins, no further part starts.
     h.lp.part_done(5, 2, -libc::EIO);
@@ -401,7 +402,7 @@ fn the_first_failed_part_decides_and_the_request_completes_once() {
     assert_eq!(h.counters(), (1, 8, 0));
     let w = h.lp.root_stats.snapshot().write.unwrap();
     assert_eq!((w.ops, w.errors), (1, 1));
-    assert!(!h.lp.slots[5].busy);
+    assert!(!h.lp.slots[5].is_busy());
     // The slot is fine for the next request.
     assert_eq!(h.run(Op::Read, 0, &[seg(0, 16 * 1024)]), 0);
     assert_eq!(h.counters(), (2, 10, 0));
