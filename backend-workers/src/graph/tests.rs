@@ -1,4 +1,9 @@
+use std::path::Path;
+use std::sync::Arc;
+
 use super::*;
+use crate::stages::Stage;
+use blkmesh_proto::v1::{FaultInjectionOptions, ZonedOptions};
 use blkmesh_proto::v1::{IoUringOptions, NullOptions, RawOptions, VhostUserBlkExport, ZoneModel};
 
 fn plan(root: &str, nodes: Vec<NodeSpec>, writable: bool) -> ExportPlan {
