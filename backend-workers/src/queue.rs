@@ -385,7 +385,7 @@ impl QueueLoop {
                         if !self.slots[tag as usize].is_busy() {
                             self.done.push(Completion {
                                 tag,
-                                result: -libc::EINVAL,
+                                result: Errno::EINVAL.ring_result(),
                                 extra: 0,
                             });
                         }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use blkmesh_proto::ipc::v1::Limits;
 
 use super::types::QueuePool;
-use crate::errno::{Errno, OpenError};
+use crate::errno::OpenError;
 
 /// How a libblkio leaf is opened.
 pub(super) struct BlkioLeaf<'a> {
@@ -51,10 +51,8 @@ pub(super) fn open_blkio(
             write: !read_only && leaf.driver == "io_uring",
             direct: leaf.direct.unwrap_or(false),
         };
-        let (fd, life) = crate::claim::open(Path::new(path), access).map_err(|e| {
-            let errno = Errno::new(e.errno()).unwrap_or(Errno::EIO);
-            OpenError::new(errno, format!("node {name}: open {e}"))
-        })?;
+        let (fd, life) = crate::claim::open(Path::new(path), access)
+            .map_err(|e| OpenError::new(e.errno(), format!("node {name}: open {e}")))?;
         claim = Some(life);
         b.set_i32("fd", fd.as_raw_fd())
             .map_err(|e| OpenError::blkio(name, "fd", e))?;

@@ -91,7 +91,7 @@ impl ZoneError {
             ZoneError::UnalignedWp => zone_status::UNALIGNED_WP,
             ZoneError::OpenResource => zone_status::OPEN_RESOURCE,
             ZoneError::ActiveResource => zone_status::ACTIVE_RESOURCE,
-            ZoneError::Busy => -libc::EBUSY,
+            ZoneError::Busy => Errno::EBUSY.ring_result(),
             ZoneError::Io(e) => e.ring_result(),
         }
     }
