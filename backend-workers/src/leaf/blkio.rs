@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use blkmesh_ipc::ring::{Op, FLAG_FUA, FLAG_NO_UNMAP};
 
-use super::{AttachError, Data, Issued, LeafCompletion, LeafRequest};
+use super::types::{AttachError, Data, Issued, LeafCompletion, LeafRequest};
 use crate::bounce::BouncePool;
 use crate::errno::Errno;
 use crate::graph::QueuePool;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use blkmesh_ipc::ring::{Op, Segment};
 
-use super::{Data, Issued, LeafCompletion, LeafRequest};
+use super::types::{Data, Issued, LeafCompletion, LeafRequest};
 use crate::bounce::BouncePool;
 use crate::errno::Errno;
 use crate::memory::RegisteredRam;

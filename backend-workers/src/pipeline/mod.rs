@@ -15,10 +15,10 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use blkmesh_ipc::ring::Segment;
 
+use self::zone::ZoneScratch;
 use crate::graph::OpenedGraph;
 use crate::slot::InFlight;
 use crate::stages::{self, Stage, Verdict};
-use crate::zoned::ZoneView;
 
 /// Where a request is once the stages are through with it for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,13 +122,6 @@ impl Waiting {
         }
         q.push_back(tag);
     }
-}
-
-/// Scratch space of the zone stage (zone reports), reused.
-#[derive(Debug, Default)]
-struct ZoneScratch {
-    views: Vec<ZoneView>,
-    report: Vec<u8>,
 }
 
 /// The stages' side of a queue: what they hold, and their scratch space.

@@ -2,12 +2,18 @@
 
 use blkmesh_ipc::ring::{Op, Segment};
 
-use super::ZoneScratch;
 use crate::errno::Errno;
 use crate::graph::ZoneAccess;
 use crate::slot::InFlight;
 use crate::stages::{self, Verdict};
-use crate::zoned::{self, Action, WriteKind, ZoneError, ZoneLayer};
+use crate::zoned::{self, Action, WriteKind, ZoneError, ZoneLayer, ZoneView};
+
+/// Scratch space of the zone stage (zone reports), reused.
+#[derive(Debug, Default)]
+pub(super) struct ZoneScratch {
+    views: Vec<ZoneView>,
+    report: Vec<u8>,
+}
 
 /// How soon a write to a busy zone of a zoned device is tried again.
 const ZONE_RETRY_NS: u64 = 20_000;
