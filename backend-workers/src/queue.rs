@@ -1,12 +1,13 @@
 //! One virtqueue's event loop in the worker.
 //!
 //! The loop takes requests from the ring, validates them against the graph's
-//! limits and this worker's own mapping of guest RAM, runs them through the
-//! graph's stages (windows, fault injection, throttling), submits vectored
-//! I/O to its own libblkio queue, and posts completions back. A request that
-//! breaks the graph's limits reaches the leaf in parts (at most [`LANES`] in
-//! flight) and is completed once, when all are back; guest buffers that break
-//! the buffer alignment go through a bounce buffer. When it runs
+//! limits ([`crate::checks`]) and this worker's own mapping of guest RAM,
+//! runs them through the graph's stages ([`crate::pipeline`]), submits
+//! vectored I/O to its own side of the leaf ([`crate::leaf`]), and posts
+//! completions back. A request that breaks the graph's limits reaches the
+//! leaf in parts (at most [`crate::split::LANES`] in flight) and is
+//! completed once, when all are back; guest buffers that break the buffer
+//! alignment go through a bounce buffer (`queue/submit.rs`). When it runs
 //! out of work it polls briefly, then sleeps after announcing it on the ring
 //! so the frontend knows to kick it; likewise it kicks the frontend only when
 //! the frontend has said it sleeps.

@@ -42,13 +42,6 @@ impl Slot {
         }
     }
 
-    pub fn in_flight_mut(&mut self) -> Option<&mut InFlight> {
-        match self {
-            Slot::Busy(r) => Some(r),
-            Slot::Free => None,
-        }
-    }
-
     /// Frees the slot; the request that was in it, if any.
     pub fn take(&mut self) -> Option<InFlight> {
         match std::mem::take(self) {

@@ -30,7 +30,7 @@ pub enum Stage {
     Faults(Arc<Faults>),
     /// The graph's zone layer (an emulated `zoned` node, or a zoned device
     /// leaf): checks and reserves writes, answers zone reports and
-    /// management (see `zoned.rs`).
+    /// management (see `zoned/`).
     Zoned(Arc<ZoneLayer>),
 }
 

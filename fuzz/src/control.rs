@@ -308,7 +308,7 @@ fn requests(r: &mut Reader<'_>, conn: &Conn) {
         let offset = r.u64();
         // Data requests reach 1024 segments of up to 4 GiB.
         let len = (r.u32() as u64) << (r.u8() % 11);
-        // queue.rs check_range
+        // checks.rs check_range
         let l = &g.limits;
         let align = l.request_alignment.max(1) as u64;
         if offset.checked_add(len).is_none_or(|e| e > l.size)

@@ -10,7 +10,7 @@
 //! (see `split.rs`), so the limits are a promise to the frontend, not a
 //! condition for success.
 //!
-//! Zones propagate the same way (see `zoned.rs`): a `zoned` node emulates a
+//! Zones propagate the same way (see `zoned/`): a `zoned` node emulates a
 //! host-managed device over its regular child (whole zones of the child
 //! only), an `io_uring` leaf on a Linux zoned block device is passed
 //! through; raw windows above must be zone-aligned and filters pass zone

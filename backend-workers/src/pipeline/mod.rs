@@ -6,7 +6,8 @@
 //!
 //! Requests a stage holds wait in [`Waiting`]: on a timer (delays, busy
 //! zones), or in order behind a throttle. The pipeline runs on the queue's
-//! thread, over the request's own slot: no lock of its own, no allocation.
+//! thread, over the request's own slot: no lock of its own, and its queues
+//! stop growing once they have held as many requests as the ring has.
 
 mod zone;
 
@@ -206,3 +207,6 @@ impl Pipeline {
         Outcome::Leaf { offset }
     }
 }
+
+#[cfg(test)]
+mod tests;

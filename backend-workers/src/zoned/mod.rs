@@ -12,7 +12,7 @@
 //!   pointer).
 //!
 //! Raw windows and filters above the layer pass zone operations through;
-//! windows must be zone-aligned (checked at open, see `graph.rs`).
+//! windows must be zone-aligned (checked at open, see `graph/zones.rs`).
 //!
 //! # The emulation's state machine
 //!
