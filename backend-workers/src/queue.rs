@@ -34,7 +34,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use crate::checks::check_request;
 use crate::errno::Errno;
 use crate::graph::OpenedGraph;
-use crate::leaf::{AttachError, LeafCompletion, LeafQueue};
+use crate::leaf::{guest_iovecs, AttachError, LeafCompletion, LeafQueue};
 use crate::memory::RegisteredRam;
 use crate::pipeline::Pipeline;
 use crate::slot::{InFlight, Slot, SplitProgress, TagBuffers};
@@ -468,18 +468,11 @@ impl QueueLoop {
         let mut bounce = None;
         match req.op {
             Op::Read | Op::Write | Op::ZoneAppend => {
-                // Every address and length ORed: one mask test for all.
-                let (mut addr_bits, mut len_bits) = (0usize, 0usize);
-                for s in segs {
-                    let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
-                    addr_bits |= b.as_ptr() as usize;
-                    len_bits |= b.len();
-                    bufs.iovs.push(b.iovec());
-                }
+                let bits = guest_iovecs(ram, segs, &mut bufs.iovs)?;
                 bufs.segs.extend_from_slice(segs);
                 split = lim.data_needs_split(req.len, segs.len());
-                let misaligned = (addr_bits | len_bits) & lim.buf_mask != 0;
-                if misaligned || (split && !lim.segments_cuttable(len_bits)) {
+                let misaligned = (bits.addr | bits.len) & lim.buf_mask != 0;
+                if misaligned || (split && !lim.segments_cuttable(bits.len)) {
                     let mut bb = self
                         .leaf
                         .bounce_pool()

@@ -5,12 +5,33 @@ use std::mem::MaybeUninit;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
-use blkmesh_ipc::ring::{Op, FLAG_FUA, FLAG_NO_UNMAP};
+use blkmesh_ipc::ring::{Op, Segment, FLAG_FUA, FLAG_NO_UNMAP};
 
-use super::types::{AttachError, Data, Issued, LeafCompletion, LeafRequest};
+use super::types::{AttachError, BufferBits, Data, Issued, LeafCompletion, LeafRequest};
 use crate::bounce::BouncePool;
 use crate::errno::Errno;
 use crate::graph::QueuePool;
+use crate::memory::RegisteredRam;
+
+/// Turns a request's guest segments into iovecs over this worker's mapping
+/// of guest RAM (`iovs`, cleared first), checking each against the mapping;
+/// returns their addresses and lengths ORed, for the alignment checks.
+/// The iovecs stay valid while the request holds `ram`.
+pub fn guest_iovecs(
+    ram: &RegisteredRam,
+    segs: &[Segment],
+    iovs: &mut Vec<libc::iovec>,
+) -> Result<BufferBits, Errno> {
+    iovs.clear();
+    let mut bits = BufferBits::default();
+    for s in segs {
+        let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
+        bits.addr |= b.as_ptr() as usize;
+        bits.len |= b.len();
+        iovs.push(b.iovec());
+    }
+    Ok(bits)
+}
 
 pub struct BlkioQueue {
     /// Always `Some` while the queue is attached; taken back into the pool.

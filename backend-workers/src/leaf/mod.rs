@@ -14,9 +14,9 @@ mod types;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
-pub use self::blkio::BlkioQueue;
+pub use self::blkio::{guest_iovecs, BlkioQueue};
 pub use self::null::NullQueue;
-pub use self::types::{AttachError, Data, Issued, LeafCompletion, LeafRequest};
+pub use self::types::{AttachError, BufferBits, Data, Issued, LeafCompletion, LeafRequest};
 use crate::bounce::BouncePool;
 use crate::errno::Errno;
 use crate::graph::Leaf;

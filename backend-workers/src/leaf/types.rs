@@ -59,3 +59,11 @@ pub struct LeafCompletion {
     pub user_data: usize,
     pub result: i32,
 }
+
+/// The guest buffers of a request as the alignment checks see them: every
+/// address ORed, and every length, so one mask test covers them all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferBits {
+    pub addr: usize,
+    pub len: usize,
+}
