@@ -479,12 +479,7 @@ impl QueueLoop {
                         .get(req.len as usize)
                         .map_err(|e| Errno::of_blkio(&e))?;
                     if req.op != Op::Read {
-                        let dst = bb.bytes_mut();
-                        let mut at = 0;
-                        for s in segs {
-                            let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
-                            at += b.copy_to(&mut dst[at..]);
-                        }
+                        bb.copy_from_guest(ram, segs)?;
                     }
                     bounce = Some(bb);
                     // One contiguous buffer: only the length can be too much.
@@ -531,13 +526,9 @@ impl QueueLoop {
         };
         if let Some(mut bb) = r.bounce.take() {
             if r.op == Op::Read && result == 0 {
-                let src = bb.bytes_mut();
-                let mut at = 0;
-                for s in &self.buffers[tag as usize].segs {
-                    match r.ram.ram().buf(s) {
-                        Ok(b) => at += b.copy_from(&src[at..]),
-                        Err(_) => result = Errno::EFAULT.ring_result(),
-                    }
+                let segs = &self.buffers[tag as usize].segs;
+                if let Err(errno) = bb.copy_to_guest(&r.ram, segs) {
+                    result = errno.ring_result();
                 }
             }
             self.leaf.bounce_pool().put(bb);
