@@ -6,6 +6,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use blkmesh_ipc::ring::Segment;
+
+use crate::errno::Errno;
+use crate::memory::RegisteredRam;
+
 /// Buffers are allocated in multiples of this (and of the driver's
 /// mem-region-alignment).
 const CHUNK: usize = 64 * 1024;
@@ -71,6 +76,34 @@ impl BounceBuf {
             Mem::Blkio(r) => unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u8, self.len) },
             Mem::Heap(b) => &mut b[..self.len],
         }
+    }
+
+    /// Fills the buffer from the guest buffers `segs` of `ram`, in order
+    /// (a write, before submission).
+    pub fn copy_from_guest(&mut self, ram: &RegisteredRam, segs: &[Segment]) -> Result<(), Errno> {
+        let dst = self.bytes_mut();
+        let mut at = 0;
+        for s in segs {
+            let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
+            at += b.copy_to(&mut dst[at..]);
+        }
+        Ok(())
+    }
+
+    /// Copies the buffer out to the guest buffers `segs` of `ram`, in order
+    /// (a read, after completion). A segment outside the mapping fails the
+    /// copy, the others are still written.
+    pub fn copy_to_guest(&mut self, ram: &RegisteredRam, segs: &[Segment]) -> Result<(), Errno> {
+        let src = self.bytes_mut();
+        let mut at = 0;
+        let mut result = Ok(());
+        for s in segs {
+            match ram.ram().buf(s) {
+                Ok(b) => at += b.copy_from(&src[at..]),
+                Err(_) => result = Err(Errno::EFAULT),
+            }
+        }
+        result
     }
 }
 

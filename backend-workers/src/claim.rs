@@ -40,6 +40,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::errno::Errno;
+
 /// First byte of the I/O claims; a worker's is `IO_CLAIMS + token`.
 const IO_CLAIMS: i64 = 1 << 62;
 /// How many tokens there are.
@@ -70,11 +72,11 @@ pub enum ClaimError {
 
 impl ClaimError {
     /// The errno the failure maps to at the edge.
-    pub fn errno(&self) -> i32 {
+    pub fn errno(&self) -> Errno {
         match self {
-            ClaimError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            ClaimError::NotStorage { .. } => libc::EINVAL,
-            ClaimError::StillInFlight { .. } => libc::EBUSY,
+            ClaimError::Io { source, .. } => Errno::of_io(source),
+            ClaimError::NotStorage { .. } => Errno::EINVAL,
+            ClaimError::StillInFlight { .. } => Errno::EBUSY,
         }
     }
 
@@ -332,13 +334,13 @@ mod tests {
     fn missing_paths_and_fifos_are_errors() {
         let nowhere = Path::new("/nonexistent/blkmesh-claim");
         let e = open(nowhere, RW).unwrap_err();
-        assert_eq!(e.errno(), libc::ENOENT, "{e}");
+        assert_eq!(e.errno().get(), libc::ENOENT, "{e}");
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let e = open(&fifo, RW).unwrap_err();
         assert!(matches!(e, ClaimError::NotStorage { .. }), "{e}");
-        assert_eq!(e.errno(), libc::EINVAL);
+        assert_eq!(e.errno(), Errno::EINVAL);
         assert!(open(dir.path(), RW).is_err());
         assert!(matches!(
             settle(nowhere, Duration::ZERO),

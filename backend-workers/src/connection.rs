@@ -141,7 +141,7 @@ impl Conn {
                             id: 0,
                         }
                     }
-                    Err(e) => failure(e.errno, e.message),
+                    Err(e) => failure(e.errno.get(), e.message),
                 }
             }
             Some(Msg::SetMemTable(table)) => {
@@ -200,7 +200,7 @@ impl Conn {
             return failure(libc::EINVAL, format!("unknown zone action {}", req.action));
         };
         let zone_failure = |e: crate::zoned::ZoneError| {
-            failure(e.errno(), format!("zone at byte {}: {e}", req.offset))
+            failure(e.errno().get(), format!("zone at byte {}: {e}", req.offset))
         };
         if action != ZoneAction::Unspecified && graph.read_only() {
             return failure(libc::EROFS, "the export is read-only");

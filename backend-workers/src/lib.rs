@@ -15,14 +15,19 @@
 //! fails that request only.
 
 pub mod bounce;
+pub mod checks;
 pub mod claim;
 pub mod connection;
+pub mod errno;
 pub mod graph;
 pub mod handover;
+pub mod leaf;
 pub mod memory;
+pub mod pipeline;
 pub mod probe;
 pub mod queue;
 pub mod registration;
+pub mod slot;
 pub mod split;
 pub mod stages;
 pub mod test_hooks;

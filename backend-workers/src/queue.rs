@@ -1,12 +1,13 @@
 //! One virtqueue's event loop in the worker.
 //!
 //! The loop takes requests from the ring, validates them against the graph's
-//! limits and this worker's own mapping of guest RAM, runs them through the
-//! graph's stages (windows, fault injection, throttling), submits vectored
-//! I/O to its own libblkio queue, and posts completions back. A request that
-//! breaks the graph's limits reaches the leaf in parts (at most [`LANES`] in
-//! flight) and is completed once, when all are back; guest buffers that break
-//! the buffer alignment go through a bounce buffer. When it runs
+//! limits ([`crate::checks`]) and this worker's own mapping of guest RAM,
+//! runs them through the graph's stages ([`crate::pipeline`]), submits
+//! vectored I/O to its own side of the leaf ([`crate::leaf`]), and posts
+//! completions back. A request that breaks the graph's limits reaches the
+//! leaf in parts (at most [`crate::split::LANES`] in flight) and is
+//! completed once, when all are back; guest buffers that break the buffer
+//! alignment go through a bounce buffer (`queue/submit.rs`). When it runs
 //! out of work it polls briefly, then sleeps after announcing it on the ring
 //! so the frontend knows to kick it; likewise it kicks the frontend only when
 //! the frontend has said it sleeps.
@@ -17,45 +18,33 @@
 //! the heartbeat stopped, so a request held for long by a throttle or a
 //! delay does not get a live worker fenced.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
-use std::mem::MaybeUninit;
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::poll::Poller;
 use blkmesh_ipc::ring::{
-    zone_status, Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver,
-    Segment, FLAG_FUA, FLAG_NO_UNMAP, HEARTBEAT_INTERVAL,
+    Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver, Segment,
+    FLAG_FUA, HEARTBEAT_INTERVAL,
 };
+use blkmesh_stats::IoCounters;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::bounce::{BounceBuf, BouncePool};
-use crate::graph::{Leaf, OpenedGraph, QueuePool, ZoneAccess};
+use crate::checks::check_request;
+use crate::errno::Errno;
+use crate::graph::OpenedGraph;
+use crate::leaf::{guest_iovecs, AttachError, LeafCompletion, LeafQueue};
 use crate::memory::RegisteredRam;
-use crate::split::{next_linear, next_vectored, part_offset, Cursor, SplitLimits, LANES};
-use crate::stages::{self, Stage, Verdict};
+use crate::pipeline::Pipeline;
+use crate::slot::{InFlight, Slot, SplitProgress, TagBuffers};
+use crate::split::SplitLimits;
+use crate::stages;
 use crate::test_hooks::Corruption;
-use crate::zoned::{self, Action, Ticket, WriteKind, ZoneError, ZoneLayer, ZoneView};
-use blkmesh_stats::{IoCounters, OpKind};
 
 const EV_KICK: u64 = 0;
 const EV_IO: u64 = 1;
 const EV_STOP: u64 = 2;
-
-/// libblkio user_data: the tag in the low bits, and above them 0 for a whole
-/// request or 1 + lane for a part of a split one.
-const LANE_SHIFT: u32 = 16;
-const TAG_MASK: usize = (1 << LANE_SHIFT) - 1;
-const _: () = assert!(blkmesh_ipc::ring::MAX_ENTRIES as usize <= TAG_MASK + 1);
-const _: () = assert!(LANES <= u8::BITS as usize);
-
-fn part_user_data(tag: usize, lane: usize) -> usize {
-    tag | (lane + 1) << LANE_SHIFT
-}
 
 /// The current memory table of a connection, swapped by the control thread
 /// while the frontend holds the rings quiet.
@@ -115,23 +104,22 @@ impl Drop for QueueHandle {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("creating the libblkio queue: {0}")]
-    Blkio(String),
-    #[error("no libblkio queue left for this virtqueue")]
-    NoQueue,
+    #[error(transparent)]
+    Leaf(#[from] AttachError),
     #[error("event loop setup")]
     Io(#[source] std::io::Error),
 }
 
 /// Starts the event loop of one queue on its own thread.
 pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
-    let io = backend(&setup.graph.leaf)?;
+    let entries = setup.rings.layout().entries() as usize;
+    let leaf = LeafQueue::attach(&setup.graph.leaf, entries)?;
     let stop = Arc::new(AtomicBool::new(false));
     let abandon = Arc::new(AtomicBool::new(false));
     let stop_fd = Doorbell::new().map_err(QueueError::Io)?;
     let mut lp = QueueLoop::new(
         setup,
-        io,
+        leaf,
         Arc::clone(&stop),
         stop_fd.try_clone().map_err(QueueError::Io)?,
     );
@@ -148,143 +136,6 @@ pub fn spawn(setup: QueueSetup) -> Result<QueueHandle, QueueError> {
     })
 }
 
-/// The leaf's side of one queue: a libblkio queue, or the null leaf.
-fn backend(leaf: &Leaf) -> Result<Backend, QueueError> {
-    Ok(match leaf {
-        Leaf::Blkio {
-            blkio,
-            pool,
-            driver,
-            ..
-        } => {
-            let q = match pool {
-                Some(pool) => pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop()
-                    .ok_or(QueueError::NoQueue)?,
-                None => blkio
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add_queue(false)
-                    .map_err(|e| {
-                        let mut msg = e.message().to_string();
-                        // io_uring refused to this process (a seccomp profile).
-                        if driver.contains("io_uring") {
-                            if let Err(why) = crate::probe::io_uring() {
-                                msg.push_str(&format!(" ({why})"));
-                            }
-                        }
-                        QueueError::Blkio(msg)
-                    })?,
-            };
-            Backend::Blkio {
-                q: Some(q),
-                pool: pool.clone(),
-                bounce: BouncePool::new(Arc::clone(blkio)),
-            }
-        }
-        Leaf::Null { latency } => Backend::Null {
-            latency: *latency,
-            pending: VecDeque::new(),
-            bounce: BouncePool::heap(),
-        },
-    })
-}
-
-enum Backend {
-    Blkio {
-        /// Always `Some` while the loop runs; taken back into the pool.
-        q: Option<blkio::Blkioq>,
-        pool: Option<QueuePool>,
-        bounce: BouncePool,
-    },
-    Null {
-        latency: Duration,
-        pending: VecDeque<(Instant, Completion)>,
-        bounce: BouncePool,
-    },
-}
-
-impl Backend {
-    fn bounce_pool(&mut self) -> &mut BouncePool {
-        match self {
-            Backend::Blkio { bounce, .. } | Backend::Null { bounce, .. } => bounce,
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        // A driver that cannot add queues gets its queue back for the next
-        // attach of this virtqueue.
-        if let Backend::Blkio {
-            q,
-            pool: Some(pool),
-            ..
-        } = self
-        {
-            if let Some(q) = q.take() {
-                pool.lock().unwrap_or_else(|p| p.into_inner()).push(q);
-            }
-        }
-    }
-}
-
-/// Per-tag state of an in-flight request.
-#[derive(Default)]
-struct Slot {
-    busy: bool,
-    op: Option<Op>,
-    flags: u8,
-    len: u64,
-    /// Where the request is in the graph: next stage and offset there.
-    stage: usize,
-    offset: u64,
-    /// Keeps the guest mapping alive while the driver holds our iovecs.
-    ram: Option<Arc<RegisteredRam>>,
-    /// The iovec array handed to libblkio; stable until completion.
-    iovs: Vec<libc::iovec>,
-    /// Data ops: the guest segments (for bounce copies and null reads).
-    segs: Vec<Segment>,
-    /// Set when the guest buffers break the driver's alignment (or cannot be
-    /// cut where a split needs it).
-    bounce: Option<BounceBuf>,
-    /// When the request arrived, and when it reached the leaf.
-    start: Option<Instant>,
-    leaf_start: Option<Instant>,
-    /// The request breaks the graph's limits: it goes to the leaf in parts.
-    split: bool,
-    parts: Parts,
-    /// The completion's `extra`: where a zone append landed, the bytes of
-    /// a zone report.
-    extra: u64,
-    /// A write reserved in the graph's zone layer, handed back on completion.
-    zone: Option<Ticket>,
-}
-
-/// Progress of a split request. Lives in its slot and is reused, so a split
-/// allocates nothing once each lane's iovec array has grown to its size.
-#[derive(Default)]
-struct Parts {
-    /// The next byte to hand out.
-    cur: Cursor,
-    /// Leaf offset of the request's first byte.
-    base: u64,
-    /// Lanes with a part in flight (bit i: lane i).
-    busy: u8,
-    /// The first error of a part (0: none yet); no new part starts after it.
-    result: i32,
-    /// Per lane, the iovecs of its part, stable until the part completes.
-    iovs: [Vec<libc::iovec>; LANES],
-}
-
-/// The lowest free lane.
-fn free_lane(busy: u8) -> Option<usize> {
-    let free = !busy;
-    (free != 0).then(|| free.trailing_zeros() as usize)
-}
-
 /// What happened to requests outside the limits, for the log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct SplitCounters {
@@ -294,71 +145,6 @@ struct SplitCounters {
     /// Requests that went through a bounce buffer.
     bounced: u64,
 }
-
-/// Where the bytes of one libblkio request are.
-#[derive(Clone, Copy)]
-enum Data {
-    None,
-    Buf(*mut u8, usize),
-    Iovecs(*const libc::iovec, u32),
-}
-
-/// Hands one request (or part of one) to libblkio; Err(errno) for an op the
-/// leaf does not do.
-#[inline]
-#[allow(clippy::too_many_arguments)]
-fn issue(
-    q: &mut blkio::Blkioq,
-    op: Op,
-    flags: u8,
-    punch_holes: bool,
-    offset: u64,
-    len: u64,
-    data: Data,
-    user_data: usize,
-) -> Result<(), i32> {
-    let fua = if flags & FLAG_FUA != 0 {
-        blkio::ReqFlags::FUA
-    } else {
-        blkio::ReqFlags::empty()
-    };
-    match (op, data) {
-        (Op::Read, Data::Iovecs(p, n)) => q.readv(offset, p, n, user_data, fua),
-        (Op::Write, Data::Iovecs(p, n)) => q.writev(offset, p, n, user_data, fua),
-        (Op::Read, Data::Buf(p, n)) => q.read(offset, p, n, user_data, fua),
-        (Op::Write, Data::Buf(p, n)) => q.write(offset, p.cast_const(), n, user_data, fua),
-        (Op::Read | Op::Write, Data::None) => return Err(libc::EIO),
-        (Op::Flush, _) => q.flush(user_data, blkio::ReqFlags::empty()),
-        // Write-zeroes that may unmap: a hole punch on files.
-        (Op::Discard, _) if punch_holes => {
-            q.write_zeroes(offset, len, user_data, blkio::ReqFlags::empty())
-        }
-        (Op::Discard, _) => q.discard(offset, len, user_data, blkio::ReqFlags::empty()),
-        (Op::WriteZeroes, _) => {
-            let mut f = fua;
-            if flags & FLAG_NO_UNMAP != 0 {
-                f |= blkio::ReqFlags::NO_UNMAP;
-            }
-            q.write_zeroes(offset, len, user_data, f)
-        }
-        _ => return Err(libc::EOPNOTSUPP),
-    }
-    Ok(())
-}
-
-fn kind_of(op: Op) -> OpKind {
-    match op {
-        Op::Read => OpKind::Read,
-        Op::Write | Op::ZoneAppend => OpKind::Write,
-        Op::Discard => OpKind::Discard,
-        Op::WriteZeroes => OpKind::WriteZeroes,
-        _ => OpKind::Flush,
-    }
-}
-
-// SAFETY: the iovecs point into guest RAM kept alive by `ram`; the slot moves
-// with the queue thread that owns it.
-unsafe impl Send for Slot {}
 
 struct QueueLoop {
     index: u32,
@@ -373,23 +159,23 @@ struct QueueLoop {
     /// Scratch pieces of a null-leaf part.
     null_segs: Vec<Segment>,
     shared_ram: SharedRam,
-    io: Backend,
+    leaf: LeafQueue,
     stop: Arc<AtomicBool>,
     /// Set with `stop` when the frontend is gone (see [`QueueHandle::abandon`]).
     abandon: Arc<AtomicBool>,
     stop_fd: Doorbell,
     slots: Vec<Slot>,
+    /// Per tag, the memory its requests reuse.
+    buffers: Vec<TagBuffers>,
     inflight: usize,
     done: Vec<Completion>,
-    blkio_done: Vec<MaybeUninit<blkio::Completion>>,
+    /// What the leaf finished, as [`LeafQueue::reap`] hands it over.
+    reaped: Vec<LeafCompletion>,
     errors_logged: u32,
     /// Scratch copy of the current request's segments.
     segs: Vec<Segment>,
-    /// Requests held by a delay, by wake-up time.
-    held: BinaryHeap<Reverse<(u64, u32)>>,
-    /// Per stage: requests waiting for a throttle, in order, and when the
-    /// head may be admitted.
-    throttled: Vec<(VecDeque<u32>, u64)>,
+    /// What the stages hold, and their scratch space.
+    pipeline: Pipeline,
     /// Completions were published while the frontend slept.
     need_kick: bool,
     /// Completions posted so far, and whether the test fault hook broke
@@ -401,18 +187,11 @@ struct QueueLoop {
     /// the root is the leaf).
     root_stats: Arc<IoCounters>,
     leaf_stats: Option<Arc<IoCounters>>,
-    /// Scratch space of zone reports.
-    zone_views: Vec<ZoneView>,
-    report_buf: Vec<u8>,
     _rings: QueueRings,
 }
 
-// SAFETY: Blkioq is Send (its driver queue is Send + Sync); the rest are owned
-// values. The loop is moved once into its thread.
-unsafe impl Send for QueueLoop {}
-
 impl QueueLoop {
-    fn new(setup: QueueSetup, io: Backend, stop: Arc<AtomicBool>, stop_fd: Doorbell) -> Self {
+    fn new(setup: QueueSetup, leaf: LeafQueue, stop: Arc<AtomicBool>, stop_fd: Doorbell) -> Self {
         let (rx, tx) = setup.rings.worker_end();
         let entries = setup.rings.layout().entries() as usize;
         let stages = setup.graph.stages.len();
@@ -431,26 +210,24 @@ impl QueueLoop {
             counters: SplitCounters::default(),
             null_segs: Vec::new(),
             shared_ram: setup.ram,
-            io,
+            leaf,
             stop,
             abandon: Arc::new(AtomicBool::new(false)),
             stop_fd,
-            slots: (0..entries).map(|_| Slot::default()).collect(),
+            slots: (0..entries).map(|_| Slot::Free).collect(),
+            buffers: (0..entries).map(|_| TagBuffers::default()).collect(),
             inflight: 0,
             done: Vec::with_capacity(entries),
-            blkio_done: (0..entries).map(|_| MaybeUninit::uninit()).collect(),
+            reaped: Vec::with_capacity(entries),
             errors_logged: 0,
             segs: Vec::with_capacity(setup.rings.layout().max_segments() as usize),
-            held: BinaryHeap::new(),
-            throttled: (0..stages).map(|_| (VecDeque::new(), 0)).collect(),
+            pipeline: Pipeline::new(stages),
             need_kick: false,
             posted: 0,
             corrupted: false,
             poller: Poller::from_env(),
             root_stats,
             leaf_stats,
-            zone_views: Vec::new(),
-            report_buf: Vec::new(),
             _rings: setup.rings,
         }
     }
@@ -523,16 +300,7 @@ impl QueueLoop {
                     EV_KICK => {
                         self.kick.clear();
                     }
-                    EV_IO => {
-                        if let Backend::Blkio { q: Some(q), .. } = &self.io {
-                            if let Some(fd) = q.get_completion_fd() {
-                                let mut buf = [0u8; 8];
-                                // SAFETY: reading 8 bytes into a local buffer
-                                // from the libblkio queue's non-blocking eventfd.
-                                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
-                            }
-                        }
-                    }
+                    EV_IO => self.leaf.clear_completion_fd(),
                     _ => {
                         self.stop_fd.clear();
                     }
@@ -561,14 +329,10 @@ impl QueueLoop {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&self.kick, EpollEvent::new(EpollFlags::EPOLLIN, EV_KICK))?;
         epoll.add(&self.stop_fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_STOP))?;
-        if let Backend::Blkio { q: Some(q), .. } = &mut self.io {
-            q.set_completion_fd_enabled(true);
-            if let Some(fd) = q.get_completion_fd() {
-                // SAFETY: the fd belongs to the libblkio queue, which lives as
-                // long as this loop (and so as long as the epoll set).
-                let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
-                epoll.add(bfd, EpollEvent::new(EpollFlags::EPOLLIN, EV_IO))?;
-            }
+        // The fd lives as long as the leaf queue, and so as this loop and
+        // its epoll set.
+        if let Some(fd) = self.leaf.completion_fd() {
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_IO))?;
         }
         Ok(epoll)
     }
@@ -576,21 +340,12 @@ impl QueueLoop {
     /// The earliest time something held (delay, throttle, null latency) is
     /// due, in CLOCK_MONOTONIC ns.
     fn next_deadline(&self) -> Option<u64> {
-        let held = self.held.peek().map(|Reverse((t, _))| *t);
-        let throttled = self
-            .throttled
-            .iter()
-            .filter(|(q, _)| !q.is_empty())
-            .map(|(_, t)| *t)
-            .min();
-        let null = match &self.io {
-            Backend::Null { pending, .. } => pending.front().map(|(d, _)| {
-                let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
-                stages::now() + left
-            }),
-            Backend::Blkio { .. } => None,
-        };
-        [held, throttled, null].into_iter().flatten().min()
+        let held = self.pipeline.waiting.next_deadline();
+        let leaf = self.leaf.next_due().map(|d| {
+            let left = d.saturating_duration_since(Instant::now()).as_nanos() as u64;
+            stages::now() + left
+        });
+        [held, leaf].into_iter().flatten().min()
     }
 
     fn timer_due(&self) -> bool {
@@ -628,10 +383,10 @@ impl QueueLoop {
                     n += 1;
                     self.log_guest_error(format_args!("{bad}"));
                     if let Some(tag) = bad.tag {
-                        if !self.slots[tag as usize].busy {
+                        if !self.slots[tag as usize].is_busy() {
                             self.done.push(Completion {
                                 tag,
-                                result: -libc::EINVAL,
+                                result: Errno::EINVAL.ring_result(),
                                 extra: 0,
                             });
                         }
@@ -645,7 +400,7 @@ impl QueueLoop {
                 }
             };
             n += 1;
-            if self.slots[req.tag as usize].busy {
+            if self.slots[req.tag as usize].is_busy() {
                 // A tag reused while in flight: the frontend is broken. The
                 // original request still owns the slot; drop the duplicate.
                 self.log_guest_error(format_args!("tag {} reused while in flight", req.tag));
@@ -654,7 +409,7 @@ impl QueueLoop {
             if let Err(errno) = self.start(&req, &segs, &ram) {
                 self.done.push(Completion {
                     tag: req.tag,
-                    result: -errno,
+                    result: errno.ring_result(),
                     extra: 0,
                 });
             }
@@ -672,79 +427,23 @@ impl QueueLoop {
         }
     }
 
-    fn check_range(&self, req: &Request) -> Result<(), i32> {
-        let l = &self.graph.limits;
-        let end = req.offset.checked_add(req.len).ok_or(libc::EINVAL)?;
-        if end > l.size {
-            return Err(libc::EINVAL);
-        }
-        let align = l.request_alignment.max(1) as u64;
-        if req.offset % align != 0 || req.len % align != 0 {
-            return Err(libc::EINVAL);
-        }
-        Ok(())
-    }
-
-    /// Checks a zone request against the graph: zoned at all (else
-    /// EOPNOTSUPP), offset inside and a report buffer that holds at least
-    /// the header (else ZONE_INVALID_CMD, as virtio-blk has it).
-    fn check_zone_op(&self, req: &Request) -> Result<(), i32> {
-        if self.graph.zoned.is_none() {
-            return Err(libc::EOPNOTSUPP);
-        }
-        let l = &self.graph.limits;
-        let invalid = -zone_status::INVALID_CMD;
-        match req.op {
-            Op::ZoneResetAll => Ok(()),
-            _ if req.offset >= l.size => Err(invalid),
-            Op::ZoneReport if req.len < 64 => Err(invalid),
-            Op::ZoneAppend if req.len % l.request_alignment.max(1) as u64 != 0 => Err(libc::EINVAL),
-            _ => Ok(()),
-        }
-    }
-
     /// Starts one request; Err(errno) fails it at once (nothing held).
     fn start(
         &mut self,
         req: &Request,
         segs: &[Segment],
         ram: &Arc<RegisteredRam>,
-    ) -> Result<(), i32> {
-        let writes = matches!(
-            req.op,
-            Op::Write
-                | Op::Discard
-                | Op::WriteZeroes
-                | Op::ZoneAppend
-                | Op::ZoneOpen
-                | Op::ZoneClose
-                | Op::ZoneFinish
-                | Op::ZoneReset
-                | Op::ZoneResetAll
-        );
-        if writes && self.graph.read_only() {
-            return Err(libc::EROFS);
-        }
-        match req.op {
-            Op::GetId => {
-                let buf = ram.ram().buf(&segs[0]).map_err(|_| libc::EFAULT)?;
-                buf.copy_from(&self.graph.serial);
-                self.done.push(Completion {
-                    tag: req.tag,
-                    result: 0,
-                    extra: 0,
-                });
-                return Ok(());
-            }
-            Op::Read | Op::Write | Op::Discard | Op::WriteZeroes => self.check_range(req)?,
-            Op::Flush => {}
-            Op::ZoneReport
-            | Op::ZoneOpen
-            | Op::ZoneClose
-            | Op::ZoneFinish
-            | Op::ZoneReset
-            | Op::ZoneResetAll
-            | Op::ZoneAppend => self.check_zone_op(req)?,
+    ) -> Result<(), Errno> {
+        check_request(&self.graph, req)?;
+        if req.op == Op::GetId {
+            let buf = ram.ram().buf(&segs[0]).map_err(|_| Errno::EFAULT)?;
+            buf.copy_from(&self.graph.serial);
+            self.done.push(Completion {
+                tag: req.tag,
+                result: 0,
+                extra: 0,
+            });
+            return Ok(());
         }
         self.prepare(req, segs, ram)?;
         self.advance(req.tag, 0, req.offset);
@@ -760,245 +459,79 @@ impl QueueLoop {
         req: &Request,
         segs: &[Segment],
         ram: &Arc<RegisteredRam>,
-    ) -> Result<(), i32> {
+    ) -> Result<(), Errno> {
         let lim = &self.limits;
-        let slot = &mut self.slots[req.tag as usize];
-        slot.iovs.clear();
-        slot.segs.clear();
-        slot.split = false;
-        slot.extra = 0;
-        slot.zone = None;
+        let bufs = &mut self.buffers[req.tag as usize];
+        bufs.iovs.clear();
+        bufs.segs.clear();
+        let mut split = false;
+        let mut bounce = None;
         match req.op {
             Op::Read | Op::Write | Op::ZoneAppend => {
-                // Every address and length ORed: one mask test for all.
-                let (mut addr_bits, mut len_bits) = (0usize, 0usize);
-                for s in segs {
-                    let b = ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
-                    addr_bits |= b.as_ptr() as usize;
-                    len_bits |= b.len();
-                    slot.iovs.push(b.iovec());
-                }
-                slot.segs.extend_from_slice(segs);
-                let split = lim.data_needs_split(req.len, segs.len());
-                let misaligned = (addr_bits | len_bits) & lim.buf_mask != 0;
-                if misaligned || (split && !lim.segments_cuttable(len_bits)) {
+                let bits = guest_iovecs(ram, segs, &mut bufs.iovs)?;
+                bufs.segs.extend_from_slice(segs);
+                split = lim.data_needs_split(req.len, segs.len());
+                let misaligned = (bits.addr | bits.len) & lim.buf_mask != 0;
+                if misaligned || (split && !lim.segments_cuttable(bits.len)) {
                     let mut bb = self
-                        .io
+                        .leaf
                         .bounce_pool()
                         .get(req.len as usize)
-                        .map_err(|e| e.errno().raw_os_error())?;
+                        .map_err(|e| Errno::of_blkio(&e))?;
                     if req.op != Op::Read {
-                        let dst = bb.bytes_mut();
-                        let mut at = 0;
-                        for s in segs {
-                            let b = ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
-                            at += b.copy_to(&mut dst[at..]);
-                        }
+                        bb.copy_from_guest(ram, segs)?;
                     }
-                    slot.bounce = Some(bb);
+                    bounce = Some(bb);
                     // One contiguous buffer: only the length can be too much.
-                    slot.split = req.len > lim.max_transfer;
+                    split = req.len > lim.max_transfer;
                     self.counters.bounced += 1;
-                } else {
-                    slot.split = split;
                 }
             }
             Op::Discard | Op::WriteZeroes => {
-                slot.split = lim.max_range(req.op).is_some_and(|max| req.len > max);
+                split = lim.max_range(req.op).is_some_and(|max| req.len > max);
             }
             Op::ZoneReport => {
                 for s in segs {
-                    ram.ram().buf(s).map_err(|_| libc::EFAULT)?;
+                    ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
                 }
-                slot.segs.extend_from_slice(segs);
+                bufs.segs.extend_from_slice(segs);
             }
             _ => {}
         }
-        slot.busy = true;
-        slot.op = Some(req.op);
-        slot.flags = req.flags;
-        slot.len = req.len;
-        slot.ram = Some(Arc::clone(ram));
-        slot.start = Some(Instant::now());
-        slot.leaf_start = None;
+        self.slots[req.tag as usize] = Slot::Busy(InFlight {
+            op: req.op,
+            flags: req.flags,
+            len: req.len,
+            stage: 0,
+            offset: req.offset,
+            ram: Arc::clone(ram),
+            bounce,
+            start: Instant::now(),
+            leaf_start: None,
+            split,
+            parts: SplitProgress::default(),
+            extra: 0,
+            zone: None,
+        });
         self.root_stats.started();
         self.inflight += 1;
         Ok(())
     }
 
-    /// Runs a claimed request through the stages from `stage` on, then
-    /// submits it to the leaf (or holds it, or fails it).
-    fn advance(&mut self, tag: u32, mut stage: usize, mut offset: u64) {
-        let (op, len) = {
-            let s = &self.slots[tag as usize];
-            (s.op.unwrap_or(Op::Flush), s.len)
-        };
-        let mut now = 0u64;
-        while stage < self.graph.stages.len() {
-            let verdict = match &self.graph.stages[stage] {
-                Stage::Window { offset: o } => {
-                    offset += o;
-                    Verdict::Pass
-                }
-                Stage::Faults(f) => {
-                    if now == 0 {
-                        now = stages::now();
-                    }
-                    f.check(op, offset, len, now)
-                }
-                Stage::Throttle(t) => {
-                    if !self.throttled[stage].0.is_empty() {
-                        // Keep order behind those already waiting.
-                        Verdict::HoldUntil(self.throttled[stage].1)
-                    } else {
-                        if now == 0 {
-                            now = stages::now();
-                        }
-                        t.admit(op, len, now)
-                    }
-                }
-                Stage::Zoned(layer) => zone_step(
-                    layer,
-                    self.graph.zoned.as_ref(),
-                    &mut self.slots[tag as usize],
-                    &mut offset,
-                    &mut self.zone_views,
-                    &mut self.report_buf,
-                ),
-            };
-            match verdict {
-                Verdict::Pass => stage += 1,
-                Verdict::Fail(errno) => {
-                    self.complete(tag, -errno);
-                    return;
-                }
-                Verdict::Done(result) => {
-                    self.complete(tag, result);
-                    return;
-                }
-                Verdict::HoldUntil(at) => {
-                    let slot = &mut self.slots[tag as usize];
-                    slot.offset = offset;
-                    if matches!(self.graph.stages[stage], Stage::Zoned(_)) {
-                        // A busy zone: retried at this stage.
-                        slot.stage = stage;
-                        self.held.push(Reverse((at, tag)));
-                    } else if matches!(self.graph.stages[stage], Stage::Throttle(_)) {
-                        // Retried at this stage.
-                        slot.stage = stage;
-                        let (q, retry) = &mut self.throttled[stage];
-                        if q.is_empty() {
-                            *retry = at;
-                        }
-                        q.push_back(tag);
-                    } else {
-                        // A delay: continue after this stage.
-                        slot.stage = stage + 1;
-                        self.held.push(Reverse((at, tag)));
-                    }
-                    return;
-                }
-            }
-        }
-        self.submit_leaf(tag, offset);
-    }
-
-    /// Drops every request held by a delay or a throttle (the frontend is
-    /// gone); returns how many.
-    fn cancel_held(&mut self) -> usize {
-        let mut tags: Vec<u32> = self.held.drain().map(|Reverse((_, t))| t).collect();
-        for (q, _) in &mut self.throttled {
-            tags.extend(q.drain(..));
-        }
-        // Zone writes give their reservations back only last first: drop
-        // them from the highest offset down, so each zone's write pointer
-        // returns to where the dropped writes began (the restarted
-        // frontend resubmits them).
-        tags.sort_unstable_by_key(|&t| {
-            std::cmp::Reverse(
-                self.slots[t as usize]
-                    .zone
-                    .as_ref()
-                    .map(|z| (z.zone, z.offset)),
-            )
-        });
-        for &tag in &tags {
-            self.complete(tag, -libc::ECANCELED);
-        }
-        if !tags.is_empty() {
-            tracing::info!(
-                queue = self.index,
-                cancelled = tags.len(),
-                "frontend gone: held requests dropped"
-            );
-        }
-        tags.len()
-    }
-
-    /// Releases whatever held requests are due; returns how many moved.
-    fn run_timers(&mut self) -> usize {
-        if self.held.is_empty() && self.throttled.iter().all(|(q, _)| q.is_empty()) {
-            return 0;
-        }
-        let now = stages::now();
-        let mut n = 0;
-        while let Some(Reverse((at, tag))) = self.held.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.held.pop();
-            let (stage, offset) = (
-                self.slots[tag as usize].stage,
-                self.slots[tag as usize].offset,
-            );
-            self.advance(tag, stage, offset);
-            n += 1;
-        }
-        for stage in 0..self.throttled.len() {
-            while let Some(&tag) = self.throttled[stage].0.front() {
-                if self.throttled[stage].1 > now {
-                    break;
-                }
-                let Stage::Throttle(t) = &self.graph.stages[stage] else {
-                    break;
-                };
-                let s = &self.slots[tag as usize];
-                match t.admit(s.op.unwrap_or(Op::Flush), s.len, now) {
-                    Verdict::HoldUntil(at) => {
-                        self.throttled[stage].1 = at;
-                        break;
-                    }
-                    Verdict::Pass | Verdict::Fail(_) | Verdict::Done(_) => {
-                        self.throttled[stage].0.pop_front();
-                        let offset = self.slots[tag as usize].offset;
-                        self.advance(tag, stage + 1, offset);
-                        n += 1;
-                    }
-                }
-            }
-        }
-        n
-    }
-
     /// Completes a claimed request (at the leaf or before it): copies a
     /// bounced read back to the guest, counts it, and queues its completion.
     fn complete(&mut self, tag: u32, mut result: i32) {
-        let pool = self.io.bounce_pool();
-        let slot = &mut self.slots[tag as usize];
-        if let Some(mut bb) = slot.bounce.take() {
-            if slot.op == Some(Op::Read) && result == 0 {
-                if let Some(ram) = &slot.ram {
-                    let src = bb.bytes_mut();
-                    let mut at = 0;
-                    for s in &slot.segs {
-                        match ram.ram().buf(s) {
-                            Ok(b) => at += b.copy_from(&src[at..]),
-                            Err(_) => result = -libc::EFAULT,
-                        }
-                    }
+        let Some(mut r) = self.slots[tag as usize].take() else {
+            return;
+        };
+        if let Some(mut bb) = r.bounce.take() {
+            if r.op == Op::Read && result == 0 {
+                let segs = &self.buffers[tag as usize].segs;
+                if let Err(errno) = bb.copy_to_guest(&r.ram, segs) {
+                    result = errno.ring_result();
                 }
             }
-            pool.put(bb);
+            self.leaf.bounce_pool().put(bb);
         }
         if let Some(z) = &self.graph.zoned {
             // Record a reserved write in the zone state (after its data,
@@ -1006,10 +539,10 @@ impl QueueLoop {
             // is: after a FUA write, after the leaf's flush.
             let ok = result == 0;
             let mut recorded = Ok(());
-            if let Some(t) = slot.zone.take() {
+            if let Some(t) = r.zone.take() {
                 recorded = z.layer.end_write(&t, ok);
             }
-            if ok && (slot.flags & FLAG_FUA != 0 || slot.op == Some(Op::Flush)) {
+            if ok && (r.flags & FLAG_FUA != 0 || r.op == Op::Flush) {
                 recorded = recorded.and_then(|()| z.layer.sync());
             }
             if let Err(e) = recorded {
@@ -1018,256 +551,10 @@ impl QueueLoop {
                 }
             }
         }
-        record(&self.root_stats, &self.leaf_stats, slot, result);
-        slot.busy = false;
-        slot.split = false;
-        slot.ram = None;
-        let extra = if result == 0 { slot.extra } else { 0 };
+        record(&self.root_stats, &self.leaf_stats, &r, result);
+        let extra = if result == 0 { r.extra } else { 0 };
         self.inflight -= 1;
         self.done.push(Completion { tag, result, extra });
-    }
-
-    /// The leaf is done with a request: the null leaf may still hold it for
-    /// its latency.
-    fn leaf_done(&mut self, tag: u32, result: i32) {
-        if let Backend::Null {
-            latency, pending, ..
-        } = &mut self.io
-        {
-            if !latency.is_zero() && result == 0 {
-                pending.push_back((
-                    Instant::now() + *latency,
-                    Completion {
-                        tag,
-                        result: 0,
-                        extra: 0,
-                    },
-                ));
-                return;
-            }
-        }
-        self.complete(tag, result);
-    }
-
-    /// Hands a request that passed every stage to the protocol leaf.
-    fn submit_leaf(&mut self, tag: u32, offset: u64) {
-        let t = tag as usize;
-        if let Some(leaf) = &self.leaf_stats {
-            self.slots[t].leaf_start = Some(Instant::now());
-            leaf.started();
-        }
-        if self.slots[t].split {
-            self.counters.split += 1;
-            let p = &mut self.slots[t].parts;
-            p.cur = Cursor::default();
-            p.base = offset;
-            p.busy = 0;
-            p.result = 0;
-            self.pump(tag);
-            return;
-        }
-        let slot = &mut self.slots[t];
-        let op = slot.op.unwrap_or(Op::Flush);
-        match &mut self.io {
-            Backend::Null { .. } => {
-                let mut result = 0;
-                if op == Op::Read {
-                    let zeroed = match (&mut slot.bounce, &slot.ram) {
-                        (Some(bb), _) => {
-                            bb.bytes_mut().fill(0);
-                            Ok(())
-                        }
-                        (None, Some(ram)) => zero_fill(ram, &slot.segs),
-                        (None, None) => Ok(()),
-                    };
-                    if zeroed.is_err() {
-                        result = -libc::EFAULT;
-                    }
-                }
-                self.leaf_done(tag, result);
-            }
-            Backend::Blkio { q: Some(q), .. } => {
-                let data = match &slot.bounce {
-                    Some(bb) => Data::Buf(bb.as_ptr(), bb.len()),
-                    None => Data::Iovecs(slot.iovs.as_ptr(), slot.iovs.len() as u32),
-                };
-                let punch = self.graph.discard_punches_holes;
-                if let Err(errno) = issue(q, op, slot.flags, punch, offset, slot.len, data, t) {
-                    self.complete(tag, -errno);
-                }
-            }
-            Backend::Blkio { q: None, .. } => self.complete(tag, -libc::EIO),
-        }
-    }
-
-    /// Hands out the next parts of a split request while it has free lanes;
-    /// completes it once no part is in flight and either all were done or
-    /// one failed (the first error wins).
-    fn pump(&mut self, tag: u32) {
-        let t = tag as usize;
-        let lim = self.limits;
-        let punch = self.graph.discard_punches_holes;
-        let null = matches!(self.io, Backend::Null { .. });
-        loop {
-            let slot = &mut self.slots[t];
-            let op = slot.op.unwrap_or(Op::Flush);
-            let p = &mut slot.parts;
-            if p.result != 0 {
-                break;
-            }
-            let Some(lane) = free_lane(p.busy) else {
-                break;
-            };
-            // Cut the next part: out of the bounce buffer, out of the guest
-            // segments (iovecs for the driver, segments for the null leaf),
-            // or out of a discard / write-zeroes range.
-            let cut = match (op, &slot.bounce) {
-                (Op::Read | Op::Write, Some(bb)) => {
-                    next_linear(slot.len, lim.max_transfer, &mut p.cur).map(|(at, n)| {
-                        let ptr = bb.as_ptr().wrapping_add(at as usize);
-                        (at, n, Data::Buf(ptr, n as usize))
-                    })
-                }
-                (Op::Read | Op::Write, None) if null => {
-                    next_vectored(&slot.segs, slot.len, &lim, &mut p.cur, &mut self.null_segs)
-                        .map(|(at, n)| (at, n, Data::None))
-                }
-                (Op::Read | Op::Write, None) => {
-                    let iovs = &mut p.iovs[lane];
-                    next_vectored(&slot.iovs, slot.len, &lim, &mut p.cur, iovs)
-                        .map(|(at, n)| (at, n, Data::Iovecs(iovs.as_ptr(), iovs.len() as u32)))
-                }
-                (Op::Discard | Op::WriteZeroes, _) => {
-                    let max = lim.max_range(op).unwrap_or(u64::MAX);
-                    next_linear(slot.len, max, &mut p.cur).map(|(at, n)| (at, n, Data::None))
-                }
-                _ => None,
-            };
-            let Some((at, n, data)) = cut else {
-                break;
-            };
-            let Some(offset) = part_offset(p.base, at, n) else {
-                p.result = -libc::EINVAL;
-                break;
-            };
-            self.counters.parts += 1;
-            match &mut self.io {
-                Backend::Blkio { q: Some(q), .. } => {
-                    let ud = part_user_data(t, lane);
-                    match issue(q, op, slot.flags, punch, offset, n, data, ud) {
-                        Ok(()) => p.busy |= 1 << lane,
-                        Err(errno) => p.result = -errno,
-                    }
-                }
-                Backend::Blkio { q: None, .. } => p.result = -libc::EIO,
-                // The null leaf does its part at once.
-                Backend::Null { .. } if op == Op::Read => {
-                    let zeroed = match (&mut slot.bounce, &slot.ram) {
-                        (Some(bb), _) => {
-                            bb.bytes_mut()[at as usize..(at + n) as usize].fill(0);
-                            Ok(())
-                        }
-                        (None, Some(ram)) => zero_fill(ram, &self.null_segs),
-                        (None, None) => Ok(()),
-                    };
-                    if zeroed.is_err() {
-                        p.result = -libc::EFAULT;
-                    }
-                }
-                Backend::Null { .. } => {}
-            }
-        }
-        let p = &self.slots[t].parts;
-        if p.busy == 0 {
-            let result = p.result;
-            self.leaf_done(tag, result);
-        }
-    }
-
-    /// A part of a split request came back.
-    fn part_done(&mut self, tag: usize, lane: usize, result: i32) {
-        let slot = &mut self.slots[tag];
-        let bit = 1u8 << lane;
-        if !slot.busy || !slot.split || slot.parts.busy & bit == 0 {
-            return; // not ours (a confused driver); nothing to complete
-        }
-        slot.parts.busy &= !bit;
-        if result != 0 && slot.parts.result == 0 {
-            slot.parts.result = result;
-        }
-        self.pump(tag as u32);
-    }
-
-    /// Whether the driver may have completions to reap (checked without a
-    /// syscall where possible).
-    fn driver_has_completions(&mut self) -> bool {
-        match &self.io {
-            Backend::Blkio { .. } => self.inflight > 0 && self.reap() > 0,
-            Backend::Null { pending, .. } => {
-                pending.front().is_some_and(|(d, _)| *d <= Instant::now())
-            }
-        }
-    }
-
-    /// Collects driver completions; returns how many.
-    fn reap(&mut self) -> usize {
-        let n = match &mut self.io {
-            Backend::Blkio { q: Some(q), .. } => {
-                if self.inflight == 0 {
-                    return 0;
-                }
-                match q.do_io(&mut self.blkio_done, 0, None, None) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::error!(queue = self.index, "libblkio do_io: {}", e.message());
-                        0
-                    }
-                }
-            }
-            Backend::Blkio { q: None, .. } => 0,
-            Backend::Null { .. } => return self.reap_null(),
-        };
-        for i in 0..n {
-            // SAFETY: do_io initialized the first n entries.
-            let c = unsafe { self.blkio_done[i].assume_init_read() };
-            let (tag, lane) = (c.user_data & TAG_MASK, c.user_data >> LANE_SHIFT);
-            if tag >= self.slots.len() || !self.slots[tag].busy || lane > LANES {
-                continue;
-            }
-            let mut result = c.ret;
-            if self.slots[tag].op == Some(Op::Discard) && result == -libc::EOPNOTSUPP {
-                // Discard is a hint: a device that cannot do it still
-                // succeeds (as QEMU).
-                result = 0;
-            }
-            if lane == 0 {
-                self.complete(tag as u32, result);
-            } else {
-                self.part_done(tag, lane - 1, result);
-            }
-        }
-        n
-    }
-
-    /// Completes the null leaf's requests whose latency has passed.
-    fn reap_null(&mut self) -> usize {
-        let now = Instant::now();
-        let mut n = 0;
-        loop {
-            let due = match &mut self.io {
-                Backend::Null { pending, .. }
-                    if pending.front().is_some_and(|(d, _)| *d <= now) =>
-                {
-                    pending.pop_front()
-                }
-                _ => None,
-            };
-            let Some((_, c)) = due else {
-                return n;
-            };
-            self.complete(c.tag, c.result);
-            n += 1;
-        }
     }
 
     fn post_completions(&mut self) {
@@ -1316,1113 +603,16 @@ impl QueueLoop {
     }
 }
 
-/// How soon a write to a busy zone of a zoned device is tried again.
-const ZONE_RETRY_NS: u64 = 20_000;
-
-/// The zone layer's part of a request at its stage: reserve a write (an
-/// append learns where it lands and becomes a write there), answer a report
-/// or a management request.
-fn zone_step(
-    layer: &ZoneLayer,
-    access: Option<&ZoneAccess>,
-    slot: &mut Slot,
-    offset: &mut u64,
-    views: &mut Vec<ZoneView>,
-    buf: &mut Vec<u8>,
-) -> Verdict {
-    let Some(access) = access else {
-        return Verdict::Fail(libc::EIO);
-    };
-    let op = slot.op.unwrap_or(Op::Flush);
-    let done =
-        |r: Result<(), ZoneError>| Verdict::Done(r.map_or_else(ZoneError::ring_result, |()| 0));
-    match op {
-        // A flush syncs the zone state once the leaf flushed (`complete`).
-        Op::Read | Op::GetId | Op::Flush => Verdict::Pass,
-        Op::Discard => Verdict::Fail(libc::EOPNOTSUPP),
-        Op::Write | Op::WriteZeroes | Op::ZoneAppend => {
-            let kind = if op == Op::ZoneAppend {
-                WriteKind::Append
-            } else {
-                WriteKind::Write
-            };
-            match layer.begin_write(kind, *offset, slot.len) {
-                Ok(t) => {
-                    *offset = t.offset;
-                    if op == Op::ZoneAppend {
-                        slot.op = Some(Op::Write);
-                        slot.extra = t.offset - access.shift;
-                    }
-                    slot.zone = Some(t);
-                    Verdict::Pass
-                }
-                Err(ZoneError::Busy) => Verdict::HoldUntil(stages::now() + ZONE_RETRY_NS),
-                Err(e) => Verdict::Done(e.ring_result()),
-            }
-        }
-        Op::ZoneReport => {
-            let zone = (*offset / layer.geometry().zone_size) as u32;
-            let room = usize::try_from(slot.len).unwrap_or(usize::MAX);
-            views.clear();
-            let end = access.first + access.count;
-            if let Err(e) = layer.report(zone, end, room.saturating_sub(64) / 64, views) {
-                return Verdict::Done(e.ring_result());
-            }
-            let n = zoned::encode_report(views, access.shift, room, buf);
-            let Some(ram) = &slot.ram else {
-                return Verdict::Fail(libc::EFAULT);
-            };
-            let mut at = 0;
-            for s in &slot.segs {
-                if at == n {
-                    break;
-                }
-                match ram.ram().buf(s) {
-                    Ok(b) => at += b.copy_from(&buf[at..n]),
-                    Err(_) => return Verdict::Fail(libc::EFAULT),
-                }
-            }
-            slot.extra = n as u64;
-            Verdict::Done(0)
-        }
-        Op::ZoneOpen | Op::ZoneClose | Op::ZoneFinish | Op::ZoneReset => {
-            let action = match op {
-                Op::ZoneOpen => Action::Open,
-                Op::ZoneClose => Action::Close,
-                Op::ZoneFinish => Action::Finish,
-                _ => Action::Reset,
-            };
-            done(layer.manage(action, *offset).map(|_| ()))
-        }
-        Op::ZoneResetAll => done(layer.reset_all(access.zones())),
-    }
-}
-
 /// Counts a finished request at the root and, if it got there, the leaf.
-fn record(root: &IoCounters, leaf: &Option<Arc<IoCounters>>, slot: &Slot, result: i32) {
-    let kind = kind_of(slot.op.unwrap_or(Op::Flush));
+fn record(root: &IoCounters, leaf: &Option<Arc<IoCounters>>, r: &InFlight, result: i32) {
+    let kind = r.kind();
     let ok = result == 0;
-    if let Some(t) = slot.start {
-        root.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
-    }
-    if let (Some(t), Some(leaf)) = (slot.leaf_start, leaf) {
-        leaf.finished(kind, slot.len, ok, t.elapsed().as_nanos() as u64);
+    root.finished(kind, r.len, ok, r.start.elapsed().as_nanos() as u64);
+    if let (Some(t), Some(leaf)) = (r.leaf_start, leaf) {
+        leaf.finished(kind, r.len, ok, t.elapsed().as_nanos() as u64);
     }
 }
 
-fn zero_fill(ram: &RegisteredRam, segs: &[Segment]) -> Result<(), i32> {
-    static ZEROES: [u8; 4096] = [0; 4096];
-    for s in segs {
-        let mut seg = *s;
-        while seg.len > 0 {
-            let chunk = seg.len.min(ZEROES.len() as u32);
-            let b = ram
-                .ram()
-                .buf(&Segment { len: chunk, ..seg })
-                .map_err(|_| libc::EFAULT)?;
-            b.copy_from(&ZEROES[..chunk as usize]);
-            seg.offset += chunk as u64;
-            seg.len -= chunk;
-        }
-    }
-    Ok(())
-}
-
+mod submit;
 #[cfg(test)]
-mod tests {
-    //! The loop driven by hand on the test's thread, over real rings, a
-    //! guest RAM file mapped twice (the worker's mapping and the test's) and
-    //! a real libblkio io_uring leaf on a temporary file.
-
-    use super::*;
-    use blkmesh_ipc::guest_ram::{GuestRam, RegionSpec};
-    use blkmesh_ipc::ring::{CompletionReceiver, RequestSender, RingLayout};
-    use blkmesh_proto::v1::{
-        node_spec::Driver, ExportPlan, FaultInjectionOptions, IoUringOptions, NodeSpec,
-        NullOptions, VhostUserBlkExport,
-    };
-
-    const RAM: u64 = 4 << 20;
-    const DISK: u64 = 8 << 20;
-    const KIB: u64 = 1024;
-
-    struct Harness {
-        lp: QueueLoop,
-        tx: RequestSender,
-        rx: CompletionReceiver,
-        /// The test's own view of guest RAM.
-        ram: GuestRam,
-        image: Option<tempfile::NamedTempFile>,
-        _ram_file: std::fs::File,
-        /// Holds a zoned node's metadata.
-        dir: Option<tempfile::TempDir>,
-    }
-
-    fn knobs(child: &str, max_transfer: u64, max_segments: u32, align: u32) -> NodeSpec {
-        NodeSpec {
-            name: "f".into(),
-            driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-                child: child.into(),
-                rules: vec![],
-                max_transfer,
-                max_segments,
-                buf_alignment: align,
-            })),
-        }
-    }
-
-    fn open(nodes: Vec<NodeSpec>) -> OpenedGraph {
-        crate::graph::open(&ExportPlan {
-            export: Some(VhostUserBlkExport {
-                id: "e".into(),
-                node: "f".into(),
-                socket: "/tmp/x".into(),
-                writable: true,
-                ..Default::default()
-            }),
-            nodes,
-            queues: vec![],
-            generation: 0,
-        })
-        .unwrap()
-    }
-
-    /// fault-injection "f" with these knobs over an io_uring file "file".
-    fn file_graph(max_transfer: u64, max_segments: u32, align: u32) -> Harness {
-        let image = tempfile::NamedTempFile::new().unwrap();
-        image.as_file().set_len(DISK).unwrap();
-        let leaf = NodeSpec {
-            name: "file".into(),
-            driver: Some(Driver::IoUring(IoUringOptions {
-                path: image.path().display().to_string(),
-                direct: false,
-                read_only: false,
-            })),
-        };
-        let g = open(vec![knobs("file", max_transfer, max_segments, align), leaf]);
-        let mut h = harness(g);
-        h.image = Some(image);
-        h
-    }
-
-    /// fault-injection "f" with these knobs over a null leaf.
-    fn null_graph(max_transfer: u64, max_segments: u32, align: u32, latency_ns: u64) -> Harness {
-        let leaf = NodeSpec {
-            name: "n".into(),
-            driver: Some(Driver::Null(NullOptions {
-                size: DISK,
-                latency_ns,
-            })),
-        };
-        harness(open(vec![
-            knobs("n", max_transfer, max_segments, align),
-            leaf,
-        ]))
-    }
-
-    fn harness(graph: OpenedGraph) -> Harness {
-        let layout = RingLayout::new(16, 128).unwrap();
-        let rings = QueueRings::create("limits-test", layout).unwrap();
-        let (tx, rx) = rings.frontend_end();
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(RAM).unwrap();
-        let spec = RegionSpec {
-            guest_addr: 0,
-            size: RAM,
-            fd_offset: 0,
-        };
-        let worker_ram = GuestRam::map(&[spec], vec![file.try_clone().unwrap()]).unwrap();
-        let ram = GuestRam::map(&[spec], vec![file.try_clone().unwrap()]).unwrap();
-        let registered = RegisteredRam::register(worker_ram, &graph.leaf).unwrap();
-        let io = backend(&graph.leaf).unwrap();
-        let setup = QueueSetup {
-            index: 0,
-            rings,
-            kick: Doorbell::new().unwrap(),
-            call: Doorbell::new().unwrap(),
-            graph,
-            ram: Arc::new(Mutex::new(Arc::new(registered))),
-        };
-        let stop_fd = Doorbell::new().unwrap();
-        let lp = QueueLoop::new(setup, io, Arc::new(AtomicBool::new(false)), stop_fd);
-        Harness {
-            lp,
-            tx,
-            rx,
-            ram,
-            image: None,
-            _ram_file: file,
-            dir: None,
-        }
-    }
-
-    fn seg(offset: u64, len: u32) -> Segment {
-        Segment {
-            region: 0,
-            len,
-            offset,
-        }
-    }
-
-    impl Harness {
-        fn put(&self, s: &Segment, data: &[u8]) {
-            assert_eq!(self.ram.buf(s).unwrap().copy_from(data), data.len());
-        }
-
-        fn get(&self, s: &Segment) -> Vec<u8> {
-            let mut v = vec![0u8; s.len as usize];
-            self.ram.buf(s).unwrap().copy_to(&mut v);
-            v
-        }
-
-        fn disk(&self) -> Vec<u8> {
-            std::fs::read(self.image.as_ref().unwrap().path()).unwrap()
-        }
-
-        fn submit(&mut self, tag: u32, op: Op, offset: u64, len: u64, segs: &[Segment]) {
-            let req = Request {
-                tag,
-                op,
-                flags: 0,
-                offset,
-                len,
-            };
-            self.tx.push(&req, segs).unwrap();
-            self.tx.publish();
-        }
-
-        /// Runs the loop until `n` completions came back through the ring.
-        fn complete(&mut self, n: usize) -> Vec<Completion> {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut out = Vec::new();
-            while out.len() < n {
-                assert!(Instant::now() < deadline, "timed out: {out:?}");
-                self.lp.take_requests().unwrap();
-                self.lp.run_timers();
-                self.lp.reap();
-                self.lp.post_completions();
-                while let Some(c) = self.rx.pop().unwrap() {
-                    out.push(c);
-                }
-                self.rx.release();
-            }
-            assert_eq!(self.lp.inflight, 0);
-            out
-        }
-
-        /// Submits one request and returns its result.
-        fn run(&mut self, op: Op, offset: u64, segs: &[Segment]) -> i32 {
-            let len = segs.iter().map(|s| s.len as u64).sum();
-            self.submit(1, op, offset, len, segs);
-            let c = self.complete(1);
-            assert_eq!(c[0].tag, 1);
-            c[0].result
-        }
-
-        fn range(&mut self, op: Op, offset: u64, len: u64) -> i32 {
-            self.submit(2, op, offset, len, &[]);
-            self.complete(1)[0].result
-        }
-
-        fn counters(&self) -> (u64, u64, u64) {
-            let c = self.lp.counters;
-            (c.split, c.parts, c.bounced)
-        }
-    }
-
-    /// Byte comparison that reports the first difference, not the buffers.
-    #[track_caller]
-    fn same(what: &str, actual: &[u8], expected: &[u8]) {
-        assert_eq!(actual.len(), expected.len(), "{what}: length");
-        if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-            panic!(
-                "{what}: byte {i} is {:#x}, expected {:#x}",
-                actual[i], expected[i]
-            );
-        }
-    }
-
-    #[track_caller]
-    fn zeroes(what: &str, actual: &[u8]) {
-        same(what, actual, &vec![0u8; actual.len()]);
-    }
-
-    fn pattern(seed: u8, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| seed.wrapping_add((i / 512) as u8))
-            .collect()
-    }
-
-    #[test]
-    fn within_the_limits_a_request_goes_whole() {
-        let mut h = file_graph(64 * KIB, 4, 4096);
-        let data = pattern(1, 64 * KIB as usize);
-        h.put(&seg(0, 64 * 1024), &data);
-        assert_eq!(
-            h.run(
-                Op::Write,
-                0,
-                &[seg(0, 32 * 1024), seg(32 * 1024, 32 * 1024)]
-            ),
-            0
-        );
-        assert_eq!(h.counters(), (0, 0, 0));
-        same("disk", &h.disk()[..data.len()], &data);
-    }
-
-    #[test]
-    fn oversized_fragmented_and_misaligned_requests_succeed() {
-        // Limits as in the issue: 8 KiB, 2 segments, 4 KiB buffer alignment.
-        let mut h = file_graph(8192, 2, 4096);
-        assert_eq!(h.lp.limits.max_transfer, 8192);
-
-        // 64 KiB from one segment: cut inside it into 8 zero-copy parts.
-        let a = pattern(0x10, 64 * 1024);
-        h.put(&seg(0x10000, 64 * 1024), &a);
-        assert_eq!(h.run(Op::Write, 0, &[seg(0x10000, 64 * 1024)]), 0);
-        assert_eq!(h.counters(), (1, 8, 0));
-
-        // 32 KiB from 8 aligned pages scattered backwards: 4 parts of 2.
-        let b = pattern(0x40, 32 * 1024);
-        let pages: Vec<Segment> = (0..8u64)
-            .map(|i| seg(0x100000 - i * 0x3000, 4096))
-            .collect();
-        for (i, s) in pages.iter().enumerate() {
-            h.put(s, &b[i * 4096..(i + 1) * 4096]);
-        }
-        assert_eq!(h.run(Op::Write, 64 * KIB, &pages), 0);
-        assert_eq!(h.counters(), (2, 12, 0));
-
-        // 12 KiB from 24 misaligned 512-byte pieces: bounced, then cut by
-        // length (8 KiB + 4 KiB).
-        let c = pattern(0x80, 12 * 1024);
-        let pieces: Vec<Segment> = (0..24u64)
-            .map(|i| seg(0x200000 + i * 1536 + 512, 512))
-            .collect();
-        for (i, s) in pieces.iter().enumerate() {
-            h.put(s, &c[i * 512..(i + 1) * 512]);
-        }
-        assert_eq!(h.run(Op::Write, 96 * KIB, &pieces), 0);
-        assert_eq!(h.counters(), (3, 14, 1));
-
-        // The bytes are on the disk, in order.
-        let disk = h.disk();
-        same("a", &disk[..64 * 1024], &a);
-        same("b", &disk[64 * 1024..96 * 1024], &b);
-        same("c", &disk[96 * 1024..108 * 1024], &c);
-
-        // Read it all back in one request of 27 pages: 14 parts.
-        let pages: Vec<Segment> = (0..27u64).map(|i| seg(0x300000 + i * 8192, 4096)).collect();
-        assert_eq!(h.run(Op::Read, 0, &pages), 0);
-        let back: Vec<u8> = pages.iter().flat_map(|s| h.get(s)).collect();
-        same("read back", &back, &disk[..108 * 1024]);
-        assert_eq!(h.counters(), (4, 28, 1));
-
-        // And through misaligned pieces again (bounced, 2 parts).
-        let pieces: Vec<Segment> = (0..24u64)
-            .map(|i| seg(0x200000 + i * 1536 + 1024, 512))
-            .collect();
-        assert_eq!(h.run(Op::Read, 96 * KIB, &pieces), 0);
-        let back: Vec<u8> = pieces.iter().flat_map(|s| h.get(s)).collect();
-        same("bounced read", &back, &c);
-        assert_eq!(h.counters(), (5, 30, 2));
-
-        // Each request was counted once, at the root and at the leaf.
-        for stats in [
-            h.lp.root_stats.snapshot(),
-            h.lp.leaf_stats.as_ref().unwrap().snapshot(),
-        ] {
-            let (w, r) = (stats.write.unwrap(), stats.read.unwrap());
-            assert_eq!((w.ops, w.bytes, w.errors), (3, 108 * KIB, 0));
-            assert_eq!((r.ops, r.bytes, r.errors), (2, 120 * KIB, 0));
-            assert_eq!(stats.in_flight, 0);
-        }
-    }
-
-    #[test]
-    fn segments_that_cannot_be_cut_on_blocks_are_bounced() {
-        // No alignment asked, but 2 segments at most: pieces of 100 and 412
-        // bytes cannot be grouped into whole sectors.
-        let mut h = file_graph(0, 2, 0);
-        let data = pattern(7, 4096);
-        let segs = [
-            seg(0x1000, 100),
-            seg(0x2000, 412),
-            seg(0x3000, 1536),
-            seg(0x4000, 2048),
-        ];
-        let mut at = 0;
-        for s in &segs {
-            h.put(s, &data[at..at + s.len as usize]);
-            at += s.len as usize;
-        }
-        assert_eq!(h.run(Op::Write, 4096, &segs), 0);
-        assert_eq!(
-            h.counters(),
-            (0, 0, 1),
-            "bounced into one buffer, then whole"
-        );
-        same("disk", &h.disk()[4096..8192], &data);
-
-        // Whole sectors are grouped instead: 3 parts, no bounce.
-        let segs = [
-            seg(0x1000, 512),
-            seg(0x2000, 1024),
-            seg(0x3000, 512),
-            seg(0x4000, 2048),
-        ];
-        assert_eq!(h.run(Op::Read, 4096, &segs), 0);
-        let back: Vec<u8> = segs.iter().flat_map(|s| h.get(s)).collect();
-        same("grouped read", &back, &data);
-        assert_eq!(h.counters(), (1, 2, 1));
-    }
-
-    #[test]
-    fn write_zeroes_and_discard_beyond_their_maximum_are_split() {
-        let mut h = file_graph(0, 0, 0);
-        h.lp.graph.limits.max_write_zeroes = 16 * KIB;
-        h.lp.graph.limits.max_discard = 8 * KIB;
-        h.lp.limits = SplitLimits::new(&h.lp.graph.limits, h.lp.graph.discard_punches_holes);
-        let data = pattern(3, 256 * 1024);
-        h.put(&seg(0, 256 * 1024), &data);
-        assert_eq!(h.run(Op::Write, 0, &[seg(0, 256 * 1024)]), 0);
-        assert_eq!(h.counters(), (0, 0, 0));
-
-        assert_eq!(h.range(Op::WriteZeroes, 4 * KIB, 64 * KIB), 0);
-        assert_eq!(h.counters(), (1, 4, 0));
-        assert_eq!(h.range(Op::Discard, 128 * KIB, 20 * KIB), 0);
-        assert_eq!(h.counters(), (2, 7, 0), "8 + 8 + 4 KiB");
-        let disk = h.disk();
-        same("before", &disk[..4096], &data[..4096]);
-        zeroes("write-zeroes", &disk[4096..68 * 1024]);
-        same(
-            "between",
-            &disk[68 * 1024..128 * 1024],
-            &data[68 * 1024..128 * 1024],
-        );
-        zeroes("discard", &disk[128 * 1024..148 * 1024]);
-        same("after", &disk[148 * 1024..256 * 1024], &data[148 * 1024..]);
-    }
-
-    #[test]
-    fn the_first_failed_part_decides_and_the_request_completes_once() {
-        let mut h = file_graph(8192, 0, 0);
-        // 128 KiB: 16 parts, 8 in flight at first.
-        h.put(&seg(0, 128 * 1024), &pattern(9, 128 * 1024));
-        h.submit(5, Op::Write, 0, 128 * KIB, &[seg(0, 128 * 1024)]);
-        h.lp.take_requests().unwrap();
-        assert_eq!(h.counters(), (1, 8, 0));
-        assert_eq!(h.lp.slots[5].parts.busy, 0xff);
-        // Two lanes fail (as a driver would report it) before any other
-        // part is back: the first error wins, no further part starts.
-        h.lp.part_done(5, 2, -libc::EIO);
-        h.lp.part_done(5, 6, -libc::ENOSPC);
-        // A completion for a lane already done is ignored.
-        h.lp.part_done(5, 2, 0);
-        let c = h.complete(1);
-        assert_eq!(
-            c,
-            vec![Completion {
-                tag: 5,
-                result: -libc::EIO,
-                extra: 0
-            }]
-        );
-        assert_eq!(h.counters(), (1, 8, 0));
-        let w = h.lp.root_stats.snapshot().write.unwrap();
-        assert_eq!((w.ops, w.errors), (1, 1));
-        assert!(!h.lp.slots[5].busy);
-        // The slot is fine for the next request.
-        assert_eq!(h.run(Op::Read, 0, &[seg(0, 16 * 1024)]), 0);
-        assert_eq!(h.counters(), (2, 10, 0));
-    }
-
-    #[test]
-    fn null_leaf_splits_and_bounces_too() {
-        let mut h = null_graph(8192, 2, 4096, 0);
-        let ones = vec![0xffu8; 64 * 1024];
-        h.put(&seg(0x10000, 64 * 1024), &ones);
-        assert_eq!(h.run(Op::Read, 0, &[seg(0x10000, 64 * 1024)]), 0);
-        zeroes("null read", &h.get(&seg(0x10000, 64 * 1024)));
-        assert_eq!(h.counters(), (1, 8, 0));
-
-        let pieces: Vec<Segment> = (0..8u64)
-            .map(|i| seg(0x40000 + i * 1024 + 512, 512))
-            .collect();
-        for s in &pieces {
-            h.put(s, &[0xff; 512]);
-        }
-        assert_eq!(h.run(Op::Read, 0, &pieces), 0);
-        assert!(pieces.iter().all(|s| h.get(s).iter().all(|&b| b == 0)));
-        assert_eq!(
-            h.counters(),
-            (1, 8, 1),
-            "4 KiB bounced, within max_transfer"
-        );
-        assert_eq!(h.run(Op::Write, 0, &pieces), 0);
-        assert_eq!(h.counters(), (1, 8, 2));
-    }
-
-    #[test]
-    fn null_leaf_latency_applies_once_to_a_split_request() {
-        let mut h = null_graph(4096, 0, 0, 2_000_000);
-        let t = Instant::now();
-        assert_eq!(h.run(Op::Read, 0, &[seg(0, 64 * 1024)]), 0);
-        assert!(t.elapsed() >= Duration::from_millis(2));
-        assert_eq!(h.counters(), (1, 16, 0));
-        let r = h.lp.root_stats.snapshot().read.unwrap();
-        assert_eq!((r.ops, r.bytes), (1, 64 * KIB));
-    }
-
-    // ------------------------------------------------------------ zones
-
-    use crate::zoned::{Cond, WriteKind};
-    use blkmesh_proto::v1::{fault_rule, FaultRule, IoOp, RawOptions, ZonedOptions};
-
-    const ZONE: u64 = 1 << 20;
-    /// Where reports land in guest RAM.
-    const REPORT_AT: u64 = 0x30_0000;
-
-    fn open_root(root: &str, nodes: Vec<NodeSpec>) -> OpenedGraph {
-        crate::graph::open(&ExportPlan {
-            export: Some(VhostUserBlkExport {
-                id: "e".into(),
-                node: root.into(),
-                socket: "/tmp/x".into(),
-                writable: true,
-                ..Default::default()
-            }),
-            nodes,
-            queues: vec![],
-            generation: 0,
-        })
-        .unwrap()
-    }
-
-    fn zoned_node(name: &str, child: &str, dir: &tempfile::TempDir, cap: u64) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            driver: Some(Driver::Zoned(ZonedOptions {
-                child: child.into(),
-                zone_size: ZONE,
-                zone_capacity: cap,
-                max_open_zones: 0,
-                max_active_zones: 0,
-                metadata_path: dir.path().join("zones").display().to_string(),
-            })),
-        }
-    }
-
-    fn file_leaf(image: &tempfile::NamedTempFile) -> NodeSpec {
-        NodeSpec {
-            name: "file".into(),
-            driver: Some(Driver::IoUring(IoUringOptions {
-                path: image.path().display().to_string(),
-                direct: false,
-                read_only: false,
-            })),
-        }
-    }
-
-    /// Zoned graph rooted at "f" whose nodes `more` builds over the file
-    /// leaf "file" (8 zones of 1 MiB).
-    fn zoned_harness(more: impl FnOnce(&tempfile::TempDir) -> Vec<NodeSpec>) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let image = tempfile::NamedTempFile::new().unwrap();
-        image.as_file().set_len(DISK).unwrap();
-        let mut nodes = more(&dir);
-        nodes.push(file_leaf(&image));
-        let mut h = harness(open_root("f", nodes));
-        h.image = Some(image);
-        h.dir = Some(dir);
-        h
-    }
-
-    /// One zone descriptor of a report: (capacity, start, wp) in bytes,
-    /// type, state.
-    type Desc = (u64, u64, u64, u8, u8);
-
-    impl Harness {
-        fn zrun(&mut self, op: Op, offset: u64, segs: &[Segment]) -> Completion {
-            let len = segs.iter().map(|s| s.len as u64).sum();
-            self.submit(1, op, offset, len, segs);
-            let c = self.complete(1);
-            c[0]
-        }
-
-        fn zop(&mut self, op: Op, offset: u64) -> i32 {
-            self.range(op, offset, 0)
-        }
-
-        /// A zone report from `offset` into a buffer with room for `room`
-        /// descriptors.
-        fn report(&mut self, offset: u64, room: u32) -> Vec<Desc> {
-            let buf = seg(REPORT_AT, 64 + 64 * room);
-            self.put(&buf, &vec![0xee; buf.len as usize]);
-            let c = self.zrun(Op::ZoneReport, offset, &[buf]);
-            assert_eq!(c.result, 0);
-            let data = self.get(&buf);
-            let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
-            assert_eq!(c.extra, 64 + 64 * n as u64);
-            assert!(data[8..64].iter().all(|&b| b == 0));
-            (0..n)
-                .map(|i| {
-                    let d = &data[64 + 64 * i..128 + 64 * i];
-                    let word = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().unwrap()) * 512;
-                    (word(0), word(8), word(16), d[24], d[25])
-                })
-                .collect()
-        }
-
-        fn zone_state(&mut self, offset: u64) -> (u64, u8) {
-            let d = self.report(offset, 1)[0];
-            (d.2, d.4)
-        }
-    }
-
-    #[test]
-    fn zone_ops_on_a_regular_graph_are_not_supported() {
-        let mut h = null_graph(0, 0, 0, 0);
-        assert_eq!(h.lp.graph.limits.zones.unwrap().model, 0);
-        for op in [
-            Op::ZoneOpen,
-            Op::ZoneClose,
-            Op::ZoneFinish,
-            Op::ZoneReset,
-            Op::ZoneResetAll,
-        ] {
-            assert_eq!(h.zop(op, 0), -libc::EOPNOTSUPP, "{op:?}");
-        }
-        assert_eq!(
-            h.zrun(Op::ZoneReport, 0, &[seg(REPORT_AT, 4096)]).result,
-            -libc::EOPNOTSUPP
-        );
-        assert_eq!(
-            h.zrun(Op::ZoneAppend, 0, &[seg(0, 4096)]).result,
-            -libc::EOPNOTSUPP
-        );
-    }
-
-    #[test]
-    fn zoned_writes_appends_reports_and_management_through_the_ring() {
-        let cap = 768 * KIB;
-        let mut h = zoned_harness(|d| vec![zoned_node("f", "file", d, cap)]);
-        assert_eq!(h.lp.graph.limits.size, DISK);
-
-        // A fresh device: 8 empty zones.
-        let r = h.report(0, 16);
-        assert_eq!(r.len(), 8);
-        for (i, d) in r.iter().enumerate() {
-            let start = i as u64 * ZONE;
-            assert_eq!(*d, (cap, start, start, 2, Cond::Empty as u8));
-        }
-
-        // A write at the write pointer, then one that is not.
-        let a = pattern(0x11, 8192);
-        h.put(&seg(0, 8192), &a);
-        assert_eq!(h.run(Op::Write, 0, &[seg(0, 8192)]), 0);
-        assert_eq!(
-            h.run(Op::Write, 4096, &[seg(0, 4096)]),
-            zone_status::UNALIGNED_WP
-        );
-        // Not a multiple of the write granularity (virtio 1.4: UNALIGNED_WP).
-        assert_eq!(
-            h.run(Op::Write, ZONE, &[seg(0, 512), seg(4096, 100)]),
-            zone_status::UNALIGNED_WP
-        );
-
-        // Appends say where they landed.
-        let b = pattern(0x22, 4096);
-        h.put(&seg(0x10000, 4096), &b);
-        let c = h.zrun(Op::ZoneAppend, 0, &[seg(0x10000, 4096)]);
-        assert_eq!((c.result, c.extra), (0, 8192));
-        let c = h.zrun(Op::ZoneAppend, 2 * ZONE, &[seg(0x10000, 4096)]);
-        assert_eq!((c.result, c.extra), (0, 2 * ZONE));
-        // Not a zone start, or more than max_append.
-        let c = h.zrun(Op::ZoneAppend, 512, &[seg(0x10000, 4096)]);
-        assert_eq!(c.result, zone_status::INVALID_CMD);
-        let big = h.lp.graph.limits.zones.unwrap().max_append + 4096;
-        let c = h.zrun(Op::ZoneAppend, 3 * ZONE, &[seg(0, big as u32)]);
-        assert_eq!(c.result, zone_status::INVALID_CMD);
-        let disk = h.disk();
-        same("write", &disk[..8192], &a);
-        same("append", &disk[8192..12288], &b);
-        same("append 2", &disk[2 * ZONE as usize..][..4096], &b);
-
-        // A report from inside zone 1 with room for two zones.
-        let r = h.report(ZONE + 512, 2);
-        assert_eq!(
-            r,
-            vec![
-                (cap, ZONE, ZONE, 2, Cond::Empty as u8),
-                (cap, 2 * ZONE, 2 * ZONE + 4096, 2, Cond::ImplicitOpen as u8),
-            ]
-        );
-
-        // Management: finish, reset, open, close, reset-all.
-        assert_eq!(h.zop(Op::ZoneFinish, 0), 0);
-        assert_eq!(h.zone_state(0), (ZONE, Cond::Full as u8));
-        assert_eq!(
-            h.run(Op::Write, 12288, &[seg(0, 4096)]),
-            zone_status::INVALID_CMD
-        );
-        assert_eq!(h.zop(Op::ZoneOpen, 0), zone_status::INVALID_CMD);
-        assert_eq!(h.zop(Op::ZoneReset, 0), 0);
-        assert_eq!(h.zone_state(0), (0, Cond::Empty as u8));
-        assert_eq!(h.zop(Op::ZoneOpen, 3 * ZONE), 0);
-        assert_eq!(h.zone_state(3 * ZONE).1, Cond::ExplicitOpen as u8);
-        assert_eq!(h.zop(Op::ZoneClose, 3 * ZONE), 0);
-        assert_eq!(h.zone_state(3 * ZONE).1, Cond::Empty as u8);
-        assert_eq!(h.zop(Op::ZoneClose, 3 * ZONE), zone_status::INVALID_CMD);
-        assert_eq!(h.zop(Op::ZoneOpen, 512), zone_status::INVALID_CMD);
-        assert_eq!(h.zop(Op::ZoneOpen, DISK), zone_status::INVALID_CMD);
-        assert_eq!(h.zop(Op::ZoneReset, u64::MAX / 2), zone_status::INVALID_CMD);
-        let c = h.zrun(Op::ZoneAppend, DISK, &[seg(0, 4096)]);
-        assert_eq!(c.result, zone_status::INVALID_CMD);
-        let c = h.zrun(Op::ZoneReport, DISK, &[seg(REPORT_AT, 4096)]);
-        assert_eq!(c.result, zone_status::INVALID_CMD);
-        assert_eq!(h.zop(Op::ZoneResetAll, 0), 0);
-        assert!(h
-            .report(0, 8)
-            .iter()
-            .all(|d| d.4 == Cond::Empty as u8 && d.1 == d.2));
-
-        // Reads go anywhere (past the capacity too); discard does not.
-        assert_eq!(h.run(Op::Read, 4 * ZONE + cap, &[seg(0, 8192)]), 0);
-        assert_eq!(h.range(Op::Discard, 0, 4096), -libc::EOPNOTSUPP);
-        // Write-zeroes follows the write pointer.
-        assert_eq!(h.range(Op::WriteZeroes, 5 * ZONE, 4096), 0);
-        assert_eq!(
-            h.range(Op::WriteZeroes, 5 * ZONE, 4096),
-            zone_status::UNALIGNED_WP
-        );
-        // A report buffer must hold the header.
-        assert_eq!(
-            h.zrun(Op::ZoneReport, 0, &[seg(REPORT_AT, 32)]).result,
-            zone_status::INVALID_CMD
-        );
-        // A flush syncs the metadata once the leaf flushed; so does a FUA write.
-        let unsynced = |h: &Harness| match &*h.lp.graph.zoned.as_ref().unwrap().layer {
-            crate::zoned::ZoneLayer::Emulated(s) => s.unsynced(),
-            crate::zoned::ZoneLayer::Device(_) => unreachable!(),
-        };
-        assert!(unsynced(&h) > 0);
-        assert_eq!(h.range(Op::Flush, 0, 0), 0);
-        assert_eq!(unsynced(&h), 0);
-        assert_eq!(h.run(Op::Write, 5 * ZONE + 4096, &[seg(0, 4096)]), 0);
-        assert!(unsynced(&h) > 0);
-        let fua = Request {
-            tag: 3,
-            op: Op::Write,
-            flags: FLAG_FUA,
-            offset: 5 * ZONE + 8192,
-            len: 4096,
-        };
-        h.tx.push(&fua, &[seg(0, 4096)]).unwrap();
-        h.tx.publish();
-        assert_eq!(h.complete(1)[0].result, 0);
-        assert_eq!(unsynced(&h), 0);
-
-        // What completed is in the metadata file.
-        let meta = std::fs::read(h.dir.as_ref().unwrap().path().join("zones")).unwrap();
-        let rec = &meta[crate::zoned::HEADER_SIZE as usize + 5 * 32..][..32];
-        assert_eq!(rec[0], Cond::ImplicitOpen as u8);
-        assert_eq!(u64::from_le_bytes(rec[8..16].try_into().unwrap()), 12288);
-    }
-
-    #[test]
-    fn appends_from_two_queues_get_distinct_ranges() {
-        let mut a = zoned_harness(|d| vec![zoned_node("f", "file", d, 0)]);
-        let mut b = harness(a.lp.graph.clone());
-        // 8 appends of 4 KiB on each queue, all in flight at once, each
-        // with its own pattern.
-        for (q, h) in [&mut a, &mut b].into_iter().enumerate() {
-            for tag in 0..8u32 {
-                let s = seg(0x10000 * (tag as u64 + 1), 4096);
-                h.put(&s, &pattern((q * 8) as u8 + tag as u8, 4096));
-                let req = Request {
-                    tag,
-                    op: Op::ZoneAppend,
-                    flags: 0,
-                    offset: ZONE,
-                    len: 4096,
-                };
-                h.tx.push(&req, &[s]).unwrap();
-            }
-            h.tx.publish();
-            h.lp.take_requests().unwrap();
-        }
-        let mut landed = Vec::new();
-        for (q, h) in [&mut a, &mut b].into_iter().enumerate() {
-            for c in h.complete(8) {
-                assert_eq!(c.result, 0);
-                landed.push((c.extra, (q * 8) as u8 + c.tag as u8));
-            }
-        }
-        landed.sort_unstable();
-        let offsets: Vec<u64> = landed.iter().map(|l| l.0).collect();
-        let want: Vec<u64> = (0..16).map(|i| ZONE + i * 4096).collect();
-        assert_eq!(offsets, want);
-        let disk = a.disk();
-        for (at, seed) in landed {
-            same(
-                "appended",
-                &disk[at as usize..][..4096],
-                &pattern(seed, 4096),
-            );
-        }
-        assert_eq!(
-            a.zone_state(ZONE),
-            (ZONE + 16 * 4096, Cond::ImplicitOpen as u8)
-        );
-    }
-
-    #[test]
-    fn a_failed_write_below_the_zone_layer_gives_its_range_back() {
-        let mut h = zoned_harness(|d| {
-            vec![
-                zoned_node("f", "inj", d, 0),
-                NodeSpec {
-                    name: "inj".into(),
-                    driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-                        child: "file".into(),
-                        rules: vec![FaultRule {
-                            ops: vec![IoOp::Write as i32],
-                            count: 1,
-                            action: Some(fault_rule::Action::Errno(libc::EIO)),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    })),
-                },
-            ]
-        });
-        assert_eq!(h.run(Op::Write, 0, &[seg(0, 4096)]), -libc::EIO);
-        assert_eq!(h.zone_state(0), (0, Cond::Empty as u8));
-        assert_eq!(h.run(Op::Write, 0, &[seg(0, 4096)]), 0);
-        assert_eq!(h.zone_state(0), (4096, Cond::ImplicitOpen as u8));
-    }
-
-    #[test]
-    fn a_window_over_a_zoned_node_shows_its_zones_only() {
-        let mut h = zoned_harness(|d| {
-            vec![
-                NodeSpec {
-                    name: "f".into(),
-                    driver: Some(Driver::Raw(RawOptions {
-                        child: "z".into(),
-                        offset: 2 * ZONE,
-                        size: 4 * ZONE,
-                    })),
-                },
-                zoned_node("z", "file", d, 0),
-            ]
-        });
-        assert_eq!(h.lp.graph.limits.size, 4 * ZONE);
-        // Zone 0 of the layer (outside the window) is written directly.
-        let layer = Arc::clone(&h.lp.graph.zoned.as_ref().unwrap().layer);
-        let t = layer.begin_write(WriteKind::Write, 0, 4096).unwrap();
-        layer.end_write(&t, true).unwrap();
-
-        let r = h.report(0, 16);
-        assert_eq!(r.len(), 4, "only the window's zones");
-        assert_eq!(r[1].1, ZONE);
-        let data = pattern(0x33, 4096);
-        h.put(&seg(0, 4096), &data);
-        let c = h.zrun(Op::ZoneAppend, ZONE, &[seg(0, 4096)]);
-        assert_eq!((c.result, c.extra), (0, ZONE), "export coordinates");
-        same("append", &h.disk()[3 * ZONE as usize..][..4096], &data);
-        assert_eq!(h.zone_state(ZONE), (ZONE + 4096, Cond::ImplicitOpen as u8));
-        // Reset-all leaves the zones outside the window alone.
-        assert_eq!(h.zop(Op::ZoneResetAll, 0), 0);
-        assert_eq!(h.zone_state(ZONE), (ZONE, Cond::Empty as u8));
-        let mut v = Vec::new();
-        layer.report(0, 1, 1, &mut v).unwrap();
-        assert_eq!(v[0].cond, Cond::ImplicitOpen);
-    }
-
-    #[test]
-    fn zoned_over_a_slow_null_leaf() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = open_root(
-            "f",
-            vec![
-                zoned_node("f", "n", &dir, 0),
-                NodeSpec {
-                    name: "n".into(),
-                    driver: Some(Driver::Null(NullOptions {
-                        size: DISK,
-                        latency_ns: 1_000_000,
-                    })),
-                },
-            ],
-        );
-        let mut h = harness(g);
-        h.dir = Some(dir);
-        let c = h.zrun(Op::ZoneAppend, 4 * ZONE, &[seg(0, 8192)]);
-        assert_eq!((c.result, c.extra), (0, 4 * ZONE));
-        let c = h.zrun(Op::ZoneAppend, 4 * ZONE, &[seg(0, 4096)]);
-        assert_eq!((c.result, c.extra), (0, 4 * ZONE + 8192));
-    }
-
-    #[test]
-    fn zone_state_survives_the_graph() {
-        let mut h = zoned_harness(|d| vec![zoned_node("f", "file", d, 0)]);
-        assert_eq!(h.run(Op::Write, 0, &[seg(0, 4096)]), 0);
-        assert_eq!(h.zop(Op::ZoneFinish, ZONE), 0);
-        assert_eq!(h.zop(Op::ZoneOpen, 2 * ZONE), 0);
-        let g = h.lp.graph.clone();
-        let (image, dir) = (h.image.take().unwrap(), h.dir.take().unwrap());
-        drop(h);
-        drop(g);
-        // Opened again (a restarted worker reads the metadata file).
-        let mut h = harness(open_root(
-            "f",
-            vec![zoned_node("f", "file", &dir, 0), file_leaf(&image)],
-        ));
-        let r = h.report(0, 3);
-        assert_eq!((r[0].2, r[0].4), (4096, Cond::ImplicitOpen as u8));
-        assert_eq!((r[1].2, r[1].4), (2 * ZONE, Cond::Full as u8));
-        assert_eq!((r[2].2, r[2].4), (2 * ZONE, Cond::ExplicitOpen as u8));
-        assert_eq!(h.run(Op::Write, 4096, &[seg(0, 4096)]), 0);
-    }
-
-    /// A zoned block device to test the pass-through on: the one
-    /// `BLKMESH_TEST_ZONED_DEV` names (the test writes and resets its first
-    /// zones: use a scratch device), a zoned null_blk device, or one loaded
-    /// with `modprobe null_blk zoned=1` (unloaded afterwards). Err says why
-    /// there is none.
-    fn zoned_test_device() -> Result<(String, bool), String> {
-        if let Ok(dev) = std::env::var("BLKMESH_TEST_ZONED_DEV") {
-            return Ok((dev, false));
-        }
-        let find = || -> Option<String> {
-            let sys = std::path::Path::new("/sys");
-            for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let dev = format!("/dev/{name}");
-                if name.starts_with("nullb")
-                    && crate::zoned::probe_block_device(sys, std::path::Path::new(&dev)).is_some()
-                {
-                    return Some(dev);
-                }
-            }
-            None
-        };
-        if let Some(dev) = find() {
-            return Ok((dev, false));
-        }
-        let modprobe = ["/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists());
-        let Some(modprobe) = modprobe else {
-            return Err("no zoned null_blk device and no modprobe to load one \
-                        (set BLKMESH_TEST_ZONED_DEV to a scratch zoned device)"
-                .into());
-        };
-        if std::path::Path::new("/sys/module/null_blk").exists() {
-            return Err("null_blk is loaded without a zoned device".into());
-        }
-        let loaded = std::process::Command::new(modprobe)
-            .args([
-                "null_blk",
-                "nr_devices=1",
-                "zoned=1",
-                "zone_size=4",
-                "gb=1",
-                "memory_backed=1",
-                "zone_nr_conv=0",
-            ])
-            .status()
-            .map_err(|e| format!("{modprobe}: {e}"))?;
-        if !loaded.success() {
-            return Err(format!("modprobe null_blk zoned=1 failed ({loaded})"));
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(dev) = find() {
-                return Ok((dev, true));
-            }
-            if Instant::now() > deadline {
-                let _ = std::process::Command::new(modprobe)
-                    .args(["-r", "null_blk"])
-                    .status();
-                return Err("null_blk loaded but no zoned device appeared".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    #[test]
-    fn a_zoned_block_device_passes_through() {
-        let (dev, loaded) = match zoned_test_device() {
-            Ok(d) => d,
-            Err(why) => {
-                eprintln!("skipped: no zoned block device to test on: {why}");
-                return;
-            }
-        };
-        let result = std::panic::catch_unwind(|| {
-            let g = open_root(
-                "f",
-                vec![NodeSpec {
-                    name: "f".into(),
-                    driver: Some(Driver::IoUring(IoUringOptions {
-                        path: dev.clone(),
-                        direct: true,
-                        read_only: false,
-                    })),
-                }],
-            );
-            let info = g.limits.zones.unwrap();
-            assert_ne!(info.model, 0, "{dev} is zoned");
-            let zs = info.zone_size;
-            let mut h = harness(g);
-            // A conventional zone at the start is skipped.
-            let first = h
-                .report(0, 64)
-                .iter()
-                .find(|d| d.3 != crate::zoned::TYPE_CONVENTIONAL)
-                .map(|d| d.1)
-                .expect("a sequential zone among the first 64");
-            assert_eq!(h.zop(Op::ZoneReset, first), 0);
-            assert_eq!(h.zone_state(first), (first, Cond::Empty as u8));
-            let a = pattern(0x5a, 8192);
-            h.put(&seg(0, 8192), &a);
-            assert_eq!(h.run(Op::Write, first, &[seg(0, 4096)]), 0);
-            assert_eq!(
-                h.run(Op::Write, first, &[seg(0, 4096)]),
-                zone_status::UNALIGNED_WP
-            );
-            let c = h.zrun(Op::ZoneAppend, first, &[seg(4096, 4096)]);
-            assert_eq!((c.result, c.extra), (0, first + 4096));
-            assert_eq!(h.zone_state(first).0, first + 8192);
-            assert_eq!(h.run(Op::Read, first, &[seg(0x10000, 8192)]), 0);
-            same("read back", &h.get(&seg(0x10000, 8192)), &a);
-            assert_eq!(h.zop(Op::ZoneFinish, first), 0);
-            assert_eq!(h.zone_state(first).1, Cond::Full as u8);
-            assert_eq!(
-                h.run(Op::Write, first + 8192, &[seg(0, 4096)]),
-                zone_status::INVALID_CMD
-            );
-            assert_eq!(h.zop(Op::ZoneReset, first), 0);
-            assert_eq!(h.zone_state(first), (first, Cond::Empty as u8));
-            assert_eq!(h.zop(Op::ZoneOpen, first + zs), 0);
-            assert_eq!(h.zone_state(first + zs).1, Cond::ExplicitOpen as u8);
-            assert_eq!(h.zop(Op::ZoneClose, first + zs), 0);
-        });
-        if loaded {
-            for m in ["/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe"] {
-                if std::path::Path::new(m).exists() {
-                    let _ = std::process::Command::new(m)
-                        .args(["-r", "null_blk"])
-                        .status();
-                    break;
-                }
-            }
-        }
-        if let Err(e) = result {
-            std::panic::resume_unwind(e);
-        }
-    }
-}
+mod tests;

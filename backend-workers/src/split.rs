@@ -11,8 +11,8 @@
 //! stays aligned for the device (offset and length) and every piece cut out
 //! of a segment keeps the segment's memory alignment.
 //!
-//! This module is the arithmetic only; `queue.rs` drives the parts through
-//! the leaf and aggregates their completions.
+//! This module is the arithmetic only; `queue/submit.rs` drives the parts
+//! through the leaf and aggregates their completions.
 
 use blkmesh_ipc::ring::{Op, Segment};
 use blkmesh_proto::ipc::v1::Limits;

@@ -2,10 +2,12 @@
 //! way from the export down to the protocol leaf.
 //!
 //! A stage sees a request in its own node's coordinates and either passes it
-//! on (a `raw` window shifts the offset), fails it (fault injection), or
-//! holds it until a time (throttling, fault delays). The state behind a stage
-//! is shared by every queue of the node in this worker; a throttle group's
-//! buckets are shared with other workers too (see [`blkmesh_ipc::buckets`]).
+//! on (a `raw` window shifts the offset), fails it (fault injection), has
+//! it retried at a time (throttling) or delays it (fault delays); see
+//! [`Verdict`], and `pipeline/` for how a queue runs them. The state behind
+//! a stage is shared by every queue of the node in this worker; a throttle
+//! group's buckets are shared with other workers too (see
+//! [`blkmesh_ipc::buckets`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use blkmesh_ipc::buckets::{monotonic_ns, BucketSet, BUCKETS};
 use blkmesh_ipc::ring::Op;
 use blkmesh_proto::v1::{fault_rule::Action, Bucket, FaultRule, IoOp, ThrottleLimits};
 
+use crate::errno::Errno;
 use crate::zoned::ZoneLayer;
 
 /// One stage of a queue's pipeline, top (export) first.
@@ -27,22 +30,26 @@ pub enum Stage {
     Faults(Arc<Faults>),
     /// The graph's zone layer (an emulated `zoned` node, or a zoned device
     /// leaf): checks and reserves writes, answers zone reports and
-    /// management (see `zoned.rs`).
+    /// management (see `zoned/`).
     Zoned(Arc<ZoneLayer>),
 }
 
-/// What a gate decides for a request.
+/// What a stage decides for a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// On to the next stage.
     Pass,
-    /// Fail with this positive errno.
-    Fail(i32),
-    /// Try again (throttle, a busy zone) or pass on (delay) at this
-    /// CLOCK_MONOTONIC time.
-    HoldUntil(u64),
+    /// Fail the request with this errno.
+    Fail(Errno),
     /// Done at this stage with this completion result (0 or negative): a
     /// zone report or management request, or a zone rule broken.
     Done(i32),
+    /// Not now: try this stage again at this CLOCK_MONOTONIC time (a
+    /// throttle, a busy zone).
+    RetryAt(u64),
+    /// Hold the request until this CLOCK_MONOTONIC time, then pass it on (a
+    /// fault-injection delay).
+    DelayUntil(u64),
 }
 
 // ---------------------------------------------------------------- throttle
@@ -148,7 +155,7 @@ impl Throttle {
             }
         }
         if ready > now {
-            return Verdict::HoldUntil(ready);
+            return Verdict::RetryAt(ready);
         }
         for (b, bytes) in buckets {
             if let Some(r) = self.rates[b] {
@@ -218,9 +225,11 @@ impl Faults {
                 let (action, delay_ns) = match r.action {
                     // An errno the guest could not be told becomes EIO (the
                     // manager refuses these; the worker trusts no plan).
-                    Some(Action::Errno(e)) if (1..4096).contains(&e) => (Verdict::Fail(e), 0),
-                    Some(Action::Errno(_)) => (Verdict::Fail(libc::EIO), 0),
-                    Some(Action::DelayNs(d)) => (Verdict::HoldUntil(0), d),
+                    Some(Action::Errno(e)) if (1..4096).contains(&e) => {
+                        (Verdict::Fail(Errno::new(e).unwrap_or(Errno::EIO)), 0)
+                    }
+                    Some(Action::Errno(_)) => (Verdict::Fail(Errno::EIO), 0),
+                    Some(Action::DelayNs(d)) => (Verdict::DelayUntil(0), d),
                     None => (Verdict::Pass, 0),
                 };
                 Rule {
@@ -276,7 +285,7 @@ impl Faults {
                 continue;
             }
             return match r.action {
-                Verdict::HoldUntil(_) => Verdict::HoldUntil(now.saturating_add(r.delay_ns)),
+                Verdict::DelayUntil(_) => Verdict::DelayUntil(now.saturating_add(r.delay_ns)),
                 v => v,
             };
         }
@@ -321,7 +330,7 @@ mod tests {
         }
         assert!((200..=201).contains(&admitted), "{admitted}");
         match t.admit(Op::Read, 4096, now) {
-            Verdict::HoldUntil(at) => assert!(at > now && at <= now + 10_000_000, "{}", at - now),
+            Verdict::RetryAt(at) => assert!(at > now && at <= now + 10_000_000, "{}", at - now),
             v => panic!("{v:?}"),
         }
         // A second later, about 100 more fit.
@@ -343,10 +352,7 @@ mod tests {
             Verdict::Pass,
             "burst of one second"
         );
-        assert!(matches!(
-            t.admit(Op::Write, 4096, now),
-            Verdict::HoldUntil(_)
-        ));
+        assert!(matches!(t.admit(Op::Write, 4096, now), Verdict::RetryAt(_)));
         assert_eq!(t.admit(Op::Flush, 0, now), Verdict::Pass);
     }
 
@@ -393,10 +399,10 @@ mod tests {
             Verdict::Pass,
             "skipped once"
         );
-        assert_eq!(f.check(Op::Write, 4096, 512, 0), Verdict::Fail(5));
+        assert_eq!(f.check(Op::Write, 4096, 512, 0), Verdict::Fail(Errno::EIO));
         assert_eq!(
             f.check(Op::Write, 0, 8192, 0),
-            Verdict::Fail(5),
+            Verdict::Fail(Errno::EIO),
             "overlap counts"
         );
         assert_eq!(
@@ -412,7 +418,7 @@ mod tests {
             &[rule(vec![], 0, 0, 0, 0, fault_rule::Action::DelayNs(1000))],
             1,
         );
-        assert_eq!(f.check(Op::Flush, 0, 0, 50), Verdict::HoldUntil(1050));
+        assert_eq!(f.check(Op::Flush, 0, 0, 50), Verdict::DelayUntil(1050));
     }
 
     #[test]

@@ -308,7 +308,7 @@ fn requests(r: &mut Reader<'_>, conn: &Conn) {
         let offset = r.u64();
         // Data requests reach 1024 segments of up to 4 GiB.
         let len = (r.u32() as u64) << (r.u8() % 11);
-        // queue.rs check_range
+        // checks.rs check_range
         let l = &g.limits;
         let align = l.request_alignment.max(1) as u64;
         if offset.checked_add(len).is_none_or(|e| e > l.size)
@@ -328,13 +328,14 @@ fn requests(r: &mut Reader<'_>, conn: &Conn) {
                 }
                 Stage::Faults(f) => match f.check(op, at, len, now) {
                     Verdict::Fail(errno) => {
-                        // queue.rs completes with -errno, which the frontend
-                        // turns into a status.
-                        let result = errno.checked_neg().expect("errno negation overflows");
+                        // The pipeline completes with errno.ring_result(),
+                        // which the frontend turns into a status.
+                        let result = errno.ring_result();
+                        assert!(result < 0, "a failure is a negative result");
                         blkmesh_frontend::request::status_of(result);
                         break;
                     }
-                    Verdict::HoldUntil(_) | Verdict::Pass => {}
+                    Verdict::RetryAt(_) | Verdict::DelayUntil(_) | Verdict::Pass => {}
                     Verdict::Done(_) => break,
                 },
                 // Graphs opened here have no zone layer (no metadata file).
@@ -750,7 +751,7 @@ pub fn known() -> Vec<(&'static str, Vec<u8>)> {
             Op::Write,
         ),
     ));
-    // queue.rs advance: `self.complete(tag, -errno)`.
+    // pipeline::Pipeline::run: `Outcome::Complete(errno.ring_result())`.
     out.push((
         "fault-errno-min",
         with_request(
