@@ -14,7 +14,7 @@ use crate::client::ClientError;
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Cluster {
-    /// See [`BlockingClient::add_io_uring`].
+    /// See [`BlockingClient::add_io_uring`](crate::BlockingClient::add_io_uring).
     pub fn add_io_uring(
         &self,
         name: &str,
@@ -44,12 +44,12 @@ impl Cluster {
         (cluster, image)
     }
 
-    /// See [`BlockingClient::add_null`].
+    /// See [`BlockingClient::add_null`](crate::BlockingClient::add_null).
     pub fn add_null(&self, name: &str, size: u64) -> Result<NodeInfo, ClientError> {
         self.client().add_null(name, size)
     }
 
-    /// See [`BlockingClient::add_raw`].
+    /// See [`BlockingClient::add_raw`](crate::BlockingClient::add_raw).
     pub fn add_raw(
         &self,
         name: &str,
@@ -97,12 +97,12 @@ impl Cluster {
         self.client().remove_export(id)
     }
 
-    /// See [`BlockingClient::list_exports`].
+    /// See [`BlockingClient::list_exports`](crate::BlockingClient::list_exports).
     pub fn list_exports(&self) -> Result<Vec<ExportInfo>, ClientError> {
         self.client().list_exports()
     }
 
-    /// See [`BlockingClient::list_workers`].
+    /// See [`BlockingClient::list_workers`](crate::BlockingClient::list_workers).
     pub fn list_workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
         self.client().list_workers()
     }

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// How to start a [`Cluster`].
+/// How to start a [`Cluster`](super::Cluster).
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     /// Number of workers, named `worker0`, `worker1`, … (default 2).
@@ -162,7 +162,7 @@ impl ClusterOptions {
     }
 }
 
-/// An export to add with [`Cluster::add_export`]. Zero fields take the
+/// An export to add with [`Cluster::add_export`](super::Cluster::add_export). Zero fields take the
 /// manager's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOpts {
