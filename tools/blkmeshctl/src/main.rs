@@ -26,10 +26,6 @@ mod view;
 mod worker;
 mod zone;
 
-// Sizes and fault rules are written as the manager's configuration file
-// writes them.
-pub(crate) use blkmesh_manager::{rule, size};
-
 use std::process::ExitCode;
 use std::time::Duration;
 

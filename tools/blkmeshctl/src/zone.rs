@@ -6,8 +6,8 @@ use blkmesh_proto::v1::{ManageZoneRequest, ReportZonesRequest, ZoneAction};
 use clap::{Args, Subcommand};
 
 use crate::failure::Failure;
-use crate::size::parse_size;
 use crate::view::Output;
+use blkmesh_manager::size::parse_size;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ZoneCmd {

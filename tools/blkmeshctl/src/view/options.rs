@@ -6,8 +6,8 @@ use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::{Bucket, FaultRule, ThrottleLimits};
 use serde::Serialize;
 
-use crate::rule::{errno_name, format_rule, op_name};
-use crate::size::format_size;
+use blkmesh_manager::rule::{errno_name, format_rule, op_name};
+use blkmesh_manager::size::format_size;
 
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
