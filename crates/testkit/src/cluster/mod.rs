@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::bin_path;
+use crate::bins::bin_path;
 use crate::client::BlockingClient;
 use crate::process::{self, Proc};
 

@@ -39,7 +39,7 @@ impl Cluster {
         cluster.add_io_uring("file", &image, false, false).unwrap();
         cluster
             .client()
-            .add_node(crate::delay_node("slow", "file", ops, delay))
+            .add_node(crate::fixtures::delay_node("slow", "file", ops, delay))
             .unwrap();
         (cluster, image)
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use blkmesh_proto::v1::{WorkerInfo, WorkerState};
 
 use super::Cluster;
-use crate::bin_path;
+use crate::bins::bin_path;
 use crate::client::{BlockingClient, ClientError};
 use crate::process::{self, Proc};
 
