@@ -8,7 +8,7 @@ set -euo pipefail
 
 # The real-guest tests (crates/testkit/tests/real_guest.rs) boot a Debian
 # cloud kernel under qemu-system-x86_64 with a busybox initramfs; see
-# crates/testkit/src/guest.rs. QEMU comes from bookworm-backports (10.x,
+# crates/testkit/src/guest/. QEMU comes from bookworm-backports (10.x,
 # vhost-user-blk with reconnect-ms); qemu-utils must come from the same
 # place, or apt pairs qemu-system with an older qemu-storage-daemon.
 GUEST_CACHE="${BLKMESH_GUEST_CACHE:-/var/cache/blkmesh-guest}"

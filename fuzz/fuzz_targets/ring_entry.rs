@@ -1,3 +1,3 @@
 #![no_main]
-// See fuzz/src/ring.rs for the input format and the checks.
+// See fuzz/src/ring/mod.rs for the input format and the checks.
 libfuzzer_sys::fuzz_target!(|data: &[u8]| blkmesh_fuzz::ring::run(data));

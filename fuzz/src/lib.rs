@@ -10,7 +10,7 @@
 //!   both as descriptor lists and through a real `virtio_queue::Queue` over
 //!   fuzzed guest memory; every request it submits goes through a ring to
 //!   the worker side and against the worker's own guest RAM mapping.
-//! - [`ring`]: the shared queue rings (`crates/ipc/src/ring.rs`) with a
+//! - [`ring`]: the shared queue rings (`crates/ipc/src/ring/`) with a
 //!   hostile peer scribbling on the shared memory between the worker's and
 //!   the frontend's operations, plus an exact model while nobody scribbles.
 //! - [`control`]: control-channel datagrams (`channel.rs`) decoded as

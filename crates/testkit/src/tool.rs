@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bin_path;
+use crate::bins::bin_path;
 
 /// Time limit of [`run_tool`].
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(60);

@@ -19,7 +19,6 @@
 pub mod bench;
 pub mod cli;
 pub mod cmd;
-#[allow(unsafe_code)]
 pub mod device;
 pub mod errno;
 pub mod exec;

@@ -5,8 +5,8 @@ use blkmesh_proto::v1::event::Kind;
 use blkmesh_proto::v1::{Event, ExportState, GetStatsResponse, IoStats, OpStats};
 use serde::Serialize;
 
-use crate::size::format_size;
 use crate::view::{print_json, print_table};
+use blkmesh_manager::size::format_size;
 
 #[derive(Debug, Serialize)]
 struct HistogramView {
