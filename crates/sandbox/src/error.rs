@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::seccomp::Kind;
+use crate::kind::Kind;
 
 /// Everything that can go wrong while narrowing a process's privileges.
 ///

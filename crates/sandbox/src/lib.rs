@@ -54,6 +54,7 @@
 mod cli;
 mod dumpable;
 mod error;
+mod kind;
 mod listener;
 mod privileges;
 pub mod seccomp;

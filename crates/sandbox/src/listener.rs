@@ -11,12 +11,12 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAdd
 use nix::sys::stat::{mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
-use crate::{SandboxError, SocketPolicy};
+use crate::SandboxError;
 
 /// Longest path `bind(2)` takes for a unix socket (`sun_path` less its NUL).
 const SUN_PATH_MAX: usize = 107;
 
-/// The kind of unix socket [`SocketPolicy::listen_unix`] creates.
+/// The kind of unix socket [`crate::SocketPolicy::listen_unix`] creates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnixSocketKind {
     /// `SOCK_STREAM`: vhost-user exports, the manager's gRPC socket.
@@ -25,87 +25,75 @@ pub enum UnixSocketKind {
     SeqPacket,
 }
 
-impl SocketPolicy {
-    /// Creates a listening unix socket at `path` that has this policy's
-    /// owner, group and mode from the moment the path exists.
-    ///
-    /// Binding creates the socket file with `0777 & !umask`, and a chmod
-    /// after it leaves a window in which anyone may connect. So the socket
-    /// is bound in a fresh private directory next to `path` (mode 0700, so
-    /// nobody else can reach the file there), given the policy, set
-    /// listening, and only then renamed onto `path` (atomically replacing a
-    /// stale socket left there). The private directory is removed again,
-    /// also on failure.
-    ///
-    /// Anything at `path` that is not a socket is left alone and refused.
-    /// The returned descriptor is close-on-exec and blocking.
-    pub fn listen_unix(
-        &self,
-        path: &Path,
-        kind: UnixSocketKind,
-        backlog: i32,
-    ) -> Result<OwnedFd, SandboxError> {
-        let err = |op: &'static str, p: &Path| {
-            let p = p.to_path_buf();
-            move |source| SandboxError::Path {
-                op,
-                path: p,
-                source,
-            }
-        };
-        let name = path
-            .file_name()
-            .ok_or_else(|| SandboxError::NotASocket(path.to_path_buf()))?;
-        if path.as_os_str().len() > SUN_PATH_MAX {
-            return Err(err("binding", path)(nix::Error::ENAMETOOLONG));
+/// Creates a listening unix socket at `path` that already has its final
+/// owner, group and mode (set by `secure` on the bound file) when the path
+/// appears: see [`crate::SocketPolicy::listen_unix`].
+pub(crate) fn listen_secured(
+    path: &Path,
+    kind: UnixSocketKind,
+    backlog: i32,
+    secure: impl FnOnce(&Path) -> Result<(), SandboxError>,
+) -> Result<OwnedFd, SandboxError> {
+    let err = |op: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SandboxError::Path {
+            op,
+            path: p,
+            source,
         }
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => {}
-            Ok(_) => return Err(SandboxError::PathTaken(path.to_path_buf())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err("stat", path)(errno_of(&e))),
-        }
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut private = PrivateDir::create(parent)?;
-        private.entry = Some(name.to_os_string());
-        let temp = private.path.join(name);
-        let sock = socket::socket(
-            AddressFamily::Unix,
-            match kind {
-                UnixSocketKind::Stream => SockType::Stream,
-                UnixSocketKind::SeqPacket => SockType::SeqPacket,
-            },
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(err("creating a socket for", path))?;
-        // A path that is too long for sun_path inside the private
-        // directory is reached through the directory's descriptor.
-        let dirfd;
-        let bind_at = if temp.as_os_str().len() <= SUN_PATH_MAX {
-            temp.clone()
-        } else {
-            dirfd = open(
-                &private.path,
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(err("opening", &private.path))?;
-            PathBuf::from(format!("/proc/self/fd/{}", dirfd.as_raw_fd())).join(name)
-        };
-        let addr = UnixAddr::new(&bind_at).map_err(err("binding", path))?;
-        socket::bind(sock.as_raw_fd(), &addr).map_err(err("binding", &temp))?;
-        self.apply(&temp)?;
-        let backlog = Backlog::new(backlog).map_err(err("listening on", path))?;
-        socket::listen(&sock, backlog).map_err(err("listening on", path))?;
-        renameat2(AT_FDCWD, &temp, AT_FDCWD, path, RenameFlags::empty())
-            .map_err(err("renaming a socket onto", path))?;
-        private.remove()?;
-        Ok(sock)
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| SandboxError::NotASocket(path.to_path_buf()))?;
+    if path.as_os_str().len() > SUN_PATH_MAX {
+        return Err(err("binding", path)(nix::Error::ENAMETOOLONG));
     }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(_) => return Err(SandboxError::PathTaken(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("stat", path)(errno_of(&e))),
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut private = PrivateDir::create(parent)?;
+    private.entry = Some(name.to_os_string());
+    let temp = private.path.join(name);
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        match kind {
+            UnixSocketKind::Stream => SockType::Stream,
+            UnixSocketKind::SeqPacket => SockType::SeqPacket,
+        },
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err("creating a socket for", path))?;
+    // A path that is too long for sun_path inside the private
+    // directory is reached through the directory's descriptor.
+    let dirfd;
+    let bind_at = if temp.as_os_str().len() <= SUN_PATH_MAX {
+        temp.clone()
+    } else {
+        dirfd = open(
+            &private.path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err("opening", &private.path))?;
+        PathBuf::from(format!("/proc/self/fd/{}", dirfd.as_raw_fd())).join(name)
+    };
+    let addr = UnixAddr::new(&bind_at).map_err(err("binding", path))?;
+    socket::bind(sock.as_raw_fd(), &addr).map_err(err("binding", &temp))?;
+    secure(&temp)?;
+    let backlog = Backlog::new(backlog).map_err(err("listening on", path))?;
+    socket::listen(&sock, backlog).map_err(err("listening on", path))?;
+    renameat2(AT_FDCWD, &temp, AT_FDCWD, path, RenameFlags::empty())
+        .map_err(err("renaming a socket onto", path))?;
+    private.remove()?;
+    Ok(sock)
 }
 
 /// A mode-0700 directory that is removed (with `entry` in it) when
@@ -187,6 +175,7 @@ fn errno_of(e: &std::io::Error) -> nix::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SocketPolicy;
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::{UnixListener, UnixStream};
 

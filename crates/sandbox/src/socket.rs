@@ -1,6 +1,6 @@
 //! Permissions of the unix sockets a process creates.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -9,6 +9,7 @@ use nix::fcntl::{open, AtFlags, OFlag};
 use nix::sys::stat::{fstat, Mode, SFlag};
 use nix::unistd::{fchownat, Gid, Group, Uid, User};
 
+use crate::listener::{listen_secured, UnixSocketKind};
 use crate::SandboxError;
 
 /// Who may connect to a unix socket this process created.
@@ -62,6 +63,28 @@ impl SocketPolicy {
             owner: owner.map(resolve_user).transpose()?,
             group: group.map(resolve_group).transpose()?,
         })
+    }
+
+    /// Creates a listening unix socket at `path` that has this policy's
+    /// owner, group and mode from the moment the path exists.
+    ///
+    /// Binding creates the socket file with `0777 & !umask`, and a chmod
+    /// after it leaves a window in which anyone may connect. So the socket
+    /// is bound in a fresh private directory next to `path` (mode 0700, so
+    /// nobody else can reach the file there), given the policy, set
+    /// listening, and only then renamed onto `path` (atomically replacing a
+    /// stale socket left there). The private directory is removed again,
+    /// also on failure.
+    ///
+    /// Anything at `path` that is not a socket is left alone and refused.
+    /// The returned descriptor is close-on-exec and blocking.
+    pub fn listen_unix(
+        &self,
+        path: &Path,
+        kind: UnixSocketKind,
+        backlog: i32,
+    ) -> Result<OwnedFd, SandboxError> {
+        listen_secured(path, kind, backlog, |bound| self.apply(bound))
     }
 
     /// Gives the socket at `path`, just bound by this process, this policy's

@@ -85,47 +85,25 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+pub use crate::kind::Kind;
 use crate::SandboxError;
 use allowlist::Sys;
 
-/// The process a filter is made for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
-pub enum Kind {
-    /// `blkmesh-manager`: the gRPC control plane.
-    Manager,
-    /// `blkmesh-frontend`: the vhost-user-blk device server.
-    Frontend,
-    /// `blkmesh-worker`: executes node graphs with libblkio.
-    Worker,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Manager, Kind::Frontend, Kind::Worker];
-
-    fn lists(self) -> [&'static [Sys]; 2] {
-        match self {
-            Kind::Manager => [allowlist::MANAGER, allowlist::MANAGER_LEGACY],
-            Kind::Frontend => [allowlist::FRONTEND, allowlist::FRONTEND_LEGACY],
-            Kind::Worker => [allowlist::WORKER, allowlist::WORKER_LEGACY],
-        }
-    }
-
-    fn syscalls(self) -> impl Iterator<Item = &'static Sys> {
-        [allowlist::BASE, allowlist::BASE_LEGACY]
-            .into_iter()
-            .chain(self.lists())
-            .flatten()
+/// The allow-lists of `kind`: its own and its legacy system calls.
+fn lists(kind: Kind) -> [&'static [Sys]; 2] {
+    match kind {
+        Kind::Manager => [allowlist::MANAGER, allowlist::MANAGER_LEGACY],
+        Kind::Frontend => [allowlist::FRONTEND, allowlist::FRONTEND_LEGACY],
+        Kind::Worker => [allowlist::WORKER, allowlist::WORKER_LEGACY],
     }
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Manager => "manager",
-            Kind::Frontend => "frontend",
-            Kind::Worker => "worker",
-        })
-    }
+/// Every system call `kind` may make.
+fn syscalls(kind: Kind) -> impl Iterator<Item = &'static Sys> {
+    [allowlist::BASE, allowlist::BASE_LEGACY]
+        .into_iter()
+        .chain(lists(kind))
+        .flatten()
 }
 
 /// What a system call outside the allow-list gets.
@@ -188,7 +166,7 @@ impl fmt::Display for SeccompMode {
 
 /// The names of the system calls `kind` may make, sorted.
 pub fn allowed(kind: Kind) -> Vec<&'static str> {
-    let mut v: Vec<_> = kind.syscalls().map(Sys::short_name).collect();
+    let mut v: Vec<_> = syscalls(kind).map(Sys::short_name).collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -197,7 +175,7 @@ pub fn allowed(kind: Kind) -> Vec<&'static str> {
 /// Whether `name` (e.g. `"io_uring_setup"`) is on `kind`'s allow-list
 /// (possibly with argument checks).
 pub fn is_allowed(kind: Kind, name: &str) -> bool {
-    kind.syscalls().any(|s| s.short_name() == name)
+    syscalls(kind).any(|s| s.short_name() == name)
 }
 
 /// `PR_SET_VMA` (naming anonymous mappings; glibc may use it).
@@ -307,7 +285,7 @@ pub fn filters(kind: Kind, action: Action) -> Result<Vec<BpfProgram>, SandboxErr
     let arch = target_arch()?;
     let err = |source| SandboxError::Filter { kind, source };
     let map: BTreeMap<i64, Vec<SeccompRule>> =
-        kind.syscalls().map(|s| (s.nr, rules(kind, s.nr))).collect();
+        syscalls(kind).map(|s| (s.nr, rules(kind, s.nr))).collect();
     let allow = SeccompFilter::new(map, action.into(), SeccompAction::Allow, arch).map_err(err)?;
     let clone3 = SeccompFilter::new(
         [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
@@ -361,7 +339,7 @@ mod tests {
     #[test]
     fn lists_have_no_duplicates() {
         for kind in Kind::ALL {
-            let mut nrs: Vec<i64> = kind.syscalls().map(|s| s.nr).collect();
+            let mut nrs: Vec<i64> = syscalls(kind).map(|s| s.nr).collect();
             let n = nrs.len();
             nrs.sort_unstable();
             nrs.dedup();
