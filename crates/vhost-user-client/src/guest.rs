@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestUsize};
 
 use crate::alloc::Allocator;
-use crate::Error;
+use crate::error::Error;
 
 /// Guest RAM at guest physical addresses `[0, size)`, backed by a memfd.
 #[derive(Debug)]

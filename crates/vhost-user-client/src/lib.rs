@@ -67,20 +67,21 @@
 mod alloc;
 pub mod config;
 mod device;
+mod error;
 pub mod guest;
 pub mod layout;
 mod queue;
 pub mod raw;
 pub mod request;
+mod status;
 pub mod zone;
-
-use std::time::Duration;
 
 pub use alloc::Allocator;
 pub use config::{BlkConfig, CONFIG_SIZE};
 pub use device::{
     InflightRegion, Options, ProtocolFeatures, VhostUserBlk, DEFAULT_FEATURES, F_PROTOCOL_FEATURES,
 };
+pub use error::Error;
 pub use guest::GuestRam;
 pub use layout::{
     Descriptor, RingLayout, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -95,71 +96,3 @@ pub use zone::{
     S_ZONE_INVALID_CMD, S_ZONE_OPEN_RESOURCE, S_ZONE_UNALIGNED_WP, T_ZONE_APPEND, T_ZONE_CLOSE,
     T_ZONE_FINISH, T_ZONE_OPEN, T_ZONE_REPORT, T_ZONE_RESET, T_ZONE_RESET_ALL,
 };
-
-/// What can go wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A system call failed.
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    /// A vhost-user exchange through the vhost crate failed (a refusal
-    /// with REPLY_ACK shows up here too).
-    #[error("vhost-user: {0}")]
-    Vhost(String),
-    /// The device refused a message the driver sent itself.
-    #[error("the device refused {0}")]
-    Refused(String),
-    /// The device closed the connection.
-    #[error("the device closed the connection")]
-    Closed,
-    /// No connection is open.
-    #[error("not connected")]
-    NotConnected,
-    /// Guest memory could not be created or accessed.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// A parameter makes no sense.
-    #[error("invalid: {0}")]
-    Invalid(String),
-    /// A queue index past the ones set up.
-    #[error("no queue {0}")]
-    NoSuchQueue(u16),
-    /// Not enough free descriptors.
-    #[error("queue full: {wanted} descriptors wanted, {free} free")]
-    QueueFull {
-        /// Descriptors wanted.
-        wanted: usize,
-        /// Descriptors free.
-        free: usize,
-    },
-    /// The data area of guest RAM is exhausted.
-    #[error("guest memory exhausted ({0} bytes wanted)")]
-    OutOfGuestMemory(u64),
-    /// The device did not answer in time.
-    #[error("timed out after {timeout:?} waiting for {what}")]
-    Timeout {
-        /// What was awaited.
-        what: String,
-        /// For how long.
-        timeout: Duration,
-    },
-    /// A request completed with this status (not `VIRTIO_BLK_S_OK`;
-    /// [`STATUS_UNTOUCHED`] if the device did not write it): `S_IOERR`,
-    /// `S_UNSUPP`, or for zoned devices one of the `S_ZONE_*` statuses
-    /// (see [`status_name`]).
-    #[error("request failed with status {0} ({name})", name = status_name(*.0))]
-    Status(u8),
-    /// A feature this call needs was not negotiated.
-    #[error("not negotiated: {0}")]
-    Unsupported(&'static str),
-}
-
-impl Error {
-    /// The status byte of a request that failed with one.
-    pub fn status(&self) -> Option<u8> {
-        match self {
-            Error::Status(s) => Some(*s),
-            _ => None,
-        }
-    }
-}

@@ -6,10 +6,10 @@ use std::sync::atomic::{fence, Ordering};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::error::Error;
 use crate::guest::Ram;
 use crate::layout::{Descriptor, RingLayout, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use crate::request::{Buf, Chain, Completion, Target, Token};
-use crate::Error;
 
 fn new_eventfd() -> Result<EventFd, Error> {
     Ok(

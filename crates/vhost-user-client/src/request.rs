@@ -21,15 +21,7 @@ pub const T_DISCARD: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_T_DISCARD;
 /// `VIRTIO_BLK_T_WRITE_ZEROES`.
 pub const T_WRITE_ZEROES: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
 
-/// Status `VIRTIO_BLK_S_OK`.
-pub const S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
-/// Status `VIRTIO_BLK_S_IOERR`.
-pub const S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
-/// Status `VIRTIO_BLK_S_UNSUPP`.
-pub const S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
-/// What a status byte holds before the device writes it: a value no
-/// device answers, so an untouched status is visible.
-pub const STATUS_UNTOUCHED: u8 = 0xff;
+pub use crate::status::{STATUS_UNTOUCHED, S_IOERR, S_OK, S_UNSUPP};
 
 /// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
 pub const WRITE_ZEROES_FLAG_UNMAP: u32 =

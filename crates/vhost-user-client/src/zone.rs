@@ -8,7 +8,7 @@
 //! [`crate::RequestSpec::zone_report`] and friends to build the requests by
 //! hand. Sectors are 512 bytes throughout, whatever the block size.
 
-use crate::Error;
+use crate::error::Error;
 
 /// `VIRTIO_BLK_F_ZONED`: the device is zoned (feature bit 17).
 pub const F_ZONED: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_F_ZONED;
@@ -29,19 +29,10 @@ pub const T_ZONE_RESET: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_T_ZONE_RES
 /// `VIRTIO_BLK_T_ZONE_RESET_ALL`.
 pub const T_ZONE_RESET_ALL: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_T_ZONE_RESET_ALL;
 
-/// Status `VIRTIO_BLK_S_ZONE_INVALID_CMD`: the zone's type or condition
-/// forbids the request, or its address or size is wrong for the zone.
-pub const S_ZONE_INVALID_CMD: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_ZONE_INVALID_CMD as u8;
-/// Status `VIRTIO_BLK_S_ZONE_UNALIGNED_WP`: a write not at the write
-/// pointer (or not a multiple of the write granularity).
-pub const S_ZONE_UNALIGNED_WP: u8 =
-    virtio_bindings::virtio_blk::VIRTIO_BLK_S_ZONE_UNALIGNED_WP as u8;
-/// Status `VIRTIO_BLK_S_ZONE_OPEN_RESOURCE`: too many open zones.
-pub const S_ZONE_OPEN_RESOURCE: u8 =
-    virtio_bindings::virtio_blk::VIRTIO_BLK_S_ZONE_OPEN_RESOURCE as u8;
-/// Status `VIRTIO_BLK_S_ZONE_ACTIVE_RESOURCE`: too many active zones.
-pub const S_ZONE_ACTIVE_RESOURCE: u8 =
-    virtio_bindings::virtio_blk::VIRTIO_BLK_S_ZONE_ACTIVE_RESOURCE as u8;
+pub use crate::status::{
+    status_name, S_ZONE_ACTIVE_RESOURCE, S_ZONE_INVALID_CMD, S_ZONE_OPEN_RESOURCE,
+    S_ZONE_UNALIGNED_WP,
+};
 
 /// Zoned model `VIRTIO_BLK_Z_NONE` in the config space.
 pub const Z_NONE: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_Z_NONE as u8;
@@ -57,22 +48,6 @@ pub const ZONE_DESCRIPTOR_SIZE: usize = 64;
 /// Bytes of the `append_sector` field a zone append returns before the
 /// status byte.
 pub const APPEND_SECTOR_SIZE: u32 = 8;
-
-/// The name of a virtio-blk status byte: `OK`, `IOERR`, `UNSUPP`,
-/// `ZONE_INVALID_CMD`, ... or `unknown`.
-pub fn status_name(status: u8) -> &'static str {
-    match status {
-        crate::S_OK => "OK",
-        crate::S_IOERR => "IOERR",
-        crate::S_UNSUPP => "UNSUPP",
-        S_ZONE_INVALID_CMD => "ZONE_INVALID_CMD",
-        S_ZONE_UNALIGNED_WP => "ZONE_UNALIGNED_WP",
-        S_ZONE_OPEN_RESOURCE => "ZONE_OPEN_RESOURCE",
-        S_ZONE_ACTIVE_RESOURCE => "ZONE_ACTIVE_RESOURCE",
-        crate::STATUS_UNTOUCHED => "not written by the device",
-        _ => "unknown",
-    }
-}
 
 /// A zone's type (`z_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
