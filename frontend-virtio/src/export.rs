@@ -15,7 +15,8 @@ use vhost::vhost_user::BackendReqHandler;
 
 use crate::backend_channel;
 use crate::config::BlkConfig;
-use crate::device::{BlkDevice, Refusal, RefusalReporter, Reporters};
+use crate::handler::{DeviceHandler, Refusal, RefusalReporter};
+use crate::queues::{Destination, WorkerQueues};
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
 use crate::vring::{HangReporter, QueueControls, WorkerFault};
 use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
@@ -64,6 +65,8 @@ pub struct ExportServer {
 }
 
 type Shared<T> = Arc<Mutex<Option<T>>>;
+/// A VMM connection's device: the vhost-user handler on worker queues.
+type BlkDevice = DeviceHandler<WorkerQueues>;
 type CurrentDevice = Shared<Arc<Mutex<BlkDevice>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -318,18 +321,14 @@ impl ExportServer {
         let close_first = exclusive_graph(&self.plan) || exclusive_graph(&new);
         let limits = std::cell::Cell::new(None);
         let open = |mem: Option<MemRef<'_>>| {
-            stage_when_free(&new, nq, mem, close_first)
-                .map(|(staged, l)| {
-                    limits.set(Some(l));
-                    staged
-                })
-                .map_err(|e| crate::error_chain(&e))
+            stage_when_free(&new, nq, mem, close_first).map(|(staged, l)| {
+                limits.set(Some(l));
+                staged
+            })
         };
         let old_plan = &self.plan;
         let reopen_old = |mem: Option<MemRef<'_>>| {
-            stage_when_free(old_plan, nq, mem, close_first)
-                .map(|(staged, _)| staged)
-                .map_err(|e| crate::error_chain(&e))
+            stage_when_free(old_plan, nq, mem, close_first).map(|(staged, _)| staged)
         };
         let old_cfg = lock(&self.cfg).clone();
         let new_cfg = |l| BlkConfig {
@@ -340,13 +339,15 @@ impl ExportServer {
         let applied = match &device {
             Some(d) => {
                 let mut d = lock(d);
-                d.reopen(close_first, &open, &reopen_old, || {
-                    if let Some(l) = limits.get() {
-                        let cfg = new_cfg(l);
-                        self.dev.update(&cfg);
-                        self.zones.update(&cfg);
-                    }
-                })?;
+                d.host_mut()
+                    .reopen(close_first, &open, &reopen_old, || {
+                        if let Some(l) = limits.get() {
+                            let cfg = new_cfg(l);
+                            self.dev.update(&cfg);
+                            self.zones.update(&cfg);
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
                 let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
                 d.set_config(cfg.clone());
                 cfg
@@ -360,9 +361,10 @@ impl ExportServer {
                     Ok(staged) => drop(self.links.swap(staged)),
                     Err(e) => {
                         if close_first {
-                            drop(self.links.swap(reopen_old(None)?));
+                            let old = reopen_old(None).map_err(|e| crate::error_chain(&e))?;
+                            drop(self.links.swap(old));
                         }
-                        return Err(e);
+                        return Err(crate::error_chain(&e));
                     }
                 }
                 let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
@@ -412,7 +414,7 @@ impl ExportServer {
         // holds nothing any more).
         let any_lost = device.as_ref().is_some_and(|d| {
             let d = lock(d);
-            (0..self.num_queues).any(|q| d.worker_lost(q))
+            (0..self.num_queues).any(|q| d.host().worker_lost(q))
         });
         if exclusive_graph(&new) && !any_lost {
             return self.reopen(new);
@@ -422,12 +424,17 @@ impl ExportServer {
                 continue;
             }
             let moved = match &device {
-                Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).move_queue(
-                    ep.queue,
-                    &ep.worker,
-                    &ep.worker_socket,
-                    &new,
-                ),
+                Some(d) => lock(d)
+                    .host_mut()
+                    .move_queue(
+                        ep.queue,
+                        Destination {
+                            worker: &ep.worker,
+                            socket: &ep.worker_socket,
+                            plan: &new,
+                        },
+                    )
+                    .map_err(|e| e.to_string()),
                 None => self
                     .links
                     .retarget(ep.queue, &ep.worker, &ep.worker_socket, &new, None)
@@ -507,17 +514,21 @@ impl Serve {
             }
             tracing::info!(export = %id, "VMM connected");
             *lock(&self.conn) = stream.try_clone().ok();
-            let device = Arc::new(Mutex::new(BlkDevice::new(
+            let cfg = lock(&self.cfg).clone();
+            let queues = WorkerQueues::new(
                 id.clone(),
-                lock(&self.cfg).clone(),
+                &cfg,
                 Arc::clone(&self.dev),
                 Arc::clone(&self.zones),
                 Arc::clone(&self.links),
                 Arc::clone(&self.controls),
-                Reporters {
-                    on_hang: Arc::clone(&self.on_hang),
-                    on_refusal: Arc::clone(&self.on_refusal),
-                },
+                Arc::clone(&self.on_hang),
+            );
+            let device = Arc::new(Mutex::new(BlkDevice::new(
+                id.clone(),
+                cfg,
+                Arc::clone(&self.on_refusal),
+                queues,
             )));
             *lock(&self.current) = Some(Arc::clone(&device));
             let peek = stream.try_clone();
@@ -651,7 +662,17 @@ impl Failover {
                     return true;
                 };
                 let moved = match &device {
-                    Some(d) => lock(d).fail_over(q, &ep.worker, &ep.worker_socket, &plan),
+                    Some(d) => lock(d)
+                        .host_mut()
+                        .fail_over(
+                            q,
+                            Destination {
+                                worker: &ep.worker,
+                                socket: &ep.worker_socket,
+                                plan: &plan,
+                            },
+                        )
+                        .map_err(|e| e.to_string()),
                     None => self
                         .links
                         .retarget(q, &ep.worker, &ep.worker_socket, &plan, None)
