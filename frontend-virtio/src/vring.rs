@@ -22,7 +22,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::memory::MemTable;
-use crate::request::{self, Action, Desc, DeviceInfo, ZoneLimits};
+use crate::request::{self, Action, Desc, DeviceInfo, RequestType, Status, ZoneLimits};
 
 const EV_KICK: u64 = 0;
 const EV_WORKER: u64 = 1;
@@ -711,7 +711,13 @@ impl Vring {
                     let ns = p.start.elapsed().as_nanos() as u64;
                     self.s.stats.finished(kind, p.bytes, true, ns);
                 }
-                self.complete(mem.guest_memory(), head as u16, p.status, 0, p.used_len);
+                self.complete(
+                    mem.guest_memory(),
+                    head as u16,
+                    p.status,
+                    Status::Ok,
+                    p.used_len,
+                );
                 applied += 1;
                 continue;
             }
@@ -919,14 +925,14 @@ impl Vring {
         );
         match parsed.action {
             Action::Complete(st) => {
-                if st != 0 {
-                    self.log_guest_error(format_args!("chain {head}: status {st}"));
+                if st != Status::Ok {
+                    self.log_guest_error(format_args!("chain {head}: status {}", st.byte()));
                 }
                 // Answered here (refused, or nothing to move): count it
                 // with its kind so refusals show up as errors.
-                if let Some(kind) = request::op_kind(parsed.request_type) {
+                if let Some(kind) = parsed.request_type.and_then(RequestType::op_kind) {
                     self.s.stats.started();
-                    self.s.stats.finished(kind, 0, st == 0, 0);
+                    self.s.stats.finished(kind, 0, st == Status::Ok, 0);
                 }
                 self.complete(gm, head, parsed.status, st, parsed.used_len);
                 true
@@ -942,7 +948,7 @@ impl Vring {
                 // write pointer, where the zone would refuse it again.
                 self.s.stats.started();
                 self.s.stats.finished(OpKind::Write, req.len, true, 0);
-                self.complete(gm, head, parsed.status, 0, parsed.used_len);
+                self.complete(gm, head, parsed.status, Status::Ok, parsed.used_len);
                 true
             }
             Action::Submit(req) => match self.s.requests.push(&req, &self.segs) {
@@ -995,12 +1001,12 @@ impl Vring {
         gm: &vm_memory::GuestMemoryMmap<()>,
         head: u16,
         status: u64,
-        st: u8,
+        st: Status,
         used_len: u32,
     ) {
         let written = match gm.get_slice(GuestAddress(status), 1) {
             Ok(s) => {
-                s.copy_from(&[st]);
+                s.copy_from(&[st.byte()]);
                 true
             }
             Err(_) => false,
@@ -1039,10 +1045,10 @@ impl Vring {
             let mut writes = Vec::new();
             for &head in heads {
                 if request::walk_chain(gm, table, size, head, &mut self.descs).is_ok() {
-                    if let Some((virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT, sector)) =
-                        request::peek_header(&self.descs, gm)
+                    if let Some(header) = request::peek_header(&self.descs, gm)
+                        .filter(|h| h.request_type() == Some(RequestType::Out))
                     {
-                        writes.extend(sector.checked_mul(512));
+                        writes.extend(header.sector().checked_mul(512));
                     }
                 }
             }
@@ -1118,8 +1124,8 @@ impl Vring {
             } else {
                 request::status_of(c.result)
             };
-            let mut used = if st == 0 { p.used_len } else { 1 };
-            if st == 0 {
+            let mut used = if st == Status::Ok { p.used_len } else { 1 };
+            if st == Status::Ok {
                 match p.req.op {
                     // What the worker wrote (it is not trusted: at most
                     // the buffer).
@@ -1141,7 +1147,7 @@ impl Vring {
             }
             if let Some(kind) = p.kind {
                 let ns = p.start.elapsed().as_nanos() as u64;
-                self.s.stats.finished(kind, p.bytes, st == 0, ns);
+                self.s.stats.finished(kind, p.bytes, st == Status::Ok, ns);
             }
             self.complete(gm, c.tag as u16, p.status, st, used);
         }

@@ -339,7 +339,7 @@ impl Ctx<'_> {
                 assert!(
                     [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP]
                         .contains(&(st as u32)),
-                    "status {st}"
+                    "status {st:?}"
                 );
                 assert!(p.used_len >= 1);
                 // At most the 20-byte id plus the status byte.
