@@ -27,8 +27,9 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_ZONED;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::ByteValued;
 
-use crate::config::BlkConfig;
+use crate::config::{BlkConfig, ZonedCharacteristics};
 use crate::memory::{MemTable, RegionDesc, MAX_REGIONS};
 use crate::queue_host::{HostError, QueueHost, QueueStart};
 
@@ -517,12 +518,13 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
                 return Err(self.refuse(r));
             }
         }
-        let mut space = self.cfg.config_space();
+        let mut config = self.cfg.config_space();
         if self.features_set && !self.zoned_acked() {
             // virtio 1.3, 5.2.5.1: zoned characteristics read as zero
             // when VIRTIO_BLK_F_ZONED was not accepted.
-            space[crate::config::ZONED_OFFSET..].fill(0);
+            config.zoned = ZonedCharacteristics::default();
         }
+        let space = config.as_slice();
         let start = offset as usize;
         let end = start
             .checked_add(size as usize)
