@@ -21,6 +21,9 @@ pub use space::{ConfigSpace, ZonedCharacteristics};
 pub const RING_MAX_SEGMENTS: u32 = 128;
 /// Largest single segment we offer (size_max).
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest data request taken: seg_max × size_max as the device offers
+/// them (ring segments × the largest segment).
+pub const MAX_REQUEST_BYTES: u64 = RING_MAX_SEGMENTS as u64 * SIZE_MAX as u64;
 /// Bytes of the virtio-blk config space we expose (up to the zoned fields).
 pub const CONFIG_SIZE: usize = std::mem::size_of::<ConfigSpace>();
 /// Where the zoned characteristics start in the config space
@@ -107,7 +110,7 @@ impl BlkConfig {
         let bytes = z
             .max_append
             .min(self.seg_max() as u64 * SIZE_MAX as u64)
-            .min(crate::request::MAX_REQUEST_BYTES)
+            .min(MAX_REQUEST_BYTES)
             .min(z.zone_size);
         Self::sectors(bytes)
     }

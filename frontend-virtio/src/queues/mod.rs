@@ -6,7 +6,7 @@
 //! ([`crate::handler`], through [`QueueHost`]) and moves them between
 //! workers ([`relocation`]: move, reopen, fail-over).
 
-mod relocation;
+pub mod relocation;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,8 +24,6 @@ use crate::vring::{
     self, HangReporter, QueueControls, SharedMem, VringControl, VringSetup, WorkerEnds,
 };
 use crate::workers::{LinkError, MemRef, WorkerLinks};
-
-pub use relocation::{Destination, RelocationError};
 
 /// How long a queue may take to pause or drain.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -7,12 +7,56 @@ use blkmesh_ipc::ring::{Op, Request, Segment, FLAG_NO_UNMAP};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{
-    byte_ranges, read_exact, readable, to_segments, writable, Action, Desc, DeviceInfo,
-    DiscardRange, Parsed, RequestType, Status, ZoneLimits, APPEND_SECTOR_BYTES, HEADER, ID_BYTES,
-    MAX_REQUEST_BYTES, SECTOR, ZONE_REPORT_HEADER,
+use super::chain::{byte_ranges, read_exact, readable, writable, Desc};
+use super::limits::{
+    DeviceInfo, ZoneLimits, APPEND_SECTOR_BYTES, ID_BYTES, MAX_REQUEST_BYTES, SECTOR,
+    ZONE_REPORT_HEADER,
 };
+use super::wire::{DiscardRange, RequestType, Status, HEADER};
 use crate::memory::MemTable;
+
+/// The outcome of parsing one chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// Guest address of the status byte.
+    pub status: u64,
+    /// Bytes written into the chain on success (data + status).
+    pub used_len: u32,
+    pub action: Action,
+    /// The request's type, `None` if the header could not be read or
+    /// names a type the device does not know; for statistics of requests
+    /// answered at once.
+    pub request_type: Option<RequestType>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Forward to the worker; its segments were appended to the caller's vec.
+    Submit(Request),
+    /// Answer now with this status (already handled, or refused).
+    Complete(Status),
+}
+
+/// Turns guest byte ranges into ring segments; false (with `segs`
+/// cleared) when one is outside guest memory or there are more than `max`.
+fn to_segments(
+    table: &MemTable,
+    parts: &[(u64, u64)],
+    segs: &mut Vec<Segment>,
+    max: usize,
+) -> bool {
+    for &(addr, n) in parts {
+        if !table.segments(addr, n, segs) {
+            segs.clear();
+            return false;
+        }
+    }
+    if segs.len() > max {
+        segs.clear();
+        return false;
+    }
+    true
+}
 
 /// A well-shaped chain whose header was read, and what it is checked
 /// against.

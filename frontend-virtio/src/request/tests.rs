@@ -1,7 +1,10 @@
 use super::*;
-use blkmesh_ipc::ring::{Op, FLAG_NO_UNMAP};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use crate::memory::MemTable;
+use blkmesh_ipc::ring::{zone_status, Op, Request, Segment, FLAG_NO_UNMAP};
 use virtio_bindings::virtio_blk::*;
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;

@@ -4,7 +4,7 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::Desc;
+use super::chain::Desc;
 
 /// Why a descriptor chain could not be walked from its head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -6,6 +6,7 @@
 //! vm-memory's bounds-checked accessors; the only unsafe code is the
 //! promise that they are plain data.
 
+use blkmesh_ipc::ring::zone_status;
 use vm_memory::{ByteValued, Le32, Le64};
 
 use virtio_bindings::virtio_blk::{
@@ -27,6 +28,9 @@ pub struct RequestHeader {
     /// In 512-byte sectors, whatever the block size.
     pub sector: Le64,
 }
+
+/// Bytes of the request header.
+pub const HEADER: u64 = std::mem::size_of::<RequestHeader>() as u64;
 
 // SAFETY: `RequestHeader` is `repr(C)`, made of little-endian integers
 // only, with no padding (4 + 4 + 8 bytes, 8-byte aligned at offset 8):
@@ -146,6 +150,31 @@ impl Status {
     /// The byte written into the guest's status field.
     pub fn byte(self) -> u8 {
         self as u8
+    }
+}
+
+/// The virtio status for a worker's result (0 or -errno), on a connection
+/// without VIRTIO_BLK_F_ZONED: zone errors are plain I/O errors there.
+pub fn status_of(result: i32) -> Status {
+    // The worker is not trusted: any value, i32::MIN included, maps.
+    match result {
+        0 => Status::Ok,
+        r if r == -libc::EOPNOTSUPP => Status::Unsupp,
+        _ => Status::IoErr,
+    }
+}
+
+/// The virtio status for a worker's result on a connection that
+/// negotiated VIRTIO_BLK_F_ZONED: the ring's zone results
+/// ([`zone_status`]) become the zone statuses, for
+/// every request type (writes to a zone fail with them too).
+pub fn zoned_status_of(result: i32) -> Status {
+    match result {
+        zone_status::INVALID_CMD => Status::ZoneInvalidCmd,
+        zone_status::UNALIGNED_WP => Status::ZoneUnalignedWp,
+        zone_status::OPEN_RESOURCE => Status::ZoneOpenResource,
+        zone_status::ACTIVE_RESOURCE => Status::ZoneActiveResource,
+        r => status_of(r),
     }
 }
 
