@@ -671,3 +671,6 @@ impl<H: QueueHost> Drop for DeviceHandler<H> {
         self.disconnect();
     }
 }
+
+#[cfg(test)]
+mod tests;
