@@ -16,7 +16,7 @@ use vhost::vhost_user::BackendReqHandler;
 use crate::backend_channel;
 use crate::config::BlkConfig;
 use crate::handler::{DeviceHandler, Refusal, RefusalReporter};
-use crate::queues::relocation::Destination;
+use crate::queues::relocation::{Destination, RelocationError};
 use crate::queues::WorkerQueues;
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
 use crate::vring::{HangReporter, QueueControls, WorkerFault};
@@ -34,6 +34,32 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a live change of a served export (a reopen, a queue move) failed;
+/// the export keeps serving as it did.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveChangeError {
+    /// The queues could not switch (see [`RelocationError`]).
+    #[error(transparent)]
+    Relocation(Box<RelocationError>),
+    /// No VMM is connected, and the new graph did not open.
+    #[error("{}", crate::error_chain(.0))]
+    Open(LinkError),
+    /// A queue could not move to the worker the plan names.
+    #[error("queue {queue} to {worker}: {source}")]
+    Move {
+        queue: u32,
+        worker: String,
+        #[source]
+        source: Box<RelocationError>,
+    },
+}
+
+impl From<RelocationError> for LiveChangeError {
+    fn from(e: RelocationError) -> Self {
+        LiveChangeError::Relocation(Box::new(e))
+    }
 }
 
 /// Where an export's state changes after it started go (the manager's
@@ -317,7 +343,7 @@ impl ExportServer {
     /// drain and switch over, the device takes the new limits, and a VMM
     /// that gave us its back-end channel is told when the config space
     /// (the capacity) changed. On failure the old graph keeps serving.
-    pub fn reopen(&mut self, new: ExportPlan) -> Result<(), String> {
+    pub fn reopen(&mut self, new: ExportPlan) -> Result<(), LiveChangeError> {
         let nq = self.num_queues;
         let close_first = exclusive_graph(&self.plan) || exclusive_graph(&new);
         let limits = std::cell::Cell::new(None);
@@ -340,15 +366,13 @@ impl ExportServer {
         let applied = match &device {
             Some(d) => {
                 let mut d = lock(d);
-                d.host_mut()
-                    .reopen(close_first, &open, &reopen_old, || {
-                        if let Some(l) = limits.get() {
-                            let cfg = new_cfg(l);
-                            self.dev.update(&cfg);
-                            self.zones.update(&cfg);
-                        }
-                    })
-                    .map_err(|e| e.to_string())?;
+                d.host_mut().reopen(close_first, &open, &reopen_old, || {
+                    if let Some(l) = limits.get() {
+                        let cfg = new_cfg(l);
+                        self.dev.update(&cfg);
+                        self.zones.update(&cfg);
+                    }
+                })?;
                 let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
                 d.set_config(cfg.clone());
                 cfg
@@ -362,10 +386,10 @@ impl ExportServer {
                     Ok(staged) => drop(self.links.swap(staged)),
                     Err(e) => {
                         if close_first {
-                            let old = reopen_old(None).map_err(|e| crate::error_chain(&e))?;
+                            let old = reopen_old(None).map_err(LiveChangeError::Open)?;
                             drop(self.links.swap(old));
                         }
-                        return Err(crate::error_chain(&e));
+                        return Err(LiveChangeError::Open(e));
                     }
                 }
                 let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
@@ -403,7 +427,7 @@ impl ExportServer {
     }
 
     /// Moves the queues whose worker changed in `new`, live.
-    pub fn apply_placement(&mut self, new: ExportPlan) -> Result<(), String> {
+    pub fn apply_placement(&mut self, new: ExportPlan) -> Result<(), LiveChangeError> {
         let device = self
             .device
             .lock()
@@ -425,23 +449,24 @@ impl ExportServer {
                 continue;
             }
             let moved = match &device {
-                Some(d) => lock(d)
-                    .host_mut()
-                    .move_queue(
-                        ep.queue,
-                        Destination {
-                            worker: &ep.worker,
-                            socket: &ep.worker_socket,
-                            plan: &new,
-                        },
-                    )
-                    .map_err(|e| e.to_string()),
+                Some(d) => lock(d).host_mut().move_queue(
+                    ep.queue,
+                    Destination {
+                        worker: &ep.worker,
+                        socket: &ep.worker_socket,
+                        plan: &new,
+                    },
+                ),
                 None => self
                     .links
                     .retarget(ep.queue, &ep.worker, &ep.worker_socket, &new, None)
-                    .map_err(|e| e.to_string()),
+                    .map_err(RelocationError::Link),
             };
-            moved.map_err(|e| format!("queue {} to {}: {e}", ep.queue, ep.worker))?;
+            moved.map_err(|source| LiveChangeError::Move {
+                queue: ep.queue,
+                worker: ep.worker.clone(),
+                source: Box::new(source),
+            })?;
             tracing::info!(queue = ep.queue, worker = %ep.worker, "queue moved");
         }
         *lock(&self.shared_plan) = new.clone();

@@ -7,6 +7,9 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use blkmesh_frontend::export::LiveChangeError;
+use blkmesh_frontend::queues::relocation::RelocationError;
+use blkmesh_frontend::workers::LinkError;
 use blkmesh_vhost_user_client::{RequestSpec, Token, VhostUserBlk};
 use support::{pattern, plan, wait_for, FakeWorker, Harness};
 
@@ -128,7 +131,17 @@ fn a_reopen_whose_graph_does_not_open_keeps_the_old_one() {
         .export
         .reopen(plan(&export_socket, &[&a], 1, 2))
         .expect_err("the new graph does not open");
-    assert!(e.contains("this generation does not open"), "{e}");
+    let LiveChangeError::Relocation(e) = e else {
+        panic!("{e}")
+    };
+    assert!(
+        matches!(*e, RelocationError::Open(LinkError::Refused { .. })),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("this generation does not open"),
+        "{e}"
+    );
     assert_eq!(a.counters.detaches.load(Ordering::Relaxed), 0);
     vmm.write(0, 0, &pattern(3, 512))
         .expect("the old graph serves");
@@ -150,7 +163,14 @@ fn a_reopen_that_cannot_attach_rolls_back_to_the_old_graph() {
         .export
         .reopen(plan(&export_socket, &[&a], 2, 2))
         .expect_err("the new graph refuses the queues");
-    assert!(e.contains("attach refused"), "{e}");
+    let LiveChangeError::Relocation(e) = e else {
+        panic!("{e}")
+    };
+    assert!(
+        matches!(*e, RelocationError::Attach { queue: 0, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("attach refused"), "{e}");
     // Drained, detached, and attached again to the old graph.
     assert_eq!(vmm.wait(0, pending, WAIT).expect("completion").status, OK);
     assert_eq!(a.counters.detaches.load(Ordering::Relaxed), 2 + 2);
