@@ -4,7 +4,7 @@
 //!
 //! [`WorkerQueues`] starts and stops queues for the vhost-user handler
 //! ([`crate::handler`], through [`QueueHost`]) and moves them between
-//! workers ([`relocation`]: move, reopen, fail-over).
+//! workers (`relocation`: move, reopen, fail-over).
 
 pub mod relocation;
 
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::ring::{QueueRings, RingLayout};
+use blkmesh_proto::v1::ExportPlan;
 use virtio_queue::{Queue, QueueT};
 
 use crate::config::{BlkConfig, RING_MAX_SEGMENTS};
@@ -27,6 +28,15 @@ use crate::workers::{LinkError, MemRef, WorkerLinks};
 
 /// How long a queue may take to pause or drain.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a queue goes: the worker the plan names for it.
+#[derive(Clone, Copy)]
+pub struct Destination<'a> {
+    pub worker: &'a str,
+    /// The worker's socket.
+    pub socket: &'a str,
+    pub plan: &'a ExportPlan,
+}
 
 /// A queue's ring pair with one worker, and our ends of its doorbells.
 struct WorkerRing {

@@ -20,9 +20,7 @@
 //! A move of a queue whose worker is lost is a fail-over. On any failure
 //! the queues go back to the workers they had and resume.
 
-use blkmesh_proto::v1::ExportPlan;
-
-use super::{WorkerQueues, WorkerRing, PAUSE_TIMEOUT};
+use super::{Destination, WorkerQueues, WorkerRing, PAUSE_TIMEOUT};
 use crate::queue_host::HostError;
 use crate::workers::{LinkError, MemRef, StagedLinks};
 
@@ -59,15 +57,6 @@ pub enum RelocationError {
     Ring(#[from] HostError),
 }
 
-/// Where a queue goes: the worker the plan names for it.
-#[derive(Clone, Copy)]
-pub struct Destination<'a> {
-    pub worker: &'a str,
-    /// The worker's socket.
-    pub socket: &'a str,
-    pub plan: &'a ExportPlan,
-}
-
 /// Opens a graph (for a reopen) on the workers, with the memory table.
 pub type OpenGraph<'a> = &'a dyn Fn(Option<MemRef<'_>>) -> Result<StagedLinks, LinkError>;
 
@@ -87,13 +76,13 @@ impl WorkerQueues {
 
     /// Drains `queues`: no guest request is taken, every one in flight
     /// completes. On a timeout all of them resume.
-    fn drain(&self, queues: &[usize]) -> Result<(), RelocationError> {
+    fn drain_all(&self, queues: &[usize]) -> Result<(), RelocationError> {
         for &queue in queues {
             if !self
                 .running(queue)
                 .is_some_and(|r| r.control.drain(PAUSE_TIMEOUT))
             {
-                self.resume(queues);
+                self.resume_all(queues);
                 return Err(RelocationError::NotDrained { queue });
             }
         }
@@ -102,7 +91,7 @@ impl WorkerQueues {
 
     /// Resumes `queues`, waking their workers for anything published
     /// meanwhile.
-    fn resume(&self, queues: &[usize]) {
+    fn resume_all(&self, queues: &[usize]) {
         for &queue in queues {
             if let Some(r) = self.running(queue) {
                 r.control.resume();
@@ -113,7 +102,7 @@ impl WorkerQueues {
 
     /// Detaches `queues` from their workers; a worker that is gone is
     /// not an error (the queues are quiet either way).
-    fn detach(&self, queues: &[usize]) {
+    fn detach_all(&self, queues: &[usize]) {
         for &queue in queues {
             if let Err(e) = self.links.detach(queue as u32) {
                 tracing::warn!(export = %self.export, queue, "detach for reopen: {e}");
@@ -122,7 +111,7 @@ impl WorkerQueues {
     }
 
     /// Attaches the rings of `queues` to the workers the links point at.
-    fn attach(&self, queues: &[usize]) -> Result<(), RelocationError> {
+    fn attach_all(&self, queues: &[usize]) -> Result<(), RelocationError> {
         for &queue in queues {
             if let Some(r) = self.running(queue) {
                 r.ring
@@ -152,7 +141,7 @@ impl WorkerQueues {
             // Its worker is gone: nothing to drain, resubmit instead.
             return self.fail_over(queue, to);
         }
-        self.drain(&[index])?;
+        self.drain_all(&[index])?;
         let result = self.with_worker_mem(|this, mem| {
             this.links.detach(queue)?;
             this.links
@@ -166,7 +155,7 @@ impl WorkerQueues {
                 tracing::error!(export = %self.export, queue, "re-attach after a failed move: {e}");
             }
         }
-        self.resume(&[index]);
+        self.resume_all(&[index]);
         result
     }
 
@@ -212,8 +201,8 @@ impl WorkerQueues {
             Some(open(mem).map_err(RelocationError::Open)?)
         };
         let running = self.running_queues();
-        self.drain(&running)?;
-        self.detach(&running);
+        self.drain_all(&running)?;
+        self.detach_all(&running);
         let (staged, reopened_old) = match staged {
             Some(s) => (s, None),
             None => {
@@ -234,22 +223,22 @@ impl WorkerQueues {
             }
         };
         let old = self.links.swap(staged);
-        if let Err(e) = self.attach(&running) {
+        if let Err(e) = self.attach_all(&running) {
             tracing::warn!(export = %self.export, "attach after reopen: {e}; going back");
             for &i in &running {
                 let _ = self.links.detach(i as u32);
             }
             drop(self.links.swap(old));
-            if let Err(e) = self.attach(&running) {
+            if let Err(e) = self.attach_all(&running) {
                 tracing::error!(export = %self.export, "re-attach to the old graph: {e}");
             }
-            self.resume(&running);
+            self.resume_all(&running);
             return Err(e);
         }
         if reopened_old.is_none() {
             apply();
         }
-        self.resume(&running);
+        self.resume_all(&running);
         drop(old);
         match reopened_old {
             Some(e) => Err(RelocationError::OldGraphReopened(e)),
