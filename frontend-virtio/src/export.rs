@@ -15,7 +15,9 @@ use vhost::vhost_user::BackendReqHandler;
 
 use crate::backend_channel;
 use crate::config::BlkConfig;
-use crate::device::{BlkDevice, Refusal, RefusalReporter, Reporters};
+use crate::handler::{DeviceHandler, Refusal, RefusalReporter};
+use crate::queues::relocation::RelocationError;
+use crate::queues::{Destination, WorkerQueues};
 use crate::request::{DeviceInfo, ZoneLimits, ID_BYTES};
 use crate::vring::{HangReporter, QueueControls, WorkerFault};
 use crate::workers::{LinkError, MemRef, StagedLinks, WorkerLinks};
@@ -32,6 +34,32 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a live change of a served export (a reopen, a queue move) failed;
+/// the export keeps serving as it did.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveChangeError {
+    /// The queues could not switch (see [`RelocationError`]).
+    #[error(transparent)]
+    Relocation(Box<RelocationError>),
+    /// No VMM is connected, and the new graph did not open.
+    #[error("{}", crate::error_chain(.0))]
+    Open(LinkError),
+    /// A queue could not move to the worker the plan names.
+    #[error("queue {queue} to {worker}: {source}")]
+    Move {
+        queue: u32,
+        worker: String,
+        #[source]
+        source: Box<RelocationError>,
+    },
+}
+
+impl From<RelocationError> for LiveChangeError {
+    fn from(e: RelocationError) -> Self {
+        LiveChangeError::Relocation(Box::new(e))
+    }
 }
 
 /// Where an export's state changes after it started go (the manager's
@@ -64,6 +92,8 @@ pub struct ExportServer {
 }
 
 type Shared<T> = Arc<Mutex<Option<T>>>;
+/// A VMM connection's device: the vhost-user handler on worker queues.
+type BlkDevice = DeviceHandler<WorkerQueues>;
 type CurrentDevice = Shared<Arc<Mutex<BlkDevice>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -313,23 +343,19 @@ impl ExportServer {
     /// drain and switch over, the device takes the new limits, and a VMM
     /// that gave us its back-end channel is told when the config space
     /// (the capacity) changed. On failure the old graph keeps serving.
-    pub fn reopen(&mut self, new: ExportPlan) -> Result<(), String> {
+    pub fn reopen(&mut self, new: ExportPlan) -> Result<(), LiveChangeError> {
         let nq = self.num_queues;
         let close_first = exclusive_graph(&self.plan) || exclusive_graph(&new);
         let limits = std::cell::Cell::new(None);
         let open = |mem: Option<MemRef<'_>>| {
-            stage_when_free(&new, nq, mem, close_first)
-                .map(|(staged, l)| {
-                    limits.set(Some(l));
-                    staged
-                })
-                .map_err(|e| crate::error_chain(&e))
+            stage_when_free(&new, nq, mem, close_first).map(|(staged, l)| {
+                limits.set(Some(l));
+                staged
+            })
         };
         let old_plan = &self.plan;
         let reopen_old = |mem: Option<MemRef<'_>>| {
-            stage_when_free(old_plan, nq, mem, close_first)
-                .map(|(staged, _)| staged)
-                .map_err(|e| crate::error_chain(&e))
+            stage_when_free(old_plan, nq, mem, close_first).map(|(staged, _)| staged)
         };
         let old_cfg = lock(&self.cfg).clone();
         let new_cfg = |l| BlkConfig {
@@ -340,7 +366,7 @@ impl ExportServer {
         let applied = match &device {
             Some(d) => {
                 let mut d = lock(d);
-                d.reopen(close_first, &open, &reopen_old, || {
+                d.host_mut().reopen(close_first, &open, &reopen_old, || {
                     if let Some(l) = limits.get() {
                         let cfg = new_cfg(l);
                         self.dev.update(&cfg);
@@ -360,9 +386,10 @@ impl ExportServer {
                     Ok(staged) => drop(self.links.swap(staged)),
                     Err(e) => {
                         if close_first {
-                            drop(self.links.swap(reopen_old(None)?));
+                            let old = reopen_old(None).map_err(LiveChangeError::Open)?;
+                            drop(self.links.swap(old));
                         }
-                        return Err(e);
+                        return Err(LiveChangeError::Open(e));
                     }
                 }
                 let cfg = new_cfg(limits.get().unwrap_or(old_cfg.limits));
@@ -400,7 +427,7 @@ impl ExportServer {
     }
 
     /// Moves the queues whose worker changed in `new`, live.
-    pub fn apply_placement(&mut self, new: ExportPlan) -> Result<(), String> {
+    pub fn apply_placement(&mut self, new: ExportPlan) -> Result<(), LiveChangeError> {
         let device = self
             .device
             .lock()
@@ -412,7 +439,7 @@ impl ExportServer {
         // holds nothing any more).
         let any_lost = device.as_ref().is_some_and(|d| {
             let d = lock(d);
-            (0..self.num_queues).any(|q| d.worker_lost(q))
+            (0..self.num_queues).any(|q| d.host().worker_lost(q))
         });
         if exclusive_graph(&new) && !any_lost {
             return self.reopen(new);
@@ -422,18 +449,24 @@ impl ExportServer {
                 continue;
             }
             let moved = match &device {
-                Some(d) => d.lock().unwrap_or_else(|p| p.into_inner()).move_queue(
+                Some(d) => lock(d).host_mut().move_queue(
                     ep.queue,
-                    &ep.worker,
-                    &ep.worker_socket,
-                    &new,
+                    Destination {
+                        worker: &ep.worker,
+                        socket: &ep.worker_socket,
+                        plan: &new,
+                    },
                 ),
                 None => self
                     .links
                     .retarget(ep.queue, &ep.worker, &ep.worker_socket, &new, None)
-                    .map_err(|e| e.to_string()),
+                    .map_err(RelocationError::Link),
             };
-            moved.map_err(|e| format!("queue {} to {}: {e}", ep.queue, ep.worker))?;
+            moved.map_err(|source| LiveChangeError::Move {
+                queue: ep.queue,
+                worker: ep.worker.clone(),
+                source: Box::new(source),
+            })?;
             tracing::info!(queue = ep.queue, worker = %ep.worker, "queue moved");
         }
         *lock(&self.shared_plan) = new.clone();
@@ -507,17 +540,21 @@ impl Serve {
             }
             tracing::info!(export = %id, "VMM connected");
             *lock(&self.conn) = stream.try_clone().ok();
-            let device = Arc::new(Mutex::new(BlkDevice::new(
+            let cfg = lock(&self.cfg).clone();
+            let queues = WorkerQueues::new(
                 id.clone(),
-                lock(&self.cfg).clone(),
+                &cfg,
                 Arc::clone(&self.dev),
                 Arc::clone(&self.zones),
                 Arc::clone(&self.links),
                 Arc::clone(&self.controls),
-                Reporters {
-                    on_hang: Arc::clone(&self.on_hang),
-                    on_refusal: Arc::clone(&self.on_refusal),
-                },
+                Arc::clone(&self.on_hang),
+            );
+            let device = Arc::new(Mutex::new(BlkDevice::new(
+                id.clone(),
+                cfg,
+                Arc::clone(&self.on_refusal),
+                queues,
             )));
             *lock(&self.current) = Some(Arc::clone(&device));
             let peek = stream.try_clone();
@@ -651,7 +688,17 @@ impl Failover {
                     return true;
                 };
                 let moved = match &device {
-                    Some(d) => lock(d).fail_over(q, &ep.worker, &ep.worker_socket, &plan),
+                    Some(d) => lock(d)
+                        .host_mut()
+                        .fail_over(
+                            q,
+                            Destination {
+                                worker: &ep.worker,
+                                socket: &ep.worker_socket,
+                                plan: &plan,
+                            },
+                        )
+                        .map_err(|e| e.to_string()),
                     None => self
                         .links
                         .retarget(q, &ep.worker, &ep.worker_socket, &plan, None)

@@ -7,8 +7,12 @@
 //! virtqueues, and passes requests over shared-memory rings to the worker
 //! processes that do the I/O ([`blkmesh_ipc`]).
 //!
-//! - [`device`]: the vhost-user message handler (our own implementation of the
-//!   vhost crate's back-end handler trait).
+//! - [`handler`]: the vhost-user message handler (our own implementation of the
+//!   vhost crate's back-end handler trait); it knows the protocol only.
+//! - [`queue_host`]: the narrow interface between the handler and what runs
+//!   its queues.
+//! - [`queues`]: the queue host: queue threads on worker rings, moved
+//!   between workers live (move, reopen, fail-over).
 //! - [`vring`]: one thread per virtqueue, guest ring ⇄ worker rings.
 //! - [`request`]: descriptor chain → ring request, with every check.
 //! - [`memory`]: the guest memory table and address translation.
@@ -20,10 +24,12 @@
 
 pub mod backend_channel;
 pub mod config;
-pub mod device;
 pub mod export;
+pub mod handler;
 pub mod manager;
 pub mod memory;
+pub mod queue_host;
+pub mod queues;
 pub mod request;
 pub mod vring;
 pub mod workers;

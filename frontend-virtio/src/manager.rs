@@ -125,7 +125,7 @@ impl Exports {
                         // Like a failed blockdev-reopen: the old graph
                         // keeps serving, and the manager rolls back.
                         tracing::error!(export = %id, "reopen failed, the old graph keeps serving: {e}");
-                        return self.report(&plan, ExportState::Failed, e, 0);
+                        return self.report(&plan, ExportState::Failed, e.to_string(), 0);
                     }
                 }
             }

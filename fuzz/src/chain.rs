@@ -50,7 +50,7 @@ use crate::{memfd, touch, Reader, Writer};
 
 const HEADER: u64 = 16;
 const SECTOR: u64 = 512;
-/// The frontend's queue size limit and ring geometry (device.rs, config.rs).
+/// The frontend's queue size limit and ring geometry (handler/mod.rs, config/mod.rs).
 const MAX_QUEUE_SIZE: u16 = 1024;
 const RING_MAX_SEGMENTS: u32 = 128;
 
@@ -200,7 +200,7 @@ pub fn run(data: &[u8]) {
     }
 }
 
-/// Walks a chain named by the VMM's inflight region, as vring.rs does when
+/// Walks a chain named by the VMM's inflight region, as vring/ does when
 /// it resubmits in-flight requests after a reconnect (`walk_chain`).
 fn resubmit(r: &mut Reader<'_>, cx: &mut Ctx<'_>) {
     let size = 1u16 << (r.u8() % 11);
@@ -226,7 +226,7 @@ fn resubmit(r: &mut Reader<'_>, cx: &mut Ctx<'_>) {
     }
 }
 
-/// Pops chains from a virtqueue in fuzzed guest memory, as vring.rs does.
+/// Pops chains from a virtqueue in fuzzed guest memory, as vring/ does.
 fn run_queue(r: &mut Reader<'_>, cx: &mut Ctx<'_>) {
     let gm = cx.table.guest_memory();
     let size = 1u16 << (r.u8() % 11);
@@ -267,7 +267,7 @@ fn run_queue(r: &mut Reader<'_>, cx: &mut Ctx<'_>) {
                 has_next: d.has_next(),
             });
         }
-        // vring.rs: a head outside the queue has no pending slot and is
+        // vring/: a head outside the queue has no pending slot and is
         // dropped; our ring's tags cover every head of the largest queue.
         if head >= size {
             continue;
@@ -339,7 +339,7 @@ impl Ctx<'_> {
                 assert!(
                     [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP]
                         .contains(&(st as u32)),
-                    "status {st}"
+                    "status {st:?}"
                 );
                 assert!(p.used_len >= 1);
                 // At most the 20-byte id plus the status byte.
@@ -490,7 +490,7 @@ fn check_refusal(descs: &[Desc], e: ChainError) {
 }
 
 /// Bytes `[skip, skip + take)` of the concatenated descriptors, as guest
-/// address ranges (a reference implementation of request.rs's `ranges`).
+/// address ranges (a reference implementation of request/chain.rs's `byte_ranges`).
 fn stream<'a>(descs: impl Iterator<Item = &'a Desc>, skip: u64, take: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut pos = 0u64; // stream offset of the descriptor's first byte

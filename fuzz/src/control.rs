@@ -442,10 +442,7 @@ fn frontend_reply(r: &mut Reader<'_>, reply: ipc::Reply) {
             assert!((1..=126).contains(&seg_max), "seg_max {seg_max}");
             let _ = cfg.features();
             let c = cfg.config_space();
-            assert_eq!(
-                u64::from_le_bytes(c[0..8].try_into().unwrap()),
-                limits.size / 512
-            );
+            assert_eq!(c.capacity.to_native(), limits.size / 512);
             let _ = (
                 cfg.max_discard_sectors(),
                 cfg.max_write_zeroes_sectors(),

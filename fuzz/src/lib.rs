@@ -6,7 +6,7 @@
 //! (missing bytes read as zero), so every byte string is a valid input and
 //! a seed is just the same sequence of fields written with [`Writer`].
 //!
-//! - [`chain`]: virtio-blk descriptor chains (frontend `request.rs`), fed
+//! - [`chain`]: virtio-blk descriptor chains (frontend `request/`), fed
 //!   both as descriptor lists and through a real `virtio_queue::Queue` over
 //!   fuzzed guest memory; every request it submits goes through a ring to
 //!   the worker side and against the worker's own guest RAM mapping.

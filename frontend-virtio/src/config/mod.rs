@@ -12,16 +12,23 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+mod space;
+
+pub use space::{ConfigSpace, ZonedCharacteristics};
+
 /// Ring segments per request; the guest is offered two less (QEMU's rule of
 /// thumb) so a descriptor split at a region boundary still fits.
 pub const RING_MAX_SEGMENTS: u32 = 128;
 /// Largest single segment we offer (size_max).
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest data request taken: seg_max × size_max as the device offers
+/// them (ring segments × the largest segment).
+pub const MAX_REQUEST_BYTES: u64 = RING_MAX_SEGMENTS as u64 * SIZE_MAX as u64;
 /// Bytes of the virtio-blk config space we expose (up to the zoned fields).
-pub const CONFIG_SIZE: usize = 96;
+pub const CONFIG_SIZE: usize = std::mem::size_of::<ConfigSpace>();
 /// Where the zoned characteristics start in the config space
 /// (`struct virtio_blk_zoned_characteristics`, 24 bytes).
-pub const ZONED_OFFSET: usize = 72;
+pub const ZONED_OFFSET: usize = std::mem::offset_of!(ConfigSpace, zoned);
 
 /// The export as the device presents it.
 #[derive(Clone, Debug)]
@@ -103,7 +110,7 @@ impl BlkConfig {
         let bytes = z
             .max_append
             .min(self.seg_max() as u64 * SIZE_MAX as u64)
-            .min(crate::request::MAX_REQUEST_BYTES)
+            .min(MAX_REQUEST_BYTES)
             .min(z.zone_size);
         Self::sectors(bytes)
     }
@@ -149,55 +156,58 @@ impl BlkConfig {
     }
 
     /// The config space (struct virtio_blk_config, little-endian).
-    pub fn config_space(&self) -> [u8; CONFIG_SIZE] {
-        let mut c = [0u8; CONFIG_SIZE];
-        let put32 = |c: &mut [u8; CONFIG_SIZE], at: usize, v: u32| {
-            c[at..at + 4].copy_from_slice(&v.to_le_bytes())
-        };
+    pub fn config_space(&self) -> ConfigSpace {
         let lbs = self.logical_block_size.max(512);
-        c[0..8].copy_from_slice(&(self.limits.size / 512).to_le_bytes()); // capacity
         let size_max = match self.limits.max_transfer {
             0 => SIZE_MAX,
             t => (t.min(SIZE_MAX as u64)) as u32,
         };
-        put32(&mut c, 8, size_max);
-        put32(&mut c, 12, self.seg_max());
-        // 16..20: geometry, unused.
-        put32(&mut c, 20, lbs);
         // Topology: physical block exponent, alignment offset, min io (in
         // logical blocks), optimal io (in logical blocks).
         let phys = self.limits.physical_block_size.max(lbs);
-        c[24] = (phys / lbs).trailing_zeros() as u8;
-        c[25] = 0;
-        c[26..28].copy_from_slice(&1u16.to_le_bytes());
-        put32(&mut c, 28, self.limits.optimal_io_size / lbs);
-        c[32] = 1; // writeback: the guest must flush
-        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        put32(&mut c, 36, self.max_discard_sectors());
-        put32(&mut c, 40, 1); // max_discard_seg
-        put32(&mut c, 44, lbs / 512); // discard_sector_alignment
-        put32(&mut c, 48, self.max_write_zeroes_sectors());
-        put32(&mut c, 52, 1); // max_write_zeroes_seg
-        c[56] = 1; // write_zeroes_may_unmap
-                   // 60..72: secure erase, not offered.
-        if self.is_zoned() {
-            let z = ZONED_OFFSET;
+        let zoned = if self.is_zoned() {
             let zi = self.limits.zones.unwrap_or_default();
-            put32(&mut c, z, Self::sectors(zi.zone_size));
-            put32(&mut c, z + 4, zi.max_open_zones);
-            put32(&mut c, z + 8, zi.max_active_zones);
-            put32(&mut c, z + 12, self.max_append_sectors());
-            put32(&mut c, z + 16, self.write_granularity());
-            c[z + 20] = self.zoned_model();
-            // 93..96: padding, zero.
+            ZonedCharacteristics {
+                zone_sectors: Self::sectors(zi.zone_size).into(),
+                max_open_zones: zi.max_open_zones.into(),
+                max_active_zones: zi.max_active_zones.into(),
+                max_append_sectors: self.max_append_sectors().into(),
+                write_granularity: self.write_granularity().into(),
+                model: self.zoned_model(),
+                unused2: [0; 3],
+            }
+        } else {
+            ZonedCharacteristics::default()
+        };
+        ConfigSpace {
+            capacity: (self.limits.size / 512).into(),
+            size_max: size_max.into(),
+            seg_max: self.seg_max().into(),
+            blk_size: lbs.into(),
+            physical_block_exp: (phys / lbs).trailing_zeros() as u8,
+            alignment_offset: 0,
+            min_io_size: 1.into(),
+            opt_io_size: (self.limits.optimal_io_size / lbs).into(),
+            // The guest must flush.
+            writeback: 1,
+            num_queues: self.num_queues.into(),
+            max_discard_sectors: self.max_discard_sectors().into(),
+            max_discard_seg: 1.into(),
+            discard_sector_alignment: (lbs / 512).into(),
+            max_write_zeroes_sectors: self.max_write_zeroes_sectors().into(),
+            max_write_zeroes_seg: 1.into(),
+            write_zeroes_may_unmap: 1,
+            // Secure erase is not offered; geometry is unused.
+            zoned,
+            ..ConfigSpace::default()
         }
-        c
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::ByteValued;
 
     fn cfg() -> BlkConfig {
         BlkConfig {
@@ -219,7 +229,7 @@ mod tests {
 
     #[test]
     fn config_space_fields_land_at_spec_offsets() {
-        let c = cfg().config_space();
+        let c = cfg().config_space().as_slice().to_vec();
         assert_eq!(
             u64::from_le_bytes(c[0..8].try_into().unwrap()),
             (1 << 30) / 512
@@ -256,7 +266,7 @@ mod tests {
         // DISCARD is not offered with the host-managed model.
         assert_eq!(c.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
         assert_ne!(c.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
-        let s = c.config_space();
+        let s = c.config_space().as_slice().to_vec();
         let u32_at = |at: usize| u32::from_le_bytes(s[at..at + 4].try_into().unwrap());
         assert_eq!(u32_at(72), 512); // zone_sectors
         assert_eq!(u32_at(76), 8); // max_open_zones
@@ -275,17 +285,26 @@ mod tests {
         // other way round.
         let ha = zoned(ZoneModel::HostAware);
         assert_eq!(ha.zoned_model(), VIRTIO_BLK_Z_HA as u8);
-        assert_eq!(ha.config_space()[92], 2);
+        assert_eq!(ha.config_space().as_slice().to_vec()[92], 2);
         assert_ne!(ha.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
-        assert_eq!(zoned(ZoneModel::HostManaged).config_space()[92], 1);
+        assert_eq!(
+            zoned(ZoneModel::HostManaged)
+                .config_space()
+                .as_slice()
+                .to_vec()[92],
+            1
+        );
         let none = zoned(ZoneModel::None);
         assert!(!none.is_zoned());
         assert_eq!(none.features() & (1 << VIRTIO_BLK_F_ZONED), 0);
-        assert_eq!(&none.config_space()[72..96], &[0u8; 24]);
+        assert_eq!(&none.config_space().as_slice().to_vec()[72..96], &[0u8; 24]);
         // Not zoned at all: nothing past the write-zeroes fields.
         let plain = cfg();
         assert_eq!(plain.features() & (1 << VIRTIO_BLK_F_ZONED), 0);
-        assert_eq!(&plain.config_space()[57..96], &[0u8; 39]);
+        assert_eq!(
+            &plain.config_space().as_slice().to_vec()[57..96],
+            &[0u8; 39]
+        );
     }
 
     #[test]

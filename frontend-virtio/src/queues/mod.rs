@@ -1,0 +1,302 @@
+//! The queue host of blkmesh's frontend: each running virtqueue is a
+//! thread ([`crate::vring`]) passing requests over a shared-memory ring
+//! pair to the worker process that serves it ([`crate::workers`]).
+//!
+//! [`WorkerQueues`] starts and stops queues for the vhost-user handler
+//! ([`crate::handler`], through [`QueueHost`]) and moves them between
+//! workers (`relocation`: move, reopen, fail-over).
+
+pub mod relocation;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use blkmesh_ipc::notify::Doorbell;
+use blkmesh_ipc::ring::{QueueRings, RingLayout};
+use blkmesh_proto::v1::ExportPlan;
+use virtio_queue::{Queue, QueueT};
+
+use crate::config::{BlkConfig, RING_MAX_SEGMENTS};
+use crate::memory::MemTable;
+use crate::queue_host::{HostError, QueueHost, QueueStart};
+use crate::request::{DeviceInfo, ZoneLimits};
+use crate::vring::{
+    self, HangReporter, QueueControls, SharedMem, VringControl, VringSetup, WorkerEnds,
+};
+use crate::workers::{LinkError, MemRef, WorkerLinks};
+
+/// How long a queue may take to pause or drain.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a queue goes: the worker the plan names for it.
+#[derive(Clone, Copy)]
+pub struct Destination<'a> {
+    pub worker: &'a str,
+    /// The worker's socket.
+    pub socket: &'a str,
+    pub plan: &'a ExportPlan,
+}
+
+/// A queue's ring pair with one worker, and our ends of its doorbells.
+struct WorkerRing {
+    rings: QueueRings,
+    /// Us → worker.
+    kick: Doorbell,
+    /// Worker → us.
+    call: Doorbell,
+}
+
+impl WorkerRing {
+    fn create(export: &str, queue: usize, layout: RingLayout) -> Result<Self, HostError> {
+        let rings = QueueRings::create(&format!("blkmesh-{export}-q{queue}"), layout)
+            .map_err(|e| HostError::Backend(Box::new(e)))?;
+        let doorbell = || {
+            Doorbell::new().map_err(|source| HostError::Resource {
+                what: "doorbell",
+                source,
+            })
+        };
+        Ok(WorkerRing {
+            rings,
+            kick: doorbell()?,
+            call: doorbell()?,
+        })
+    }
+
+    /// Hands the ring to the worker `links` point `queue` at. With
+    /// `settle`, the worker first waits out a lost worker's I/O.
+    fn attach(&self, links: &WorkerLinks, queue: usize, settle: bool) -> Result<(), LinkError> {
+        let layout = self.rings.layout();
+        links.attach(
+            queue as u32,
+            layout.entries(),
+            layout.max_segments(),
+            self.rings.fd(),
+            &self.kick,
+            &self.call,
+            settle,
+        )
+    }
+
+    /// The queue thread's ends of the ring.
+    fn ends(&self, zones: Option<crate::zones::ZoneOracle>) -> std::io::Result<WorkerEnds> {
+        let (requests, completions) = self.rings.frontend_end();
+        Ok(WorkerEnds {
+            requests,
+            completions,
+            worker_kick: self.kick.try_clone()?,
+            worker_call: self.call.try_clone()?,
+            zones,
+        })
+    }
+}
+
+/// A queue whose thread runs.
+struct Running {
+    control: Arc<VringControl>,
+    thread: JoinHandle<Queue>,
+    /// Kept to hand to another worker when the queue moves.
+    ring: WorkerRing,
+}
+
+/// The running queues of one VMM connection, and the workers they use.
+pub struct WorkerQueues {
+    export: String,
+    dev: Arc<DeviceInfo>,
+    /// The export's zone geometry, for queues of a connection that
+    /// negotiated VIRTIO_BLK_F_ZONED.
+    zones: Arc<ZoneLimits>,
+    /// The export's graph is zoned (its config space says so).
+    zoned_export: bool,
+    links: Arc<WorkerLinks>,
+    /// The running queues' controls, shared with the failover thread.
+    controls: Arc<QueueControls>,
+    on_hang: HangReporter,
+    mem: Option<SharedMem>,
+    running: Vec<Option<Running>>,
+}
+
+impl WorkerQueues {
+    pub fn new(
+        export: String,
+        cfg: &BlkConfig,
+        dev: Arc<DeviceInfo>,
+        zones: Arc<ZoneLimits>,
+        links: Arc<WorkerLinks>,
+        controls: Arc<QueueControls>,
+        on_hang: HangReporter,
+    ) -> Self {
+        WorkerQueues {
+            export,
+            dev,
+            zones,
+            zoned_export: cfg.is_zoned(),
+            links,
+            controls,
+            on_hang,
+            mem: None,
+            running: (0..cfg.num_queues).map(|_| None).collect(),
+        }
+    }
+
+    fn running(&self, queue: usize) -> Option<&Running> {
+        self.running.get(queue).and_then(Option::as_ref)
+    }
+
+    /// For a zoned export: where a queue asks which in-flight writes a
+    /// lost worker (or frontend) applied.
+    fn zone_oracle(&self, queue: usize) -> Option<crate::zones::ZoneOracle> {
+        self.zoned_export.then(|| crate::zones::ZoneOracle {
+            links: Arc::clone(&self.links),
+            queue: queue as u32,
+        })
+    }
+
+    /// Runs `f` with the memory table as the workers get it, if any.
+    fn with_worker_mem<T>(&mut self, f: impl FnOnce(&mut Self, Option<MemRef<'_>>) -> T) -> T {
+        let table: Option<Arc<MemTable>> = self
+            .mem
+            .as_ref()
+            .map(|m| Arc::clone(&m.lock().unwrap_or_else(|p| p.into_inner())));
+        let mem = table.as_ref().map(|t| t.for_worker());
+        let mem_ref = mem.as_ref().map(|(r, f)| (r.as_slice(), f.as_slice()));
+        f(self, mem_ref)
+    }
+}
+
+impl QueueHost for WorkerQueues {
+    fn is_running(&self, index: usize) -> bool {
+        self.running(index).is_some()
+    }
+
+    fn start_queue(&mut self, start: QueueStart) -> Result<(), HostError> {
+        let index = start.index as usize;
+        let mem = self.mem.clone().ok_or(HostError::NoMemory)?;
+        if index >= self.running.len() {
+            return Err(HostError::NoSuchQueue(index));
+        }
+        let resubmits = start.resubmits();
+        let entries = (start.queue.size() as u32).next_power_of_two();
+        let layout = RingLayout::new(entries, RING_MAX_SEGMENTS)
+            .map_err(|e| HostError::Backend(Box::new(e)))?;
+        let ring = WorkerRing::create(&self.export, index, layout)?;
+        // Resubmitting what a previous frontend left in flight: its worker
+        // may have died too, with some of it still in the kernel.
+        let attached = ring.attach(&self.links, index, resubmits);
+        // A worker that is gone (or goes while we ask) must not fail the
+        // VMM's message: the queue starts detached and waits for the
+        // failover thread to attach it to the replacement, which takes
+        // what the guest queued meanwhile. Only a worker that answered
+        // with a refusal fails the message.
+        let detached = match attached {
+            Ok(()) => false,
+            Err(e @ (LinkError::Refused { .. } | LinkError::LimitsDiffer)) => {
+                return Err(HostError::Backend(Box::new(e)))
+            }
+            Err(e) => {
+                tracing::warn!(export = %self.export, queue = index, "queue starts without a worker ({e}); it waits for the replacement");
+                true
+            }
+        };
+        let resource = |what| move |source| HostError::Resource { what, source };
+        let ends = ring.ends(None).map_err(resource("doorbell"))?;
+        let control = VringControl::new().map_err(resource("queue control"))?;
+        if detached {
+            control.mark_lost();
+        }
+        let setup = VringSetup {
+            index: start.index,
+            queue: start.queue,
+            mem,
+            kick: start.kick,
+            call: start.call,
+            requests: ends.requests,
+            completions: ends.completions,
+            worker_kick: ends.worker_kick,
+            worker_call: ends.worker_call,
+            dev: Arc::clone(&self.dev),
+            zones: start.zoned.then(|| Arc::clone(&self.zones)),
+            stats: self
+                .dev
+                .stats
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| crate::stats().queue(&self.export, index as u32)),
+            control: Arc::clone(&control),
+            on_hang: Arc::clone(&self.on_hang),
+            inflight: start.inflight,
+            recovery_zones: self.zone_oracle(index),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vq{index}"))
+            .spawn(move || vring::run(setup))
+            .map_err(resource("queue thread"))?;
+        self.controls.set(index, Some(Arc::clone(&control)));
+        self.running[index] = Some(Running {
+            control,
+            thread,
+            ring,
+        });
+        Ok(())
+    }
+
+    fn stop_queue(&mut self, index: usize) -> Option<u16> {
+        let running = self.running.get_mut(index)?.take()?;
+        self.controls.set(index, None);
+        running.control.stop();
+        let next = match running.thread.join() {
+            Ok(q) => Some(q.next_avail()),
+            Err(_) => None,
+        };
+        if let Err(e) = self.links.detach(index as u32) {
+            tracing::warn!(export = %self.export, queue = index, "detach: {e}");
+        }
+        next
+    }
+
+    fn set_memory(&mut self, table: Arc<MemTable>) -> Result<(), HostError> {
+        let running: Vec<Arc<VringControl>> = self
+            .running
+            .iter()
+            .flatten()
+            .map(|r| Arc::clone(&r.control))
+            .collect();
+        for c in &running {
+            if !c.pause(PAUSE_TIMEOUT) {
+                tracing::error!(export = %self.export, "a queue did not pause for a memory-table change");
+            }
+        }
+        let (worker_regions, fds) = table.for_worker();
+        let sent = self.links.set_mem_table(&worker_regions, &fds);
+        drop(fds);
+        if let Err(e) = sent {
+            // Keep the old table: the queues go on with memory they know.
+            for c in &running {
+                c.resume();
+            }
+            return Err(HostError::Backend(Box::new(e)));
+        }
+        match &self.mem {
+            Some(shared) => *shared.lock().unwrap_or_else(|p| p.into_inner()) = table,
+            None => self.mem = Some(Arc::new(Mutex::new(table))),
+        }
+        for c in &running {
+            c.resume();
+        }
+        Ok(())
+    }
+
+    fn set_config(&mut self, cfg: &BlkConfig) {
+        self.zoned_export = cfg.is_zoned();
+    }
+}
+
+/// Kept so that a dropped host never leaves a queue thread behind.
+impl Drop for WorkerQueues {
+    fn drop(&mut self) {
+        for i in 0..self.running.len() {
+            self.stop_queue(i);
+        }
+    }
+}
