@@ -49,7 +49,7 @@ use blkmesh_proto::v1::{
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::error::ApiError;
+use crate::core::error::ApiError;
 use crate::rule::{parse_duration_ns, parse_rule, RuleBuilder, RULE_KEYS};
 use crate::size::parse_size;
 

@@ -27,7 +27,7 @@ use blkmesh_graph::{Graph, GraphError};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{NodeSpec, ZoneInfo, ZoneModel, ZonedOptions};
 
-use crate::state::State;
+use crate::core::state::State;
 
 /// `ZoneInfo.write_granularity` the manager reports: the sector size. The
 /// export's logical block size is not known at node level (a node can be

@@ -1,0 +1,3 @@
+//! Where the state lives between runs: the state file ([`file`]).
+
+pub(crate) mod file;
