@@ -25,7 +25,7 @@ impl ExportService for ExportApi {
             .into_inner()
             .export
             .ok_or(ApiError::Missing("export"))?;
-        let info = self.0.add_export_and_wait(&export).await?;
+        let info = self.0.add_export_and_wait(export).await?;
         Ok(Response::new(AddExportResponse { export: Some(info) }))
     }
 
@@ -33,7 +33,7 @@ impl ExportService for ExportApi {
         &self,
         request: Request<RemoveExportRequest>,
     ) -> Result<Response<RemoveExportResponse>, Status> {
-        self.0.remove_export(&request.into_inner().id)?;
+        self.0.remove_export(&request.into_inner().id).await?;
         Ok(Response::new(RemoveExportResponse {}))
     }
 

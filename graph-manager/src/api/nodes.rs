@@ -31,7 +31,7 @@ impl NodeService for NodeApi {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
-        self.0.remove_node(&request.into_inner().name)?;
+        self.0.remove_node(&request.into_inner().name).await?;
         Ok(Response::new(RemoveNodeResponse {}))
     }
 

@@ -24,7 +24,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<WorkerHello>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
-        let events = self.0.register_worker(request.into_inner())?;
+        let events = self.0.register_worker(request.into_inner()).await?;
         Ok(Response::new(unbounded(events)))
     }
 
@@ -41,7 +41,7 @@ impl WorkerService for WorkerApi {
         request: Request<MoveQueueRequest>,
     ) -> Result<Response<MoveQueueResponse>, Status> {
         let r = request.into_inner();
-        let info = self.0.move_queue(&r.export, r.queue, &r.worker)?;
+        let info = self.0.move_queue(&r.export, r.queue, &r.worker).await?;
         Ok(Response::new(MoveQueueResponse { export: Some(info) }))
     }
 
@@ -49,7 +49,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<DrainWorkerRequest>,
     ) -> Result<Response<DrainWorkerResponse>, Status> {
-        let moved = self.0.drain_worker(&request.into_inner().worker)?;
+        let moved = self.0.drain_worker(&request.into_inner().worker).await?;
         Ok(Response::new(DrainWorkerResponse { moved }))
     }
 
@@ -58,7 +58,7 @@ impl WorkerService for WorkerApi {
         request: Request<MoveNodeRequest>,
     ) -> Result<Response<MoveNodeResponse>, Status> {
         let r = request.into_inner();
-        let moved = self.0.move_node(&r.node, &r.worker)?;
+        let moved = self.0.move_node(&r.node, &r.worker).await?;
         Ok(Response::new(MoveNodeResponse { moved }))
     }
 }

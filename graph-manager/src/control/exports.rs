@@ -1,6 +1,8 @@
 //! Exports: adding one (and waiting for a frontend to open it), removing
 //! one, and the exports of the configuration file that wait for a worker.
 
+use std::sync::Arc;
+
 use blkmesh_graph::{validate_export, GraphError, ObjectKind};
 use blkmesh_proto::v1::event::Kind as EventKind;
 use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
@@ -13,6 +15,7 @@ use crate::core::queues::place_queues;
 use crate::core::state::ExportRecord;
 use crate::core::views::export_plan;
 use crate::sessions::ExportRuntime;
+use crate::store::writer::WriteTicket;
 
 impl Control {
     /// Queues exports of the configuration file until a worker registers
@@ -50,69 +53,79 @@ impl Control {
     /// from the configuration and persists them. One that no longer passes
     /// AddExport's checks (the state changed meanwhile) is dropped with an error
     /// in the log.
-    pub(super) fn place_config_exports(&self, inner: &mut Inner) {
-        if inner.config_waiting.is_empty() || inner.sessions.live_workers.is_empty() {
-            return;
-        }
-        let waiting = std::mem::take(&mut inner.config_waiting);
-        let mut next = inner.state.clone();
-        let mut added = Vec::new();
-        for export in waiting {
-            let placed = check_new_export(&next, &export).and_then(|export| {
-                let queues = place_queues(&next, &inner.sessions.live_workers, &export)?;
-                Ok(ExportRecord {
-                    export,
-                    queues,
-                    generation: 1,
-                })
-            });
-            match placed {
-                Ok(rec) => {
-                    next.config_exports.insert(rec.export.id.clone());
-                    next.exports.insert(rec.export.id.clone(), rec.clone());
-                    added.push(rec);
-                }
-                Err(e) => tracing::error!(
-                    export = %export.id,
-                    "cannot add the export of the configuration file: {e}; dropped \
-                     (restart the manager to try again)"
-                ),
+    pub(super) async fn place_config_exports(&self, ticket: &WriteTicket<'_>) {
+        let (next, added) = {
+            let inner = self.lock();
+            if inner.config_waiting.is_empty() || inner.sessions.live_workers.is_empty() {
+                return;
             }
-        }
+            let mut next = inner.state.clone();
+            let mut added = Vec::new();
+            for export in inner.config_waiting.iter().cloned() {
+                let placed = check_new_export(&next, &export).and_then(|export| {
+                    let queues = place_queues(&next, &inner.sessions.live_workers, &export)?;
+                    Ok(ExportRecord {
+                        export,
+                        queues,
+                        generation: 1,
+                    })
+                });
+                match placed {
+                    Ok(rec) => {
+                        next.config_exports.insert(rec.export.id.clone());
+                        next.exports.insert(rec.export.id.clone(), rec.clone());
+                        added.push(rec);
+                    }
+                    Err(e) => tracing::error!(
+                        export = %export.id,
+                        "cannot add the export of the configuration file: {e}; dropped \
+                         (restart the manager to try again)"
+                    ),
+                }
+            }
+            (next, added)
+        };
         if added.is_empty() {
+            // Each one failed its checks, and was dropped.
+            self.lock().config_waiting.clear();
             return;
         }
-        if let Err(e) = self.commit(inner, next) {
-            tracing::error!(
-                "cannot add the exports of the configuration file: {e}; \
-                             trying again at the next worker registration"
-            );
-            inner.config_waiting = added.into_iter().map(|r| r.export).collect();
-            return;
-        }
-        for rec in &added {
-            self.export_added(inner, rec, true);
+        match self.commit(ticket, next).await {
+            Ok(mut inner) => {
+                inner.config_waiting.clear();
+                for rec in &added {
+                    self.export_added(&mut inner, rec, true);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot add the exports of the configuration file: {e}; \
+                                 trying again at the next worker registration"
+                );
+                self.lock().config_waiting = added.into_iter().map(|r| r.export).collect();
+            }
         }
     }
 
     /// Adds an export and pushes its plan: (id, generation).
-    fn add_export(
-        &self,
-        export: &blkmesh_proto::v1::VhostUserBlkExport,
-    ) -> Result<(String, u64), ApiError> {
-        let export = validate_export(export)?;
-        let mut inner = self.lock();
-        check_waiting_conflict(&inner.config_waiting, &export)?;
-        let export = check_new_export(&inner.state, &export)?;
-        let queues = place_queues(&inner.state, &inner.sessions.live_workers, &export)?;
-        let rec = ExportRecord {
-            queues,
-            export,
-            generation: 1,
+    async fn add_export(&self, export: VhostUserBlkExport) -> Result<(String, u64), ApiError> {
+        let export = validate_export(&export)?;
+        let ticket = self.begin_change().await;
+        let (next, rec) = {
+            let inner = self.lock();
+            check_waiting_conflict(&inner.config_waiting, &export)?;
+            let export = check_new_export(&inner.state, &export)?;
+            let queues = place_queues(&inner.state, &inner.sessions.live_workers, &export)?;
+            let rec = ExportRecord {
+                queues,
+                export,
+                generation: 1,
+            };
+            let mut next = inner.state.clone();
+            next.exports.insert(rec.export.id.clone(), rec.clone());
+            (next, rec)
         };
-        let mut next = inner.state.clone();
-        next.exports.insert(rec.export.id.clone(), rec.clone());
-        self.commit(&mut inner, next)?;
+        let mut inner = self.commit(&ticket, next).await?;
         self.export_added(&mut inner, &rec, false);
         Ok((rec.export.id.clone(), rec.generation))
     }
@@ -120,11 +133,13 @@ impl Control {
     /// Adds an export, then waits for a connected frontend to open it: an
     /// export the frontend fails to open is removed again.
     pub(crate) async fn add_export_and_wait(
-        &self,
-        export: &blkmesh_proto::v1::VhostUserBlkExport,
+        self: &Arc<Self>,
+        export: VhostUserBlkExport,
     ) -> Result<ExportInfo, ApiError> {
         let rx = self.watch_reports();
-        let (id, generation) = self.add_export(export)?;
+        let (id, generation) = self
+            .run_change(move |control| async move { control.add_export(export).await })
+            .await?;
         let applied = self
             .wait_applied(&[(id.clone(), generation)], rx)
             .await
@@ -132,7 +147,7 @@ impl Control {
             .unwrap_or(Applied::Gone);
         match applied {
             Applied::Failed(reason) => {
-                match self.remove_export_if(&id, Some(generation)) {
+                match self.remove_export_if(&id, Some(generation)).await {
                     Ok(()) => {}
                     // Removed meanwhile: the outcome is the same.
                     Err(ApiError::Graph(GraphError::NotFound { .. })) => {}
@@ -167,40 +182,56 @@ impl Control {
         }
     }
 
-    pub(crate) fn remove_export(&self, id: &str) -> Result<(), ApiError> {
-        self.remove_export_if(id, None)
+    pub(crate) async fn remove_export(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        self.remove_export_if(id, None).await
     }
 
     /// Removes export `id` (only at `generation`, if given).
-    fn remove_export_if(&self, id: &str, generation: Option<u64>) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        let not_found = || GraphError::NotFound {
-            field: "id",
-            kind: ObjectKind::Export,
-            name: id.to_string(),
-        };
-        match inner.state.exports.get(id) {
-            None if generation.is_none() => {
-                // An export of the configuration file still waiting for a worker.
-                let before = inner.config_waiting.len();
-                inner.config_waiting.retain(|e| e.id != id);
-                if inner.config_waiting.len() == before {
-                    return Err(not_found().into());
+    async fn remove_export_if(
+        self: &Arc<Self>,
+        id: &str,
+        generation: Option<u64>,
+    ) -> Result<(), ApiError> {
+        let id = id.to_string();
+        self.run_change(
+            move |control| async move { control.remove_export_now(&id, generation).await },
+        )
+        .await
+    }
+
+    async fn remove_export_now(&self, id: &str, generation: Option<u64>) -> Result<(), ApiError> {
+        let ticket = self.begin_change().await;
+        let (next, from_config) = {
+            let mut inner = self.lock();
+            let not_found = || GraphError::NotFound {
+                field: "id",
+                kind: ObjectKind::Export,
+                name: id.to_string(),
+            };
+            match inner.state.exports.get(id) {
+                None if generation.is_none() => {
+                    // An export of the configuration file still waiting for a worker.
+                    let before = inner.config_waiting.len();
+                    inner.config_waiting.retain(|e| e.id != id);
+                    if inner.config_waiting.len() == before {
+                        return Err(not_found().into());
+                    }
+                    tracing::info!(export = %id, "export of the configuration file removed before a worker registered");
+                    self.emit(EventKind::ExportRemoved(id.to_string()));
+                    return Ok(());
                 }
-                tracing::info!(export = %id, "export of the configuration file removed before a worker registered");
-                self.emit(EventKind::ExportRemoved(id.to_string()));
-                return Ok(());
+                None => return Err(not_found().into()),
+                Some(rec) if generation.is_some_and(|g| g != rec.generation) => {
+                    return Err(not_found().into())
+                }
+                Some(_) => {}
             }
-            None => return Err(not_found().into()),
-            Some(rec) if generation.is_some_and(|g| g != rec.generation) => {
-                return Err(not_found().into())
-            }
-            Some(_) => {}
-        }
-        let mut next = inner.state.clone();
-        next.exports.remove(id);
-        let from_config = next.config_exports.remove(id);
-        self.commit(&mut inner, next)?;
+            let mut next = inner.state.clone();
+            next.exports.remove(id);
+            let from_config = next.config_exports.remove(id);
+            (next, from_config)
+        };
+        let mut inner = self.commit(&ticket, next).await?;
         inner.sessions.export_rt.remove(id);
         if from_config {
             tracing::info!(export = %id, "export removed (it came from the configuration file: a start with that file adds it again)");

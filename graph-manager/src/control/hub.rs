@@ -4,6 +4,7 @@
 //! modules, one per kind of object.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use crate::core::state::{ExportRecord, State};
 use crate::core::views::export_plan;
 use crate::sessions::Sessions;
 use crate::stats::{self as stats_mod, StatsStore};
-use crate::store::file;
+use crate::store::writer::{Store, WriteTicket};
 
 /// How an export ended up after a plan push (see [`Control::wait_applied`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +55,8 @@ pub(crate) struct Inner {
 /// event feed and the stats, shared by all services.
 pub(crate) struct Control {
     pub(super) inner: Mutex<Inner>,
-    pub(super) state_path: PathBuf,
+    /// Writes the state file, one change at a time, off the lock.
+    pub(super) store: Store,
     pub(super) shutdown: watch::Sender<bool>,
     /// Latest stats report per source (memory only; own lock, never held
     /// together with `inner`).
@@ -93,7 +95,7 @@ impl Control {
                 config_waiting: Vec::new(),
                 shutting_down: false,
             }),
-            state_path,
+            store: Store::new(state_path),
             shutdown: watch::channel(false).0,
             stats: Mutex::new(StatsStore::default()),
             events: stats_mod::event_channel(),
@@ -154,14 +156,41 @@ impl Control {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Persists `next` and makes it the current state.
-    pub(super) fn commit(&self, inner: &mut Inner, next: State) -> Result<(), ApiError> {
-        file::save(&self.state_path, &next).map_err(|source| ApiError::Persist {
-            path: self.state_path.clone(),
-            source,
-        })?;
+    /// Waits for the right to change the persistent state (changes queue
+    /// up in order, see [`Store`]). Take it before reading the state a
+    /// change starts from, and keep it until the change is committed.
+    pub(super) async fn begin_change(&self) -> WriteTicket<'_> {
+        self.store.begin().await
+    }
+
+    /// Writes `next` to the state file, outside the lock, and once it is
+    /// durable makes it the current state; returns the lock, still held,
+    /// for the change's announcements. On an error nothing changed.
+    pub(super) async fn commit(
+        &self,
+        ticket: &WriteTicket<'_>,
+        next: State,
+    ) -> Result<MutexGuard<'_, Inner>, ApiError> {
+        let next = self.store.write(ticket, next).await?;
+        let mut inner = self.lock();
         inner.state = next;
-        Ok(())
+        Ok(inner)
+    }
+
+    /// Runs `change` on a task of its own: once started, a change runs to
+    /// its end (written, applied, announced) even when its caller stops
+    /// waiting, as a cancelled call does.
+    pub(super) async fn run_change<T, F>(
+        self: &Arc<Self>,
+        change: impl FnOnce(Arc<Control>) -> F,
+    ) -> Result<T, ApiError>
+    where
+        F: Future<Output = Result<T, ApiError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::spawn(change(Arc::clone(self)))
+            .await
+            .map_err(|e| ApiError::Internal(format!("change task: {e}")))?
     }
 
     /// Ends every registration stream so the server can shut down.

@@ -1,7 +1,7 @@
 //! Workers: registration, the grace of a worker that went away and the
 //! move of its queues, and the queue moves WorkerService asks for.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use blkmesh_graph::{validate_name, validate_socket_path, GraphError, ObjectKind};
@@ -16,11 +16,12 @@ use tokio::sync::mpsc;
 
 use crate::control::hub::{export_info, push_plans, Control, Inner};
 use crate::core::error::ApiError;
-use crate::core::queues::plan_reassign;
+use crate::core::queues::{apply_moves, plan_drain, plan_move_node, plan_reassign};
 use crate::core::state::WorkerRecord;
 use crate::core::views::export_plan;
 use crate::core::zoned;
 use crate::sessions::Sessions;
+use crate::store::writer::WriteTicket;
 
 impl Control {
     fn worker_gone(self: &Arc<Self>, name: &str, session: u64) {
@@ -69,82 +70,93 @@ impl Control {
         let grace = self.worker_grace;
         let mut shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(grace) => control.grace_expired(&name, session),
-                _ = shutdown.wait_for(|v| *v) => {}
+            let expired = tokio::select! {
+                () = tokio::time::sleep(grace) => true,
+                _ = shutdown.wait_for(|v| *v) => false,
+            };
+            if expired {
+                control.grace_expired(&name, session).await;
             }
         });
     }
 
-    fn grace_expired(self: &Arc<Self>, name: &str, session: u64) {
-        let mut inner = self.lock();
-        if inner.shutting_down
-            || inner.sessions.live_workers.contains_key(name)
-            || inner.sessions.gone_since.get(name) != Some(&session)
+    async fn grace_expired(self: &Arc<Self>, name: &str, session: u64) {
+        let ticket = self.begin_change().await;
         {
-            return;
+            let mut inner = self.lock();
+            if inner.shutting_down
+                || inner.sessions.live_workers.contains_key(name)
+                || inner.sessions.gone_since.get(name) != Some(&session)
+            {
+                return;
+            }
+            inner.sessions.gone_since.remove(name);
+            tracing::info!(worker = %name, grace_ms = self.worker_grace.as_millis() as u64, "worker did not come back within its grace");
+            inner.sessions.overdue.insert(name.to_string());
         }
-        inner.sessions.gone_since.remove(name);
-        tracing::info!(worker = %name, grace_ms = self.worker_grace.as_millis() as u64, "worker did not come back within its grace");
-        inner.sessions.overdue.insert(name.to_string());
-        self.reassign_overdue(&mut inner);
+        self.reassign_overdue(&ticket).await;
     }
 
     /// Moves every queue of the overdue workers to the live ones, persists
     /// and pushes the new plans. Without a live worker it waits (the next
     /// registration calls it again).
-    fn reassign_overdue(self: &Arc<Self>, inner: &mut Inner) {
-        let Sessions {
-            overdue,
-            live_workers,
-            ..
-        } = &mut inner.sessions;
-        overdue.retain(|w| !live_workers.contains_key(w));
-        if inner.sessions.overdue.is_empty() || inner.shutting_down {
-            return;
-        }
-        let counts = inner.state.queue_counts();
-        let stranded: usize = inner
-            .sessions
-            .overdue
-            .iter()
-            .map(|w| counts.get(w.as_str()).copied().unwrap_or(0))
-            .sum();
-        if stranded == 0 {
-            inner.sessions.overdue.clear();
-            return;
-        }
-        if inner.sessions.live_workers.is_empty() {
-            tracing::warn!(
-                workers = ?inner.sessions.overdue,
-                queues = stranded,
-                "no live worker to take the queues of the lost workers; \
-                 waiting for a worker to register"
+    async fn reassign_overdue(self: &Arc<Self>, ticket: &WriteTicket<'_>) {
+        let (moved, next) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let Sessions {
+                overdue,
+                live_workers,
+                ..
+            } = &mut inner.sessions;
+            overdue.retain(|w| !live_workers.contains_key(w));
+            if inner.sessions.overdue.is_empty() || inner.shutting_down {
+                return;
+            }
+            let counts = inner.state.queue_counts();
+            let stranded: usize = inner
+                .sessions
+                .overdue
+                .iter()
+                .map(|w| counts.get(w.as_str()).copied().unwrap_or(0))
+                .sum();
+            if stranded == 0 {
+                inner.sessions.overdue.clear();
+                return;
+            }
+            if inner.sessions.live_workers.is_empty() {
+                tracing::warn!(
+                    workers = ?inner.sessions.overdue,
+                    queues = stranded,
+                    "no live worker to take the queues of the lost workers; \
+                     waiting for a worker to register"
+                );
+                return;
+            }
+            let moved = plan_reassign(
+                &inner.state,
+                &inner.sessions.live_workers,
+                &inner.sessions.overdue,
             );
-            return;
-        }
-        let moved = plan_reassign(
-            &inner.state,
-            &inner.sessions.live_workers,
-            &inner.sessions.overdue,
-        );
-        let mut next = inner.state.clone();
-        for m in &moved {
-            if let Some(r) = next.exports.get_mut(&m.export) {
-                r.queues[m.queue as usize] = m.to.clone();
+            let mut next = inner.state.clone();
+            apply_moves(&mut next, &moved);
+            (moved, next)
+        };
+        let mut inner = match self.commit(ticket, next).await {
+            Ok(inner) => inner,
+            Err(e) => {
+                let mut inner = self.lock();
+                // Tried again after another grace (a fresh timer under a session
+                // no registration uses), or at the next registration.
+                tracing::error!(workers = ?inner.sessions.overdue, "cannot reassign the queues of lost workers: {e}");
+                let retry: Vec<String> = inner.sessions.overdue.iter().cloned().collect();
+                for name in retry {
+                    inner.sessions.gone_since.insert(name.clone(), u64::MAX);
+                    self.spawn_grace_timer(name, u64::MAX);
+                }
+                return;
             }
-        }
-        if let Err(e) = self.commit(inner, next) {
-            // Tried again after another grace (a fresh timer under a session
-            // no registration uses), or at the next registration.
-            tracing::error!(workers = ?inner.sessions.overdue, "cannot reassign the queues of lost workers: {e}");
-            let retry: Vec<String> = inner.sessions.overdue.iter().cloned().collect();
-            for name in retry {
-                inner.sessions.gone_since.insert(name.clone(), u64::MAX);
-                self.spawn_grace_timer(name, u64::MAX);
-            }
-            return;
-        }
+        };
         for m in &moved {
             tracing::info!(
                 export = %m.export,
@@ -162,7 +174,7 @@ impl Control {
             exports = ids.len(),
             "lost workers' queues reassigned"
         );
-        push_plans(inner, &ids);
+        push_plans(&mut inner, &ids);
         inner.sessions.overdue.clear();
     }
 
@@ -201,15 +213,27 @@ impl Control {
 
     /// Registers worker `hello.name`: its events come on the returned
     /// receiver, starting with `accepted`; dropping it ends the registration.
-    pub(crate) fn register_worker(
+    pub(crate) async fn register_worker(
         self: &Arc<Self>,
         hello: WorkerHello,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
         validate_name("name", &hello.name)?;
         validate_socket_path("socket", &hello.socket)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let session = {
-            let mut inner = self.lock();
+        self.run_change(move |control| async move { control.register_worker_now(hello).await })
+            .await
+    }
+
+    async fn register_worker_now(
+        self: &Arc<Self>,
+        hello: WorkerHello,
+    ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
+        let ticket = self.begin_change().await;
+        let record = WorkerRecord {
+            socket: hello.socket.clone(),
+            pid: hello.pid,
+        };
+        let (previous, next) = {
+            let inner = self.lock();
             if inner.shutting_down {
                 return Err(ApiError::ShuttingDown);
             }
@@ -219,16 +243,20 @@ impl Control {
                     name: hello.name,
                 });
             }
-            let record = WorkerRecord {
-                socket: hello.socket.clone(),
-                pid: hello.pid,
-            };
             let previous = inner.state.workers.get(&hello.name).cloned();
-            if previous.as_ref() != Some(&record) {
+            let next = (previous.as_ref() != Some(&record)).then(|| {
                 let mut next = inner.state.clone();
                 next.workers.insert(hello.name.clone(), record);
-                self.commit(&mut inner, next)?;
-            }
+                next
+            });
+            (previous, next)
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = {
+            let mut inner = match next {
+                Some(next) => self.commit(&ticket, next).await?,
+                None => self.lock(),
+            };
             let session = inner.sessions.new_session();
             inner
                 .sessions
@@ -254,71 +282,88 @@ impl Control {
                     inner.sessions.broadcast(FrontendEventKind::Upsert(plan));
                 }
             }
-            // Workers whose grace ran out with nobody to take their queues.
-            self.reassign_overdue(&mut inner);
-            // Exports of the configuration file waiting for a worker.
-            self.place_config_exports(&mut inner);
             session
         };
+        // Workers whose grace ran out with nobody to take their queues.
+        self.reassign_overdue(&ticket).await;
+        // Exports of the configuration file waiting for a worker.
+        self.place_config_exports(&ticket).await;
         let name = hello.name;
         self.on_stream_end(tx, move |control| control.worker_gone(&name, session));
         Ok(rx)
     }
 
     /// Moves queue `queue` of export `id` to `worker` (a live worker).
-    pub(crate) fn move_queue(
+    pub(crate) async fn move_queue(
+        self: &Arc<Self>,
+        id: &str,
+        queue: u32,
+        worker: &str,
+    ) -> Result<ExportInfo, ApiError> {
+        let (id, worker) = (id.to_string(), worker.to_string());
+        self.run_change(
+            move |control| async move { control.move_queue_now(&id, queue, &worker).await },
+        )
+        .await
+    }
+
+    async fn move_queue_now(
         &self,
         id: &str,
         queue: u32,
         worker: &str,
     ) -> Result<ExportInfo, ApiError> {
-        let mut inner = self.lock();
-        let rec = inner
-            .state
-            .exports
-            .get(id)
-            .ok_or_else(|| GraphError::NotFound {
-                field: "export",
-                kind: ObjectKind::Export,
-                name: id.to_string(),
-            })?;
-        let num_queues = rec.export.num_queues;
-        if queue >= num_queues {
-            return Err(GraphError::invalid(
-                "queue",
-                format!("export {id:?} has {num_queues} queues (0..{num_queues}); got {queue}"),
-            )
-            .into());
-        }
-        check_target(&inner, worker)?;
-        let from = rec.queues[queue as usize].clone();
-        if from == worker {
-            return Ok(export_info(&inner, rec));
-        }
-        if let Some(zoned) = zoned::zoned_in_graph(&inner.state.graph, &rec.export.node) {
-            let split = rec
-                .queues
-                .iter()
-                .enumerate()
-                .find(|(i, w)| *i != queue as usize && w.as_str() != worker);
-            if let Some((i, other)) = split {
-                return Err(GraphError::precondition(
+        let ticket = self.begin_change().await;
+        let (next, from) = {
+            let inner = self.lock();
+            let rec = inner
+                .state
+                .exports
+                .get(id)
+                .ok_or_else(|| GraphError::NotFound {
+                    field: "export",
+                    kind: ObjectKind::Export,
+                    name: id.to_string(),
+                })?;
+            let num_queues = rec.export.num_queues;
+            if queue >= num_queues {
+                return Err(GraphError::invalid(
                     "queue",
-                    format!(
-                        "export {id:?} is over zoned node {zoned:?}: its queues stay on one \
-                         worker (queue {i} is on {other:?}); move them all with MoveNode \
-                         (blkmeshctl node move {} {worker})",
-                        rec.export.node
-                    ),
+                    format!("export {id:?} has {num_queues} queues (0..{num_queues}); got {queue}"),
                 )
                 .into());
             }
-        }
-        let mut next = inner.state.clone();
-        if let Some(r) = next.exports.get_mut(id) {
-            r.queues[queue as usize] = worker.to_string();
-        }
-        self.commit(&mut inner, next)?;
+            check_target(&inner, worker)?;
+            let from = rec.queues[queue as usize].clone();
+            if from == worker {
+                return Ok(export_info(&inner, rec));
+            }
+            if let Some(zoned) = zoned::zoned_in_graph(&inner.state.graph, &rec.export.node) {
+                let split = rec
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .find(|(i, w)| *i != queue as usize && w.as_str() != worker);
+                if let Some((i, other)) = split {
+                    return Err(GraphError::precondition(
+                        "queue",
+                        format!(
+                            "export {id:?} is over zoned node {zoned:?}: its queues stay on one \
+                         worker (queue {i} is on {other:?}); move them all with MoveNode \
+                         (blkmeshctl node move {} {worker})",
+                            rec.export.node
+                        ),
+                    )
+                    .into());
+                }
+            }
+            let mut next = inner.state.clone();
+            if let Some(r) = next.exports.get_mut(id) {
+                r.queues[queue as usize] = worker.to_string();
+            }
+            (next, from)
+        };
+        let mut inner = self.commit(&ticket, next).await?;
         tracing::info!(export = %id, queue, %from, to = %worker, "queue moved");
         push_plans(&mut inner, &[id]);
         let rec = &inner.state.exports[id];
@@ -327,152 +372,84 @@ impl Control {
 
     /// Moves every queue of every export whose graph contains `node` to
     /// `worker` (a live worker). Queues already there are not listed.
-    pub(crate) fn move_node(&self, node: &str, worker: &str) -> Result<Vec<MovedQueue>, ApiError> {
-        let mut inner = self.lock();
-        if !inner.state.graph.contains(node) {
-            return Err(GraphError::NotFound {
-                field: "node",
-                kind: ObjectKind::Node,
-                name: node.to_string(),
+    pub(crate) async fn move_node(
+        self: &Arc<Self>,
+        node: &str,
+        worker: &str,
+    ) -> Result<Vec<MovedQueue>, ApiError> {
+        let (node, worker) = (node.to_string(), worker.to_string());
+        self.run_change(move |control| async move { control.move_node_now(&node, &worker).await })
+            .await
+    }
+
+    async fn move_node_now(&self, node: &str, worker: &str) -> Result<Vec<MovedQueue>, ApiError> {
+        let ticket = self.begin_change().await;
+        let moved = {
+            let inner = self.lock();
+            if !inner.state.graph.contains(node) {
+                return Err(GraphError::NotFound {
+                    field: "node",
+                    kind: ObjectKind::Node,
+                    name: node.to_string(),
+                }
+                .into());
             }
-            .into());
-        }
-        check_target(&inner, worker)?;
-        // `node` and everything above it: an export's graph contains `node`
-        // iff its root is one of these.
-        let mut above: BTreeSet<&str> = BTreeSet::new();
-        let mut stack = vec![node];
-        while let Some(name) = stack.pop() {
-            if above.insert(name) {
-                stack.extend(inner.state.graph.users_of(name));
+            check_target(&inner, worker)?;
+            let moved = plan_move_node(&inner.state, node, worker);
+            if moved.is_empty() {
+                return Ok(moved);
             }
-        }
-        let moved: Vec<MovedQueue> = inner
-            .state
-            .exports
-            .values()
-            .filter(|r| above.contains(r.export.node.as_str()))
-            .flat_map(|r| {
-                r.queues
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| w.as_str() != worker)
-                    .map(|(i, from)| MovedQueue {
-                        export: r.export.id.clone(),
-                        queue: i as u32,
-                        from: from.clone(),
-                        to: worker.to_string(),
-                    })
-            })
-            .collect();
-        if moved.is_empty() {
-            return Ok(moved);
-        }
-        let mut next = inner.state.clone();
-        for m in &moved {
-            if let Some(r) = next.exports.get_mut(&m.export) {
-                r.queues[m.queue as usize] = worker.to_string();
-            }
-        }
-        self.commit(&mut inner, next)?;
-        let mut ids: Vec<&str> = moved.iter().map(|m| m.export.as_str()).collect();
-        ids.dedup();
-        tracing::info!(%node, to = %worker, queues = moved.len(), exports = ids.len(), "node moved");
-        push_plans(&mut inner, &ids);
+            moved
+        };
+        let exports = self.commit_moves(&ticket, &moved).await?;
+        tracing::info!(%node, to = %worker, queues = moved.len(), exports, "node moved");
         Ok(moved)
     }
 
-    /// Moves every queue off `worker` to the least loaded other live workers.
-    pub(crate) fn drain_worker(&self, worker: &str) -> Result<Vec<MovedQueue>, ApiError> {
-        let mut inner = self.lock();
-        if !inner.state.workers.contains_key(worker) {
-            return Err(ApiError::UnknownWorker {
-                field: "worker",
-                name: worker.to_string(),
-            });
-        }
-        let on_worker: Vec<(String, usize)> = inner
-            .state
-            .exports
-            .values()
-            .flat_map(|r| {
-                r.queues
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| w.as_str() == worker)
-                    .map(|(i, _)| (r.export.id.clone(), i))
-            })
-            .collect();
-        if on_worker.is_empty() {
-            return Ok(Vec::new());
-        }
-        let counts = inner.state.queue_counts();
-        let mut targets: Vec<(usize, String)> = inner
-            .sessions
-            .live_workers
-            .keys()
-            .filter(|w| w.as_str() != worker)
-            .map(|w| (counts.get(w.as_str()).copied().unwrap_or(0), w.clone()))
-            .collect();
-        if targets.is_empty() {
-            return Err(GraphError::precondition(
-                "worker",
-                format!(
-                    "no other live worker to take the {} queues of worker {worker:?}",
-                    on_worker.len()
-                ),
-            )
-            .into());
-        }
-        let mut next = inner.state.clone();
-        let mut moved = Vec::with_capacity(on_worker.len());
-        // Exports over a zoned node move whole: export → its one target.
-        let mut whole: BTreeMap<String, String> = BTreeMap::new();
-        for (id, queue) in on_worker {
-            let zoned_rec =
-                inner.state.exports.get(&id).filter(|r| {
-                    zoned::zoned_in_graph(&inner.state.graph, &r.export.node).is_some()
-                });
-            let pinned = match (whole.get(&id), zoned_rec) {
-                (Some(to), _) => Some(to.clone()),
-                // Where its other queues are, if that is a target (they
-                // should all be on `worker`); else the least loaded.
-                (None, Some(r)) => r
-                    .queues
-                    .iter()
-                    .find(|w| targets.iter().any(|(_, t)| t == *w))
-                    .cloned()
-                    .or_else(|| targets.iter().min().map(|(_, t)| t.clone())),
-                (None, None) => None,
-            };
-            let target = match &pinned {
-                Some(to) => targets.iter_mut().find(|(_, t)| t == to),
-                // Least loaded first, counting the queues moved so far; ties by name.
-                None => targets.iter_mut().min(),
-            };
-            let Some(target) = target else {
-                break;
-            };
-            target.0 += 1;
-            let to = target.1.clone();
-            if zoned_rec.is_some() {
-                whole.insert(id.clone(), to.clone());
-            }
-            if let Some(r) = next.exports.get_mut(&id) {
-                r.queues[queue] = to.clone();
-            }
-            moved.push(MovedQueue {
-                export: id,
-                queue: queue as u32,
-                from: worker.to_string(),
-                to,
-            });
-        }
-        self.commit(&mut inner, next)?;
+    /// Applies `moved` (planned holding `ticket`) to the state, commits it
+    /// and pushes the plans of the exports it touches: returns how many.
+    async fn commit_moves(
+        &self,
+        ticket: &WriteTicket<'_>,
+        moved: &[MovedQueue],
+    ) -> Result<usize, ApiError> {
+        let mut next = self.lock().state.clone();
+        apply_moves(&mut next, moved);
+        let mut inner = self.commit(ticket, next).await?;
         let mut ids: Vec<&str> = moved.iter().map(|m| m.export.as_str()).collect();
         ids.dedup();
-        tracing::info!(%worker, queues = moved.len(), exports = ids.len(), "worker drained");
         push_plans(&mut inner, &ids);
+        Ok(ids.len())
+    }
+
+    /// Moves every queue off `worker` to the least loaded other live workers.
+    pub(crate) async fn drain_worker(
+        self: &Arc<Self>,
+        worker: &str,
+    ) -> Result<Vec<MovedQueue>, ApiError> {
+        let worker = worker.to_string();
+        self.run_change(move |control| async move { control.drain_worker_now(&worker).await })
+            .await
+    }
+
+    async fn drain_worker_now(&self, worker: &str) -> Result<Vec<MovedQueue>, ApiError> {
+        let ticket = self.begin_change().await;
+        let moved = {
+            let inner = self.lock();
+            if !inner.state.workers.contains_key(worker) {
+                return Err(ApiError::UnknownWorker {
+                    field: "worker",
+                    name: worker.to_string(),
+                });
+            }
+            let moved = plan_drain(&inner.state, &inner.sessions.live_workers, worker)?;
+            if moved.is_empty() {
+                return Ok(moved);
+            }
+            moved
+        };
+        let exports = self.commit_moves(&ticket, &moved).await?;
+        tracing::info!(%worker, queues = moved.len(), exports, "worker drained");
         Ok(moved)
     }
 }

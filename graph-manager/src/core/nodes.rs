@@ -89,3 +89,16 @@ pub(crate) fn new_node_size(
         Some(Driver::Zoned(o)) => zoned::zoned_size(o, child_size(&o.child)),
     })
 }
+
+/// Bumps the plan generation of each export of `exports` in `next`:
+/// returns each one (still there) with its new generation.
+pub(crate) fn bump_generations(next: &mut State, exports: &[String]) -> Vec<(String, u64)> {
+    let mut targets = Vec::with_capacity(exports.len());
+    for id in exports {
+        if let Some(rec) = next.exports.get_mut(id) {
+            rec.generation += 1;
+            targets.push((id.clone(), rec.generation));
+        }
+    }
+    targets
+}

@@ -3,10 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use blkmesh_graph::GraphError;
 use blkmesh_proto::v1::{MovedQueue, VhostUserBlkExport};
 
 use crate::core::error::ApiError;
 use crate::core::state::State;
+use crate::core::zoned;
 
 /// Where the queues of the `lost` workers go: to the live workers (not
 /// lost), least loaded first counting the moves so far, ties by name. The
@@ -92,4 +94,128 @@ pub(crate) fn place_queues(
     } else {
         vec![live[0].1.clone(); n]
     })
+}
+
+/// Applies `moved` to the queue assignments of `next`.
+pub(crate) fn apply_moves(next: &mut State, moved: &[MovedQueue]) {
+    for m in moved {
+        if let Some(r) = next.exports.get_mut(&m.export) {
+            if let Some(slot) = r.queues.get_mut(m.queue as usize) {
+                *slot = m.to.clone();
+            }
+        }
+    }
+}
+
+/// MoveNode: every queue of every export whose graph contains `node`, to
+/// `worker`. Queues already there are not listed.
+pub(crate) fn plan_move_node(state: &State, node: &str, worker: &str) -> Vec<MovedQueue> {
+    // `node` and everything above it: an export's graph contains `node`
+    // iff its root is one of these.
+    let mut above: BTreeSet<&str> = BTreeSet::new();
+    let mut stack = vec![node];
+    while let Some(name) = stack.pop() {
+        if above.insert(name) {
+            stack.extend(state.graph.users_of(name));
+        }
+    }
+    state
+        .exports
+        .values()
+        .filter(|r| above.contains(r.export.node.as_str()))
+        .flat_map(|r| {
+            r.queues
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.as_str() != worker)
+                .map(|(i, from)| MovedQueue {
+                    export: r.export.id.clone(),
+                    queue: i as u32,
+                    from: from.clone(),
+                    to: worker.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// DrainWorker: every queue of `worker` to the other live workers, least
+/// loaded first counting the moves so far (ties by name); the queues of an
+/// export over a zoned node move together. Fails when there are queues to
+/// move and no other live worker.
+pub(crate) fn plan_drain(
+    state: &State,
+    live_workers: &BTreeMap<String, u64>,
+    worker: &str,
+) -> Result<Vec<MovedQueue>, ApiError> {
+    let on_worker: Vec<(String, usize)> = state
+        .exports
+        .values()
+        .flat_map(|r| {
+            r.queues
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.as_str() == worker)
+                .map(|(i, _)| (r.export.id.clone(), i))
+        })
+        .collect();
+    if on_worker.is_empty() {
+        return Ok(Vec::new());
+    }
+    let counts = state.queue_counts();
+    let mut targets: Vec<(usize, String)> = live_workers
+        .keys()
+        .filter(|w| w.as_str() != worker)
+        .map(|w| (counts.get(w.as_str()).copied().unwrap_or(0), w.clone()))
+        .collect();
+    if targets.is_empty() {
+        return Err(GraphError::precondition(
+            "worker",
+            format!(
+                "no other live worker to take the {} queues of worker {worker:?}",
+                on_worker.len()
+            ),
+        )
+        .into());
+    }
+    let mut moved = Vec::with_capacity(on_worker.len());
+    // Exports over a zoned node move whole: export → its one target.
+    let mut whole: BTreeMap<String, String> = BTreeMap::new();
+    for (id, queue) in on_worker {
+        let zoned_rec = state
+            .exports
+            .get(&id)
+            .filter(|r| zoned::zoned_in_graph(&state.graph, &r.export.node).is_some());
+        let pinned = match (whole.get(&id), zoned_rec) {
+            (Some(to), _) => Some(to.clone()),
+            // Where its other queues are, if that is a target (they
+            // should all be on `worker`); else the least loaded.
+            (None, Some(r)) => r
+                .queues
+                .iter()
+                .find(|w| targets.iter().any(|(_, t)| t == *w))
+                .cloned()
+                .or_else(|| targets.iter().min().map(|(_, t)| t.clone())),
+            (None, None) => None,
+        };
+        let target = match &pinned {
+            Some(to) => targets.iter_mut().find(|(_, t)| t == to),
+            // Least loaded first, counting the queues moved so far; ties by name.
+            None => targets.iter_mut().min(),
+        };
+        let Some(target) = target else {
+            break;
+        };
+        target.0 += 1;
+        let to = target.1.clone();
+        if zoned_rec.is_some() {
+            whole.insert(id.clone(), to.clone());
+        }
+        moved.push(MovedQueue {
+            export: id,
+            queue: queue as u32,
+            from: worker.to_string(),
+            to,
+        });
+    }
+    Ok(moved)
 }
