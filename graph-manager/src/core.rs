@@ -14,3 +14,6 @@ pub(crate) mod reopen;
 pub(crate) mod state;
 pub(crate) mod views;
 pub(crate) mod zoned;
+
+#[cfg(test)]
+pub(crate) mod fixtures;

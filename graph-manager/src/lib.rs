@@ -62,6 +62,16 @@
 //! gRPC health service and `/metrics` stay open. Clients connect through
 //! [`blkmesh_proto::client`].
 //!
+//! Layout, each layer using only the ones before it: `core` (the state in
+//! memory and the pure rules and transitions over it, no tonic, no tokio),
+//! `store` (the state file, and its one writer, which writes and syncs a
+//! change off the lock before anybody sees it), `sessions` (the live
+//! workers and frontends), `control` (the state and the sessions behind
+//! one lock, and every operation of the services), `api` (one thin tonic
+//! adapter per service, and the status code of every error); beside them
+//! [`config`] and `reconcile` (the configuration file), `stats` and
+//! `metrics`.
+//!
 //! Start it from code:
 //!
 //! ```no_run

@@ -168,3 +168,6 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

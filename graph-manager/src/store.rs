@@ -1,4 +1,4 @@
-//! Where the state lives between runs: the state file ([`file`]) and its
+//! Where the state lives between runs: the state file ([`mod@file`]) and its
 //! one writer, which writes off the manager's lock ([`writer`]).
 
 pub(crate) mod file;

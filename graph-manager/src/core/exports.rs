@@ -150,3 +150,6 @@ pub(crate) fn check_new_export(
     }
     Ok(export)
 }
+
+#[cfg(test)]
+mod tests;

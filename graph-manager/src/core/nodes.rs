@@ -102,3 +102,6 @@ pub(crate) fn bump_generations(next: &mut State, exports: &[String]) -> Vec<(Str
     }
     targets
 }
+
+#[cfg(test)]
+mod tests;

@@ -219,3 +219,6 @@ pub(crate) fn plan_drain(
     }
     Ok(moved)
 }
+
+#[cfg(test)]
+mod tests;

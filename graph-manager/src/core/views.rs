@@ -52,3 +52,6 @@ pub(crate) fn export_plan(state: &State, rec: &ExportRecord) -> Option<ExportPla
         generation: rec.generation,
     })
 }
+
+#[cfg(test)]
+mod tests;

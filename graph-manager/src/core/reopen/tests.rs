@@ -1,9 +1,8 @@
 use super::*;
 use blkmesh_graph::ErrorClass;
-use blkmesh_proto::v1::{
-    Bucket, FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, RawOptions,
-    ThrottleOptions,
-};
+
+use crate::core::fixtures::{faults, raw, sized_state as state, throttle};
+use blkmesh_proto::v1::{IoUringOptions, NullOptions, NvmeIoUringOptions};
 
 fn null(name: &str, size: u64, latency_ns: u64) -> NodeSpec {
     NodeSpec {
@@ -19,47 +18,6 @@ fn file(name: &str, path: &str, read_only: bool, direct: bool) -> NodeSpec {
             path: path.into(),
             direct,
             read_only,
-        })),
-    }
-}
-
-fn raw(name: &str, child: &str, offset: u64, size: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Raw(RawOptions {
-            child: child.into(),
-            offset,
-            size,
-        })),
-    }
-}
-
-fn throttle(name: &str, child: &str, iops: u64, group: &str) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::Throttle(ThrottleOptions {
-            child: child.into(),
-            limits: Some(ThrottleLimits {
-                iops_total: Some(Bucket {
-                    rate: iops,
-                    burst: 0,
-                }),
-                ..Default::default()
-            }),
-            group: group.into(),
-        })),
-    }
-}
-
-fn faults(name: &str, child: &str, max_transfer: u64) -> NodeSpec {
-    NodeSpec {
-        name: name.into(),
-        driver: Some(Driver::FaultInjection(FaultInjectionOptions {
-            child: child.into(),
-            rules: vec![],
-            max_transfer,
-            max_segments: 0,
-            buf_alignment: 0,
         })),
     }
 }
@@ -133,14 +91,6 @@ fn update_refuses_fixed_fields() {
         field(nvme("/dev/ng0n1"), nvme("/dev/ng1n1")),
         Some("node.nvme_io_uring.path")
     );
-}
-
-fn state(specs: Vec<NodeSpec>, sizes: &[(&str, u64)]) -> State {
-    State {
-        graph: Graph::from_specs(specs).unwrap(),
-        sizes: sizes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
-        ..Default::default()
-    }
 }
 
 #[test]
