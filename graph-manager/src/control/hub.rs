@@ -150,6 +150,8 @@ impl Control {
         }
     }
 
+    /// The manager's lock: the state and the sessions. Never held across
+    /// an await, nor while writing the state file.
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave `Inner` half-updated:
         // every change is built on a copy and swapped in whole.

@@ -278,7 +278,7 @@ impl Control {
         Ok(info)
     }
 
-    /// The locked part of `update`: checks, commits, pushes and announces
+    /// The committed part of `update_node`: checks, commits, pushes and announces
     /// the change (`None`: nothing changes).
     async fn commit_update(
         &self,
