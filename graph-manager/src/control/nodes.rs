@@ -15,6 +15,7 @@ use crate::core::checks::validate_node_limits;
 use crate::core::error::ApiError;
 use crate::core::nodes::{
     bump_generations, check_writable_exports, group_change, group_members_with, new_node_size,
+    NodeChange,
 };
 use crate::core::probe::probe_node_paths;
 use crate::core::reopen::{self, exports_over, replace_specs, ResizePlan};
@@ -22,17 +23,6 @@ use crate::core::state::State;
 use crate::core::views::node_info;
 use crate::core::zoned;
 use crate::store::writer::WriteTicket;
-
-/// A committed node update or resize, kept to undo it.
-#[derive(Debug, Clone)]
-struct NodeChange {
-    /// (spec before, spec after) of each node whose spec changed.
-    specs: Vec<(NodeSpec, NodeSpec)>,
-    /// (name, size before, size after) of each node whose size changed.
-    sizes: Vec<(String, u64, u64)>,
-    /// The exports over the changed nodes, with their new generation.
-    targets: Vec<(String, u64)>,
-}
 
 impl Control {
     /// Bumps the generation of `exports` in `next`, commits it and pushes

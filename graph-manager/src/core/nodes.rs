@@ -10,6 +10,17 @@ use crate::core::reopen;
 use crate::core::state::State;
 use crate::core::zoned;
 
+/// A committed node update or resize, kept to undo it.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeChange {
+    /// (spec before, spec after) of each node whose spec changed.
+    pub specs: Vec<(NodeSpec, NodeSpec)>,
+    /// (name, size before, size after) of each node whose size changed.
+    pub sizes: Vec<(String, u64, u64)>,
+    /// The exports over the changed nodes, with their new generation.
+    pub targets: Vec<(String, u64)>,
+}
+
 /// For a grouped throttle `spec` (the node's new spec), every other node of
 /// its group as (current spec, spec with `spec`'s limits).
 pub(crate) fn group_members_with(state: &State, spec: &NodeSpec) -> Vec<(NodeSpec, NodeSpec)> {

@@ -408,157 +408,155 @@ fn driver_from_json(d: DriverJson) -> Result<Driver, String> {
     })
 }
 
-impl State {
-    fn to_file(&self) -> StateFile {
-        StateFile {
-            version: STATE_VERSION,
-            nodes: self
-                .graph
-                .iter()
-                .filter_map(|spec| {
-                    Some(NodeJson {
-                        name: spec.name.clone(),
-                        size: self.sizes.get(&spec.name).copied().unwrap_or(0),
-                        driver: driver_to_json(spec)?,
-                        managed_by_config: self.config_nodes.contains(&spec.name),
-                    })
+/// The on-disk form of `state`.
+fn to_file(state: &State) -> StateFile {
+    StateFile {
+        version: STATE_VERSION,
+        nodes: state
+            .graph
+            .iter()
+            .filter_map(|spec| {
+                Some(NodeJson {
+                    name: spec.name.clone(),
+                    size: state.sizes.get(&spec.name).copied().unwrap_or(0),
+                    driver: driver_to_json(spec)?,
+                    managed_by_config: state.config_nodes.contains(&spec.name),
                 })
-                .collect(),
-            exports: self
-                .exports
-                .values()
-                .map(|r| ExportJson {
-                    id: r.export.id.clone(),
-                    node: r.export.node.clone(),
-                    socket: r.export.socket.clone(),
-                    num_queues: r.export.num_queues,
-                    queue_size: r.export.queue_size,
-                    logical_block_size: r.export.logical_block_size,
-                    writable: r.export.writable,
-                    serial: r.export.serial.clone(),
-                    spread_queues: r.export.spread_queues,
-                    queues: r.queues.clone(),
-                    generation: r.generation,
-                    managed_by_config: self.config_exports.contains(&r.export.id),
-                })
-                .collect(),
-            workers: self
-                .workers
-                .iter()
-                .map(|(name, w)| WorkerJson {
-                    name: name.clone(),
-                    socket: w.socket.clone(),
-                    pid: w.pid,
-                })
-                .collect(),
+            })
+            .collect(),
+        exports: state
+            .exports
+            .values()
+            .map(|r| ExportJson {
+                id: r.export.id.clone(),
+                node: r.export.node.clone(),
+                socket: r.export.socket.clone(),
+                num_queues: r.export.num_queues,
+                queue_size: r.export.queue_size,
+                logical_block_size: r.export.logical_block_size,
+                writable: r.export.writable,
+                serial: r.export.serial.clone(),
+                spread_queues: r.export.spread_queues,
+                queues: r.queues.clone(),
+                generation: r.generation,
+                managed_by_config: state.config_exports.contains(&r.export.id),
+            })
+            .collect(),
+        workers: state
+            .workers
+            .iter()
+            .map(|(name, w)| WorkerJson {
+                name: name.clone(),
+                socket: w.socket.clone(),
+                pid: w.pid,
+            })
+            .collect(),
+    }
+}
+
+/// Checks a parsed state file against every rule the API enforces.
+fn from_file(f: StateFile) -> Result<State, String> {
+    if f.version != STATE_VERSION {
+        return Err(format!(
+            "unsupported version {} (expected {STATE_VERSION})",
+            f.version
+        ));
+    }
+    let mut sizes = BTreeMap::new();
+    let mut specs = Vec::new();
+    let mut config_nodes = BTreeSet::new();
+    let mut config_exports = BTreeSet::new();
+    for n in f.nodes {
+        if n.managed_by_config {
+            config_nodes.insert(n.name.clone());
+        }
+        let driver = driver_from_json(n.driver).map_err(|e| format!("node {:?}: {e}", n.name))?;
+        let spec = NodeSpec {
+            name: n.name,
+            driver: Some(driver),
+        };
+        validate_node_limits(&spec).map_err(|e| format!("node {:?}: {e}", spec.name))?;
+        sizes.insert(spec.name.clone(), n.size);
+        specs.push(spec);
+    }
+    let graph = Graph::from_specs(specs).map_err(|e| format!("nodes: {e}"))?;
+
+    let mut workers = BTreeMap::new();
+    for w in f.workers {
+        validate_name("name", &w.name).map_err(|e| format!("workers: {e}"))?;
+        validate_socket_path("socket", &w.socket)
+            .map_err(|e| format!("worker {:?}: {e}", w.name))?;
+        let rec = WorkerRecord {
+            socket: w.socket,
+            pid: w.pid,
+        };
+        if workers.insert(w.name.clone(), rec).is_some() {
+            return Err(format!("workers: duplicate worker {:?}", w.name));
         }
     }
 
-    /// Checks a parsed state file against every rule the API enforces.
-    fn from_file(f: StateFile) -> Result<State, String> {
-        if f.version != STATE_VERSION {
+    let mut exports = BTreeMap::new();
+    let mut sockets = BTreeSet::new();
+    let mut roots = BTreeSet::new();
+    for e in f.exports {
+        if e.managed_by_config {
+            config_exports.insert(e.id.clone());
+        }
+        let export = VhostUserBlkExport {
+            id: e.id,
+            node: e.node,
+            socket: e.socket,
+            num_queues: e.num_queues,
+            queue_size: e.queue_size,
+            logical_block_size: e.logical_block_size,
+            writable: e.writable,
+            serial: e.serial,
+            spread_queues: e.spread_queues,
+        };
+        let ctx = format!("export {:?}", export.id);
+        let normalized = validate_export(&export).map_err(|e| format!("{ctx}: {e}"))?;
+        if normalized != export {
+            return Err(format!("{ctx}: fields are not normalized"));
+        }
+        if !graph.contains(&export.node) {
+            return Err(format!("{ctx}: unknown node {:?}", export.node));
+        }
+        if !roots.insert(export.node.clone()) {
+            return Err(format!("{ctx}: node {:?} exported twice", export.node));
+        }
+        if !sockets.insert(export.socket.clone()) {
+            return Err(format!("{ctx}: duplicate socket {:?}", export.socket));
+        }
+        if e.queues.len() != export.num_queues as usize {
             return Err(format!(
-                "unsupported version {} (expected {STATE_VERSION})",
-                f.version
+                "{ctx}: {} queue assignments for {} queues",
+                e.queues.len(),
+                export.num_queues
             ));
         }
-        let mut sizes = BTreeMap::new();
-        let mut specs = Vec::new();
-        let mut config_nodes = BTreeSet::new();
-        let mut config_exports = BTreeSet::new();
-        for n in f.nodes {
-            if n.managed_by_config {
-                config_nodes.insert(n.name.clone());
-            }
-            let driver =
-                driver_from_json(n.driver).map_err(|e| format!("node {:?}: {e}", n.name))?;
-            let spec = NodeSpec {
-                name: n.name,
-                driver: Some(driver),
-            };
-            validate_node_limits(&spec).map_err(|e| format!("node {:?}: {e}", spec.name))?;
-            sizes.insert(spec.name.clone(), n.size);
-            specs.push(spec);
+        if let Some(w) = e.queues.iter().find(|w| !workers.contains_key(*w)) {
+            return Err(format!("{ctx}: queue assigned to unknown worker {w:?}"));
         }
-        let graph = Graph::from_specs(specs).map_err(|e| format!("nodes: {e}"))?;
-
-        let mut workers = BTreeMap::new();
-        for w in f.workers {
-            validate_name("name", &w.name).map_err(|e| format!("workers: {e}"))?;
-            validate_socket_path("socket", &w.socket)
-                .map_err(|e| format!("worker {:?}: {e}", w.name))?;
-            let rec = WorkerRecord {
-                socket: w.socket,
-                pid: w.pid,
-            };
-            if workers.insert(w.name.clone(), rec).is_some() {
-                return Err(format!("workers: duplicate worker {:?}", w.name));
-            }
-        }
-
-        let mut exports = BTreeMap::new();
-        let mut sockets = BTreeSet::new();
-        let mut roots = BTreeSet::new();
-        for e in f.exports {
-            if e.managed_by_config {
-                config_exports.insert(e.id.clone());
-            }
-            let export = VhostUserBlkExport {
-                id: e.id,
-                node: e.node,
-                socket: e.socket,
-                num_queues: e.num_queues,
-                queue_size: e.queue_size,
-                logical_block_size: e.logical_block_size,
-                writable: e.writable,
-                serial: e.serial,
-                spread_queues: e.spread_queues,
-            };
-            let ctx = format!("export {:?}", export.id);
-            let normalized = validate_export(&export).map_err(|e| format!("{ctx}: {e}"))?;
-            if normalized != export {
-                return Err(format!("{ctx}: fields are not normalized"));
-            }
-            if !graph.contains(&export.node) {
-                return Err(format!("{ctx}: unknown node {:?}", export.node));
-            }
-            if !roots.insert(export.node.clone()) {
-                return Err(format!("{ctx}: node {:?} exported twice", export.node));
-            }
-            if !sockets.insert(export.socket.clone()) {
-                return Err(format!("{ctx}: duplicate socket {:?}", export.socket));
-            }
-            if e.queues.len() != export.num_queues as usize {
-                return Err(format!(
-                    "{ctx}: {} queue assignments for {} queues",
-                    e.queues.len(),
-                    export.num_queues
-                ));
-            }
-            if let Some(w) = e.queues.iter().find(|w| !workers.contains_key(*w)) {
-                return Err(format!("{ctx}: queue assigned to unknown worker {w:?}"));
-            }
-            let id = export.id.clone();
-            let rec = ExportRecord {
-                export,
-                queues: e.queues,
-                generation: e.generation,
-            };
-            if exports.insert(id.clone(), rec).is_some() {
-                return Err(format!("exports: duplicate export {id:?}"));
-            }
-        }
-        let state = State {
-            graph,
-            sizes,
-            exports,
-            workers,
-            config_nodes,
-            config_exports,
+        let id = export.id.clone();
+        let rec = ExportRecord {
+            export,
+            queues: e.queues,
+            generation: e.generation,
         };
-        zoned::check_state(&state)?;
-        Ok(state)
+        if exports.insert(id.clone(), rec).is_some() {
+            return Err(format!("exports: duplicate export {id:?}"));
+        }
     }
+    let state = State {
+        graph,
+        sizes,
+        exports,
+        workers,
+        config_nodes,
+        config_exports,
+    };
+    zoned::check_state(&state)?;
+    Ok(state)
 }
 
 /// Loads the state from `path`; a missing file is an empty state.
@@ -584,7 +582,7 @@ pub(crate) fn load(path: &Path) -> Result<State, ManagerError> {
         reason,
     };
     let file: StateFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-    State::from_file(file).map_err(corrupt)
+    from_file(file).map_err(corrupt)
 }
 
 /// Writes the state to `path` atomically: a temporary file in the same
@@ -593,7 +591,7 @@ pub(crate) fn save(path: &Path, state: &State) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "state path has no parent"))?;
-    let json = serde_json::to_vec_pretty(&state.to_file()).map_err(io::Error::other)?;
+    let json = serde_json::to_vec_pretty(&to_file(state)).map_err(io::Error::other)?;
     let tmp: PathBuf = dir.join(format!(".{STATE_FILE}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
