@@ -23,12 +23,12 @@
 //! node and export changes and newly counted I/O errors.
 //!
 //! Zoned block devices: a `zoned` node emulates a host-managed zoned device
-//! over a regular child (`zoned.rs` has the graph and placement rules: the
+//! over a regular child (`core/zoned.rs` has the graph and placement rules: the
 //! queues of an export over a zoned node stay on one worker, its zone layout
 //! is fixed). `ZoneService` calls (ReportZones, ManageZone) are forwarded to
 //! the frontend serving the export as a `FrontendEvent.zone_command`; the
 //! frontend answers with `FrontendService.ZoneCommandDone` within the apply
-//! timeout, or the call fails UNAVAILABLE (`zones.rs`).
+//! timeout, or the call fails UNAVAILABLE (`api/zones.rs`).
 //!
 //! Workers that stay away: when a worker's registration stream ends, a
 //! grace timer starts ([`ManagerConfig::worker_grace`]); if the worker has
@@ -62,6 +62,16 @@
 //! gRPC health service and `/metrics` stay open. Clients connect through
 //! [`blkmesh_proto::client`].
 //!
+//! Layout, each layer using only the ones before it: `core` (the state in
+//! memory and the pure rules and transitions over it, no tonic, no tokio),
+//! `store` (the state file, and its one writer, which writes and syncs a
+//! change off the lock before anybody sees it), `sessions` (the live
+//! workers and frontends), `control` (the state and the sessions behind
+//! one lock, and every operation of the services), `api` (one thin tonic
+//! adapter per service, and the status code of every error); beside them
+//! [`config`] and `reconcile` (the configuration file), `stats` and
+//! `metrics`.
+//!
 //! Start it from code:
 //!
 //! ```no_run
@@ -77,20 +87,19 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 mod auth;
-mod checks;
 pub mod config;
+mod control;
+mod core;
 mod error;
 mod metrics;
 mod reconcile;
-mod reopen;
 pub mod rule;
-mod service;
+mod sessions;
 pub mod size;
-mod state;
 mod stats;
-mod zoned;
-mod zones;
+mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -112,12 +121,16 @@ use tonic::transport::server::Router;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use error::ManagerError;
-pub use state::STATE_FILE;
+pub use store::file::STATE_FILE;
 
+use api::exports::ExportApi;
+use api::frontends::FrontendApi;
+use api::nodes::NodeApi;
+use api::stats::StatsApi;
+use api::workers::WorkerApi;
+use api::zones::ZoneApi;
 use auth::TokenCheck;
-use service::{ExportApi, FrontendApi, NodeApi, Shared, WorkerApi};
-use stats::StatsApi;
-use zones::ZoneApi;
+use control::hub::Control;
 
 /// Default TCP listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -307,7 +320,7 @@ impl ManagerConfig {
 
 /// A manager with its state loaded and its listeners bound, not yet serving.
 pub struct Manager {
-    shared: Arc<Shared>,
+    control: Arc<Control>,
     tls: Option<ServerTlsConfig>,
     token: TokenCheck,
     tcp: TcpListener,
@@ -339,7 +352,7 @@ impl Manager {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let token = config.token.as_ref().map(TokenSource::load).transpose()?;
         let state_path = config.state_file();
-        let state = state::load(&state_path)?;
+        let state = store::file::load(&state_path)?;
         tracing::info!(
             state = %state_path.display(),
             nodes = state.graph.len(),
@@ -372,10 +385,10 @@ impl Manager {
             }
             None => None,
         };
-        let shared = Shared::new(state, state_path, config.apply_timeout, config.worker_grace);
-        shared.set_config_waiting(waiting);
+        let control = Control::new(state, state_path, config.apply_timeout, config.worker_grace);
+        control.set_config_waiting(waiting);
         Ok(Manager {
-            shared,
+            control,
             tls,
             token: TokenCheck::new(token.as_deref()),
             tcp,
@@ -407,7 +420,7 @@ impl Manager {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ManagerError> {
         let Manager {
-            shared,
+            control,
             tls,
             token,
             tcp,
@@ -435,18 +448,18 @@ impl Manager {
         if let Some(tls) = tls {
             tcp_builder = tcp_builder.tls_config(tls).map_err(ManagerError::Tls)?;
         }
-        let tcp_router = routes(tcp_builder, &shared, &token, health_service.clone());
-        let unix_router = routes(server_builder(), &shared, &token, health_service);
+        let tcp_router = routes(tcp_builder, &control, &token, health_service.clone());
+        let unix_router = routes(server_builder(), &control, &token, health_service);
         // Stops by itself when shutdown begins; aborted below in any case.
         let metrics_task = metrics.map(|(listener, addr)| {
             tracing::info!(%addr, "serving metrics");
-            tokio::spawn(metrics::serve(listener, shared.clone()))
+            tokio::spawn(metrics::serve(listener, control.clone()))
         });
 
         let tcp_server = tcp_router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), shared.shutdown_signal());
+            .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), control.shutdown_signal());
         let unix_path = unix.as_ref().map(|(_, p)| p.clone());
-        let unix_signal = shared.shutdown_signal();
+        let unix_signal = control.shutdown_signal();
         let unix_server = async move {
             match unix {
                 Some((listener, _)) => {
@@ -469,14 +482,14 @@ impl Manager {
             token = ?token,
             "serving"
         );
-        shared.arm_startup_timers();
+        control.arm_startup_timers();
 
         let result = tokio::select! {
             r = &mut servers => r.map_err(ManagerError::Serve),
             () = shutdown => {
                 tracing::info!("shutting down");
                 health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-                shared.begin_shutdown();
+                control.begin_shutdown();
                 match tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await {
                     Ok(r) => r.map_err(ManagerError::Serve),
                     Err(_) => {
@@ -570,9 +583,15 @@ pub async fn serve(
 /// when it changed: the reconciled state and the exports waiting for a worker.
 fn apply_config(
     config: &ManagerConfig,
-    state: state::State,
+    state: core::state::State,
     state_path: &Path,
-) -> Result<(state::State, Vec<blkmesh_proto::v1::VhostUserBlkExport>), ManagerError> {
+) -> Result<
+    (
+        core::state::State,
+        Vec<blkmesh_proto::v1::VhostUserBlkExport>,
+    ),
+    ManagerError,
+> {
     let Some(path) = &config.config else {
         if !state.config_nodes.is_empty() || !state.config_exports.is_empty() {
             tracing::info!(
@@ -599,9 +618,11 @@ fn apply_config(
     };
     let outcome = reconcile::reconcile(&state, &parsed, opts).map_err(refused)?;
     if outcome.state != state {
-        state::save(state_path, &outcome.state).map_err(|source| ManagerError::SaveState {
-            path: state_path.to_path_buf(),
-            source,
+        store::file::save(state_path, &outcome.state).map_err(|source| {
+            ManagerError::SaveState {
+                path: state_path.to_path_buf(),
+                source,
+            }
         })?;
     }
     outcome.summary.log(&file);
@@ -621,7 +642,7 @@ fn server_builder() -> Server {
 /// Every service on `builder`: health open, the `blkmesh.v1` services behind `token`.
 fn routes(
     mut builder: Server,
-    shared: &Arc<Shared>,
+    control: &Arc<Control>,
     token: &TokenCheck,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -631,27 +652,27 @@ fn routes(
     builder
         .add_service(health)
         .add_service(NodeServiceServer::with_interceptor(
-            NodeApi(shared.clone()),
+            NodeApi(control.clone()),
             t(),
         ))
         .add_service(ExportServiceServer::with_interceptor(
-            ExportApi(shared.clone()),
+            ExportApi(control.clone()),
             t(),
         ))
         .add_service(WorkerServiceServer::with_interceptor(
-            WorkerApi(shared.clone()),
+            WorkerApi(control.clone()),
             t(),
         ))
         .add_service(FrontendServiceServer::with_interceptor(
-            FrontendApi(shared.clone()),
+            FrontendApi(control.clone()),
             t(),
         ))
         .add_service(StatsServiceServer::with_interceptor(
-            StatsApi(shared.clone()),
+            StatsApi(control.clone()),
             t(),
         ))
         .add_service(ZoneServiceServer::with_interceptor(
-            ZoneApi(shared.clone()),
+            ZoneApi(control.clone()),
             t(),
         ))
 }

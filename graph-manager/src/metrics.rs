@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::service::{Shared, WorkerCounts};
+use crate::control::hub::{Control, WorkerCounts};
 use crate::stats::{self, Filter};
 
 /// Largest accepted request head (request line and headers).
@@ -29,11 +29,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 
 /// Serves `/metrics` until shutdown begins.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn serve(listener: TcpListener, control: Arc<Control>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Dropping the set (at shutdown) aborts connections still open.
     let mut conns = JoinSet::new();
-    let shutdown = shared.shutdown_signal();
+    let shutdown = control.shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -45,9 +45,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         tracing::debug!(%peer, "metrics: too many connections; closing");
                         continue;
                     };
-                    let shared = shared.clone();
+                    let control = control.clone();
                     conns.spawn(async move {
-                        handle(stream, &shared).await;
+                        handle(stream, &control).await;
                         drop(permit);
                     });
                 }
@@ -139,7 +139,7 @@ impl Reply {
 }
 
 /// Answers the request line: `METHOD TARGET HTTP/1.x`.
-fn route(line: &str, shared: &Shared) -> (Reply, bool) {
+fn route(line: &str, control: &Control) -> (Reply, bool) {
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -165,7 +165,7 @@ fn route(line: &str, shared: &Shared) -> (Reply, bool) {
             head,
         );
     }
-    let body = render(shared);
+    let body = render(control);
     (
         Reply {
             status: "200 OK",
@@ -177,7 +177,7 @@ fn route(line: &str, shared: &Shared) -> (Reply, bool) {
     )
 }
 
-async fn handle(mut stream: TcpStream, shared: &Shared) {
+async fn handle(mut stream: TcpStream, control: &Control) {
     let (reply, head_only) = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await
     {
         Err(_) => (Reply::text("408 Request Timeout", "request timeout"), false),
@@ -190,7 +190,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
             false,
         ),
         Ok(Err(HeadError::Malformed)) => (Reply::text("400 Bad Request", "bad request"), false),
-        Ok(Ok(line)) => route(&line, shared),
+        Ok(Ok(line)) => route(&line, control),
     };
     let mut out = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
@@ -218,11 +218,11 @@ async fn handle(mut stream: TcpStream, shared: &Shared) {
 // ----- the exposition -----
 
 /// Renders every metric.
-pub(crate) fn render(shared: &Shared) -> String {
-    let cfg = shared.stats_config();
-    let workers = shared.worker_counts();
+pub(crate) fn render(control: &Control) -> String {
+    let cfg = control.stats_config();
+    let workers = control.worker_counts();
     let stats = {
-        let store = shared.stats();
+        let store = control.stats();
         stats::aggregate(&cfg, &store, &Filter::default())
     };
     render_stats(&stats, workers, cfg.exports.len(), cfg.nodes.len())

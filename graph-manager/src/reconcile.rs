@@ -34,16 +34,19 @@ use blkmesh_graph::{children, validate_export, validate_node};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport};
 
-use crate::checks::validate_node_limits;
-use crate::config::{
-    names, split_api_error, Config, ConfigError, ConfigErrors, ConfigExport, ConfigNode,
-};
-use crate::error::ApiError;
-use crate::reopen::{self, exports_over, replace_specs};
-use crate::service::{
-    check_new_export, check_writable_exports, group_members_with, new_node_size, probe_node_paths,
-};
-use crate::state::{ExportRecord, State};
+use crate::config::document::{names, Config, ConfigError, ConfigErrors, ConfigExport, ConfigNode};
+use crate::config::fields::split_api_error;
+use crate::core::checks::validate_node_limits;
+use crate::core::error::ApiError;
+use crate::core::exports::check_new_export;
+use crate::core::nodes::{check_writable_exports, group_members_with, new_node_size};
+use crate::core::probe::probe_node_paths;
+use crate::core::reopen::{self, exports_over, replace_specs};
+use crate::core::state::{ExportRecord, State};
+
+pub(crate) use summary::Summary;
+
+mod summary;
 
 /// How to reconcile.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,27 +59,6 @@ pub(crate) struct Options {
     /// Give the images it creates to this uid and gid (the workers' user,
     /// when they run apart from the manager).
     pub image_owner: Option<(u32, u32)>,
-}
-
-/// What reconciling did, for the log.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub(crate) struct Summary {
-    pub added_nodes: Vec<String>,
-    /// Node and what changed.
-    pub updated_nodes: Vec<(String, Vec<String>)>,
-    /// Node, old and new size.
-    pub resized_nodes: Vec<(String, u64, u64)>,
-    pub unchanged_nodes: Vec<String>,
-    pub unchanged_exports: Vec<String>,
-    /// In the state, not in the file, kept: (name, came from a configuration file).
-    pub kept_nodes: Vec<(String, bool)>,
-    pub kept_exports: Vec<(String, bool)>,
-    pub pruned_nodes: Vec<String>,
-    pub pruned_exports: Vec<String>,
-    /// Files created: (node, path, size).
-    pub created: Vec<(String, String, u64)>,
-    /// Exports whose generation was bumped.
-    pub bumped: Vec<String>,
 }
 
 /// The reconciled state and the exports waiting for a worker.
@@ -552,7 +534,7 @@ fn add_node(
 ) -> Result<(), ApiError> {
     let spec = &n.spec;
     next.graph.check_add(spec)?;
-    crate::zoned::check_add(next, spec)?;
+    crate::core::zoned::check_add(next, spec)?;
     let probed = if opts.fs {
         probe(index, n, creations)?
     } else {
@@ -749,171 +731,5 @@ fn check_export(
     Ok(Some(export))
 }
 
-impl Summary {
-    /// Logs what reconciling did.
-    pub(crate) fn log(&self, file: &str) {
-        for (node, path, size) in &self.created {
-            tracing::info!(config = file, %node, %path, size, "created a sparse image");
-        }
-        for node in &self.pruned_exports {
-            tracing::info!(config = file, export = %node, "export removed: not in the configuration (--config-prune)");
-        }
-        for node in &self.pruned_nodes {
-            tracing::info!(config = file, %node, "node removed: not in the configuration (--config-prune)");
-        }
-        for node in &self.added_nodes {
-            tracing::info!(config = file, %node, "node added from the configuration");
-        }
-        for (node, changes) in &self.updated_nodes {
-            tracing::info!(config = file, %node, ?changes, "node updated from the configuration");
-        }
-        for (node, old, new) in &self.resized_nodes {
-            tracing::info!(config = file, %node, old, new, "node resized from the configuration");
-        }
-        if !self.bumped.is_empty() {
-            tracing::info!(config = file, exports = ?self.bumped, "exports reopen live when their frontend reconnects");
-        }
-        for (name, managed) in &self.kept_nodes {
-            if *managed {
-                tracing::warn!(config = file, node = %name, "node came from a configuration file but is not in this one; kept (remove it with blkmeshctl, or start with --config-prune)");
-            } else {
-                tracing::info!(config = file, node = %name, "node added through the API is not in the configuration; kept (--config-prune removes it)");
-            }
-        }
-        for (name, managed) in &self.kept_exports {
-            if *managed {
-                tracing::warn!(config = file, export = %name, "export came from a configuration file but is not in this one; kept (remove it with blkmeshctl, or start with --config-prune)");
-            } else {
-                tracing::info!(config = file, export = %name, "export added through the API is not in the configuration; kept (--config-prune removes it)");
-            }
-        }
-        tracing::info!(
-            config = file,
-            added = self.added_nodes.len(),
-            updated = self.updated_nodes.len() + self.resized_nodes.len(),
-            unchanged_nodes = self.unchanged_nodes.len(),
-            unchanged_exports = self.unchanged_exports.len(),
-            kept = self.kept_nodes.len() + self.kept_exports.len(),
-            pruned = self.pruned_nodes.len() + self.pruned_exports.len(),
-            "configuration applied"
-        );
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn created_images_go_to_the_owner_asked_for() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        // Ours: the directory we just made.
-        let d = std::fs::metadata(dir.path()).unwrap();
-        let me = (d.uid(), d.gid());
-        let path = dir.path().join("sub/a.img");
-        create_image(&path, 1 << 20, Some(me)).unwrap();
-        let m = std::fs::metadata(&path).unwrap();
-        assert_eq!((m.uid(), m.gid(), m.len()), (me.0, me.1, 1 << 20));
-        // An existing file is never taken over.
-        assert!(create_image(&path, 1 << 20, Some(me)).is_err());
-        if me.0 != 0 {
-            // Giving it away needs CAP_CHOWN: refused, and nothing is left.
-            let other = dir.path().join("b.img");
-            assert!(create_image(&other, 1 << 20, Some((me.0 + 1, me.1))).is_err());
-            assert!(!other.exists());
-        }
-    }
-
-    use super::*;
-    use blkmesh_proto::v1::{Bucket, NullOptions, RawOptions, ThrottleLimits, ThrottleOptions};
-
-    fn null(size: u64, latency_ns: u64) -> NodeSpec {
-        NodeSpec {
-            name: "n".into(),
-            driver: Some(Driver::Null(NullOptions { size, latency_ns })),
-        }
-    }
-
-    fn raw(size: u64) -> NodeSpec {
-        NodeSpec {
-            name: "r".into(),
-            driver: Some(Driver::Raw(RawOptions {
-                child: "n".into(),
-                offset: 0,
-                size,
-            })),
-        }
-    }
-
-    fn throttle(limits: ThrottleLimits) -> NodeSpec {
-        NodeSpec {
-            name: "t".into(),
-            driver: Some(Driver::Throttle(ThrottleOptions {
-                child: "n".into(),
-                limits: Some(limits),
-                group: String::new(),
-            })),
-        }
-    }
-
-    #[test]
-    fn same_settings_change_nothing() {
-        assert_eq!(plan_change(&null(512, 0), &null(512, 0)).unwrap(), None);
-        // Absent buckets and unlimited ones are the same limits.
-        let a = ThrottleLimits {
-            iops_total: Some(Bucket { rate: 5, burst: 0 }),
-            bps_read: Some(Bucket { rate: 0, burst: 0 }),
-            ..Default::default()
-        };
-        let b = ThrottleLimits {
-            iops_total: Some(Bucket { rate: 5, burst: 0 }),
-            ..Default::default()
-        };
-        assert_eq!(plan_change(&throttle(a), &throttle(b)).unwrap(), None);
-    }
-
-    #[test]
-    fn options_update_and_sizes_resize() {
-        let c = plan_change(&null(512, 0), &null(1024, 7)).unwrap().unwrap();
-        assert_eq!(c.resize, Some(1024));
-        let (spec, changes) = c.update.unwrap();
-        // The update keeps the current size; the resize makes the new one.
-        assert_eq!(spec, null(512, 7));
-        assert_eq!(changes, ["latency"]);
-        let c = plan_change(&raw(4096), &raw(8192)).unwrap().unwrap();
-        assert_eq!((c.update, c.resize), (None, Some(8192)));
-        let c = plan_change(
-            &throttle(ThrottleLimits {
-                iops_total: Some(Bucket { rate: 5, burst: 0 }),
-                ..Default::default()
-            }),
-            &throttle(ThrottleLimits {
-                iops_total: Some(Bucket { rate: 6, burst: 0 }),
-                ..Default::default()
-            }),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(c.update.unwrap().1, ["throttle limits"]);
-    }
-
-    #[test]
-    fn what_cannot_change_live_is_refused() {
-        // A window to the end of its child and an explicit one differ in kind.
-        let e = plan_change(&raw(0), &raw(4096)).unwrap_err().to_string();
-        assert!(e.contains("node.raw.size: cannot change live"), "{e}");
-        let e = plan_change(&null(512, 0), &raw(512))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("node.driver"), "{e}");
-        let e = not_live(plan_change(&raw(0), &raw(4096)).unwrap_err(), "node", "r");
-        let (field, problem) = split_api_error(&e);
-        assert_eq!(field, "node.raw.size");
-        assert!(
-            problem.ends_with(
-                ": remove node \"r\" first (start the manager without --config and run \
-                 `blkmeshctl node remove r`), or give the file's node another name"
-            ),
-            "{problem}"
-        );
-    }
-}
+mod tests;

@@ -1,5 +1,6 @@
-//! `blkmesh.v1.StatsService`: counters pushed by frontends and workers,
-//! aggregated per export, queue and node, and the event feed.
+//! The counters behind `blkmesh.v1.StatsService`: pushed by frontends and
+//! workers, aggregated per export, queue and node; and the event feed's
+//! channel. The service itself is `crate::api::stats`.
 //!
 //! Reports live in memory only (never in `state.json`). The latest report of
 //! every source is kept until the same source reports again — a restarted
@@ -18,22 +19,17 @@
 //! (e.g. a just-removed export) is kept but not shown.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use blkmesh_graph::{validate_name, GraphError, ObjectKind};
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::stats_service_server::StatsService;
 use blkmesh_proto::v1::{
     Event, ExportStats, GetStatsRequest, GetStatsResponse, IoErrorEvent, IoStats, LatencyHistogram,
-    NodeStats, OpStats, QueueStats, ReportStatsResponse, StatsReport, WatchEventsRequest,
+    NodeStats, OpStats, QueueStats, StatsReport,
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tokio::sync::broadcast;
 
-use crate::error::ApiError;
-use crate::service::{EventStream, Shared};
+use crate::core::error::ApiError;
 
 /// Longest accepted `StatsReport.source`, in bytes.
 pub(crate) const MAX_SOURCE_LEN: usize = 128;
@@ -49,7 +45,7 @@ pub(crate) const EVENT_CAPACITY: usize = 1024;
 
 /// What kind of process sent a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SourceKind {
+pub(crate) enum SourceKind {
     Frontend,
     Worker,
 }
@@ -128,7 +124,7 @@ fn check_io(field: &str, io: &Option<IoStats>) -> Result<(), ApiError> {
 }
 
 /// Checks a report; every message names the offending field.
-fn validate_report(r: &StatsReport) -> Result<SourceKind, ApiError> {
+pub(crate) fn validate_report(r: &StatsReport) -> Result<SourceKind, ApiError> {
     if r.source.is_empty() {
         return Err(invalid("source", "must not be empty"));
     }
@@ -281,7 +277,7 @@ impl StatsStore {
     /// source (after a manager restart, say) sets the baseline and raises
     /// nothing; a queue new in a later report counts from zero; counters
     /// that went down (restarted process) become the new baseline.
-    fn insert(&mut self, report: StatsReport, kind: SourceKind) -> Vec<IoErrorEvent> {
+    pub(crate) fn insert(&mut self, report: StatsReport, kind: SourceKind) -> Vec<IoErrorEvent> {
         let mut events = Vec::new();
         if kind == SourceKind::Frontend {
             if let Some(prev) = self.reports.get(&report.source) {
@@ -340,7 +336,7 @@ pub(crate) struct Filter {
 impl Filter {
     /// Per list, empty = all (as in the proto). Names the manager does not
     /// know are NOT_FOUND.
-    fn from_request(req: GetStatsRequest, cfg: &Config) -> Result<Filter, ApiError> {
+    pub(crate) fn from_request(req: GetStatsRequest, cfg: &Config) -> Result<Filter, ApiError> {
         for e in &req.exports {
             if !cfg.exports.contains_key(e) {
                 return Err(GraphError::NotFound {
@@ -443,85 +439,6 @@ pub(crate) fn aggregate(cfg: &Config, store: &StatsStore, filter: &Filter) -> Ge
                 io: Some(io),
             })
             .collect(),
-    }
-}
-
-// ----- the service -----
-
-/// `blkmesh.v1.StatsService`.
-pub(crate) struct StatsApi(pub Arc<Shared>);
-
-impl StatsApi {
-    fn report(&self, report: StatsReport) -> Result<(), ApiError> {
-        let kind = validate_report(&report)?;
-        let mut store = self.0.stats();
-        let source = report.source.clone();
-        for e in store.insert(report, kind) {
-            tracing::debug!(%source, export = %e.export, queue = e.queue, new_errors = e.new_errors, "io errors");
-            self.0.emit(EventKind::IoError(e));
-        }
-        Ok(())
-    }
-
-    fn get(&self, req: GetStatsRequest) -> Result<GetStatsResponse, ApiError> {
-        let cfg = self.0.stats_config();
-        let filter = Filter::from_request(req, &cfg)?;
-        let store = self.0.stats();
-        Ok(aggregate(&cfg, &store, &filter))
-    }
-
-    fn watch(&self) -> EventStream<Event> {
-        let mut events = self.0.subscribe_events();
-        let (tx, rx) = mpsc::channel(64);
-        let shutdown = self.0.shutdown_signal();
-        tokio::spawn(async move {
-            tokio::pin!(shutdown);
-            loop {
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    () = tx.closed() => break,
-                    r = events.recv() => match r {
-                        Ok(ev) => {
-                            if tx.send(Ok(ev)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!(lost = n, "event subscriber too slow; skipped events");
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                }
-            }
-        });
-        Box::pin(ReceiverStream::new(rx))
-    }
-}
-
-#[tonic::async_trait]
-impl StatsService for StatsApi {
-    type WatchEventsStream = EventStream<Event>;
-
-    async fn report_stats(
-        &self,
-        request: Request<StatsReport>,
-    ) -> Result<Response<ReportStatsResponse>, Status> {
-        self.report(request.into_inner())?;
-        Ok(Response::new(ReportStatsResponse {}))
-    }
-
-    async fn get_stats(
-        &self,
-        request: Request<GetStatsRequest>,
-    ) -> Result<Response<GetStatsResponse>, Status> {
-        Ok(Response::new(self.get(request.into_inner())?))
-    }
-
-    async fn watch_events(
-        &self,
-        _request: Request<WatchEventsRequest>,
-    ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Ok(Response::new(self.watch()))
     }
 }
 

@@ -2,8 +2,15 @@
 //! its line, column and field.
 
 use super::*;
+use crate::config::document::position;
+use crate::config::fields::{export_field, node_field};
 use blkmesh_proto::v1::fault_rule::Action;
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::IoOp;
+use blkmesh_proto::v1::{
+    Bucket, FaultInjectionOptions, IoUringOptions, NodeSpec, NullOptions, RawOptions,
+    ThrottleOptions,
+};
 
 /// Every error of `text`, as printed.
 fn errors(text: &str) -> Vec<String> {

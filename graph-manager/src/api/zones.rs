@@ -20,8 +20,10 @@ use blkmesh_proto::v1::{
 };
 use tonic::{Code, Request, Response, Status};
 
-use crate::error::ApiError;
-use crate::service::{Shared, ZoneTarget, MAX_REPORT_MESSAGE};
+use crate::control::hub::Control;
+use crate::control::zone_calls::ZoneTarget;
+use crate::core::error::ApiError;
+use crate::sessions::MAX_REPORT_MESSAGE;
 
 /// Most zones one ReportZones answers (also what `max_zones` 0 means);
 /// larger requests are capped: page with `offset`.
@@ -164,7 +166,7 @@ fn check_offset(target: &ZoneTarget, offset: u64) -> Result<(), ApiError> {
 }
 
 /// `blkmesh.v1.ZoneService`.
-pub(crate) struct ZoneApi(pub Arc<Shared>);
+pub(crate) struct ZoneApi(pub Arc<Control>);
 
 impl ZoneApi {
     async fn report(&self, r: ReportZonesRequest) -> Result<ReportZonesResponse, ApiError> {

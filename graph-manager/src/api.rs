@@ -1,0 +1,12 @@
+//! The gRPC services: thin adapters from `blkmesh.v1` requests to
+//! [`crate::control`] and back, with the status code of every error
+//! ([`status`]).
+
+pub(crate) mod exports;
+pub(crate) mod frontends;
+pub(crate) mod nodes;
+pub(crate) mod stats;
+pub(crate) mod status;
+pub(crate) mod streams;
+pub(crate) mod workers;
+pub(crate) mod zones;

@@ -1,0 +1,161 @@
+//! ZoneService calls: a zone command forwarded to the frontend serving
+//! the export, and the wait for its answer.
+
+use blkmesh_graph::{GraphError, ObjectKind, SECTOR_SIZE};
+use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
+use blkmesh_proto::v1::{FrontendEvent, ZoneCommand, ZoneInfo};
+use tokio::sync::oneshot;
+
+use crate::control::hub::Control;
+use crate::core::error::ApiError;
+use crate::core::zoned;
+use crate::sessions::{serves, ZoneAnswer, ZoneCall};
+
+/// The export a zone call is about, as the manager knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct ZoneTarget {
+    /// The export id.
+    pub export: String,
+    /// Zone geometry of the export's root node.
+    pub info: ZoneInfo,
+    /// The export's size in bytes (0: not known).
+    pub size: u64,
+    /// The connected frontend serving the export.
+    pub frontend: String,
+}
+
+/// A zone command sent to a frontend; the wait for its answer. Dropping it
+/// (the call was cancelled, or timed out) forgets the call.
+pub(crate) struct PendingZoneCall<'a> {
+    control: &'a Control,
+    id: u64,
+    rx: Option<oneshot::Receiver<ZoneAnswer>>,
+    pub target: ZoneTarget,
+}
+
+impl Drop for PendingZoneCall<'_> {
+    fn drop(&mut self) {
+        self.control.lock().sessions.zone_calls.remove(&self.id);
+    }
+}
+
+impl PendingZoneCall<'_> {
+    /// Waits (at most the apply timeout) for the frontend's answer.
+    pub(crate) async fn answer(mut self) -> Result<ZoneAnswer, ApiError> {
+        let Some(rx) = self.rx.take() else {
+            return Err(ApiError::Internal("zone call answered twice".into()));
+        };
+        let timeout = self.control.apply_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(ApiError::Unavailable(format!(
+                "export {:?}: frontend {:?} went away (or the manager is stopping) before \
+                 answering the zone command",
+                self.target.export, self.target.frontend
+            ))),
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "export {:?}: no answer from frontend {:?} to the zone command within {} ms",
+                self.target.export,
+                self.target.frontend,
+                timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+impl Control {
+    /// Starts a ZoneService call on export `export`: looks it up (NOT_FOUND),
+    /// requires a zoned graph (FAILED_PRECONDITION), lets `check` validate the
+    /// call against the export and build the command, requires a connected
+    /// frontend serving the export (FAILED_PRECONDITION) and sends it the
+    /// command with a fresh request id. Await the answer with
+    /// [`PendingZoneCall::answer`].
+    pub(crate) fn send_zone_command(
+        &self,
+        export: &str,
+        check: impl FnOnce(&ZoneTarget) -> Result<ZoneCommand, ApiError>,
+    ) -> Result<PendingZoneCall<'_>, ApiError> {
+        let mut inner = self.lock();
+        let rec = inner
+            .state
+            .exports
+            .get(export)
+            .ok_or_else(|| GraphError::NotFound {
+                field: "export",
+                kind: ObjectKind::Export,
+                name: export.to_string(),
+            })?;
+        let root = &rec.export.node;
+        let info =
+            zoned::zone_info(&inner.state.graph, &inner.state.sizes, root).ok_or_else(|| {
+                GraphError::precondition(
+                    "export",
+                    format!(
+                        "export {export:?} is not zoned (its node {root:?} has no zones); \
+                         zone commands need a graph with a zoned node"
+                    ),
+                )
+            })?;
+        // The frontend's latest SERVING report, of any generation: during a
+        // reopen the old graph serves until the new one does.
+        let serving = inner
+            .sessions
+            .export_rt
+            .get(export)
+            .and_then(|rt| rt.report.as_ref())
+            .filter(|r| serves(r.state))
+            .filter(|r| inner.sessions.frontend_live(&r.frontend));
+        let size = match inner.state.sizes.get(root).copied().unwrap_or(0) {
+            0 => serving.map(|r| r.size - r.size % SECTOR_SIZE).unwrap_or(0),
+            n => n,
+        };
+        let mut target = ZoneTarget {
+            export: export.to_string(),
+            info,
+            size,
+            frontend: String::new(),
+        };
+        let mut command = check(&target)?;
+        let Some(frontend) = serving.map(|r| r.frontend.clone()) else {
+            return Err(GraphError::precondition(
+                "export",
+                format!("no frontend serves export {export:?}"),
+            )
+            .into());
+        };
+        let id = inner.sessions.next_zone_request;
+        inner.sessions.next_zone_request += 1;
+        command.request_id = id;
+        command.export = export.to_string();
+        let event = FrontendEvent {
+            event: Some(FrontendEventKind::ZoneCommand(command)),
+        };
+        let sent = inner
+            .sessions
+            .frontends
+            .get(&frontend)
+            .and_then(|c| c.tx.as_ref())
+            .is_some_and(|tx| tx.send(event).is_ok());
+        if !sent {
+            return Err(ApiError::Unavailable(format!(
+                "export {export:?}: frontend {frontend:?} went away"
+            )));
+        }
+        let (done, rx) = oneshot::channel();
+        inner.sessions.zone_calls.insert(
+            id,
+            ZoneCall {
+                frontend: frontend.clone(),
+                done,
+            },
+        );
+        target.frontend = frontend;
+        tracing::debug!(export = %export, frontend = %target.frontend, request_id = id, "zone command sent");
+        Ok(PendingZoneCall {
+            control: self,
+            id,
+            rx: Some(rx),
+            target,
+        })
+    }
+}
