@@ -2,8 +2,9 @@
 # Installs what blkmesh needs on a fresh Debian 12 machine with a Rust
 # toolchain: qemu-storage-daemon (the benchmark peer and a test target),
 # qemu-system-x86, busybox-static and the Debian cloud kernel package (the
-# real-guest tests), cargo-nextest (the test runner) and cargo-fuzz
-# (fuzz/run.sh). Idempotent; quiet when all is there.
+# real-guest tests), cargo-nextest (the test runner), cargo-fuzz
+# (fuzz/run.sh) and cargo-modules (scripts/check-structure.sh). Idempotent;
+# quiet when all is there.
 set -euo pipefail
 
 # The real-guest tests (crates/testkit/tests/real_guest.rs) boot a Debian
@@ -135,6 +136,12 @@ fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "deps: installing cargo-fuzz" >&2
     cargo install --locked cargo-fuzz
+fi
+# cargo-modules (scripts/check-structure.sh: the modules' use edges). 0.27 is
+# the last release that builds with Rust 1.95.
+if ! cargo modules --version >/dev/null 2>&1; then
+    echo "deps: installing cargo-modules" >&2
+    cargo install --locked cargo-modules --version 0.27.0
 fi
 for c in clippy rustfmt; do
     if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then

@@ -19,6 +19,10 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Small rooms, no module circles, no unsafe where there is none
+# (docs/ARCHITECTURE.md, "Rules of the house").
+bash scripts/check-structure.sh
+
 echo "== build"
 # The end-to-end tests run the real binaries from target/debug.
 cargo build --workspace --bins --locked
