@@ -82,8 +82,10 @@ fn a_dead_worker_s_queues_move_to_a_live_one_without_errors() {
     let moved_after = std::thread::scope(|s| {
         let load = s.spawn(|| verify(&socket));
         std::thread::sleep(Duration::from_millis(1500));
-        cluster.kill_worker(0);
+        // Taken before the kill: `kill_worker` also reaps the process, and
+        // the manager may see the registration end before the reap returns.
         let killed_at = Instant::now();
+        cluster.kill_worker(0);
         // Not restarted: the manager has to move the queues, and not before
         // the grace has passed. Watch for the move while the load runs.
         let deadline = killed_at + Duration::from_millis(GRACE_MS) + Duration::from_secs(10);
