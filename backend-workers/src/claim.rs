@@ -59,6 +59,8 @@ pub enum ClaimError {
     },
     #[error("{}: not a regular file, block device or character device", path.display())]
     NotStorage { path: PathBuf },
+    #[error("{}: replaced by another file while being opened", path.display())]
+    Replaced { path: PathBuf },
     #[error(
         "{}: I/O of {count} lost worker(s) is still in the kernel after {waited:?}",
         path.display()
@@ -76,6 +78,7 @@ impl ClaimError {
         match self {
             ClaimError::Io { source, .. } => Errno::of_io(source),
             ClaimError::NotStorage { .. } => Errno::EINVAL,
+            ClaimError::Replaced { .. } => Errno::EAGAIN,
             ClaimError::StillInFlight { .. } => Errno::EBUSY,
         }
     }
@@ -125,26 +128,44 @@ pub struct LifeClaim {
 /// (its `fd` property), never duplicates it elsewhere, and keeps the
 /// [`LifeClaim`] as long as the leaf is open.
 pub fn open(path: &Path, access: Access) -> Result<(OwnedFd, LifeClaim), ClaimError> {
-    use std::os::unix::fs::FileTypeExt;
-    // Never open what could block the opener (a FIFO) or is no storage.
-    let kind = std::fs::metadata(path)
-        .map_err(ClaimError::io(path))?
-        .file_type();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    // Opened non-blocking, so that a FIFO put at `path` cannot block the
+    // opener, and checked on the descriptor itself, so that nothing swapped
+    // in after the check gets the I/O.
+    let io = OpenOptions::new()
+        .read(true)
+        .write(access.write)
+        .custom_flags(libc::O_NONBLOCK | if access.direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .map_err(ClaimError::io(path))?;
+    let meta = io.metadata().map_err(ClaimError::io(path))?;
+    let kind = meta.file_type();
     if !(kind.is_file() || kind.is_block_device() || kind.is_char_device()) {
         return Err(ClaimError::NotStorage {
             path: path.to_path_buf(),
         });
     }
+    // io_uring answers EAGAIN instead of waiting on an O_NONBLOCK file.
+    let flags = nix::fcntl::fcntl(&io, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| ClaimError::io(path)(e.into()))?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&io, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| ClaimError::io(path)(e.into()))?;
     let me = token();
-    // The life claim first: a live worker's I/O claim always has one.
-    let life = File::open(path).map_err(ClaimError::io(path))?;
-    share_lock(&life, LIFE_CLAIMS + me, 1).map_err(ClaimError::io(path))?;
-    let io = OpenOptions::new()
+    // The life claim first: a live worker's I/O claim always has one. It
+    // must sit on the inode the I/O goes to.
+    let life = OpenOptions::new()
         .read(true)
-        .write(access.write)
-        .custom_flags(if access.direct { libc::O_DIRECT } else { 0 })
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(ClaimError::io(path))?;
+    let life_meta = life.metadata().map_err(ClaimError::io(path))?;
+    if (life_meta.dev(), life_meta.ino()) != (meta.dev(), meta.ino()) {
+        return Err(ClaimError::Replaced {
+            path: path.to_path_buf(),
+        });
+    }
+    share_lock(&life, LIFE_CLAIMS + me, 1).map_err(ClaimError::io(path))?;
     share_lock(&io, IO_CLAIMS + me, 1).map_err(ClaimError::io(path))?;
     Ok((io.into(), LifeClaim { _file: life }))
 }
@@ -277,7 +298,11 @@ mod tests {
     #[test]
     fn a_live_workers_claims_are_not_waited_for() {
         let (_dir, path) = image();
-        let _claimed = open(&path, RW).unwrap();
+        let claimed_fd = open(&path, RW).unwrap();
+        // The descriptor libblkio gets blocks as usual (io_uring would
+        // answer EAGAIN on an O_NONBLOCK file).
+        let flags = nix::fcntl::fcntl(&claimed_fd.0, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
         let probe = File::open(&path).unwrap();
         assert_eq!(claimed(&probe, IO_CLAIMS, TOKENS).unwrap(), vec![token()]);
         assert!(held(&probe, LIFE_CLAIMS + token()).unwrap());
@@ -341,7 +366,18 @@ mod tests {
         let e = open(&fifo, RW).unwrap_err();
         assert!(matches!(e, ClaimError::NotStorage { .. }), "{e}");
         assert_eq!(e.errno(), Errno::EINVAL);
+        // Read-only too: a FIFO without a writer must not block the open.
+        let read_only = Access {
+            write: false,
+            direct: false,
+        };
+        let e = open(&fifo, read_only).unwrap_err();
+        assert!(matches!(e, ClaimError::NotStorage { .. }), "{e}");
         assert!(open(dir.path(), RW).is_err());
+        assert!(matches!(
+            open(dir.path(), read_only),
+            Err(ClaimError::NotStorage { .. })
+        ));
         assert!(matches!(
             settle(nowhere, Duration::ZERO),
             Err(ClaimError::Io { .. })

@@ -19,6 +19,7 @@ impl Errno {
     pub const EFAULT: Errno = Errno(libc::EFAULT);
     pub const EROFS: Errno = Errno(libc::EROFS);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
+    pub const EAGAIN: Errno = Errno(libc::EAGAIN);
     pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
     pub const ECANCELED: Errno = Errno(libc::ECANCELED);
 
