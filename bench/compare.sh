@@ -18,6 +18,9 @@
 #   WORKLOADS           subset of workload names (see WORKLOAD_LIST below)
 #   WORKDIR [mktemp]    scratch dir: image, sockets, logs, results.tsv
 #   QSD [qemu-storage-daemon]   BLKMESH_BIN [target/release/blkmesh]
+#   BLKMESH_BIN_OLD     a second blkmesh build (e.g. the previous commit's):
+#     adds targets blkmesh-old-file / blkmesh-old-null, run alternately with
+#     the others, and a new/old column to the table
 #   BLKMESH_START_FILE / BLKMESH_START_NULL: command templates overriding how
 #     blkmesh is started; @IMAGE@, @SOCKET@, @SIZE@ (bytes) and @WORKDIR@ are
 #     substituted. See start_blkmesh_file / start_blkmesh_null.
@@ -38,6 +41,7 @@ SERVER_CPU=${SERVER_CPU:-1}
 TARGETS=${TARGETS:-"qsd-file blkmesh-file qsd-null blkmesh-null"}
 QSD=${QSD:-qemu-storage-daemon}
 BLKMESH_BIN=${BLKMESH_BIN:-$ROOT/target/release/blkmesh}
+BLKMESH_BIN_OLD=${BLKMESH_BIN_OLD:-}
 CLIENT=$ROOT/target/release/blkmesh-io
 QUIET_PCT=${QUIET_PCT:-10}
 QUIET_WAIT=${QUIET_WAIT:-30}
@@ -189,6 +193,19 @@ start_blkmesh_null() {
     launch blkmesh-null $(expand "$BLKMESH_START_NULL")
 }
 
+# The same two with the BLKMESH_BIN_OLD build.
+start_blkmesh_old_file() {
+    SOCKET=$WORKDIR/blkmesh-old-file.sock
+    # shellcheck disable=SC2046
+    launch blkmesh-old-file $(expand "${BLKMESH_START_FILE/#$BLKMESH_BIN/$BLKMESH_BIN_OLD}")
+}
+
+start_blkmesh_old_null() {
+    SOCKET=$WORKDIR/blkmesh-old-null.sock
+    # shellcheck disable=SC2046
+    launch blkmesh-old-null $(expand "${BLKMESH_START_NULL/#$BLKMESH_BIN/$BLKMESH_BIN_OLD}")
+}
+
 # --------------------------------------------------------------------------
 # Measurement
 
@@ -202,6 +219,19 @@ group_ticks() {
     cat /proc/[0-9]*/stat 2>/dev/null | awk -v pg="$1" '{
         sub(/^.*\) /, "")   # drop "pid (comm) ": $3 is now pgrp, $12.. utime
         if ($3 == pg) t += $12 + $13 + $14 + $15 } END { print t + 0 }'
+}
+
+# Context switches so far of every thread of process group $1: how often
+# the server slept and was woken (or preempted).
+group_switches() {
+    local pid t=0 n
+    for pid in $(cat /proc/[0-9]*/stat 2>/dev/null |
+        awk -v pg="$1" '{ pid = $1; sub(/^.*\) /, ""); if ($3 == pg) print pid }'); do
+        n=$(cat /proc/"$pid"/task/*/status 2>/dev/null |
+            awk '/ctxt_switches/ { t += $2 } END { print t + 0 }')
+        t=$((t + n))
+    done
+    echo "$t"
 }
 
 # Waits (at most QUIET_WAIT s) until the machine is nearly idle, so other
@@ -230,6 +260,8 @@ run_point() {
     "start_${target//-/_}" || die "cannot start $target"
     local out=$WORKDIR/client.json ctime=$WORKDIR/client.time
     local m0 s0 t0 m1 s1 t1 status=0
+    local w0 w1
+    w0=$(group_switches "$SERVER_PID")
     m0=$(machine_ticks) s0=$(group_ticks "$SERVER_PID") t0=$(date +%s.%N)
     local TIMEFORMAT='%3U %3S'
     { time taskset -c "$CLIENT_CPU" "$CLIENT" --socket "$SOCKET" --queues "$queues" \
@@ -237,6 +269,7 @@ run_point() {
         --seconds "$RUN_SECONDS" --warmup "$WARMUP" --json >"$out" 2>"$WORKDIR/client.err"; } \
         2>"$ctime" || status=$?
     m1=$(machine_ticks) s1=$(group_ticks "$SERVER_PID") t1=$(date +%s.%N)
+    w1=$(group_switches "$SERVER_PID")
     stop_server
     ((status == 0)) || { cat "$WORKDIR/client.err" >&2; die "bench failed: $target $name rep $rep"; }
     # CPU% (of one CPU) used by anything but this client and server: other
@@ -246,22 +279,32 @@ run_point() {
     other=$(awk -v m="$((m1 - m0))" -v s="$((s1 - s0))" -v hz="$CLK_TCK" \
         -v w="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
         '{ v = ((m - s) / hz - $1 - $2) / w * 100; printf "%.0f", v < 0 ? 0 : v }' "$ctime")
-    local iops mbps p50 p99 p999
-    read -r iops mbps p50 p99 p999 < <(jq -r \
-        '[.iops, .mb_per_s, .lat_p50_us, .lat_p99_us, .lat_p999_us] | @tsv' "$out")
+    local iops mbps p50 p99 p999 ops secs
+    read -r iops mbps p50 p99 p999 ops secs < <(jq -r \
+        '[.iops, .mb_per_s, .lat_p50_us, .lat_p99_us, .lat_p999_us, .ops, .seconds] | @tsv' "$out")
+    # The server's CPU and context switches per I/O. Both counters also run
+    # through the warm-up, whose I/O the client does not count: scale its
+    # ops to the whole run at the measured rate.
+    local cpu_us sw
+    read -r cpu_us sw < <(awk -v s="$((s1 - s0))" -v hz="$CLK_TCK" -v w="$((w1 - w0))" \
+        -v ops="$ops" -v secs="$secs" -v warm="$WARMUP" 'BEGIN {
+            all = ops * (secs + warm) / secs
+            if (all <= 0) { print "- -"; exit }
+            printf "%.2f %.2f\n", s / hz * 1e6 / all, w / all }')
     local dest=$RESULTS noisy=0
     if ((other > NOISY_PCT && ${RETRIES_LEFT:-0} > 0)); then
         dest=$WORKDIR/noisy.tsv noisy=1
     fi
-    printf '%s\t%s\t%s\t%.0f\t%.1f\t%.1f\t%.1f\t%.1f\t%s\n' \
-        "$name" "$target" "$rep" "$iops" "$mbps" "$p50" "$p99" "$p999" "$other" >>"$dest"
-    log "$(printf '  %-18s %-13s rep %s: %9.0f IOPS %8.1f MB/s p50 %7.1f p99 %7.1f p99.9 %7.1f us, other CPU %s%%%s' \
-        "$name" "$target" "$rep" "$iops" "$mbps" "$p50" "$p99" "$p999" "$other" \
+    printf '%s\t%s\t%s\t%.0f\t%.1f\t%.1f\t%.1f\t%.1f\t%s\t%s\t%s\n' \
+        "$name" "$target" "$rep" "$iops" "$mbps" "$p50" "$p99" "$p999" "$other" "$cpu_us" "$sw" >>"$dest"
+    log "$(printf '  %-18s %-16s rep %s: %9.0f IOPS %8.1f MB/s p50 %7.1f p99 %7.1f p99.9 %7.1f us, server %s CPU-us %s switches per I/O, other CPU %s%%%s' \
+        "$name" "$target" "$rep" "$iops" "$mbps" "$p50" "$p99" "$p999" "$cpu_us" "$sw" "$other" \
         "$( ((noisy)) && echo ' (noisy: discarded, retrying)')")"
     return $((noisy ? 3 : 0))
 }
 
-# median WORKLOAD TARGET COLUMN (4=iops 5=mbps 6=p50 7=p99 8=p99.9)
+# median WORKLOAD TARGET COLUMN (4=iops 5=mbps 6=p50 7=p99 8=p99.9
+# 10=server CPU-us per I/O 11=server context switches per I/O)
 median() {
     awk -F'\t' -v w="$1" -v t="$2" -v c="$3" '$1 == w && $2 == t { print $c }' "$RESULTS" |
         sort -g | awk '{ v[NR] = $1 } END {
@@ -280,8 +323,8 @@ print_table() {
     echo "Medians of $REPS runs, ${RUN_SECONDS}s each (+${WARMUP}s warm-up); latency in us."
     echo "Client CPU $CLIENT_CPU, servers CPU $SERVER_CPU; image $IMAGE_SIZE (page cache)."
     echo
-    echo "| workload | backend | qsd IOPS | blkmesh IOPS | ratio | qsd MB/s | blkmesh MB/s | qsd p50 | blkmesh p50 | qsd p99 | blkmesh p99 | p99 ratio | qsd p99.9 | blkmesh p99.9 |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| workload | backend | qsd IOPS | blkmesh IOPS | ratio | qsd MB/s | blkmesh MB/s | qsd p50 | blkmesh p50 | qsd p99 | blkmesh p99 | p99 ratio | qsd p99.9 | blkmesh p99.9 | qsd CPU-us/IO | blkmesh CPU-us/IO | qsd sw/IO | blkmesh sw/IO |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for w in $WORKLOADS; do
         for kind in file null; do
             local q=qsd-$kind b=blkmesh-$kind
@@ -292,12 +335,29 @@ print_table() {
             q50=$(median "$w" "$q" 6) b50=$(median "$w" "$b" 6)
             q99=$(median "$w" "$q" 7) b99=$(median "$w" "$b" 7)
             q999=$(median "$w" "$q" 8) b999=$(median "$w" "$b" 8)
-            echo "| $w | $kind | $qi | $bi | $(ratio "$bi" "$qi") | $qm | $bm | $q50 | $b50 | $q99 | $b99 | $(ratio "$b99" "$q99") | $q999 | $b999 |"
+            echo "| $w | $kind | $qi | $bi | $(ratio "$bi" "$qi") | $qm | $bm | $q50 | $b50 | $q99 | $b99 | $(ratio "$b99" "$q99") | $q999 | $b999 | $(median "$w" "$q" 10) | $(median "$w" "$b" 10) | $(median "$w" "$q" 11) | $(median "$w" "$b" 11) |"
         done
     done
+    if [[ -n $BLKMESH_BIN_OLD ]]; then
+        echo
+        echo "This build against BLKMESH_BIN_OLD ($BLKMESH_BIN_OLD), same runs:"
+        echo
+        echo "| workload | backend | old IOPS | new IOPS | new/old | old p99 | new p99 | old CPU-us/IO | new CPU-us/IO | old sw/IO | new sw/IO |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for w in $WORKLOADS; do
+            for kind in file null; do
+                local o=blkmesh-old-$kind n=blkmesh-$kind
+                [[ " $TARGETS " == *" $n "* ]] || continue
+                local oi ni
+                oi=$(median "$w" "$o" 4) ni=$(median "$w" "$n" 4)
+                echo "| $w | $kind | $oi | $ni | $(ratio "$ni" "$oi") | $(median "$w" "$o" 7) | $(median "$w" "$n" 7) | $(median "$w" "$o" 10) | $(median "$w" "$n" 10) | $(median "$w" "$o" 11) | $(median "$w" "$n" 11) |"
+            done
+        done
+    fi
     echo
     echo "ratio = blkmesh/qsd (IOPS: higher is better; p99: lower is better)."
-    echo "Raw runs: $RESULTS (columns: workload target rep iops MB/s p50 p99 p99.9 other-CPU%)."
+    echo "CPU-us/IO and sw/IO: the server's CPU time and context switches (all its processes and threads) per I/O."
+    echo "Raw runs: $RESULTS (columns: workload target rep iops MB/s p50 p99 p99.9 other-CPU% CPU-us/IO sw/IO)."
     awk -F'\t' '{ if ($9 > m) m = $9 } END { printf "Highest other-CPU%% in any run: %d%% (>10%%: rerun on a quiet machine).\n", m }' "$RESULTS"
 }
 
@@ -346,6 +406,17 @@ for t in $TARGETS; do
         *) die "unknown target $t" ;;
     esac
 done
+# The old build runs right after the new one, in every rep.
+if [[ -n $BLKMESH_BIN_OLD ]]; then
+    [[ -x $BLKMESH_BIN_OLD ]] || die "BLKMESH_BIN_OLD=$BLKMESH_BIN_OLD is not executable"
+    [[ -z $BLKMESH_OVERRIDE ]] || die "BLKMESH_BIN_OLD and BLKMESH_START_* overrides do not mix"
+    WITH_OLD=()
+    for t in "${ACTIVE[@]}"; do
+        WITH_OLD+=("$t")
+        case $t in blkmesh-file | blkmesh-null) WITH_OLD+=("blkmesh-old-${t#blkmesh-}") ;; esac
+    done
+    ACTIVE=("${WITH_OLD[@]}")
+fi
 ((${#ACTIVE[@]} > 0)) || die "no targets to run"
 
 if [[ " ${ACTIVE[*]} " == *-file* ]]; then
