@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blkmesh_frontend::export::LiveChangeError;
 use blkmesh_frontend::queues::relocation::RelocationError;
@@ -226,4 +226,31 @@ fn a_new_frontend_resubmits_what_the_old_one_left_in_flight() {
     vmm.reconnect().expect("reconnect");
     expect_written(&mut vmm, tokens, &b, 20);
     drop(new);
+}
+
+#[test]
+fn a_worker_lost_while_its_queue_drains_for_a_move_fails_over_at_once() {
+    let (dir, disk) = Harness::dir();
+    let a = FakeWorker::start("a", &Harness::worker_socket(&dir, "a"), disk.clone());
+    let b = FakeWorker::start("b", &Harness::worker_socket(&dir, "b"), disk.clone());
+    let export_socket = Harness::export_socket(&dir);
+    let mut h = Harness::serve(disk, plan(&export_socket, &[&a], 1, 1));
+    let mut vmm = h.connect(1, false);
+    // The move drains the queue, and these never complete on `a`.
+    let tokens = submit_held_writes(&mut vmm, &a, 30);
+    let export = &mut h.export;
+    let moved = std::thread::scope(|s| {
+        let started = Instant::now();
+        let mover = s.spawn(|| export.apply_placement(plan(&export_socket, &[&b], 1, 1)));
+        // Meant to land while the move waits for the drain; killed before
+        // it, the move is a fail-over from the start, and must end alike.
+        std::thread::sleep(Duration::from_millis(200));
+        a.kill();
+        let result = mover.join().expect("mover");
+        (result, started.elapsed())
+    });
+    moved.0.expect("the move turns into a fail-over");
+    // Not the drain's 30 s timeout: the loss ends the wait.
+    assert!(moved.1 < WAIT, "the move took {:?}", moved.1);
+    expect_written(&mut vmm, tokens, &b, 30);
 }

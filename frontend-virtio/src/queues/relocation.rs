@@ -22,6 +22,7 @@
 
 use super::{Destination, WorkerQueues, WorkerRing, PAUSE_TIMEOUT};
 use crate::queue_host::HostError;
+use crate::vring::Drained;
 use crate::workers::{LinkError, MemRef, StagedLinks};
 
 /// Why a queue could not move. The queues keep serving where they were
@@ -31,6 +32,10 @@ pub enum RelocationError {
     /// A queue did not drain in time; every queue was resumed.
     #[error("queue {queue} did not drain")]
     NotDrained { queue: usize },
+    /// A queue's worker was lost while the queue drained; every queue was
+    /// resumed, and the lost one waits for its replacement.
+    #[error("queue {queue} lost its worker while draining")]
+    WorkerLost { queue: usize },
     /// The new worker could not be reached or refused the queue.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -75,16 +80,19 @@ impl WorkerQueues {
     }
 
     /// Drains `queues`: no guest request is taken, every one in flight
-    /// completes. On a timeout all of them resume.
+    /// completes. On a timeout or a lost worker all of them resume.
     fn drain_all(&self, queues: &[usize]) -> Result<(), RelocationError> {
         for &queue in queues {
-            if !self
+            let drained = self
                 .running(queue)
-                .is_some_and(|r| r.control.drain(PAUSE_TIMEOUT))
-            {
-                self.resume_all(queues);
-                return Err(RelocationError::NotDrained { queue });
-            }
+                .map_or(Drained::TimedOut, |r| r.control.drain(PAUSE_TIMEOUT));
+            let error = match drained {
+                Drained::Quiet => continue,
+                Drained::WorkerLost => RelocationError::WorkerLost { queue },
+                Drained::TimedOut => RelocationError::NotDrained { queue },
+            };
+            self.resume_all(queues);
+            return Err(error);
         }
         Ok(())
     }
@@ -141,7 +149,12 @@ impl WorkerQueues {
             // Its worker is gone: nothing to drain, resubmit instead.
             return self.fail_over(queue, to);
         }
-        self.drain_all(&[index])?;
+        match self.drain_all(&[index]) {
+            Ok(()) => {}
+            // It died while we waited: the same.
+            Err(RelocationError::WorkerLost { .. }) => return self.fail_over(queue, to),
+            Err(e) => return Err(e),
+        }
         let result = self.with_worker_mem(|this, mem| {
             this.links.detach(queue)?;
             this.links

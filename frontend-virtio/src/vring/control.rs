@@ -55,6 +55,18 @@ pub struct WorkerEnds {
     pub zones: Option<crate::zones::ZoneOracle>,
 }
 
+/// How waiting for a queue to drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Every request in flight completed; the queue thread is parked.
+    Quiet,
+    /// The worker was lost meanwhile: what is in flight now waits for a
+    /// replacement ring and will not complete on this one.
+    WorkerLost,
+    /// Requests were still in flight at the timeout.
+    TimedOut,
+}
+
 /// Lets the vhost-user thread pause, resume and stop a queue thread.
 #[derive(Debug)]
 pub struct VringControl {
@@ -90,23 +102,29 @@ impl VringControl {
     /// Stops taking guest requests and waits until the worker has taken every
     /// request already on the ring. False on timeout.
     pub fn pause(&self, timeout: Duration) -> bool {
-        self.quiesce(Command::Pause, timeout)
+        // A lost worker's queue parks at once (nothing is read from its
+        // ring), so a pause never ends in `WorkerLost`.
+        self.quiesce(Command::Pause, timeout) == Drained::Quiet
     }
 
     /// Stops taking guest requests and waits until every request in flight
-    /// has completed. False on timeout.
-    pub fn drain(&self, timeout: Duration) -> bool {
+    /// has completed, or the worker is lost (its requests then wait for a
+    /// replacement, not for this wait).
+    pub fn drain(&self, timeout: Duration) -> Drained {
         self.quiesce(Command::Drain, timeout)
     }
 
-    fn quiesce(&self, how: Command, timeout: Duration) -> bool {
+    fn quiesce(&self, how: Command, timeout: Duration) -> Drained {
         self.set(how);
         let deadline = Instant::now() + timeout;
         let mut g = self.lock();
         while !g.paused {
+            if how == Command::Drain && g.worker_lost {
+                return Drained::WorkerLost;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return Drained::TimedOut;
             }
             g = self
                 .cv
@@ -114,7 +132,7 @@ impl VringControl {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        true
+        Drained::Quiet
     }
 
     pub fn resume(&self) {

@@ -34,7 +34,7 @@ mod guest;
 mod recovery;
 
 use control::Command;
-pub use control::{QueueControls, VringControl, WorkerEnds};
+pub use control::{Drained, QueueControls, VringControl, WorkerEnds};
 
 const EV_KICK: u64 = 0;
 const EV_WORKER: u64 = 1;
