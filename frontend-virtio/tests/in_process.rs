@@ -47,6 +47,16 @@ fn expect_written(vmm: &mut VhostUserBlk, tokens: Vec<Token>, replacement: &Fake
     }
 }
 
+/// Workers `a` and `b` on one disk, and a one-queue export on `a`.
+fn one_queue_on_a_of_two() -> (tempfile::TempDir, [FakeWorker; 2], String, Harness) {
+    let (dir, disk) = Harness::dir();
+    let a = FakeWorker::start("a", &Harness::worker_socket(&dir, "a"), disk.clone());
+    let b = FakeWorker::start("b", &Harness::worker_socket(&dir, "b"), disk.clone());
+    let export_socket = Harness::export_socket(&dir);
+    let h = Harness::serve(disk, plan(&export_socket, &[&a], 1, 1));
+    (dir, [a, b], export_socket, h)
+}
+
 #[test]
 fn requests_pass_through_a_fake_worker() {
     let (dir, disk) = Harness::dir();
@@ -66,11 +76,7 @@ fn requests_pass_through_a_fake_worker() {
 
 #[test]
 fn a_move_drains_in_flight_requests_and_loses_none() {
-    let (dir, disk) = Harness::dir();
-    let a = FakeWorker::start("a", &Harness::worker_socket(&dir, "a"), disk.clone());
-    let b = FakeWorker::start("b", &Harness::worker_socket(&dir, "b"), disk.clone());
-    let export_socket = Harness::export_socket(&dir);
-    let mut h = Harness::serve(disk, plan(&export_socket, &[&a], 1, 1));
+    let (_dir, [a, b], export_socket, mut h) = one_queue_on_a_of_two();
     let mut vmm = h.connect(1, false);
     // Slow completions: the move must wait for them.
     *a.behaviour.delay.lock().unwrap() = Duration::from_millis(30);
@@ -230,11 +236,7 @@ fn a_new_frontend_resubmits_what_the_old_one_left_in_flight() {
 
 #[test]
 fn a_worker_lost_while_its_queue_drains_for_a_move_fails_over_at_once() {
-    let (dir, disk) = Harness::dir();
-    let a = FakeWorker::start("a", &Harness::worker_socket(&dir, "a"), disk.clone());
-    let b = FakeWorker::start("b", &Harness::worker_socket(&dir, "b"), disk.clone());
-    let export_socket = Harness::export_socket(&dir);
-    let mut h = Harness::serve(disk, plan(&export_socket, &[&a], 1, 1));
+    let (_dir, [a, b], export_socket, mut h) = one_queue_on_a_of_two();
     let mut vmm = h.connect(1, false);
     // The move drains the queue, and these never complete on `a`.
     let tokens = submit_held_writes(&mut vmm, &a, 30);
