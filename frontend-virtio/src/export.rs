@@ -687,21 +687,28 @@ impl Failover {
                 let Some(ep) = plan.queues.iter().find(|e| e.queue == q) else {
                     return true;
                 };
+                let to = Destination {
+                    worker: &ep.worker,
+                    socket: &ep.worker_socket,
+                    plan: &plan,
+                };
+                // A move of the queue (a new placement) may have failed it
+                // over already; a second fail-over would resubmit requests
+                // that its new worker is doing. Checked under the device's
+                // lock, which a move holds.
                 let moved = match &device {
-                    Some(d) => lock(d)
-                        .host_mut()
-                        .fail_over(
-                            q,
-                            Destination {
-                                worker: &ep.worker,
-                                socket: &ep.worker_socket,
-                                plan: &plan,
-                            },
-                        )
-                        .map_err(|e| e.to_string()),
+                    Some(d) => {
+                        let mut d = lock(d);
+                        if !self.links.serves_dead(q) && !d.host().worker_lost(q) {
+                            Ok(())
+                        } else {
+                            d.host_mut().fail_over(q, to).map_err(|e| e.to_string())
+                        }
+                    }
+                    None if !self.links.serves_dead(q) => Ok(()),
                     None => self
                         .links
-                        .retarget(q, &ep.worker, &ep.worker_socket, &plan, None)
+                        .retarget(q, to.worker, to.socket, to.plan, None)
                         .map_err(|e| e.to_string()),
                 };
                 match moved {

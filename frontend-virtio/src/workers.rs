@@ -367,6 +367,15 @@ impl WorkerLinks {
             .map(|&i| inner.links[i].id)
     }
 
+    /// Whether the link serving `queue` is dead (false if none serves it).
+    pub fn serves_dead(&self, queue: u32) -> bool {
+        let inner = self.lock();
+        inner
+            .by_queue
+            .get(queue as usize)
+            .is_some_and(|&i| inner.links[i].dead.load(Ordering::Acquire))
+    }
+
     /// Fences the worker behind link `id` after it stopped answering or
     /// broke a ring: kills
     /// it, so nothing it still holds can reach the disk once its requests

@@ -255,4 +255,10 @@ fn a_worker_lost_while_its_queue_drains_for_a_move_fails_over_at_once() {
     // Not the drain's 30 s timeout: the loss ends the wait.
     assert!(moved.1 < WAIT, "the move took {:?}", moved.1);
     expect_written(&mut vmm, tokens, &b, 30);
+    // The export's failover watcher saw the loss too; the queue was
+    // recovered already, so it must not fail it over a second time (and
+    // resubmit what `b` has in flight). It retries every 50 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(b.counters.settled_attaches.load(Ordering::Relaxed), 1);
+    assert_eq!(b.counters.attaches.load(Ordering::Relaxed), 1);
 }
