@@ -11,7 +11,9 @@
 //!
 //! The guest reports on its serial console, one line per fact (see
 //! [`report`]); the host parses the console text with
-//! [`report::Report::parse`].
+//! [`report::Report::parse`]. The in-guest benchmark's workloads and result
+//! lines are in [`workload`].
 
 pub mod plan;
 pub mod report;
+pub mod workload;

@@ -18,8 +18,12 @@
 //! * `loop`: seconds of write-then-verify rounds on both queues before the
 //!   other checks (default 0: none), for fault-injection tests;
 //! * any `GEOMETRY` key (`size`, `logical_block_size`, `hw_queues`, …): the
-//!   value it must have.
+//!   value it must have;
+//! * `bench`: run these benchmark workloads instead of the checks (see
+//!   the `bench` module; it writes over the whole disk).
 
+mod aio;
+mod bench;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -69,7 +73,11 @@ fn main() {
     let dev = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "/dev/vda".into()));
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let params = parse_params(&cmdline);
-    let failed = run(&dev, params);
+    let failed = if params.contains_key("bench") {
+        bench::run(&dev, &params)
+    } else {
+        run(&dev, params)
+    };
     if failed == 0 {
         println!("{}PASS", report::VERDICT);
     } else {

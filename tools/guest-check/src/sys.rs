@@ -1,6 +1,6 @@
 //! The few system calls std does not wrap: block-device ioctls, CPU
 //! pinning, and buffers aligned for O_DIRECT. Every unsafe block of the
-//! program is here.
+//! program is here and in `aio` (native AIO).
 
 use std::alloc::{self, Layout};
 use std::fs::File;
