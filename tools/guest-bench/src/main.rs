@@ -5,6 +5,8 @@
 //! prints medians, blkmesh/qsd ratios, and the storage side's host CPU
 //! per I/O. `bench/guest.sh` builds everything and runs it.
 
+#![forbid(unsafe_code)]
+
 mod run;
 mod server;
 mod table;
