@@ -148,15 +148,7 @@ impl Conn {
                 let Some(graph) = &self.graph else {
                     return failure(libc::EINVAL, "memory table before open");
                 };
-                let specs: Vec<RegionSpec> = table
-                    .regions
-                    .iter()
-                    .map(|r| RegionSpec {
-                        guest_addr: r.guest_addr,
-                        size: r.size,
-                        fd_offset: r.fd_offset,
-                    })
-                    .collect();
+                let specs: Vec<RegionSpec> = table.regions.iter().map(RegionSpec::from).collect();
                 let ram = match GuestRam::map(&specs, fds) {
                     Ok(r) => r,
                     Err(e) => return failure(libc::EINVAL, format!("memory table: {e}")),

@@ -447,11 +447,7 @@ impl Ctx<'_> {
             let (specs, fds) = self.table.for_worker();
             let specs: Vec<RegionSpec> = specs
                 .iter()
-                .map(|m| RegionSpec {
-                    guest_addr: m.guest_addr,
-                    size: m.size,
-                    fd_offset: m.fd_offset,
-                })
+                .map(RegionSpec::from)
                 .collect();
             let files = fds
                 .iter()

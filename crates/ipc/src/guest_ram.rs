@@ -68,6 +68,17 @@ pub struct RegionSpec {
     pub fd_offset: u64,
 }
 
+impl From<&blkmesh_proto::ipc::v1::MemRegion> for RegionSpec {
+    /// A region of the frontend's `SetMemTable` message.
+    fn from(r: &blkmesh_proto::ipc::v1::MemRegion) -> RegionSpec {
+        RegionSpec {
+            guest_addr: r.guest_addr,
+            size: r.size,
+            fd_offset: r.fd_offset,
+        }
+    }
+}
+
 /// A mapped guest-RAM region.
 #[derive(Debug)]
 pub struct GuestRegion {

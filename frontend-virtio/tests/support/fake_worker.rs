@@ -209,15 +209,7 @@ impl Connection {
                 })
             }
             Some(Msg::SetMemTable(t)) => {
-                let specs: Vec<RegionSpec> = t
-                    .regions
-                    .iter()
-                    .map(|r| RegionSpec {
-                        guest_addr: r.guest_addr,
-                        size: r.size,
-                        fd_offset: r.fd_offset,
-                    })
-                    .collect();
+                let specs: Vec<RegionSpec> = t.regions.iter().map(RegionSpec::from).collect();
                 match GuestRam::map(&specs, fds) {
                     Ok(ram) => {
                         self.ram = Some(Arc::new(ram));
