@@ -858,7 +858,7 @@ fn events_count_stops_after_n_events() {
     assert!(json["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
 }
 
-/// A stand-in worker holding its registration stream open, on its own
+/// A stand-in worker holding its agent session open, on its own
 /// runtime (drop both to make it leave).
 fn stand_in_worker(url: &str, name: &str) -> (tokio::runtime::Runtime, StandInSession) {
     use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
