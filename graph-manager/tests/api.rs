@@ -1549,3 +1549,71 @@ async fn move_node_errors() {
     assert!(w[1].queues.is_empty());
     m.stop().await.unwrap();
 }
+
+/// An agent session starts with its hello, and only there: anything else
+/// ends the call INVALID_ARGUMENT with the reason.
+#[tokio::test]
+async fn agent_sessions_start_with_the_hello() {
+    use blkmesh_proto::agent::v1::{frontend_up, worker_up, FrontendHello, FrontendUp, WorkerUp};
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(FrontendUp {
+        msg: Some(frontend_up::Msg::Stats(StatsReport::default())),
+    })
+    .unwrap();
+    let mut down = c
+        .agents
+        .frontend_session(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status(
+        within("the refusal", down.message()).await,
+        Code::InvalidArgument,
+        "first message must be hello (got stats)",
+    );
+
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(WorkerUp { msg: None }).unwrap();
+    let mut down = c
+        .agents
+        .worker_session(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status(
+        within("the refusal", down.message()).await,
+        Code::InvalidArgument,
+        "first message must be hello (got an empty message)",
+    );
+
+    // A second hello ends a session that was accepted; the name is free again.
+    let fe = FrontendSession::open(&mut c.agents, "fe0").await.unwrap();
+    fe.send(FrontendUp {
+        msg: Some(frontend_up::Msg::Hello(FrontendHello {
+            name: "fe0".into(),
+        })),
+    });
+    assert_status(
+        fe.finish().await,
+        Code::InvalidArgument,
+        "hello is not allowed here",
+    );
+    let w = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    w.send(WorkerUp {
+        msg: Some(worker_up::Msg::Hello(WorkerHello::default())),
+    });
+    assert_status(
+        w.finish().await,
+        Code::InvalidArgument,
+        "hello is not allowed here",
+    );
+    wait_worker_state(&mut c, "w0", WorkerState::Gone).await;
+    let _fe = FrontendSession::open(&mut c.agents, "fe0").await.unwrap();
+    m.stop().await.unwrap();
+}
