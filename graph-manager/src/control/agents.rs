@@ -51,8 +51,10 @@ fn protocol(kind: &str, what: impl std::fmt::Display) -> ApiError {
 }
 
 /// The hello that must open a session: `hello` takes it out of the first
-/// message, or names what came instead.
+/// message, or names what came instead. A manager that stops does not
+/// wait for it.
 async fn first<M, H, S>(
+    control: &Control,
     up: &mut S,
     kind: &str,
     hello: impl FnOnce(M) -> Result<H, &'static str>,
@@ -60,7 +62,11 @@ async fn first<M, H, S>(
 where
     S: Stream<Item = Up<M>> + Unpin,
 {
-    let m = match tokio::time::timeout(HELLO_TIMEOUT, up.next()).await {
+    let next = tokio::select! {
+        n = tokio::time::timeout(HELLO_TIMEOUT, up.next()) => n,
+        () = control.shutdown_signal() => return Err(ApiError::ShuttingDown),
+    };
+    let m = match next {
         Ok(Some(Ok(m))) => m,
         Ok(Some(Err(e))) => return Err(protocol(kind, format!("ended before its hello: {e}"))),
         Ok(None) => return Err(protocol(kind, "ended before its hello")),
@@ -143,7 +149,7 @@ impl Control {
     where
         S: Stream<Item = Up<WorkerUp>> + Send + Unpin,
     {
-        let hello = first(&mut up, "worker", |m: WorkerUp| match m.msg {
+        let hello = first(&self, &mut up, "worker", |m: WorkerUp| match m.msg {
             Some(worker_up::Msg::Hello(h)) => Ok(h),
             other => Err(worker_up_name(&other)),
         })
@@ -212,7 +218,7 @@ impl Control {
     where
         S: Stream<Item = Up<FrontendUp>> + Send + Unpin,
     {
-        let hello = first(&mut up, "frontend", |m: FrontendUp| match m.msg {
+        let hello = first(&self, &mut up, "frontend", |m: FrontendUp| match m.msg {
             Some(frontend_up::Msg::Hello(h)) => Ok(h),
             other => Err(frontend_up_name(&other)),
         })

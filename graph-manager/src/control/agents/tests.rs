@@ -409,3 +409,16 @@ async fn shutdown_ends_the_sessions() {
     fe.ended().await;
     w.ended().await;
 }
+
+#[tokio::test]
+async fn a_stopping_manager_does_not_wait_for_a_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = control(&dir);
+    // A session that sends nothing.
+    let mut fe = frontend(&control);
+    control.begin_shutdown();
+    assert!(matches!(fe.next().await, Err(ApiError::ShuttingDown)));
+    // One that comes later is refused at once.
+    let mut w = worker(&control);
+    assert!(matches!(w.next().await, Err(ApiError::ShuttingDown)));
+}
