@@ -1,14 +1,17 @@
-//! Registration with the manager: a server-streaming call kept open for the
-//! worker's whole life, so that the manager sees a dropped stream as the
-//! worker's death notice. The data path never waits on it: if the manager is
-//! down the worker keeps serving and re-registers when it is back.
+//! The worker's agent session with the manager (`blkmesh.agent.v1`): one
+//! two-way stream kept open for the worker's whole life, so that the
+//! manager sees its end as the worker's death notice, and on which the
+//! worker sends its statistics. The data path never waits on it: if the
+//! manager is down the worker keeps serving and opens a new session when
+//! it is back.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
-use blkmesh_proto::v1::WorkerHello;
+use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
+use blkmesh_proto::agent::v1::{worker_down, worker_up, WorkerHello, WorkerUp};
 use nix::sys::signal::{SigSet, Signal};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -18,7 +21,7 @@ pub enum RegistrationError {
     Runtime(#[source] std::io::Error),
 }
 
-/// Starts the registration loop on its own thread with a small tokio runtime.
+/// Starts the session loop on its own thread with a small tokio runtime.
 pub fn spawn(addr: String, name: String, socket: PathBuf) -> Result<(), RegistrationError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -32,44 +35,49 @@ pub fn spawn(addr: String, name: String, socket: PathBuf) -> Result<(), Registra
 }
 
 async fn register_forever(addr: String, name: String, socket: PathBuf) {
-    blkmesh_stats::spawn_reporter(
-        addr.clone(),
-        format!("worker/{name}"),
-        crate::stats().clone(),
-    );
     let hello = WorkerHello {
         name: name.clone(),
         socket: socket.display().to_string(),
         pid: std::process::id(),
     };
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match register_once(&addr, hello.clone()).await {
-            Ok(()) => {
-                tracing::warn!("manager closed the registration stream; re-registering");
-                delay = Duration::from_millis(100);
-            }
-            Err(e) => tracing::warn!(
-                "registration with {addr} failed: {:?}: {}",
-                e.code(),
-                blkmesh_proto::client::status_message(&e)
-            ),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
+    let source = format!("worker/{name}");
+    blkmesh_proto::session::keep_open(&addr, || session(&addr, hello.clone(), &source)).await;
 }
 
-async fn register_once(addr: &str, hello: WorkerHello) -> Result<(), tonic::Status> {
+/// One session: the hello, then a stats report every
+/// [`blkmesh_stats::REPORT_INTERVAL`] until the session ends. `Ok` once
+/// an accepted session ended.
+async fn session(addr: &str, hello: WorkerHello, source: &str) -> Result<(), tonic::Status> {
     let channel = blkmesh_proto::client::ClientConfig::for_process(addr)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut client = WorkerServiceClient::new(channel);
-    let mut stream = client.register(hello).await?.into_inner();
+    let (up, up_rx) = mpsc::unbounded_channel();
+    let send = |msg| up.send(WorkerUp { msg: Some(msg) }).is_ok();
+    send(worker_up::Msg::Hello(hello));
+    let mut down = AgentServiceClient::new(channel)
+        .worker_session(UnboundedReceiverStream::new(up_rx))
+        .await?
+        .into_inner();
+    blkmesh_proto::session::accepted(down.message().await?, |m| {
+        matches!(m.msg, Some(worker_down::Msg::Accepted(_)))
+    })?;
     tracing::info!("registered with the manager at {addr}");
-    while stream.message().await?.is_some() {}
-    Ok(())
+    let mut tick = tokio::time::interval(blkmesh_stats::REPORT_INTERVAL);
+    loop {
+        tokio::select! {
+            m = down.message() => {
+                if m?.is_none() {
+                    return Ok(());
+                }
+            }
+            _ = tick.tick() => {
+                if !send(worker_up::Msg::Stats(crate::stats().report(source))) {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (call it first thing in

@@ -1,19 +1,22 @@
-//! The frontend's registration with the manager: a stream of export plans
-//! that the frontend reconciles with the exports it serves. If the manager
-//! goes away, running exports keep serving; the frontend re-registers and
-//! gets a fresh snapshot when it is back.
+//! The frontend's agent session with the manager (`blkmesh.agent.v1`): a
+//! stream of export plans down, which the frontend reconciles with the
+//! exports it serves, and its reports, zone answers and statistics up. If
+//! the manager goes away, running exports keep serving; the frontend opens
+//! a new session and gets a fresh snapshot when it is back.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use blkmesh_proto::v1::frontend_event::Event;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-use blkmesh_proto::v1::zone_command_done::Result as ZoneDone;
-use blkmesh_proto::v1::{
-    ExportPlan, ExportState, ExportStatus, FrontendHello, ZoneCommand, ZoneCommandDone,
-    ZoneCommandError,
+use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
+use blkmesh_proto::agent::v1::frontend_down::Msg as Down;
+use blkmesh_proto::agent::v1::frontend_up::Msg as Up;
+use blkmesh_proto::agent::v1::zone_answer::Result as ZoneDone;
+use blkmesh_proto::agent::v1::{
+    ExportStatus, FrontendHello, FrontendUp, ZoneAnswer, ZoneCommand, ZoneError,
 };
+use blkmesh_proto::v1::{ExportPlan, ExportState};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::export::{ExportError, ExportServer};
 use crate::workers::LinkError;
@@ -41,31 +44,32 @@ pub struct Exports {
     servers: HashMap<String, ExportServer>,
     /// Plans that failed to start, retried until they start or go away.
     pending: HashMap<String, Pending>,
-    frontend: String,
     reports: mpsc::UnboundedSender<ExportStatus>,
 }
 
+/// The report on `plan`.
+fn status(plan: &ExportPlan, state: ExportState, message: String, size: u64) -> ExportStatus {
+    ExportStatus {
+        id: plan.export.as_ref().map_or(String::new(), |e| e.id.clone()),
+        generation: plan.generation,
+        state: state as i32,
+        message,
+        size,
+    }
+}
+
 impl Exports {
-    pub fn new(frontend: String, reports: mpsc::UnboundedSender<ExportStatus>) -> Self {
+    pub fn new(reports: mpsc::UnboundedSender<ExportStatus>) -> Self {
         Exports {
             servers: HashMap::new(),
             pending: HashMap::new(),
-            frontend,
             reports,
         }
     }
 
     fn report(&self, plan: &ExportPlan, state: ExportState, message: String, size: u64) {
-        let id = plan.export.as_ref().map_or(String::new(), |e| e.id.clone());
         // The receiver lives as long as the frontend's runtime.
-        let _ = self.reports.send(ExportStatus {
-            frontend: self.frontend.clone(),
-            id,
-            generation: plan.generation,
-            state: state as i32,
-            message,
-            size,
-        });
+        let _ = self.reports.send(status(plan, state, message, size));
     }
 
     /// Reports a started export: SERVING, or VMM_REFUSED while the last
@@ -82,16 +86,8 @@ impl Exports {
     /// Where an export reports what changes while it serves.
     fn sink(&self) -> crate::export::StatusSink {
         let reports = self.reports.clone();
-        let frontend = self.frontend.clone();
         std::sync::Arc::new(move |plan, state, message, size| {
-            let _ = reports.send(ExportStatus {
-                frontend: frontend.clone(),
-                id: plan.export.as_ref().map_or(String::new(), |e| e.id.clone()),
-                generation: plan.generation,
-                state: state as i32,
-                message,
-                size,
-            });
+            let _ = reports.send(status(plan, state, message, size));
         })
     }
 
@@ -235,7 +231,7 @@ impl Exports {
     /// when it cannot run: ENOENT for an export this frontend does not
     /// serve (or not yet), ENOTSUP when its graph is not zoned.
     pub fn zone_target(&self, id: &str) -> Result<crate::zones::ZoneTarget, ZoneDone> {
-        let err = |errno, message: String| ZoneDone::Error(ZoneCommandError { errno, message });
+        let err = |errno, message: String| ZoneDone::Error(ZoneError { errno, message });
         match self.servers.get(id) {
             Some(s) => s
                 .zone_target()
@@ -259,70 +255,18 @@ impl Exports {
     }
 }
 
-/// Sends the frontend's export reports to the manager, in order. Reports
-/// made while the manager is unreachable are dropped: the snapshot sent on
-/// re-registration makes the frontend report every export again.
-async fn send_reports(addr: String, mut reports: mpsc::UnboundedReceiver<ExportStatus>) {
-    let mut client: Option<FrontendServiceClient<blkmesh_proto::client::ManagerChannel>> = None;
-    while let Some(status) = reports.recv().await {
-        if client.is_none() {
-            client = blkmesh_proto::client::ClientConfig::for_process(addr.as_str())
-                .connect()
-                .await
-                .ok()
-                .map(FrontendServiceClient::new);
-        }
-        let Some(c) = client.as_mut() else {
-            tracing::debug!(export = %status.id, "manager unreachable, report dropped");
-            continue;
-        };
-        if let Err(e) = c.report_export(status).await {
-            tracing::debug!("export report: {e}");
-            client = None;
-        }
-    }
-}
-
-/// Sends the answers to zone commands to the manager. An answer that
-/// cannot be delivered is dropped: the manager's call times out.
-async fn send_zone_answers(addr: String, mut answers: mpsc::UnboundedReceiver<ZoneCommandDone>) {
-    let mut client: Option<FrontendServiceClient<blkmesh_proto::client::ManagerChannel>> = None;
-    while let Some(done) = answers.recv().await {
-        for _ in 0..2 {
-            if client.is_none() {
-                client = blkmesh_proto::client::ClientConfig::for_process(addr.as_str())
-                    .connect()
-                    .await
-                    .ok()
-                    .map(FrontendServiceClient::new);
-            }
-            let Some(c) = client.as_mut() else {
-                break;
-            };
-            match c.zone_command_done(done.clone()).await {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!(request = done.request_id, "zone command answer: {e}");
-                    client = None;
-                }
-            }
-        }
-    }
-}
-
 /// Runs a zone command on a blocking thread (the worker may take a while;
-/// the registration stream goes on meanwhile) and queues the answer.
+/// the session goes on meanwhile) and sends the answer, with the command's
+/// id, up the session the command came on (`up`).
 fn spawn_zone_command(
     exports: &std::sync::Arc<std::sync::Mutex<Exports>>,
-    frontend: &str,
-    answers: &mpsc::UnboundedSender<ZoneCommandDone>,
+    up: &mpsc::UnboundedSender<FrontendUp>,
     cmd: ZoneCommand,
 ) {
     let ex = std::sync::Arc::clone(exports);
-    let answers = answers.clone();
-    let frontend = frontend.to_string();
+    let up = up.clone();
     tokio::spawn(async move {
-        let request_id = cmd.request_id;
+        let id = cmd.id;
         let export = cmd.export.clone();
         let result = tokio::task::spawn_blocking(move || {
             let target = ex
@@ -333,47 +277,80 @@ fn spawn_zone_command(
         })
         .await
         .unwrap_or_else(|e| {
-            ZoneDone::Error(ZoneCommandError {
+            ZoneDone::Error(ZoneError {
                 errno: libc::EIO,
                 message: format!("zone command failed in the frontend: {e}"),
             })
         });
         if let ZoneDone::Error(e) = &result {
-            tracing::debug!(export = %export, request = request_id, errno = e.errno, "zone command failed: {}", e.message);
+            tracing::debug!(export = %export, id, errno = e.errno, "zone command failed: {}", e.message);
         }
-        let _ = answers.send(ZoneCommandDone {
-            frontend,
-            request_id,
-            result: Some(result),
+        // A session that ended meanwhile took its commands with it.
+        let _ = up.send(FrontendUp {
+            msg: Some(Up::ZoneAnswer(ZoneAnswer {
+                id,
+                result: Some(result),
+            })),
         });
     });
 }
 
-/// Registers with the manager and applies its events until `shutdown`
-/// resolves. Export start/stop runs on blocking threads.
+/// Runs `f` on the exports, on a blocking thread.
+async fn with_exports(
+    exports: &std::sync::Arc<std::sync::Mutex<Exports>>,
+    f: impl FnOnce(&mut Exports) + Send + 'static,
+) {
+    let ex = std::sync::Arc::clone(exports);
+    let _ =
+        tokio::task::spawn_blocking(move || f(&mut ex.lock().unwrap_or_else(|p| p.into_inner())))
+            .await;
+}
+
+/// The exports a session's snapshot names, until its explicit end.
+#[derive(Debug)]
+struct Snapshot {
+    /// `None` once the snapshot ended.
+    ids: Option<Vec<String>>,
+}
+
+impl Snapshot {
+    fn new() -> Snapshot {
+        Snapshot {
+            ids: Some(Vec::new()),
+        }
+    }
+
+    fn upsert(&mut self, plan: &ExportPlan) {
+        if let (Some(ids), Some(e)) = (self.ids.as_mut(), plan.export.as_ref()) {
+            ids.push(e.id.clone());
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(ids) = self.ids.as_mut() {
+            ids.retain(|i| i != id);
+        }
+    }
+
+    /// The end of the snapshot: the exports to keep serving (the others
+    /// were removed while the frontend was away); `None` if it had ended.
+    fn end(&mut self) -> Option<Vec<String>> {
+        self.ids.take()
+    }
+}
+
+/// Opens sessions with the manager, one at a time, and applies what comes
+/// down until `shutdown` resolves. Export start/stop runs on blocking threads.
 pub async fn run(addr: String, name: String, shutdown: impl std::future::Future<Output = ()>) {
     let (reports, report_rx) = mpsc::unbounded_channel();
-    let exports = std::sync::Arc::new(std::sync::Mutex::new(Exports::new(name.clone(), reports)));
-    tokio::spawn(send_reports(addr.clone(), report_rx));
-    let (zone_answers, zone_answer_rx) = mpsc::unbounded_channel();
-    tokio::spawn(send_zone_answers(addr.clone(), zone_answer_rx));
-    blkmesh_stats::spawn_reporter(
-        addr.clone(),
-        format!("frontend/{name}"),
-        crate::stats().clone(),
-    );
+    // Held by one session at a time.
+    let report_rx = tokio::sync::Mutex::new(report_rx);
+    let exports = std::sync::Arc::new(std::sync::Mutex::new(Exports::new(reports)));
     let work = {
         let exports = std::sync::Arc::clone(&exports);
         async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match session(&addr, &name, &exports, &zone_answers).await {
-                    Ok(()) => tracing::warn!("manager closed the registration stream"),
-                    Err(e) => tracing::warn!("registration with {addr}: {e}"),
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
+            blkmesh_proto::session::keep_open(&addr, || session(&addr, &name, &exports, &report_rx))
+                .await
         }
     };
     let retry = {
@@ -382,9 +359,7 @@ pub async fn run(addr: String, name: String, shutdown: impl std::future::Future<
             let mut tick = tokio::time::interval(RETRY_INTERVAL);
             loop {
                 tick.tick().await;
-                let ex = std::sync::Arc::clone(&exports);
-                let _ = tokio::task::spawn_blocking(move || {
-                    let mut ex = ex.lock().unwrap_or_else(|p| p.into_inner());
+                with_exports(&exports, |ex| {
                     if ex.has_pending() {
                         ex.retry_pending();
                     }
@@ -398,71 +373,112 @@ pub async fn run(addr: String, name: String, shutdown: impl std::future::Future<
         _ = retry => {}
         _ = shutdown => {}
     }
-    let _ = tokio::task::spawn_blocking(move || {
-        exports.lock().unwrap_or_else(|p| p.into_inner()).stop_all()
-    })
-    .await;
+    with_exports(&exports, Exports::stop_all).await;
 }
 
+/// One session: the hello; the snapshot up to its explicit end (the
+/// exports it does not name were removed while we were away); then changes
+/// and zone commands down, and reports, zone answers and statistics up,
+/// until it ends. `Ok` once an accepted session ended.
 async fn session(
     addr: &str,
     name: &str,
     exports: &std::sync::Arc<std::sync::Mutex<Exports>>,
-    zone_answers: &mpsc::UnboundedSender<ZoneCommandDone>,
+    reports: &tokio::sync::Mutex<mpsc::UnboundedReceiver<ExportStatus>>,
 ) -> Result<(), tonic::Status> {
+    let mut reports = reports.lock().await;
     let channel = blkmesh_proto::client::ClientConfig::for_process(addr)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut client = FrontendServiceClient::new(channel);
-    let mut stream = client
-        .register(FrontendHello {
-            name: name.to_string(),
-        })
+    // Reports made while the manager was unreachable are dropped: the
+    // snapshot makes the frontend report on every export again.
+    while reports.try_recv().is_ok() {}
+    let (up, up_rx) = mpsc::unbounded_channel();
+    let send = |msg| up.send(FrontendUp { msg: Some(msg) }).is_ok();
+    send(Up::Hello(FrontendHello {
+        name: name.to_string(),
+    }));
+    let mut down = AgentServiceClient::new(channel)
+        .frontend_session(UnboundedReceiverStream::new(up_rx))
         .await?
         .into_inner();
+    blkmesh_proto::session::accepted(down.message().await?, |m| {
+        matches!(m.msg, Some(Down::Accepted(_)))
+    })?;
     tracing::info!("registered with the manager at {addr}");
-    // The snapshot comes first; exports missing from it were removed while
-    // we were away. We cannot tell where the snapshot ends, so collect ids
-    // until the stream has been quiet briefly.
-    let mut snapshot: Option<Vec<String>> = Some(Vec::new());
+    let source = format!("frontend/{name}");
+    let mut snapshot = Snapshot::new();
+    let mut tick = tokio::time::interval(blkmesh_stats::REPORT_INTERVAL);
     loop {
-        let next = if snapshot.is_some() {
-            match tokio::time::timeout(Duration::from_millis(300), stream.message()).await {
-                Ok(m) => m?,
-                Err(_) => {
-                    let ids = snapshot.take().unwrap_or_default();
-                    let ex = std::sync::Arc::clone(exports);
-                    let _ = tokio::task::spawn_blocking(move || {
-                        ex.lock().unwrap_or_else(|p| p.into_inner()).retain(&ids)
-                    })
-                    .await;
-                    continue;
+        tokio::select! {
+            m = down.message() => {
+                let Some(m) = m? else { return Ok(()) };
+                match m.msg {
+                    Some(Down::Upsert(plan)) => {
+                        snapshot.upsert(&plan);
+                        with_exports(exports, move |ex| ex.upsert(plan)).await;
+                    }
+                    Some(Down::SnapshotEnd(_)) => match snapshot.end() {
+                        Some(ids) => with_exports(exports, move |ex| ex.retain(&ids)).await,
+                        None => tracing::warn!("a second snapshot end from the manager; ignored"),
+                    },
+                    Some(Down::Remove(id)) => {
+                        snapshot.remove(&id);
+                        with_exports(exports, move |ex| ex.remove(&id)).await;
+                    }
+                    Some(Down::ZoneCommand(cmd)) => spawn_zone_command(exports, &up, cmd),
+                    other @ (Some(Down::Accepted(_)) | None) => {
+                        tracing::warn!("unexpected {other:?} from the manager; ignored")
+                    }
                 }
             }
-        } else {
-            stream.message().await?
-        };
-        let Some(ev) = next else { return Ok(()) };
-        let ex = std::sync::Arc::clone(exports);
-        match ev.event {
-            Some(Event::Upsert(plan)) => {
-                if let (Some(ids), Some(e)) = (snapshot.as_mut(), plan.export.as_ref()) {
-                    ids.push(e.id.clone());
+            Some(st) = reports.recv() => {
+                if !send(Up::ExportStatus(st)) {
+                    return Ok(());
                 }
-                let _ = tokio::task::spawn_blocking(move || {
-                    ex.lock().unwrap_or_else(|p| p.into_inner()).upsert(plan)
-                })
-                .await;
             }
-            Some(Event::Remove(id)) => {
-                let _ = tokio::task::spawn_blocking(move || {
-                    ex.lock().unwrap_or_else(|p| p.into_inner()).remove(&id)
-                })
-                .await;
+            _ = tick.tick() => {
+                if !send(Up::Stats(crate::stats().report(&source))) {
+                    return Ok(());
+                }
             }
-            Some(Event::ZoneCommand(cmd)) => spawn_zone_command(&ex, name, zone_answers, cmd),
-            None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blkmesh_proto::v1::VhostUserBlkExport;
+
+    use super::*;
+
+    fn plan(id: &str) -> ExportPlan {
+        ExportPlan {
+            export: Some(VhostUserBlkExport {
+                id: id.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_snapshot_keeps_what_it_names_until_its_end() {
+        let mut s = Snapshot::new();
+        s.upsert(&plan("a"));
+        s.upsert(&plan("b"));
+        s.upsert(&ExportPlan::default());
+        s.remove("a");
+        assert_eq!(s.end(), Some(vec!["b".to_string()]));
+        // After the end, changes are changes, and a second end keeps
+        // everything (it is ignored).
+        s.upsert(&plan("c"));
+        assert_eq!(s.end(), None);
+    }
+
+    #[test]
+    fn an_empty_snapshot_keeps_nothing() {
+        assert_eq!(Snapshot::new().end(), Some(Vec::new()));
     }
 }

@@ -1,7 +1,8 @@
 //! Zone commands from the manager (the gRPC `ZoneService`), forwarded as
-//! `FrontendEvent.zone_command`: the frontend runs them on the export's
-//! worker with the control message `ZoneRequest` (not through the rings)
-//! and answers with `FrontendService.ZoneCommandDone`.
+//! a `zone_command` on the frontend's agent session: the frontend runs them
+//! on the export's worker with the control message `ZoneRequest` (not
+//! through the rings) and answers with a `zone_answer` carrying the
+//! command's id.
 //!
 //! Reports are fetched in chunks of at most [`CHUNK`] zones per control
 //! message, so a reply stays well within one datagram
@@ -11,11 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use blkmesh_proto::agent::v1::zone_answer::Result as Done;
+use blkmesh_proto::agent::v1::{ZoneCommand, ZoneError};
 use blkmesh_proto::ipc::v1 as ipc;
-use blkmesh_proto::v1::zone_command_done::Result as Done;
-use blkmesh_proto::v1::{
-    ReportZonesResponse, Zone, ZoneAction, ZoneCommand, ZoneCommandError, ZoneInfo,
-};
+use blkmesh_proto::v1::{ReportZonesResponse, Zone, ZoneAction, ZoneInfo};
 
 use crate::workers::{LinkError, WorkerLinks};
 
@@ -37,7 +37,7 @@ pub struct ZoneTarget {
 }
 
 fn error(errno: i32, message: impl Into<String>) -> Done {
-    Done::Error(ZoneCommandError {
+    Done::Error(ZoneError {
         errno,
         message: message.into(),
     })

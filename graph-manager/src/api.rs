@@ -1,7 +1,9 @@
-//! The gRPC services: thin adapters from `blkmesh.v1` requests to
+//! The gRPC services: thin adapters from `blkmesh.v1` requests (and the
+//! `blkmesh.agent.v1` sessions) to
 //! [`crate::control`] and back, with the status code of every error
 //! ([`status`]).
 
+pub(crate) mod agents;
 pub(crate) mod exports;
 pub(crate) mod frontends;
 pub(crate) mod nodes;

@@ -2,6 +2,7 @@
 //! operations of the services on it, one module per kind of object. No
 //! transport here: the gRPC adapters are in `crate::api`.
 
+pub(crate) mod agents;
 pub(crate) mod exports;
 pub(crate) mod frontends;
 pub(crate) mod hub;

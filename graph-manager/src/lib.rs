@@ -2,20 +2,23 @@
 //!
 //! The single source of truth for nodes, exports, workers and the
 //! queue → worker assignment. It serves `blkmesh.v1` (NodeService,
-//! ExportService, WorkerService, FrontendService, StatsService, ZoneService) plus the standard
-//! `grpc.health.v1.Health` service, persists its state to
+//! ExportService, WorkerService, FrontendService, StatsService, ZoneService: the
+//! operators' services), the agent protocol `blkmesh.agent.v1` and the
+//! standard `grpc.health.v1.Health` service, persists its state to
 //! `<state-dir>/state.json` after every change and reloads it on start.
-//! Workers and frontends register over server-streaming calls and keep
-//! them open; a closed stream marks them gone.
+//! Each worker and frontend holds one two-way session stream
+//! (`AgentService`, `control/agents.rs`) for as long as it runs: a hello
+//! up, then reports up and plans and commands down; a closed session
+//! marks the agent gone.
 //!
 //! Every export plan carries a generation (persisted with the export),
 //! bumped when a node of its graph is updated (`UpdateNode`) or resized
 //! (`ResizeNode`). Frontends report per export and generation whether they
-//! serve it (`FrontendService.ReportExport`, kept in memory); AddExport,
+//! serve it (`export_status` on their session, kept in memory); AddExport,
 //! UpdateNode and ResizeNode wait up to [`ManagerConfig::apply_timeout`] for
 //! those reports, and undo the change when a frontend reports FAILED.
 //!
-//! Frontends and workers push cumulative counters (`StatsService.ReportStats`);
+//! Frontends and workers push cumulative counters (`stats` on their session);
 //! the manager keeps the latest report per source in memory and serves them
 //! summed per export, queue and node (`GetStats`, see `stats.rs` for the
 //! rules), and optionally as Prometheus text on `GET /metrics`
@@ -26,11 +29,11 @@
 //! over a regular child (`core/zoned.rs` has the graph and placement rules: the
 //! queues of an export over a zoned node stay on one worker, its zone layout
 //! is fixed). `ZoneService` calls (ReportZones, ManageZone) are forwarded to
-//! the frontend serving the export as a `FrontendEvent.zone_command`; the
-//! frontend answers with `FrontendService.ZoneCommandDone` within the apply
-//! timeout, or the call fails UNAVAILABLE (`api/zones.rs`).
+//! the frontend serving the export as a `zone_command` with an id on its
+//! session; the frontend answers with a `zone_answer` carrying that id
+//! within the apply timeout, or the call fails UNAVAILABLE (`api/zones.rs`).
 //!
-//! Workers that stay away: when a worker's registration stream ends, a
+//! Workers that stay away: when a worker's session ends, a
 //! grace timer starts ([`ManagerConfig::worker_grace`]); if the worker has
 //! not registered again when it runs out, every export queue assigned to it
 //! moves to the live workers (least loaded first; the queues of an export
@@ -57,7 +60,7 @@
 //!
 //! Security (all off by default): TLS on the TCP listener
 //! ([`ManagerConfig::tls`], optionally requiring client certificates) and a
-//! bearer token every `blkmesh.v1` call must carry
+//! bearer token every `blkmesh.v1` and `blkmesh.agent.v1` call must carry
 //! ([`ManagerConfig::token`], on the TCP and the unix listener alike). The
 //! gRPC health service and `/metrics` stay open. Clients connect through
 //! [`blkmesh_proto::client`].
@@ -107,6 +110,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use blkmesh_proto::agent::v1::agent_service_server::AgentServiceServer;
 use blkmesh_proto::v1::export_service_server::ExportServiceServer;
 use blkmesh_proto::v1::frontend_service_server::FrontendServiceServer;
 use blkmesh_proto::v1::node_service_server::NodeServiceServer;
@@ -123,6 +127,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 pub use error::ManagerError;
 pub use store::file::STATE_FILE;
 
+use api::agents::AgentApi;
 use api::exports::ExportApi;
 use api::frontends::FrontendApi;
 use api::nodes::NodeApi;
@@ -413,8 +418,8 @@ impl Manager {
         url(self.local_addr, self.tls.is_some())
     }
 
-    /// Serves until `shutdown` completes, then ends every registration
-    /// stream and stops (waiting at most a few seconds for connections).
+    /// Serves until `shutdown` completes, then ends every agent session
+    /// and stops (waiting at most a few seconds for connections).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -438,6 +443,7 @@ impl Manager {
             .await;
         health.set_serving::<StatsServiceServer<StatsApi>>().await;
         health.set_serving::<ZoneServiceServer<ZoneApi>>().await;
+        health.set_serving::<AgentServiceServer<AgentApi>>().await;
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
@@ -639,7 +645,8 @@ fn server_builder() -> Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
 
-/// Every service on `builder`: health open, the `blkmesh.v1` services behind `token`.
+/// Every service on `builder`: health open, the `blkmesh.v1` and
+/// `blkmesh.agent.v1` services behind `token`.
 fn routes(
     mut builder: Server,
     control: &Arc<Control>,
@@ -673,6 +680,10 @@ fn routes(
         ))
         .add_service(ZoneServiceServer::with_interceptor(
             ZoneApi(control.clone()),
+            t(),
+        ))
+        .add_service(AgentServiceServer::with_interceptor(
+            AgentApi(control.clone()),
             t(),
         ))
 }

@@ -78,7 +78,7 @@ struct Args {
     /// for a connected frontend to report that it applied the new plan.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     apply_timeout_ms: u64,
-    /// How long a worker whose registration stream ended may take to
+    /// How long a worker whose agent session ended may take to
     /// register again, in milliseconds, before every export queue assigned to
     /// it moves to the live workers (least loaded first). With no live worker
     /// the move happens when one registers. Workers in the state file get the

@@ -1,30 +1,39 @@
-//! The live agents: the workers and frontends registered with the
-//! manager over their streams, what the frontends report on each export,
-//! and the zone calls waiting for a frontend's answer. Memory only: a
-//! restarted manager waits for the agents to register again.
+//! The live agents: the workers and frontends holding an agent session
+//! (`blkmesh.agent.v1`) with the manager, and what the frontends report
+//! on each export. Memory only: a restarted manager waits for the agents
+//! to open their sessions again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::{ExportState, FrontendEvent};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
+use blkmesh_proto::agent::v1::ZoneCommand;
+use blkmesh_proto::v1::ExportState;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::state::ExportRecord;
 
 /// What a frontend answered to a zone command (`None`: no result set).
-pub(crate) type ZoneAnswer = Option<blkmesh_proto::v1::zone_command_done::Result>;
+pub(crate) type ZoneAnswer = Option<blkmesh_proto::agent::v1::zone_answer::Result>;
 
-/// A ZoneService call waiting for its frontend's `ZoneCommandDone`.
-pub(crate) struct ZoneCall {
-    pub frontend: String,
-    pub done: oneshot::Sender<ZoneAnswer>,
+/// What the manager hands a frontend's session to send down.
+#[derive(Debug)]
+pub(crate) enum ToFrontend {
+    /// Send this as it is.
+    Send(FrontendMsg),
+    /// Send this zone command under a fresh id of the session, and pass
+    /// the answer with that id to `answer`. Dropping `answer` unanswered
+    /// (the session ended) tells the caller the frontend went away.
+    Zone {
+        command: ZoneCommand,
+        answer: oneshot::Sender<ZoneAnswer>,
+    },
 }
 
 /// A registered frontend.
 pub(crate) struct FrontendConn {
     pub session: u64,
-    /// `None` once the frontend's stream is gone.
-    pub tx: Option<mpsc::UnboundedSender<FrontendEvent>>,
+    /// `None` once the frontend's session is gone.
+    pub tx: Option<mpsc::UnboundedSender<ToFrontend>>,
 }
 
 /// Longest `ExportStatus.message` kept; longer ones are cut.
@@ -81,9 +90,6 @@ pub(crate) struct Sessions {
     pub frontends: BTreeMap<String, FrontendConn>,
     /// Serving state per export id.
     pub export_rt: BTreeMap<String, ExportRuntime>,
-    /// ZoneService calls waiting for their frontend, by request id.
-    pub zone_calls: BTreeMap<u64, ZoneCall>,
-    pub next_zone_request: u64,
     pub next_session: u64,
 }
 
@@ -97,9 +103,7 @@ impl Sessions {
             overdue: BTreeSet::new(),
             frontends: BTreeMap::new(),
             export_rt: BTreeMap::new(),
-            zone_calls: BTreeMap::new(),
             // Session 0 means "not seen since the start" (`gone_since`).
-            next_zone_request: 1,
             next_session: 1,
         }
     }
@@ -152,16 +156,11 @@ impl Sessions {
         self.frontends.get(name).is_some_and(|c| c.tx.is_some())
     }
 
-    /// Sends `event` to every connected frontend.
-    pub(crate) fn broadcast(&mut self, event: FrontendEventKind) {
+    /// Sends `msg` to every connected frontend.
+    pub(crate) fn broadcast(&mut self, msg: FrontendMsg) {
         for (name, conn) in self.frontends.iter_mut() {
             if let Some(tx) = &conn.tx {
-                if tx
-                    .send(FrontendEvent {
-                        event: Some(event.clone()),
-                    })
-                    .is_err()
-                {
+                if tx.send(ToFrontend::Send(msg.clone())).is_err() {
                     tracing::debug!(frontend = %name, "frontend stream closed while sending");
                 }
             }

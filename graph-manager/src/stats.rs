@@ -5,9 +5,8 @@
 //! Reports live in memory only (never in `state.json`). The latest report of
 //! every source is kept until the same source reports again — a restarted
 //! process starts its counters from zero, and its first report simply
-//! replaces the old one. Reports are not dropped when a registration stream
-//! ends: a report may race with the end of its stream, and a source does not
-//! have to be registered at all. To bound memory, at most [`MAX_SOURCES`]
+//! replaces the old one. Reports are not dropped when an agent session
+//! ends: the counters of a process that went away stay visible. To bound memory, at most [`MAX_SOURCES`]
 //! sources are kept; a new source beyond that evicts the one that reported
 //! least recently.
 //!

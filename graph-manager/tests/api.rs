@@ -9,15 +9,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, ManagerError, RunningManager, STATE_FILE};
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendEventKind;
+use blkmesh_proto::agent::v1::WorkerHello;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
 use blkmesh_proto::v1::*;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
 mod common;
+use common::agent::{FrontendSession, WorkerSession};
 use common::client::{add_export, connect, file, get_node, null, raw, within, Clients};
 
 /// How long calls wait for a frontend's report in most tests: the stand-in
@@ -51,20 +52,17 @@ async fn add_node(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::St
         .map(|r| r.into_inner().node.unwrap())
 }
 
-async fn register_worker(c: &mut Clients, name: &str, socket: &str) -> Streaming<WorkerEvent> {
-    let mut stream = c
-        .workers
-        .register(WorkerHello {
+async fn register_worker(c: &mut Clients, name: &str, socket: &str) -> WorkerSession {
+    WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: name.into(),
             socket: socket.into(),
             pid: 1234,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = within("accepted", stream.message()).await.unwrap().unwrap();
-    assert!(matches!(first.event, Some(WorkerEventKind::Accepted(_))));
-    stream
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn workers(c: &mut Clients) -> Vec<WorkerInfo> {
@@ -89,13 +87,8 @@ async fn wait_worker_state(c: &mut Clients, name: &str, state: WorkerState) {
     .await
 }
 
-async fn next_event(s: &mut Streaming<FrontendEvent>) -> FrontendEventKind {
-    within("frontend event", s.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .event
-        .unwrap()
+async fn next_event(s: &mut FrontendSession) -> FrontendEventKind {
+    s.next().await
 }
 
 fn assert_status(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
@@ -363,14 +356,15 @@ async fn worker_alive_then_gone_then_back() {
 
     let stream = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
     wait_worker_state(&mut c, "w0", WorkerState::Alive).await;
-    let dup = c
-        .workers
-        .register(WorkerHello {
+    let dup = WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: "w0".into(),
             socket: "/tmp/w0.sock".into(),
             pid: 1,
-        })
-        .await;
+        },
+    )
+    .await;
     assert_status(dup.map(|_| ()), Code::AlreadyExists, "w0");
 
     add_node(&mut c, null("n0", 4096)).await.unwrap();
@@ -437,13 +431,8 @@ async fn frontend_gets_snapshot_then_changes() {
         .await
         .unwrap();
 
-    let mut fe = c
-        .frontends
-        .register(FrontendHello { name: "fe0".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    match next_event(&mut fe).await {
+    let mut fe = FrontendSession::open(&mut c.agents, "fe0").await.unwrap();
+    match fe.message().await.unwrap().unwrap() {
         FrontendEventKind::Upsert(plan) => {
             let e = plan.export.unwrap();
             assert_eq!(e.id, "e0");
@@ -456,11 +445,13 @@ async fn frontend_gets_snapshot_then_changes() {
         }
         other => panic!("expected upsert, got {other:?}"),
     }
+    // The snapshot ends explicitly.
+    assert!(matches!(
+        fe.message().await.unwrap().unwrap(),
+        FrontendEventKind::SnapshotEnd(_)
+    ));
 
-    let dup = c
-        .frontends
-        .register(FrontendHello { name: "fe0".into() })
-        .await;
+    let dup = FrontendSession::open(&mut c.agents, "fe0").await;
     assert_status(dup.map(|_| ()), Code::AlreadyExists, "fe0");
 
     add_export(&mut c, export("e1", "n1", "/tmp/e1.sock"))
@@ -501,10 +492,7 @@ async fn frontend_gets_snapshot_then_changes() {
     drop(fe);
     within("frontend re-register", async {
         loop {
-            let r = c
-                .frontends
-                .register(FrontendHello { name: "fe0".into() })
-                .await;
+            let r = FrontendSession::open(&mut c.agents, "fe0").await;
             match r {
                 Ok(s) => break s,
                 Err(s) if s.code() == Code::AlreadyExists => {
@@ -1134,15 +1122,11 @@ fn plan_workers(plan: &ExportPlan) -> Vec<(&str, &str)> {
         .collect()
 }
 
-async fn frontend(c: &mut Clients) -> Streaming<FrontendEvent> {
-    c.frontends
-        .register(FrontendHello { name: "fe0".into() })
-        .await
-        .unwrap()
-        .into_inner()
+async fn frontend(c: &mut Clients) -> FrontendSession {
+    FrontendSession::open(&mut c.agents, "fe0").await.unwrap()
 }
 
-async fn next_upsert(s: &mut Streaming<FrontendEvent>) -> ExportPlan {
+async fn next_upsert(s: &mut FrontendSession) -> ExportPlan {
     match next_event(s).await {
         FrontendEventKind::Upsert(plan) => plan,
         other => panic!("expected upsert, got {other:?}"),
@@ -1563,5 +1547,73 @@ async fn move_node_errors() {
     let w = workers(&mut c).await;
     assert_eq!(w[0].queues, ["e0/0", "e0/1"]);
     assert!(w[1].queues.is_empty());
+    m.stop().await.unwrap();
+}
+
+/// An agent session starts with its hello, and only there: anything else
+/// ends the call INVALID_ARGUMENT with the reason.
+#[tokio::test]
+async fn agent_sessions_start_with_the_hello() {
+    use blkmesh_proto::agent::v1::{frontend_up, worker_up, FrontendHello, FrontendUp, WorkerUp};
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let mut c = connect(&m).await;
+
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(FrontendUp {
+        msg: Some(frontend_up::Msg::Stats(StatsReport::default())),
+    })
+    .unwrap();
+    let mut down = c
+        .agents
+        .frontend_session(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status(
+        within("the refusal", down.message()).await,
+        Code::InvalidArgument,
+        "first message must be hello (got stats)",
+    );
+
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.send(WorkerUp { msg: None }).unwrap();
+    let mut down = c
+        .agents
+        .worker_session(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status(
+        within("the refusal", down.message()).await,
+        Code::InvalidArgument,
+        "first message must be hello (got an empty message)",
+    );
+
+    // A second hello ends a session that was accepted; the name is free again.
+    let fe = FrontendSession::open(&mut c.agents, "fe0").await.unwrap();
+    fe.send(FrontendUp {
+        msg: Some(frontend_up::Msg::Hello(FrontendHello {
+            name: "fe0".into(),
+        })),
+    });
+    assert_status(
+        fe.finish().await,
+        Code::InvalidArgument,
+        "hello is not allowed here",
+    );
+    let w = register_worker(&mut c, "w0", "/tmp/w0.sock").await;
+    w.send(WorkerUp {
+        msg: Some(worker_up::Msg::Hello(WorkerHello::default())),
+    });
+    assert_status(
+        w.finish().await,
+        Code::InvalidArgument,
+        "hello is not allowed here",
+    );
+    wait_worker_state(&mut c, "w0", WorkerState::Gone).await;
+    let _fe = FrontendSession::open(&mut c.agents, "fe0").await.unwrap();
     m.stop().await.unwrap();
 }

@@ -12,12 +12,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, ManagerError, RunningManager, STATE_FILE};
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendEventKind;
+use blkmesh_proto::agent::v1::WorkerHello;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::*;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
 mod common;
+use common::agent::{FrontendSession, WorkerSession};
 use common::client::{connect, within, Clients};
 
 /// A state directory, a directory for images and sockets, and the
@@ -103,19 +105,17 @@ fn entry<'a>(v: &'a serde_json::Value, list: &str, key: &str, name: &str) -> &'a
         .unwrap_or_else(|| panic!("{name} not in {list}: {v:#}"))
 }
 
-async fn register_worker(c: &mut Clients, name: &str) -> Streaming<WorkerEvent> {
-    let mut s = c
-        .workers
-        .register(WorkerHello {
+async fn register_worker(c: &mut Clients, name: &str) -> WorkerSession {
+    WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: name.into(),
             socket: format!("/tmp/{name}.sock"),
             pid: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    within("accepted", s.message()).await.unwrap().unwrap();
-    s
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn list_exports(c: &mut Clients) -> Vec<ExportInfo> {
@@ -161,18 +161,12 @@ async fn wait_placed(c: &mut Clients, id: &str) -> ExportInfo {
 
 /// The first plan a newly registered frontend gets for export `id`.
 async fn plan_of(c: &mut Clients, id: &str) -> ExportPlan {
-    let mut stream = c
-        .frontends
-        .register(FrontendHello {
-            name: "fe-test".into(),
-        })
+    let mut fe = FrontendSession::open(&mut c.agents, "fe-test")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     within("the plan", async {
         loop {
-            let ev = stream.message().await.unwrap().expect("stream ended");
-            if let Some(FrontendEventKind::Upsert(plan)) = ev.event {
+            if let FrontendEventKind::Upsert(plan) = fe.next().await {
                 if plan.export.as_ref().unwrap().id == id {
                     return plan;
                 }

@@ -11,14 +11,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendEventKind;
+use blkmesh_proto::agent::v1::WorkerHello;
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
 use blkmesh_proto::v1::*;
-use tonic::Streaming;
 
 mod common;
+use common::agent::{FrontendSession, WorkerSession};
 use common::client::{connect, within, Clients};
 
 async fn start(dir: &Path, grace: Duration) -> RunningManager {
@@ -33,20 +33,17 @@ fn sock(worker: &str) -> String {
     format!("/tmp/{worker}.sock")
 }
 
-async fn register(c: &mut Clients, name: &str) -> Streaming<WorkerEvent> {
-    let mut stream = c
-        .workers
-        .register(WorkerHello {
+async fn register(c: &mut Clients, name: &str) -> WorkerSession {
+    WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: name.into(),
             socket: sock(name),
             pid: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = within("accepted", stream.message()).await.unwrap().unwrap();
-    assert!(matches!(first.event, Some(WorkerEventKind::Accepted(_))));
-    stream
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn add_null(c: &mut Clients, name: &str) {
@@ -130,32 +127,20 @@ async fn wait_gone(c: &mut Clients, name: &str) {
     .await
 }
 
-async fn frontend(c: &mut Clients) -> Streaming<FrontendEvent> {
-    c.frontends
-        .register(FrontendHello { name: "fe0".into() })
-        .await
-        .unwrap()
-        .into_inner()
+async fn frontend(c: &mut Clients) -> FrontendSession {
+    FrontendSession::open(&mut c.agents, "fe0").await.unwrap()
 }
 
-async fn next_upsert(s: &mut Streaming<FrontendEvent>) -> ExportPlan {
-    match within("frontend event", s.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .event
-        .unwrap()
-    {
+async fn next_upsert(s: &mut FrontendSession) -> ExportPlan {
+    match s.next().await {
         FrontendEventKind::Upsert(plan) => plan,
         other => panic!("expected upsert, got {other:?}"),
     }
 }
 
 /// Fails if the frontend gets any event within `d`.
-async fn no_event_for(s: &mut Streaming<FrontendEvent>, d: Duration) {
-    if let Ok(ev) = tokio::time::timeout(d, s.message()).await {
-        panic!("unexpected frontend event: {ev:?}");
-    }
+async fn no_event_for(s: &mut FrontendSession, d: Duration) {
+    s.quiet_for(d).await;
 }
 
 fn plan_workers(plan: &ExportPlan) -> Vec<(String, String)> {

@@ -11,8 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager, STATE_FILE};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendEventKind;
+use blkmesh_proto::agent::v1::frontend_up::Msg as Up;
+use blkmesh_proto::agent::v1::{ExportStatus, FrontendUp, WorkerHello};
 use blkmesh_proto::v1::event::Kind;
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::*;
 use tokio::sync::mpsc;
@@ -20,6 +22,7 @@ use tokio::task::JoinHandle;
 use tonic::{Code, Streaming};
 
 mod common;
+use common::agent::{FrontendSession, WorkerSession};
 use common::client::{add_export, connect, file, get_node, null, raw, within, Clients, WAIT};
 
 /// Apply timeout of most tests: long enough for an in-process fake
@@ -117,19 +120,32 @@ async fn export_state(c: &mut Clients, id: &str) -> (ExportState, String) {
     (ExportState::try_from(e.state).unwrap(), e.message)
 }
 
-async fn register_worker(c: &mut Clients) -> Streaming<WorkerEvent> {
-    let mut s = c
-        .workers
-        .register(WorkerHello {
+async fn register_worker(c: &mut Clients) -> WorkerSession {
+    WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: "w0".into(),
             socket: "/tmp/w0.sock".into(),
             pid: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    within("accepted", s.message()).await.unwrap().unwrap();
-    s
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Polls until export `id` is in `state` with `message` (reports travel
+/// on the frontend's session, without an answer).
+async fn wait_export_state(c: &mut Clients, id: &str, state: ExportState, message: &str) {
+    within("the export state", async {
+        loop {
+            let (s, m) = export_state(c, id).await;
+            if s == state && m == message {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
 }
 
 fn assert_status(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needles: &[&str]) {
@@ -152,9 +168,11 @@ fn assert_status(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, nee
 type Policy = Box<dyn Fn(&ExportPlan) -> Option<(ExportState, String)> + Send>;
 
 /// A test frontend: registered, answering every upserted plan by `policy`
-/// and forwarding every event to `events`. Dropping it closes its stream.
+/// and forwarding every event but `snapshot_end` to `events`. Dropping it
+/// closes its session.
 struct FakeFrontend {
     events: mpsc::UnboundedReceiver<FrontendEventKind>,
+    up: mpsc::UnboundedSender<FrontendUp>,
     task: JoinHandle<()>,
 }
 
@@ -166,36 +184,38 @@ impl Drop for FakeFrontend {
 
 impl FakeFrontend {
     async fn start(c: &Clients, name: &str, policy: Policy) -> FakeFrontend {
-        let mut client = c.frontends.clone();
-        let mut stream = client
-            .register(FrontendHello { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut client = c.agents.clone();
+        let mut session = FrontendSession::open(&mut client, name).await.unwrap();
+        let up = session.sender();
         let (tx, events) = mpsc::unbounded_channel();
-        let name = name.to_string();
         let task = tokio::spawn(async move {
-            while let Ok(Some(ev)) = stream.message().await {
-                let Some(ev) = ev.event else { continue };
+            while let Ok(Some(ev)) = session.down.message().await {
+                let Some(ev) = ev.msg else { continue };
+                if let FrontendEventKind::SnapshotEnd(_) = ev {
+                    continue;
+                }
                 if let FrontendEventKind::Upsert(plan) = &ev {
                     if let Some((state, message)) = policy(plan) {
-                        let r = client
-                            .report_export(ExportStatus {
-                                frontend: name.clone(),
-                                id: plan.export.as_ref().unwrap().id.clone(),
-                                generation: plan.generation,
-                                state: state as i32,
-                                message,
-                                size: 0,
-                            })
-                            .await;
-                        assert!(r.is_ok(), "{r:?}");
+                        session.report(ExportStatus {
+                            id: plan.export.as_ref().unwrap().id.clone(),
+                            generation: plan.generation,
+                            state: state as i32,
+                            message,
+                            size: 0,
+                        });
                     }
                 }
                 let _ = tx.send(ev);
             }
         });
-        FakeFrontend { events, task }
+        FakeFrontend { events, up, task }
+    }
+
+    /// Sends a report on the session.
+    fn report(&self, status: ExportStatus) {
+        let _ = self.up.send(FrontendUp {
+            msg: Some(Up::ExportStatus(status)),
+        });
     }
 
     async fn next(&mut self) -> FrontendEventKind {
@@ -929,64 +949,39 @@ async fn report_export_ignores_unknown_and_stale_reports() {
     let mut c = connect(&m).await;
     let _w = register_worker(&mut c).await;
     add_node(&mut c, null("n", 1 << 20)).await;
-    let _fe = FakeFrontend::start(&c, "fe0", silent()).await;
+    let fe = FakeFrontend::start(&c, "fe0", silent()).await;
     add_export(&mut c, export("e", "n", false)).await.unwrap();
     let status = |id: &str, generation: u64, state: ExportState| ExportStatus {
-        frontend: "fe0".into(),
         id: id.into(),
         generation,
         state: state as i32,
         message: String::new(),
         size: 1 << 20,
     };
-    let mut fc = c.frontends.clone();
-    // Unknown export, another generation, an unregistered frontend: OK, ignored.
-    fc.report_export(status("nope", 1, ExportState::Serving))
-        .await
-        .unwrap();
-    fc.report_export(status("e", 7, ExportState::Serving))
-        .await
-        .unwrap();
-    let mut other = status("e", 1, ExportState::Serving);
-    other.frontend = "ghost".into();
-    fc.report_export(other).await.unwrap();
+    // Unknown export, another generation: ignored.
+    fe.report(status("nope", 1, ExportState::Serving));
+    fe.report(status("e", 7, ExportState::Serving));
     assert_eq!(export_state(&mut c, "e").await.0, ExportState::Pending);
-    // Bad fields are refused.
-    assert_status(
-        fc.report_export(status("e", 1, ExportState::Unspecified))
-            .await
-            .map(|_| ()),
-        Code::InvalidArgument,
-        &["state"],
-    );
-    let mut bad = status("e", 1, ExportState::Serving);
-    bad.state = 42;
-    assert_status(
-        fc.report_export(bad).await.map(|_| ()),
-        Code::InvalidArgument,
-        &["state"],
-    );
-    let mut bad = status("e", 1, ExportState::Serving);
-    bad.frontend = "bad name".into();
-    assert_status(
-        fc.report_export(bad).await.map(|_| ()),
-        Code::InvalidArgument,
-        &["frontend"],
-    );
-    // The current generation counts; a long message is cut.
+    // The current generation counts (after those: the session went on);
+    // a long message is cut.
     let mut failed = status("e", 1, ExportState::Failed);
     failed.message = "x".repeat(5000);
-    fc.report_export(failed).await.unwrap();
-    let (state, message) = export_state(&mut c, "e").await;
-    assert_eq!(state, ExportState::Failed);
-    assert!(message.len() < 1100, "{}", message.len());
-    fc.report_export(status("e", 1, ExportState::Serving))
-        .await
-        .unwrap();
-    assert_eq!(
-        export_state(&mut c, "e").await,
-        (ExportState::Serving, String::new())
-    );
+    fe.report(failed);
+    let cut = format!("{}…", "x".repeat(1024));
+    wait_export_state(&mut c, "e", ExportState::Failed, &cut).await;
+    fe.report(status("e", 1, ExportState::Serving));
+    wait_export_state(&mut c, "e", ExportState::Serving, "").await;
+    // Bad fields end the session that sent them.
+    let mut bad = status("e", 1, ExportState::Serving);
+    bad.state = 42;
+    for (name, st) in [
+        ("fe1", status("e", 1, ExportState::Unspecified)),
+        ("fe2", bad),
+    ] {
+        let other = FrontendSession::open(&mut c.agents, name).await.unwrap();
+        other.report(st);
+        assert_status(other.finish().await, Code::InvalidArgument, &["state"]);
+    }
     m.stop().await.unwrap();
 }
 
@@ -1002,25 +997,18 @@ async fn a_refused_vmm_shows_and_the_export_stays() {
     let mut events = watch(&mut c).await;
     let _w = register_worker(&mut c).await;
     add_node(&mut c, null("n", 1 << 20)).await;
-    let _fe = FakeFrontend::start(&c, "fe0", silent()).await;
+    let fe = FakeFrontend::start(&c, "fe0", silent()).await;
     add_export(&mut c, export("e", "n", false)).await.unwrap();
     let status = |state: ExportState, message: &str| ExportStatus {
-        frontend: "fe0".into(),
         id: "e".into(),
         generation: 1,
         state: state as i32,
         message: message.into(),
         size: 1 << 20,
     };
-    let mut fc = c.frontends.clone();
     let why = "host-managed zoned export refused: the driver did not accept VIRTIO_BLK_F_ZONED";
-    fc.report_export(status(ExportState::VmmRefused, why))
-        .await
-        .unwrap();
-    assert_eq!(
-        export_state(&mut c, "e").await,
-        (ExportState::VmmRefused, why.to_string())
-    );
+    fe.report(status(ExportState::VmmRefused, why));
+    wait_export_state(&mut c, "e", ExportState::VmmRefused, why).await;
     let ev = wait_event(&mut events, |k| match k {
         Kind::ExportState(s) if s.state == ExportState::VmmRefused as i32 => Some(s.clone()),
         _ => None,
@@ -1031,13 +1019,8 @@ async fn a_refused_vmm_shows_and_the_export_stays() {
     assert_eq!(list[0].vmm_refused, ["e"], "{list:?}");
     assert!(list[0].failed.is_empty() && list[0].serving.is_empty());
 
-    fc.report_export(status(ExportState::Serving, ""))
-        .await
-        .unwrap();
-    assert_eq!(
-        export_state(&mut c, "e").await,
-        (ExportState::Serving, String::new())
-    );
+    fe.report(status(ExportState::Serving, ""));
+    wait_export_state(&mut c, "e", ExportState::Serving, "").await;
     let ev = wait_event(&mut events, |k| match k {
         Kind::ExportState(s) if s.export == "e" => Some(s.clone()),
         _ => None,
@@ -1137,18 +1120,15 @@ async fn device_export_size_comes_from_the_serving_frontend() {
     .await;
     let info = add_export(&mut c, export("e", "vu", false)).await.unwrap();
     assert_eq!(info.size, 0, "unknown until a frontend serves it");
-    let _fe = FakeFrontend::start(&c, "fe0", silent()).await;
-    c.frontends
-        .report_export(ExportStatus {
-            frontend: "fe0".into(),
-            id: "e".into(),
-            generation: 1,
-            state: ExportState::Serving as i32,
-            message: String::new(),
-            size: 8 << 20,
-        })
-        .await
-        .unwrap();
+    let fe = FakeFrontend::start(&c, "fe0", silent()).await;
+    fe.report(ExportStatus {
+        id: "e".into(),
+        generation: 1,
+        state: ExportState::Serving as i32,
+        message: String::new(),
+        size: 8 << 20,
+    });
+    wait_export_state(&mut c, "e", ExportState::Serving, "").await;
     let e = &list_exports(&mut c).await[0];
     assert_eq!((e.state, e.size), (ExportState::Serving as i32, 8 << 20));
     assert_status(

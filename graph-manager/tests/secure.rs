@@ -7,18 +7,21 @@
 )]
 
 mod common;
+use common::agent::WorkerSession;
 
 use std::path::Path;
 use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, ManagerError, RunningManager};
+use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
+use blkmesh_proto::agent::v1::WorkerHello;
 use blkmesh_proto::client::{ClientConfig, ClientError, ManagerChannel};
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
 use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::zone_service_client::ZoneServiceClient;
 use blkmesh_proto::v1::{
-    ListNodesRequest, ListWorkersRequest, ReportZonesRequest, WatchEventsRequest, WorkerHello,
+    ListNodesRequest, ListWorkersRequest, ReportZonesRequest, WatchEventsRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -87,16 +90,18 @@ async fn token_is_required_on_every_service_but_health() {
             .await,
         "requires a token",
     );
-    // Streams too: no worker can register without it.
+    // Agent sessions too: no worker can register without it.
     unauthenticated(
-        WorkerServiceClient::new(ch.clone())
-            .register(WorkerHello {
+        WorkerSession::open(
+            &mut AgentServiceClient::new(ch.clone()),
+            WorkerHello {
                 name: "w0".into(),
                 socket: "/tmp/w0.sock".into(),
                 pid: 1,
-            })
-            .await
-            .map(|_| ()),
+            },
+        )
+        .await
+        .map(|_| ()),
         "requires a token",
     );
     unauthenticated(
@@ -169,17 +174,16 @@ async fn token_is_required_on_every_service_but_health() {
         .connect()
         .await
         .unwrap();
-    let mut workers = WorkerServiceClient::new(ok);
-    let mut stream = workers
-        .register(WorkerHello {
+    let _worker = WorkerSession::open(
+        &mut AgentServiceClient::new(ok),
+        WorkerHello {
             name: "w0".into(),
             socket: "/tmp/w0.sock".into(),
             pid: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(stream.message().await.unwrap().is_some(), "accepted");
+        },
+    )
+    .await
+    .unwrap();
     m.stop().await.unwrap();
 }
 

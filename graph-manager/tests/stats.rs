@@ -8,8 +8,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager};
+use blkmesh_proto::agent::v1::WorkerHello;
 use blkmesh_proto::v1::event::Kind;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::*;
@@ -18,6 +20,7 @@ use tokio::net::TcpStream;
 use tonic::{Code, Streaming};
 
 mod common;
+use common::agent::{FrontendSession, WorkerSession};
 use common::client::{connect, within, Clients};
 
 async fn start(dir: &Path) -> RunningManager {
@@ -57,19 +60,17 @@ async fn add_export(c: &mut Clients, id: &str, node: &str, queues: u32) {
         .unwrap();
 }
 
-async fn register_worker(c: &mut Clients, name: &str) -> Streaming<WorkerEvent> {
-    let mut s = c
-        .workers
-        .register(WorkerHello {
+async fn register_worker(c: &mut Clients, name: &str) -> WorkerSession {
+    WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: name.into(),
             socket: format!("/tmp/{name}.sock"),
             pid: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    within("accepted", s.message()).await.unwrap().unwrap();
-    s
+        },
+    )
+    .await
+    .unwrap()
 }
 
 fn op(ops: u64, errors: u64, buckets: &[u64]) -> Option<OpStats> {
@@ -113,14 +114,42 @@ async fn report(
     queues: Vec<QueueStats>,
     nodes: Vec<NodeStats>,
 ) -> Result<(), tonic::Status> {
-    c.stats
-        .report_stats(StatsReport {
+    report_once(
+        c,
+        StatsReport {
             source: source.into(),
             queues,
             nodes,
-        })
-        .await
-        .map(|_| ())
+        },
+    )
+    .await
+}
+
+/// Sends `r` on a session of its own for its source ("worker/<name>" or
+/// "frontend/<name>", not connected otherwise), and waits until the
+/// manager took it (the session ends quietly) or refused it (the session
+/// ends with the status).
+async fn report_once(c: &mut Clients, r: StatsReport) -> Result<(), tonic::Status> {
+    let (kind, name) = r.source.split_once('/').expect("kind/name");
+    let name = name.to_string();
+    match kind {
+        "worker" => {
+            let hello = WorkerHello {
+                socket: format!("/tmp/{name}.sock"),
+                name,
+                pid: 1,
+            };
+            let w = WorkerSession::open(&mut c.agents, hello).await?;
+            w.stats(r);
+            w.finish().await
+        }
+        "frontend" => {
+            let fe = FrontendSession::open(&mut c.agents, &name).await?;
+            fe.stats(r);
+            fe.finish().await
+        }
+        other => panic!("no agent kind {other:?}"),
+    }
 }
 
 async fn get_stats(
@@ -159,7 +188,7 @@ async fn get_stats_sums_sources_and_metrics_show_them() {
     let dir = tempfile::tempdir().unwrap();
     let m = start(dir.path()).await;
     let mut c = connect(&m).await;
-    let _w = register_worker(&mut c, "w0").await;
+    let w = register_worker(&mut c, "w0").await;
     add_null(&mut c, "n0").await;
     add_null(&mut c, "n1").await;
     add_export(&mut c, "e", "n0", 2).await;
@@ -195,26 +224,33 @@ async fn get_stats_sums_sources_and_metrics_show_them() {
     )
     .await
     .unwrap();
-    // Two workers report the same node.
-    report(
-        &mut c,
-        "worker/w0",
-        vec![queue("e", 0, op(1000, 0, &[]), 0)], // ignored
-        vec![node("n0", op(5, 0, &[5]), None)],
-    )
-    .await
-    .unwrap();
-    report(
-        &mut c,
-        "worker/w1",
-        vec![],
-        vec![
+    // Two workers report the same node, on their sessions.
+    let w1 = register_worker(&mut c, "w1").await;
+    w.stats(StatsReport {
+        source: String::new(),
+        queues: vec![queue("e", 0, op(1000, 0, &[]), 0)], // ignored
+        nodes: vec![node("n0", op(5, 0, &[5]), None)],
+    });
+    w1.stats(StatsReport {
+        source: String::new(),
+        queues: vec![],
+        nodes: vec![
             node("n0", op(7, 2, &[0, 7]), None),
             node("n1", None, op(3, 0, &[3])),
         ],
-    )
-    .await
-    .unwrap();
+    });
+    // Reports have no answer: wait until both count.
+    within("the workers' reports", async {
+        loop {
+            let s = get_stats(&mut c, &[], &["n0", "n1"]).await.unwrap();
+            let n1 = s.nodes[1].io.as_ref().unwrap().write.clone().unwrap();
+            if read_of(&s.nodes[0].io).ops == 12 && n1.ops == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 
     let s = get_stats(&mut c, &[], &[]).await.unwrap();
     let e = &s.exports[0];
@@ -290,7 +326,7 @@ async fn get_stats_sums_sources_and_metrics_show_them() {
         "blkmesh_node_ops_total{node=\"n0\",op=\"read\"} 12",
         "blkmesh_node_errors_total{node=\"n0\",op=\"read\"} 2",
         "blkmesh_node_bytes_total{node=\"n1\",op=\"write\"} 1536",
-        "blkmesh_workers{state=\"alive\"} 1",
+        "blkmesh_workers{state=\"alive\"} 2",
         "blkmesh_workers{state=\"gone\"} 0",
         "blkmesh_exports 1",
         "blkmesh_nodes 2",
@@ -366,39 +402,9 @@ async fn bad_reports_are_invalid_argument() {
             ..Default::default()
         })
     };
-    let long = format!("worker/{}", "w".repeat(122));
-    assert_eq!(long.len(), 129);
-    let long_name = format!("worker/{}", "w".repeat(65));
+    // The source is the session's (the manager sets it): only what the
+    // report itself holds can be wrong.
     let cases: Vec<(StatsReport, &str)> = vec![
-        (StatsReport::default(), "source: must not be empty"),
-        (
-            StatsReport {
-                source: long,
-                ..Default::default()
-            },
-            "source: must be at most 128 bytes",
-        ),
-        (
-            StatsReport {
-                source: long_name,
-                ..Default::default()
-            },
-            "source: must be at most 64 characters",
-        ),
-        (
-            StatsReport {
-                source: "qemu".into(),
-                ..Default::default()
-            },
-            "source: must be \"frontend/<name>\"",
-        ),
-        (
-            StatsReport {
-                source: "worker/".into(),
-                ..Default::default()
-            },
-            "source: must not be empty",
-        ),
         (
             StatsReport {
                 source: "frontend/f0".into(),
@@ -449,19 +455,22 @@ async fn bad_reports_are_invalid_argument() {
         ),
     ];
     for (r, needle) in cases {
-        let err = c.stats.report_stats(r).await.unwrap_err();
+        // A refused report ends the session with the reason.
+        let err = report_once(&mut c, r).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(needle), "{err:?} lacks {needle:?}");
     }
     // Limits themselves are fine.
-    c.stats
-        .report_stats(StatsReport {
+    report_once(
+        &mut c,
+        StatsReport {
             source: format!("worker/{}", "w".repeat(64)),
             nodes: vec![node("n", hist(64), None); 4096],
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     m.stop().await.unwrap();
 }
 
@@ -496,12 +505,7 @@ async fn watch_events_sees_changes_and_new_io_errors() {
     add_export(&mut c, "e", "n0", 2).await;
     assert_eq!(next_kind(&mut events).await, Kind::ExportAdded("e".into()));
 
-    let mut fe = c
-        .frontends
-        .register(FrontendHello { name: "f0".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let fe = FrontendSession::open(&mut c.agents, "f0").await.unwrap();
     assert_eq!(
         next_kind(&mut events).await,
         Kind::FrontendJoined("f0".into())
@@ -518,12 +522,14 @@ async fn watch_events_sees_changes_and_new_io_errors() {
             ..Default::default()
         }),
     };
-    report(&mut c, "frontend/f0", vec![errs(1, 0)], vec![])
-        .await
-        .unwrap();
-    report(&mut c, "frontend/f0", vec![errs(3, 2)], vec![])
-        .await
-        .unwrap();
+    // On the agents' own sessions, in order.
+    let stats = |queues, nodes| StatsReport {
+        source: String::new(),
+        queues,
+        nodes,
+    };
+    fe.stats(stats(vec![errs(1, 0)], vec![]));
+    fe.stats(stats(vec![errs(3, 2)], vec![]));
     assert_eq!(
         next_kind(&mut events).await,
         Kind::IoError(IoErrorEvent {
@@ -532,27 +538,17 @@ async fn watch_events_sees_changes_and_new_io_errors() {
             new_errors: 4,
         })
     );
-    report(&mut c, "frontend/f0", vec![errs(3, 2)], vec![])
-        .await
-        .unwrap();
+    fe.stats(stats(vec![errs(3, 2)], vec![]));
     // Worker reports never raise io_error.
-    report(
-        &mut c,
-        "worker/w0",
+    worker.stats(stats(
         vec![errs(100, 100)],
         vec![node("n0", op(1, 1, &[]), None)],
-    )
-    .await
-    .unwrap();
+    ));
     // A queue new in a later report counts from zero.
-    report(
-        &mut c,
-        "frontend/f0",
+    fe.stats(stats(
         vec![errs(3, 2), queue("e", 0, op(1, 1, &[]), 0)],
         vec![],
-    )
-    .await
-    .unwrap();
+    ));
     assert_eq!(
         next_kind(&mut events).await,
         Kind::IoError(IoErrorEvent {
@@ -562,7 +558,6 @@ async fn watch_events_sees_changes_and_new_io_errors() {
         })
     );
 
-    drop(fe.message().await);
     drop(fe);
     assert_eq!(
         next_kind(&mut events).await,

@@ -1,7 +1,7 @@
 //! Zoned nodes and the ZoneService, against a real manager in-process.
-//! Workers and frontends are played by the tests: a fake frontend registers
-//! with `FrontendService.Register`, reports SERVING for every plan, and
-//! answers each `zone_command` with `ZoneCommandDone` as its policy says.
+//! Workers and frontends are played by the tests: a fake frontend opens its
+//! agent session, reports SERVING for every plan, and answers each
+//! `zone_command` with a `zone_answer` as its policy says.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,17 +13,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkmesh_manager::{Manager, ManagerConfig, RunningManager};
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendEventKind;
+use blkmesh_proto::agent::v1::frontend_up::Msg as Up;
+use blkmesh_proto::agent::v1::zone_answer::Result as Answer;
+use blkmesh_proto::agent::v1::{
+    ExportStatus, FrontendUp, WorkerHello, ZoneAnswer, ZoneCommand, ZoneError,
+};
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::zone_command_done::Result as Answer;
 use blkmesh_proto::v1::*;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
 mod common;
+use common::agent::{FrontendSession, WorkerSession};
 use common::client::{add_export, connect, get_node, null, raw, within, Clients, WAIT};
 
 const APPLY: Duration = Duration::from_millis(2000);
@@ -131,19 +134,17 @@ async fn workers_of(c: &mut Clients, id: &str) -> Vec<String> {
     queue_workers(&e)
 }
 
-async fn register_worker(c: &mut Clients, name: &str) -> Streaming<WorkerEvent> {
-    let mut s = c
-        .workers
-        .register(WorkerHello {
+async fn register_worker(c: &mut Clients, name: &str) -> WorkerSession {
+    WorkerSession::open(
+        &mut c.agents,
+        WorkerHello {
             name: name.into(),
             socket: format!("/tmp/{name}.sock"),
             pid: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    within("accepted", s.message()).await.unwrap().unwrap();
-    s
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn report(
@@ -200,10 +201,10 @@ type ZonePolicy = Arc<dyn Fn(&ZoneCommand) -> Option<Option<Answer>> + Send + Sy
 
 /// A test frontend: registered, reporting SERVING for every plan,
 /// answering zone commands by its policy and forwarding them to `commands`.
-/// Dropping it closes its stream.
+/// Dropping it closes its session.
 struct FakeFrontend {
     commands: mpsc::UnboundedReceiver<ZoneCommand>,
-    client: FrontendServiceClient<Channel>,
+    up: mpsc::UnboundedSender<FrontendUp>,
     task: JoinHandle<()>,
 }
 
@@ -215,41 +216,25 @@ impl Drop for FakeFrontend {
 
 impl FakeFrontend {
     async fn start(c: &Clients, name: &str, serve: bool, policy: ZonePolicy) -> FakeFrontend {
-        let mut client = c.frontends.clone();
-        let mut stream = client
-            .register(FrontendHello { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut client = c.agents.clone();
+        let mut session = FrontendSession::open(&mut client, name).await.unwrap();
+        let up = session.sender();
         let (tx, commands) = mpsc::unbounded_channel();
-        let name = name.to_string();
-        let mut answers = client.clone();
         let task = tokio::spawn(async move {
-            while let Ok(Some(ev)) = stream.message().await {
-                match ev.event {
+            while let Ok(Some(ev)) = session.down.message().await {
+                match ev.msg {
                     Some(FrontendEventKind::Upsert(plan)) if serve => {
-                        let r = client
-                            .report_export(ExportStatus {
-                                frontend: name.clone(),
-                                id: plan.export.as_ref().unwrap().id.clone(),
-                                generation: plan.generation,
-                                state: ExportState::Serving as i32,
-                                message: String::new(),
-                                size: 0,
-                            })
-                            .await;
-                        assert!(r.is_ok(), "{r:?}");
+                        session.report(ExportStatus {
+                            id: plan.export.as_ref().unwrap().id.clone(),
+                            generation: plan.generation,
+                            state: ExportState::Serving as i32,
+                            message: String::new(),
+                            size: 0,
+                        });
                     }
                     Some(FrontendEventKind::ZoneCommand(cmd)) => {
                         if let Some(result) = policy(&cmd) {
-                            let r = answers
-                                .zone_command_done(ZoneCommandDone {
-                                    frontend: name.clone(),
-                                    request_id: cmd.request_id,
-                                    result,
-                                })
-                                .await;
-                            assert!(r.is_ok(), "{r:?}");
+                            session.answer(ZoneAnswer { id: cmd.id, result });
                         }
                         let _ = tx.send(cmd);
                     }
@@ -257,11 +242,14 @@ impl FakeFrontend {
                 }
             }
         });
-        FakeFrontend {
-            commands,
-            client: c.frontends.clone(),
-            task,
-        }
+        FakeFrontend { commands, up, task }
+    }
+
+    /// Answers on the session, whatever the policy.
+    fn answer(&self, answer: ZoneAnswer) {
+        let _ = self.up.send(FrontendUp {
+            msg: Some(Up::ZoneAnswer(answer)),
+        });
     }
 
     async fn next_command(&mut self) -> ZoneCommand {
@@ -307,7 +295,7 @@ fn answering() -> ZonePolicy {
 
 fn failing(errno: i32, message: &'static str) -> ZonePolicy {
     Arc::new(move |_: &ZoneCommand| {
-        Some(Some(Answer::Error(ZoneCommandError {
+        Some(Some(Answer::Error(ZoneError {
             errno,
             message: message.into(),
         })))
@@ -766,10 +754,7 @@ async fn lost_worker_queues_of_a_zoned_export_move_together() {
 
 /// A manager with workers, the zoned graph exported as "ez" over "t" and
 /// a plain export "plain".
-async fn zone_setup(
-    dir: &Path,
-    apply: Duration,
-) -> (RunningManager, Clients, Streaming<WorkerEvent>) {
+async fn zone_setup(dir: &Path, apply: Duration) -> (RunningManager, Clients, WorkerSession) {
     let m = start(&dir.join("state"), apply).await;
     let mut c = connect(&m).await;
     let w = register_worker(&mut c, "w0").await;
@@ -843,11 +828,11 @@ async fn report_and_manage_round_trips() {
     // Request ids are fresh.
     let a = {
         report(&mut c, "ez", 0, 1).await.unwrap();
-        fe.next_command().await.request_id
+        fe.next_command().await.id
     };
     let b = {
         report(&mut c, "ez", 0, 1).await.unwrap();
-        fe.next_command().await.request_id
+        fe.next_command().await.id
     };
     assert_ne!(a, b);
     drop(fe);
@@ -1069,25 +1054,14 @@ async fn silent_frontend_times_out_and_late_answers_are_ignored() {
     };
     assert!(started.elapsed() >= apply);
     let cmd = fe.next_command().await;
-    // Answering now, too late: OK and ignored. So are unknown ids and
-    // frontends nobody asked.
-    let answer = |frontend: &str, request_id: u64| ZoneCommandDone {
-        frontend: frontend.into(),
-        request_id,
+    // Answering now, too late: ignored. So are unknown ids; the session
+    // goes on.
+    let answer = |id: u64| ZoneAnswer {
+        id,
         result: Some(Answer::Zone(Zone::default())),
     };
-    fe.client
-        .zone_command_done(answer("fe", cmd.request_id))
-        .await
-        .unwrap();
-    fe.client
-        .zone_command_done(answer("fe", 999_999))
-        .await
-        .unwrap();
-    fe.client
-        .zone_command_done(answer("stranger", cmd.request_id))
-        .await
-        .unwrap();
+    fe.answer(answer(cmd.id));
+    fe.answer(answer(999_999));
 
     // An answer from another frontend than the one asked does not count.
     let mut zones = c.zones.clone();
@@ -1101,11 +1075,8 @@ async fn silent_frontend_times_out_and_late_answers_are_ignored() {
             .await
     });
     let cmd = fe.next_command().await;
-    let _other = FakeFrontend::start(&c, "other", false, silent()).await;
-    fe.client
-        .zone_command_done(answer("other", cmd.request_id))
-        .await
-        .unwrap();
+    let other = FakeFrontend::start(&c, "other", false, silent()).await;
+    other.answer(answer(cmd.id));
     assert_status(call.await.unwrap(), Code::Unavailable, &["no answer"]);
 
     // The right answer in time goes through.
@@ -1120,13 +1091,13 @@ async fn silent_frontend_times_out_and_late_answers_are_ignored() {
             .await
     });
     let cmd = fe.next_command().await;
-    let mut done = answer("fe", cmd.request_id);
+    let mut done = answer(cmd.id);
     done.result = Some(Answer::Zone(zone(
         4 * MIB,
         4 * MIB,
         ZoneCondition::ExplicitOpen,
     )));
-    fe.client.zone_command_done(done).await.unwrap();
+    fe.answer(done);
     let z = call.await.unwrap().unwrap().into_inner().zone.unwrap();
     assert_eq!(z.start, 4 * MIB);
     drop(fe);

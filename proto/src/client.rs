@@ -1,6 +1,6 @@
 //! Connecting to `blkmesh-manager`: the one place every client (frontend,
-//! workers, stats reporters, `blkmeshctl`, the `blkmesh` supervisor, the
-//! test kit) sets up its channel.
+//! workers, `blkmeshctl`, the `blkmesh` supervisor, the test kit) sets up
+//! its channel.
 //!
 //! A [`ClientConfig`] names the manager (`http://HOST:PORT`,
 //! `https://HOST:PORT` or `unix:/PATH`) and optionally:

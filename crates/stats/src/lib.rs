@@ -3,9 +3,10 @@
 //! Each queue thread counts into its own [`IoCounters`]: a single writer,
 //! so an update is a relaxed load and store (no locked instruction, no
 //! shared cache line between queues). A [`Registry`] knows every live
-//! counter set of the process and sums those with the same name, and [`spawn_reporter`] pushes their snapshots to the
-//! manager's `StatsService` about once a second. The manager being away
-//! costs nothing but the report.
+//! counter set of the process and sums those with the same name; the
+//! process's agent session sends its [`Registry::report`] to the manager
+//! every [`REPORT_INTERVAL`]. The manager being away costs nothing but the
+//! report.
 
 #![forbid(unsafe_code)]
 
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use blkmesh_proto::v1::stats_service_client::StatsServiceClient;
 use blkmesh_proto::v1::{IoStats, LatencyHistogram, NodeStats, OpStats, QueueStats, StatsReport};
 
 /// Histogram buckets: <1 µs, then powers of two up to ~2^30 µs.
@@ -266,43 +266,8 @@ pub fn add(a: IoStats, b: IoStats) -> IoStats {
     }
 }
 
-/// How often reports are pushed.
+/// How often the agents send their reports.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Pushes the registry's report to the manager every [`REPORT_INTERVAL`]
-/// on the current tokio runtime. Failures are logged once per outage.
-pub fn spawn_reporter(addr: String, source: String, registry: Registry) {
-    tokio::spawn(async move {
-        let mut client: Option<StatsServiceClient<blkmesh_proto::client::ManagerChannel>> = None;
-        let mut failing = false;
-        let mut tick = tokio::time::interval(REPORT_INTERVAL);
-        loop {
-            tick.tick().await;
-            if client.is_none() {
-                // TLS and token: the process's defaults (see blkmesh_proto::client).
-                client = blkmesh_proto::client::ClientConfig::for_process(addr.as_str())
-                    .connect()
-                    .await
-                    .ok()
-                    .map(StatsServiceClient::new);
-            }
-            let Some(c) = client.as_mut() else {
-                continue;
-            };
-            let report = registry.report(&source);
-            match c.report_stats(report).await {
-                Ok(_) => failing = false,
-                Err(e) => {
-                    if !failing {
-                        tracing::debug!("stats report to {addr}: {e}");
-                    }
-                    failing = true;
-                    client = None;
-                }
-            }
-        }
-    });
-}
 
 #[cfg(test)]
 mod tests {

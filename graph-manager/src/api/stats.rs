@@ -1,13 +1,10 @@
-//! `blkmesh.v1.StatsService` over [`Control`]: the reports, the sums
-//! (`crate::stats`) and the event feed.
+//! `blkmesh.v1.StatsService` over [`Control`]: the sums (`crate::stats`)
+//! of the reports the agents send on their sessions, and the event feed.
 
 use std::sync::Arc;
 
-use blkmesh_proto::v1::event::Kind as EventKind;
 use blkmesh_proto::v1::stats_service_server::StatsService;
-use blkmesh_proto::v1::{
-    Event, GetStatsRequest, GetStatsResponse, ReportStatsResponse, StatsReport, WatchEventsRequest,
-};
+use blkmesh_proto::v1::{Event, GetStatsRequest, GetStatsResponse, WatchEventsRequest};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -15,23 +12,12 @@ use tonic::{Request, Response, Status};
 use crate::api::streams::EventStream;
 use crate::control::hub::Control;
 use crate::core::error::ApiError;
-use crate::stats::{aggregate, validate_report, Filter};
+use crate::stats::{aggregate, Filter};
 
 /// `blkmesh.v1.StatsService`.
 pub(crate) struct StatsApi(pub Arc<Control>);
 
 impl StatsApi {
-    fn report(&self, report: StatsReport) -> Result<(), ApiError> {
-        let kind = validate_report(&report)?;
-        let mut store = self.0.stats();
-        let source = report.source.clone();
-        for e in store.insert(report, kind) {
-            tracing::debug!(%source, export = %e.export, queue = e.queue, new_errors = e.new_errors, "io errors");
-            self.0.emit(EventKind::IoError(e));
-        }
-        Ok(())
-    }
-
     fn get(&self, req: GetStatsRequest) -> Result<GetStatsResponse, ApiError> {
         let cfg = self.0.stats_config();
         let filter = Filter::from_request(req, &cfg)?;
@@ -70,14 +56,6 @@ impl StatsApi {
 #[tonic::async_trait]
 impl StatsService for StatsApi {
     type WatchEventsStream = EventStream<Event>;
-
-    async fn report_stats(
-        &self,
-        request: Request<StatsReport>,
-    ) -> Result<Response<ReportStatsResponse>, Status> {
-        self.report(request.into_inner())?;
-        Ok(Response::new(ReportStatsResponse {}))
-    }
 
     async fn get_stats(
         &self,

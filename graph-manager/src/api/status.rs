@@ -27,6 +27,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Conflict(_) => tonic::Status::aborted(msg),
             ApiError::Unavailable(_) => tonic::Status::unavailable(msg),
             ApiError::ZoneRefused { errno, .. } => tonic::Status::new(errno_code(errno), msg),
+            ApiError::Protocol(_) => tonic::Status::invalid_argument(msg),
         }
     }
 }

@@ -5,12 +5,10 @@ use std::sync::Arc;
 use blkmesh_proto::v1::worker_service_server::WorkerService;
 use blkmesh_proto::v1::{
     DrainWorkerRequest, DrainWorkerResponse, ListWorkersRequest, ListWorkersResponse,
-    MoveNodeRequest, MoveNodeResponse, MoveQueueRequest, MoveQueueResponse, WorkerEvent,
-    WorkerHello,
+    MoveNodeRequest, MoveNodeResponse, MoveQueueRequest, MoveQueueResponse,
 };
 use tonic::{Request, Response, Status};
 
-use crate::api::streams::{unbounded, EventStream};
 use crate::control::hub::Control;
 
 /// `blkmesh.v1.WorkerService`.
@@ -18,16 +16,6 @@ pub(crate) struct WorkerApi(pub Arc<Control>);
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
-    type RegisterStream = EventStream<WorkerEvent>;
-
-    async fn register(
-        &self,
-        request: Request<WorkerHello>,
-    ) -> Result<Response<Self::RegisterStream>, Status> {
-        let events = self.0.register_worker(request.into_inner()).await?;
-        Ok(Response::new(unbounded(events)))
-    }
-
     async fn list_workers(
         &self,
         _request: Request<ListWorkersRequest>,

@@ -2,21 +2,21 @@
 //! forwarded to the frontend serving it.
 //!
 //! The manager checks what it can (export known, graph zoned, offsets in
-//! range and aligned), sends a `FrontendEvent.zone_command` with a fresh
-//! `request_id` on the frontend's registration stream, and waits up to the
-//! apply timeout for `FrontendService.ZoneCommandDone` with that id
-//! (UNAVAILABLE otherwise, or at once when the frontend leaves). The
+//! range and aligned), sends a `zone_command` with a fresh id on the
+//! frontend's agent session (`blkmesh.agent.v1`), and waits up to the
+//! apply timeout for the `zone_answer` with that id on the same session
+//! (UNAVAILABLE otherwise, or at once when the session ends). The
 //! frontend runs the command on the worker that owns the graph and answers
 //! with the zones or an errno, mapped by [`errno_code`].
 
 use std::sync::Arc;
 
 use blkmesh_graph::GraphError;
-use blkmesh_proto::v1::zone_command_done::Result as Answer;
+use blkmesh_proto::agent::v1::zone_answer::Result as Answer;
+use blkmesh_proto::agent::v1::{ZoneCommand, ZoneError};
 use blkmesh_proto::v1::zone_service_server::ZoneService;
 use blkmesh_proto::v1::{
     ManageZoneRequest, ManageZoneResponse, ReportZonesRequest, ReportZonesResponse, ZoneAction,
-    ZoneCommand, ZoneCommandError,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -110,7 +110,7 @@ fn action_name(action: ZoneAction) -> &'static str {
 }
 
 /// The error of a command the frontend refused.
-fn refused(target: &ZoneTarget, what: &str, e: ZoneCommandError) -> ApiError {
+fn refused(target: &ZoneTarget, what: &str, e: ZoneError) -> ApiError {
     let mut reason = e.message;
     if reason.len() > MAX_REPORT_MESSAGE {
         let mut cut = MAX_REPORT_MESSAGE;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use blkmesh_graph::{validate_export, GraphError, ObjectKind};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
 use blkmesh_proto::v1::{ExportInfo, ExportState, VhostUserBlkExport};
 
 use crate::control::hub::{export_info, Applied, Control, Inner};
@@ -44,7 +44,7 @@ impl Control {
             .insert(rec.export.id.clone(), ExportRuntime::default());
         self.emit(EventKind::ExportAdded(rec.export.id.clone()));
         if let Some(plan) = export_plan(&inner.state, rec) {
-            inner.sessions.broadcast(FrontendEventKind::Upsert(plan));
+            inner.sessions.broadcast(FrontendMsg::Upsert(plan));
         }
     }
 
@@ -241,7 +241,7 @@ impl Control {
         self.emit(EventKind::ExportRemoved(id.to_string()));
         inner
             .sessions
-            .broadcast(FrontendEventKind::Remove(id.to_string()));
+            .broadcast(FrontendMsg::Remove(id.to_string()));
         Ok(())
     }
 

@@ -1,25 +1,24 @@
-//! Frontends: registration, their reports on the exports they serve, and
-//! their answers to zone commands.
+//! Frontends: registration, and their reports on the exports they serve.
+//! Their sessions are in `crate::control::agents`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use blkmesh_graph::{validate_name, GraphError};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
+use blkmesh_proto::agent::v1::{Accepted, ExportStatus, FrontendHello, SnapshotEnd};
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::{
-    ExportState, ExportStatus, FrontendEvent, FrontendHello, FrontendInfo, ListFrontendsResponse,
-    ZoneCommandDone,
-};
+use blkmesh_proto::v1::{ExportState, FrontendInfo, ListFrontendsResponse};
 use tokio::sync::mpsc;
 
 use crate::control::hub::Control;
 use crate::core::error::ApiError;
 use crate::core::views::export_plan;
-use crate::sessions::{FrontendConn, Report, MAX_REPORT_MESSAGE};
+use crate::sessions::{FrontendConn, Report, ToFrontend, MAX_REPORT_MESSAGE};
 
 impl Control {
-    fn frontend_gone(&self, name: &str, session: u64) {
+    /// Frontend `name`'s session `session` ended.
+    pub(super) fn frontend_gone(&self, name: &str, session: u64) {
         let mut inner = self.lock();
         let Some(conn) = inner.sessions.frontends.get_mut(name) else {
             return;
@@ -29,11 +28,6 @@ impl Control {
         }
         conn.tx = None;
         tracing::info!(frontend = %name, "frontend gone");
-        // Its zone calls will never be answered: they fail now (UNAVAILABLE).
-        inner
-            .sessions
-            .zone_calls
-            .retain(|_, call| call.frontend != name);
         self.emit(EventKind::FrontendLeft(name.to_string()));
         // Its exports are pending until a frontend reports on them again.
         for rt in inner.sessions.export_rt.values_mut() {
@@ -46,13 +40,14 @@ impl Control {
         self.reports.send_modify(|n| *n += 1);
     }
 
-    /// Registers frontend `hello.name`: its events come on the returned
-    /// receiver, starting with the plan of every export; dropping it ends
-    /// the registration.
-    pub(crate) fn register_frontend(
+    /// Registers frontend `hello.name` under a fresh session number: what
+    /// to send it comes on the returned receiver, starting with `accepted`,
+    /// the plan of every export and `snapshot_end`. The caller runs
+    /// [`Control::frontend_gone`] when the session ends.
+    pub(super) fn register_frontend(
         self: &Arc<Self>,
-        hello: FrontendHello,
-    ) -> Result<mpsc::UnboundedReceiver<FrontendEvent>, ApiError> {
+        hello: &FrontendHello,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<ToFrontend>), ApiError> {
         validate_name("name", &hello.name)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let session = {
@@ -63,18 +58,21 @@ impl Control {
             if inner.sessions.frontend_live(&hello.name) {
                 return Err(ApiError::AlreadyRegistered {
                     kind: "frontend",
-                    name: hello.name,
+                    name: hello.name.clone(),
                 });
             }
             // The snapshot is queued under the lock, so no later change can
             // overtake it or be missed.
+            let send = |msg| {
+                let _ = tx.send(ToFrontend::Send(msg));
+            };
+            send(FrontendMsg::Accepted(Accepted {}));
             for rec in inner.state.exports.values() {
                 if let Some(plan) = export_plan(&inner.state, rec) {
-                    let _ = tx.send(FrontendEvent {
-                        event: Some(FrontendEventKind::Upsert(plan)),
-                    });
+                    send(FrontendMsg::Upsert(plan));
                 }
             }
+            send(FrontendMsg::SnapshotEnd(SnapshotEnd {}));
             let session = inner.sessions.new_session();
             inner.sessions.frontends.insert(
                 hello.name.clone(),
@@ -87,16 +85,13 @@ impl Control {
             self.emit(EventKind::FrontendJoined(hello.name.clone()));
             session
         };
-        let name = hello.name;
-        self.on_stream_end(tx, move |control| control.frontend_gone(&name, session));
-        Ok(rx)
+        Ok((session, rx))
     }
 
-    /// Records a frontend's report on an export. Reports from a frontend
-    /// that is not connected, on unknown exports or on another generation
-    /// than the export's current one are ignored.
-    pub(crate) fn report_export(&self, st: ExportStatus) -> Result<(), ApiError> {
-        validate_name("frontend", &st.frontend)?;
+    /// Records frontend `frontend`'s report on an export. Reports from a
+    /// frontend that is not connected, on unknown exports or on another
+    /// generation than the export's current one are ignored.
+    pub(super) fn report_export(&self, frontend: &str, st: ExportStatus) -> Result<(), ApiError> {
         validate_name("id", &st.id)?;
         let state = match ExportState::try_from(st.state) {
             Ok(
@@ -127,21 +122,21 @@ impl Control {
             message.push('…');
         }
         let mut inner = self.lock();
-        let connected = inner.sessions.frontend_live(&st.frontend);
+        let connected = inner.sessions.frontend_live(frontend);
         if !connected {
-            tracing::debug!(frontend = %st.frontend, export = %st.id, "report from a frontend that is not connected; ignored");
+            tracing::debug!(%frontend, export = %st.id, "report from a frontend that is not connected; ignored");
             return Ok(());
         }
         let current = match inner.state.exports.get(&st.id) {
             Some(rec) => rec.generation,
             None => {
-                tracing::debug!(frontend = %st.frontend, export = %st.id, "report on an unknown export; ignored");
+                tracing::debug!(%frontend, export = %st.id, "report on an unknown export; ignored");
                 return Ok(());
             }
         };
         if st.generation != current {
             tracing::debug!(
-                frontend = %st.frontend,
+                %frontend,
                 export = %st.id,
                 generation = st.generation,
                 current,
@@ -150,7 +145,7 @@ impl Control {
             return Ok(());
         }
         tracing::debug!(
-            frontend = %st.frontend,
+            %frontend,
             export = %st.id,
             generation = st.generation,
             state = state.as_str_name(),
@@ -164,7 +159,7 @@ impl Control {
             .entry(st.id.clone())
             .or_default()
             .report = Some(Report {
-            frontend: st.frontend,
+            frontend: frontend.to_string(),
             generation: st.generation,
             state,
             message,
@@ -174,31 +169,6 @@ impl Control {
         drop(inner);
         self.reports.send_modify(|n| *n += 1);
         Ok(())
-    }
-
-    /// Hands a frontend's answer to the zone call waiting for it. Answers
-    /// from another frontend than the one asked, or to a call that is not
-    /// waiting (unknown, timed out, cancelled), are ignored.
-    pub(crate) fn zone_done(&self, done: ZoneCommandDone) {
-        let mut inner = self.lock();
-        let connected = inner.sessions.frontend_live(&done.frontend);
-        let ours = inner
-            .sessions
-            .zone_calls
-            .get(&done.request_id)
-            .is_some_and(|call| call.frontend == done.frontend);
-        if !(connected && ours) {
-            tracing::debug!(
-                frontend = %done.frontend,
-                request_id = done.request_id,
-                "zone answer nobody waits for; ignored"
-            );
-            return;
-        }
-        if let Some(call) = inner.sessions.zone_calls.remove(&done.request_id) {
-            // The caller may have given up meanwhile: nothing to do then.
-            let _ = call.done.send(done.result);
-        }
     }
 
     /// Every frontend seen since the manager started, with the exports each

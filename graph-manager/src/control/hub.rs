@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use blkmesh_graph::{GraphError, SECTOR_SIZE};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
 use blkmesh_proto::v1::{
     Event, ExportInfo, ExportPlan, ExportState, ExportStateEvent, QueueAssignment,
     VhostUserBlkExport,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 
 use crate::core::error::ApiError;
 use crate::core::state::{ExportRecord, State};
@@ -195,37 +195,17 @@ impl Control {
             .map_err(|e| ApiError::Internal(format!("change task: {e}")))?
     }
 
-    /// Ends every registration stream so the server can shut down.
+    /// Ends every agent session so the server can shut down (zone calls
+    /// waiting for a frontend end with them, UNAVAILABLE).
     pub(crate) fn begin_shutdown(&self) {
         let mut inner = self.lock();
         inner.shutting_down = true;
         for conn in inner.sessions.frontends.values_mut() {
             conn.tx = None;
         }
-        // Zone calls waiting for a frontend end at once (UNAVAILABLE).
-        inner.sessions.zone_calls.clear();
         self.shutdown.send_replace(true);
         // Callers waiting for frontends stop waiting.
         self.reports.send_modify(|n| *n += 1);
-    }
-
-    /// Runs `gone` once the registration stream fed by `tx` ends: its
-    /// receiver was dropped (the agent went away) or the manager stops.
-    pub(super) fn on_stream_end<T: Send + 'static>(
-        self: &Arc<Self>,
-        tx: mpsc::UnboundedSender<T>,
-        gone: impl FnOnce(&Arc<Control>) + Send + 'static,
-    ) {
-        let control = Arc::clone(self);
-        let mut shutdown = self.shutdown.subscribe();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tx.closed() => {}
-                _ = shutdown.wait_for(|v| *v) => {}
-            }
-            drop(tx);
-            gone(&control);
-        });
     }
 
     /// A future that completes once shutdown has begun.
@@ -374,7 +354,7 @@ pub(super) fn push_plans(inner: &mut Inner, ids: &[&str]) {
         .filter_map(|r| export_plan(&inner.state, r))
         .collect();
     for plan in plans {
-        inner.sessions.broadcast(FrontendEventKind::Upsert(plan));
+        inner.sessions.broadcast(FrontendMsg::Upsert(plan));
     }
 }
 

@@ -5,14 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use blkmesh_graph::{validate_name, validate_socket_path, GraphError, ObjectKind};
+use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
+use blkmesh_proto::agent::v1::WorkerHello;
 use blkmesh_proto::v1::event::Kind as EventKind;
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::worker_event::Event as WorkerEventKind;
-use blkmesh_proto::v1::{
-    ExportInfo, ExportPlan, MovedQueue, WorkerAccepted, WorkerEvent, WorkerHello, WorkerInfo,
-    WorkerState,
-};
-use tokio::sync::mpsc;
+use blkmesh_proto::v1::{ExportInfo, ExportPlan, MovedQueue, WorkerInfo, WorkerState};
 
 use crate::control::hub::{export_info, push_plans, Control, Inner};
 use crate::core::error::ApiError;
@@ -24,7 +20,8 @@ use crate::sessions::Sessions;
 use crate::store::writer::WriteTicket;
 
 impl Control {
-    fn worker_gone(self: &Arc<Self>, name: &str, session: u64) {
+    /// Worker `name`'s session `session` ended.
+    pub(super) fn worker_gone(self: &Arc<Self>, name: &str, session: u64) {
         let mut inner = self.lock();
         if inner.sessions.live_workers.get(name) == Some(&session) {
             inner.sessions.live_workers.remove(name);
@@ -211,22 +208,19 @@ impl Control {
             .collect()
     }
 
-    /// Registers worker `hello.name`: its events come on the returned
-    /// receiver, starting with `accepted`; dropping it ends the registration.
-    pub(crate) async fn register_worker(
+    /// Registers worker `hello.name` under a fresh session number. The
+    /// caller runs [`Control::worker_gone`] when the session ends.
+    pub(super) async fn register_worker(
         self: &Arc<Self>,
         hello: WorkerHello,
-    ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
+    ) -> Result<u64, ApiError> {
         validate_name("name", &hello.name)?;
         validate_socket_path("socket", &hello.socket)?;
         self.run_change(move |control| async move { control.register_worker_now(hello).await })
             .await
     }
 
-    async fn register_worker_now(
-        self: &Arc<Self>,
-        hello: WorkerHello,
-    ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
+    async fn register_worker_now(self: &Arc<Self>, hello: WorkerHello) -> Result<u64, ApiError> {
         let ticket = self.begin_change().await;
         let record = WorkerRecord {
             socket: hello.socket.clone(),
@@ -251,7 +245,6 @@ impl Control {
             });
             (previous, next)
         };
-        let (tx, rx) = mpsc::unbounded_channel();
         let session = {
             let mut inner = match next {
                 Some(next) => self.commit(&ticket, next).await?,
@@ -266,10 +259,6 @@ impl Control {
             inner.sessions.overdue.remove(&hello.name);
             tracing::info!(worker = %hello.name, socket = %hello.socket, pid = hello.pid, "worker registered");
             self.emit(EventKind::WorkerJoined(hello.name.clone()));
-            // Send `accepted` before any other event could be queued.
-            let _ = tx.send(WorkerEvent {
-                event: Some(WorkerEventKind::Accepted(WorkerAccepted {})),
-            });
             if previous.is_some_and(|p| p.socket != hello.socket) {
                 let plans: Vec<ExportPlan> = inner
                     .state
@@ -279,7 +268,7 @@ impl Control {
                     .filter_map(|r| export_plan(&inner.state, r))
                     .collect();
                 for plan in plans {
-                    inner.sessions.broadcast(FrontendEventKind::Upsert(plan));
+                    inner.sessions.broadcast(FrontendMsg::Upsert(plan));
                 }
             }
             session
@@ -288,9 +277,7 @@ impl Control {
         self.reassign_overdue(&ticket).await;
         // Exports of the configuration file waiting for a worker.
         self.place_config_exports(&ticket).await;
-        let name = hello.name;
-        self.on_stream_end(tx, move |control| control.worker_gone(&name, session));
-        Ok(rx)
+        Ok(session)
     }
 
     /// Moves queue `queue` of export `id` to `worker` (a live worker).

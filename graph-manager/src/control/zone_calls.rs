@@ -1,15 +1,16 @@
 //! ZoneService calls: a zone command forwarded to the frontend serving
-//! the export, and the wait for its answer.
+//! the export (on its session, which numbers it and matches the answer,
+//! see `crate::control::agents`), and the wait for its answer.
 
 use blkmesh_graph::{GraphError, ObjectKind, SECTOR_SIZE};
-use blkmesh_proto::v1::frontend_event::Event as FrontendEventKind;
-use blkmesh_proto::v1::{FrontendEvent, ZoneCommand, ZoneInfo};
+use blkmesh_proto::agent::v1::ZoneCommand;
+use blkmesh_proto::v1::ZoneInfo;
 use tokio::sync::oneshot;
 
 use crate::control::hub::Control;
 use crate::core::error::ApiError;
 use crate::core::zoned;
-use crate::sessions::{serves, ZoneAnswer, ZoneCall};
+use crate::sessions::{serves, ToFrontend, ZoneAnswer};
 
 /// The export a zone call is about, as the manager knows it.
 #[derive(Debug, Clone)]
@@ -25,28 +26,18 @@ pub(crate) struct ZoneTarget {
 }
 
 /// A zone command sent to a frontend; the wait for its answer. Dropping it
-/// (the call was cancelled, or timed out) forgets the call.
+/// (the call was cancelled, or timed out) lets the session forget the call.
 pub(crate) struct PendingZoneCall<'a> {
     control: &'a Control,
-    id: u64,
-    rx: Option<oneshot::Receiver<ZoneAnswer>>,
+    rx: oneshot::Receiver<ZoneAnswer>,
     pub target: ZoneTarget,
-}
-
-impl Drop for PendingZoneCall<'_> {
-    fn drop(&mut self) {
-        self.control.lock().sessions.zone_calls.remove(&self.id);
-    }
 }
 
 impl PendingZoneCall<'_> {
     /// Waits (at most the apply timeout) for the frontend's answer.
-    pub(crate) async fn answer(mut self) -> Result<ZoneAnswer, ApiError> {
-        let Some(rx) = self.rx.take() else {
-            return Err(ApiError::Internal("zone call answered twice".into()));
-        };
+    pub(crate) async fn answer(self) -> Result<ZoneAnswer, ApiError> {
         let timeout = self.control.apply_timeout;
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout(timeout, self.rx).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(ApiError::Unavailable(format!(
                 "export {:?}: frontend {:?} went away (or the manager is stopping) before \
@@ -67,15 +58,15 @@ impl Control {
     /// Starts a ZoneService call on export `export`: looks it up (NOT_FOUND),
     /// requires a zoned graph (FAILED_PRECONDITION), lets `check` validate the
     /// call against the export and build the command, requires a connected
-    /// frontend serving the export (FAILED_PRECONDITION) and sends it the
-    /// command with a fresh request id. Await the answer with
+    /// frontend serving the export (FAILED_PRECONDITION) and hands its
+    /// session the command. Await the answer with
     /// [`PendingZoneCall::answer`].
     pub(crate) fn send_zone_command(
         &self,
         export: &str,
         check: impl FnOnce(&ZoneTarget) -> Result<ZoneCommand, ApiError>,
     ) -> Result<PendingZoneCall<'_>, ApiError> {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let rec = inner
             .state
             .exports
@@ -123,38 +114,23 @@ impl Control {
             )
             .into());
         };
-        let id = inner.sessions.next_zone_request;
-        inner.sessions.next_zone_request += 1;
-        command.request_id = id;
         command.export = export.to_string();
-        let event = FrontendEvent {
-            event: Some(FrontendEventKind::ZoneCommand(command)),
-        };
+        let (answer, rx) = oneshot::channel();
         let sent = inner
             .sessions
             .frontends
             .get(&frontend)
             .and_then(|c| c.tx.as_ref())
-            .is_some_and(|tx| tx.send(event).is_ok());
+            .is_some_and(|tx| tx.send(ToFrontend::Zone { command, answer }).is_ok());
         if !sent {
             return Err(ApiError::Unavailable(format!(
                 "export {export:?}: frontend {frontend:?} went away"
             )));
         }
-        let (done, rx) = oneshot::channel();
-        inner.sessions.zone_calls.insert(
-            id,
-            ZoneCall {
-                frontend: frontend.clone(),
-                done,
-            },
-        );
         target.frontend = frontend;
-        tracing::debug!(export = %export, frontend = %target.frontend, request_id = id, "zone command sent");
         Ok(PendingZoneCall {
             control: self,
-            id,
-            rx: Some(rx),
+            rx,
             target,
         })
     }

@@ -83,4 +83,8 @@ pub(crate) enum ApiError {
         /// The whole message: what was asked, the frontend's reason, the errno's name.
         message: String,
     },
+    /// An agent broke the session protocol (`blkmesh.agent.v1`): the
+    /// session ends with this.
+    #[error("agent session: {0}")]
+    Protocol(String),
 }

@@ -62,7 +62,7 @@ fn known_workers_start_gone_and_sessions_start_at_one() {
 fn a_broadcast_reaches_the_connected_frontends_only() {
     let mut sessions = Sessions::new([]);
     let (tx0, mut rx0) = mpsc::unbounded_channel();
-    let (tx1, mut rx1) = mpsc::unbounded_channel::<FrontendEvent>();
+    let (tx1, mut rx1) = mpsc::unbounded_channel::<ToFrontend>();
     sessions.frontends.insert(
         "f0".into(),
         FrontendConn {
@@ -78,8 +78,8 @@ fn a_broadcast_reaches_the_connected_frontends_only() {
         },
     );
     drop(tx1);
-    sessions.broadcast(FrontendEventKind::Remove("e".into()));
+    sessions.broadcast(FrontendMsg::Remove("e".into()));
     let got = rx0.try_recv().unwrap();
-    assert_eq!(got.event, Some(FrontendEventKind::Remove("e".into())));
+    assert!(matches!(got, ToFrontend::Send(FrontendMsg::Remove(id)) if id == "e"));
     assert!(rx1.try_recv().is_err());
 }

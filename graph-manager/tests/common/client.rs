@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use blkmesh_manager::RunningManager;
+use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
@@ -39,6 +40,8 @@ pub struct Clients {
     pub frontends: FrontendServiceClient<Channel>,
     pub stats: StatsServiceClient<Channel>,
     pub zones: ZoneServiceClient<Channel>,
+    /// The agents' service (fake workers and frontends).
+    pub agents: AgentServiceClient<Channel>,
 }
 
 pub async fn connect(m: &RunningManager) -> Clients {
@@ -51,7 +54,8 @@ pub async fn connect(m: &RunningManager) -> Clients {
         workers: WorkerServiceClient::new(ch.clone()),
         frontends: FrontendServiceClient::new(ch.clone()),
         stats: StatsServiceClient::new(ch.clone()),
-        zones: ZoneServiceClient::new(ch),
+        zones: ZoneServiceClient::new(ch.clone()),
+        agents: AgentServiceClient::new(ch),
     }
 }
 

@@ -2,5 +2,6 @@
 //! them, hence the allowance for the rest.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod client;
 pub mod pki;

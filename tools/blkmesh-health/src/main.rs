@@ -9,9 +9,9 @@
 //! every check asked for passes:
 //!
 //! - `--worker NAME`: `WorkerService.ListWorkers` lists NAME as ALIVE (the
-//!   worker holds its registration stream open);
+//!   worker holds its agent session open);
 //! - `--frontend NAME`: `FrontendService.ListFrontends` lists NAME as
-//!   connected (the frontend holds its registration stream open). Exports
+//!   connected (the frontend holds its agent session open). Exports
 //!   it failed to open are named in the output but do not make it
 //!   unhealthy: restarting the frontend would not mend a missing file.
 //!

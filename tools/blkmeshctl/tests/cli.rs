@@ -330,9 +330,6 @@ fn node_lifecycle_and_errors() {
 
 #[test]
 fn exports_and_workers_with_a_registered_worker() {
-    use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
-    use blkmesh_proto::v1::WorkerHello;
-
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("mgr.sock");
     let m = ManagerProc::start(
@@ -342,32 +339,8 @@ fn exports_and_workers_with_a_registered_worker() {
     let a = m.url.clone();
     let a = a.as_str();
 
-    // A stand-in worker holding its registration stream open.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = m.url.clone();
-    let stream = rt.block_on(async move {
-        let mut client = tokio::time::timeout(WAIT, WorkerServiceClient::connect(url))
-            .await
-            .expect("connect timeout")
-            .expect("connect");
-        let mut s = client
-            .register(WorkerHello {
-                name: "w0".into(),
-                socket: "/tmp/w0.sock".into(),
-                pid: 4242,
-            })
-            .await
-            .expect("register")
-            .into_inner();
-        tokio::time::timeout(WAIT, s.message())
-            .await
-            .expect("accepted timeout")
-            .expect("accepted");
-        s
-    });
+    // A stand-in worker holding its session open.
+    let (rt, stream) = stand_in_worker(a, "w0");
 
     let workers = ok(a, &["worker", "list"]);
     assert!(
@@ -885,45 +858,51 @@ fn events_count_stops_after_n_events() {
     assert!(json["time_ms"].as_u64().unwrap() > 1_600_000_000_000);
 }
 
-/// A stand-in worker holding its registration stream open, on its own
+/// A stand-in worker holding its agent session open, on its own
 /// runtime (drop both to make it leave).
-fn stand_in_worker(
-    url: &str,
-    name: &str,
-) -> (
-    tokio::runtime::Runtime,
-    tonic::Streaming<blkmesh_proto::v1::WorkerEvent>,
-) {
-    use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
-    use blkmesh_proto::v1::WorkerHello;
+fn stand_in_worker(url: &str, name: &str) -> (tokio::runtime::Runtime, StandInSession) {
+    use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
+    use blkmesh_proto::agent::v1::{worker_up, WorkerHello, WorkerUp};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let url = url.to_string();
     let name = name.to_string();
-    let stream = rt.block_on(async move {
-        let mut client = tokio::time::timeout(WAIT, WorkerServiceClient::connect(url))
+    let session = rt.block_on(async move {
+        let mut client = tokio::time::timeout(WAIT, AgentServiceClient::connect(url))
             .await
             .expect("connect timeout")
             .expect("connect");
-        let mut s = client
-            .register(WorkerHello {
+        let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+        up.send(WorkerUp {
+            msg: Some(worker_up::Msg::Hello(WorkerHello {
                 socket: format!("/tmp/{name}.sock"),
                 name,
                 pid: 4242,
-            })
+            })),
+        })
+        .unwrap();
+        let mut s = client
+            .worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await
-            .expect("register")
+            .expect("session")
             .into_inner();
         tokio::time::timeout(WAIT, s.message())
             .await
             .expect("accepted timeout")
-            .expect("accepted");
-        s
+            .expect("accepted")
+            .expect("accepted, not the end");
+        (up, s)
     });
-    (rt, stream)
+    (rt, session)
 }
+
+/// A stand-in worker's session: the sending half and the stream down.
+type StandInSession = (
+    tokio::sync::mpsc::UnboundedSender<blkmesh_proto::agent::v1::WorkerUp>,
+    tonic::Streaming<blkmesh_proto::agent::v1::WorkerDown>,
+);
 
 #[test]
 fn spread_move_queue_and_drain() {
@@ -1416,9 +1395,13 @@ fn node_update_and_resize_commands() {
 /// reports with two zones from the asked offset's zone, actions at 8M with
 /// EBADRQC, other actions with the zone explicitly open.
 fn stand_in_frontend(url: &str) -> tokio::runtime::Runtime {
-    use blkmesh_proto::v1::frontend_event::Event;
-    use blkmesh_proto::v1::frontend_service_client::FrontendServiceClient;
-    use blkmesh_proto::v1::zone_command_done::Result as Answer;
+    use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
+    use blkmesh_proto::agent::v1::frontend_down::Msg as Event;
+    use blkmesh_proto::agent::v1::frontend_up::Msg as Up;
+    use blkmesh_proto::agent::v1::zone_answer::Result as Answer;
+    use blkmesh_proto::agent::v1::{
+        ExportStatus, FrontendHello, FrontendUp, ZoneAnswer, ZoneError,
+    };
     use blkmesh_proto::v1::*;
 
     const MIB: u64 = 1 << 20;
@@ -1437,30 +1420,30 @@ fn stand_in_frontend(url: &str) -> tokio::runtime::Runtime {
         .unwrap();
     let url = url.to_string();
     let mut client = rt.block_on(async move {
-        tokio::time::timeout(WAIT, FrontendServiceClient::connect(url))
+        tokio::time::timeout(WAIT, AgentServiceClient::connect(url))
             .await
             .expect("connect timeout")
             .expect("connect")
     });
+    let (up, rx) = tokio::sync::mpsc::unbounded_channel();
+    let send = move |msg| {
+        let _ = up.send(FrontendUp { msg: Some(msg) });
+    };
+    send(Up::Hello(FrontendHello { name: "fe".into() }));
     let mut stream = rt
-        .block_on(client.register(FrontendHello { name: "fe".into() }))
-        .expect("register")
+        .block_on(client.frontend_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)))
+        .expect("session")
         .into_inner();
     rt.spawn(async move {
         while let Ok(Some(ev)) = stream.message().await {
-            match ev.event {
-                Some(Event::Upsert(plan)) => {
-                    let _ = client
-                        .report_export(ExportStatus {
-                            frontend: "fe".into(),
-                            id: plan.export.unwrap_or_default().id,
-                            generation: plan.generation,
-                            state: ExportState::Serving as i32,
-                            message: String::new(),
-                            size: 0,
-                        })
-                        .await;
-                }
+            match ev.msg {
+                Some(Event::Upsert(plan)) => send(Up::ExportStatus(ExportStatus {
+                    id: plan.export.unwrap_or_default().id,
+                    generation: plan.generation,
+                    state: ExportState::Serving as i32,
+                    message: String::new(),
+                    size: 0,
+                })),
                 Some(Event::ZoneCommand(cmd)) => {
                     let first = cmd.offset / (4 * MIB) * (4 * MIB);
                     let result = match ZoneAction::try_from(cmd.action) {
@@ -1478,19 +1461,16 @@ fn stand_in_frontend(url: &str) -> tokio::runtime::Runtime {
                             .take(cmd.max_zones as usize)
                             .collect(),
                         }),
-                        _ if cmd.offset == 8 * MIB => Answer::Error(ZoneCommandError {
+                        _ if cmd.offset == 8 * MIB => Answer::Error(ZoneError {
                             errno: 56,
                             message: "zone 2 is full".into(),
                         }),
                         _ => Answer::Zone(zone(first, first, ZoneCondition::ExplicitOpen)),
                     };
-                    let _ = client
-                        .zone_command_done(ZoneCommandDone {
-                            frontend: "fe".into(),
-                            request_id: cmd.request_id,
-                            result: Some(result),
-                        })
-                        .await;
+                    send(Up::ZoneAnswer(ZoneAnswer {
+                        id: cmd.id,
+                        result: Some(result),
+                    }));
                 }
                 _ => {}
             }
