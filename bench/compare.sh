@@ -196,14 +196,20 @@ start_blkmesh_null() {
 # The same two with the BLKMESH_BIN_OLD build.
 start_blkmesh_old_file() {
     SOCKET=$WORKDIR/blkmesh-old-file.sock
+    local t=${BLKMESH_START_FILE/#$BLKMESH_BIN/$BLKMESH_BIN_OLD}
+    # Its own state directory: the other build's state names the other socket.
+    t=${t//@WORKDIR@\/blkmesh-file/@WORKDIR@\/blkmesh-old-file}
     # shellcheck disable=SC2046
-    launch blkmesh-old-file $(expand "${BLKMESH_START_FILE/#$BLKMESH_BIN/$BLKMESH_BIN_OLD}")
+    launch blkmesh-old-file $(expand "$t")
 }
 
 start_blkmesh_old_null() {
     SOCKET=$WORKDIR/blkmesh-old-null.sock
+    local t=${BLKMESH_START_NULL/#$BLKMESH_BIN/$BLKMESH_BIN_OLD}
+    # Its own state directory: the other build's state names the other socket.
+    t=${t//@WORKDIR@\/blkmesh-null/@WORKDIR@\/blkmesh-old-null}
     # shellcheck disable=SC2046
-    launch blkmesh-old-null $(expand "${BLKMESH_START_NULL/#$BLKMESH_BIN/$BLKMESH_BIN_OLD}")
+    launch blkmesh-old-null $(expand "$t")
 }
 
 # --------------------------------------------------------------------------
