@@ -479,3 +479,116 @@ fn rejects_state_with_bad_fault_limits() {
     let e = load(&path).unwrap_err();
     assert!(e.to_string().contains("buf_alignment"), "{e}");
 }
+
+/// A state with a node of every kind and every optional field set
+/// somewhere: io_uring (direct), null with latency, the device leaves,
+/// raw windows (explicit size and to the end), throttle (a group, absent
+/// and present buckets), fault injection (every action, limits), zoned
+/// (capacity, open/active limits), exports (spread, writable, serial,
+/// generations, queue placement over two workers) and config marks.
+fn sample_every_kind() -> State {
+    let mut s = sample_zoned(2 << 20, 2);
+    let kinds = sample_new_kinds();
+    s.sizes.extend(kinds.sizes.clone());
+    let more = [
+        NodeSpec {
+            name: "img".into(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: "/var/lib/blkmesh/images/img.raw".into(),
+                direct: true,
+                read_only: false,
+            })),
+        },
+        NodeSpec {
+            name: "win".into(),
+            driver: Some(Driver::Raw(RawOptions {
+                child: "img".into(),
+                offset: 1 << 20,
+                size: 4 << 20,
+            })),
+        },
+    ];
+    let specs: Vec<NodeSpec> = s
+        .graph
+        .iter()
+        .chain(kinds.graph.iter())
+        .cloned()
+        .chain(more)
+        .collect();
+    s.graph = Graph::from_specs(specs).unwrap();
+    s.sizes.insert("img".into(), 16 << 20);
+    s.sizes.insert("win".into(), 4 << 20);
+    s.workers.insert(
+        "w1".into(),
+        WorkerRecord {
+            socket: "/run/blkmesh/w1.sock".into(),
+            pid: 4242,
+        },
+    );
+    let spread = validate_export(&VhostUserBlkExport {
+        id: "et".into(),
+        node: "t2".into(),
+        socket: "/run/et.sock".into(),
+        num_queues: 3,
+        queue_size: 128,
+        logical_block_size: 4096,
+        writable: true,
+        serial: "serial-et".into(),
+        spread_queues: true,
+    })
+    .unwrap();
+    s.exports.insert(
+        "et".into(),
+        ExportRecord {
+            export: spread,
+            queues: vec!["w0".into(), "w1".into(), "w0".into()],
+            generation: 3,
+        },
+    );
+    let win = validate_export(&VhostUserBlkExport {
+        id: "ew".into(),
+        node: "win".into(),
+        socket: "/run/ew.sock".into(),
+        writable: true,
+        ..Default::default()
+    })
+    .unwrap();
+    s.exports.insert(
+        "ew".into(),
+        ExportRecord {
+            export: win,
+            queues: vec!["w1".into()],
+            generation: 0,
+        },
+    );
+    s.config_nodes
+        .extend(["img".to_string(), "win".to_string()]);
+    s.config_exports.insert("ew".into());
+    s
+}
+
+/// The state file as the version-1 writer (hand-written serde mirror)
+/// wrote it for [`sample_every_kind`]: kept so that every later reader
+/// proves it still loads what is on disk today.
+const STATE_V1: &str = include_str!("fixtures/state-v1.json");
+
+#[test]
+fn v1_fixture_is_what_the_v1_writer_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    let s = sample_every_kind();
+    save(&path, &s).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    if std::env::var_os("BLKMESH_WRITE_STATE_FIXTURE").is_some() {
+        fs::write(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/src/store/file/fixtures/state-v1.json"
+            ),
+            &text,
+        )
+        .unwrap();
+    }
+    assert_eq!(text, STATE_V1);
+    assert_eq!(load(&path).unwrap(), s);
+}
