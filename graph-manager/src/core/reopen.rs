@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 
+use blkmesh_graph::kinds::kind_of;
 use blkmesh_graph::{
-    driver_name, normalize_throttle_limits, raw_window_size, Graph, GraphError, ObjectKind,
-    SECTOR_SIZE,
+    driver_name, normalize_throttle_limits, Graph, GraphError, ObjectKind, SECTOR_SIZE,
 };
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{NodeSpec, ThrottleLimits};
@@ -508,22 +508,17 @@ pub(crate) fn recompute_sizes(
         let spec = state.graph.get(&name).ok_or_else(|| not_found(&name))?;
         let old = state.sizes.get(&name).copied().unwrap_or(0);
         let child_size = |child: &str| state.sizes.get(child).copied().unwrap_or(0);
-        let new = match &spec.driver {
-            Some(Driver::Null(o)) => o.size,
-            Some(Driver::Raw(o)) => match child_size(&o.child) {
-                0 => o.size,
-                n => raw_window_size(o, n).map_err(|e| {
-                    GraphError::precondition("size", format!("raw node {name:?}: {e}"))
-                })?,
-            },
-            Some(Driver::Throttle(o)) => child_size(&o.child),
-            Some(Driver::FaultInjection(o)) => child_size(&o.child),
-            Some(Driver::Zoned(o)) => crate::core::zoned::zoned_size(o, child_size(&o.child)),
-            None
-            | Some(Driver::IoUring(_))
-            | Some(Driver::NvmeIoUring(_))
-            | Some(Driver::VirtioBlkVhostUser(_))
-            | Some(Driver::VirtioBlkVhostVdpa(_)) => old,
+        let new = match spec.driver.as_ref().map(kind_of) {
+            None => old,
+            Some(kind) => {
+                let children = kind.children();
+                let child = children.first().map_or(0, |c| child_size(c));
+                // A leaf keeps the size known of its file or device.
+                let known = children.is_empty().then_some(old);
+                kind.size(child, known).map_err(|e| {
+                    GraphError::precondition("size", format!("{} node {name:?}: {e}", kind.name()))
+                })?
+            }
         };
         if new != old {
             state.sizes.insert(name.clone(), new);

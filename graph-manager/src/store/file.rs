@@ -7,7 +7,9 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use blkmesh_graph::{validate_export, validate_name, validate_socket_path, Graph};
+use blkmesh_graph::{
+    validate_export, validate_name, validate_node_limits, validate_socket_path, Graph,
+};
 use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
@@ -17,7 +19,6 @@ use blkmesh_proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::core::checks::validate_node_limits;
 use crate::core::state::{ExportRecord, State, WorkerRecord};
 use crate::core::zoned;
 use crate::error::ManagerError;

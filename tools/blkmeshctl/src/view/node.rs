@@ -9,7 +9,7 @@ use super::options::{bucket_text, limits_view, options_text, rule_view, OptionsV
 use super::table::{list_or_dash, print_json, print_table, yes_no};
 use super::zone::{bytes_text, limit_text, zones_text, zones_view, ZonesView};
 use super::Output;
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::size::format_size;
 
 #[derive(Debug, Serialize)]
 struct NodeView {

@@ -6,8 +6,8 @@ use blkmesh_proto::v1::fault_rule::Action;
 use blkmesh_proto::v1::{Bucket, FaultRule, ThrottleLimits};
 use serde::Serialize;
 
-use blkmesh_manager::rule::{errno_name, format_rule, op_name};
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::rule::{errno_name, format_rule, op_name};
+use blkmesh_graph::size::format_size;
 
 #[derive(Debug, Serialize)]
 #[serde(untagged)]

@@ -16,8 +16,9 @@ use crate::rule::{parse_rule, RuleBuilder, RULE_KEYS};
 
 use crate::config::document::ConfigError;
 use crate::config::document::{Config, ConfigErrors, ConfigExport, ConfigNode, MAX_CONFIG_LEN};
-use crate::config::fields::{DRIVERS, THROTTLE_KEYS};
+use crate::config::fields::THROTTLE_KEYS;
 use crate::config::reader::{a_type, Parser, Tbl};
+use crate::kinds::KIND_NAMES as DRIVERS;
 
 /// Reads and parses the file at `path` (types and keys; see [`crate::config::check`]).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -174,7 +175,7 @@ impl Parser<'_> {
                         "missing: the size of the file to create, e.g. \"1G\"",
                     );
                 }
-                Some(n) if n == 0 || n % blkmesh_graph::SECTOR_SIZE != 0 => {
+                Some(n) if n == 0 || n % crate::fields::SECTOR_SIZE != 0 => {
                     let span = c
                         .table
                         .get("size")

@@ -1,0 +1,186 @@
+//! The node kinds: one room per kind (`kinds/*.rs`), each implementing
+//! [`NodeKind`] on its options message, and the one table here that maps a
+//! `NodeSpec.driver` to its kind.
+//!
+//! What a kind knows about itself: its driver key (in the API, the
+//! configuration file, the state file and the CLI), which of its fields
+//! name child nodes, whether its own options make it read-only, the checks
+//! of its own fields, and its size from its child's. Everything that treats
+//! nodes generically (the [`Graph`](crate::Graph), validation, the
+//! manager's sizes) goes through [`kind_of`].
+//!
+//! Adding a kind: its options message and `oneof driver` case in
+//! `nodes.proto`, a room here with its `NodeKind` impl (and any graph rule
+//! of its own), a line in [`kind_of`] and [`KIND_NAMES`], and the worker's
+//! leaf or stage.
+
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::NodeSpec;
+
+use crate::error::GraphError;
+
+pub mod device;
+pub mod fault;
+pub mod null;
+pub mod raw;
+pub mod throttle;
+pub mod zoned;
+
+/// What the schema knows about one node kind, implemented by its options
+/// message.
+pub trait NodeKind {
+    /// The driver key: the `NodeSpec.driver` field name (`io_uring`,
+    /// `raw`, ...), also the key in the configuration and state files.
+    fn name(&self) -> &'static str;
+
+    /// The names of the child nodes, in the order the options list them.
+    fn children(&self) -> Vec<&str> {
+        Vec::new()
+    }
+
+    /// The request field naming the children, for errors
+    /// (`node.raw.child`); a leaf's is its options (`node.io_uring`).
+    fn child_field(&self) -> &'static str;
+
+    /// Whether the node refuses writes by its own option (not its children's).
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    /// Checks the kind's own fields; `node` is the node's name.
+    fn validate(&self, node: &str) -> Result<(), GraphError>;
+
+    /// The node's size in bytes given its child's (`child_size`, 0 when it
+    /// has none or it is not known yet) and, for a leaf, the size the
+    /// manager knows of its file or device (`probed`: found by a look at
+    /// the path, or known from before). 0: not known until a worker opens
+    /// the node.
+    fn size(&self, child_size: u64, probed: Option<u64>) -> Result<u64, GraphError>;
+}
+
+/// The driver keys of every kind, in the order the configuration file
+/// lists them.
+pub const KIND_NAMES: [&str; 9] = [
+    "io_uring",
+    "null",
+    "nvme_io_uring",
+    "virtio_blk_vhost_user",
+    "virtio_blk_vhost_vdpa",
+    "raw",
+    "zoned",
+    "throttle",
+    "fault_injection",
+];
+
+/// The kind of a node's driver: the one table of kinds.
+pub fn kind_of(driver: &Driver) -> &dyn NodeKind {
+    match driver {
+        Driver::IoUring(o) => o,
+        Driver::Null(o) => o,
+        Driver::NvmeIoUring(o) => o,
+        Driver::VirtioBlkVhostUser(o) => o,
+        Driver::VirtioBlkVhostVdpa(o) => o,
+        Driver::Raw(o) => o,
+        Driver::Throttle(o) => o,
+        Driver::FaultInjection(o) => o,
+        Driver::Zoned(o) => o,
+    }
+}
+
+/// The kind of a node, `None` when its driver is not set.
+pub fn kind(spec: &NodeSpec) -> Option<&dyn NodeKind> {
+    spec.driver.as_ref().map(kind_of)
+}
+
+/// Short driver name of a node (`io_uring`, `null`, `nvme_io_uring`,
+/// `virtio_blk_vhost_user`, `virtio_blk_vhost_vdpa`, `raw`, `throttle`,
+/// `fault_injection`, `zoned`: the `NodeSpec.driver` field names), or `none`.
+pub fn driver_name(spec: &NodeSpec) -> &'static str {
+    kind(spec).map_or("none", |k| k.name())
+}
+
+/// The names of the children of a node, in the order its driver lists them.
+pub fn children(spec: &NodeSpec) -> Vec<&str> {
+    kind(spec).map(|k| k.children()).unwrap_or_default()
+}
+
+/// The request field that names a node's children, for error messages.
+pub fn child_field(spec: &NodeSpec) -> &'static str {
+    kind(spec).map_or("node.driver", |k| k.child_field())
+}
+
+/// Whether a node refuses writes by its own option (not its children's).
+pub(crate) fn own_read_only(spec: &NodeSpec) -> bool {
+    kind(spec).is_some_and(|k| k.read_only())
+}
+
+/// The size in bytes of node `spec`, from its child's size (`child_size`
+/// looks a name up; 0 = not known) and what a look at its file or device
+/// found (`probed`). 0 = not known until a worker opens the node.
+pub fn node_size(
+    spec: &NodeSpec,
+    child_size: impl Fn(&str) -> u64,
+    probed: Option<u64>,
+) -> Result<u64, GraphError> {
+    let kind = kind(spec).ok_or_else(|| GraphError::invalid("node.driver", "must be set"))?;
+    let child = kind.children().first().map_or(0, |c| child_size(c));
+    kind.size(child, probed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmesh_proto::v1::{
+        FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, RawOptions,
+        ThrottleOptions, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, ZonedOptions,
+    };
+
+    fn every_kind() -> [Driver; 9] {
+        [
+            Driver::IoUring(IoUringOptions::default()),
+            Driver::Null(NullOptions::default()),
+            Driver::NvmeIoUring(NvmeIoUringOptions::default()),
+            Driver::VirtioBlkVhostUser(VirtioBlkVhostUserOptions::default()),
+            Driver::VirtioBlkVhostVdpa(VirtioBlkVhostVdpaOptions::default()),
+            Driver::Raw(RawOptions::default()),
+            Driver::Zoned(ZonedOptions::default()),
+            Driver::Throttle(ThrottleOptions::default()),
+            Driver::FaultInjection(FaultInjectionOptions::default()),
+        ]
+    }
+
+    #[test]
+    fn the_table_names_every_kind_once_in_order() {
+        let names: Vec<&str> = every_kind().iter().map(|d| kind_of(d).name()).collect();
+        assert_eq!(names, KIND_NAMES);
+    }
+
+    #[test]
+    fn leaves_have_no_children_and_filters_one() {
+        for d in every_kind() {
+            let k = kind_of(&d);
+            let filter = matches!(k.name(), "raw" | "zoned" | "throttle" | "fault_injection");
+            assert_eq!(k.children().len(), usize::from(filter), "{}", k.name());
+            let want = if filter {
+                format!("node.{}.child", k.name())
+            } else {
+                format!("node.{}", k.name())
+            };
+            assert_eq!(k.child_field(), want);
+        }
+    }
+
+    #[test]
+    fn a_node_without_driver_has_no_kind() {
+        let spec = NodeSpec {
+            name: "n".into(),
+            driver: None,
+        };
+        assert_eq!(driver_name(&spec), "none");
+        assert!(children(&spec).is_empty());
+        assert_eq!(child_field(&spec), "node.driver");
+        assert!(!own_read_only(&spec));
+        let e = node_size(&spec, |_| 0, None).unwrap_err();
+        assert_eq!(e.to_string(), "node.driver: must be set");
+    }
+}

@@ -1,0 +1,60 @@
+//! The leaves over a file or a device: `io_uring` (a file or block
+//! device), `nvme_io_uring` (an NVMe char device), `virtio_blk_vhost_user`
+//! (a vhost-user-blk socket) and `virtio_blk_vhost_vdpa` (a vDPA device).
+//! Each has a path and a read-only option; its size is what the manager
+//! knows of the file (an io_uring file's is probed by AddNode), else it is
+//! known when a worker opens it.
+
+use blkmesh_proto::v1::{
+    IoUringOptions, NvmeIoUringOptions, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
+};
+
+use crate::error::GraphError;
+use crate::fields::{validate_abs_path, validate_socket_path, MAX_PATH_LEN};
+use crate::kinds::NodeKind;
+
+/// A file or device path: absolute, at most `PATH_MAX` bytes.
+fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
+    validate_abs_path(field, path, MAX_PATH_LEN)
+}
+
+/// A device leaf `$options` with driver key `$name` whose `path` passes `$check`.
+macro_rules! device_leaf {
+    ($options:ty, $name:literal, $check:path) => {
+        impl NodeKind for $options {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn child_field(&self) -> &'static str {
+                concat!("node.", $name)
+            }
+
+            fn read_only(&self) -> bool {
+                self.read_only
+            }
+
+            fn validate(&self, _node: &str) -> Result<(), GraphError> {
+                $check(concat!("node.", $name, ".path"), &self.path)
+            }
+
+            fn size(&self, _child_size: u64, probed: Option<u64>) -> Result<u64, GraphError> {
+                Ok(probed.unwrap_or(0))
+            }
+        }
+    };
+}
+
+device_leaf!(IoUringOptions, "io_uring", file_path);
+device_leaf!(NvmeIoUringOptions, "nvme_io_uring", file_path);
+// libblkio connect()s to the socket, so the sun_path limit applies.
+device_leaf!(
+    VirtioBlkVhostUserOptions,
+    "virtio_blk_vhost_user",
+    validate_socket_path
+);
+device_leaf!(
+    VirtioBlkVhostVdpaOptions,
+    "virtio_blk_vhost_vdpa",
+    file_path
+);

@@ -1,0 +1,47 @@
+//! `null`: a leaf of a given size that reads zeroes and drops writes,
+//! optionally after a fixed latency.
+
+use blkmesh_proto::v1::NullOptions;
+
+use crate::error::GraphError;
+use crate::fields::SECTOR_SIZE;
+use crate::kinds::NodeKind;
+
+/// Largest latency a null node may add per request (10 s).
+pub const MAX_NULL_LATENCY_NS: u64 = 10_000_000_000;
+
+impl NodeKind for NullOptions {
+    fn name(&self) -> &'static str {
+        "null"
+    }
+
+    fn child_field(&self) -> &'static str {
+        "node.null"
+    }
+
+    fn validate(&self, _node: &str) -> Result<(), GraphError> {
+        if self.size == 0 || self.size % SECTOR_SIZE != 0 {
+            return Err(GraphError::invalid(
+                "node.null.size",
+                format!(
+                    "must be a non-zero multiple of {SECTOR_SIZE} (got {})",
+                    self.size
+                ),
+            ));
+        }
+        if self.latency_ns > MAX_NULL_LATENCY_NS {
+            return Err(GraphError::invalid(
+                "node.null.latency_ns",
+                format!(
+                    "must be at most {MAX_NULL_LATENCY_NS} (10 s) (got {})",
+                    self.latency_ns
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn size(&self, _child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
+        Ok(self.size)
+    }
+}

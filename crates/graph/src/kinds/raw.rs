@@ -1,0 +1,81 @@
+//! `raw`: a window (offset, size) over its child.
+
+use blkmesh_proto::v1::RawOptions;
+
+use crate::error::GraphError;
+use crate::fields::{validate_child, validate_sector_multiple};
+use crate::kinds::NodeKind;
+
+impl NodeKind for RawOptions {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn children(&self) -> Vec<&str> {
+        vec![self.child.as_str()]
+    }
+
+    fn child_field(&self) -> &'static str {
+        "node.raw.child"
+    }
+
+    fn validate(&self, node: &str) -> Result<(), GraphError> {
+        validate_child("node.raw.child", &self.child, node)?;
+        validate_sector_multiple("node.raw.offset", self.offset)?;
+        validate_sector_multiple("node.raw.size", self.size)?;
+        if self.offset.checked_add(self.size).is_none() {
+            return Err(GraphError::invalid(
+                "node.raw.size",
+                format!("offset {} + size {} overflows", self.offset, self.size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The window over a child of known size; with the child's size not
+    /// known yet, the window's own size (the worker checks that the window
+    /// fits when it opens the child).
+    fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
+        match child_size {
+            0 => Ok(self.size),
+            n => raw_window_size(self, n),
+        }
+    }
+}
+
+/// Size of a raw node's window over a child of `child_size` bytes.
+///
+/// A window size of 0 means "up to the end of the child". Errors when the
+/// window does not fit in the child or would be empty.
+pub fn raw_window_size(opts: &RawOptions, child_size: u64) -> Result<u64, GraphError> {
+    if opts.offset > child_size {
+        return Err(GraphError::invalid(
+            "node.raw.offset",
+            format!(
+                "must not be past the end of child {:?} (got {}, child size {child_size})",
+                opts.child, opts.offset
+            ),
+        ));
+    }
+    let room = child_size - opts.offset;
+    let size = if opts.size == 0 { room } else { opts.size };
+    if size > room {
+        return Err(GraphError::invalid(
+            "node.raw.size",
+            format!(
+                "window {}+{} does not fit in child {:?} of {child_size} bytes",
+                opts.offset, opts.size, opts.child
+            ),
+        ));
+    }
+    if size == 0 {
+        return Err(GraphError::invalid(
+            "node.raw.size",
+            format!(
+                "window at offset {} over child {:?} of {child_size} bytes is empty",
+                opts.offset, opts.child
+            ),
+        ));
+    }
+    Ok(size)
+}
