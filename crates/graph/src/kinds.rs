@@ -47,6 +47,14 @@ pub trait NodeKind {
         false
     }
 
+    /// The request field of its own read-only option, if it has one.
+    fn read_only_field(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// What the node is, for people: `io_uring on PATH`, `raw over CHILD`.
+    fn summary(&self) -> String;
+
     /// Checks the kind's own fields; `node` is the node's name.
     fn validate(&self, node: &str) -> Result<(), GraphError>;
 
@@ -114,6 +122,14 @@ pub(crate) fn own_read_only(spec: &NodeSpec) -> bool {
     kind(spec).is_some_and(|k| k.read_only())
 }
 
+/// The request field of a node's own read-only option; `node` when it has
+/// none (the node as a whole is meant).
+pub fn read_only_field(spec: &NodeSpec) -> &'static str {
+    kind(spec)
+        .and_then(|k| k.read_only_field())
+        .unwrap_or("node")
+}
+
 /// The size in bytes of node `spec`, from its child's size (`child_size`
 /// looks a name up; 0 = not known) and what a look at its file or device
 /// found (`probed`). 0 = not known until a worker opens the node.
@@ -171,6 +187,34 @@ mod tests {
     }
 
     #[test]
+    fn summaries_and_read_only_fields() {
+        let got: Vec<(String, Option<&str>)> = every_kind()
+            .iter()
+            .map(|d| (kind_of(d).summary(), kind_of(d).read_only_field()))
+            .collect();
+        let want = [
+            ("io_uring on ", Some("node.io_uring.read_only")),
+            ("null, 0 bytes", None),
+            ("nvme-io_uring on ", Some("node.nvme_io_uring.read_only")),
+            (
+                "virtio-blk-vhost-user to ",
+                Some("node.virtio_blk_vhost_user.read_only"),
+            ),
+            (
+                "virtio-blk-vhost-vdpa on ",
+                Some("node.virtio_blk_vhost_vdpa.read_only"),
+            ),
+            ("raw over ", None),
+            ("zoned over ", None),
+            ("throttle over ", None),
+            ("fault-injection over ", None),
+        ];
+        let want: Vec<(String, Option<&str>)> =
+            want.iter().map(|(s, f)| (s.to_string(), *f)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn a_node_without_driver_has_no_kind() {
         let spec = NodeSpec {
             name: "n".into(),
@@ -180,6 +224,7 @@ mod tests {
         assert!(children(&spec).is_empty());
         assert_eq!(child_field(&spec), "node.driver");
         assert!(!own_read_only(&spec));
+        assert_eq!(read_only_field(&spec), "node");
         let e = node_size(&spec, |_| 0, None).unwrap_err();
         assert_eq!(e.to_string(), "node.driver: must be set");
     }

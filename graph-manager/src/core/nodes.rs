@@ -1,12 +1,12 @@
 //! Rules of node changes over the state: throttle groups, read-only
 //! nodes under writable exports, the size of a new node.
 
+use blkmesh_graph::kinds::read_only_field;
 use blkmesh_graph::{node_size, GraphError};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NodeSpec;
 
 use crate::core::error::ApiError;
-use crate::core::reopen;
 use crate::core::state::State;
 
 /// A committed node update or resize, kept to undo it.
@@ -60,7 +60,7 @@ pub(crate) fn check_writable_exports(next: &State, spec: &NodeSpec) -> Result<()
     for rec in next.exports.values() {
         if rec.export.writable && next.graph.is_read_only(&rec.export.node)? {
             return Err(GraphError::precondition(
-                reopen::read_only_field(spec),
+                read_only_field(spec),
                 format!(
                     "writable export {:?} is over node {:?}, which would become read-only \
                      (remove the export, or add it read-only, first)",

@@ -168,22 +168,6 @@ pub(crate) fn same_limits(a: &Option<ThrottleLimits>, b: &Option<ThrottleLimits>
         == normalize_throttle_limits(&b.unwrap_or_default())
 }
 
-/// The request field of a node's own read-only option.
-pub(crate) fn read_only_field(spec: &NodeSpec) -> &'static str {
-    match &spec.driver {
-        Some(Driver::IoUring(_)) => "node.io_uring.read_only",
-        Some(Driver::NvmeIoUring(_)) => "node.nvme_io_uring.read_only",
-        Some(Driver::VirtioBlkVhostUser(_)) => "node.virtio_blk_vhost_user.read_only",
-        Some(Driver::VirtioBlkVhostVdpa(_)) => "node.virtio_blk_vhost_vdpa.read_only",
-        None
-        | Some(Driver::Null(_))
-        | Some(Driver::Raw(_))
-        | Some(Driver::Throttle(_))
-        | Some(Driver::FaultInjection(_))
-        | Some(Driver::Zoned(_)) => "node",
-    }
-}
-
 /// `graph` with the specs in `replace` (by name) swapped in, checked by
 /// the same rules as a loaded graph (validation, children, throttle groups).
 pub(crate) fn replace_specs(

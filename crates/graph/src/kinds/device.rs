@@ -18,9 +18,10 @@ fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
     validate_abs_path(field, path, MAX_PATH_LEN)
 }
 
-/// A device leaf `$options` with driver key `$name` whose `path` passes `$check`.
+/// A device leaf `$options` with driver key `$name` whose `path` passes
+/// `$check`; `$what` says what it does with the path (`$what PATH`).
 macro_rules! device_leaf {
-    ($options:ty, $name:literal, $check:path) => {
+    ($options:ty, $name:literal, $check:path, $what:literal) => {
         impl NodeKind for $options {
             fn name(&self) -> &'static str {
                 $name
@@ -34,6 +35,14 @@ macro_rules! device_leaf {
                 self.read_only
             }
 
+            fn read_only_field(&self) -> Option<&'static str> {
+                Some(concat!("node.", $name, ".read_only"))
+            }
+
+            fn summary(&self) -> String {
+                format!(concat!($what, " {}"), self.path)
+            }
+
             fn validate(&self, _node: &str) -> Result<(), GraphError> {
                 $check(concat!("node.", $name, ".path"), &self.path)
             }
@@ -45,16 +54,23 @@ macro_rules! device_leaf {
     };
 }
 
-device_leaf!(IoUringOptions, "io_uring", file_path);
-device_leaf!(NvmeIoUringOptions, "nvme_io_uring", file_path);
+device_leaf!(IoUringOptions, "io_uring", file_path, "io_uring on");
+device_leaf!(
+    NvmeIoUringOptions,
+    "nvme_io_uring",
+    file_path,
+    "nvme-io_uring on"
+);
 // libblkio connect()s to the socket, so the sun_path limit applies.
 device_leaf!(
     VirtioBlkVhostUserOptions,
     "virtio_blk_vhost_user",
-    validate_socket_path
+    validate_socket_path,
+    "virtio-blk-vhost-user to"
 );
 device_leaf!(
     VirtioBlkVhostVdpaOptions,
     "virtio_blk_vhost_vdpa",
-    file_path
+    file_path,
+    "virtio-blk-vhost-vdpa on"
 );

@@ -32,6 +32,10 @@ impl NodeKind for FaultInjectionOptions {
         "node.fault_injection.child"
     }
 
+    fn summary(&self) -> String {
+        format!("fault-injection over {}", self.child)
+    }
+
     fn validate(&self, node: &str) -> Result<(), GraphError> {
         validate_fault_injection(node, self)
     }

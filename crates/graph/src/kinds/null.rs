@@ -19,6 +19,10 @@ impl NodeKind for NullOptions {
         "node.null"
     }
 
+    fn summary(&self) -> String {
+        format!("null, {} bytes", self.size)
+    }
+
     fn validate(&self, _node: &str) -> Result<(), GraphError> {
         if self.size == 0 || self.size % SECTOR_SIZE != 0 {
             return Err(GraphError::invalid(

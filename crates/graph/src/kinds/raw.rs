@@ -19,6 +19,10 @@ impl NodeKind for RawOptions {
         "node.raw.child"
     }
 
+    fn summary(&self) -> String {
+        format!("raw over {}", self.child)
+    }
+
     fn validate(&self, node: &str) -> Result<(), GraphError> {
         validate_child("node.raw.child", &self.child, node)?;
         validate_sector_multiple("node.raw.offset", self.offset)?;

@@ -26,6 +26,10 @@ impl NodeKind for ThrottleOptions {
         "node.throttle.child"
     }
 
+    fn summary(&self) -> String {
+        format!("throttle over {}", self.child)
+    }
+
     fn validate(&self, node: &str) -> Result<(), GraphError> {
         validate_throttle(node, self)
     }
