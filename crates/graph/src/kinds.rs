@@ -55,6 +55,12 @@ pub trait NodeKind {
     /// What the node is, for people: `io_uring on PATH`, `raw over CHILD`.
     fn summary(&self) -> String;
 
+    /// The path on the host the node opens, and what it must be there,
+    /// for the manager to check when the node is added.
+    fn host_path(&self) -> Option<HostPath<'_>> {
+        None
+    }
+
     /// Checks the kind's own fields; `node` is the node's name.
     fn validate(&self, node: &str) -> Result<(), GraphError>;
 
@@ -64,6 +70,31 @@ pub trait NodeKind {
     /// the path, or known from before). 0: not known until a worker opens
     /// the node.
     fn size(&self, child_size: u64, probed: Option<u64>) -> Result<u64, GraphError>;
+}
+
+/// What a node's path on the host must be when the node is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// A regular file or block device; its size is the node's.
+    FileOrBlockDevice,
+    /// A character device (NVMe generic device, vhost-vdpa device).
+    CharDevice,
+    /// A listening unix socket (a vhost-user-blk target).
+    Socket,
+    /// A regular file, or a missing one whose directory exists (the worker
+    /// creates it).
+    NewOrRegularFile,
+}
+
+/// A path on the host a node opens ([`NodeKind::host_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPath<'a> {
+    /// The request field holding it, for errors.
+    pub field: &'static str,
+    /// The path.
+    pub path: &'a str,
+    /// What it must be.
+    pub kind: PathKind,
 }
 
 /// The driver keys of every kind, in the order the configuration file
@@ -115,6 +146,11 @@ pub fn children(spec: &NodeSpec) -> Vec<&str> {
 /// The request field that names a node's children, for error messages.
 pub fn child_field(spec: &NodeSpec) -> &'static str {
     kind(spec).map_or("node.driver", |k| k.child_field())
+}
+
+/// The path on the host node `spec` opens, if any ([`NodeKind::host_path`]).
+pub fn host_path(spec: &NodeSpec) -> Option<HostPath<'_>> {
+    kind(spec).and_then(|k| k.host_path())
 }
 
 /// Whether a node refuses writes by its own option (not its children's).
@@ -211,6 +247,27 @@ mod tests {
         ];
         let want: Vec<(String, Option<&str>)> =
             want.iter().map(|(s, f)| (s.to_string(), *f)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn host_paths_of_every_kind() {
+        let got: Vec<Option<(&str, PathKind)>> = every_kind()
+            .iter()
+            .map(|d| kind_of(d).host_path().map(|h| (h.field, h.kind)))
+            .collect();
+        use PathKind::*;
+        let want = [
+            Some(("node.io_uring.path", FileOrBlockDevice)),
+            None,
+            Some(("node.nvme_io_uring.path", CharDevice)),
+            Some(("node.virtio_blk_vhost_user.path", Socket)),
+            Some(("node.virtio_blk_vhost_vdpa.path", CharDevice)),
+            None,
+            Some(("node.zoned.metadata_path", NewOrRegularFile)),
+            None,
+            None,
+        ];
         assert_eq!(got, want);
     }
 

@@ -259,23 +259,22 @@ pub(crate) fn update_conflict(old: &ZonedOptions, new: &ZonedOptions) -> Result<
 
 /// Checks the metadata path of a zoned node on the manager's host: its
 /// directory must exist and the path, if it exists, must be a regular file
-/// (the worker creates it when missing). Errors name
-/// `node.zoned.metadata_path`.
-pub(crate) fn probe_metadata_path(path: &str) -> Result<(), GraphError> {
-    const FIELD: &str = "node.zoned.metadata_path";
+/// (the worker creates it when missing). Errors name `field`
+/// (`node.zoned.metadata_path`).
+pub(crate) fn probe_metadata_path(field: &'static str, path: &str) -> Result<(), GraphError> {
     let p = Path::new(path);
     match std::fs::metadata(p) {
         Ok(meta) if meta.is_file() => return Ok(()),
         Ok(_) => {
             return Err(GraphError::invalid(
-                FIELD,
+                field,
                 format!("{path:?} exists and is not a regular file"),
             ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(GraphError::invalid(
-                FIELD,
+                field,
                 format!("cannot stat {path:?}: {e}"),
             ))
         }
@@ -284,11 +283,11 @@ pub(crate) fn probe_metadata_path(path: &str) -> Result<(), GraphError> {
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
         Ok(_) => Err(GraphError::invalid(
-            FIELD,
+            field,
             format!("{} is not a directory", dir.display()),
         )),
         Err(e) => Err(GraphError::invalid(
-            FIELD,
+            field,
             format!("directory {} of {path:?}: {e}", dir.display()),
         )),
     }

@@ -11,7 +11,7 @@ use blkmesh_proto::v1::{
 
 use crate::error::GraphError;
 use crate::fields::{validate_abs_path, validate_socket_path, MAX_PATH_LEN};
-use crate::kinds::NodeKind;
+use crate::kinds::{HostPath, NodeKind, PathKind};
 
 /// A file or device path: absolute, at most `PATH_MAX` bytes.
 fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
@@ -19,9 +19,10 @@ fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
 }
 
 /// A device leaf `$options` with driver key `$name` whose `path` passes
-/// `$check`; `$what` says what it does with the path (`$what PATH`).
+/// `$check` and must be a `$path_kind` on the host; `$what` says what it
+/// does with the path (`$what PATH`).
 macro_rules! device_leaf {
-    ($options:ty, $name:literal, $check:path, $what:literal) => {
+    ($options:ty, $name:literal, $check:path, $path_kind:ident, $what:literal) => {
         impl NodeKind for $options {
             fn name(&self) -> &'static str {
                 $name
@@ -43,6 +44,14 @@ macro_rules! device_leaf {
                 format!(concat!($what, " {}"), self.path)
             }
 
+            fn host_path(&self) -> Option<HostPath<'_>> {
+                Some(HostPath {
+                    field: concat!("node.", $name, ".path"),
+                    path: &self.path,
+                    kind: PathKind::$path_kind,
+                })
+            }
+
             fn validate(&self, _node: &str) -> Result<(), GraphError> {
                 $check(concat!("node.", $name, ".path"), &self.path)
             }
@@ -54,11 +63,18 @@ macro_rules! device_leaf {
     };
 }
 
-device_leaf!(IoUringOptions, "io_uring", file_path, "io_uring on");
+device_leaf!(
+    IoUringOptions,
+    "io_uring",
+    file_path,
+    FileOrBlockDevice,
+    "io_uring on"
+);
 device_leaf!(
     NvmeIoUringOptions,
     "nvme_io_uring",
     file_path,
+    CharDevice,
     "nvme-io_uring on"
 );
 // libblkio connect()s to the socket, so the sun_path limit applies.
@@ -66,11 +82,13 @@ device_leaf!(
     VirtioBlkVhostUserOptions,
     "virtio_blk_vhost_user",
     validate_socket_path,
+    Socket,
     "virtio-blk-vhost-user to"
 );
 device_leaf!(
     VirtioBlkVhostVdpaOptions,
     "virtio_blk_vhost_vdpa",
     file_path,
+    CharDevice,
     "virtio-blk-vhost-vdpa on"
 );

@@ -19,7 +19,7 @@ use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport, ZonedOptions};
 use crate::error::GraphError;
 use crate::fields::{validate_abs_path, validate_child, MAX_PATH_LEN};
 use crate::graph::Graph;
-use crate::kinds::{kind_of, NodeKind};
+use crate::kinds::{kind_of, HostPath, NodeKind, PathKind};
 
 /// Smallest emulated zone.
 pub const MIN_ZONE_SIZE: u64 = 64 * 1024;
@@ -47,6 +47,15 @@ impl NodeKind for ZonedOptions {
 
     fn validate(&self, node: &str) -> Result<(), GraphError> {
         validate_zoned(node, self)
+    }
+
+    /// The zone metadata file (the worker creates it when missing).
+    fn host_path(&self) -> Option<HostPath<'_>> {
+        Some(HostPath {
+            field: "node.zoned.metadata_path",
+            path: &self.metadata_path,
+            kind: PathKind::NewOrRegularFile,
+        })
     }
 
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
