@@ -18,6 +18,7 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NodeSpec;
 
 use crate::error::GraphError;
+use crate::update::cannot_change;
 
 pub mod device;
 pub mod fault;
@@ -54,6 +55,12 @@ pub trait NodeKind {
 
     /// What the node is, for people: `io_uring on PATH`, `raw over CHILD`.
     fn summary(&self) -> String;
+
+    /// What UpdateNode changes from this node to `new` (a node of the same
+    /// kind; both valid), as human-readable items ("read-only on",
+    /// "throttle limits", ...), or why it may not: children, paths and
+    /// sizes are fixed (sizes change with ResizeNode).
+    fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError>;
 
     /// The path on the host the node opens, and what it must be there,
     /// for the manager to check when the node is added.
@@ -151,6 +158,38 @@ pub fn child_field(spec: &NodeSpec) -> &'static str {
 /// The path on the host node `spec` opens, if any ([`NodeKind::host_path`]).
 pub fn host_path(spec: &NodeSpec) -> Option<HostPath<'_>> {
     kind(spec).and_then(|k| k.host_path())
+}
+
+/// The changes `new` makes to `old` (same name), as human-readable items
+/// ("read-only on", "throttle limits", ...), or why it may not: the driver,
+/// and what each kind fixes ([`NodeKind::update`]), `INVALID_ARGUMENT`
+/// naming the field. Both specs must be valid.
+pub fn update_changes(old: &NodeSpec, new: &NodeSpec) -> Result<Vec<String>, GraphError> {
+    match (&old.driver, &new.driver) {
+        (_, None) => Err(GraphError::invalid(
+            "node.driver",
+            "must be set (the node's current driver)",
+        )),
+        (Some(a), Some(b)) if kind_of(a).name() == kind_of(b).name() => kind_of(a).update(b),
+        _ => Err(cannot_change(
+            "node.driver",
+            &format!(
+                "node {:?} is {}, got {}",
+                old.name,
+                driver_name(old),
+                driver_name(new)
+            ),
+        )),
+    }
+}
+
+/// The refusal of `new` by a kind's [`NodeKind::update`] when it is of
+/// another kind ([`update_changes`] compares the kinds first).
+pub(crate) fn other_kind(old: &dyn NodeKind, new: &Driver) -> GraphError {
+    cannot_change(
+        "node.driver",
+        &format!("is {}, got {}", old.name(), kind_of(new).name()),
+    )
 }
 
 /// Whether a node refuses writes by its own option (not its children's).
@@ -269,6 +308,29 @@ mod tests {
             None,
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_update_to_another_kind_is_refused() {
+        let [_, null, .., fault] = every_kind();
+        let e = kind_of(&null).update(&fault).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node.driver: cannot be changed by UpdateNode (is null, got fault_injection); \
+             only options can"
+        );
+        let spec = |driver| NodeSpec {
+            name: "n".into(),
+            driver,
+        };
+        let e = update_changes(&spec(Some(null.clone())), &spec(Some(fault))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("node \"n\" is null, got fault_injection"),
+            "{e}"
+        );
+        let e = update_changes(&spec(Some(null)), &spec(None)).unwrap_err();
+        assert_eq!(e.field(), Some("node.driver"));
     }
 
     #[test]

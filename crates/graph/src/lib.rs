@@ -31,6 +31,7 @@ mod graph;
 pub mod kinds;
 pub mod rule;
 pub mod size;
+mod update;
 mod validate;
 
 pub use error::{ErrorClass, GraphError, ObjectKind};
@@ -51,5 +52,5 @@ pub use kinds::raw::raw_window_size;
 pub use kinds::throttle::{
     normalize_throttle_limits, throttle_limits_set, MAX_THROTTLE_VALUE, MIN_BPS_BURST,
 };
-pub use kinds::{children, driver_name, node_size};
+pub use kinds::{children, driver_name, node_size, update_changes};
 pub use validate::validate_node;

@@ -200,63 +200,6 @@ pub(crate) fn resize_conflict(graph: &Graph, name: &str) -> Option<String> {
     None
 }
 
-/// Why UpdateNode cannot take `new` over `old` (both zoned): every zoned
-/// option is fixed. `Ok` when nothing changes.
-pub(crate) fn update_conflict(old: &ZonedOptions, new: &ZonedOptions) -> Result<(), GraphError> {
-    let fixed = |field: &'static str, is: String, got: String| {
-        Err(GraphError::invalid(
-            field,
-            format!(
-                "cannot be changed by UpdateNode (is {is}, got {got}): the zone layout of a \
-                 zoned node is fixed; add a new node instead"
-            ),
-        ))
-    };
-    if old.child != new.child {
-        return fixed(
-            "node.zoned.child",
-            format!("{:?}", old.child),
-            format!("{:?}", new.child),
-        );
-    }
-    if old.zone_size != new.zone_size {
-        return fixed(
-            "node.zoned.zone_size",
-            old.zone_size.to_string(),
-            new.zone_size.to_string(),
-        );
-    }
-    if old.zone_capacity != new.zone_capacity {
-        return fixed(
-            "node.zoned.zone_capacity",
-            old.zone_capacity.to_string(),
-            new.zone_capacity.to_string(),
-        );
-    }
-    if old.max_open_zones != new.max_open_zones {
-        return fixed(
-            "node.zoned.max_open_zones",
-            old.max_open_zones.to_string(),
-            new.max_open_zones.to_string(),
-        );
-    }
-    if old.max_active_zones != new.max_active_zones {
-        return fixed(
-            "node.zoned.max_active_zones",
-            old.max_active_zones.to_string(),
-            new.max_active_zones.to_string(),
-        );
-    }
-    if old.metadata_path != new.metadata_path {
-        return fixed(
-            "node.zoned.metadata_path",
-            format!("{:?}", old.metadata_path),
-            format!("{:?}", new.metadata_path),
-        );
-    }
-    Ok(())
-}
-
 /// Checks the metadata path of a zoned node on the manager's host: its
 /// directory must exist and the path, if it exists, must be a regular file
 /// (the worker creates it when missing). Errors name `field`

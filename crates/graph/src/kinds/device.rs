@@ -5,13 +5,15 @@
 //! knows of the file (an io_uring file's is probed by AddNode), else it is
 //! known when a worker opens it.
 
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
     IoUringOptions, NvmeIoUringOptions, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
 };
 
 use crate::error::GraphError;
 use crate::fields::{validate_abs_path, validate_socket_path, MAX_PATH_LEN};
-use crate::kinds::{HostPath, NodeKind, PathKind};
+use crate::kinds::{other_kind, HostPath, NodeKind, PathKind};
+use crate::update::{same_path, Changes};
 
 /// A file or device path: absolute, at most `PATH_MAX` bytes.
 fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
@@ -22,7 +24,15 @@ fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
 /// `$check` and must be a `$path_kind` on the host; `$what` says what it
 /// does with the path (`$what PATH`).
 macro_rules! device_leaf {
-    ($options:ty, $name:literal, $check:path, $path_kind:ident, $what:literal) => {
+    (
+        $options:ty,
+        $variant:ident,
+        $name:literal,
+        $check:path,
+        $path_kind:ident,
+        $what:literal
+        $(, $flag:literal => $field:ident)?
+    ) => {
         impl NodeKind for $options {
             fn name(&self) -> &'static str {
                 $name
@@ -59,19 +69,34 @@ macro_rules! device_leaf {
             fn size(&self, _child_size: u64, probed: Option<u64>) -> Result<u64, GraphError> {
                 Ok(probed.unwrap_or(0))
             }
+
+            /// The path is fixed; the read-only option (and `$flag`) change.
+            fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
+                let Driver::$variant(b) = new else {
+                    return Err(other_kind(self, new));
+                };
+                same_path(concat!("node.", $name, ".path"), &self.path, &b.path)?;
+                let mut changes = Changes::default();
+                changes.flag("read-only", self.read_only, b.read_only);
+                $(changes.flag($flag, self.$field, b.$field);)?
+                Ok(changes.0)
+            }
         }
     };
 }
 
 device_leaf!(
     IoUringOptions,
+    IoUring,
     "io_uring",
     file_path,
     FileOrBlockDevice,
-    "io_uring on"
+    "io_uring on",
+    "direct" => direct
 );
 device_leaf!(
     NvmeIoUringOptions,
+    NvmeIoUring,
     "nvme_io_uring",
     file_path,
     CharDevice,
@@ -80,6 +105,7 @@ device_leaf!(
 // libblkio connect()s to the socket, so the sun_path limit applies.
 device_leaf!(
     VirtioBlkVhostUserOptions,
+    VirtioBlkVhostUser,
     "virtio_blk_vhost_user",
     validate_socket_path,
     Socket,
@@ -87,6 +113,7 @@ device_leaf!(
 );
 device_leaf!(
     VirtioBlkVhostVdpaOptions,
+    VirtioBlkVhostVdpa,
     "virtio_blk_vhost_vdpa",
     file_path,
     CharDevice,

@@ -8,7 +8,8 @@ use blkmesh_proto::v1::{FaultInjectionOptions, FaultRule, IoOp, NodeSpec};
 
 use crate::error::GraphError;
 use crate::fields::{validate_child, SECTOR_SIZE};
-use crate::kinds::NodeKind;
+use crate::kinds::{other_kind, NodeKind};
+use crate::update::{same_child, Changes};
 
 /// Most rules of a fault-injection node.
 pub const MAX_FAULT_RULES: usize = 64;
@@ -43,6 +44,20 @@ impl NodeKind for FaultInjectionOptions {
     /// Its child's.
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(child_size)
+    }
+
+    /// The rules and the limits change; the child is fixed.
+    fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
+        let Driver::FaultInjection(b) = new else {
+            return Err(other_kind(self, new));
+        };
+        same_child("node.fault_injection.child", &self.child, &b.child)?;
+        let mut changes = Changes::default();
+        changes.item("fault rules", self.rules != b.rules);
+        changes.item("max transfer", self.max_transfer != b.max_transfer);
+        changes.item("max segments", self.max_segments != b.max_segments);
+        changes.item("buf alignment", self.buf_alignment != b.buf_alignment);
+        Ok(changes.0)
     }
 }
 

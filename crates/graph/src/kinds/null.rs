@@ -1,11 +1,13 @@
 //! `null`: a leaf of a given size that reads zeroes and drops writes,
 //! optionally after a fixed latency.
 
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NullOptions;
 
 use crate::error::GraphError;
 use crate::fields::SECTOR_SIZE;
-use crate::kinds::NodeKind;
+use crate::kinds::{other_kind, NodeKind};
+use crate::update::{same_size, Changes};
 
 /// Largest latency a null node may add per request (10 s).
 pub const MAX_NULL_LATENCY_NS: u64 = 10_000_000_000;
@@ -47,5 +49,16 @@ impl NodeKind for NullOptions {
 
     fn size(&self, _child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(self.size)
+    }
+
+    /// The latency changes; the size is ResizeNode's.
+    fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
+        let Driver::Null(b) = new else {
+            return Err(other_kind(self, new));
+        };
+        same_size("node.null.size", self.size, b.size)?;
+        let mut changes = Changes::default();
+        changes.item("latency", self.latency_ns != b.latency_ns);
+        Ok(changes.0)
     }
 }

@@ -1,10 +1,12 @@
 //! `raw`: a window (offset, size) over its child.
 
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::RawOptions;
 
 use crate::error::GraphError;
 use crate::fields::{validate_child, validate_sector_multiple};
-use crate::kinds::NodeKind;
+use crate::kinds::{other_kind, NodeKind};
+use crate::update::{cannot_change, same_child, same_size};
 
 impl NodeKind for RawOptions {
     fn name(&self) -> &'static str {
@@ -44,6 +46,23 @@ impl NodeKind for RawOptions {
             0 => Ok(self.size),
             n => raw_window_size(self, n),
         }
+    }
+
+    /// Nothing changes: the child and offset are fixed, the size is
+    /// ResizeNode's.
+    fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
+        let Driver::Raw(b) = new else {
+            return Err(other_kind(self, new));
+        };
+        same_child("node.raw.child", &self.child, &b.child)?;
+        if self.offset != b.offset {
+            return Err(cannot_change(
+                "node.raw.offset",
+                &format!("is {}, got {}", self.offset, b.offset),
+            ));
+        }
+        same_size("node.raw.size", self.size, b.size)?;
+        Ok(Vec::new())
     }
 }
 

@@ -1,11 +1,13 @@
 //! `throttle`: token buckets (IOPS and bytes per second, total, read and
 //! write) over its child, optionally shared by a named group.
 
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{Bucket, ThrottleLimits, ThrottleOptions};
 
 use crate::error::GraphError;
 use crate::fields::{validate_child, validate_name};
-use crate::kinds::NodeKind;
+use crate::kinds::{other_kind, NodeKind};
+use crate::update::{cannot_change, same_child, Changes};
 
 /// Largest rate or burst of a throttle bucket (10^15, as QEMU's
 /// `THROTTLE_VALUE_MAX`): keeps the workers' token arithmetic far from overflow.
@@ -37,6 +39,24 @@ impl NodeKind for ThrottleOptions {
     /// Its child's.
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(child_size)
+    }
+
+    /// The limits change (for the whole group: the manager updates every
+    /// member); the child and the group are fixed.
+    fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
+        let Driver::Throttle(b) = new else {
+            return Err(other_kind(self, new));
+        };
+        same_child("node.throttle.child", &self.child, &b.child)?;
+        if self.group != b.group {
+            return Err(cannot_change(
+                "node.throttle.group",
+                &format!("is {:?}, got {:?}", self.group, b.group),
+            ));
+        }
+        let mut changes = Changes::default();
+        changes.item("throttle limits", !same_limits(&self.limits, &b.limits));
+        Ok(changes.0)
     }
 }
 
@@ -132,6 +152,12 @@ pub fn throttle_limits_set(limits: &ThrottleLimits) -> bool {
     buckets(limits)
         .iter()
         .any(|b| b.bucket.is_some_and(|b| b.rate != 0))
+}
+
+/// Whether two throttle limits are equivalent (absent buckets are unlimited).
+pub fn same_limits(a: &Option<ThrottleLimits>, b: &Option<ThrottleLimits>) -> bool {
+    normalize_throttle_limits(&a.unwrap_or_default())
+        == normalize_throttle_limits(&b.unwrap_or_default())
 }
 
 /// `limits` with absent buckets filled in as unlimited (`rate` 0), so two

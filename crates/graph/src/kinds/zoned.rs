@@ -19,7 +19,7 @@ use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport, ZonedOptions};
 use crate::error::GraphError;
 use crate::fields::{validate_abs_path, validate_child, MAX_PATH_LEN};
 use crate::graph::Graph;
-use crate::kinds::{kind_of, HostPath, NodeKind, PathKind};
+use crate::kinds::{kind_of, other_kind, HostPath, NodeKind, PathKind};
 
 /// Smallest emulated zone.
 pub const MIN_ZONE_SIZE: u64 = 64 * 1024;
@@ -60,6 +60,15 @@ impl NodeKind for ZonedOptions {
 
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(zoned_size(self, child_size))
+    }
+
+    /// Nothing changes: every zoned option is fixed ([`update_conflict`]).
+    fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
+        let Driver::Zoned(b) = new else {
+            return Err(other_kind(self, new));
+        };
+        update_conflict(self, b)?;
+        Ok(Vec::new())
     }
 }
 
@@ -318,4 +327,61 @@ pub fn zoned_overlap<'a>(
         }
     }
     None
+}
+
+/// Why UpdateNode cannot take `new` over `old` (both zoned): every zoned
+/// option is fixed. `Ok` when nothing changes.
+pub fn update_conflict(old: &ZonedOptions, new: &ZonedOptions) -> Result<(), GraphError> {
+    let fixed = |field: &'static str, is: String, got: String| {
+        Err(GraphError::invalid(
+            field,
+            format!(
+                "cannot be changed by UpdateNode (is {is}, got {got}): the zone layout of a \
+                 zoned node is fixed; add a new node instead"
+            ),
+        ))
+    };
+    if old.child != new.child {
+        return fixed(
+            "node.zoned.child",
+            format!("{:?}", old.child),
+            format!("{:?}", new.child),
+        );
+    }
+    if old.zone_size != new.zone_size {
+        return fixed(
+            "node.zoned.zone_size",
+            old.zone_size.to_string(),
+            new.zone_size.to_string(),
+        );
+    }
+    if old.zone_capacity != new.zone_capacity {
+        return fixed(
+            "node.zoned.zone_capacity",
+            old.zone_capacity.to_string(),
+            new.zone_capacity.to_string(),
+        );
+    }
+    if old.max_open_zones != new.max_open_zones {
+        return fixed(
+            "node.zoned.max_open_zones",
+            old.max_open_zones.to_string(),
+            new.max_open_zones.to_string(),
+        );
+    }
+    if old.max_active_zones != new.max_active_zones {
+        return fixed(
+            "node.zoned.max_active_zones",
+            old.max_active_zones.to_string(),
+            new.max_active_zones.to_string(),
+        );
+    }
+    if old.metadata_path != new.metadata_path {
+        return fixed(
+            "node.zoned.metadata_path",
+            format!("{:?}", old.metadata_path),
+            format!("{:?}", new.metadata_path),
+        );
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
 use super::*;
-use blkmesh_graph::kinds::zoned::{zone_source, zoned_size};
+use blkmesh_graph::kinds::zoned::{update_conflict, zone_source, zoned_size};
 use blkmesh_graph::ErrorClass;
 
 use crate::core::fixtures::{faults, raw, sized_state as state};
