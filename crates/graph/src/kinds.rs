@@ -62,6 +62,14 @@ pub trait NodeKind {
     /// sizes are fixed (sizes change with ResizeNode).
     fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError>;
 
+    /// How the node grows to `size` bytes (ResizeNode), its child being
+    /// `child_size` bytes (0: not known); `at` names the node in errors
+    /// (`"w0" (under node "top")`). By default it cannot grow.
+    fn grow(&self, size: u64, child_size: u64, at: &str) -> Result<Grow, GraphError> {
+        let _ = (size, child_size);
+        Err(cannot_grow(self.name(), at))
+    }
+
     /// The path on the host the node opens, and what it must be there,
     /// for the manager to check when the node is added.
     fn host_path(&self) -> Option<HostPath<'_>> {
@@ -77,6 +85,27 @@ pub trait NodeKind {
     /// the path, or known from before). 0: not known until a worker opens
     /// the node.
     fn size(&self, child_size: u64, probed: Option<u64>) -> Result<u64, GraphError>;
+}
+
+/// How a node grows ([`NodeKind::grow`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grow {
+    /// Its own size option becomes the new size: its new options.
+    Options(Driver),
+    /// It passes the growth down: its child must be `size` bytes.
+    Child {
+        /// The child.
+        child: String,
+        /// The child's new size.
+        size: u64,
+    },
+    /// Its file grows (a block device must have grown) to the new size.
+    File {
+        /// The file or device.
+        path: String,
+        /// Whether the node is read-only (its file is then not extended).
+        read_only: bool,
+    },
 }
 
 /// What a node's path on the host must be when the node is added.
@@ -189,6 +218,14 @@ pub(crate) fn other_kind(old: &dyn NodeKind, new: &Driver) -> GraphError {
     cannot_change(
         "node.driver",
         &format!("is {}, got {}", old.name(), kind_of(new).name()),
+    )
+}
+
+/// The refusal of ResizeNode for a node `at` of kind `kind` that cannot grow.
+pub(crate) fn cannot_grow(kind: &str, at: &str) -> GraphError {
+    GraphError::precondition(
+        "name",
+        format!("node {at} is a {kind} node: it cannot grow"),
     )
 }
 
@@ -331,6 +368,63 @@ mod tests {
         );
         let e = update_changes(&spec(Some(null)), &spec(None)).unwrap_err();
         assert_eq!(e.field(), Some("node.driver"));
+    }
+
+    #[test]
+    fn how_every_kind_grows() {
+        let at = "\"n\"";
+        let got: Vec<Result<Grow, String>> = every_kind()
+            .iter()
+            .map(|d| kind_of(d).grow(4096, 0, at).map_err(|e| e.to_string()))
+            .collect();
+        let child = |size| {
+            Ok(Grow::Child {
+                child: String::new(),
+                size,
+            })
+        };
+        let cannot = |k: &str| Err(format!("name: node \"n\" is a {k} node: it cannot grow"));
+        let want = vec![
+            Ok(Grow::File {
+                path: String::new(),
+                read_only: false,
+            }),
+            Ok(Grow::Options(Driver::Null(NullOptions {
+                size: 4096,
+                latency_ns: 0,
+            }))),
+            cannot("nvme_io_uring"),
+            cannot("virtio_blk_vhost_user"),
+            cannot("virtio_blk_vhost_vdpa"),
+            child(4096),
+            Err("name: node \"n\" is zoned: it cannot be resized".to_string()),
+            child(4096),
+            child(4096),
+        ];
+        assert_eq!(got, want);
+        // An explicit raw window grows within its child.
+        let raw = RawOptions {
+            child: "c".into(),
+            offset: 512,
+            size: 512,
+        };
+        assert_eq!(
+            raw.grow(1024, 2048, at),
+            Ok(Grow::Options(Driver::Raw(RawOptions {
+                size: 1024,
+                ..raw.clone()
+            })))
+        );
+        let e = raw.grow(4096, 2048, at).unwrap_err().to_string();
+        assert!(
+            e.contains("window 512+4096 does not fit in child \"c\""),
+            "{e}"
+        );
+        assert!(raw
+            .grow(u64::MAX, 0, at)
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
     }
 
     #[test]

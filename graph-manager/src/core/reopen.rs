@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 
-use blkmesh_graph::kinds::kind_of;
-use blkmesh_graph::{driver_name, Graph, GraphError, ObjectKind, SECTOR_SIZE};
-use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_graph::kinds::{kind_of, Grow};
+use blkmesh_graph::{Graph, GraphError, ObjectKind, SECTOR_SIZE};
 use blkmesh_proto::v1::NodeSpec;
 
 use crate::core::state::State;
@@ -128,86 +127,35 @@ pub(crate) fn plan_resize(
     };
     loop {
         let spec = state.graph.get(&cur).ok_or_else(|| not_found(&cur))?;
-        let next_child = match &spec.driver {
-            None => {
-                return Err(GraphError::invalid("node.driver", "must be set"));
-            }
-            Some(Driver::Null(_)) => {
+        let driver = spec
+            .driver
+            .as_ref()
+            .ok_or_else(|| GraphError::invalid("node.driver", "must be set"))?;
+        let kind = kind_of(driver);
+        let child_size = kind
+            .children()
+            .first()
+            .map_or(0, |c| state.sizes.get(*c).copied().unwrap_or(0));
+        let at = format!("{cur:?}{}", under(&cur));
+        let next_child = match kind.grow(target, child_size, &at)? {
+            Grow::Options(driver) => {
                 let mut new = spec.clone();
-                if let Some(Driver::Null(n)) = &mut new.driver {
-                    n.size = target;
-                }
+                new.driver = Some(driver);
                 specs.push((spec.clone(), new));
                 None
             }
-            Some(Driver::Raw(o)) if o.size != 0 => {
-                let child_size = state.sizes.get(&o.child).copied().unwrap_or(0);
-                let end = o.offset.checked_add(target).ok_or_else(|| {
-                    GraphError::invalid(
-                        "size",
-                        format!("offset {} + size {target} overflows", o.offset),
-                    )
-                })?;
-                // A child of unknown size (0) is checked by the worker when it opens it.
-                if child_size != 0 && end > child_size {
-                    return Err(GraphError::precondition(
-                        "size",
-                        format!(
-                            "raw node {cur:?}{}: window {}+{target} does not fit in child \
-                             {:?} of {child_size} bytes; resize the child first",
-                            under(&cur),
-                            o.offset,
-                            o.child
-                        ),
-                    ));
-                }
-                let mut new = spec.clone();
-                if let Some(Driver::Raw(n)) = &mut new.driver {
-                    n.size = target;
-                }
-                specs.push((spec.clone(), new));
-                None
+            Grow::Child { child, size } => {
+                target = size;
+                Some(child)
             }
-            Some(Driver::Raw(o)) => {
-                target = o.offset.checked_add(target).ok_or_else(|| {
-                    GraphError::invalid(
-                        "size",
-                        format!("offset {} + size {target} overflows", o.offset),
-                    )
-                })?;
-                Some(o.child.clone())
-            }
-            Some(Driver::Throttle(o)) => Some(o.child.clone()),
-            Some(Driver::FaultInjection(o)) => Some(o.child.clone()),
-            // Refused above (`resize_conflict`); kept for exhaustiveness.
-            Some(Driver::Zoned(_)) => {
-                return Err(GraphError::precondition(
-                    "name",
-                    format!("node {cur:?}{} is zoned: it cannot be resized", under(&cur)),
-                ));
-            }
-            Some(Driver::IoUring(o)) => {
+            Grow::File { path, read_only } => {
                 leaf = Some(LeafGrow {
                     node: cur.clone(),
-                    path: o.path.clone(),
-                    read_only: o.read_only,
+                    path,
+                    read_only,
                     size: target,
                 });
                 None
-            }
-            Some(
-                Driver::NvmeIoUring(_)
-                | Driver::VirtioBlkVhostUser(_)
-                | Driver::VirtioBlkVhostVdpa(_),
-            ) => {
-                return Err(GraphError::precondition(
-                    "name",
-                    format!(
-                        "node {cur:?}{} is a {} node: it cannot grow",
-                        under(&cur),
-                        driver_name(spec)
-                    ),
-                ));
             }
         };
         match next_child {

@@ -12,7 +12,7 @@ use blkmesh_proto::v1::{
 
 use crate::error::GraphError;
 use crate::fields::{validate_abs_path, validate_socket_path, MAX_PATH_LEN};
-use crate::kinds::{other_kind, HostPath, NodeKind, PathKind};
+use crate::kinds::{cannot_grow, other_kind, Grow, HostPath, NodeKind, PathKind};
 use crate::update::{same_path, Changes};
 
 /// A file or device path: absolute, at most `PATH_MAX` bytes.
@@ -30,6 +30,7 @@ macro_rules! device_leaf {
         $name:literal,
         $check:path,
         $path_kind:ident,
+        $file_grows:literal,
         $what:literal
         $(, $flag:literal => $field:ident)?
     ) => {
@@ -70,6 +71,17 @@ macro_rules! device_leaf {
                 Ok(probed.unwrap_or(0))
             }
 
+            /// A file (io_uring) grows; a device does not.
+            fn grow(&self, _size: u64, _child_size: u64, at: &str) -> Result<Grow, GraphError> {
+                if !$file_grows {
+                    return Err(cannot_grow($name, at));
+                }
+                Ok(Grow::File {
+                    path: self.path.clone(),
+                    read_only: self.read_only,
+                })
+            }
+
             /// The path is fixed; the read-only option (and `$flag`) change.
             fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
                 let Driver::$variant(b) = new else {
@@ -91,6 +103,7 @@ device_leaf!(
     "io_uring",
     file_path,
     FileOrBlockDevice,
+    true,
     "io_uring on",
     "direct" => direct
 );
@@ -100,6 +113,7 @@ device_leaf!(
     "nvme_io_uring",
     file_path,
     CharDevice,
+    false,
     "nvme-io_uring on"
 );
 // libblkio connect()s to the socket, so the sun_path limit applies.
@@ -109,6 +123,7 @@ device_leaf!(
     "virtio_blk_vhost_user",
     validate_socket_path,
     Socket,
+    false,
     "virtio-blk-vhost-user to"
 );
 device_leaf!(
@@ -117,5 +132,6 @@ device_leaf!(
     "virtio_blk_vhost_vdpa",
     file_path,
     CharDevice,
+    false,
     "virtio-blk-vhost-vdpa on"
 );

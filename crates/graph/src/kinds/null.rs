@@ -6,7 +6,7 @@ use blkmesh_proto::v1::NullOptions;
 
 use crate::error::GraphError;
 use crate::fields::SECTOR_SIZE;
-use crate::kinds::{other_kind, NodeKind};
+use crate::kinds::{other_kind, Grow, NodeKind};
 use crate::update::{same_size, Changes};
 
 /// Largest latency a null node may add per request (10 s).
@@ -49,6 +49,11 @@ impl NodeKind for NullOptions {
 
     fn size(&self, _child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(self.size)
+    }
+
+    /// Its size option.
+    fn grow(&self, size: u64, _child_size: u64, _at: &str) -> Result<Grow, GraphError> {
+        Ok(Grow::Options(Driver::Null(NullOptions { size, ..*self })))
     }
 
     /// The latency changes; the size is ResizeNode's.

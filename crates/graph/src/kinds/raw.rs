@@ -5,7 +5,7 @@ use blkmesh_proto::v1::RawOptions;
 
 use crate::error::GraphError;
 use crate::fields::{validate_child, validate_sector_multiple};
-use crate::kinds::{other_kind, NodeKind};
+use crate::kinds::{other_kind, Grow, NodeKind};
 use crate::update::{cannot_change, same_child, same_size};
 
 impl NodeKind for RawOptions {
@@ -46,6 +46,38 @@ impl NodeKind for RawOptions {
             0 => Ok(self.size),
             n => raw_window_size(self, n),
         }
+    }
+
+    /// An explicit window grows (within its child); a window to the end of
+    /// its child grows with the child.
+    fn grow(&self, size: u64, child_size: u64, at: &str) -> Result<Grow, GraphError> {
+        let end = self.offset.checked_add(size).ok_or_else(|| {
+            GraphError::invalid(
+                "size",
+                format!("offset {} + size {size} overflows", self.offset),
+            )
+        })?;
+        if self.size == 0 {
+            return Ok(Grow::Child {
+                child: self.child.clone(),
+                size: end,
+            });
+        }
+        // A child of unknown size (0) is checked by the worker when it opens it.
+        if child_size != 0 && end > child_size {
+            return Err(GraphError::precondition(
+                "size",
+                format!(
+                    "raw node {at}: window {}+{size} does not fit in child {:?} of \
+                     {child_size} bytes; resize the child first",
+                    self.offset, self.child
+                ),
+            ));
+        }
+        Ok(Grow::Options(Driver::Raw(RawOptions {
+            size,
+            ..self.clone()
+        })))
     }
 
     /// Nothing changes: the child and offset are fixed, the size is

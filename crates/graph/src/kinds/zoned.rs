@@ -19,7 +19,7 @@ use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport, ZonedOptions};
 use crate::error::GraphError;
 use crate::fields::{validate_abs_path, validate_child, MAX_PATH_LEN};
 use crate::graph::Graph;
-use crate::kinds::{kind_of, other_kind, HostPath, NodeKind, PathKind};
+use crate::kinds::{kind_of, other_kind, Grow, HostPath, NodeKind, PathKind};
 
 /// Smallest emulated zone.
 pub const MIN_ZONE_SIZE: u64 = 64 * 1024;
@@ -60,6 +60,15 @@ impl NodeKind for ZonedOptions {
 
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(zoned_size(self, child_size))
+    }
+
+    /// Never: the zone layout is fixed (the manager refuses resizing a
+    /// zoned node, and the nodes under and over it, before asking).
+    fn grow(&self, _size: u64, _child_size: u64, at: &str) -> Result<Grow, GraphError> {
+        Err(GraphError::precondition(
+            "name",
+            format!("node {at} is zoned: it cannot be resized"),
+        ))
     }
 
     /// Nothing changes: every zoned option is fixed ([`update_conflict`]).
