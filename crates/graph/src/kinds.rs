@@ -70,6 +70,14 @@ pub trait NodeKind {
         Err(cannot_grow(self.name(), at))
     }
 
+    /// Whether one connection holds the node at a time (a leaf that serves
+    /// one connection, a zoned node whose state is one worker's): a graph
+    /// with such a node is closed before it is opened again, and its
+    /// queues move to another worker all at once.
+    fn exclusive(&self) -> bool {
+        false
+    }
+
     /// The path on the host the node opens, and what it must be there,
     /// for the manager to check when the node is added.
     fn host_path(&self) -> Option<HostPath<'_>> {
@@ -182,6 +190,11 @@ pub fn children(spec: &NodeSpec) -> Vec<&str> {
 /// The request field that names a node's children, for error messages.
 pub fn child_field(spec: &NodeSpec) -> &'static str {
     kind(spec).map_or("node.driver", |k| k.child_field())
+}
+
+/// Whether one connection holds node `spec` at a time ([`NodeKind::exclusive`]).
+pub fn exclusive(spec: &NodeSpec) -> bool {
+    kind(spec).is_some_and(|k| k.exclusive())
 }
 
 /// The path on the host node `spec` opens, if any ([`NodeKind::host_path`]).
@@ -425,6 +438,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("overflows"));
+    }
+
+    #[test]
+    fn one_connection_holds_device_connections_and_zoned_nodes() {
+        let exclusive: Vec<&str> = every_kind()
+            .iter()
+            .map(kind_of)
+            .filter(|k| k.exclusive())
+            .map(|k| k.name())
+            .collect();
+        assert_eq!(
+            exclusive,
+            ["virtio_blk_vhost_user", "virtio_blk_vhost_vdpa", "zoned"]
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use blkmesh_graph::kinds::kind_of;
 use blkmesh_graph::kinds::zoned;
 use blkmesh_graph::{Graph, GraphError};
 use blkmesh_proto::v1::node_spec::Driver;
@@ -85,12 +86,11 @@ pub(crate) fn zone_info(
             return None;
         }
         let spec = graph.get(cur)?;
+        // Through single-child nodes, as `zone_source` walks.
         match &spec.driver {
             Some(Driver::Zoned(o)) => break o,
-            Some(Driver::Raw(o)) => cur = &o.child,
-            Some(Driver::Throttle(o)) => cur = &o.child,
-            Some(Driver::FaultInjection(o)) => cur = &o.child,
-            _ => return None,
+            Some(driver) => cur = kind_of(driver).children().first().copied()?,
+            None => return None,
         }
         chain.push(spec);
     };

@@ -20,9 +20,12 @@ fn file_path(field: &'static str, path: &str) -> Result<(), GraphError> {
     validate_abs_path(field, path, MAX_PATH_LEN)
 }
 
-/// A device leaf `$options` with driver key `$name` whose `path` passes
-/// `$check` and must be a `$path_kind` on the host; `$what` says what it
-/// does with the path (`$what PATH`).
+/// A device leaf `$options` (`Driver::$variant`) with driver key `$name`
+/// whose `path` passes `$check` and must be a `$path_kind` on the host;
+/// whether its file grows (ResizeNode), whether it serves one connection
+/// at a time ([`NodeKind::exclusive`]), and what it does with the path
+/// (`$what PATH`); `$flag` is an option besides read-only that UpdateNode
+/// changes.
 macro_rules! device_leaf {
     (
         $options:ty,
@@ -31,6 +34,7 @@ macro_rules! device_leaf {
         $check:path,
         $path_kind:ident,
         $file_grows:literal,
+        $exclusive:literal,
         $what:literal
         $(, $flag:literal => $field:ident)?
     ) => {
@@ -45,6 +49,10 @@ macro_rules! device_leaf {
 
             fn read_only(&self) -> bool {
                 self.read_only
+            }
+
+            fn exclusive(&self) -> bool {
+                $exclusive
             }
 
             fn read_only_field(&self) -> Option<&'static str> {
@@ -104,6 +112,7 @@ device_leaf!(
     file_path,
     FileOrBlockDevice,
     true,
+    false,
     "io_uring on",
     "direct" => direct
 );
@@ -113,6 +122,7 @@ device_leaf!(
     "nvme_io_uring",
     file_path,
     CharDevice,
+    false,
     false,
     "nvme-io_uring on"
 );
@@ -124,6 +134,7 @@ device_leaf!(
     validate_socket_path,
     Socket,
     false,
+    true,
     "virtio-blk-vhost-user to"
 );
 device_leaf!(
@@ -133,5 +144,6 @@ device_leaf!(
     file_path,
     CharDevice,
     false,
+    true,
     "virtio-blk-vhost-vdpa on"
 );

@@ -62,6 +62,11 @@ impl NodeKind for ZonedOptions {
         Ok(zoned_size(self, child_size))
     }
 
+    /// Its zone state is one worker's, its metadata file locked.
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     /// Never: the zone layout is fixed (the manager refuses resizing a
     /// zoned node, and the nodes under and over it, before asking).
     fn grow(&self, _size: u64, _child_size: u64, at: &str) -> Result<Grow, GraphError> {

@@ -100,6 +100,10 @@ fn node_view(n: &NodeInfo) -> NodeView {
                 metadata_path: o.metadata_path,
             },
         ),
+        // A kind added without a view of its own shows its options as the
+        // API's JSON has them.
+        #[allow(unreachable_patterns)]
+        Some(other) => OptionsView::other(other),
     };
     NodeView {
         name: spec.name,
@@ -256,6 +260,11 @@ impl Output {
             } => {
                 rows.push(("child", child.clone()));
                 rows.push(("metadata", metadata_path.clone()));
+            }
+            OptionsView::Other(options) => {
+                for (k, v) in OptionsView::other_pairs(options) {
+                    rule_rows.push((k, v));
+                }
             }
             OptionsView::None {} => {}
         }
