@@ -38,6 +38,7 @@
 mod check;
 mod document;
 mod fields;
+mod generic;
 mod parse;
 mod reader;
 

@@ -381,8 +381,7 @@ impl Parser<'_> {
                     &KEYS,
                 )
             }
-            _ => {
-                // fault_injection
+            "fault_injection" => {
                 let child = self.required_string(&mut t, "child", "the name of the child node");
                 let rules = self.rules(&mut t);
                 let max_transfer = self.size(&mut t, "max_transfer").unwrap_or(0);
@@ -407,6 +406,8 @@ impl Parser<'_> {
                     ],
                 )
             }
+            // A kind without keys of its own here: the API's JSON.
+            _ => return self.api_driver(node, kind),
         };
         self.unknown_keys(&t, "key", allowed);
         driver
