@@ -14,9 +14,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
+    let descriptors = prost::Message::encode_to_vec(&fds);
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // serde for the API messages in the protobuf JSON mapping, with the
+    // .proto field names: the manager's state file is made of them.
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .preserve_proto_field_names()
+        .build(&[".blkmesh.v1"])?;
     Ok(())
 }

@@ -106,15 +106,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// before it opens the new one, and moving such a graph to another worker
 /// moves all its queues at once, the same way.
 fn exclusive_graph(plan: &ExportPlan) -> bool {
-    use blkmesh_proto::v1::node_spec::Driver;
-    plan.nodes.iter().any(|n| {
-        matches!(
-            n.driver,
-            Some(Driver::VirtioBlkVhostUser(_))
-                | Some(Driver::VirtioBlkVhostVdpa(_))
-                | Some(Driver::Zoned(_))
-        )
-    })
+    plan.nodes.iter().any(blkmesh_graph::kinds::exclusive)
 }
 
 /// How long a reopen of an exclusive graph waits for the old worker to

@@ -49,7 +49,7 @@ pub enum ManagerError {
         /// The file, as given.
         file: String,
         /// Every problem, each with its line and field.
-        errors: crate::config::document::ConfigErrors,
+        errors: blkmesh_graph::config::ConfigErrors,
     },
     /// The state file could not be written.
     #[error("cannot save state file {}", path.display())]

@@ -92,17 +92,18 @@
 
 mod api;
 mod auth;
-pub mod config;
 mod control;
 mod core;
 mod error;
 mod metrics;
 mod reconcile;
-pub mod rule;
 mod sessions;
-pub mod size;
 mod stats;
 mod store;
+
+/// The configuration file, sizes and fault rules: the schema crate's
+/// (`blkmesh_graph`), which the tools use directly.
+pub use blkmesh_graph::{config, rule, size};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -613,10 +614,9 @@ fn apply_config(
         file: file.clone(),
         errors,
     };
-    let parsed = config::load(path).map_err(refused)?;
     // The file on its own first (as `blkmeshctl config check`), then
     // against the state.
-    reconcile::validate(&parsed).map_err(refused)?;
+    let parsed = config::check(path).map_err(refused)?;
     let opts = reconcile::Options {
         fs: true,
         prune: config.config_prune,

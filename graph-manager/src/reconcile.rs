@@ -23,20 +23,23 @@
 //! Everything is planned on a copy of the state; the files to create are
 //! created only when the whole plan holds, and the caller persists the
 //! result. Errors are collected (one per object at most) and located in
-//! the file. [`validate`] runs the same against an empty state without
-//! touching the filesystem: `blkmeshctl config check`.
+//! the file. The checks of the file on its own (steps 1-4 below) are the
+//! schema crate's (`blkmesh_graph::config::check_file`), which also runs
+//! the whole file against an empty manager without touching the
+//! filesystem: `blkmeshctl config check`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::path::Path;
 
-use blkmesh_graph::{children, validate_export, validate_node};
+use blkmesh_graph::config::{
+    check_file, check_new_node, Config, ConfigErrors, ConfigExport, ConfigNode, FieldError,
+    FileCheck,
+};
+use blkmesh_graph::validate_export;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport};
 
-use crate::config::document::{names, Config, ConfigError, ConfigErrors, ConfigExport, ConfigNode};
-use crate::config::fields::split_api_error;
-use crate::core::checks::validate_node_limits;
 use crate::core::error::ApiError;
 use crate::core::exports::check_new_export;
 use crate::core::nodes::{check_writable_exports, group_members_with, new_node_size};
@@ -71,20 +74,14 @@ pub(crate) struct Outcome {
     pub summary: Summary,
 }
 
-/// Runs the checks of a reconcile against an empty state, without the
-/// filesystem.
-pub(crate) fn validate(config: &Config) -> Result<(), ConfigErrors> {
-    reconcile(&State::default(), config, Options::default()).map(|_| ())
-}
-
-/// The request field naming a node's child.
-fn child_field(spec: &NodeSpec) -> &'static str {
-    match &spec.driver {
-        Some(Driver::Raw(_)) => "node.raw.child",
-        Some(Driver::Throttle(_)) => "node.throttle.child",
-        Some(Driver::FaultInjection(_)) => "node.fault_injection.child",
-        Some(Driver::Zoned(_)) => "node.zoned.child",
-        _ => "node.driver",
+impl FieldError for ApiError {
+    fn field_and_problem(&self) -> (String, String) {
+        match self {
+            ApiError::Graph(g) => g.field_and_problem(),
+            ApiError::Missing(f) => ((*f).to_string(), "must be set".to_string()),
+            ApiError::Invalid { field, problem } => (field.clone(), problem.clone()),
+            other => (String::new(), other.to_string()),
+        }
     }
 }
 
@@ -98,7 +95,7 @@ fn invalid(field: &str, problem: impl Into<String>) -> ApiError {
 /// `e`, a change the file makes that cannot be made live, in the file's
 /// words, with how to make it.
 fn not_live(e: ApiError, kind: &str, name: &str) -> ApiError {
-    let (field, problem) = split_api_error(&e);
+    let (field, problem) = e.field_and_problem();
     let problem = problem
         .replace("cannot be changed by UpdateNode", "cannot change live")
         .replace("; only options can", "")
@@ -172,211 +169,21 @@ pub(crate) fn reconcile(
 ) -> Result<Outcome, ConfigErrors> {
     let nodes = config.nodes();
     let exports = config.exports();
-    let mut errors: Vec<ConfigError> = Vec::new();
     let mut summary = Summary::default();
 
-    // 1. Each node on its own: the API's field validation.
-    let mut ok = vec![true; nodes.len()];
-    for (i, n) in nodes.iter().enumerate() {
-        let checked = validate_node(&n.spec)
-            .and_then(|()| validate_node_limits(&n.spec))
-            .map_err(ApiError::from);
-        if let Err(e) = checked {
-            errors.push(config.node_error(n, &e));
-            ok[i] = false;
-        }
-    }
-
-    // 2. Names defined once; children defined in the file.
-    let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        match by_name.get(n.spec.name.as_str()) {
-            Some(&first) => {
-                errors.push(config.error_in(
-                    &n.at,
-                    "name",
-                    format!(
-                        "node {:?} is defined twice (first at line {})",
-                        n.spec.name,
-                        config.line_of(&nodes[first].at)
-                    ),
-                ));
-                ok[i] = false;
-            }
-            None => {
-                by_name.insert(&n.spec.name, i);
-            }
-        }
-    }
-    for (i, n) in nodes.iter().enumerate() {
-        if !ok[i] {
-            continue;
-        }
-        for child in children(&n.spec) {
-            if !by_name.contains_key(child) {
-                let e = invalid(
-                    child_field(&n.spec),
-                    format!(
-                        "node {child:?} is not defined in this file (the nodes of a \
-                         configuration file are built only from each other)"
-                    ),
-                );
-                errors.push(config.node_error(n, &e));
-                ok[i] = false;
-            }
-        }
-    }
-
-    // 3. Children before parents; cycles; a node over a failed one fails
-    // silently (its child's error says why).
-    let mut order: Vec<usize> = Vec::new();
-    let mut placed = vec![false; nodes.len()];
-    loop {
-        let mut progress = false;
-        for (i, n) in nodes.iter().enumerate() {
-            if placed[i] || !ok[i] {
-                continue;
-            }
-            let kids: Vec<usize> = children(&n.spec)
-                .iter()
-                .filter_map(|c| by_name.get(c).copied())
-                .collect();
-            if kids.iter().any(|&k| !ok[k]) {
-                ok[i] = false;
-                progress = true;
-            } else if kids.iter().all(|&k| placed[k]) {
-                placed[i] = true;
-                order.push(i);
-                progress = true;
-            }
-        }
-        if !progress {
-            break;
-        }
-    }
-    let mut in_cycle = BTreeSet::new();
-    for start in 0..nodes.len() {
-        if placed[start] || !ok[start] || in_cycle.contains(&start) {
-            continue;
-        }
-        // Walk down until a node repeats: that closes the cycle.
-        let mut seen = vec![start];
-        let mut cur = start;
-        while let Some(&next) = children(&nodes[cur].spec)
-            .first()
-            .and_then(|c| by_name.get(c))
-        {
-            // Into a cycle reported already.
-            if in_cycle.contains(&next) || !ok[next] {
-                break;
-            }
-            if let Some(pos) = seen.iter().position(|&s| s == next) {
-                let cycle = &seen[pos..];
-                let first = *cycle.iter().min().unwrap_or(&next);
-                let at = cycle.iter().position(|&c| c == first).unwrap_or(0);
-                let mut path: Vec<String> = cycle[at..]
-                    .iter()
-                    .chain(&cycle[..at])
-                    .map(|&c| nodes[c].spec.name.clone())
-                    .collect();
-                path.push(nodes[first].spec.name.clone());
-                let n = &nodes[first];
-                errors.push(config.node_error(
-                    n,
-                    &invalid(
-                        child_field(&n.spec),
-                        format!("nodes form a cycle: {}", path.join(" -> ")),
-                    ),
-                ));
-                in_cycle.extend(cycle.iter().copied());
-                break;
-            }
-            seen.push(next);
-            cur = next;
-        }
-        for s in seen {
-            ok[s] = false;
-        }
-    }
-
-    // 4. Exports: ids, sockets and nodes once; nodes of the file.
-    let mut export_ok = vec![true; exports.len()];
-    let mut first_id: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut first_socket: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut first_node: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, e) in exports.iter().enumerate() {
-        let x = &e.export;
-        let twice = |key: &str, what: String, first: usize| {
-            config.error_in(
-                &e.at,
-                key,
-                format!(
-                    "{what} (first at line {})",
-                    config.line_of(&exports[first].at)
-                ),
-            )
-        };
-        if let Some(&f) = first_id.get(x.id.as_str()) {
-            errors.push(twice(
-                "id",
-                format!("export {:?} is defined twice", x.id),
-                f,
-            ));
-            export_ok[i] = false;
-            continue;
-        }
-        first_id.insert(&x.id, i);
-        if let Some(&f) = first_socket.get(x.socket.as_str()) {
-            errors.push(twice(
-                "socket",
-                format!(
-                    "socket {:?} is already used by export {:?}",
-                    x.socket, exports[f].export.id
-                ),
-                f,
-            ));
-            export_ok[i] = false;
-            continue;
-        }
-        first_socket.insert(&x.socket, i);
-        match by_name.get(x.node.as_str()) {
-            None => {
-                errors.push(config.error_in(
-                    &e.at,
-                    "node",
-                    format!(
-                        "node {:?} is not defined in this file (an export of a \
-                         configuration file serves one of its nodes)",
-                        x.node
-                    ),
-                ));
-                export_ok[i] = false;
-                continue;
-            }
-            Some(&n) if !ok[n] => {
-                export_ok[i] = false;
-                continue;
-            }
-            Some(_) => {}
-        }
-        if let Some(&f) = first_node.get(x.node.as_str()) {
-            errors.push(twice(
-                "node",
-                format!(
-                    "node {:?} is already exported by export {:?}",
-                    x.node, exports[f].export.id
-                ),
-                f,
-            ));
-            export_ok[i] = false;
-            continue;
-        }
-        first_node.insert(&x.node, i);
-    }
+    // 1.-4. The file on its own: each node's fields, names, children,
+    // cycles, exports' ids, sockets and nodes.
+    let FileCheck {
+        by_name,
+        mut ok,
+        order,
+        export_ok,
+        mut errors,
+    } = check_file(config);
 
     // 5. The state: what the file does not name.
     let mut next = state.clone();
-    let (node_names, export_ids) = names(config);
+    let (node_names, export_ids) = config.names();
     let extra_exports: Vec<String> = state
         .exports
         .keys()
@@ -434,7 +241,7 @@ pub(crate) fn reconcile(
     for &i in &order {
         let n = &nodes[i];
         // A node over one that failed here fails silently: its child's error says why.
-        let child_failed = children(&n.spec)
+        let child_failed = blkmesh_graph::children(&n.spec)
             .iter()
             .any(|c| by_name.get(c).is_some_and(|&k| !ok[k]));
         if !ok[i] || child_failed {
@@ -509,7 +316,7 @@ pub(crate) fn reconcile(
     for (i, path, size) in creations {
         let n = &nodes[i];
         if let Err(e) = create_image(Path::new(&path), size, opts.image_owner) {
-            errors.push(config.error_in(&n.at, "create", format!("cannot create {path:?}: {e}")));
+            errors.push(config.node_error_at(n, "create", format!("cannot create {path:?}: {e}")));
             continue;
         }
         summary.created.push((n.spec.name.clone(), path, size));
@@ -533,8 +340,7 @@ fn add_node(
     creations: &mut Vec<(usize, String, u64)>,
 ) -> Result<(), ApiError> {
     let spec = &n.spec;
-    next.graph.check_add(spec)?;
-    crate::core::zoned::check_add(next, spec)?;
+    check_new_node(&next.graph, &next.sizes, spec)?;
     let probed = if opts.fs {
         probe(index, n, creations)?
     } else {

@@ -101,7 +101,8 @@ fn entry<'a>(v: &'a serde_json::Value, list: &str, key: &str, name: &str) -> &'a
         .as_array()
         .unwrap()
         .iter()
-        .find(|n| n[key] == name)
+        // The API's object is the entry's `spec` (nodes) or `export`.
+        .find(|n| n["spec"][key] == name || n["export"][key] == name)
         .unwrap_or_else(|| panic!("{name} not in {list}: {v:#}"))
 }
 
@@ -652,7 +653,7 @@ async fn file_objects_removed_through_the_api_come_back_at_the_next_start() {
         .as_array()
         .unwrap()
         .iter()
-        .all(|n| n["name"] != "win"));
+        .all(|n| n["spec"]["name"] != "win"));
     m.stop().await.unwrap();
 
     let m = s.start().await;
@@ -733,7 +734,7 @@ async fn state_conflicts_are_located_too() {
         .as_array()
         .unwrap()
         .iter()
-        .all(|n| n["name"] != "api-window"));
+        .all(|n| n["spec"]["name"] != "api-window"));
 }
 
 #[tokio::test]

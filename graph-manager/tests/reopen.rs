@@ -1055,7 +1055,7 @@ async fn generation_persists_so_a_restart_does_not_reopen() {
     m.stop().await.unwrap();
     let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
     assert!(text.contains("\"generation\": 3"), "{text}");
-    assert!(text.contains("\"max_transfer\": 131072"), "{text}");
+    assert!(text.contains("\"max_transfer\": \"131072\""), "{text}");
 
     let m = start(dir.path(), Duration::from_millis(300)).await;
     let mut c = connect(&m).await;

@@ -18,6 +18,8 @@ pub mod session;
 #[allow(clippy::all)]
 pub mod v1 {
     tonic::include_proto!("blkmesh.v1");
+    // serde in the protobuf JSON mapping (pbjson), for the state file.
+    include!(concat!(env!("OUT_DIR"), "/blkmesh.v1.serde.rs"));
 }
 
 /// The manager ↔ agent (worker, frontend) sessions.

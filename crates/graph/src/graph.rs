@@ -5,74 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NodeSpec;
 
-use crate::validate::normalize_throttle_limits;
-use crate::{validate_node, GraphError, ObjectKind};
-
-/// The names of the children of a node, in the order its driver lists them.
-pub fn children(spec: &NodeSpec) -> Vec<&str> {
-    match &spec.driver {
-        None => Vec::new(),
-        Some(Driver::IoUring(_)) => Vec::new(),
-        Some(Driver::Null(_)) => Vec::new(),
-        Some(Driver::NvmeIoUring(_)) => Vec::new(),
-        Some(Driver::VirtioBlkVhostUser(_)) => Vec::new(),
-        Some(Driver::VirtioBlkVhostVdpa(_)) => Vec::new(),
-        Some(Driver::Raw(o)) => vec![o.child.as_str()],
-        Some(Driver::Throttle(o)) => vec![o.child.as_str()],
-        Some(Driver::FaultInjection(o)) => vec![o.child.as_str()],
-        Some(Driver::Zoned(o)) => vec![o.child.as_str()],
-    }
-}
-
-/// The request field that names a node's children, for error messages.
-fn child_field(spec: &NodeSpec) -> &'static str {
-    match &spec.driver {
-        None => "node.driver",
-        Some(Driver::IoUring(_)) => "node.io_uring",
-        Some(Driver::Null(_)) => "node.null",
-        Some(Driver::NvmeIoUring(_)) => "node.nvme_io_uring",
-        Some(Driver::VirtioBlkVhostUser(_)) => "node.virtio_blk_vhost_user",
-        Some(Driver::VirtioBlkVhostVdpa(_)) => "node.virtio_blk_vhost_vdpa",
-        Some(Driver::Raw(_)) => "node.raw.child",
-        Some(Driver::Throttle(_)) => "node.throttle.child",
-        Some(Driver::FaultInjection(_)) => "node.fault_injection.child",
-        Some(Driver::Zoned(_)) => "node.zoned.child",
-    }
-}
-
-/// Short driver name of a node (`io_uring`, `null`, `nvme_io_uring`,
-/// `virtio_blk_vhost_user`, `virtio_blk_vhost_vdpa`, `raw`, `throttle`,
-/// `fault_injection`, `zoned`: the `NodeSpec.driver` field names), or `none`.
-pub fn driver_name(spec: &NodeSpec) -> &'static str {
-    match &spec.driver {
-        None => "none",
-        Some(Driver::IoUring(_)) => "io_uring",
-        Some(Driver::Null(_)) => "null",
-        Some(Driver::NvmeIoUring(_)) => "nvme_io_uring",
-        Some(Driver::VirtioBlkVhostUser(_)) => "virtio_blk_vhost_user",
-        Some(Driver::VirtioBlkVhostVdpa(_)) => "virtio_blk_vhost_vdpa",
-        Some(Driver::Raw(_)) => "raw",
-        Some(Driver::Throttle(_)) => "throttle",
-        Some(Driver::FaultInjection(_)) => "fault_injection",
-        Some(Driver::Zoned(_)) => "zoned",
-    }
-}
-
-/// Whether a node refuses writes by its own option (not its children's).
-fn own_read_only(spec: &NodeSpec) -> bool {
-    match &spec.driver {
-        None => false,
-        Some(Driver::IoUring(o)) => o.read_only,
-        Some(Driver::Null(_)) => false,
-        Some(Driver::NvmeIoUring(o)) => o.read_only,
-        Some(Driver::VirtioBlkVhostUser(o)) => o.read_only,
-        Some(Driver::VirtioBlkVhostVdpa(o)) => o.read_only,
-        Some(Driver::Raw(_)) => false,
-        Some(Driver::Throttle(_)) => false,
-        Some(Driver::FaultInjection(_)) => false,
-        Some(Driver::Zoned(_)) => false,
-    }
-}
+use crate::error::{GraphError, ObjectKind};
+use crate::kinds::throttle::normalize_throttle_limits;
+use crate::kinds::{child_field, children, own_read_only};
+use crate::validate::validate_node;
 
 /// A set of uniquely named, validated nodes forming a forest: every child
 /// exists, no node has more than one parent, and there are no cycles.
@@ -323,6 +259,7 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kinds::driver_name;
     use crate::ErrorClass;
     use blkmesh_proto::v1::{
         Bucket, FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, RawOptions,

@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, MutexGuard};
 
-use blkmesh_graph::{driver_name, validate_node, GraphError, ObjectKind, SECTOR_SIZE};
+use blkmesh_graph::{
+    driver_name, validate_node, validate_node_limits, GraphError, ObjectKind, SECTOR_SIZE,
+};
 use blkmesh_proto::v1::event::Kind as EventKind;
 use blkmesh_proto::v1::{NodeInfo, NodeResizedEvent, NodeSpec, NodeUpdatedEvent};
 use tokio::sync::watch;
 
 use crate::control::hub::{probe_blocking, push_plans, Applied, Control, Inner};
-use crate::core::checks::validate_node_limits;
 use crate::core::error::ApiError;
 use crate::core::nodes::{
     bump_generations, check_writable_exports, group_change, group_members_with, new_node_size,

@@ -1,14 +1,13 @@
 //! Rules of node changes over the state: throttle groups, read-only
 //! nodes under writable exports, the size of a new node.
 
-use blkmesh_graph::{raw_window_size, GraphError};
+use blkmesh_graph::kinds::read_only_field;
+use blkmesh_graph::{node_size, GraphError};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NodeSpec;
 
 use crate::core::error::ApiError;
-use crate::core::reopen;
 use crate::core::state::State;
-use crate::core::zoned;
 
 /// A committed node update or resize, kept to undo it.
 #[derive(Debug, Clone)]
@@ -61,7 +60,7 @@ pub(crate) fn check_writable_exports(next: &State, spec: &NodeSpec) -> Result<()
     for rec in next.exports.values() {
         if rec.export.writable && next.graph.is_read_only(&rec.export.node)? {
             return Err(GraphError::precondition(
-                reopen::read_only_field(spec),
+                read_only_field(spec),
                 format!(
                     "writable export {:?} is over node {:?}, which would become read-only \
                      (remove the export, or add it read-only, first)",
@@ -82,23 +81,11 @@ pub(crate) fn new_node_size(
     spec: &NodeSpec,
     probed: Option<u64>,
 ) -> Result<u64, ApiError> {
+    if spec.driver.is_none() {
+        return Err(ApiError::Missing("node.driver"));
+    }
     let child_size = |child: &str| next.sizes.get(child).copied().unwrap_or(0);
-    Ok(match &spec.driver {
-        None => return Err(ApiError::Missing("node.driver")),
-        Some(Driver::IoUring(_)) => probed.unwrap_or(0),
-        Some(Driver::Null(o)) => o.size,
-        Some(Driver::NvmeIoUring(_)) => 0,
-        Some(Driver::VirtioBlkVhostUser(_)) => 0,
-        Some(Driver::VirtioBlkVhostVdpa(_)) => 0,
-        Some(Driver::Raw(o)) => match child_size(&o.child) {
-            // The worker checks that the window fits when it opens the child.
-            0 => o.size,
-            n => raw_window_size(o, n)?,
-        },
-        Some(Driver::Throttle(o)) => child_size(&o.child),
-        Some(Driver::FaultInjection(o)) => child_size(&o.child),
-        Some(Driver::Zoned(o)) => zoned::zoned_size(o, child_size(&o.child)),
-    })
+    Ok(node_size(spec, child_size, probed)?)
 }
 
 /// Bumps the plan generation of each export of `exports` in `next`:

@@ -4,8 +4,8 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 
+use blkmesh_graph::kinds::{host_path, PathKind};
 use blkmesh_graph::{GraphError, SECTOR_SIZE};
-use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::NodeSpec;
 
 use crate::core::zoned;
@@ -30,23 +30,22 @@ fn file_kind(ft: &std::fs::FileType) -> &'static str {
 }
 
 /// Size in bytes of a regular file or block device, rounded down to whole
-/// sectors. Errors name `node.io_uring.path`.
-fn probe_io_uring_path(path: &str) -> Result<u64, GraphError> {
-    const FIELD: &str = "node.io_uring.path";
+/// sectors. Errors name `field`.
+fn probe_file_or_block_device(field: &'static str, path: &str) -> Result<u64, GraphError> {
     let meta = std::fs::metadata(path)
-        .map_err(|e| GraphError::invalid(FIELD, format!("cannot stat {path:?}: {e}")))?;
+        .map_err(|e| GraphError::invalid(field, format!("cannot stat {path:?}: {e}")))?;
     let ft = meta.file_type();
     let size = if ft.is_file() {
         meta.len()
     } else if ft.is_block_device() {
         let mut f = File::open(path)
-            .map_err(|e| GraphError::invalid(FIELD, format!("cannot open {path:?}: {e}")))?;
+            .map_err(|e| GraphError::invalid(field, format!("cannot open {path:?}: {e}")))?;
         f.seek(SeekFrom::End(0)).map_err(|e| {
-            GraphError::invalid(FIELD, format!("cannot get the size of {path:?}: {e}"))
+            GraphError::invalid(field, format!("cannot get the size of {path:?}: {e}"))
         })?
     } else {
         return Err(GraphError::invalid(
-            FIELD,
+            field,
             format!(
                 "must be a regular file or block device ({path:?} is {})",
                 file_kind(&ft)
@@ -86,34 +85,26 @@ fn probe_device_path(field: &'static str, path: &str, kind: DeviceKind) -> Resul
     }
 }
 
-/// The filesystem checks of AddNode: an io_uring path must be a regular
-/// file or block device (its size in whole sectors is returned), the other
-/// device leaves' paths must exist and be what their driver opens, a zoned
-/// node's metadata file must be creatable. Other nodes: `None`.
+/// The filesystem checks of AddNode, for the path on the host the node's
+/// kind opens (`blkmesh_graph::kinds::host_path`): an io_uring path must
+/// be a regular file or block device (its size in whole sectors is
+/// returned), the other device leaves' paths must exist and be what their
+/// driver opens, a zoned node's metadata file must be creatable. Other
+/// nodes: `None`.
 pub(crate) fn probe_node_paths(spec: &NodeSpec) -> Result<Option<u64>, GraphError> {
-    match &spec.driver {
-        Some(Driver::IoUring(o)) => probe_io_uring_path(&o.path).map(Some),
-        Some(Driver::NvmeIoUring(o)) => {
-            probe_device_path("node.nvme_io_uring.path", &o.path, DeviceKind::CharDevice)
-                .map(|()| None)
+    let Some(host) = host_path(spec) else {
+        return Ok(None);
+    };
+    match host.kind {
+        PathKind::FileOrBlockDevice => probe_file_or_block_device(host.field, host.path).map(Some),
+        PathKind::CharDevice => {
+            probe_device_path(host.field, host.path, DeviceKind::CharDevice).map(|()| None)
         }
-        Some(Driver::VirtioBlkVhostUser(o)) => probe_device_path(
-            "node.virtio_blk_vhost_user.path",
-            &o.path,
-            DeviceKind::Socket,
-        )
-        .map(|()| None),
-        Some(Driver::VirtioBlkVhostVdpa(o)) => probe_device_path(
-            "node.virtio_blk_vhost_vdpa.path",
-            &o.path,
-            DeviceKind::CharDevice,
-        )
-        .map(|()| None),
-        Some(Driver::Zoned(o)) => zoned::probe_metadata_path(&o.metadata_path).map(|()| None),
-        None
-        | Some(Driver::Null(_))
-        | Some(Driver::Raw(_))
-        | Some(Driver::Throttle(_))
-        | Some(Driver::FaultInjection(_)) => Ok(None),
+        PathKind::Socket => {
+            probe_device_path(host.field, host.path, DeviceKind::Socket).map(|()| None)
+        }
+        PathKind::NewOrRegularFile => {
+            zoned::probe_metadata_path(host.field, host.path).map(|()| None)
+        }
     }
 }

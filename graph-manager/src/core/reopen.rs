@@ -7,182 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 
-use blkmesh_graph::{
-    driver_name, normalize_throttle_limits, raw_window_size, Graph, GraphError, ObjectKind,
-    SECTOR_SIZE,
-};
-use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::{NodeSpec, ThrottleLimits};
+use blkmesh_graph::kinds::{kind_of, Grow};
+use blkmesh_graph::{Graph, GraphError, ObjectKind, SECTOR_SIZE};
+use blkmesh_proto::v1::NodeSpec;
 
 use crate::core::state::State;
 
-fn on_off(b: bool) -> &'static str {
-    if b {
-        "on"
-    } else {
-        "off"
-    }
-}
-
-fn cannot_change(field: &'static str, what: &str) -> GraphError {
-    GraphError::invalid(
-        field,
-        format!("cannot be changed by UpdateNode ({what}); only options can"),
-    )
-}
-
-/// The changes `new` makes to `old` (same name), as human-readable items
-/// ("read-only on", "throttle limits", ...), or why it may not: the driver,
-/// children, paths, throttle group, raw window, null size and every option
-/// of a zoned node are fixed (`INVALID_ARGUMENT` naming the field; sizes
-/// change with ResizeNode, except in graphs with a zoned node).
-/// Both specs must be valid.
-pub(crate) fn update_changes(old: &NodeSpec, new: &NodeSpec) -> Result<Vec<String>, GraphError> {
-    let mut changes = Vec::new();
-    let mut flag = |what: &str, a: bool, b: bool| {
-        if a != b {
-            changes.push(format!("{what} {}", on_off(b)));
-        }
-    };
-    let path = |field: &'static str, a: &str, b: &str| {
-        if a == b {
-            Ok(())
-        } else {
-            Err(cannot_change(field, &format!("is {a:?}, got {b:?}")))
-        }
-    };
-    let child = |field: &'static str, a: &str, b: &str| {
-        if a == b {
-            Ok(())
-        } else {
-            Err(cannot_change(
-                field,
-                &format!("child is {a:?}, got {b:?}; add a new node instead"),
-            ))
-        }
-    };
-    match (&old.driver, &new.driver) {
-        (Some(Driver::IoUring(a)), Some(Driver::IoUring(b))) => {
-            path("node.io_uring.path", &a.path, &b.path)?;
-            flag("read-only", a.read_only, b.read_only);
-            flag("direct", a.direct, b.direct);
-        }
-        (Some(Driver::NvmeIoUring(a)), Some(Driver::NvmeIoUring(b))) => {
-            path("node.nvme_io_uring.path", &a.path, &b.path)?;
-            flag("read-only", a.read_only, b.read_only);
-        }
-        (Some(Driver::VirtioBlkVhostUser(a)), Some(Driver::VirtioBlkVhostUser(b))) => {
-            path("node.virtio_blk_vhost_user.path", &a.path, &b.path)?;
-            flag("read-only", a.read_only, b.read_only);
-        }
-        (Some(Driver::VirtioBlkVhostVdpa(a)), Some(Driver::VirtioBlkVhostVdpa(b))) => {
-            path("node.virtio_blk_vhost_vdpa.path", &a.path, &b.path)?;
-            flag("read-only", a.read_only, b.read_only);
-        }
-        (Some(Driver::Null(a)), Some(Driver::Null(b))) => {
-            if a.size != b.size {
-                return Err(GraphError::invalid(
-                    "node.null.size",
-                    format!(
-                        "is changed with ResizeNode, not UpdateNode (is {}, got {})",
-                        a.size, b.size
-                    ),
-                ));
-            }
-            if a.latency_ns != b.latency_ns {
-                changes.push("latency".to_string());
-            }
-        }
-        (Some(Driver::Raw(a)), Some(Driver::Raw(b))) => {
-            child("node.raw.child", &a.child, &b.child)?;
-            if a.offset != b.offset {
-                return Err(cannot_change(
-                    "node.raw.offset",
-                    &format!("is {}, got {}", a.offset, b.offset),
-                ));
-            }
-            if a.size != b.size {
-                return Err(GraphError::invalid(
-                    "node.raw.size",
-                    format!(
-                        "is changed with ResizeNode, not UpdateNode (is {}, got {})",
-                        a.size, b.size
-                    ),
-                ));
-            }
-        }
-        (Some(Driver::Throttle(a)), Some(Driver::Throttle(b))) => {
-            child("node.throttle.child", &a.child, &b.child)?;
-            if a.group != b.group {
-                return Err(cannot_change(
-                    "node.throttle.group",
-                    &format!("is {:?}, got {:?}", a.group, b.group),
-                ));
-            }
-            if !same_limits(&a.limits, &b.limits) {
-                changes.push("throttle limits".to_string());
-            }
-        }
-        (Some(Driver::Zoned(a)), Some(Driver::Zoned(b))) => {
-            crate::core::zoned::update_conflict(a, b)?;
-        }
-        (Some(Driver::FaultInjection(a)), Some(Driver::FaultInjection(b))) => {
-            child("node.fault_injection.child", &a.child, &b.child)?;
-            if a.rules != b.rules {
-                changes.push("fault rules".to_string());
-            }
-            if a.max_transfer != b.max_transfer {
-                changes.push("max transfer".to_string());
-            }
-            if a.max_segments != b.max_segments {
-                changes.push("max segments".to_string());
-            }
-            if a.buf_alignment != b.buf_alignment {
-                changes.push("buf alignment".to_string());
-            }
-        }
-        (_, None) => {
-            return Err(GraphError::invalid(
-                "node.driver",
-                "must be set (the node's current driver)",
-            ))
-        }
-        _ => {
-            return Err(cannot_change(
-                "node.driver",
-                &format!(
-                    "node {:?} is {}, got {}",
-                    old.name,
-                    driver_name(old),
-                    driver_name(new)
-                ),
-            ))
-        }
-    }
-    Ok(changes)
-}
-
-/// Whether two throttle limits are equivalent (absent buckets are unlimited).
-pub(crate) fn same_limits(a: &Option<ThrottleLimits>, b: &Option<ThrottleLimits>) -> bool {
-    normalize_throttle_limits(&a.unwrap_or_default())
-        == normalize_throttle_limits(&b.unwrap_or_default())
-}
-
-/// The request field of a node's own read-only option.
-pub(crate) fn read_only_field(spec: &NodeSpec) -> &'static str {
-    match &spec.driver {
-        Some(Driver::IoUring(_)) => "node.io_uring.read_only",
-        Some(Driver::NvmeIoUring(_)) => "node.nvme_io_uring.read_only",
-        Some(Driver::VirtioBlkVhostUser(_)) => "node.virtio_blk_vhost_user.read_only",
-        Some(Driver::VirtioBlkVhostVdpa(_)) => "node.virtio_blk_vhost_vdpa.read_only",
-        None
-        | Some(Driver::Null(_))
-        | Some(Driver::Raw(_))
-        | Some(Driver::Throttle(_))
-        | Some(Driver::FaultInjection(_))
-        | Some(Driver::Zoned(_)) => "node",
-    }
-}
+pub(crate) use blkmesh_graph::update_changes;
 
 /// `graph` with the specs in `replace` (by name) swapped in, checked by
 /// the same rules as a loaded graph (validation, children, throttle groups).
@@ -296,86 +127,35 @@ pub(crate) fn plan_resize(
     };
     loop {
         let spec = state.graph.get(&cur).ok_or_else(|| not_found(&cur))?;
-        let next_child = match &spec.driver {
-            None => {
-                return Err(GraphError::invalid("node.driver", "must be set"));
-            }
-            Some(Driver::Null(_)) => {
+        let driver = spec
+            .driver
+            .as_ref()
+            .ok_or_else(|| GraphError::invalid("node.driver", "must be set"))?;
+        let kind = kind_of(driver);
+        let child_size = kind
+            .children()
+            .first()
+            .map_or(0, |c| state.sizes.get(*c).copied().unwrap_or(0));
+        let at = format!("{cur:?}{}", under(&cur));
+        let next_child = match kind.grow(target, child_size, &at)? {
+            Grow::Options(driver) => {
                 let mut new = spec.clone();
-                if let Some(Driver::Null(n)) = &mut new.driver {
-                    n.size = target;
-                }
+                new.driver = Some(driver);
                 specs.push((spec.clone(), new));
                 None
             }
-            Some(Driver::Raw(o)) if o.size != 0 => {
-                let child_size = state.sizes.get(&o.child).copied().unwrap_or(0);
-                let end = o.offset.checked_add(target).ok_or_else(|| {
-                    GraphError::invalid(
-                        "size",
-                        format!("offset {} + size {target} overflows", o.offset),
-                    )
-                })?;
-                // A child of unknown size (0) is checked by the worker when it opens it.
-                if child_size != 0 && end > child_size {
-                    return Err(GraphError::precondition(
-                        "size",
-                        format!(
-                            "raw node {cur:?}{}: window {}+{target} does not fit in child \
-                             {:?} of {child_size} bytes; resize the child first",
-                            under(&cur),
-                            o.offset,
-                            o.child
-                        ),
-                    ));
-                }
-                let mut new = spec.clone();
-                if let Some(Driver::Raw(n)) = &mut new.driver {
-                    n.size = target;
-                }
-                specs.push((spec.clone(), new));
-                None
+            Grow::Child { child, size } => {
+                target = size;
+                Some(child)
             }
-            Some(Driver::Raw(o)) => {
-                target = o.offset.checked_add(target).ok_or_else(|| {
-                    GraphError::invalid(
-                        "size",
-                        format!("offset {} + size {target} overflows", o.offset),
-                    )
-                })?;
-                Some(o.child.clone())
-            }
-            Some(Driver::Throttle(o)) => Some(o.child.clone()),
-            Some(Driver::FaultInjection(o)) => Some(o.child.clone()),
-            // Refused above (`resize_conflict`); kept for exhaustiveness.
-            Some(Driver::Zoned(_)) => {
-                return Err(GraphError::precondition(
-                    "name",
-                    format!("node {cur:?}{} is zoned: it cannot be resized", under(&cur)),
-                ));
-            }
-            Some(Driver::IoUring(o)) => {
+            Grow::File { path, read_only } => {
                 leaf = Some(LeafGrow {
                     node: cur.clone(),
-                    path: o.path.clone(),
-                    read_only: o.read_only,
+                    path,
+                    read_only,
                     size: target,
                 });
                 None
-            }
-            Some(
-                Driver::NvmeIoUring(_)
-                | Driver::VirtioBlkVhostUser(_)
-                | Driver::VirtioBlkVhostVdpa(_),
-            ) => {
-                return Err(GraphError::precondition(
-                    "name",
-                    format!(
-                        "node {cur:?}{} is a {} node: it cannot grow",
-                        under(&cur),
-                        driver_name(spec)
-                    ),
-                ));
             }
         };
         match next_child {
@@ -508,22 +288,17 @@ pub(crate) fn recompute_sizes(
         let spec = state.graph.get(&name).ok_or_else(|| not_found(&name))?;
         let old = state.sizes.get(&name).copied().unwrap_or(0);
         let child_size = |child: &str| state.sizes.get(child).copied().unwrap_or(0);
-        let new = match &spec.driver {
-            Some(Driver::Null(o)) => o.size,
-            Some(Driver::Raw(o)) => match child_size(&o.child) {
-                0 => o.size,
-                n => raw_window_size(o, n).map_err(|e| {
-                    GraphError::precondition("size", format!("raw node {name:?}: {e}"))
-                })?,
-            },
-            Some(Driver::Throttle(o)) => child_size(&o.child),
-            Some(Driver::FaultInjection(o)) => child_size(&o.child),
-            Some(Driver::Zoned(o)) => crate::core::zoned::zoned_size(o, child_size(&o.child)),
-            None
-            | Some(Driver::IoUring(_))
-            | Some(Driver::NvmeIoUring(_))
-            | Some(Driver::VirtioBlkVhostUser(_))
-            | Some(Driver::VirtioBlkVhostVdpa(_)) => old,
+        let new = match spec.driver.as_ref().map(kind_of) {
+            None => old,
+            Some(kind) => {
+                let children = kind.children();
+                let child = children.first().map_or(0, |c| child_size(c));
+                // A leaf keeps the size known of its file or device.
+                let known = children.is_empty().then_some(old);
+                kind.size(child, known).map_err(|e| {
+                    GraphError::precondition("size", format!("{} node {name:?}: {e}", kind.name()))
+                })?
+            }
         };
         if new != old {
             state.sizes.insert(name.clone(), new);

@@ -1,6 +1,8 @@
 //! Zoned nodes as the manager sees them: the rules a graph with a `zoned`
-//! node must follow, the zone geometry a node shows its parent
-//! (`NodeInfo.zones`), and the placement rule (one worker per export).
+//! node must follow (the graph rules are the schema crate's,
+//! `blkmesh_graph::kinds::zoned`, applied here to the state), the zone
+//! geometry a node shows its parent (`NodeInfo.zones`), and the placement
+//! rule (one worker per export).
 //!
 //! A `zoned` node emulates a host-managed zoned device over a regular child:
 //! its size is the child's in whole zones; raw windows, throttles and
@@ -23,9 +25,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use blkmesh_graph::kinds::kind_of;
+use blkmesh_graph::kinds::zoned;
 use blkmesh_graph::{Graph, GraphError};
 use blkmesh_proto::v1::node_spec::Driver;
-use blkmesh_proto::v1::{NodeSpec, ZoneInfo, ZoneModel, ZonedOptions};
+use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport, ZoneInfo, ZoneModel, ZonedOptions};
+
+pub(crate) use blkmesh_graph::kinds::zoned::{check_structure, zoned_in_graph};
 
 use crate::core::state::State;
 
@@ -34,47 +40,10 @@ use crate::core::state::State;
 /// exported with 512 or 4096); the frontend reports the export's own.
 pub(crate) const ZONE_WRITE_GRANULARITY: u32 = 512;
 
-/// Most zones of an emulated zoned node: the worker's limit (it keeps a
-/// record per zone in memory and in the metadata file).
-pub(crate) const MAX_ZONES: u64 = 1 << 20;
-
 /// Largest zone append of an emulated zoned node (clamped to the zone
 /// capacity, and to a fault-injection node's `max_transfer` above it). The
 /// worker must report the same in `Limits.zones.max_append`.
 pub(crate) const ZONE_MAX_APPEND: u64 = 1 << 20;
-
-/// The zoned node whose zones `name` shows: `name` itself, or the zoned node
-/// under its chain of raw windows and filters. `None`: `name` is not zoned.
-pub(crate) fn zone_source<'a>(graph: &'a Graph, name: &str) -> Option<&'a NodeSpec> {
-    let mut cur = name;
-    // Each node has at most one parent and there are no cycles, but stay
-    // bounded on any graph.
-    for _ in 0..=graph.len() {
-        let spec = graph.get(cur)?;
-        cur = match &spec.driver {
-            Some(Driver::Zoned(_)) => return Some(spec),
-            Some(Driver::Raw(o)) => &o.child,
-            Some(Driver::Throttle(o)) => &o.child,
-            Some(Driver::FaultInjection(o)) => &o.child,
-            None
-            | Some(Driver::IoUring(_))
-            | Some(Driver::Null(_))
-            | Some(Driver::NvmeIoUring(_))
-            | Some(Driver::VirtioBlkVhostUser(_))
-            | Some(Driver::VirtioBlkVhostVdpa(_)) => return None,
-        };
-    }
-    None
-}
-
-/// Size of a zoned node over a child of `child_size` bytes: the child in
-/// whole zones (0 when the child's size is not known).
-pub(crate) fn zoned_size(o: &ZonedOptions, child_size: u64) -> u64 {
-    match o.zone_size {
-        0 => 0,
-        zs => child_size / zs * zs,
-    }
-}
 
 /// The writable bytes of each zone (`zone_capacity` 0 = the zone size).
 pub(crate) fn zone_capacity(o: &ZonedOptions) -> u64 {
@@ -117,12 +86,11 @@ pub(crate) fn zone_info(
             return None;
         }
         let spec = graph.get(cur)?;
+        // Through single-child nodes, as `zone_source` walks.
         match &spec.driver {
             Some(Driver::Zoned(o)) => break o,
-            Some(Driver::Raw(o)) => cur = &o.child,
-            Some(Driver::Throttle(o)) => cur = &o.child,
-            Some(Driver::FaultInjection(o)) => cur = &o.child,
-            _ => return None,
+            Some(driver) => cur = kind_of(driver).children().first().copied()?,
+            None => return None,
         }
         chain.push(spec);
     };
@@ -152,168 +120,11 @@ pub(crate) fn zone_info(
     Some(info)
 }
 
-/// The first zoned node (by depth-first order) in the graph rooted at `root`.
-pub(crate) fn zoned_in_graph<'a>(graph: &'a Graph, root: &str) -> Option<&'a str> {
-    let mut stack = vec![root];
-    let mut steps = 0;
-    while let Some(name) = stack.pop() {
-        steps += 1;
-        if steps > graph.len() + 1 {
-            return None;
-        }
-        let spec = graph.get(name)?;
-        if matches!(spec.driver, Some(Driver::Zoned(_))) {
-            return Some(&spec.name);
-        }
-        stack.extend(graph.children_of(name));
-    }
-    None
-}
-
-/// Whether node `node` is in the graph rooted at `root`.
-fn in_graph(graph: &Graph, root: &str, node: &str) -> bool {
-    let mut cur = node;
-    for _ in 0..=graph.len() {
-        if cur == root {
-            return true;
-        }
-        match graph.users_of(cur).first() {
-            Some(parent) => cur = parent,
-            None => return false,
-        }
-    }
-    false
-}
-
-fn same_path(a: &str, b: &str) -> bool {
-    // Lexical: `//` and `/./` do not matter; symlinks are not resolved.
-    Path::new(a) == Path::new(b)
-}
-
-/// The graph rules of zoned nodes for `spec` in `graph` (which may already
-/// contain it): a zoned node is not over another zoned node and has a
-/// metadata file of its own; an io_uring node's file is no zone metadata
-/// file; a raw window over a zoned node covers whole zones.
-pub(crate) fn check_structure(graph: &Graph, spec: &NodeSpec) -> Result<(), GraphError> {
-    match &spec.driver {
-        Some(Driver::Zoned(o)) => {
-            if let Some(below) = zone_source(graph, &o.child) {
-                let what = if below.name == o.child {
-                    format!("node {:?} is zoned", o.child)
-                } else {
-                    format!("node {:?} is over zoned node {:?}", o.child, below.name)
-                };
-                return Err(GraphError::invalid(
-                    "node.zoned.child",
-                    format!("{what}; a zoned node cannot be stacked on another zoned node"),
-                ));
-            }
-            for other in graph.iter().filter(|s| s.name != spec.name) {
-                match &other.driver {
-                    Some(Driver::Zoned(x)) if same_path(&x.metadata_path, &o.metadata_path) => {
-                        return Err(GraphError::Duplicate {
-                            field: "node.zoned.metadata_path",
-                            problem: format!(
-                                "{:?} is already the zone metadata file of zoned node {:?}",
-                                o.metadata_path, other.name
-                            ),
-                        });
-                    }
-                    Some(Driver::IoUring(x)) if same_path(&x.path, &o.metadata_path) => {
-                        return Err(GraphError::Duplicate {
-                            field: "node.zoned.metadata_path",
-                            problem: format!(
-                                "{:?} is the file of io_uring node {:?}",
-                                o.metadata_path, other.name
-                            ),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Some(Driver::IoUring(o)) => {
-            let zoned = graph.iter().find(|other| {
-                matches!(&other.driver, Some(Driver::Zoned(x)) if same_path(&x.metadata_path, &o.path))
-            });
-            if let Some(other) = zoned {
-                return Err(GraphError::Duplicate {
-                    field: "node.io_uring.path",
-                    problem: format!(
-                        "{:?} is the zone metadata file of zoned node {:?}",
-                        o.path, other.name
-                    ),
-                });
-            }
-        }
-        Some(Driver::Raw(o)) => {
-            let source = zone_source(graph, &o.child);
-            if let Some((source, Some(Driver::Zoned(z)))) = source.map(|s| (&s.name, &s.driver)) {
-                let zs = z.zone_size;
-                if zs != 0 && o.offset % zs != 0 {
-                    return Err(GraphError::invalid(
-                        "node.raw.offset",
-                        format!(
-                            "must be a multiple of the zone size {zs} of zoned node {source:?} \
-                             (got {})",
-                            o.offset
-                        ),
-                    ));
-                }
-                if zs != 0 && o.size % zs != 0 {
-                    return Err(GraphError::invalid(
-                        "node.raw.size",
-                        format!(
-                            "must be 0 (to the end) or a multiple of the zone size {zs} of \
-                             zoned node {source:?} (got {})",
-                            o.size
-                        ),
-                    ));
-                }
-            }
-        }
-        None
-        | Some(Driver::Null(_))
-        | Some(Driver::NvmeIoUring(_))
-        | Some(Driver::VirtioBlkVhostUser(_))
-        | Some(Driver::VirtioBlkVhostVdpa(_))
-        | Some(Driver::Throttle(_))
-        | Some(Driver::FaultInjection(_)) => {}
-    }
-    Ok(())
-}
-
-/// What AddNode checks for `spec` (not yet in `state`): [`check_structure`],
-/// and that a zoned node over a child of known size has at least one zone
-/// and at most [`MAX_ZONES`].
+/// What AddNode checks for `spec` (not yet in `state`): the graph rules of
+/// zoned nodes, and that a zoned node over a child of known size has at
+/// least one zone and at most [`MAX_ZONES`](blkmesh_graph::kinds::zoned::MAX_ZONES).
 pub(crate) fn check_add(state: &State, spec: &NodeSpec) -> Result<(), GraphError> {
-    check_structure(&state.graph, spec)?;
-    if let Some(Driver::Zoned(o)) = &spec.driver {
-        let child_size = state.sizes.get(&o.child).copied().unwrap_or(0);
-        if child_size != 0 && o.zone_size != 0 {
-            if child_size < o.zone_size {
-                return Err(GraphError::invalid(
-                    "node.zoned.zone_size",
-                    format!(
-                        "must not exceed the size of child {:?} ({child_size} bytes), or the \
-                         node has no zone (got {})",
-                        o.child, o.zone_size
-                    ),
-                ));
-            }
-            if child_size / o.zone_size > MAX_ZONES {
-                return Err(GraphError::invalid(
-                    "node.zoned.zone_size",
-                    format!(
-                        "child {:?} of {child_size} bytes would have more than {} zones of {} \
-                         bytes; use larger zones",
-                        o.child, MAX_ZONES, o.zone_size
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
+    zoned::check_add(&state.graph, &state.sizes, spec)
 }
 
 /// Checks the zoned rules of a loaded state (as AddNode and AddExport
@@ -344,29 +155,15 @@ pub(crate) fn check_state(state: &State) -> Result<(), String> {
 }
 
 /// Another export than `except` whose graph overlaps the graph rooted at
-/// `root` (graphs are trees: one then contains the other's root) when the
-/// larger of the two contains a zoned node: (that export, the zoned node).
-/// Such a pair would let two exports, possibly on two workers, drive one
-/// zone state (or one of them write under it).
+/// `root` over a zoned node: (that export, the zoned node); see
+/// [`zoned::zoned_overlap`].
 pub(crate) fn zoned_overlap<'a>(
     state: &'a State,
     root: &str,
     except: &str,
 ) -> Option<(&'a str, &'a str)> {
-    for rec in state.exports.values().filter(|r| r.export.id != except) {
-        let other = rec.export.node.as_str();
-        let larger = if in_graph(&state.graph, root, other) {
-            root
-        } else if in_graph(&state.graph, other, root) {
-            other
-        } else {
-            continue;
-        };
-        if let Some(zoned) = zoned_in_graph(&state.graph, larger) {
-            return Some((&rec.export.id, zoned));
-        }
-    }
-    None
+    let exports: Vec<&VhostUserBlkExport> = state.exports.values().map(|r| &r.export).collect();
+    zoned::zoned_overlap(&state.graph, &exports, root, except)
 }
 
 /// Why node `name` cannot be resized: it is zoned, or under or over a
@@ -403,82 +200,24 @@ pub(crate) fn resize_conflict(graph: &Graph, name: &str) -> Option<String> {
     None
 }
 
-/// Why UpdateNode cannot take `new` over `old` (both zoned): every zoned
-/// option is fixed. `Ok` when nothing changes.
-pub(crate) fn update_conflict(old: &ZonedOptions, new: &ZonedOptions) -> Result<(), GraphError> {
-    let fixed = |field: &'static str, is: String, got: String| {
-        Err(GraphError::invalid(
-            field,
-            format!(
-                "cannot be changed by UpdateNode (is {is}, got {got}): the zone layout of a \
-                 zoned node is fixed; add a new node instead"
-            ),
-        ))
-    };
-    if old.child != new.child {
-        return fixed(
-            "node.zoned.child",
-            format!("{:?}", old.child),
-            format!("{:?}", new.child),
-        );
-    }
-    if old.zone_size != new.zone_size {
-        return fixed(
-            "node.zoned.zone_size",
-            old.zone_size.to_string(),
-            new.zone_size.to_string(),
-        );
-    }
-    if old.zone_capacity != new.zone_capacity {
-        return fixed(
-            "node.zoned.zone_capacity",
-            old.zone_capacity.to_string(),
-            new.zone_capacity.to_string(),
-        );
-    }
-    if old.max_open_zones != new.max_open_zones {
-        return fixed(
-            "node.zoned.max_open_zones",
-            old.max_open_zones.to_string(),
-            new.max_open_zones.to_string(),
-        );
-    }
-    if old.max_active_zones != new.max_active_zones {
-        return fixed(
-            "node.zoned.max_active_zones",
-            old.max_active_zones.to_string(),
-            new.max_active_zones.to_string(),
-        );
-    }
-    if old.metadata_path != new.metadata_path {
-        return fixed(
-            "node.zoned.metadata_path",
-            format!("{:?}", old.metadata_path),
-            format!("{:?}", new.metadata_path),
-        );
-    }
-    Ok(())
-}
-
 /// Checks the metadata path of a zoned node on the manager's host: its
 /// directory must exist and the path, if it exists, must be a regular file
-/// (the worker creates it when missing). Errors name
-/// `node.zoned.metadata_path`.
-pub(crate) fn probe_metadata_path(path: &str) -> Result<(), GraphError> {
-    const FIELD: &str = "node.zoned.metadata_path";
+/// (the worker creates it when missing). Errors name `field`
+/// (`node.zoned.metadata_path`).
+pub(crate) fn probe_metadata_path(field: &'static str, path: &str) -> Result<(), GraphError> {
     let p = Path::new(path);
     match std::fs::metadata(p) {
         Ok(meta) if meta.is_file() => return Ok(()),
         Ok(_) => {
             return Err(GraphError::invalid(
-                FIELD,
+                field,
                 format!("{path:?} exists and is not a regular file"),
             ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(GraphError::invalid(
-                FIELD,
+                field,
                 format!("cannot stat {path:?}: {e}"),
             ))
         }
@@ -487,11 +226,11 @@ pub(crate) fn probe_metadata_path(path: &str) -> Result<(), GraphError> {
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
         Ok(_) => Err(GraphError::invalid(
-            FIELD,
+            field,
             format!("{} is not a directory", dir.display()),
         )),
         Err(e) => Err(GraphError::invalid(
-            FIELD,
+            field,
             format!("directory {} of {path:?}: {e}", dir.display()),
         )),
     }

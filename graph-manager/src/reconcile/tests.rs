@@ -102,7 +102,7 @@ fn what_cannot_change_live_is_refused() {
         .to_string();
     assert!(e.contains("node.driver"), "{e}");
     let e = not_live(plan_change(&raw(0), &raw(4096)).unwrap_err(), "node", "r");
-    let (field, problem) = split_api_error(&e);
+    let (field, problem) = e.field_and_problem();
     assert_eq!(field, "node.raw.size");
     assert!(
         problem.ends_with(

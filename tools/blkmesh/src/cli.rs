@@ -122,7 +122,7 @@ pub struct UpArgs {
 /// Parses a non-zero size that is a multiple of 512: bytes, or a number with
 /// a k/M/G/T suffix (powers of 1024; `iB`/`B` accepted and ignored).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let n = blkmesh_manager::size::parse_size(s)?;
+    let n = blkmesh_graph::size::parse_size(s)?;
     if n == 0 || n % 512 != 0 {
         return Err("must be a non-zero multiple of 512 bytes".into());
     }
@@ -131,7 +131,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Formats a byte count for people: `64 MiB`, `1 GiB`, `1536 KiB`, `1000 bytes`.
 pub fn format_size(n: u64) -> String {
-    blkmesh_manager::size::format_size_iec(n)
+    blkmesh_graph::size::format_size_iec(n)
 }
 
 #[cfg(test)]

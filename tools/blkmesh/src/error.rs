@@ -101,7 +101,7 @@ pub enum Error {
     #[error("configuration {file} refused (nothing was started):\n{errors}")]
     Config {
         file: String,
-        errors: blkmesh_manager::config::ConfigErrors,
+        errors: blkmesh_graph::config::ConfigErrors,
     },
     #[error("cannot install a handler for {signal}")]
     Signal {

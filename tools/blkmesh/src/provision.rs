@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use blkmesh_graph::kinds::kind_of;
 use blkmesh_proto::client::{ClientConfig, ManagerChannel as Channel};
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
 use blkmesh_proto::v1::node_service_client::NodeServiceClient;
@@ -260,16 +261,5 @@ pub async fn wait_config_exports(
 }
 
 fn describe_driver(driver: Option<&Driver>) -> String {
-    match driver {
-        Some(Driver::IoUring(o)) => format!("io_uring on {}", o.path),
-        Some(Driver::Null(o)) => format!("null, {} bytes", o.size),
-        Some(Driver::Raw(o)) => format!("raw over {}", o.child),
-        Some(Driver::NvmeIoUring(o)) => format!("nvme-io_uring on {}", o.path),
-        Some(Driver::VirtioBlkVhostUser(o)) => format!("virtio-blk-vhost-user to {}", o.path),
-        Some(Driver::VirtioBlkVhostVdpa(o)) => format!("virtio-blk-vhost-vdpa on {}", o.path),
-        Some(Driver::Throttle(o)) => format!("throttle over {}", o.child),
-        Some(Driver::FaultInjection(o)) => format!("fault-injection over {}", o.child),
-        Some(Driver::Zoned(o)) => format!("zoned over {}", o.child),
-        None => "no driver".to_string(),
-    }
+    driver.map_or_else(|| "no driver".to_string(), |d| kind_of(d).summary())
 }

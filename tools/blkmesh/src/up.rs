@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use blkmesh_manager::config::Config;
+use blkmesh_graph::config::Config;
 
 use crate::banner::{Banner, BannerExport};
 use crate::cli::UpArgs;
@@ -80,7 +80,7 @@ pub struct ConfigFile {
 impl ConfigFile {
     /// Reads and checks the file as `blkmeshctl config check` does.
     pub fn load(path: &Path) -> Result<ConfigFile, Error> {
-        let config = blkmesh_manager::config::check(path).map_err(|errors| Error::Config {
+        let config = blkmesh_graph::config::check(path).map_err(|errors| Error::Config {
             file: path.display().to_string(),
             errors,
         })?;

@@ -23,7 +23,7 @@ pub(crate) enum ConfigCmd {
 /// `config check`: exit status 0 (valid) or 2 (not), without a manager.
 pub(crate) fn config_check(file: &std::path::Path, json: bool) -> ExitCode {
     use std::io::Write;
-    let result = blkmesh_manager::config::check(file);
+    let result = blkmesh_graph::config::check(file);
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     match result {

@@ -6,7 +6,7 @@ use blkmesh_proto::v1::{Event, ExportState, GetStatsResponse, IoStats, OpStats};
 use serde::Serialize;
 
 use crate::view::{print_json, print_table};
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::size::format_size;
 
 #[derive(Debug, Serialize)]
 struct HistogramView {

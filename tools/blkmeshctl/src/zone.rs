@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use crate::failure::Failure;
 use crate::view::Output;
-use blkmesh_manager::size::parse_size;
+use blkmesh_graph::size::parse_size;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ZoneCmd {

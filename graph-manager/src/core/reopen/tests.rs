@@ -1,5 +1,6 @@
 use super::*;
 use blkmesh_graph::ErrorClass;
+use blkmesh_proto::v1::node_spec::Driver;
 
 use crate::core::fixtures::{faults, raw, sized_state as state, throttle};
 use blkmesh_proto::v1::{IoUringOptions, NullOptions, NvmeIoUringOptions};

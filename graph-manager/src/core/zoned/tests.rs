@@ -1,4 +1,5 @@
 use super::*;
+use blkmesh_graph::kinds::zoned::{update_conflict, zone_source, zoned_size};
 use blkmesh_graph::ErrorClass;
 
 use crate::core::fixtures::{faults, raw, sized_state as state};
@@ -230,12 +231,13 @@ fn every_zoned_option_is_fixed() {
 fn metadata_path_probe() {
     let dir = tempfile::tempdir().unwrap();
     let ok = dir.path().join("zones.meta");
-    probe_metadata_path(ok.to_str().unwrap()).unwrap();
+    probe_metadata_path("node.zoned.metadata_path", ok.to_str().unwrap()).unwrap();
     std::fs::write(&ok, b"").unwrap();
-    probe_metadata_path(ok.to_str().unwrap()).unwrap();
-    let e = probe_metadata_path(dir.path().to_str().unwrap()).unwrap_err();
+    probe_metadata_path("node.zoned.metadata_path", ok.to_str().unwrap()).unwrap();
+    let e =
+        probe_metadata_path("node.zoned.metadata_path", dir.path().to_str().unwrap()).unwrap_err();
     assert!(e.to_string().contains("not a regular file"), "{e}");
     let missing = dir.path().join("nope/zones.meta");
-    let e = probe_metadata_path(missing.to_str().unwrap()).unwrap_err();
+    let e = probe_metadata_path("node.zoned.metadata_path", missing.to_str().unwrap()).unwrap_err();
     assert_eq!(e.field(), Some("node.zoned.metadata_path"));
 }

@@ -1,4 +1,11 @@
 use super::*;
+use blkmesh_proto::v1::fault_rule::Action;
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{
+    Bucket, FaultInjectionOptions, FaultRule, IoOp, IoUringOptions, NullOptions,
+    NvmeIoUringOptions, RawOptions, ThrottleLimits, ThrottleOptions, VirtioBlkVhostUserOptions,
+    VirtioBlkVhostVdpaOptions, ZonedOptions,
+};
 
 fn sample() -> State {
     let mut s = State::default();
@@ -226,7 +233,7 @@ fn state_with_new_node_kinds_round_trips_through_file() {
     save(&path, &s).unwrap();
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"IO_OP_WRITE_ZEROES\""), "{text}");
-    assert!(text.contains("\"delay_ns\": 10000000"), "{text}");
+    assert!(text.contains("\"delay_ns\": \"10000000\""), "{text}");
     assert_eq!(load(&path).unwrap(), s);
 }
 
@@ -240,7 +247,7 @@ fn rejects_state_with_unknown_fault_op() {
         .replace("IO_OP_WRITE_ZEROES", "IO_OP_FROB");
     fs::write(&path, text).unwrap();
     let e = load(&path).unwrap_err();
-    assert!(e.to_string().contains("unknown op \"IO_OP_FROB\""), "{e}");
+    assert!(e.to_string().contains("IO_OP_FROB"), "{e}");
 }
 
 #[test]
@@ -249,9 +256,10 @@ fn rejects_state_with_throttle_group_mismatch() {
     let path = dir.path().join(STATE_FILE);
     save(&path, &sample_new_kinds()).unwrap();
     // Change the first bucket of one group member only.
-    let text = fs::read_to_string(&path)
-        .unwrap()
-        .replacen("\"rate\": 1000,", "\"rate\": 999,", 1);
+    let text =
+        fs::read_to_string(&path)
+            .unwrap()
+            .replacen("\"rate\": \"1000\"", "\"rate\": \"999\"", 1);
     fs::write(&path, text).unwrap();
     let e = load(&path).unwrap_err();
     assert!(e.to_string().contains("throttle group \"g\""), "{e}");
@@ -292,14 +300,14 @@ fn fault_limits_round_trip_and_default_to_zero() {
     let s = sample_new_kinds();
     save(&path, &s).unwrap();
     let text = fs::read_to_string(&path).unwrap();
-    assert!(text.contains("\"max_transfer\": 65536"), "{text}");
+    assert!(text.contains("\"max_transfer\": \"65536\""), "{text}");
     assert!(text.contains("\"buf_alignment\": 4096"), "{text}");
     assert_eq!(load(&path).unwrap(), s);
     // Absent (an older file): zero.
     edit_json(&path, |v| {
         for n in v["nodes"].as_array_mut().unwrap() {
             let fi = n
-                .get_mut("driver")
+                .get_mut("spec")
                 .and_then(|d| d.get_mut("fault_injection"))
                 .and_then(|f| f.as_object_mut());
             if let Some(fi) = fi {
@@ -382,7 +390,7 @@ fn zoned_nodes_round_trip_with_zero_fields_left_out() {
     save(&path, &s).unwrap();
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"zoned\""), "{text}");
-    assert!(text.contains("\"zone_capacity\": 3145728"), "{text}");
+    assert!(text.contains("\"zone_capacity\": \"3145728\""), "{text}");
     assert!(
         text.contains("\"metadata_path\": \"/var/lib/blkmesh/z.zones\""),
         "{text}"
@@ -437,8 +445,8 @@ fn rejects_state_breaking_zoned_rules() {
     save(&path, &sample_zoned(0, 0)).unwrap();
     edit_json(&path, |v| {
         for n in v["nodes"].as_array_mut().unwrap() {
-            if n["name"] == "zr" {
-                n["driver"]["raw"]["offset"] = 4096.into();
+            if n["spec"]["name"] == "zr" {
+                n["spec"]["raw"]["offset"] = 4096.into();
             }
         }
     });
@@ -478,4 +486,184 @@ fn rejects_state_with_bad_fault_limits() {
     fs::write(&path, text).unwrap();
     let e = load(&path).unwrap_err();
     assert!(e.to_string().contains("buf_alignment"), "{e}");
+}
+
+/// A state with a node of every kind and every optional field set
+/// somewhere: io_uring (direct), null with latency, the device leaves,
+/// raw windows (explicit size and to the end), throttle (a group, absent
+/// and present buckets), fault injection (every action, limits), zoned
+/// (capacity, open/active limits), exports (spread, writable, serial,
+/// generations, queue placement over two workers) and config marks.
+fn sample_every_kind() -> State {
+    let mut s = sample_zoned(2 << 20, 2);
+    let kinds = sample_new_kinds();
+    s.sizes.extend(kinds.sizes.clone());
+    let more = [
+        NodeSpec {
+            name: "img".into(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: "/var/lib/blkmesh/images/img.raw".into(),
+                direct: true,
+                read_only: false,
+            })),
+        },
+        NodeSpec {
+            name: "win".into(),
+            driver: Some(Driver::Raw(RawOptions {
+                child: "img".into(),
+                offset: 1 << 20,
+                size: 4 << 20,
+            })),
+        },
+    ];
+    let specs: Vec<NodeSpec> = s
+        .graph
+        .iter()
+        .chain(kinds.graph.iter())
+        .cloned()
+        .chain(more)
+        .collect();
+    s.graph = Graph::from_specs(specs).unwrap();
+    s.sizes.insert("img".into(), 16 << 20);
+    s.sizes.insert("win".into(), 4 << 20);
+    s.workers.insert(
+        "w1".into(),
+        WorkerRecord {
+            socket: "/run/blkmesh/w1.sock".into(),
+            pid: 4242,
+        },
+    );
+    let spread = validate_export(&VhostUserBlkExport {
+        id: "et".into(),
+        node: "t2".into(),
+        socket: "/run/et.sock".into(),
+        num_queues: 3,
+        queue_size: 128,
+        logical_block_size: 4096,
+        writable: true,
+        serial: "serial-et".into(),
+        spread_queues: true,
+    })
+    .unwrap();
+    s.exports.insert(
+        "et".into(),
+        ExportRecord {
+            export: spread,
+            queues: vec!["w0".into(), "w1".into(), "w0".into()],
+            generation: 3,
+        },
+    );
+    let win = validate_export(&VhostUserBlkExport {
+        id: "ew".into(),
+        node: "win".into(),
+        socket: "/run/ew.sock".into(),
+        writable: true,
+        ..Default::default()
+    })
+    .unwrap();
+    s.exports.insert(
+        "ew".into(),
+        ExportRecord {
+            export: win,
+            queues: vec!["w1".into()],
+            generation: 0,
+        },
+    );
+    s.config_nodes
+        .extend(["img".to_string(), "win".to_string()]);
+    s.config_exports.insert("ew".into());
+    s
+}
+
+/// The state file as the version-1 writer (hand-written serde mirror)
+/// wrote it for [`sample_every_kind`], kept from before version 2.
+const STATE_V1: &str = include_str!("fixtures/state-v1.json");
+
+#[test]
+fn v1_file_loads_to_the_same_state_and_is_saved_as_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    fs::write(&path, STATE_V1).unwrap();
+    let s = sample_every_kind();
+    assert_eq!(load(&path).unwrap(), s);
+    // The next save writes version 2: the specs in the protobuf JSON
+    // mapping, in the manager's envelope.
+    save(&path, &s).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["version"], 2, "{text}");
+    let fi = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["spec"]["name"] == "fi")
+        .unwrap();
+    assert_eq!(fi["spec"]["fault_injection"]["rules"][0]["errno"], 5);
+    assert_eq!(
+        fi["spec"]["fault_injection"]["rules"][1]["delay_ns"],
+        "10000000"
+    );
+    assert_eq!(v["exports"][1]["export"]["spread_queues"], true, "{text}");
+    assert_eq!(v["exports"][1]["queues"][1], "w1", "{text}");
+    assert_eq!(load(&path).unwrap(), s);
+}
+
+/// The load error of `text` as a state file.
+fn load_error(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    fs::write(&path, text).unwrap();
+    let e = load(&path).unwrap_err();
+    assert!(matches!(e, ManagerError::CorruptState { .. }), "{e}");
+    e.to_string()
+}
+
+/// The version-1 fixture with `edit` applied to its JSON.
+fn v1_edited(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(STATE_V1).unwrap();
+    edit(&mut v);
+    v.to_string()
+}
+
+#[test]
+fn rejects_v1_files_of_another_shape() {
+    let e = load_error(&v1_edited(|v| {
+        v["nodes"][0].as_object_mut().unwrap().remove("driver");
+    }));
+    assert!(e.contains("node \"fi\": missing field `driver`"), "{e}");
+    let e = load_error(&v1_edited(|v| v["nodes"][1]["colour"] = "red".into()));
+    assert!(e.contains("node \"img\": unknown field `colour`"), "{e}");
+    let e = load_error(&v1_edited(|v| {
+        v["nodes"][0]["driver"]["fault_injection"]["rules"][0]["action"] = 5.into();
+    }));
+    assert!(e.contains("rule action: expected an object"), "{e}");
+    let e = load_error(&v1_edited(|v| {
+        v["exports"][0].as_object_mut().unwrap().remove("queues");
+    }));
+    assert!(e.contains("export \"e0\": missing field `queues`"), "{e}");
+    let e = load_error(&v1_edited(|v| v["nodes"] = 1.into()));
+    assert!(e.contains("nodes: expected a list"), "{e}");
+    let e = load_error(&v1_edited(|v| v["extra"] = 1.into()));
+    assert!(e.contains("unknown field `extra`"), "{e}");
+    // Reshaped, it still passes every rule of the API.
+    let e = load_error(&v1_edited(|v| {
+        v["nodes"][0]["driver"]["fault_injection"]["rules"][0]["ops"][0] = "IO_OP_FROB".into();
+    }));
+    assert!(e.contains("IO_OP_FROB"), "{e}");
+}
+
+#[test]
+fn rejects_v2_files_of_another_shape_or_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    save(&path, &sample()).unwrap();
+    let v2 = fs::read_to_string(&path).unwrap();
+    let e = load_error(&v2.replace("\"version\": 2", "\"version\": 3"));
+    assert!(e.contains("unsupported version 3 (expected 2)"), "{e}");
+    let e = load_error(&v2.replace("\"generation\"", "\"generations\""));
+    assert!(e.contains("unknown field `generations`"), "{e}");
+    let e = load_error(&v2.replace("\"latency_ns\"", "\"latency\""));
+    assert!(e.contains("latency"), "{e}");
+    let e = load_error(&v2.replace("\"version\": 2,", ""));
+    assert!(e.contains("missing field `version`"), "{e}");
 }

@@ -4,8 +4,8 @@
 use blkmesh_proto::v1::{Bucket, FaultInjectionOptions, FaultRule, ThrottleLimits};
 use clap::{ArgGroup, Args, Subcommand};
 
-use blkmesh_manager::rule::{parse_duration_ns, parse_rule};
-use blkmesh_manager::size::{parse_size, parse_size_u32};
+use blkmesh_graph::rule::{parse_duration_ns, parse_rule};
+use blkmesh_graph::size::{parse_size, parse_size_u32};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum NodeCmd {

@@ -317,18 +317,7 @@ async fn modify(
 
 /// A command applied to a node of the wrong kind.
 fn wrong_kind(spec: &NodeSpec, command: &str, applies_to: &str) -> Failure {
-    let driver = match &spec.driver {
-        None => "none",
-        Some(Driver::IoUring(_)) => "io_uring",
-        Some(Driver::Null(_)) => "null",
-        Some(Driver::NvmeIoUring(_)) => "nvme_io_uring",
-        Some(Driver::VirtioBlkVhostUser(_)) => "virtio_blk_vhost_user",
-        Some(Driver::VirtioBlkVhostVdpa(_)) => "virtio_blk_vhost_vdpa",
-        Some(Driver::Raw(_)) => "raw",
-        Some(Driver::Throttle(_)) => "throttle",
-        Some(Driver::FaultInjection(_)) => "fault_injection",
-        Some(Driver::Zoned(_)) => "zoned",
-    };
+    let driver = blkmesh_graph::driver_name(spec);
     Failure {
         code: "INVALID_ARGUMENT",
         message: format!(

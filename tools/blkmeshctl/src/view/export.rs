@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::table::{list_or_dash, print_json, print_table, yes_no};
 use super::Output;
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::size::format_size;
 
 #[derive(Debug, Serialize)]
 struct ExportView {

@@ -9,7 +9,7 @@ use super::options::{bucket_text, limits_view, options_text, rule_view, OptionsV
 use super::table::{list_or_dash, print_json, print_table, yes_no};
 use super::zone::{bytes_text, limit_text, zones_text, zones_view, ZonesView};
 use super::Output;
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::size::format_size;
 
 #[derive(Debug, Serialize)]
 struct NodeView {
@@ -100,6 +100,10 @@ fn node_view(n: &NodeInfo) -> NodeView {
                 metadata_path: o.metadata_path,
             },
         ),
+        // A kind added without a view of its own shows its options as the
+        // API's JSON has them.
+        #[allow(unreachable_patterns)]
+        Some(other) => OptionsView::other(other),
     };
     NodeView {
         name: spec.name,
@@ -256,6 +260,11 @@ impl Output {
             } => {
                 rows.push(("child", child.clone()));
                 rows.push(("metadata", metadata_path.clone()));
+            }
+            OptionsView::Other(options) => {
+                for (k, v) in OptionsView::other_pairs(options) {
+                    rule_rows.push((k, v));
+                }
             }
             OptionsView::None {} => {}
         }

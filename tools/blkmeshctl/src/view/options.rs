@@ -3,11 +3,13 @@
 //! `node info`.
 
 use blkmesh_proto::v1::fault_rule::Action;
-use blkmesh_proto::v1::{Bucket, FaultRule, ThrottleLimits};
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{Bucket, FaultRule, NodeSpec, ThrottleLimits};
 use serde::Serialize;
 
-use blkmesh_manager::rule::{errno_name, format_rule, op_name};
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::kinds::kind_of;
+use blkmesh_graph::rule::{errno_name, format_rule, op_name};
+use blkmesh_graph::size::format_size;
 
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
@@ -58,6 +60,44 @@ pub(super) enum OptionsView {
         metadata_path: String,
     },
     None {},
+    /// A kind without a view of its own: its options as the API's JSON
+    /// (protobuf JSON mapping, .proto field names).
+    Other(serde_json::Map<String, serde_json::Value>),
+}
+
+impl OptionsView {
+    /// The view of `driver`'s options for a kind without a view of its own.
+    pub(super) fn other(driver: Driver) -> (&'static str, OptionsView) {
+        let name = kind_of(&driver).name();
+        let spec = NodeSpec {
+            name: String::new(),
+            driver: Some(driver),
+        };
+        let options = match serde_json::to_value(&spec) {
+            Ok(serde_json::Value::Object(mut m)) => match m.remove(name) {
+                Some(serde_json::Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
+            },
+            _ => serde_json::Map::new(),
+        };
+        (name, OptionsView::Other(options))
+    }
+
+    /// `key=value` per option of [`OptionsView::Other`], strings bare.
+    pub(super) fn other_pairs(
+        options: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(String, String)> {
+        options
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
 }
 
 /// All six buckets; rate 0 = unlimited, burst 0 = the rate.
@@ -236,6 +276,11 @@ pub(super) fn options_text(o: &OptionsView) -> String {
             metadata_path,
             ..
         } => format!("child={child} metadata={metadata_path}"),
+        OptionsView::Other(options) => OptionsView::other_pairs(options)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         OptionsView::None {} => String::new(),
     }
 }
@@ -247,5 +292,38 @@ pub(super) fn bucket_text(b: &BucketView, bytes: bool) -> String {
         (0, _) => "unlimited".into(),
         (rate, 0) => format!("{}/s", fmt(rate)),
         (rate, burst) => format!("{}/s, burst {}", fmt(rate), fmt(burst)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmesh_proto::v1::RawOptions;
+
+    /// The generic view a kind without a view of its own gets (shown here
+    /// with a kind that has one).
+    #[test]
+    fn other_kinds_show_their_api_options() {
+        let (name, view) = OptionsView::other(Driver::Raw(RawOptions {
+            child: "c".into(),
+            offset: 512,
+            size: 0,
+        }));
+        assert_eq!(name, "raw");
+        let OptionsView::Other(options) = &view else {
+            panic!("{view:?}");
+        };
+        assert_eq!(
+            serde_json::to_value(&view).unwrap(),
+            serde_json::json!({"child": "c", "offset": "512"})
+        );
+        assert_eq!(
+            OptionsView::other_pairs(options),
+            [
+                ("child".to_string(), "c".to_string()),
+                ("offset".to_string(), "512".to_string())
+            ]
+        );
+        assert_eq!(options_text(&view), "child=c offset=512");
     }
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::table::{print_json, print_table};
 use super::Output;
-use blkmesh_manager::size::format_size;
+use blkmesh_graph::size::format_size;
 
 /// `NodeInfo.zones` / `ReportZonesResponse.info`.
 #[derive(Debug, Serialize)]

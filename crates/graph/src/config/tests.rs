@@ -57,7 +57,7 @@ const NULL_A: &str = "[[node]]\nname = \"a\"\nnull = { size = \"1M\" }\n";
 
 #[test]
 fn example_file_is_valid() {
-    let text = include_str!("../../../deploy/config/blkmesh.toml");
+    let text = include_str!("../../../../deploy/config/blkmesh.toml");
     let c = ok(text);
     let names: Vec<&str> = c.nodes().iter().map(|n| n.spec.name.as_str()).collect();
     assert_eq!(names, ["disk0", "slow", "scratch-base", "scratch"]);

@@ -8,9 +8,7 @@ use std::ops::Range;
 
 use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport};
 
-use crate::core::error::ApiError;
-
-use crate::config::fields::{export_field, node_field, split_api_error};
+use crate::config::fields::{export_field, node_field, FieldError};
 
 /// Largest configuration file read, in bytes.
 pub const MAX_CONFIG_LEN: u64 = 16 << 20;
@@ -179,16 +177,27 @@ impl Config {
         position(&self.text, at.span.start).0
     }
 
+    /// An error about `rel` (a path relative to the node's table, `""`:
+    /// the table).
+    pub fn node_error_at(
+        &self,
+        node: &ConfigNode,
+        rel: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        self.error_in(&node.at, rel, message)
+    }
+
     /// A rejected node, located at the field the API names.
-    pub(crate) fn node_error(&self, node: &ConfigNode, e: &ApiError) -> ConfigError {
-        let (api_field, problem) = split_api_error(e);
+    pub fn node_error(&self, node: &ConfigNode, e: &impl FieldError) -> ConfigError {
+        let (api_field, problem) = e.field_and_problem();
         let rel = node_field(&node.spec, &api_field);
         self.error_in(&node.at, &rel, problem)
     }
 
     /// A rejected export, located at the field the API names.
-    pub(crate) fn export_error(&self, export: &ConfigExport, e: &ApiError) -> ConfigError {
-        let (api_field, problem) = split_api_error(e);
+    pub fn export_error(&self, export: &ConfigExport, e: &impl FieldError) -> ConfigError {
+        let (api_field, problem) = e.field_and_problem();
         let rel = export_field(&api_field);
         self.error_in(&export.at, &rel, problem)
     }
@@ -207,10 +216,12 @@ pub(crate) fn position(text: &str, at: usize) -> (usize, usize) {
     (line, before[start..].chars().count() + 1)
 }
 
-/// The names of the config's nodes and ids of its exports.
-pub(crate) fn names(config: &Config) -> (BTreeSet<String>, BTreeSet<String>) {
-    (
-        config.nodes.iter().map(|n| n.spec.name.clone()).collect(),
-        config.exports.iter().map(|e| e.export.id.clone()).collect(),
-    )
+impl Config {
+    /// The names of the file's nodes and the ids of its exports.
+    pub fn names(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        (
+            self.nodes.iter().map(|n| n.spec.name.clone()).collect(),
+            self.exports.iter().map(|e| e.export.id.clone()).collect(),
+        )
+    }
 }

@@ -16,8 +16,9 @@ use crate::rule::{parse_rule, RuleBuilder, RULE_KEYS};
 
 use crate::config::document::ConfigError;
 use crate::config::document::{Config, ConfigErrors, ConfigExport, ConfigNode, MAX_CONFIG_LEN};
-use crate::config::fields::{DRIVERS, THROTTLE_KEYS};
+use crate::config::fields::THROTTLE_KEYS;
 use crate::config::reader::{a_type, Parser, Tbl};
+use crate::kinds::KIND_NAMES as DRIVERS;
 
 /// Reads and parses the file at `path` (types and keys; see [`crate::config::check`]).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -174,7 +175,7 @@ impl Parser<'_> {
                         "missing: the size of the file to create, e.g. \"1G\"",
                     );
                 }
-                Some(n) if n == 0 || n % blkmesh_graph::SECTOR_SIZE != 0 => {
+                Some(n) if n == 0 || n % crate::fields::SECTOR_SIZE != 0 => {
                     let span = c
                         .table
                         .get("size")
@@ -380,8 +381,7 @@ impl Parser<'_> {
                     &KEYS,
                 )
             }
-            _ => {
-                // fault_injection
+            "fault_injection" => {
                 let child = self.required_string(&mut t, "child", "the name of the child node");
                 let rules = self.rules(&mut t);
                 let max_transfer = self.size(&mut t, "max_transfer").unwrap_or(0);
@@ -406,6 +406,8 @@ impl Parser<'_> {
                     ],
                 )
             }
+            // A kind without keys of its own here: the API's JSON.
+            _ => return self.api_driver(node, kind),
         };
         self.unknown_keys(&t, "key", allowed);
         driver

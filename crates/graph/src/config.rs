@@ -1,6 +1,7 @@
 //! The declarative configuration file: nodes and exports in TOML, applied
 //! by the manager at start (`--config`) and reconciled with its persisted
-//! state (`reconcile.rs`).
+//! state (the manager's `reconcile.rs`), checked offline by
+//! `blkmeshctl config check` and `blkmesh up` ([`check`]).
 //!
 //! ```toml
 //! [[node]]
@@ -34,14 +35,18 @@
 //! whose field names (`node.throttle.limits.iops_total.rate`) are mapped to
 //! the file's.
 
-pub(crate) mod document;
-pub(crate) mod fields;
+mod check;
+mod document;
+mod fields;
+mod generic;
 mod parse;
 mod reader;
 
 use std::path::Path;
 
+pub use check::{check_file, check_new_node, FileCheck};
 pub use document::{Config, ConfigError, ConfigErrors, ConfigExport, ConfigNode, MAX_CONFIG_LEN};
+pub use fields::FieldError;
 pub use parse::{load, parse};
 
 /// Reads and parses the file at `path` and runs the API's validation on it
@@ -52,14 +57,14 @@ pub use parse::{load, parse};
 /// devices, sockets) and the objects it already has.
 pub fn check(path: &Path) -> Result<Config, ConfigErrors> {
     let config = load(path)?;
-    crate::reconcile::validate(&config)?;
+    check::validate(&config)?;
     Ok(config)
 }
 
 /// Like [`check`], for text.
 pub fn check_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     let config = parse(file, text)?;
-    crate::reconcile::validate(&config)?;
+    check::validate(&config)?;
     Ok(config)
 }
 

@@ -1,23 +1,10 @@
 //! The API's field names (`node.throttle.limits.iops_total.rate`) as
 //! paths in the configuration file (`throttle.iops`).
 
-use blkmesh_graph::GraphError;
 use blkmesh_proto::v1::NodeSpec;
 
-use crate::core::error::ApiError;
-
-/// The driver keys of a node, as in `NodeSpec.driver`.
-pub(crate) const DRIVERS: [&str; 9] = [
-    "io_uring",
-    "null",
-    "nvme_io_uring",
-    "virtio_blk_vhost_user",
-    "virtio_blk_vhost_vdpa",
-    "raw",
-    "zoned",
-    "throttle",
-    "fault_injection",
-];
+use crate::error::GraphError;
+use crate::kinds::driver_name;
 
 /// Throttle keys: (key, bucket in `ThrottleLimits`, is a burst, counts bytes).
 pub(crate) const THROTTLE_KEYS: [(&str, &str, bool, bool); 12] = [
@@ -35,13 +22,17 @@ pub(crate) const THROTTLE_KEYS: [(&str, &str, bool, bool); 12] = [
     ("bps_write_burst", "bps_write", true, true),
 ];
 
-/// The API field an error is about (`""`: none) and the problem without it.
-pub(crate) fn split_api_error(e: &ApiError) -> (String, String) {
-    match e {
-        ApiError::Graph(g) => graph_error_parts(g),
-        ApiError::Missing(f) => ((*f).to_string(), "must be set".to_string()),
-        ApiError::Invalid { field, problem } => (field.clone(), problem.clone()),
-        other => (String::new(), other.to_string()),
+/// An error about a request field, placed in a configuration file by
+/// that field ([`Config::node_error`](crate::config::Config::node_error)).
+pub trait FieldError {
+    /// The API field the error is about (`""`: none) and the problem
+    /// without it.
+    fn field_and_problem(&self) -> (String, String);
+}
+
+impl FieldError for GraphError {
+    fn field_and_problem(&self) -> (String, String) {
+        graph_error_parts(self)
     }
 }
 
@@ -82,7 +73,7 @@ fn graph_error_parts(g: &GraphError) -> (String, String) {
 /// The path in a node's table of an API field (`node.throttle.limits.iops_total.burst`
 /// → `throttle.iops_burst`); `""` is the node's table.
 pub(crate) fn node_field(spec: &NodeSpec, api: &str) -> String {
-    let driver = blkmesh_graph::driver_name(spec);
+    let driver = driver_name(spec);
     match api {
         "node.name" | "name" => return "name".into(),
         "" | "node" | "node.driver" => return String::new(),
