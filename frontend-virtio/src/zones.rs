@@ -62,7 +62,7 @@ fn action_of(cmd: &ZoneCommand) -> Result<ZoneAction, Done> {
 }
 
 /// Runs `cmd` on `target` (`Err` when the export cannot take zone
-/// commands) and returns the answer for `ZoneCommandDone`. Blocking.
+/// commands) and returns the zone answer for the manager. Blocking.
 pub fn run(target: Result<ZoneTarget, Done>, cmd: &ZoneCommand) -> Done {
     let t = match target {
         Ok(t) => t,

@@ -62,8 +62,8 @@ fn get_stats(cluster: &Cluster) -> GetStatsResponse {
     })
 }
 
-/// Waits until the frontend reports the export SERVING (its ReportExport
-/// calls go through TLS and the token) and both stats reporters have
+/// Waits until the frontend reports the export SERVING (its agent session
+/// goes through TLS and the token) and both stats reporters have
 /// counted the writes.
 fn wait_serving_and_counted(cluster: &Cluster, id: &str, node: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -1,6 +1,6 @@
 //! UpdateNode, ResizeNode, plan generations and export states, against a
 //! real manager in-process. Frontends are played by the tests: they open a
-//! `FrontendService.Register` stream and answer plans with `ReportExport`.
+//! frontend agent session and answer plans with export statuses.
 
 #![allow(
     clippy::unwrap_used,
@@ -804,7 +804,7 @@ async fn failed_resize_is_rolled_back() {
     m.stop().await.unwrap();
 }
 
-// ----- export states, ReportExport, AddExport waiting -----
+// ----- export states, export statuses, AddExport waiting -----
 
 #[tokio::test]
 async fn add_export_without_frontend_is_pending_at_once() {
