@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use blkmesh_ipc::notify::Doorbell;
-use blkmesh_ipc::poll::Poller;
+use blkmesh_ipc::poll::{Poller, Wait};
 use blkmesh_ipc::ring::{
     Completion, CompletionSender, Op, QueueRings, Received, Request, RequestReceiver, Segment,
     FLAG_FUA, HEARTBEAT_INTERVAL,
@@ -225,7 +225,7 @@ impl QueueLoop {
             need_kick: false,
             posted: 0,
             corrupted: false,
-            poller: Poller::from_env(),
+            poller: Poller::from_env(blkmesh_ipc::poll::DEFAULT_PEER_MAX),
             root_stats,
             leaf_stats,
             _rings: setup.rings,
@@ -233,6 +233,10 @@ impl QueueLoop {
     }
 
     fn run(mut self) {
+        match blkmesh_ipc::placement::place_queue_thread(self.index) {
+            Ok(cpu) => tracing::debug!(queue = self.index, ?cpu, "queue thread placed"),
+            Err(e) => tracing::warn!(queue = self.index, "{e}; the queue runs unplaced"),
+        }
         let epoll = match self.epoll() {
             Ok(e) => e,
             Err(e) => {
@@ -278,9 +282,10 @@ impl QueueLoop {
             // little, then announce sleep (unless requests raced in) and wait.
             self.kick_frontend();
             let idle_since = Instant::now();
+            let wait = Wait::with_inflight(self.inflight);
             if !stopping {
                 let mut poller = self.poller;
-                let found = poller.poll(|| {
+                let found = poller.poll(wait, || {
                     self.rx.has_new() || self.driver_has_completions() || self.timer_due()
                 });
                 self.poller = poller;
@@ -294,7 +299,7 @@ impl QueueLoop {
             let timeout = self.next_timer();
             let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.rx.woke();
-            self.poller.slept(idle_since.elapsed());
+            self.poller.slept(wait, idle_since.elapsed());
             for ev in &events[..n] {
                 match ev.data() {
                     EV_KICK => {

@@ -12,6 +12,7 @@
 //!   (region, offset, length) segments into checked host buffers.
 //! - [`notify`]: eventfd doorbells, rung only when the peer sleeps.
 //! - [`poll`]: adaptive polling before sleeping.
+//! - [`placement`]: one virtqueue's frontend and worker threads on one CPU.
 //! - [`buckets`]: token buckets shared by name between workers (throttle groups).
 //! - [`inflight`]: vhost-user inflight I/O tracking shared with the VMM.
 //! - [`channel`]: the control channel (SOCK_SEQPACKET + SCM_RIGHTS) carrying
@@ -25,6 +26,7 @@ pub mod channel;
 pub mod guest_ram;
 pub mod inflight;
 pub mod notify;
+pub mod placement;
 pub mod poll;
 pub mod ring;
 pub mod shm;

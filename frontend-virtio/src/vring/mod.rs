@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use blkmesh_ipc::inflight::{InflightQueue, Recovered};
 use blkmesh_ipc::notify::Doorbell;
-use blkmesh_ipc::poll::Poller;
+use blkmesh_ipc::poll::{Poller, Wait};
 use blkmesh_ipc::ring::Op;
 use blkmesh_ipc::ring::{CompletionReceiver, Request, RequestSender, Segment};
 use blkmesh_stats::{IoCounters, OpKind};
@@ -261,7 +261,7 @@ pub fn run(mut setup: VringSetup) -> Queue {
         segs: Vec::with_capacity(crate::config::RING_MAX_SEGMENTS as usize),
         parts: Vec::with_capacity(16),
         guest_notify: true,
-        poller: Poller::from_env(),
+        poller: Poller::from_env(blkmesh_ipc::poll::DEFAULT_GUEST_MAX),
         errors_logged: 0,
     };
     v.resubmit_recovered(&recovered.heads);
@@ -278,6 +278,11 @@ impl Vring {
     }
 
     fn run(&mut self) {
+        let queue = u32::from(self.s.index);
+        match blkmesh_ipc::placement::place_queue_thread(queue) {
+            Ok(cpu) => tracing::debug!(queue, ?cpu, "queue thread placed"),
+            Err(e) => tracing::warn!(queue, "{e}; the queue runs unplaced"),
+        }
         let epoll = match self.epoll() {
             Ok(e) => e,
             Err(e) => {
@@ -287,7 +292,7 @@ impl Vring {
         };
         let mut events = [EpollEvent::empty(); 4];
         let mut stop_deadline: Option<Instant> = None;
-        let mut idle_since: Option<Instant> = None;
+        let mut idle_since: Option<(Instant, Wait)> = None;
         loop {
             if let Some(ends) = self.s.control.take_replacement() {
                 self.replace_worker(ends, &epoll);
@@ -359,12 +364,13 @@ impl Vring {
                 continue;
             }
             if cmd == Command::Run {
-                idle_since.get_or_insert_with(Instant::now);
+                let (_, wait) = *idle_since
+                    .get_or_insert_with(|| (Instant::now(), Wait::with_inflight(self.inflight)));
                 let gm = mem.guest_memory();
                 let completions = &self.s.completions;
                 let queue_new = |q: &Self| q.guest_has_new(gm);
                 let mut poller = self.poller;
-                let found = poller.poll(|| completions.has_new() || queue_new(self));
+                let found = poller.poll(wait, || completions.has_new() || queue_new(self));
                 self.poller = poller;
                 if found {
                     idle_since = None;
@@ -387,8 +393,8 @@ impl Vring {
             };
             let n = epoll.wait(&mut events, timeout).unwrap_or(0);
             self.s.completions.woke();
-            if let Some(t) = idle_since.take() {
-                self.poller.slept(t.elapsed());
+            if let Some((t, wait)) = idle_since.take() {
+                self.poller.slept(wait, t.elapsed());
             }
             self.clear_events(&events[..n]);
         }
