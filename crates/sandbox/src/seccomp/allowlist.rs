@@ -177,6 +177,9 @@ pub(crate) const WORKER: &[Sys] = sys![
     SYS_memfd_create,
     // Removing the worker socket on SIGTERM; shm_unlink of a throttle group.
     SYS_unlinkat,
+    // A queue thread moving itself to its queue's CPU (placement); only
+    // the calling thread (see `rules`).
+    SYS_sched_setaffinity,
 ];
 #[cfg(target_arch = "x86_64")]
 pub(crate) const WORKER_LEGACY: &[Sys] = sys![SYS_unlink];
@@ -203,6 +206,9 @@ pub(crate) const FRONTEND: &[Sys] = sys![
     SYS_ftruncate,
     // SIGKILL to a worker that stopped answering (fencing).
     SYS_kill,
+    // A queue thread moving itself to its queue's CPU (placement); only
+    // the calling thread (see `rules`).
+    SYS_sched_setaffinity,
 ];
 #[cfg(target_arch = "x86_64")]
 // renameat: glibc's renameat2() with no flags calls it where it exists.

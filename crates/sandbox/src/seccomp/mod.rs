@@ -44,7 +44,9 @@
 //! worker, the forms glibc uses on other architectures (`*at`, `ppoll`,
 //! `epoll_pwait`), and the frontend's `mkdirat`, `renameat2` and
 //! `unlinkat` of the private directory its export sockets are bound in
-//! ([`crate::SocketPolicy::listen_unix`], added after those traces). Nothing on them changes identity, mounts, namespaces,
+//! ([`crate::SocketPolicy::listen_unix`], added after those traces), and
+//! the queue threads' `sched_setaffinity` of themselves (queue placement,
+//! `blkmesh_ipc::placement`, also later). Nothing on them changes identity, mounts, namespaces,
 //! traces or executes: `execve`, `ptrace`, `process_vm_readv`, `mount`,
 //! `unshare`, `setns`, `bpf`, `perf_event_open`, `keyctl`, `setuid`, module
 //! loading and the like fail for every kind, and `io_uring_*` is allowed for
@@ -52,6 +54,7 @@
 //!
 //! Argument checks on top of the lists:
 //!
+//! - `sched_setaffinity` only with pid 0, the calling thread;
 //! - `clone` only without `CLONE_NEW*` flags (no new namespaces: creating a
 //!   user namespace is how many kernel exploits start), and `clone3`, whose
 //!   flags BPF cannot read, fails with `ENOSYS` so glibc falls back to
@@ -264,6 +267,8 @@ fn rules(kind: Kind, nr: i64) -> Vec<SeccompRule> {
         .into_iter()
         .map(|op| eq32(0, op))
         .collect(),
+        // sched_setaffinity(0, ...): the calling thread, never another.
+        libc::SYS_sched_setaffinity => vec![eq32(0, 0)],
         // prlimit64(pid, resource, new_limit = NULL, old_limit): read only.
         libc::SYS_prlimit64 => vec![rule(vec![cond(2, Qword, Eq, 0)])],
         _ => Vec::new(),
