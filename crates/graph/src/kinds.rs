@@ -34,9 +34,17 @@ pub trait NodeKind {
     /// `raw`, ...), also the key in the configuration and state files.
     fn name(&self) -> &'static str;
 
+    /// The one child of a filter: a node that passes requests through to
+    /// it, at its size, and grows with it (throttle, fault injection). The
+    /// defaults of [`children`](Self::children) and [`grow`](Self::grow)
+    /// follow from it.
+    fn filter_child(&self) -> Option<&str> {
+        None
+    }
+
     /// The names of the child nodes, in the order the options list them.
     fn children(&self) -> Vec<&str> {
-        Vec::new()
+        self.filter_child().into_iter().collect()
     }
 
     /// The request field naming the children, for errors
@@ -64,10 +72,17 @@ pub trait NodeKind {
 
     /// How the node grows to `size` bytes (ResizeNode), its child being
     /// `child_size` bytes (0: not known); `at` names the node in errors
-    /// (`"w0" (under node "top")`). By default it cannot grow.
+    /// (`"w0" (under node "top")`). By default a filter grows with its
+    /// child and anything else cannot grow.
     fn grow(&self, size: u64, child_size: u64, at: &str) -> Result<Grow, GraphError> {
-        let _ = (size, child_size);
-        Err(cannot_grow(self.name(), at))
+        let _ = child_size;
+        match self.filter_child() {
+            Some(child) => Ok(Grow::Child {
+                child: child.to_string(),
+                size,
+            }),
+            None => Err(cannot_grow(self.name(), at)),
+        }
     }
 
     /// Whether one connection holds the node at a time (a leaf that serves

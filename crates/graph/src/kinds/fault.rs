@@ -8,7 +8,7 @@ use blkmesh_proto::v1::{FaultInjectionOptions, FaultRule, IoOp, NodeSpec};
 
 use crate::error::GraphError;
 use crate::fields::{validate_child, SECTOR_SIZE};
-use crate::kinds::{other_kind, Grow, NodeKind};
+use crate::kinds::{other_kind, NodeKind};
 use crate::update::{same_child, Changes};
 
 /// Most rules of a fault-injection node.
@@ -25,8 +25,8 @@ impl NodeKind for FaultInjectionOptions {
         "fault_injection"
     }
 
-    fn children(&self) -> Vec<&str> {
-        vec![self.child.as_str()]
+    fn filter_child(&self) -> Option<&str> {
+        Some(&self.child)
     }
 
     fn child_field(&self) -> &'static str {
@@ -44,14 +44,6 @@ impl NodeKind for FaultInjectionOptions {
     /// Its child's.
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(child_size)
-    }
-
-    /// With its child.
-    fn grow(&self, size: u64, _child_size: u64, _at: &str) -> Result<Grow, GraphError> {
-        Ok(Grow::Child {
-            child: self.child.clone(),
-            size,
-        })
     }
 
     /// The rules and the limits change; the child is fixed.

@@ -6,7 +6,7 @@ use blkmesh_proto::v1::{Bucket, ThrottleLimits, ThrottleOptions};
 
 use crate::error::GraphError;
 use crate::fields::{validate_child, validate_name};
-use crate::kinds::{other_kind, Grow, NodeKind};
+use crate::kinds::{other_kind, NodeKind};
 use crate::update::{cannot_change, same_child, Changes};
 
 /// Largest rate or burst of a throttle bucket (10^15, as QEMU's
@@ -20,8 +20,8 @@ impl NodeKind for ThrottleOptions {
         "throttle"
     }
 
-    fn children(&self) -> Vec<&str> {
-        vec![self.child.as_str()]
+    fn filter_child(&self) -> Option<&str> {
+        Some(&self.child)
     }
 
     fn child_field(&self) -> &'static str {
@@ -39,14 +39,6 @@ impl NodeKind for ThrottleOptions {
     /// Its child's.
     fn size(&self, child_size: u64, _probed: Option<u64>) -> Result<u64, GraphError> {
         Ok(child_size)
-    }
-
-    /// With its child.
-    fn grow(&self, size: u64, _child_size: u64, _at: &str) -> Result<Grow, GraphError> {
-        Ok(Grow::Child {
-            child: self.child.clone(),
-            size,
-        })
     }
 
     /// The limits change (for the whole group: the manager updates every
