@@ -14,7 +14,9 @@
 #   RUN_SECONDS [10]    measured seconds per run;  WARMUP [1] warm-up seconds
 #   IMAGE_SIZE [1G]     image size (pre-filled with dd, kept in page cache)
 #   CLIENT_CPU [0]      SERVER_CPU [1]
-#   TARGETS ["qsd-file blkmesh-file qsd-null blkmesh-null"]
+#   TARGETS ["qsd-file blkmesh-file qsd-null blkmesh-null iouring-file"]
+#     iouring-file is the ceiling: no server, the client itself drives the
+#     image with libblkio's io_uring driver (blkmesh-io --file) on CLIENT_CPU
 #   WORKLOADS           subset of workload names (see WORKLOAD_LIST below)
 #   WORKDIR [mktemp]    scratch dir: image, sockets, logs, results.tsv
 #   QSD [qemu-storage-daemon]   BLKMESH_BIN [target/release/blkmesh]
@@ -38,7 +40,7 @@ WARMUP=${WARMUP:-1}
 IMAGE_SIZE=${IMAGE_SIZE:-1G}
 CLIENT_CPU=${CLIENT_CPU:-0}
 SERVER_CPU=${SERVER_CPU:-1}
-TARGETS=${TARGETS:-"qsd-file blkmesh-file qsd-null blkmesh-null"}
+TARGETS=${TARGETS:-"qsd-file blkmesh-file qsd-null blkmesh-null iouring-file"}
 QSD=${QSD:-qemu-storage-daemon}
 BLKMESH_BIN=${BLKMESH_BIN:-$ROOT/target/release/blkmesh}
 BLKMESH_BIN_OLD=${BLKMESH_BIN_OLD:-}
@@ -54,6 +56,7 @@ WORKLOAD_LIST=(
     "4k-randread-qd32|randread|4k|32|1"
     "4k-randwrite-qd32|randwrite|4k|32|1"
     "64k-read-qd8|read|64k|8|1"
+    "128k-read-qd8|read|128k|8|1"
     "4k-randread-qd1|randread|4k|1|1"
     "4k-randread-qd32-q2|randread|4k|32|2"
     "4k-randread-qd32-q4|randread|4k|32|4"
@@ -193,6 +196,11 @@ start_blkmesh_null() {
     launch blkmesh-null $(expand "$BLKMESH_START_NULL")
 }
 
+# The ceiling: no server; run_point gives the client the image itself.
+start_iouring_file() {
+    SOCKET= SERVER_PID=
+}
+
 # The same two with the BLKMESH_BIN_OLD build.
 start_blkmesh_old_file() {
     SOCKET=$WORKDIR/blkmesh-old-file.sock
@@ -269,8 +277,9 @@ run_point() {
     local w0 w1
     w0=$(group_switches "$SERVER_PID")
     m0=$(machine_ticks) s0=$(group_ticks "$SERVER_PID") t0=$(date +%s.%N)
-    local TIMEFORMAT='%3U %3S'
-    { time taskset -c "$CLIENT_CPU" "$CLIENT" --socket "$SOCKET" --queues "$queues" \
+    local TIMEFORMAT='%3U %3S' device=(--socket "$SOCKET")
+    [[ $target == iouring-file ]] && device=(--file "$IMAGE")
+    { time taskset -c "$CLIENT_CPU" "$CLIENT" "${device[@]}" --queues "$queues" \
         --timeout 30 bench --rw "$rw" --bs "$bs" --qd "$qd" \
         --seconds "$RUN_SECONDS" --warmup "$WARMUP" --json >"$out" 2>"$WORKDIR/client.err"; } \
         2>"$ctime" || status=$?
@@ -360,6 +369,18 @@ print_table() {
             done
         done
     fi
+    if [[ " $TARGETS " == *" iouring-file "* ]]; then
+        echo
+        echo "Against the ceiling: libblkio io_uring straight on the image, in the client (no server), same runs:"
+        echo
+        echo "| workload | io_uring IOPS | blkmesh IOPS | blkmesh/io_uring | qsd IOPS | qsd/io_uring | io_uring p99 | blkmesh p99 |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        for w in $WORKLOADS; do
+            local ci bi qi
+            ci=$(median "$w" iouring-file 4) bi=$(median "$w" blkmesh-file 4) qi=$(median "$w" qsd-file 4)
+            echo "| $w | $ci | $bi | $(ratio "$bi" "$ci") | $qi | $(ratio "$qi" "$ci") | $(median "$w" iouring-file 7) | $(median "$w" blkmesh-file 7) |"
+        done
+    fi
     echo
     echo "ratio = blkmesh/qsd (IOPS: higher is better; p99: lower is better)."
     echo "CPU-us/IO and sw/IO: the server's CPU time and context switches (all its processes and threads) per I/O."
@@ -400,7 +421,7 @@ fi
 ACTIVE=()
 for t in $TARGETS; do
     case $t in
-        qsd-file | qsd-null) ACTIVE+=("$t") ;;
+        qsd-file | qsd-null | iouring-file) ACTIVE+=("$t") ;;
         blkmesh-file | blkmesh-null)
             # A custom start template counts as "blkmesh available".
             if [[ -x $BLKMESH_BIN || -n $BLKMESH_OVERRIDE ]]; then

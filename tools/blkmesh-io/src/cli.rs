@@ -16,8 +16,20 @@ use crate::cmd::parse_size;
 #[command(name = "blkmesh-io", version, after_help = COMMANDS_HELP)]
 pub struct Cli {
     /// vhost-user-blk Unix socket.
-    #[arg(short = 's', long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(
+        short = 's',
+        long,
+        value_name = "PATH",
+        required_unless_present = "file",
+        conflicts_with = "file"
+    )]
+    pub socket: Option<PathBuf>,
+
+    /// Instead of an export, drive this file or block device directly with
+    /// libblkio's io_uring driver (through the page cache): the ceiling a
+    /// server is measured against. Not with --driver native.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
 
     /// Number of virtqueues to start.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
@@ -222,6 +234,17 @@ mod tests {
         assert_eq!(b.bs, 65536);
         assert_eq!(b.qd, 8);
         assert_eq!(b.rw, RwMode::Randread);
+    }
+
+    #[test]
+    fn takes_a_socket_or_a_file_never_both_nor_neither() {
+        let cli = Cli::try_parse_from(["blkmesh-io", "--file", "/f", "-c", "info"]).unwrap();
+        assert_eq!(cli.file.as_deref(), Some(std::path::Path::new("/f")));
+        assert_eq!(cli.socket, None);
+        assert!(
+            Cli::try_parse_from(["blkmesh-io", "-s", "/s", "--file", "/f", "-c", "info"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["blkmesh-io", "-c", "info"]).is_err());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cli::{Cli, DriverKind, Mode};
-use crate::device::{Device, DeviceConfig, DeviceError, PoolError};
+use crate::device::{Device, DeviceConfig, DeviceError, DeviceTarget, PoolError};
 use crate::native::{NativeConfig, NativeDevice, NativeError};
 
 /// Everything that can stop a run.
@@ -133,8 +133,14 @@ fn run_inner(cli: &Cli) -> Result<(), Error> {
         return Err(Error::Usage("--timeout must be positive".into()));
     }
     let queues = usize::from(cli.queues);
+    // clap requires exactly one of the two.
+    let target = match (&cli.socket, &cli.file) {
+        (Some(s), _) => DeviceTarget::Socket(s.clone()),
+        (None, Some(f)) => DeviceTarget::File(f.clone()),
+        (None, None) => return Err(Error::Usage("give --socket or --file".into())),
+    };
     let mut config = DeviceConfig {
-        socket: cli.socket.clone(),
+        target,
         queues,
         poll_queues: cli.poll,
         queue_size: cli.queue_size,
@@ -192,8 +198,14 @@ fn run_inner(cli: &Cli) -> Result<(), Error> {
                     exec::run(&mut target, &cmds, opts, &mut out)?
                 }
                 DriverKind::Native => {
+                    let DeviceTarget::Socket(socket) = &config.target else {
+                        return Err(Error::Usage(
+                            "the native driver (and zone commands) needs an export: give --socket, not --file"
+                                .into(),
+                        ));
+                    };
                     let native = NativeConfig {
-                        socket: cli.socket.clone(),
+                        socket: socket.clone(),
                         queues,
                         queue_size: cli.queue_size,
                         read_only: cli.read_only,

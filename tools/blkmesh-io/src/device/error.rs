@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::shared::DRIVER;
-
 /// Errors from setting up or waiting on the device.
 #[derive(Debug, Error)]
 pub enum DeviceError {
-    #[error("cannot create the {DRIVER} driver")]
-    Create(#[source] blkio::Error),
+    #[error("cannot create the {driver} driver")]
+    Create {
+        driver: &'static str,
+        #[source]
+        source: blkio::Error,
+    },
     #[error("cannot set {name}={value}")]
     SetProperty {
         name: &'static str,
@@ -25,6 +27,12 @@ pub enum DeviceError {
         path.display()
     )]
     Connect {
+        path: PathBuf,
+        #[source]
+        source: blkio::Error,
+    },
+    #[error("cannot open {}", path.display())]
+    Open {
         path: PathBuf,
         #[source]
         source: blkio::Error,

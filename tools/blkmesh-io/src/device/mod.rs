@@ -30,6 +30,6 @@ mod queue;
 mod shared;
 
 pub use error::{DeviceError, PoolError};
-pub use open::{Device, DeviceConfig, DeviceInfo, PropValue};
+pub use open::{Device, DeviceConfig, DeviceInfo, DeviceTarget, PropValue};
 pub use pool::{Buffer, BufferPool, CHUNK_ALIGN};
 pub use queue::{Bufs, Completed, IoError, Queue, Request};

@@ -11,10 +11,35 @@ use super::pool::{BufferPool, CHUNK_ALIGN};
 use super::queue::Queue;
 use super::shared::{Shared, DRIVER};
 
+/// What the device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceTarget {
+    /// A vhost-user-blk export: libblkio's virtio-blk-vhost-user driver.
+    Socket(PathBuf),
+    /// A file or block device: libblkio's io_uring driver, page cache.
+    File(PathBuf),
+}
+
+impl DeviceTarget {
+    /// The libblkio driver for it.
+    pub fn driver(&self) -> &'static str {
+        match self {
+            DeviceTarget::Socket(_) => DRIVER,
+            DeviceTarget::File(_) => "io_uring",
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            DeviceTarget::Socket(p) | DeviceTarget::File(p) => p,
+        }
+    }
+}
+
 /// How to open a device.
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
-    pub socket: PathBuf,
+    pub target: DeviceTarget,
     pub queues: usize,
     /// Use libblkio poll queues (busy-waiting) instead of interrupt queues.
     pub poll_queues: bool,
@@ -96,8 +121,10 @@ impl Device {
     /// Connects to the socket, starts `config.queues` queues and maps
     /// `config.buffer_bytes` of buffer memory.
     pub fn open(config: &DeviceConfig) -> Result<Device, DeviceError> {
-        let mut blkio = Blkio::new(DRIVER).map_err(DeviceError::Create)?;
-        let path = config.socket.to_string_lossy().into_owned();
+        let driver = config.target.driver();
+        let mut blkio =
+            Blkio::new(driver).map_err(|source| DeviceError::Create { driver, source })?;
+        let path = config.target.path().to_string_lossy().into_owned();
         blkio
             .set_str("path", &path)
             .map_err(|source| DeviceError::SetProperty {
@@ -114,9 +141,12 @@ impl Device {
                     source,
                 })?;
         }
-        blkio.connect().map_err(|source| DeviceError::Connect {
-            path: config.socket.clone(),
-            source,
+        blkio.connect().map_err(|source| {
+            let path = config.target.path().to_path_buf();
+            match config.target {
+                DeviceTarget::Socket(_) => DeviceError::Connect { path, source },
+                DeviceTarget::File(_) => DeviceError::Open { path, source },
+            }
         })?;
 
         let n = i32::try_from(config.queues).unwrap_or(i32::MAX);
