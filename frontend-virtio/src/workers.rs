@@ -465,28 +465,20 @@ impl WorkerLinks {
         f(link)
     }
 
-    /// Hands a queue's rings and eventfds to its worker. With `settle`
-    /// (requests of a lost worker are about to be resubmitted) the worker
-    /// first waits out the I/O that worker may still have in the kernel.
-    #[allow(clippy::too_many_arguments)]
+    /// Hands a queue's rings and eventfds to the worker of `attach.queue`.
+    /// With `attach.settle` (requests of a lost worker are about to be
+    /// resubmitted) the worker first waits out the I/O that worker may
+    /// still have in the kernel.
     pub fn attach(
         &self,
-        queue: u32,
-        entries: u32,
-        max_segments: u32,
+        attach: ipc::AttachQueue,
         ring: BorrowedFd<'_>,
         kick: &impl AsFd,
         call: &impl AsFd,
-        settle: bool,
     ) -> Result<(), LinkError> {
-        self.with_link(queue, |l| {
+        self.with_link(attach.queue, |l| {
             l.expect_ok(
-                ipc::request::Msg::AttachQueue(ipc::AttachQueue {
-                    queue,
-                    entries,
-                    max_segments,
-                    settle,
-                }),
+                ipc::request::Msg::AttachQueue(attach),
                 &[ring, kick.as_fd(), call.as_fd()],
             )
         })

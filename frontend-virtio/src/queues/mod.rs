@@ -68,15 +68,13 @@ impl WorkerRing {
     /// `settle`, the worker first waits out a lost worker's I/O.
     fn attach(&self, links: &WorkerLinks, queue: usize, settle: bool) -> Result<(), LinkError> {
         let layout = self.rings.layout();
-        links.attach(
-            queue as u32,
-            layout.entries(),
-            layout.max_segments(),
-            self.rings.fd(),
-            &self.kick,
-            &self.call,
+        let attach = blkmesh_proto::ipc::v1::AttachQueue {
+            queue: queue as u32,
+            entries: layout.entries(),
+            max_segments: layout.max_segments(),
             settle,
-        )
+        };
+        links.attach(attach, self.rings.fd(), &self.kick, &self.call)
     }
 
     /// The queue thread's ends of the ring.

@@ -175,12 +175,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let group = -(self.child.id() as i32);
+        use nix::sys::signal::{killpg, Signal};
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
         // SIGTERM the group (the supervisor stops its children), then
-        // SIGKILL whatever is left.
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &group.to_string()])
-            .status();
+        // SIGKILL whatever is left. A group already gone (ESRCH) is what
+        // we want, not an error to print.
+        let _ = killpg(group, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -188,9 +188,7 @@ impl Drop for Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group.to_string()])
-            .status();
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
