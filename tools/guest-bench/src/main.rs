@@ -44,6 +44,10 @@ struct Args {
     /// Warm-up seconds per workload.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
     warmup: u64,
+    /// Seconds with the guest up and doing no I/O, before the workloads:
+    /// the storage side's CPU then (0: not measured).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=600))]
+    idle: u64,
     /// The blkmesh build to measure (`blkmesh` of target/release).
     #[arg(long, default_value = "target/release/blkmesh")]
     blkmesh: PathBuf,
@@ -134,6 +138,7 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             workloads: args.workloads.clone(),
             seconds: args.seconds,
             warmup: args.warmup,
+            idle: args.idle,
             queues,
         };
         for rep in 1..=args.reps {
@@ -143,8 +148,12 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     args.reps,
                     target.label()
                 );
-                let points = run::run(&image, target, &disk, &plan, &dir)?;
-                for (name, p) in points {
+                let boot = run::run(&image, target, &disk, &plan, &dir)?;
+                if let Some(pct) = boot.idle_cpu_pct {
+                    eprintln!("  idle (no I/O)        storage CPU {pct:>6.2} % of a CPU");
+                    results.add_idle(queues, target.label(), pct);
+                }
+                for (name, p) in boot.points {
                     eprintln!(
                         "  {name:<20} {:>9.0} IOPS p50 {:>6} p99 {:>6} us, storage CPU {:>6.1} us/IO",
                         p.iops, p.p50_us, p.p99_us, p.cpu_us_per_io

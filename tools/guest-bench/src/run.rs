@@ -51,7 +51,19 @@ pub struct Plan {
     pub workloads: Vec<Workload>,
     pub seconds: u64,
     pub warmup: u64,
+    /// Seconds with the guest up and no I/O before the workloads (0: none).
+    pub idle: u64,
     pub queues: u16,
+}
+
+/// What one boot gave.
+#[derive(Debug, Clone, Default)]
+pub struct Boot {
+    /// Per workload.
+    pub points: BTreeMap<String, Point>,
+    /// The storage side's CPU while the guest was up and idle, in percent
+    /// of one CPU (with a plan that has an idle window).
+    pub idle_cpu_pct: Option<f64>,
 }
 
 impl Plan {
@@ -59,7 +71,7 @@ impl Plan {
     /// warm-up, its seconds and a drain.
     fn timeout(&self) -> Duration {
         let per = self.seconds + self.warmup + 5;
-        Duration::from_secs(120 + per * self.workloads.len() as u64 * 2)
+        Duration::from_secs(120 + self.idle * 2 + per * self.workloads.len() as u64 * 2)
     }
 }
 
@@ -70,7 +82,7 @@ pub fn run(
     image_path: &Path,
     plan: &Plan,
     dir: &Path,
-) -> Result<BTreeMap<String, Point>, RunError> {
+) -> Result<Boot, RunError> {
     let server = Server::start(target, image_path, plan.queues, dir)?;
     let names: Vec<String> = plan.workloads.iter().map(Workload::to_string).collect();
     let opts = GuestOptions::new(&server.socket)
@@ -78,6 +90,7 @@ pub fn run(
         .param("bench", names.join(","))
         .param("bench_seconds", plan.seconds)
         .param("bench_warmup", plan.warmup)
+        .param("bench_idle", plan.idle)
         .dir(&dir.join(target.label()));
     let mut vm = GuestVm::start(image, opts)?;
     let label = target.label().to_string();
@@ -165,5 +178,41 @@ pub fn run(
             });
         }
     }
-    Ok(points)
+    let idle_cpu_pct = match (begin.get(workload::IDLE), end.get(workload::IDLE)) {
+        _ if plan.idle == 0 => None,
+        (Some(b), Some(e)) => Some(cpu_pct(e.0.saturating_sub(b.0), e.1.duration_since(b.1))),
+        _ => {
+            return Err(RunError::Bench {
+                target: label,
+                what: "no BEGIN/END for the idle window".into(),
+                tail: tail(&vm),
+            })
+        }
+    };
+    Ok(Boot {
+        points,
+        idle_cpu_pct,
+    })
+}
+
+/// `cpu_ns` of CPU over `wall`, in percent of one CPU.
+fn cpu_pct(cpu_ns: u64, wall: Duration) -> f64 {
+    let wall_ns = wall.as_nanos() as f64;
+    if wall_ns > 0.0 {
+        cpu_ns as f64 / wall_ns * 100.0
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_cpu_is_a_share_of_one_cpu() {
+        assert_eq!(cpu_pct(50_000_000, Duration::from_secs(1)), 5.0);
+        assert_eq!(cpu_pct(2_000_000_000, Duration::from_secs(1)), 200.0);
+        assert_eq!(cpu_pct(1, Duration::ZERO), 0.0);
+    }
 }

@@ -9,9 +9,13 @@ use crate::run::Point;
 use crate::server::Target;
 use crate::Args;
 
-/// Every point measured: (queues, target, workload) → one per boot.
+/// Every point measured: (queues, target, workload) → one per boot; and
+/// the idle CPU, (queues, target) → one per boot.
 #[derive(Default)]
-pub struct Results(BTreeMap<(u16, String, String), Vec<Point>>);
+pub struct Results {
+    points: BTreeMap<(u16, String, String), Vec<Point>>,
+    idle: BTreeMap<(u16, String), Vec<f64>>,
+}
 
 /// The median of `v` (the mean of the middle two for an even count).
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -40,14 +44,22 @@ fn cell(v: Option<f64>, decimals: usize) -> String {
 
 impl Results {
     pub fn add(&mut self, queues: u16, target: &str, workload: &str, p: Point) {
-        self.0
+        self.points
             .entry((queues, target.to_string(), workload.to_string()))
             .or_default()
             .push(p);
     }
 
+    /// The storage side's CPU (% of one CPU) on one boot with the guest idle.
+    pub fn add_idle(&mut self, queues: u16, target: &str, pct: f64) {
+        self.idle
+            .entry((queues, target.to_string()))
+            .or_default()
+            .push(pct);
+    }
+
     fn median(&self, q: u16, target: &str, w: &str, f: fn(&Point) -> f64) -> Option<f64> {
-        let points = self.0.get(&(q, target.to_string(), w.to_string()))?;
+        let points = self.points.get(&(q, target.to_string(), w.to_string()))?;
         median(points.iter().map(f).collect())
     }
 
@@ -85,6 +97,23 @@ impl Results {
                     cell(qc, 1),
                     cell(bc, 1),
                     ratio(qc, bc),
+                );
+            }
+            if self.idle.keys().any(|(iq, _)| *iq == q) {
+                let idle: Vec<String> = targets
+                    .iter()
+                    .map(|t| {
+                        let pct = self
+                            .idle
+                            .get(&(q, t.label().to_string()))
+                            .and_then(|v| median(v.clone()));
+                        format!("{} {} %", t.label(), cell(pct, 2))
+                    })
+                    .collect();
+                println!();
+                println!(
+                    "Idle (guest up, no I/O), storage CPU in % of one CPU: {}",
+                    idle.join(", ")
                 );
             }
             if has("blkmesh-old") {

@@ -20,6 +20,8 @@ fn the_bench_measures_both_targets_inside_a_guest() {
             "0",
             "--queues",
             "2",
+            "--idle",
+            "1",
         ])
         .args([
             "--workloads",
@@ -47,6 +49,22 @@ fn the_bench_measures_both_targets_inside_a_guest() {
                 "{w}: {c:?} in {row}"
             );
         }
+    }
+    // Both targets' CPU with the guest idle: a number for each.
+    let idle = stdout
+        .lines()
+        .find(|l| l.starts_with("Idle (guest up, no I/O)"))
+        .unwrap_or_else(|| panic!("no idle line:\n{stdout}"));
+    for t in ["qsd", "blkmesh"] {
+        let pct = idle
+            .split(", ")
+            .find_map(|part| part.rsplit(": ").next()?.strip_prefix(&format!("{t} ")))
+            .and_then(|v| v.strip_suffix(" %"))
+            .unwrap_or_else(|| panic!("no idle figure for {t}: {idle}"));
+        assert!(
+            pct.parse::<f64>().is_ok_and(|v| v >= 0.0),
+            "{t}: {pct:?} in {idle}"
+        );
     }
 }
 

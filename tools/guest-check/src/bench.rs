@@ -5,7 +5,10 @@
 //! gives it a scratch image.
 //!
 //! Parameters: `bench` (the workload names), `bench_seconds` (measured
-//! seconds per workload, default 5), `bench_warmup` (default 1).
+//! seconds per workload, default 5), `bench_warmup` (default 1),
+//! `bench_idle` (seconds of no I/O at all before the workloads, framed by
+//! `BENCH-BEGIN name=idle` and `BENCH-END name=idle`, default 0: the host
+//! measures what the storage side costs while a guest is up but quiet).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -36,17 +39,18 @@ pub fn run(dev: &Path, params: &BTreeMap<String, String>) -> u32 {
             .map_or(Ok(default), |v| {
                 v.parse::<u64>()
                     .ok()
-                    .filter(|&s| (1..=3600).contains(&s) || (key == "bench_warmup" && s == 0))
+                    .filter(|&s| (1..=3600).contains(&s) || (key != "bench_seconds" && s == 0))
                     .ok_or_else(|| format!("blkmesh.{key}={v}: not a number of seconds"))
             })
             .map(Duration::from_secs)
     };
-    let (measured, warmup) = match (
+    let (measured, warmup, idle) = match (
         seconds("bench_seconds", DEFAULT_SECONDS),
         seconds("bench_warmup", DEFAULT_WARMUP),
+        seconds("bench_idle", 0),
     ) {
-        (Ok(m), Ok(w)) => (m, w),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(m), Ok(w), Ok(i)) => (m, w, i),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             fail("params", e);
             return failed;
         }
@@ -66,6 +70,11 @@ pub fn run(dev: &Path, params: &BTreeMap<String, String>) -> u32 {
             return failed;
         }
     };
+    if !idle.is_zero() {
+        println!("{}name={}", workload::BEGIN, workload::IDLE);
+        std::thread::sleep(idle);
+        println!("{}name={}", workload::END, workload::IDLE);
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     for w in workloads {
         match run_one(dev, size, cpus, w, warmup, measured) {

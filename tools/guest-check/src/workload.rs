@@ -19,6 +19,9 @@ use std::str::FromStr;
 
 pub const BEGIN: &str = "BENCH-BEGIN ";
 pub const END: &str = "BENCH-END ";
+/// The name on the markers of the idle window (`bench_idle`): the guest
+/// up and doing no I/O. Not a workload name (those have a pattern).
+pub const IDLE: &str = "idle";
 pub const RESULT: &str = "BENCH-RESULT ";
 
 /// The largest block size and queue depth a workload may ask for.
