@@ -78,3 +78,16 @@ fn bad_workloads_are_refused_before_anything_starts() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("queue depth must be 1 to 256"), "{stderr}");
 }
+
+#[test]
+fn an_idle_window_out_of_range_is_refused_before_anything_starts() {
+    for bad in ["601", "-1", "x"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_blkmesh-guest-bench"))
+            .arg(format!("--idle={bad}"))
+            .output()
+            .expect("run blkmesh-guest-bench");
+        assert_eq!(out.status.code(), Some(2), "--idle {bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--idle"), "--idle {bad}: {stderr}");
+    }
+}

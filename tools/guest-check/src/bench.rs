@@ -26,6 +26,38 @@ use crate::sys;
 const DEFAULT_SECONDS: u64 = 5;
 const DEFAULT_WARMUP: u64 = 1;
 
+/// How long each part of the run lasts.
+#[derive(Debug, PartialEq, Eq)]
+struct Windows {
+    /// Measured, per workload (`bench_seconds`, 1 to 3600).
+    measured: Duration,
+    /// Warm-up, per workload (`bench_warmup`, 0 to 3600).
+    warmup: Duration,
+    /// Idle before the workloads (`bench_idle`, 0 to 3600; 0: none).
+    idle: Duration,
+}
+
+impl Windows {
+    fn from_params(params: &BTreeMap<String, String>) -> Result<Windows, String> {
+        let seconds = |key: &str, default: u64, min: u64| -> Result<Duration, String> {
+            params
+                .get(key)
+                .map_or(Ok(default), |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| (min..=3600).contains(s))
+                        .ok_or_else(|| format!("blkmesh.{key}={v}: not a number of seconds"))
+                })
+                .map(Duration::from_secs)
+        };
+        Ok(Windows {
+            measured: seconds("bench_seconds", DEFAULT_SECONDS, 1)?,
+            warmup: seconds("bench_warmup", DEFAULT_WARMUP, 0)?,
+            idle: seconds("bench_idle", 0, 0)?,
+        })
+    }
+}
+
 /// Runs the workloads `params` name; returns how many failed.
 pub fn run(dev: &Path, params: &BTreeMap<String, String>) -> u32 {
     let mut failed = 0;
@@ -33,24 +65,13 @@ pub fn run(dev: &Path, params: &BTreeMap<String, String>) -> u32 {
         failed += 1;
         println!("{}bench-{what} FAIL {why}", report::CHECK);
     };
-    let seconds = |key: &str, default: u64| -> Result<Duration, String> {
-        params
-            .get(key)
-            .map_or(Ok(default), |v| {
-                v.parse::<u64>()
-                    .ok()
-                    .filter(|&s| (1..=3600).contains(&s) || (key != "bench_seconds" && s == 0))
-                    .ok_or_else(|| format!("blkmesh.{key}={v}: not a number of seconds"))
-            })
-            .map(Duration::from_secs)
-    };
-    let (measured, warmup, idle) = match (
-        seconds("bench_seconds", DEFAULT_SECONDS),
-        seconds("bench_warmup", DEFAULT_WARMUP),
-        seconds("bench_idle", 0),
-    ) {
-        (Ok(m), Ok(w), Ok(i)) => (m, w, i),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+    let Windows {
+        measured,
+        warmup,
+        idle,
+    } = match Windows::from_params(params) {
+        Ok(w) => w,
+        Err(e) => {
             fail("params", e);
             return failed;
         }
@@ -239,4 +260,45 @@ fn run_job(
         }
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn windows_default_and_take_zero_where_it_means_none() {
+        let w = Windows::from_params(&params(&[])).unwrap();
+        assert_eq!(
+            w,
+            Windows {
+                measured: Duration::from_secs(5),
+                warmup: Duration::from_secs(1),
+                idle: Duration::ZERO,
+            }
+        );
+        let w =
+            Windows::from_params(&params(&[("bench_idle", "7"), ("bench_warmup", "0")])).unwrap();
+        assert_eq!((w.idle, w.warmup), (Duration::from_secs(7), Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_window_lengths_are_refused_with_the_parameter_named() {
+        for (key, bad) in [
+            ("bench_idle", "x"),
+            ("bench_idle", "3601"),
+            ("bench_warmup", "-1"),
+            ("bench_seconds", "0"),
+        ] {
+            let err = Windows::from_params(&params(&[(key, bad)])).unwrap_err();
+            assert_eq!(err, format!("blkmesh.{key}={bad}: not a number of seconds"));
+        }
+    }
 }
