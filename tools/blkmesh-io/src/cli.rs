@@ -7,8 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cmd::parse_size;
 
 /// Drive a vhost-user-blk export as a guest would (libblkio
-/// virtio-blk-vhost-user, or blkmesh's own driver): qemu-io–style
-/// commands, zone commands, a benchmark, and a multi-queue data verifier.
+/// virtio-blk-vhost-user, or blkmesh's own driver), or a file directly
+/// (`--file`, libblkio io_uring): qemu-io–style commands, zone commands, a
+/// benchmark, and a multi-queue data verifier.
 ///
 /// Exit status: 0 success, 1 I/O error / data mismatch / device failure,
 /// 2 bad usage or command syntax.

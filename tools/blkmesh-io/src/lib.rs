@@ -1,7 +1,9 @@
 //! `blkmesh-io`: a qemu-io–style tool and benchmark that drives a
 //! vhost-user-blk export as a guest would, through libblkio's
 //! `virtio-blk-vhost-user` driver, or (`--driver native`, and for zone
-//! commands) blkmesh's own virtio-blk driver.
+//! commands) blkmesh's own virtio-blk driver. With `--file` it drives a
+//! file itself through libblkio's `io_uring` driver: the ceiling the
+//! benchmarks measure servers against.
 //!
 //! Code map:
 //! * [`cli`] — clap definitions; [`run`] dispatches to a mode.
