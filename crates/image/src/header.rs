@@ -148,7 +148,7 @@ mod tests {
         })
         .contains("not aligned"));
         assert!(err(Fields {
-            l1_table_offset: u64::MAX & !0xffff,
+            l1_table_offset: !0xffff,
             ..GOOD
         })
         .contains("outside"));
