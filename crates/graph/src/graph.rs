@@ -7,7 +7,7 @@ use blkmesh_proto::v1::NodeSpec;
 
 use crate::error::{GraphError, ObjectKind};
 use crate::kinds::throttle::normalize_throttle_limits;
-use crate::kinds::{child_field, children, own_read_only};
+use crate::kinds::{child_field, children, own_read_only, written_children};
 use crate::validate::validate_node;
 
 /// A set of uniquely named, validated nodes forming a forest: every child
@@ -250,9 +250,22 @@ impl Graph {
         Ok(out)
     }
 
-    /// Whether `name` refuses writes: its own option, or any descendant's.
+    /// Whether `name` refuses writes: its own option, or that of any
+    /// descendant writes reach (a qcow2 node's backing node is only read).
     pub fn is_read_only(&self, name: &str) -> Result<bool, GraphError> {
-        Ok(self.subtree(name)?.iter().any(own_read_only))
+        // Every name below exists and there is no cycle.
+        self.subtree(name)?;
+        let mut stack = vec![name];
+        while let Some(n) = stack.pop() {
+            let Some(spec) = self.nodes.get(n) else {
+                continue;
+            };
+            if own_read_only(spec) {
+                return Ok(true);
+            }
+            stack.extend(written_children(spec));
+        }
+        Ok(false)
     }
 }
 

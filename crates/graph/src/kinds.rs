@@ -23,6 +23,7 @@ use crate::update::cannot_change;
 pub mod device;
 pub mod fault;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 pub mod throttle;
 pub mod zoned;
@@ -45,6 +46,13 @@ pub trait NodeKind {
     /// The names of the child nodes, in the order the options list them.
     fn children(&self) -> Vec<&str> {
         self.filter_child().into_iter().collect()
+    }
+
+    /// The children that writes to the node reach (all of them, but for a
+    /// qcow2 node's backing node, which is only read): a read-only one
+    /// makes the node read-only.
+    fn written_children(&self) -> Vec<&str> {
+        self.children()
     }
 
     /// The request field naming the children, for errors
@@ -158,7 +166,7 @@ pub struct HostPath<'a> {
 
 /// The driver keys of every kind, in the order the configuration file
 /// lists them.
-pub const KIND_NAMES: [&str; 9] = [
+pub const KIND_NAMES: [&str; 10] = [
     "io_uring",
     "null",
     "nvme_io_uring",
@@ -166,6 +174,7 @@ pub const KIND_NAMES: [&str; 9] = [
     "virtio_blk_vhost_vdpa",
     "raw",
     "zoned",
+    "qcow2",
     "throttle",
     "fault_injection",
 ];
@@ -182,6 +191,7 @@ pub fn kind_of(driver: &Driver) -> &dyn NodeKind {
         Driver::Throttle(o) => o,
         Driver::FaultInjection(o) => o,
         Driver::Zoned(o) => o,
+        Driver::Qcow2(o) => o,
     }
 }
 
@@ -192,7 +202,7 @@ pub fn kind(spec: &NodeSpec) -> Option<&dyn NodeKind> {
 
 /// Short driver name of a node (`io_uring`, `null`, `nvme_io_uring`,
 /// `virtio_blk_vhost_user`, `virtio_blk_vhost_vdpa`, `raw`, `throttle`,
-/// `fault_injection`, `zoned`: the `NodeSpec.driver` field names), or `none`.
+/// `fault_injection`, `zoned`, `qcow2`: the `NodeSpec.driver` field names), or `none`.
 pub fn driver_name(spec: &NodeSpec) -> &'static str {
     kind(spec).map_or("none", |k| k.name())
 }
@@ -200,6 +210,11 @@ pub fn driver_name(spec: &NodeSpec) -> &'static str {
 /// The names of the children of a node, in the order its driver lists them.
 pub fn children(spec: &NodeSpec) -> Vec<&str> {
     kind(spec).map(|k| k.children()).unwrap_or_default()
+}
+
+/// The children of a node that its writes reach ([`NodeKind::written_children`]).
+pub fn written_children(spec: &NodeSpec) -> Vec<&str> {
+    kind(spec).map(|k| k.written_children()).unwrap_or_default()
 }
 
 /// The request field that names a node's children, for error messages.
@@ -287,11 +302,12 @@ pub fn node_size(
 mod tests {
     use super::*;
     use blkmesh_proto::v1::{
-        FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, RawOptions,
-        ThrottleOptions, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, ZonedOptions,
+        FaultInjectionOptions, IoUringOptions, NullOptions, NvmeIoUringOptions, Qcow2Options,
+        RawOptions, ThrottleOptions, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions,
+        ZonedOptions,
     };
 
-    fn every_kind() -> [Driver; 9] {
+    fn every_kind() -> [Driver; 10] {
         [
             Driver::IoUring(IoUringOptions::default()),
             Driver::Null(NullOptions::default()),
@@ -300,6 +316,7 @@ mod tests {
             Driver::VirtioBlkVhostVdpa(VirtioBlkVhostVdpaOptions::default()),
             Driver::Raw(RawOptions::default()),
             Driver::Zoned(ZonedOptions::default()),
+            Driver::Qcow2(Qcow2Options::default()),
             Driver::Throttle(ThrottleOptions::default()),
             Driver::FaultInjection(FaultInjectionOptions::default()),
         ]
@@ -312,12 +329,20 @@ mod tests {
     }
 
     #[test]
-    fn leaves_have_no_children_and_filters_one() {
+    fn leaves_have_no_children_filters_one_and_qcow2_its_file() {
         for d in every_kind() {
             let k = kind_of(&d);
             let filter = matches!(k.name(), "raw" | "zoned" | "throttle" | "fault_injection");
-            assert_eq!(k.children().len(), usize::from(filter), "{}", k.name());
-            let want = if filter {
+            let format = k.name() == "qcow2";
+            assert_eq!(
+                k.children().len(),
+                usize::from(filter || format),
+                "{}",
+                k.name()
+            );
+            let want = if format {
+                "node.qcow2.file".to_string()
+            } else if filter {
                 format!("node.{}.child", k.name())
             } else {
                 format!("node.{}", k.name())
@@ -346,6 +371,7 @@ mod tests {
             ),
             ("raw over ", None),
             ("zoned over ", None),
+            ("qcow2 in ", Some("node.qcow2.read_only")),
             ("throttle over ", None),
             ("fault-injection over ", None),
         ];
@@ -369,6 +395,7 @@ mod tests {
             Some(("node.virtio_blk_vhost_vdpa.path", CharDevice)),
             None,
             Some(("node.zoned.metadata_path", NewOrRegularFile)),
+            None,
             None,
             None,
         ];
@@ -426,6 +453,7 @@ mod tests {
             cannot("virtio_blk_vhost_vdpa"),
             child(4096),
             Err("name: node \"n\" is zoned: it cannot be resized".to_string()),
+            cannot("qcow2"),
             child(4096),
             child(4096),
         ];
@@ -465,7 +493,12 @@ mod tests {
             .collect();
         assert_eq!(
             exclusive,
-            ["virtio_blk_vhost_user", "virtio_blk_vhost_vdpa", "zoned"]
+            [
+                "virtio_blk_vhost_user",
+                "virtio_blk_vhost_vdpa",
+                "zoned",
+                "qcow2"
+            ]
         );
     }
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
     Bucket, FaultInjectionOptions, FaultRule, IoUringOptions, NodeSpec, NullOptions,
-    NvmeIoUringOptions, RawOptions, ThrottleLimits, ThrottleOptions, VhostUserBlkExport,
-    VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, ZonedOptions,
+    NvmeIoUringOptions, Qcow2Options, RawOptions, ThrottleLimits, ThrottleOptions,
+    VhostUserBlkExport, VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, ZonedOptions,
 };
 use toml::de::{DeTable, DeValue};
 
@@ -324,6 +324,24 @@ impl Parser<'_> {
                         "max_active_zones",
                         "metadata_path",
                     ],
+                )
+            }
+            "qcow2" => {
+                let file =
+                    self.required_string(&mut t, "file", "the name of the node holding the image");
+                let backing = self.string(&mut t, "backing").unwrap_or_default();
+                let no_backing = self.bool(&mut t, "no_backing").unwrap_or(false);
+                let read_only = self.bool(&mut t, "read_only").unwrap_or(false);
+                (
+                    file.map(|file| {
+                        Driver::Qcow2(Qcow2Options {
+                            file,
+                            backing,
+                            no_backing,
+                            read_only,
+                        })
+                    }),
+                    &["file", "backing", "no_backing", "read_only"],
                 )
             }
             "throttle" => {

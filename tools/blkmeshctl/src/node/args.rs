@@ -45,6 +45,25 @@ pub(crate) enum NodeCmd {
         #[arg(long, value_parser = parse_size, default_value = "0")]
         size: u64,
     },
+    /// Add a qcow2 image: the image is in the --file node (an io_uring
+    /// node); its backing image, if any, is the --backing node.
+    AddQcow2 {
+        name: String,
+        /// The io_uring node holding the image.
+        #[arg(long)]
+        file: String,
+        /// The backing node (an io_uring node with a raw image, or a qcow2
+        /// node); required when the image header names a backing file.
+        #[arg(long, conflicts_with = "no_backing")]
+        backing: Option<String>,
+        /// Read without the backing file the header names (unallocated
+        /// clusters read as zeroes).
+        #[arg(long)]
+        no_backing: bool,
+        /// Open read-only (a base image shared by several overlays).
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Add an NVMe namespace's generic char device (libblkio nvme-io_uring driver).
     AddNvmeIoUring {
         name: String,

@@ -11,7 +11,7 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::worker_service_client::WorkerServiceClient;
 use blkmesh_proto::v1::{
     AddNodeRequest, FaultInjectionOptions, GetNodeRequest, IoUringOptions, ListNodesRequest,
-    MoveNodeRequest, NodeInfo, NodeSpec, NullOptions, NvmeIoUringOptions, RawOptions,
+    MoveNodeRequest, NodeInfo, NodeSpec, NullOptions, NvmeIoUringOptions, Qcow2Options, RawOptions,
     RemoveNodeRequest, ResizeNodeRequest, ThrottleOptions, UpdateNodeRequest,
     VirtioBlkVhostUserOptions, VirtioBlkVhostVdpaOptions, ZonedOptions,
 };
@@ -64,6 +64,21 @@ pub(crate) async fn node(
                 child,
                 offset,
                 size,
+            })),
+        },
+        NodeCmd::AddQcow2 {
+            name,
+            file,
+            backing,
+            no_backing,
+            read_only,
+        } => NodeSpec {
+            name,
+            driver: Some(Driver::Qcow2(Qcow2Options {
+                file,
+                backing: backing.unwrap_or_default(),
+                no_backing,
+                read_only,
             })),
         },
         NodeCmd::AddNvmeIoUring {
