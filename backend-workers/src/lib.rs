@@ -25,6 +25,7 @@ pub mod leaf;
 pub mod memory;
 pub mod pipeline;
 pub mod probe;
+pub mod qcow2;
 pub mod queue;
 pub mod registration;
 pub mod slot;

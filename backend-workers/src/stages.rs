@@ -17,6 +17,7 @@ use blkmesh_ipc::ring::Op;
 use blkmesh_proto::v1::{fault_rule::Action, Bucket, FaultRule, IoOp, ThrottleLimits};
 
 use crate::errno::Errno;
+use crate::qcow2::Qcow2Layer;
 use crate::zoned::ZoneLayer;
 
 /// One stage of a queue's pipeline, top (export) first.
@@ -32,6 +33,9 @@ pub enum Stage {
     /// leaf): checks and reserves writes, answers zone reports and
     /// management (see `zoned/`).
     Zoned(Arc<ZoneLayer>),
+    /// A `qcow2` node: maps a request into its file, or does it itself
+    /// (see `qcow2.rs`).
+    Qcow2(Arc<Qcow2Layer>),
 }
 
 /// What a stage decides for a request.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use blkmesh_proto::ipc::v1::Limits;
 
 use super::types::QueuePool;
-use crate::errno::OpenError;
+use crate::errno::{Errno, OpenError};
 
 /// How a libblkio leaf is opened.
 pub(super) struct BlkioLeaf<'a> {
@@ -29,6 +29,9 @@ impl BlkioLeaf<'_> {
 /// A started libblkio instance.
 pub(super) struct OpenedBlkio {
     pub blkio: blkio::Blkio,
+    /// A second descriptor of the leaf the worker opened itself (the same
+    /// open file, so the same claim), for a format node's metadata.
+    pub file: Option<std::fs::File>,
     pub pool: Option<QueuePool>,
     pub claim: Option<Arc<crate::claim::LifeClaim>>,
 }
@@ -43,6 +46,7 @@ pub(super) fn open_blkio(
     let mut b =
         blkio::Blkio::new(leaf.driver).map_err(|e| OpenError::blkio(name, leaf.driver, e))?;
     let mut claim = None;
+    let mut file = None;
     if leaf.claimed() {
         // Opened here, with this worker's claim on it, so that a
         // replacement can wait out its requests (crate::claim).
@@ -54,6 +58,10 @@ pub(super) fn open_blkio(
         let (fd, life) = crate::claim::open(Path::new(path), access)
             .map_err(|e| OpenError::new(e.errno(), format!("node {name}: open {e}")))?;
         claim = Some(life);
+        let dup = fd
+            .try_clone()
+            .map_err(|e| OpenError::new(Errno::of_io(&e), format!("node {name}: dup: {e}")))?;
+        file = Some(std::fs::File::from(dup));
         b.set_i32("fd", fd.as_raw_fd())
             .map_err(|e| OpenError::blkio(name, "fd", e))?;
         // libblkio owns the descriptor from here on.
@@ -96,6 +104,7 @@ pub(super) fn open_blkio(
     let pool = (!can_add).then(|| Arc::new(Mutex::new(started.queues)));
     Ok(OpenedBlkio {
         blkio: b,
+        file,
         pool,
         claim: claim.map(Arc::new),
     })

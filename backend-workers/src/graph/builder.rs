@@ -2,6 +2,7 @@
 //! one method per node kind, each adding its stage, narrowing the window or
 //! tightening the limits, then [`GraphBuilder::finish`] at the leaf.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,12 +10,13 @@ use std::time::Duration;
 use blkmesh_ipc::buckets::BucketSet;
 use blkmesh_proto::ipc::v1::Limits;
 use blkmesh_proto::v1::{
-    FaultInjectionOptions, NullOptions, RawOptions, ThrottleOptions, VhostUserBlkExport, ZoneInfo,
-    ZonedOptions,
+    FaultInjectionOptions, NodeSpec, NullOptions, Qcow2Options, RawOptions, ThrottleOptions,
+    VhostUserBlkExport, ZoneInfo, ZonedOptions,
 };
 
 use super::blkio::{blkio_limits, open_blkio, BlkioLeaf, OpenedBlkio};
 use super::limits::{fit_window, Imposed};
+use super::qcow2::{self, Qcow2Mark};
 use super::types::{Leaf, OpenedGraph};
 use super::zones::{device_layer, emulated_layer, zone_access, ZoneWindows};
 use crate::errno::{Errno, OpenError};
@@ -38,6 +40,10 @@ struct ZoneMark<'a> {
 pub(super) struct LeafFound {
     leaf: Leaf,
     name: String,
+    /// The leaf's own descriptor, when the worker opened it (io_uring).
+    file: Option<std::fs::File>,
+    path: String,
+    direct: bool,
     dev_size: u64,
     /// The leaf's limits (size 0, read_only false).
     limits: Limits,
@@ -62,6 +68,7 @@ pub(super) struct GraphBuilder<'a> {
     /// Raw nodes since the root or the zoned node: (name, offset, size).
     raws: Vec<(&'a str, u64, u64)>,
     mark: Option<ZoneMark<'a>>,
+    qcow2: Option<Qcow2Mark<'a>>,
 }
 
 impl<'a> GraphBuilder<'a> {
@@ -76,7 +83,28 @@ impl<'a> GraphBuilder<'a> {
             imposed: Imposed::default(),
             raws: Vec::new(),
             mark: None,
+            qcow2: None,
         }
+    }
+
+    /// A `qcow2` node: its image is opened at the leaf (its file, which
+    /// must be the next node). Returns the file.
+    pub(super) fn qcow2(
+        &mut self,
+        nodes: &HashMap<&str, &'a NodeSpec>,
+        spec: &'a NodeSpec,
+        q: &'a Qcow2Options,
+    ) -> Result<&'a str, OpenError> {
+        let name = spec.name.as_str();
+        if let Some(m) = &self.mark {
+            return Err(OpenError::inval(format!(
+                "node {}: a zoned node over the qcow2 node {name} is not supported",
+                m.name
+            )));
+        }
+        self.read_only |= q.read_only;
+        self.qcow2 = Some(qcow2::mark(nodes, spec, q, self.stages.len())?);
+        Ok(q.file.as_str())
     }
 
     /// A `raw` node: a window into its child. Returns the child.
@@ -186,6 +214,9 @@ impl<'a> GraphBuilder<'a> {
                 latency: Duration::from_nanos(opts.latency_ns),
             },
             name: name.to_string(),
+            file: None,
+            path: String::new(),
+            direct: false,
             dev_size: opts.size,
             limits: Limits {
                 size: 0,
@@ -234,8 +265,12 @@ impl<'a> GraphBuilder<'a> {
             )));
         }
         let mut read_only = self.read_only || leaf.read_only;
-        let OpenedBlkio { blkio, pool, claim } =
-            open_blkio(name, &leaf, read_only, self.num_queues)?;
+        let OpenedBlkio {
+            blkio,
+            file,
+            pool,
+            claim,
+        } = open_blkio(name, &leaf, read_only, self.num_queues)?;
         read_only |= blkio.get_bool("read-only").unwrap_or(false);
         let dev_size = blkio
             .get_u64("capacity")
@@ -249,6 +284,9 @@ impl<'a> GraphBuilder<'a> {
                 claim,
             },
             name: name.to_string(),
+            file,
+            path: leaf.path.to_string(),
+            direct: leaf.direct.unwrap_or(false),
             dev_size,
             limits,
             read_only,
@@ -273,10 +311,28 @@ impl<'a> GraphBuilder<'a> {
             imposed,
             raws,
             mark,
+            qcow2,
             ..
         } = self;
         let mut limits = imposed.apply(found.limits);
         limits.read_only = found.read_only;
+        let mut found = found;
+        if let Some(q) = qcow2 {
+            if found.zoned.is_some() {
+                return Err(OpenError::inval(format!(
+                    "node {}: a qcow2 image on a zoned device is not supported",
+                    q.name
+                )));
+            }
+            let file = found.file.take().ok_or_else(|| {
+                OpenError::inval(format!("node {}: its file is not an io_uring node", q.name))
+            })?;
+            let stage = q.stage;
+            let layer = qcow2::open(q, file, &found.path, !found.read_only, found.direct)?;
+            // The export sees the image's virtual size.
+            found.dev_size = layer.size();
+            stages.insert(stage, Stage::Qcow2(Arc::new(layer)));
+        }
         let zoned = match (mark, &found.zoned) {
             (None, None) => {
                 limits.size = fit_window(&found.name, found.dev_size, base, window, lbs)?;

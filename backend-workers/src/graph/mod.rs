@@ -10,6 +10,10 @@
 //! (see `split.rs`), so the limits are a promise to the frontend, not a
 //! condition for success.
 //!
+//! A `qcow2` node is a format stage over its file, an io_uring leaf (see
+//! `qcow2.rs`); its backing chain is opened through imago alone, each
+//! layer as the plan names it.
+//!
 //! Zones propagate the same way (see `zoned/`): a `zoned` node emulates a
 //! host-managed device over its regular child (whole zones of the child
 //! only), an `io_uring` leaf on a Linux zoned block device is passed
@@ -20,6 +24,7 @@
 mod blkio;
 mod builder;
 mod limits;
+mod qcow2;
 mod types;
 mod zones;
 
@@ -71,6 +76,7 @@ pub fn open(plan: &ExportPlan) -> Result<OpenedGraph, OpenError> {
         name = match &node.driver {
             Some(Driver::Raw(raw)) => graph.raw(name, raw)?,
             Some(Driver::Zoned(z)) => graph.zoned(name, z)?,
+            Some(Driver::Qcow2(q)) => graph.qcow2(&nodes, node, q)?,
             Some(Driver::Throttle(t)) => graph.throttle(name, t)?,
             Some(Driver::FaultInjection(f)) => graph.fault_injection(name, f)?,
             leaf => {

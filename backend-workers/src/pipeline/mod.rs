@@ -1,5 +1,5 @@
 //! The stage pipeline: a claimed request goes through its graph's stages
-//! (windows, fault injection, throttles, the zone layer), top first, and
+//! (windows, fault injection, throttles, the zone layer, qcow2), top first, and
 //! each stage's [`Verdict`] says what becomes of it: pass it on, fail it,
 //! it is done here, retry this stage at a time, or delay it and then pass
 //! it on. What passes every stage goes to the leaf.
@@ -18,6 +18,7 @@ use blkmesh_ipc::ring::Segment;
 
 use self::zone::ZoneScratch;
 use crate::graph::OpenedGraph;
+use crate::qcow2::Qcow2Scratch;
 use crate::slot::InFlight;
 use crate::stages::{self, Stage, Verdict};
 
@@ -130,6 +131,7 @@ impl Waiting {
 pub struct Pipeline {
     pub waiting: Waiting,
     scratch: ZoneScratch,
+    qcow2: Qcow2Scratch,
 }
 
 impl Pipeline {
@@ -137,6 +139,7 @@ impl Pipeline {
         Pipeline {
             waiting: Waiting::new(stages),
             scratch: ZoneScratch::default(),
+            qcow2: Qcow2Scratch::default(),
         }
     }
 
@@ -182,6 +185,7 @@ impl Pipeline {
                     let access = graph.zoned.as_ref();
                     zone::step(layer, access, r, segs, &mut offset, &mut self.scratch)
                 }
+                Stage::Qcow2(layer) => layer.step(r, segs, &mut offset, &mut self.qcow2),
             };
             match verdict {
                 Verdict::Pass => stage += 1,

@@ -1,0 +1,254 @@
+//! A `qcow2` format node in a worker: its image (imago, through
+//! [`blkmesh_image`]) and what it does with each request.
+//!
+//! # Where the data goes
+//!
+//! A read or write whose whole range the image maps, in one piece, to its
+//! own file (an allocated cluster run; for a write, one that needs no copy
+//! on write) passes on to the file's libblkio queue at the mapped offset,
+//! with the registered guest RAM: no copy, no metadata I/O once the L2
+//! table is cached. Everything else is done here, synchronously on the
+//! queue's thread, by imago: reads of unallocated clusters (zeroes, or the
+//! backing chain), compressed clusters, ranges that map in pieces, and
+//! allocating writes (cluster allocation, copy on write from the backing
+//! image, L2 and refcount updates). Those copy the data through a buffer.
+//!
+//! # Metadata and ordering
+//!
+//! imago keeps the metadata in its caches and writes refcount blocks
+//! before the L2 tables that point at new clusters. A request that changed
+//! mappings (an allocating write, write-zeroes, discard) writes the dirty
+//! metadata back to the file (the page cache, no sync) before it
+//! completes: a worker that dies loses no completed write, and its
+//! replacement opens the image as it was. A guest flush writes back what
+//! is left and passes to the leaf, whose fdatasync covers data and
+//! metadata. So what a completed flush covers survives a host crash, and a
+//! crash leaves at worst leaked clusters.
+//!
+//! The image is shared by every queue of the node in this worker (its
+//! cache is per process: the node is exclusive to one worker). A discard
+//! changes mappings other requests may hold, so it takes the image
+//! exclusively; everything else shares it.
+
+use std::sync::RwLock;
+
+use blkmesh_image::{Image, ShallowMapping};
+use blkmesh_ipc::ring::{Op, Segment, FLAG_FUA};
+
+use crate::errno::Errno;
+use crate::memory::RegisteredRam;
+use crate::slot::InFlight;
+use crate::stages::Verdict;
+
+/// A qcow2 node opened in this worker.
+pub struct Qcow2Layer {
+    node: String,
+    image: RwLock<Image>,
+}
+
+impl std::fmt::Debug for Qcow2Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Qcow2Layer({})", self.node)
+    }
+}
+
+/// A queue's part of the layer: a reused buffer for the requests the
+/// layer does itself, and how many it did (logged when the queue stops).
+#[derive(Debug, Default)]
+pub struct Qcow2Scratch {
+    buf: Vec<u8>,
+    /// Reads and writes passed to the file at their mapped offset.
+    pub direct: u64,
+    /// Reads and writes done here, through a buffer.
+    pub copied: u64,
+}
+
+impl Drop for Qcow2Scratch {
+    fn drop(&mut self) {
+        if self.direct + self.copied > 0 {
+            tracing::info!(
+                direct = self.direct,
+                copied = self.copied,
+                "qcow2 reads and writes of the queue: to the file directly, or copied"
+            );
+        }
+    }
+}
+
+fn errno(e: &std::io::Error) -> Errno {
+    Errno::of_io(e)
+}
+
+impl Qcow2Layer {
+    pub fn new(node: &str, image: Image) -> Self {
+        Qcow2Layer {
+            node: node.to_string(),
+            image: RwLock::new(image),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The virtual size.
+    pub fn size(&self) -> u64 {
+        self.shared().size()
+    }
+
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, Image> {
+        self.image.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the cached metadata back (before the leaf's flush).
+    pub fn flush(&self) -> Result<(), Errno> {
+        self.shared().flush().map_err(|e| errno(&e))
+    }
+
+    /// The request at `offset` (in the image's coordinates): passes on to
+    /// the file at the mapped offset, or is done here.
+    pub fn step(
+        &self,
+        r: &mut InFlight,
+        segs: &[Segment],
+        offset: &mut u64,
+        scratch: &mut Qcow2Scratch,
+    ) -> Verdict {
+        let at = *offset;
+        match r.op {
+            Op::GetId => Verdict::Pass,
+            Op::Flush => match self.flush() {
+                Ok(()) => Verdict::Pass,
+                Err(e) => Verdict::Fail(e),
+            },
+            // A write that must be durable when it completes needs the
+            // metadata that maps it synced too, which the leaf's FUA (a
+            // data-range sync) does not cover: it is done here, then the
+            // metadata written back and the file synced.
+            Op::Write if r.flags & FLAG_FUA != 0 => {
+                scratch.copied += 1;
+                let image = self.shared();
+                done(copy_through(&image, r, segs, at, scratch).and_then(|()| {
+                    image
+                        .flush()
+                        .and_then(|()| image.sync())
+                        .map_err(|e| errno(&e))
+                }))
+            }
+            Op::Read | Op::Write => {
+                let image = self.shared();
+                match direct_mapping(&image, r.op, at, r.len) {
+                    Ok(Some(host)) => {
+                        scratch.direct += 1;
+                        *offset = host;
+                        Verdict::Pass
+                    }
+                    Ok(None) => {
+                        scratch.copied += 1;
+                        let write = r.op == Op::Write;
+                        let result = copy_through(&image, r, segs, at, scratch);
+                        done(result.and_then(|()| write_back(&image, write)))
+                    }
+                    Err(e) => Verdict::Fail(e),
+                }
+            }
+            Op::WriteZeroes => {
+                let image = self.shared();
+                let result = image.write_zeroes(at, r.len).map_err(|e| errno(&e));
+                done(result.and_then(|()| write_back(&image, true)))
+            }
+            Op::Discard => {
+                let mut image = self.image.write().unwrap_or_else(|p| p.into_inner());
+                let result = image.discard_to_zero(at, r.len).map_err(|e| errno(&e));
+                done(result.and_then(|()| write_back(&image, true)))
+            }
+            _ => Verdict::Fail(Errno::EOPNOTSUPP),
+        }
+    }
+}
+
+/// Writes the metadata a request changed back to the file (not synced)
+/// before it completes, so that a worker's death loses no completed write.
+fn write_back(image: &Image, changed: bool) -> Result<(), Errno> {
+    if changed {
+        image.flush().map_err(|e| errno(&e))
+    } else {
+        Ok(())
+    }
+}
+
+fn done(r: Result<(), Errno>) -> Verdict {
+    match r {
+        Ok(()) => Verdict::Done(0),
+        Err(e) => Verdict::Fail(e),
+    }
+}
+
+/// Where `len` bytes at `offset` are in the image's own file, when they
+/// are there in one piece (and, for a write, may be written in place).
+fn direct_mapping(image: &Image, op: Op, offset: u64, len: u64) -> Result<Option<u64>, Errno> {
+    let (mapping, n) = image
+        .get_shallow_mapping(offset, len)
+        .map_err(|e| errno(&e))?;
+    Ok(match mapping {
+        ShallowMapping::Raw {
+            offset: host,
+            writable,
+            ..
+        } if n >= len && (op == Op::Read || writable) => Some(host),
+        _ => None,
+    })
+}
+
+/// Does a read or write through imago, copying the data between the guest
+/// (or the request's bounce buffer) and a buffer.
+fn copy_through(
+    image: &Image,
+    r: &mut InFlight,
+    segs: &[Segment],
+    offset: u64,
+    scratch: &mut Qcow2Scratch,
+) -> Result<(), Errno> {
+    let len = usize::try_from(r.len).map_err(|_| Errno::EINVAL)?;
+    let io = |buf: &mut [u8]| -> Result<(), Errno> {
+        match r.op {
+            Op::Read => image.read(buf, offset),
+            _ => image.write(&*buf, offset),
+        }
+        .map_err(|e| errno(&e))
+    };
+    // A bounced request already has its buffer (a write's data is in it;
+    // a read's is copied to the guest when it completes).
+    if let Some(bb) = &mut r.bounce {
+        return io(&mut bb.bytes_mut()[..len]);
+    }
+    let buf = &mut scratch.buf;
+    buf.clear();
+    buf.resize(len, 0);
+    if r.op == Op::Write {
+        from_guest(&r.ram, segs, buf)?;
+    }
+    io(buf)?;
+    if r.op == Op::Read {
+        to_guest(&r.ram, segs, buf)?;
+    }
+    Ok(())
+}
+
+fn from_guest(ram: &RegisteredRam, segs: &[Segment], dst: &mut [u8]) -> Result<(), Errno> {
+    let mut at = 0;
+    for s in segs {
+        let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
+        at += b.copy_to(&mut dst[at..]);
+    }
+    Ok(())
+}
+
+fn to_guest(ram: &RegisteredRam, segs: &[Segment], src: &[u8]) -> Result<(), Errno> {
+    let mut at = 0;
+    for s in segs {
+        let b = ram.ram().buf(s).map_err(|_| Errno::EFAULT)?;
+        at += b.copy_from(&src[at..]);
+    }
+    Ok(())
+}
