@@ -42,6 +42,7 @@ use blkmesh_proto::v1::{NodeSpec, VhostUserBlkExport};
 
 use crate::core::error::ApiError;
 use crate::core::exports::check_new_export;
+use crate::core::image::{image_chain, probe_image};
 use crate::core::nodes::{check_writable_exports, group_members_with, new_node_size};
 use crate::core::probe::probe_node_paths;
 use crate::core::reopen::{self, exports_over, replace_specs};
@@ -341,10 +342,10 @@ fn add_node(
 ) -> Result<(), ApiError> {
     let spec = &n.spec;
     check_new_node(&next.graph, &next.sizes, spec)?;
-    let probed = if opts.fs {
-        probe(index, n, creations)?
-    } else {
-        None
+    let probed = match image_chain(&next.graph, spec)? {
+        Some(layers) if opts.fs => Some(probe_image(layers)?),
+        _ if opts.fs => probe(index, n, creations)?,
+        _ => None,
     };
     let size = new_node_size(next, spec, probed)?;
     next.graph.add(spec.clone())?;

@@ -47,4 +47,4 @@ pub use client::{BlockingClient, ClientError};
 pub use cluster::{wait_for_path, Cluster, ClusterOptions, ExportOpts, KEEP_ENV};
 pub use fixtures::{delay_node, sector_pattern};
 pub use guest::{GuestError, GuestImage, GuestOptions, GuestOutcome, GuestVm};
-pub use tool::{run_tool, run_tool_timeout, DEFAULT_TOOL_TIMEOUT};
+pub use tool::{output_text, run_tool, run_tool_timeout, verify_load, DEFAULT_TOOL_TIMEOUT};

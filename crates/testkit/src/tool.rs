@@ -91,6 +91,41 @@ fn join(h: std::thread::JoinHandle<Vec<u8>>) -> Vec<u8> {
     h.join().unwrap_or_default()
 }
 
+/// A tool's exit status and output, for a failed test's message.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `blkmesh-io verify` on the export at `socket` for `seconds`: two
+/// queues over its first 16 MiB, requests up to 64 KiB, each write read
+/// back and checked; killed after two minutes.
+pub fn verify_load(socket: &std::path::Path, seconds: &str) -> Output {
+    run_tool_timeout(
+        "blkmesh-io",
+        [
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--queues"),
+            OsStr::new("2"),
+            OsStr::new("--timeout"),
+            OsStr::new("60"),
+            OsStr::new("verify"),
+            OsStr::new("--size"),
+            OsStr::new("16M"),
+            OsStr::new("--seconds"),
+            OsStr::new(seconds),
+            OsStr::new("--bs-max"),
+            OsStr::new("64k"),
+        ],
+        Duration::from_secs(120),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

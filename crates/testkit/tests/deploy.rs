@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use blkmesh_testkit::{run_tool_timeout, wait_for_path};
+use blkmesh_testkit::{run_tool_timeout, verify_load, wait_for_path};
 
 /// The image build (a cold release build of the daemons on 2 cores takes
 /// about 11 minutes; cached, seconds).
@@ -536,28 +536,6 @@ impl Drop for Deployment {
     }
 }
 
-fn verify(socket: &Path, seconds: &str) -> Output {
-    run_tool_timeout(
-        "blkmesh-io",
-        [
-            "--socket",
-            socket.to_str().unwrap(),
-            "--queues",
-            "2",
-            "--timeout",
-            "60",
-            "verify",
-            "--size",
-            "16M",
-            "--seconds",
-            seconds,
-            "--bs-max",
-            "64k",
-        ],
-        Duration::from_secs(120),
-    )
-}
-
 fn assert_clean(what: &str, out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -678,7 +656,7 @@ fn compose_deployment_serves_survives_and_cleans_up() {
     );
     assert_clean(
         "verify on the configured export",
-        &verify(&d.run_dir.join("disk0.sock"), "1"),
+        &verify_load(&d.run_dir.join("disk0.sock"), "1"),
     );
     clock.lap("configured exports serving");
 
@@ -723,7 +701,7 @@ fn compose_deployment_serves_survives_and_cleans_up() {
     );
     let workers = d.wait_serving("x");
     clock.lap("node and export created");
-    assert_clean("verify", &verify(&socket, "3"));
+    assert_clean("verify", &verify_load(&socket, "3"));
     clock.lap("verified I/O");
 
     // 4. The worker serving it is killed while I/O runs: the restart policy
@@ -734,7 +712,7 @@ fn compose_deployment_serves_survives_and_cleans_up() {
     let before = d.restarts(&victim);
     let container = d.container(&victim);
     let out = std::thread::scope(|s| {
-        let load = s.spawn(|| verify(&socket, "8"));
+        let load = s.spawn(|| verify_load(&socket, "8"));
         std::thread::sleep(Duration::from_secs(2));
         ok(
             "docker kill",
@@ -753,7 +731,7 @@ fn compose_deployment_serves_survives_and_cleans_up() {
     let before = d.restarts(&victim);
     let container = d.container(&victim);
     let out = std::thread::scope(|s| {
-        let load = s.spawn(|| verify(&socket, "8"));
+        let load = s.spawn(|| verify_load(&socket, "8"));
         std::thread::sleep(Duration::from_secs(2));
         ok(
             "docker kill -s STOP",
@@ -799,7 +777,10 @@ fn compose_deployment_serves_survives_and_cleans_up() {
         "the manager did not reconcile its configuration on restart:\n{log}"
     );
     d.wait_healthy(&SERVICES);
-    assert_clean("verify after the manager restart", &verify(&socket, "2"));
+    assert_clean(
+        "verify after the manager restart",
+        &verify_load(&socket, "2"),
+    );
     clock.lap("manager restarted, state back");
 
     // 8. Down, with nothing left behind.

@@ -19,7 +19,7 @@ use blkmesh_proto::v1::{
     fault_rule, node_spec::Driver, Bucket, FaultInjectionOptions, FaultRule, IoOp, NodeSpec,
     ThrottleLimits, ThrottleOptions,
 };
-use blkmesh_testkit::{run_tool, Cluster, ClusterOptions, ExportOpts};
+use blkmesh_testkit::{run_tool, verify_load, Cluster, ClusterOptions, ExportOpts};
 
 const MIB: u64 = 1 << 20;
 
@@ -29,27 +29,6 @@ fn text(out: &Output) -> String {
         out.status.code(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn verify(socket: &Path, seconds: &str) -> Output {
-    run_tool(
-        "blkmesh-io",
-        [
-            "--socket",
-            socket.to_str().unwrap(),
-            "--queues",
-            "2",
-            "--timeout",
-            "60",
-            "verify",
-            "--size",
-            "16M",
-            "--seconds",
-            seconds,
-            "--bs-max",
-            "64k",
-        ],
     )
 }
 
@@ -94,7 +73,7 @@ fn a_killed_worker_costs_latency_not_errors() {
         .add_export(ExportOpts::new("d", "d").writable().queues(2))
         .unwrap();
     let out = std::thread::scope(|s| {
-        let load = s.spawn(|| verify(&socket, "6"));
+        let load = s.spawn(|| verify_load(&socket, "6"));
         for _ in 0..2 {
             std::thread::sleep(Duration::from_millis(1500));
             cluster.kill_worker(0);
@@ -125,7 +104,7 @@ fn a_hung_worker_is_fenced_and_replaced() {
         .unwrap();
     let pid = cluster.worker_pid(0).unwrap();
     let out = std::thread::scope(|s| {
-        let load = s.spawn(|| verify(&socket, "6"));
+        let load = s.spawn(|| verify_load(&socket, "6"));
         std::thread::sleep(Duration::from_millis(1500));
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
@@ -193,7 +172,7 @@ fn held_request_is_not_a_hang(slow: NodeSpec, cmds: &[&str]) {
     let pid = cluster.worker_pid(0).unwrap();
     let mut fenced = false;
     let (a, took, b) = std::thread::scope(|s| {
-        let b = s.spawn(|| verify(&socket_b, "5"));
+        let b = s.spawn(|| verify_load(&socket_b, "5"));
         let a = s.spawn(|| {
             let t = Instant::now();
             let out = io(&socket_a, cmds);
@@ -298,7 +277,7 @@ fn corrupt_completions_fail_over(how: &str) {
         .unwrap();
     let pid = cluster.worker_pid(0).unwrap();
     let out = std::thread::scope(|s| {
-        let load = s.spawn(|| verify(&socket, "5"));
+        let load = s.spawn(|| verify_load(&socket, "5"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while cluster.worker_pid(0) == Some(pid) {
             assert!(

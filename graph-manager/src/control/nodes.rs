@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::control::hub::{probe_blocking, push_plans, Applied, Control, Inner};
 use crate::core::error::ApiError;
+use crate::core::image::{image_chain, probe_image};
 use crate::core::nodes::{
     bump_generations, check_writable_exports, group_change, group_members_with, new_node_size,
     NodeChange,
@@ -147,12 +148,20 @@ impl Control {
     pub(crate) async fn add_node(self: &Arc<Self>, spec: NodeSpec) -> Result<NodeInfo, ApiError> {
         validate_node(&spec)?;
         validate_node_limits(&spec)?;
-        self.lock().state.graph.check_add(&spec)?;
-        // Filesystem checks run before the lock is taken again; the graph
-        // rules are checked once more under it.
+        let image = {
+            let inner = self.lock();
+            inner.state.graph.check_add(&spec)?;
+            image_chain(&inner.state.graph, &spec)?
+        };
+        // Filesystem and image checks run before the lock is taken again;
+        // the graph rules are checked once more under it.
         let probed = {
             let spec = spec.clone();
-            probe_blocking(move || probe_node_paths(&spec)).await?
+            probe_blocking(move || match image {
+                Some(layers) => probe_image(layers).map(Some),
+                None => probe_node_paths(&spec),
+            })
+            .await?
         };
         self.run_change(move |control| async move { control.add_node_now(spec, probed).await })
             .await

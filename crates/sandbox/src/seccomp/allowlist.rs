@@ -224,8 +224,10 @@ pub(crate) const FRONTEND_LEGACY: &[Sys] = sys![
 pub(crate) const FRONTEND_LEGACY: &[Sys] = &[];
 
 /// The manager: the state file (write, fsync, rename), checks of node
-/// paths, growing image files on resize, its unix socket on shutdown.
+/// paths and of qcow2 images (imago reads tables with preadv), growing
+/// image files on resize, its unix socket on shutdown.
 pub(crate) const MANAGER: &[Sys] = sys![
+    SYS_preadv,
     SYS_fsync,
     SYS_fdatasync,
     SYS_ftruncate,
