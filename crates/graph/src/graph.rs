@@ -40,7 +40,6 @@ impl Graph {
             nodes.insert(spec.name.clone(), spec);
         }
         let graph = Graph { nodes };
-        let mut parent_of: BTreeMap<&str, &str> = BTreeMap::new();
         for spec in graph.nodes.values() {
             for child in children(spec) {
                 if !graph.nodes.contains_key(child) {
@@ -50,46 +49,97 @@ impl Graph {
                         name: child.to_string(),
                     });
                 }
-                if let Some(parent) = parent_of.insert(child, &spec.name) {
+            }
+        }
+        for spec in graph.nodes.values() {
+            graph.check_parents(spec, |user| user != spec.name)?;
+            graph.check_throttle_group(spec)?;
+        }
+        graph.check_acyclic()?;
+        Ok(graph)
+    }
+
+    /// Adds a validated node. Its children must exist, and those its writes
+    /// reach must not be another node's child (a backing node may be shared
+    /// by several qcow2 nodes, which only read it).
+    pub fn add(&mut self, spec: NodeSpec) -> Result<(), GraphError> {
+        self.check_add(&spec)?;
+        self.nodes.insert(spec.name.clone(), spec);
+        Ok(())
+    }
+
+    /// The parent rule for `spec`'s children, against the other nodes
+    /// (`other` says which users count): a child that `spec` writes has no
+    /// other parent; a child `spec` only reads (a qcow2 backing node) has
+    /// no parent that writes it. So a base image may be shared by many
+    /// overlays, and nothing written is ever someone's backing.
+    fn check_parents(
+        &self,
+        spec: &NodeSpec,
+        other: impl Fn(&str) -> bool,
+    ) -> Result<(), GraphError> {
+        let written = written_children(spec);
+        for child in children(spec) {
+            let writes = written.contains(&child);
+            for user in self.users_of(child).into_iter().filter(|u| other(u)) {
+                let Some(user_spec) = self.nodes.get(user) else {
+                    continue;
+                };
+                let user_writes = written_children(user_spec).contains(&child);
+                if writes || user_writes {
                     return Err(GraphError::ChildTaken {
                         field: child_field(spec),
                         child: child.to_string(),
-                        parent: parent.to_string(),
+                        parent: user.to_string(),
                     });
                 }
             }
         }
-        for spec in graph.nodes.values() {
-            graph.check_throttle_group(spec)?;
-        }
-        // With at most one parent per node, a cycle is found by walking up
-        // from every node: a walk longer than the node count repeats.
-        for start in graph.nodes.keys() {
-            let mut path = vec![start.clone()];
-            let mut cur = start.as_str();
-            while let Some(&parent) = parent_of.get(cur) {
-                if parent == start {
-                    path.push(start.clone());
-                    path.reverse();
-                    let field = graph.nodes.get(parent).map_or("node", child_field);
-                    return Err(GraphError::Cycle { field, path });
-                }
-                if path.len() > graph.nodes.len() {
-                    // A cycle not through `start`; it is reported from one of its members.
-                    break;
-                }
-                path.push(parent.to_string());
-                cur = parent;
-            }
-        }
-        Ok(graph)
+        Ok(())
     }
 
-    /// Adds a validated node. Its children must exist and must not already
-    /// be the child of another node.
-    pub fn add(&mut self, spec: NodeSpec) -> Result<(), GraphError> {
-        self.check_add(&spec)?;
-        self.nodes.insert(spec.name.clone(), spec);
+    /// Fails on a cycle of child references (depth-first, every node).
+    fn check_acyclic(&self) -> Result<(), GraphError> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            Open,
+            Done,
+        }
+        let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
+        for start in self.nodes.keys() {
+            if marks.contains_key(start.as_str()) {
+                continue;
+            }
+            // (node, index of the next child to visit)
+            let mut stack: Vec<(&str, usize)> = vec![(start.as_str(), 0)];
+            marks.insert(start, Mark::Open);
+            while let Some((name, next)) = stack.last().copied() {
+                let kids = self.children_of(name);
+                let Some(&child) = kids.get(next) else {
+                    marks.insert(name, Mark::Done);
+                    stack.pop();
+                    continue;
+                };
+                if let Some(top) = stack.last_mut() {
+                    top.1 += 1;
+                }
+                match marks.get(child) {
+                    Some(Mark::Open) => {
+                        let from = stack.iter().position(|(n, _)| *n == child).unwrap_or(0);
+                        let mut path: Vec<String> =
+                            stack[from..].iter().map(|(n, _)| n.to_string()).collect();
+                        path.push(child.to_string());
+                        let field = self.nodes.get(name).map_or("node", child_field);
+                        return Err(GraphError::Cycle { field, path });
+                    }
+                    Some(Mark::Done) => {}
+                    None => {
+                        marks.insert(child, Mark::Open);
+                        stack.push((child, 0));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -150,14 +200,8 @@ impl Graph {
                     name: child.to_string(),
                 });
             }
-            if let Some(parent) = self.users_of(child).first() {
-                return Err(GraphError::ChildTaken {
-                    field: child_field(spec),
-                    child: child.to_string(),
-                    parent: parent.to_string(),
-                });
-            }
         }
+        self.check_parents(spec, |_| true)?;
         self.check_throttle_group(spec)
     }
 

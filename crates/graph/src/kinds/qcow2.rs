@@ -330,6 +330,50 @@ mod chain_tests {
     }
 
     #[test]
+    fn a_base_is_shared_by_overlays_but_never_written_through_another_parent() {
+        use crate::{Graph, GraphError};
+        let base = file("base", "/base");
+        let shared = [
+            base.clone(),
+            file("f1", "/1"),
+            file("f2", "/2"),
+            qcow2("o1", "f1", "base"),
+            qcow2("o2", "f2", "base"),
+        ];
+        let g = Graph::from_specs(shared.clone()).unwrap();
+        // A third overlay, added later, too.
+        let mut g2 = g.clone();
+        g2.add(file("f3", "/3")).unwrap();
+        g2.add(qcow2("o3", "f3", "base")).unwrap();
+        // Writing the base through a raw window is refused, both ways.
+        let window = NodeSpec {
+            name: "w".into(),
+            driver: Some(Driver::Raw(blkmesh_proto::v1::RawOptions {
+                child: "base".into(),
+                ..Default::default()
+            })),
+        };
+        let e = g.clone().add(window.clone()).unwrap_err();
+        assert!(matches!(e, GraphError::ChildTaken { .. }), "{e}");
+        let mut specs = shared.to_vec();
+        specs.push(window);
+        let e = Graph::from_specs(specs).unwrap_err();
+        assert!(matches!(e, GraphError::ChildTaken { .. }), "{e}");
+        // An image file is one overlay's only.
+        let e = g.clone().add(qcow2("o4", "f1", "")).unwrap_err();
+        assert!(matches!(e, GraphError::ChildTaken { .. }), "{e}");
+        // A backing loop is a cycle.
+        let looped = [
+            file("fa", "/a"),
+            file("fb", "/b"),
+            qcow2("a", "fa", "b"),
+            qcow2("b", "fb", "a"),
+        ];
+        let e = Graph::from_specs(looped).unwrap_err();
+        assert!(matches!(e, GraphError::Cycle { .. }), "{e}");
+    }
+
+    #[test]
     fn loops_missing_nodes_and_wrong_kinds_are_refused() {
         let looped = [
             file("fa", "/a"),
