@@ -28,8 +28,13 @@ pub struct ImageInfo {
 /// Describes the image at `path` (its format probed from its first
 /// bytes), opened read-only and without its backing file.
 pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
+    info_as(path, probe_format(path)?)
+}
+
+/// Describes the image at `path` as an image of `format` (a raw disk whose
+/// guest wrote a qcow2 header into it is still raw).
+pub fn info_as(path: &Path, format: Format) -> Result<ImageInfo, ImageError> {
     use std::os::unix::fs::MetadataExt;
-    let format = probe_format(path)?;
     let image = open_chain(vec![Layer {
         no_backing: true,
         ..Layer::read_only(format, path)

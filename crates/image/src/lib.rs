@@ -32,7 +32,7 @@ use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
 
 pub use self::create::{create, CreateOptions, Preallocation};
-pub use self::info::{info, ImageInfo};
+pub use self::info::{info, info_as, ImageInfo};
 pub use imago::ShallowMapping;
 
 /// The storage every layer sits on: a file or block device.
