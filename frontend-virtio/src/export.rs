@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blkmesh_proto::v1::{ExportPlan, ExportState};
+use blkmesh_proto::v1::{ExportPlan, ExportState, VhostUserBlkExport};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::BackendReqHandler;
 
@@ -323,9 +323,20 @@ impl ExportServer {
     }
 
     /// Whether `new` differs from the served plan only in its graph (node
-    /// options, sizes: a new generation), so it can be reopened live.
+    /// options, sizes, its root node after a snapshot: a new generation),
+    /// so it can be reopened live.
     pub fn can_reopen(&self, new: &ExportPlan) -> bool {
-        self.plan.export == new.export
+        let same_but_root =
+            |a: &Option<VhostUserBlkExport>, b: &Option<VhostUserBlkExport>| match (a, b) {
+                (Some(a), Some(b)) => {
+                    a == &VhostUserBlkExport {
+                        node: a.node.clone(),
+                        ..b.clone()
+                    }
+                }
+                _ => a == b,
+            };
+        same_but_root(&self.plan.export, &new.export)
             && self.plan.queues == new.queues
             && (self.plan.nodes != new.nodes || self.plan.generation != new.generation)
     }

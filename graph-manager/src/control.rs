@@ -7,5 +7,6 @@ pub(crate) mod exports;
 pub(crate) mod frontends;
 pub(crate) mod hub;
 pub(crate) mod nodes;
+pub(crate) mod snapshots;
 pub(crate) mod workers;
 pub(crate) mod zone_calls;

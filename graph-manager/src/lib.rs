@@ -114,6 +114,7 @@ use std::time::Duration;
 use blkmesh_proto::agent::v1::agent_service_server::AgentServiceServer;
 use blkmesh_proto::v1::export_service_server::ExportServiceServer;
 use blkmesh_proto::v1::frontend_service_server::FrontendServiceServer;
+use blkmesh_proto::v1::image_service_server::ImageServiceServer;
 use blkmesh_proto::v1::node_service_server::NodeServiceServer;
 use blkmesh_proto::v1::stats_service_server::StatsServiceServer;
 use blkmesh_proto::v1::worker_service_server::WorkerServiceServer;
@@ -131,6 +132,7 @@ pub use store::file::STATE_FILE;
 use api::agents::AgentApi;
 use api::exports::ExportApi;
 use api::frontends::FrontendApi;
+use api::images::ImageApi;
 use api::nodes::NodeApi;
 use api::stats::StatsApi;
 use api::workers::WorkerApi;
@@ -392,6 +394,9 @@ impl Manager {
             None => None,
         };
         let control = Control::new(state, state_path, config.apply_timeout, config.worker_grace);
+        if let Some(owner) = config.image_owner {
+            let _ = control.image_owner.set(owner);
+        }
         control.set_config_waiting(waiting);
         Ok(Manager {
             control,
@@ -444,6 +449,7 @@ impl Manager {
             .await;
         health.set_serving::<StatsServiceServer<StatsApi>>().await;
         health.set_serving::<ZoneServiceServer<ZoneApi>>().await;
+        health.set_serving::<ImageServiceServer<ImageApi>>().await;
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -680,6 +686,10 @@ fn routes(
         ))
         .add_service(ZoneServiceServer::with_interceptor(
             ZoneApi(control.clone()),
+            t(),
+        ))
+        .add_service(ImageServiceServer::with_interceptor(
+            ImageApi(control.clone()),
             t(),
         ))
         .add_service(AgentServiceServer::with_interceptor(

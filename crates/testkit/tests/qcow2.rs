@@ -347,3 +347,67 @@ fn a_killed_worker_loses_no_allocating_write_and_leaves_the_image_sound() {
     );
     assert!(!report.contains("\"corruptions\""), "{report}");
 }
+
+#[test]
+fn a_live_snapshot_under_verified_load_keeps_every_write() {
+    let cluster = cluster();
+    let dir = cluster.dir().to_path_buf();
+    let img = dir.join("live.qcow2");
+    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    cluster
+        .add_io_uring("live-file", &img, false, false)
+        .unwrap();
+    cluster
+        .client()
+        .add_node(qcow2("live", "live-file", ""))
+        .unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("live", "live").writable().queues(2))
+        .unwrap();
+    let snap = dir.join("snap1.qcow2");
+    let (load, switched) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| verify_load(&socket, "5"));
+        std::thread::sleep(std::time::Duration::from_millis(2000));
+        let switched = cluster.ctl([
+            "export",
+            "snapshot",
+            "live",
+            "--image",
+            s(&snap),
+            "--name",
+            "snap1",
+        ]);
+        (load.join().unwrap(), switched)
+    });
+    ok(&switched);
+    let stdout = ok(&load);
+    assert!(
+        stdout.contains("0 errors, 0 mismatches"),
+        "{}",
+        output_text(&load)
+    );
+    // The chain as the graph names it: the overlay, then the old top.
+    let info = ok(&cluster.ctl(["--json", "image", "info", "--node", "snap1"]));
+    let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(chain[0]["node"], "snap1", "{info}");
+    assert_eq!(chain[1]["node"], "live", "{info}");
+    assert_eq!(chain[0]["backing_file"], s(&img), "{info}");
+    assert!(
+        chain[0]["allocated"].as_u64().unwrap() > 0,
+        "nothing written after: {info}"
+    );
+    // The frontend reopened the graph; the VMM stayed connected.
+    let log = std::fs::read_to_string(cluster.log_path("frontend")).unwrap();
+    assert!(log.contains("graph reopened"), "no live reopen logged");
+    // A bad overlay is refused with the reason.
+    let refused = cluster.ctl(["export", "snapshot", "live", "--overlay", "live-file"]);
+    assert!(!refused.status.success());
+    assert!(
+        output_text(&refused).contains("must be a qcow2 node whose backing node is"),
+        "{}",
+        output_text(&refused)
+    );
+    cluster.remove_export("live").unwrap();
+    qemu("qemu-img", &["check", "-q", s(&img)]);
+    qemu("qemu-img", &["check", "-q", s(&snap)]);
+}

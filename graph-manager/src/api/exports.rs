@@ -5,7 +5,7 @@ use std::sync::Arc;
 use blkmesh_proto::v1::export_service_server::ExportService;
 use blkmesh_proto::v1::{
     AddExportRequest, AddExportResponse, ListExportsRequest, ListExportsResponse,
-    RemoveExportRequest, RemoveExportResponse,
+    RemoveExportRequest, RemoveExportResponse, SnapshotExportRequest, SnapshotExportResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -35,6 +35,15 @@ impl ExportService for ExportApi {
     ) -> Result<Response<RemoveExportResponse>, Status> {
         self.0.remove_export(&request.into_inner().id).await?;
         Ok(Response::new(RemoveExportResponse {}))
+    }
+
+    async fn snapshot_export(
+        &self,
+        request: Request<SnapshotExportRequest>,
+    ) -> Result<Response<SnapshotExportResponse>, Status> {
+        let r = request.into_inner();
+        let info = self.0.snapshot_export(&r.id, &r.overlay).await?;
+        Ok(Response::new(SnapshotExportResponse { export: Some(info) }))
     }
 
     async fn list_exports(

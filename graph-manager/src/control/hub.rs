@@ -71,6 +71,8 @@ pub(crate) struct Control {
     /// How long a worker that went away may take to come back before its
     /// queues are reassigned.
     pub(super) worker_grace: Duration,
+    /// Who owns the image files the manager creates (`--image-owner`).
+    pub(crate) image_owner: std::sync::OnceLock<(u32, u32)>,
 }
 
 /// Worker counts for `/metrics`.
@@ -102,6 +104,7 @@ impl Control {
             apply_timeout,
             reports: watch::channel(0).0,
             worker_grace,
+            image_owner: std::sync::OnceLock::new(),
         })
     }
 

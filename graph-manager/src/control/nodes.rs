@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, MutexGuard};
 
+use blkmesh_graph::kinds::qcow2::{chain, ChainLayer, LayerFormat};
 use blkmesh_graph::{
     driver_name, validate_node, validate_node_limits, GraphError, ObjectKind, SECTOR_SIZE,
 };
 use blkmesh_proto::v1::event::Kind as EventKind;
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{NodeInfo, NodeResizedEvent, NodeSpec, NodeUpdatedEvent};
 use tokio::sync::watch;
 
@@ -30,7 +32,7 @@ impl Control {
     /// Bumps the generation of `exports` in `next`, commits it and pushes
     /// their plans (the caller then emits its events and [`Control::announce`]s
     /// the exports, now pending). Returns each export with its new generation.
-    async fn commit_bumped(
+    pub(super) async fn commit_bumped(
         &self,
         ticket: &WriteTicket<'_>,
         mut next: State,
@@ -186,6 +188,33 @@ impl Control {
         tracing::info!(node = %spec.name, driver = driver_name(&spec), size, "node added");
         self.emit(EventKind::NodeAdded(spec.name.clone()));
         Ok(node_info(&inner.state, &spec))
+    }
+
+    /// The image layers of node `name`, top first: a qcow2 node's chain as
+    /// the graph names it, or an io_uring node's file as a raw image.
+    pub(crate) fn image_layers(&self, name: &str) -> Result<Vec<ChainLayer>, ApiError> {
+        let inner = self.lock();
+        let graph = &inner.state.graph;
+        let spec = graph.get(name).ok_or_else(|| GraphError::NotFound {
+            field: "node",
+            kind: ObjectKind::Node,
+            name: name.to_string(),
+        })?;
+        match &spec.driver {
+            Some(Driver::Qcow2(_)) => Ok(chain(|n| graph.get(n), spec)?),
+            Some(Driver::IoUring(o)) => Ok(vec![ChainLayer {
+                node: name.to_string(),
+                format: LayerFormat::Raw,
+                path: o.path.clone(),
+                direct: o.direct,
+                no_backing: false,
+            }]),
+            _ => Err(GraphError::invalid(
+                "node",
+                format!("node {name:?} is neither a qcow2 nor an io_uring node"),
+            )
+            .into()),
+        }
     }
 
     /// `RemoveNode`: refused while a node or an export uses it.

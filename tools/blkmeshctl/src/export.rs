@@ -1,9 +1,15 @@
-//! `export add|remove|list`.
+//! `export add|snapshot|remove|list`.
 
 use blkmesh_proto::client::ManagerChannel;
 use blkmesh_proto::v1::export_service_client::ExportServiceClient;
+use blkmesh_proto::v1::get_image_info_request::Target;
+use blkmesh_proto::v1::image_service_client::ImageServiceClient;
+use blkmesh_proto::v1::node_service_client::NodeServiceClient;
+use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{
-    AddExportRequest, ListExportsRequest, RemoveExportRequest, VhostUserBlkExport,
+    AddExportRequest, AddNodeRequest, CreateImageRequest, GetImageInfoRequest, ImageFormat,
+    IoUringOptions, ListExportsRequest, NodeSpec, Qcow2Options, RemoveExportRequest,
+    SnapshotExportRequest, VhostUserBlkExport,
 };
 use clap::Subcommand;
 
@@ -42,6 +48,22 @@ pub(crate) enum ExportCmd {
         #[arg(long)]
         spread: bool,
     },
+    /// Live external snapshot: the export switches to an overlay of its
+    /// node while the guest runs (QEMU's blockdev-snapshot). With --image,
+    /// the overlay is made first: a qcow2 image backed by the export's
+    /// image, its io_uring node (NAME-file) and qcow2 node (NAME).
+    Snapshot {
+        id: String,
+        /// An existing qcow2 node whose backing node is the export's node.
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        overlay: Option<String>,
+        /// Absolute path of the overlay image to create.
+        #[arg(long, requires = "name")]
+        image: Option<String>,
+        /// Name of the overlay node to add (with --image).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Remove an export.
     Remove { id: String },
     /// List exports.
@@ -53,7 +75,7 @@ pub(crate) async fn export(
     channel: ManagerChannel,
     out: Output,
 ) -> Result<(), Failure> {
-    let mut client = ExportServiceClient::new(channel);
+    let mut client = ExportServiceClient::new(channel.clone());
     match cmd {
         ExportCmd::Add {
             id,
@@ -87,6 +109,27 @@ pub(crate) async fn export(
                 .unwrap_or_default();
             out.export(&info);
         }
+        ExportCmd::Snapshot {
+            id,
+            overlay,
+            image,
+            name,
+        } => {
+            let overlay = match (overlay, image, name) {
+                (Some(o), _, _) => o,
+                (None, Some(image), Some(name)) => {
+                    make_overlay(&channel, &mut client, &id, &image, &name).await?
+                }
+                _ => unreachable!("clap requires --overlay or --image with --name"),
+            };
+            let info = client
+                .snapshot_export(SnapshotExportRequest { id, overlay })
+                .await?
+                .into_inner()
+                .export
+                .unwrap_or_default();
+            out.export(&info);
+        }
         ExportCmd::Remove { id } => {
             client
                 .remove_export(RemoveExportRequest { id: id.clone() })
@@ -103,4 +146,74 @@ pub(crate) async fn export(
         }
     }
     Ok(())
+}
+
+/// Makes the overlay of export `id`'s node for `export snapshot --image`:
+/// a qcow2 image at `image` backed by the node's top image, its io_uring
+/// node `NAME-file` and its qcow2 node `name`. Returns `name`.
+async fn make_overlay(
+    channel: &ManagerChannel,
+    exports: &mut ExportServiceClient<ManagerChannel>,
+    id: &str,
+    image: &str,
+    name: &str,
+) -> Result<String, Failure> {
+    let listed = exports
+        .list_exports(ListExportsRequest {})
+        .await?
+        .into_inner()
+        .exports;
+    let node = listed
+        .iter()
+        .filter_map(|e| e.export.as_ref())
+        .find(|e| e.id == id)
+        .map(|e| e.node.clone())
+        .ok_or_else(|| Failure {
+            code: "NOT_FOUND",
+            message: format!("id: export {id:?} not found"),
+        })?;
+    let mut images = ImageServiceClient::new(channel.clone());
+    let chain = images
+        .get_image_info(GetImageInfoRequest {
+            target: Some(Target::Node(node.clone())),
+        })
+        .await?
+        .into_inner()
+        .chain;
+    let top = chain.first().ok_or_else(|| Failure {
+        code: "FAILED_PRECONDITION",
+        message: format!("node {node:?} has no image"),
+    })?;
+    images
+        .create_image(CreateImageRequest {
+            path: image.to_string(),
+            format: ImageFormat::Qcow2 as i32,
+            size: top.virtual_size,
+            backing_file: top.path.clone(),
+            backing_format: top.format,
+            ..Default::default()
+        })
+        .await?;
+    let mut nodes = NodeServiceClient::new(channel.clone());
+    let file = format!("{name}-file");
+    for spec in [
+        NodeSpec {
+            name: file.clone(),
+            driver: Some(Driver::IoUring(IoUringOptions {
+                path: image.to_string(),
+                ..Default::default()
+            })),
+        },
+        NodeSpec {
+            name: name.to_string(),
+            driver: Some(Driver::Qcow2(Qcow2Options {
+                file: file.clone(),
+                backing: node.clone(),
+                ..Default::default()
+            })),
+        },
+    ] {
+        nodes.add_node(AddNodeRequest { node: Some(spec) }).await?;
+    }
+    Ok(name.to_string())
 }

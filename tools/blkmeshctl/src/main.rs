@@ -20,6 +20,7 @@ mod export;
 mod failure;
 mod frontend;
 mod health;
+mod image;
 mod node;
 mod stats;
 mod view;
@@ -40,6 +41,7 @@ use crate::export::{export, ExportCmd};
 use crate::failure::Failure;
 use crate::frontend::{frontend, FrontendCmd};
 use crate::health::health;
+use crate::image::{image, ImageCmd};
 use crate::node::{node, NodeCmd};
 use crate::view::Output;
 use crate::worker::{worker, WorkerCmd};
@@ -107,6 +109,9 @@ enum Command {
     /// Zones of an export over a zoned node (run by the frontend serving it).
     #[command(subcommand)]
     Zone(ZoneCmd),
+    /// Image files: create and describe them (qcow2, raw).
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// I/O statistics per export, queue and node (counters since each
     /// frontend or worker started; latency percentiles estimated from
     /// power-of-two histograms, shown as the bucket's bound).
@@ -196,6 +201,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Worker(cmd) => worker(cmd, channel, out).await,
         Command::Frontend(cmd) => frontend(cmd, channel, out).await,
         Command::Zone(cmd) => zone(cmd, channel, out).await,
+        Command::Image(cmd) => image(cmd, channel, out).await,
         Command::Stats { exports, nodes } => {
             // Given only one kind of filter, show only that kind.
             let show_exports = !exports.is_empty() || nodes.is_empty();

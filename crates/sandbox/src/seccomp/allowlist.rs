@@ -224,10 +224,14 @@ pub(crate) const FRONTEND_LEGACY: &[Sys] = sys![
 pub(crate) const FRONTEND_LEGACY: &[Sys] = &[];
 
 /// The manager: the state file (write, fsync, rename), checks of node
-/// paths and of qcow2 images (imago reads tables with preadv), growing
-/// image files on resize, its unix socket on shutdown.
+/// paths and of qcow2 images, creating images (imago reads and writes
+/// tables with preadv/pwritev and looks at the file system), growing image
+/// files on resize, its unix socket on shutdown.
 pub(crate) const MANAGER: &[Sys] = sys![
     SYS_preadv,
+    SYS_pwritev,
+    SYS_fstatfs,
+    SYS_fallocate,
     SYS_fsync,
     SYS_fdatasync,
     SYS_ftruncate,
