@@ -7,6 +7,7 @@ use blkmesh_proto::v1::VhostUserBlkExport;
 use crate::error::{GraphError, ObjectKind};
 use crate::fields::{validate_name, validate_socket_path};
 use crate::graph::Graph;
+use crate::kinds::qcow2::writable_qcow2_in_graph;
 use crate::kinds::zoned::{zoned_in_graph, zoned_overlap};
 
 /// Most virtqueues per export.
@@ -153,6 +154,17 @@ pub fn check_new_export(
                 format!(
                     "node {zoned:?} is zoned: its zone state lives in the one worker \
                      that serves the export, so the queues cannot be spread"
+                ),
+            ));
+        }
+    }
+    if let Some(qcow2) = writable_qcow2_in_graph(graph, &export.node) {
+        if export.spread_queues {
+            return Err(GraphError::precondition(
+                "export.spread_queues",
+                format!(
+                    "node {qcow2:?} is a writable qcow2 node: its metadata cache lives in \
+                     the one worker that serves the export, so the queues cannot be spread"
                 ),
             ));
         }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use blkmesh_graph::kinds::qcow2::writable_qcow2_in_graph;
 use blkmesh_graph::{validate_name, validate_socket_path, GraphError, ObjectKind};
 use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
 use blkmesh_proto::agent::v1::WorkerHello;
@@ -325,7 +326,13 @@ impl Control {
             if from == worker {
                 return Ok(export_info(&inner, rec));
             }
-            if let Some(zoned) = zoned::zoned_in_graph(&inner.state.graph, &rec.export.node) {
+            let one_worker = zoned::zoned_in_graph(&inner.state.graph, &rec.export.node)
+                .map(|n| format!("zoned node {n:?}"))
+                .or_else(|| {
+                    writable_qcow2_in_graph(&inner.state.graph, &rec.export.node)
+                        .map(|n| format!("writable qcow2 node {n:?}"))
+                });
+            if let Some(zoned) = one_worker {
                 let split = rec
                     .queues
                     .iter()
@@ -335,7 +342,7 @@ impl Control {
                     return Err(GraphError::precondition(
                         "queue",
                         format!(
-                            "export {id:?} is over zoned node {zoned:?}: its queues stay on one \
+                            "export {id:?} is over {zoned}: its queues stay on one \
                          worker (queue {i} is on {other:?}); move them all with MoveNode \
                          (blkmeshctl node move {} {worker})",
                             rec.export.node

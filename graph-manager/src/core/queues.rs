@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use blkmesh_graph::kinds::qcow2::writable_qcow2_in_graph;
 use blkmesh_graph::GraphError;
 use blkmesh_proto::v1::{MovedQueue, VhostUserBlkExport};
 
@@ -178,13 +179,14 @@ pub(crate) fn plan_drain(
         .into());
     }
     let mut moved = Vec::with_capacity(on_worker.len());
-    // Exports over a zoned node move whole: export → its one target.
+    // Exports over a zoned node or a writable qcow2 node move whole:
+    // export → its one target.
     let mut whole: BTreeMap<String, String> = BTreeMap::new();
     for (id, queue) in on_worker {
-        let zoned_rec = state
-            .exports
-            .get(&id)
-            .filter(|r| zoned::zoned_in_graph(&state.graph, &r.export.node).is_some());
+        let zoned_rec = state.exports.get(&id).filter(|r| {
+            zoned::zoned_in_graph(&state.graph, &r.export.node).is_some()
+                || writable_qcow2_in_graph(&state.graph, &r.export.node).is_some()
+        });
         let pinned = match (whole.get(&id), zoned_rec) {
             (Some(to), _) => Some(to.clone()),
             // Where its other queues are, if that is a target (they

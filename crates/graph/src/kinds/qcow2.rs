@@ -171,6 +171,26 @@ mod tests {
     }
 }
 
+/// The first writable qcow2 node in the graph rooted at `root`, if any:
+/// its metadata cache is one worker's, so the export's queues stay on one
+/// worker (no spreading, no splitting by MoveQueue).
+pub fn writable_qcow2_in_graph<'a>(graph: &'a crate::Graph, root: &str) -> Option<&'a str> {
+    let mut stack = vec![root];
+    let mut steps = 0;
+    while let Some(name) = stack.pop() {
+        steps += 1;
+        if steps > graph.len() + 1 {
+            return None;
+        }
+        let spec = graph.get(name)?;
+        if matches!(&spec.driver, Some(Driver::Qcow2(q)) if !q.read_only) {
+            return Some(&spec.name);
+        }
+        stack.extend(graph.children_of(name));
+    }
+    None
+}
+
 /// How a layer of an image chain is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerFormat {
@@ -371,6 +391,41 @@ mod chain_tests {
         ];
         let e = Graph::from_specs(looped).unwrap_err();
         assert!(matches!(e, GraphError::Cycle { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_writable_image_keeps_its_exports_queues_on_one_worker() {
+        use crate::export::check_new_export;
+        use crate::Graph;
+        let ro_top = NodeSpec {
+            name: "ro".into(),
+            driver: Some(Driver::Qcow2(Qcow2Options {
+                file: "f2".into(),
+                read_only: true,
+                ..Default::default()
+            })),
+        };
+        let g = Graph::from_specs([
+            file("f", "/f"),
+            file("f2", "/f2"),
+            qcow2("top", "f", ""),
+            ro_top,
+        ])
+        .unwrap();
+        assert_eq!(writable_qcow2_in_graph(&g, "top"), Some("top"));
+        assert_eq!(writable_qcow2_in_graph(&g, "ro"), None);
+        let export = |node: &str| blkmesh_proto::v1::VhostUserBlkExport {
+            id: "e".into(),
+            node: node.into(),
+            socket: "/run/e.sock".into(),
+            num_queues: 2,
+            spread_queues: true,
+            ..Default::default()
+        };
+        let e = check_new_export(&g, &[], &export("top")).unwrap_err();
+        assert_eq!(e.field(), Some("export.spread_queues"));
+        assert!(e.to_string().contains("metadata cache"), "{e}");
+        check_new_export(&g, &[], &export("ro")).unwrap();
     }
 
     #[test]
