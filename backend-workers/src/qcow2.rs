@@ -16,11 +16,14 @@
 //! # Metadata and ordering
 //!
 //! imago keeps the metadata in its caches and writes refcount blocks
-//! before the L2 tables that point at new clusters. A request that changed
-//! mappings (an allocating write, write-zeroes, discard) writes the dirty
-//! metadata back to the file (the page cache, no sync) before it
-//! completes: a worker that dies loses no completed write, and its
-//! replacement opens the image as it was. A guest flush writes back what
+//! before the L2 tables that point at new clusters. The dirty metadata of
+//! requests that changed mappings (allocating writes, write-zeroes,
+//! discard) is written back to the file (the page cache, no sync) before
+//! their completions are published, once per batch of completions
+//! ([`Qcow2Scratch::write_back`]): a worker that dies loses no completed
+//! write, and its replacement opens the image as it was. (imago writes a
+//! whole table when one entry changed, so once per batch rather than per
+//! request is what keeps allocating writes at qemu-storage-daemon's pace.) A guest flush writes back what
 //! is left and passes to the leaf, whose fdatasync covers data and
 //! metadata. So what a completed flush covers survives a host crash, and a
 //! crash leaves at worst leaked clusters.
@@ -30,7 +33,7 @@
 //! changes mappings other requests may hold, so it takes the image
 //! exclusively; everything else shares it.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use blkmesh_image::{Image, ShallowMapping};
 use blkmesh_ipc::ring::{Op, Segment, FLAG_FUA};
@@ -53,14 +56,41 @@ impl std::fmt::Debug for Qcow2Layer {
 }
 
 /// A queue's part of the layer: a reused buffer for the requests the
-/// layer does itself, and how many it did (logged when the queue stops).
+/// layer does itself, the requests whose metadata is still to be written
+/// back, and how many it did (logged when the queue stops).
 #[derive(Debug, Default)]
 pub struct Qcow2Scratch {
     buf: Vec<u8>,
+    /// Done here, changed mappings: their completions wait for the
+    /// write-back ([`Qcow2Scratch::write_back`]).
+    unwritten: Vec<u32>,
+    /// The layer they changed.
+    layer: Option<Arc<Qcow2Layer>>,
     /// Reads and writes passed to the file at their mapped offset.
     pub direct: u64,
     /// Reads and writes done here, through a buffer.
     pub copied: u64,
+}
+
+impl Qcow2Scratch {
+    /// Writes back the metadata the requests done since the last call
+    /// changed, before their completions are published. On failure, the
+    /// tags whose completions must fail instead.
+    pub fn write_back(&mut self) -> Result<(), (Errno, Vec<u32>)> {
+        let Some(layer) = self.layer.take() else {
+            return Ok(());
+        };
+        let tags = std::mem::take(&mut self.unwritten);
+        layer.flush().map_err(|e| (e, tags))
+    }
+
+    /// Request `tag` changed `layer`'s mappings.
+    fn defer(&mut self, layer: &Arc<Qcow2Layer>, tag: u32) {
+        self.unwritten.push(tag);
+        if self.layer.is_none() {
+            self.layer = Some(Arc::clone(layer));
+        }
+    }
 }
 
 impl Drop for Qcow2Scratch {
@@ -105,10 +135,11 @@ impl Qcow2Layer {
         self.shared().flush().map_err(|e| errno(&e))
     }
 
-    /// The request at `offset` (in the image's coordinates): passes on to
-    /// the file at the mapped offset, or is done here.
+    /// Request `tag` at `offset` (in the image's coordinates): passes on
+    /// to the file at the mapped offset, or is done here.
     pub fn step(
-        &self,
+        self: &Arc<Self>,
+        tag: u32,
         r: &mut InFlight,
         segs: &[Segment],
         offset: &mut u64,
@@ -145,35 +176,29 @@ impl Qcow2Layer {
                     }
                     Ok(None) => {
                         scratch.copied += 1;
-                        let write = r.op == Op::Write;
                         let result = copy_through(&image, r, segs, at, scratch);
-                        done(result.and_then(|()| write_back(&image, write)))
+                        if result.is_ok() && r.op == Op::Write {
+                            scratch.defer(self, tag);
+                        }
+                        done(result)
                     }
                     Err(e) => Verdict::Fail(e),
                 }
             }
             Op::WriteZeroes => {
-                let image = self.shared();
-                let result = image.write_zeroes(at, r.len).map_err(|e| errno(&e));
-                done(result.and_then(|()| write_back(&image, true)))
+                let result = self.shared().write_zeroes(at, r.len).map_err(|e| errno(&e));
+                scratch.defer(self, tag);
+                done(result)
             }
             Op::Discard => {
                 let mut image = self.image.write().unwrap_or_else(|p| p.into_inner());
                 let result = image.discard_to_zero(at, r.len).map_err(|e| errno(&e));
-                done(result.and_then(|()| write_back(&image, true)))
+                drop(image);
+                scratch.defer(self, tag);
+                done(result)
             }
             _ => Verdict::Fail(Errno::EOPNOTSUPP),
         }
-    }
-}
-
-/// Writes the metadata a request changed back to the file (not synced)
-/// before it completes, so that a worker's death loses no completed write.
-fn write_back(image: &Image, changed: bool) -> Result<(), Errno> {
-    if changed {
-        image.flush().map_err(|e| errno(&e))
-    } else {
-        Ok(())
     }
 }
 

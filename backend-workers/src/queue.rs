@@ -568,6 +568,19 @@ impl QueueLoop {
             self.done.clear();
             return;
         }
+        // Metadata the completed requests changed reaches the file before
+        // their completions do (qcow2: see `qcow2.rs`).
+        if let Err((errno, tags)) = self.pipeline.write_back() {
+            tracing::error!(
+                queue = self.index,
+                "qcow2 metadata write-back failed: {errno:?}"
+            );
+            for c in self.done.iter_mut().filter(|c| tags.contains(&c.tag)) {
+                if c.result == 0 {
+                    c.result = errno.ring_result();
+                }
+            }
+        }
         self.posted += self.done.len() as u64;
         let last = self.done.last().copied();
         for c in self.done.drain(..) {

@@ -143,6 +143,12 @@ impl Pipeline {
         }
     }
 
+    /// Writes back what the stages changed for requests whose completions
+    /// are about to be published; on failure, the tags that must fail.
+    pub fn write_back(&mut self) -> Result<(), (crate::errno::Errno, Vec<u32>)> {
+        self.qcow2.write_back()
+    }
+
     /// Runs request `tag` (`r`, its guest segments `segs`) through the
     /// graph's stages from `stage` on, at `offset` in that stage's
     /// coordinates.
@@ -185,7 +191,7 @@ impl Pipeline {
                     let access = graph.zoned.as_ref();
                     zone::step(layer, access, r, segs, &mut offset, &mut self.scratch)
                 }
-                Stage::Qcow2(layer) => layer.step(r, segs, &mut offset, &mut self.qcow2),
+                Stage::Qcow2(layer) => layer.step(tag, r, segs, &mut offset, &mut self.qcow2),
             };
             match verdict {
                 Verdict::Pass => stage += 1,

@@ -411,3 +411,101 @@ fn a_live_snapshot_under_verified_load_keeps_every_write() {
     qemu("qemu-img", &["check", "-q", s(&img)]);
     qemu("qemu-img", &["check", "-q", s(&snap)]);
 }
+
+#[test]
+fn compressed_clusters_read_and_are_rewritten() {
+    let cluster = cluster();
+    let dir = cluster.dir().to_path_buf();
+    let raw = dir.join("source.raw");
+    let img = dir.join("packed.qcow2");
+    qemu("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "4M"]);
+    qemu(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 0 4M", s(&raw)],
+    );
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&img),
+        ],
+    );
+    let map = qemu("qemu-img", &["map", "--output=json", s(&img)]);
+    assert!(
+        map.contains("\"compressed\": true"),
+        "not compressed: {map}"
+    );
+    cluster
+        .add_io_uring("packed-file", &img, false, false)
+        .unwrap();
+    cluster
+        .client()
+        .add_node(qcow2("packed", "packed-file", ""))
+        .unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("packed", "packed").writable())
+        .unwrap();
+    ok(&io(
+        &cluster,
+        &socket,
+        1,
+        &[
+            "read -P 0x3c 0 4M",
+            // Into a compressed cluster: the rest of it is unpacked around.
+            "write -P 0x4d 68k 4k",
+            "read -P 0x3c 64k 4k",
+            "read -P 0x4d 68k 4k",
+            "read -P 0x3c 72k 56k",
+            "flush",
+        ],
+    ));
+    cluster.remove_export("packed").unwrap();
+    qemu("qemu-img", &["check", "-q", s(&img)]);
+    qemu(
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0x4d 68k 4k",
+            "-c",
+            "read -P 0x3c 72k 56k",
+            s(&img),
+        ],
+    );
+}
+
+#[test]
+fn external_data_files_are_refused_with_a_reason() {
+    let cluster = cluster();
+    let dir = cluster.dir().to_path_buf();
+    let img = dir.join("ext.qcow2");
+    let data = dir.join("ext.data");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", s(&data)),
+            s(&img),
+            "1M",
+        ],
+    );
+    cluster
+        .add_io_uring("ext-file", &img, false, false)
+        .unwrap();
+    let e = cluster
+        .client()
+        .add_node(qcow2("ext", "ext-file", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(s(&img)) && e.contains("node.qcow2.file"), "{e}");
+}
