@@ -31,6 +31,12 @@
 #   NOISY_PCT [10] NOISY_RETRIES [2]: a run whose other-CPU% exceeds NOISY_PCT
 #     is discarded (kept in noisy.tsv) and repeated, at most NOISY_RETRIES times
 #   NO_BUILD=1          skip `cargo build --release -p blkmesh-io`
+#   FORMAT [raw]        qcow2: the *-file targets serve a qcow2 image instead
+#     (qsd driver=qcow2 over its file; blkmesh a qcow2 node over an io_uring
+#     node, from a configuration file), fully allocated from the dd-filled
+#     raw image, which target blkmesh-raw serves as raw (the same data).
+#     Workload 4k-randwrite-alloc-qd32 gets a fresh thin image of
+#     ALLOC_SIZE [64G] before every run: its writes allocate clusters.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,6 +56,8 @@ QUIET_WAIT=${QUIET_WAIT:-30}
 NOISY_PCT=${NOISY_PCT:-10}
 NOISY_RETRIES=${NOISY_RETRIES:-2}
 EXPORT_QUEUES=${EXPORT_QUEUES:-1}
+FORMAT=${FORMAT:-raw}
+ALLOC_SIZE=${ALLOC_SIZE:-64G}
 
 # name|rw|bs|qd|queues — the first is the headline.
 WORKLOAD_LIST=(
@@ -60,6 +68,7 @@ WORKLOAD_LIST=(
     "4k-randread-qd1|randread|4k|1|1"
     "4k-randread-qd32-q2|randread|4k|32|2"
     "4k-randread-qd32-q4|randread|4k|32|4"
+    "4k-randwrite-alloc-qd32|randwrite|4k|32|1"
 )
 # Default: the workloads whose queue count is the export's.
 WORKLOADS=${WORKLOADS:-$(printf '%s\n' "${WORKLOAD_LIST[@]}" | awk -F'|' -v q="$EXPORT_QUEUES" '$5 == q { print $1 }' | tr '\n' ' ')}
@@ -83,7 +92,9 @@ if [[ -z ${WORKDIR:-} ]]; then
     WORKDIR=$(mktemp -d /tmp/blkmesh-bench.XXXXXX)
 fi
 mkdir -p "$WORKDIR"
-IMAGE=$WORKDIR/disk.img
+RAW_IMAGE=$WORKDIR/disk.img
+IMAGE=$RAW_IMAGE
+[[ $FORMAT == qcow2 ]] && IMAGE=$WORKDIR/disk.qcow2
 SIZE_BYTES=$(to_bytes "$IMAGE_SIZE")
 RESULTS=$WORKDIR/results.tsv
 
@@ -148,8 +159,8 @@ start_qsd_file() {
     SOCKET=$WORKDIR/qsd-file.sock
     launch qsd-file "$QSD" \
         --blockdev "driver=file,node-name=file0,filename=$IMAGE,cache.direct=off,aio=io_uring" \
-        --blockdev "driver=raw,node-name=raw0,file=file0" \
-        --export "$(qsd_export raw0)"
+        --blockdev "driver=$FORMAT,node-name=fmt0,file=file0" \
+        --export "$(qsd_export fmt0)"
 }
 
 start_qsd_null() {
@@ -184,10 +195,46 @@ BLKMESH_START_FILE=${BLKMESH_START_FILE:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmes
 BLKMESH_START_NULL=${BLKMESH_START_NULL:-"$BLKMESH_BIN up --dir @WORKDIR@/blkmesh-null --worker-user root --listen 127.0.0.1:0 --workers $BLKMESH_WORKERS $BLKMESH_SPREAD --null --size @SIZE@ --queues $EXPORT_QUEUES --socket @SOCKET@"}
 # =============================================================================
 
+# FORMAT=qcow2: the same `blkmesh up`, with a configuration file naming
+# the qcow2 node over the image's io_uring node.
+qcow2_config() {
+    local dir=$1 config=$1.toml
+    cat >"$config" <<TOML
+[[node]]
+name = "disk0-file"
+io_uring = { path = "$IMAGE" }
+[[node]]
+name = "disk0"
+qcow2 = { file = "disk0-file" }
+[[export]]
+id = "disk0"
+node = "disk0"
+socket = "$SOCKET"
+writable = true
+num_queues = $EXPORT_QUEUES
+TOML
+    echo "$BLKMESH_BIN up --dir $dir --worker-user root --listen 127.0.0.1:0 --workers $BLKMESH_WORKERS --config $config"
+}
+
 start_blkmesh_file() {
     SOCKET=$WORKDIR/blkmesh-file.sock
+    local t=$BLKMESH_START_FILE
+    if [[ $FORMAT == qcow2 && -z $BLKMESH_OVERRIDE ]]; then
+        rm -rf "$WORKDIR/blkmesh-file" # the state names the last run's nodes
+        t=$(qcow2_config "$WORKDIR/blkmesh-file")
+    fi
     # shellcheck disable=SC2046 # the template is split into words on purpose
-    launch blkmesh-file $(expand "$BLKMESH_START_FILE")
+    launch blkmesh-file $(expand "$t")
+}
+
+# FORMAT=qcow2: blkmesh's raw path on the same data (the dd-filled image).
+start_blkmesh_raw() {
+    SOCKET=$WORKDIR/blkmesh-raw.sock
+    local t=${BLKMESH_START_FILE//@IMAGE@/$RAW_IMAGE}
+    t=${t//@WORKDIR@\/blkmesh-file/@WORKDIR@\/blkmesh-raw}
+    rm -rf "$WORKDIR/blkmesh-raw"
+    # shellcheck disable=SC2046
+    launch blkmesh-raw $(expand "$t")
 }
 
 start_blkmesh_null() {
@@ -270,6 +317,11 @@ wait_for_quiet() {
 run_point() {
     local target=$1 spec=$2 rep=$3 name rw bs qd queues json
     IFS='|' read -r name rw bs qd queues <<<"$spec"
+    if [[ $name == *-alloc-* ]]; then
+        [[ $FORMAT == qcow2 ]] || die "$name needs FORMAT=qcow2"
+        rm -f "$IMAGE"
+        qemu-img create -q -f qcow2 "$IMAGE" "$ALLOC_SIZE"
+    fi
     wait_for_quiet
     "start_${target//-/_}" || die "cannot start $target"
     local out=$WORKDIR/client.json ctime=$WORKDIR/client.time
@@ -369,6 +421,19 @@ print_table() {
             done
         done
     fi
+    if [[ " $TARGETS " == *" blkmesh-raw "* ]]; then
+        echo
+        echo "blkmesh's qcow2 node against its raw path on the same data, same runs:"
+        echo
+        echo "| workload | raw IOPS | qcow2 IOPS | qcow2/raw | raw p99 | qcow2 p99 | raw CPU-us/IO | qcow2 CPU-us/IO |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        for w in $WORKLOADS; do
+            [[ $w == *-alloc-* ]] && continue
+            local ri qc
+            ri=$(median "$w" blkmesh-raw 4) qc=$(median "$w" blkmesh-file 4)
+            echo "| $w | $ri | $qc | $(ratio "$qc" "$ri") | $(median "$w" blkmesh-raw 7) | $(median "$w" blkmesh-file 7) | $(median "$w" blkmesh-raw 10) | $(median "$w" blkmesh-file 10) |"
+        done
+    fi
     if [[ " $TARGETS " == *" iouring-file "* ]]; then
         echo
         echo "Against the ceiling: libblkio io_uring straight on the image, in the client (no server), same runs:"
@@ -398,6 +463,7 @@ print_conditions() {
     echo "client:    blkmesh-io bench (libblkio virtio-blk-vhost-user, eventfd completions), taskset -c $CLIENT_CPU"
     echo "servers:   taskset -c $SERVER_CPU (all threads/children); export num-queues=$EXPORT_QUEUES"
     echo "image:     $IMAGE_SIZE raw file pre-filled with dd and read once (page cache); qsd file: cache.direct=off,aio=io_uring"
+    [[ $FORMAT == qcow2 ]] && echo "format:    qcow2 (64k clusters), fully allocated by qemu-img convert -S 0 from that file; *-alloc-* runs: a fresh thin $ALLOC_SIZE image each"
     echo "null:      qsd null-co read-zeroes=on size=$SIZE_BYTES"
     echo "runs:      REPS=$REPS, RUN_SECONDS=$RUN_SECONDS, WARMUP=$WARMUP, targets alternate within each rep;"
     echo "           each run waits up to ${QUIET_WAIT}s for the machine to be <= ${QUIET_PCT}% busy"
@@ -422,6 +488,10 @@ ACTIVE=()
 for t in $TARGETS; do
     case $t in
         qsd-file | qsd-null | iouring-file) ACTIVE+=("$t") ;;
+        blkmesh-raw)
+            [[ $FORMAT == qcow2 ]] || die "blkmesh-raw needs FORMAT=qcow2"
+            ACTIVE+=("$t")
+            ;;
         blkmesh-file | blkmesh-null)
             # A custom start template counts as "blkmesh available".
             if [[ -x $BLKMESH_BIN || -n $BLKMESH_OVERRIDE ]]; then
@@ -446,13 +516,20 @@ if [[ -n $BLKMESH_BIN_OLD ]]; then
 fi
 ((${#ACTIVE[@]} > 0)) || die "no targets to run"
 
-if [[ " ${ACTIVE[*]} " == *-file* ]]; then
-    if [[ ! -f $IMAGE || $(stat -c %s "$IMAGE") -ne $SIZE_BYTES ]]; then
-        log "pre-filling $IMAGE ($IMAGE_SIZE) with dd…"
-        dd if=/dev/zero of="$IMAGE" bs=1M count=$((SIZE_BYTES >> 20)) conv=fsync status=none
+if [[ " ${ACTIVE[*]} " == *-file* || " ${ACTIVE[*]} " == *-raw* ]]; then
+    if [[ ! -f $RAW_IMAGE || $(stat -c %s "$RAW_IMAGE") -ne $SIZE_BYTES ]]; then
+        log "pre-filling $RAW_IMAGE ($IMAGE_SIZE) with dd…"
+        dd if=/dev/zero of="$RAW_IMAGE" bs=1M count=$((SIZE_BYTES >> 20)) conv=fsync status=none
     fi
-    cat "$IMAGE" >/dev/null # pull it into the page cache
+    cat "$RAW_IMAGE" >/dev/null # pull it into the page cache
 fi
+# A fully allocated qcow2 image of the same data (-S 0: zeroes are data).
+make_qcow2() {
+    rm -f "$IMAGE"
+    qemu-img convert -q -S 0 -f raw -O qcow2 "$RAW_IMAGE" "$IMAGE"
+    cat "$IMAGE" >/dev/null
+}
+[[ $FORMAT == qcow2 ]] && make_qcow2
 
 : >"$RESULTS"
 : >"$WORKDIR/noisy.tsv"
@@ -465,6 +542,8 @@ for w in $WORKLOADS; do
     done
     [[ -n $spec ]] || die "unknown workload $w"
     log "workload $w"
+    # After an allocating workload's thin images, the full one again.
+    [[ $FORMAT == qcow2 && $w != *-alloc-* ]] && make_qcow2
     for ((rep = 1; rep <= REPS; rep++)); do
         for t in "${ACTIVE[@]}"; do
             [[ -f $IMAGE ]] && cat "$IMAGE" >/dev/null # keep it cached
