@@ -16,7 +16,7 @@ shift || true
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=(descriptor_chain ring_entry control_message mem_table)
+    targets=(descriptor_chain ring_entry control_message mem_table image_open)
 fi
 
 export RUSTC_BOOTSTRAP=1
@@ -36,6 +36,8 @@ for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
     max_len=4096
     [ "$t" = control_message ] && max_len=16384
+    # Whole qcow2 images (the seeds are 1.5-12 KiB).
+    [ "$t" = image_open ] && max_len=16384
     log=$(mktemp)
     if cargo fuzz run "${common[@]}" "$t" -- \
         -max_total_time="$secs" -max_len="$max_len" -timeout=10 \

@@ -18,6 +18,8 @@
 //!   graphs with non-file leaves and mapping guest RAM) or `Reply` (then
 //!   turned into the frontend's config space), and guest-RAM segments.
 //! - [`memtable`]: the frontend's vhost-user memory table (`memory.rs`).
+//! - [`image`]: qcow2 image files opened through `blkmesh-image` (imago),
+//!   then read, mapped and described (`image info`).
 //!
 //! The bugs these targets found are fixed, and their inputs kept in the
 //! corpora (`regress-*`). Should a bug be found that cannot be fixed at
@@ -26,6 +28,7 @@
 
 pub mod chain;
 pub mod control;
+pub mod image;
 pub mod memtable;
 pub mod ring;
 

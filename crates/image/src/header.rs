@@ -43,7 +43,56 @@ pub(crate) fn check(file: &File, file_len: u64) -> Result<(), String> {
     let mut h = [0u8; 72];
     file.read_exact_at(&mut h, 0)
         .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
-    check_fields(&parse(&h), file_len)
+    let fields = parse(&h);
+    check_fields(&fields, file_len)?;
+    if (9..=21).contains(&fields.cluster_bits) {
+        // The extensions live in the first cluster.
+        let len = (1usize << fields.cluster_bits).min(usize::try_from(file_len).unwrap_or(0));
+        let mut cluster = vec![0u8; len];
+        file.read_exact_at(&mut cluster, 0)
+            .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
+        check_extensions(&cluster)?;
+    }
+    Ok(())
+}
+
+/// The feature name table extension: 48-byte entries.
+const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
+
+/// Walks the header extensions of `first` (the first cluster): each must
+/// fit in it, and a feature name table must hold whole entries (imago
+/// 0.2.6 panics on a partial last entry).
+fn check_extensions(first: &[u8]) -> Result<(), String> {
+    if first.len() < 72 {
+        return Ok(());
+    }
+    let version = be32(first, 4);
+    let mut at = match version {
+        2 => 72usize,
+        3 if first.len() >= 104 => be32(first, 100) as usize,
+        // imago refuses other versions in its own words.
+        _ => return Ok(()),
+    };
+    while at + 8 <= first.len() {
+        let kind = be32(first, at);
+        let len = be32(first, at + 4) as usize;
+        if kind == 0 {
+            return Ok(());
+        }
+        let data = at + 8;
+        if data + len > first.len() {
+            return Err(format!(
+                "header extension {kind:#x} ({len} bytes at {at:#x}) runs past the first cluster"
+            ));
+        }
+        if kind == FEATURE_NAME_TABLE && len % 48 != 0 {
+            return Err(format!(
+                "the feature name table ({len} bytes) is not a whole number of 48-byte entries"
+            ));
+        }
+        at = data + len.div_ceil(8) * 8;
+    }
+    Ok(())
 }
 
 fn check_fields(f: &Fields, file_len: u64) -> Result<(), String> {
@@ -125,6 +174,30 @@ mod tests {
     #[test]
     fn a_sound_header_passes() {
         check_fields(&GOOD, 4 << 16).unwrap();
+    }
+
+    /// A v3 header of 104 bytes followed by `ext`, in a 512-byte cluster.
+    fn with_extension(ext: &[u8]) -> Vec<u8> {
+        let mut c = vec![0u8; 512];
+        c[4..8].copy_from_slice(&3u32.to_be_bytes());
+        c[100..104].copy_from_slice(&104u32.to_be_bytes());
+        c[104..104 + ext.len()].copy_from_slice(ext);
+        c
+    }
+
+    #[test]
+    fn header_extensions_must_fit_and_be_whole() {
+        let ext = |kind: u32, len: u32| {
+            let mut e = kind.to_be_bytes().to_vec();
+            e.extend(len.to_be_bytes());
+            e
+        };
+        check_extensions(&with_extension(&[])).unwrap();
+        check_extensions(&with_extension(&ext(FEATURE_NAME_TABLE, 48))).unwrap();
+        let e = check_extensions(&with_extension(&ext(FEATURE_NAME_TABLE, 49))).unwrap_err();
+        assert!(e.contains("48-byte entries"), "{e}");
+        let e = check_extensions(&with_extension(&ext(0xe2792aca, 4096))).unwrap_err();
+        assert!(e.contains("runs past the first cluster"), "{e}");
     }
 
     #[test]

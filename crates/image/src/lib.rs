@@ -209,20 +209,22 @@ pub fn open_chain(layers: Vec<Layer>) -> Result<Image, ImageError> {
                         below: below_path.clone(),
                     });
                 }
-                let raw = Raw::builder(storage)
-                    .write(writable)
-                    .open(DenyImplicitOpenGate::default())
-                    .map_err(open_err(&path))?;
+                let raw = guarded(&path, || {
+                    Raw::builder(storage)
+                        .write(writable)
+                        .open(DenyImplicitOpenGate::default())
+                })?;
                 FormatAccess::new(raw)
             }
             Format::Qcow2 => {
                 let backing = below.as_ref().map(|(b, _)| Arc::clone(b));
                 let given = backing.is_some();
-                let qcow2 = Qcow2::<Storage, Arc<Image>>::builder(storage)
-                    .write(writable)
-                    .backing(backing)
-                    .open(DenyImplicitOpenGate::default())
-                    .map_err(open_err(&path))?;
+                let qcow2 = guarded(&path, || {
+                    Qcow2::<Storage, Arc<Image>>::builder(storage)
+                        .write(writable)
+                        .backing(backing)
+                        .open(DenyImplicitOpenGate::default())
+                })?;
                 if let Some(named) = qcow2.implicit_backing_file() {
                     if !given && !no_backing {
                         return Err(ImageError::BackingNotGiven {
@@ -241,6 +243,22 @@ pub fn open_chain(layers: Vec<Layer>) -> Result<Image, ImageError> {
         }
     }
     top.ok_or(ImageError::Empty)
+}
+
+/// Runs imago's parsing of an untrusted image: a panic there (an imago
+/// bug; the fuzz target finds them, see fuzz/README.md) refuses this image
+/// instead of killing the manager or the worker.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> io::Result<T>) -> Result<T, ImageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(open_err(path)),
+        Err(_) => Err(ImageError::Open {
+            path: path.to_path_buf(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the image parser failed on this image (a bug in imago); refused",
+            ),
+        }),
+    }
 }
 
 /// Reads the first bytes of `path` and says whether they are a qcow2

@@ -311,3 +311,14 @@ fn damaged_images_get_errors_not_panics() {
     assert!(open_chain(vec![Layer::read_only(Format::Qcow2, &img)]).is_err());
     assert_eq!(probe_format(&img).unwrap(), Format::Qcow2);
 }
+
+#[test]
+fn what_the_fuzzer_found_is_refused_not_a_panic() {
+    // imago 0.2.6 panics on a feature name table with a partial entry.
+    let bytes = include_bytes!("../../../fuzz/corpus/image_open/regress-feature-table-short");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("short-table.qcow2");
+    std::fs::write(&img, bytes).unwrap();
+    let e = open_chain(vec![Layer::read_only(Format::Qcow2, &img)]).unwrap_err();
+    assert!(e.to_string().contains("48-byte entries"), "{e}");
+}

@@ -12,7 +12,7 @@ type Run = fn(&[u8]);
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let targets: [(&str, Seeds, Run); 4] = [
+    let targets: [(&str, Seeds, Run); 5] = [
         (
             "descriptor_chain",
             blkmesh_fuzz::chain::seeds,
@@ -32,6 +32,12 @@ fn main() {
             "mem_table",
             blkmesh_fuzz::memtable::seeds,
             blkmesh_fuzz::memtable::run,
+        ),
+        // Made by qemu-img and qemu-io (skipped without them).
+        (
+            "image_open",
+            blkmesh_fuzz::image::seeds,
+            blkmesh_fuzz::image::run,
         ),
     ];
     for (target, seeds, run) in targets {
@@ -56,6 +62,18 @@ fn main() {
     for (name, bytes) in blkmesh_fuzz::memtable::regressions() {
         blkmesh_fuzz::memtable::run(&bytes);
         let path = root.join("mem_table").join(format!("regress-{name}"));
+        std::fs::write(&path, &bytes).unwrap();
+        println!("{} ({} bytes)", path.display(), bytes.len());
+    }
+    // Open bugs outside blkmesh (imago): their inputs only as crash
+    // reproductions, not in the corpus, where they would stop every
+    // default (strict) run until the fix.
+    std::fs::create_dir_all(artifacts.join("image_open")).unwrap();
+    for (name, bytes) in blkmesh_fuzz::image::known() {
+        if !blkmesh_fuzz::strict() {
+            blkmesh_fuzz::image::run(&bytes);
+        }
+        let path = artifacts.join("image_open").join(format!("known-{name}"));
         std::fs::write(&path, &bytes).unwrap();
         println!("{} ({} bytes)", path.display(), bytes.len());
     }
