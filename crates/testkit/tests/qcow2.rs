@@ -509,3 +509,70 @@ fn external_data_files_are_refused_with_a_reason() {
         .to_string();
     assert!(e.contains(s(&img)) && e.contains("node.qcow2.file"), "{e}");
 }
+
+#[test]
+fn a_live_move_to_another_worker_hands_the_image_over_under_load() {
+    let cluster = Cluster::start(ClusterOptions::default().workers(2).seccomp_enforce());
+    let dir = cluster.dir().to_path_buf();
+    let img = dir.join("moved.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&img),
+            "16M",
+        ],
+    );
+    cluster
+        .add_io_uring("moved-file", &img, false, false)
+        .unwrap();
+    cluster
+        .client()
+        .add_node(qcow2("moved", "moved-file", ""))
+        .unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("moved", "moved").writable().queues(2))
+        .unwrap();
+    let workers = || {
+        let exports = cluster.list_exports().unwrap();
+        let e = exports
+            .into_iter()
+            .find(|e| e.export.as_ref().is_some_and(|x| x.id == "moved"))
+            .unwrap();
+        let mut w: Vec<String> = e.queues.into_iter().map(|a| a.worker).collect();
+        w.dedup();
+        w
+    };
+    let from = workers();
+    assert_eq!(
+        from.len(),
+        1,
+        "a writable qcow2 export on one worker: {from:?}"
+    );
+    let to = if from[0] == "worker0" {
+        "worker1"
+    } else {
+        "worker0"
+    };
+    let (load, moved) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| verify_load(&socket, "5"));
+        std::thread::sleep(std::time::Duration::from_millis(2000));
+        let moved = cluster.ctl(["node", "move", "moved", to]);
+        (load.join().unwrap(), moved)
+    });
+    ok(&moved);
+    let stdout = ok(&load);
+    assert!(
+        stdout.contains("0 errors, 0 mismatches"),
+        "{}",
+        output_text(&load)
+    );
+    assert_eq!(workers(), [to.to_string()]);
+    cluster.remove_export("moved").unwrap();
+    qemu("qemu-img", &["check", "-q", s(&img)]);
+}
