@@ -9,6 +9,7 @@
 //! thread, over the request's own slot: no lock of its own, and its queues
 //! stop growing once they have held as many requests as the ring has.
 
+mod qcow2;
 mod zone;
 
 use std::cmp::Reverse;
@@ -16,9 +17,9 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use blkmesh_ipc::ring::Segment;
 
+use self::qcow2::Qcow2Scratch;
 use self::zone::ZoneScratch;
 use crate::graph::OpenedGraph;
-use crate::qcow2::Qcow2Scratch;
 use crate::slot::InFlight;
 use crate::stages::{self, Stage, Verdict};
 
@@ -191,7 +192,9 @@ impl Pipeline {
                     let access = graph.zoned.as_ref();
                     zone::step(layer, access, r, segs, &mut offset, &mut self.scratch)
                 }
-                Stage::Qcow2(layer) => layer.step(tag, r, segs, &mut offset, &mut self.qcow2),
+                Stage::Qcow2(layer) => {
+                    qcow2::step(layer, tag, r, segs, &mut offset, &mut self.qcow2)
+                }
             };
             match verdict {
                 Verdict::Pass => stage += 1,

@@ -7,11 +7,9 @@ use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{FormatCreateBuilder, Storage as _, StorageCreateOptions};
 
-use crate::{open_err, Format, ImageError, Storage};
-
-/// Largest image size accepted: QEMU's limit for qcow2 (2^61 bytes less
-/// a cluster keeps every offset computation in range).
-pub const MAX_IMAGE_SIZE: u64 = 1 << 61;
+use crate::chain::{Format, Storage};
+use crate::error::{open_err, ImageError};
+use crate::header::MAX_IMAGE_SIZE;
 
 /// How much of a new image is allocated up front.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

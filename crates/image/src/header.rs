@@ -5,7 +5,12 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use crate::create::MAX_IMAGE_SIZE;
+/// Largest image size accepted: QEMU's limit for qcow2 (2^61 bytes keeps
+/// every offset computation in range).
+pub const MAX_IMAGE_SIZE: u64 = 1 << 61;
+
+/// Most layers in one chain (the image and its backing images).
+pub const MAX_CHAIN_DEPTH: usize = 16;
 
 /// The header fields checked here (qcow2 v2/v3, big-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use imago::{FormatAccess, ShallowMapping};
 
-use crate::{open_chain, probe_format, Format, ImageError, Layer};
+use crate::chain::{open_chain, open_storage, probe_format, Format, Layer, Storage};
+use crate::error::{open_err, ImageError};
 
 /// What an image is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub fn info_as(path: &Path, format: Format) -> Result<ImageInfo, ImageError> {
         no_backing: true,
         ..Layer::read_only(format, path)
     }])?;
-    let meta = std::fs::metadata(path).map_err(crate::open_err(path))?;
+    let meta = std::fs::metadata(path).map_err(open_err(path))?;
     let (backing_file, backing_format, cluster_size) = header_fields(path, format)?;
     Ok(ImageInfo {
         path: path.to_path_buf(),
@@ -49,7 +50,7 @@ pub fn info_as(path: &Path, format: Format) -> Result<ImageInfo, ImageError> {
         cluster_size,
         backing_file,
         backing_format,
-        allocated: allocated(&image).map_err(crate::open_err(path))?,
+        allocated: allocated(&image).map_err(open_err(path))?,
     })
 }
 
@@ -65,13 +66,12 @@ fn header_fields(
     let mut header = [0u8; 24];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut header))
-        .map_err(crate::open_err(path))?;
+        .map_err(open_err(path))?;
     // cluster_bits, big-endian at byte 20 (imago checked it on open).
     let bits = u32::from_be_bytes([header[20], header[21], header[22], header[23]]);
     let cluster = 1u64.checked_shl(bits).unwrap_or(0);
-    let storage = crate::open_storage(Layer::read_only(format, path))?.0;
-    let q = imago::qcow2::Qcow2::<crate::Storage>::open_image(storage, false)
-        .map_err(crate::open_err(path))?;
+    let storage = open_storage(Layer::read_only(format, path))?.0;
+    let q = imago::qcow2::Qcow2::<Storage>::open_image(storage, false).map_err(open_err(path))?;
     Ok((
         q.implicit_backing_file().cloned(),
         q.implicit_backing_format().cloned(),
@@ -80,7 +80,7 @@ fn header_fields(
 }
 
 /// Bytes of the top layer that are its own (not its backing image's).
-fn allocated(image: &FormatAccess<crate::Storage>) -> std::io::Result<u64> {
+fn allocated(image: &FormatAccess<Storage>) -> std::io::Result<u64> {
     let size = image.size();
     let mut at = 0u64;
     let mut own = 0u64;
