@@ -59,6 +59,18 @@ fn qcow2(name: &str, file: &str, backing: &str) -> NodeSpec {
     }
 }
 
+/// Serves the qcow2 image `img` as node `name` (over io_uring node
+/// `name-file`) in a writable export `name` of `queues` queues; returns
+/// its socket.
+fn serve(cluster: &Cluster, name: &str, img: &Path, queues: u32) -> PathBuf {
+    let file = format!("{name}-file");
+    cluster.add_io_uring(&file, img, false, false).unwrap();
+    cluster.client().add_node(qcow2(name, &file, "")).unwrap();
+    cluster
+        .add_export(ExportOpts::new(name, name).writable().queues(queues))
+        .unwrap()
+}
+
 fn cluster() -> Cluster {
     Cluster::start(ClusterOptions::default().workers(1).seccomp_enforce())
 }
@@ -303,16 +315,7 @@ fn a_killed_worker_loses_no_allocating_write_and_leaves_the_image_sound() {
             "16M",
         ],
     );
-    cluster
-        .add_io_uring("crash-file", &img, false, false)
-        .unwrap();
-    cluster
-        .client()
-        .add_node(qcow2("crash", "crash-file", ""))
-        .unwrap();
-    let socket = cluster
-        .add_export(ExportOpts::new("crash", "crash").writable().queues(2))
-        .unwrap();
+    let socket = serve(&cluster, "crash", &img, 2);
     let out = std::thread::scope(|scope| {
         let load = scope.spawn(|| verify_load(&socket, "6"));
         for _ in 0..2 {
@@ -354,16 +357,7 @@ fn a_live_snapshot_under_verified_load_keeps_every_write() {
     let dir = cluster.dir().to_path_buf();
     let img = dir.join("live.qcow2");
     qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
-    cluster
-        .add_io_uring("live-file", &img, false, false)
-        .unwrap();
-    cluster
-        .client()
-        .add_node(qcow2("live", "live-file", ""))
-        .unwrap();
-    let socket = cluster
-        .add_export(ExportOpts::new("live", "live").writable().queues(2))
-        .unwrap();
+    let socket = serve(&cluster, "live", &img, 2);
     let snap = dir.join("snap1.qcow2");
     let (load, switched) = std::thread::scope(|scope| {
         let load = scope.spawn(|| verify_load(&socket, "5"));
@@ -442,16 +436,7 @@ fn compressed_clusters_read_and_are_rewritten() {
         map.contains("\"compressed\": true"),
         "not compressed: {map}"
     );
-    cluster
-        .add_io_uring("packed-file", &img, false, false)
-        .unwrap();
-    cluster
-        .client()
-        .add_node(qcow2("packed", "packed-file", ""))
-        .unwrap();
-    let socket = cluster
-        .add_export(ExportOpts::new("packed", "packed").writable())
-        .unwrap();
+    let socket = serve(&cluster, "packed", &img, 1);
     ok(&io(
         &cluster,
         &socket,
@@ -528,16 +513,7 @@ fn a_live_move_to_another_worker_hands_the_image_over_under_load() {
             "16M",
         ],
     );
-    cluster
-        .add_io_uring("moved-file", &img, false, false)
-        .unwrap();
-    cluster
-        .client()
-        .add_node(qcow2("moved", "moved-file", ""))
-        .unwrap();
-    let socket = cluster
-        .add_export(ExportOpts::new("moved", "moved").writable().queues(2))
-        .unwrap();
+    let socket = serve(&cluster, "moved", &img, 2);
     let workers = || {
         let exports = cluster.list_exports().unwrap();
         let e = exports
