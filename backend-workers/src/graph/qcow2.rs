@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use blkmesh_graph::kinds::qcow2::{chain, LayerFormat};
-use blkmesh_image::{Format, Layer, Source};
+use blkmesh_image::{Format, Image, Layer, PreallocateMode, Source};
 use blkmesh_proto::v1::{NodeSpec, Qcow2Options};
 
 use crate::errno::{Errno, OpenError};
@@ -71,9 +71,55 @@ pub(super) fn open(
         no_backing: mark.opts.no_backing,
     }];
     layers.extend(mark.backing);
+    let backed = layers.len() > 1;
     let image = blkmesh_image::open_chain(layers).map_err(|e| {
         let errno = Errno::new(e.errno()).unwrap_or(Errno::EINVAL);
         OpenError::new(errno, format!("node {}: {e}", mark.name))
     })?;
+    grow(mark.name, &image, mark.opts.size, writable, backed)?;
     Ok(Qcow2Layer::new(mark.name, image))
+}
+
+/// Grows `image` to `size` (the node's size option, 0 = as it is) before
+/// it serves: ResizeNode set a size the header does not say yet. With a
+/// backing image, the new range is made to read as zeroes (else a larger
+/// backing image would show through).
+fn grow(
+    node: &str,
+    image: &Image,
+    size: u64,
+    writable: bool,
+    backed: bool,
+) -> Result<(), OpenError> {
+    let now = image.size();
+    if size == 0 || size == now {
+        return Ok(());
+    }
+    if size < now {
+        return Err(OpenError::inval(format!(
+            "node {node}: size {size} is smaller than the image's {now}; qcow2 images do not shrink"
+        )));
+    }
+    if !writable {
+        return Err(OpenError::new(
+            Errno::EROFS,
+            format!("node {node}: the image is {now} bytes, the node {size}, and it is read-only"),
+        ));
+    }
+    let mode = if backed {
+        PreallocateMode::Zero
+    } else {
+        PreallocateMode::None
+    };
+    image
+        .resize_grow(size, mode)
+        .and_then(|()| image.flush())
+        .map_err(|e| {
+            OpenError::new(
+                Errno::of_io(&e),
+                format!("node {node}: growing to {size}: {e}"),
+            )
+        })?;
+    tracing::info!(node, from = now, to = size, "qcow2 image grown");
+    Ok(())
 }

@@ -453,7 +453,10 @@ mod tests {
             cannot("virtio_blk_vhost_vdpa"),
             child(4096),
             Err("name: node \"n\" is zoned: it cannot be resized".to_string()),
-            cannot("qcow2"),
+            Ok(Grow::Options(Driver::Qcow2(Qcow2Options {
+                size: 4096,
+                ..Default::default()
+            }))),
             child(4096),
             child(4096),
         ];

@@ -28,6 +28,7 @@ pub use self::create::{create, CreateOptions, Preallocation};
 pub use self::error::ImageError;
 pub use self::header::{MAX_CHAIN_DEPTH, MAX_IMAGE_SIZE};
 pub use self::info::{info, info_as, ImageInfo};
+pub use imago::format::PreallocateMode;
 pub use imago::ShallowMapping;
 
 #[cfg(test)]

@@ -552,3 +552,60 @@ fn a_live_move_to_another_worker_hands_the_image_over_under_load() {
     cluster.remove_export("moved").unwrap();
     qemu("qemu-img", &["check", "-q", s(&img)]);
 }
+
+#[test]
+fn a_qcow2_node_grows_live_and_never_shrinks() {
+    let cluster = cluster();
+    let img = cluster.dir().join("grow.qcow2");
+    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    let socket = serve(&cluster, "grow", &img, 1);
+    ok(&io(&cluster, &socket, 1, &["write -P 0x61 15M 1M"]));
+    ok(&cluster.ctl(["node", "resize", "grow", "32M"]));
+    // The worker grew the header when it reopened the graph; a client
+    // connecting now sees the new size, the old data and the new range.
+    let out = ok(&io(
+        &cluster,
+        &socket,
+        1,
+        &[
+            "info",
+            "read -P 0x61 15M 1M",
+            "read -P 0 16M 1M",
+            "write -P 0x62 24M 64k",
+            "read -P 0x62 24M 64k",
+            "flush",
+        ],
+    ));
+    assert!(out.contains("capacity: 33554432"), "{out}");
+    let refused = cluster.ctl(["node", "resize", "grow", "8M"]);
+    assert!(!refused.status.success(), "{}", output_text(&refused));
+    cluster.remove_export("grow").unwrap();
+    let info = qemu("qemu-img", &["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"virtual-size\": 33554432"), "{info}");
+    qemu("qemu-img", &["check", "-q", s(&img)]);
+    // A size below the header's is refused at AddNode.
+    let small = cluster.dir().join("small.qcow2");
+    qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&small), "16M"],
+    );
+    cluster
+        .add_io_uring("small-file", &small, false, false)
+        .unwrap();
+    let e = cluster
+        .client()
+        .add_node(NodeSpec {
+            name: "small".into(),
+            driver: Some(Driver::Qcow2(Qcow2Options {
+                file: "small-file".into(),
+                size: 8 << 20,
+                ..Default::default()
+            })),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("node.qcow2.size") && e.contains("do not shrink"),
+        "{e}"
+    );
+}

@@ -8,20 +8,32 @@ use blkmesh_graph::{Graph, GraphError};
 use blkmesh_image::{open_chain, Format, Layer, Source};
 use blkmesh_proto::v1::{node_spec::Driver, NodeSpec};
 
+/// What to open for a qcow2 node: its chain, and the size it asks for (0:
+/// the header's).
+pub(crate) struct ImageProbe {
+    layers: Vec<ChainLayer>,
+    size: u64,
+}
+
 /// The chain to open for node `spec` if it is a qcow2 node (its children
 /// looked up in `graph`), else `None`.
 pub(crate) fn image_chain(
     graph: &Graph,
     spec: &NodeSpec,
-) -> Result<Option<Vec<ChainLayer>>, GraphError> {
+) -> Result<Option<ImageProbe>, GraphError> {
     match &spec.driver {
-        Some(Driver::Qcow2(_)) => chain(|n| graph.get(n), spec).map(Some),
+        Some(Driver::Qcow2(q)) => Ok(Some(ImageProbe {
+            layers: chain(|n| graph.get(n), spec)?,
+            size: q.size,
+        })),
         _ => Ok(None),
     }
 }
 
-/// Opens the chain read-only and returns the top image's virtual size.
-pub(crate) fn probe_image(layers: Vec<ChainLayer>) -> Result<u64, GraphError> {
+/// Opens the chain read-only and returns the top image's virtual size;
+/// a size option smaller than it is refused (images do not shrink).
+pub(crate) fn probe_image(probe: ImageProbe) -> Result<u64, GraphError> {
+    let ImageProbe { layers, size } = probe;
     let layers = layers
         .into_iter()
         .map(|l| Layer {
@@ -38,5 +50,14 @@ pub(crate) fn probe_image(layers: Vec<ChainLayer>) -> Result<u64, GraphError> {
     let image = open_chain(layers).map_err(|e| {
         GraphError::invalid("node.qcow2.file", format!("cannot open the image: {e}"))
     })?;
-    Ok(image.size())
+    let header = image.size();
+    if size != 0 && size < header {
+        return Err(GraphError::invalid(
+            "node.qcow2.size",
+            format!(
+                "{size} is smaller than the image's virtual size {header}; images do not shrink"
+            ),
+        ));
+    }
+    Ok(header)
 }

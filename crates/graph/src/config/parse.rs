@@ -332,6 +332,7 @@ impl Parser<'_> {
                 let backing = self.string(&mut t, "backing").unwrap_or_default();
                 let no_backing = self.bool(&mut t, "no_backing").unwrap_or(false);
                 let read_only = self.bool(&mut t, "read_only").unwrap_or(false);
+                let size = self.size(&mut t, "size").unwrap_or(0);
                 (
                     file.map(|file| {
                         Driver::Qcow2(Qcow2Options {
@@ -339,9 +340,10 @@ impl Parser<'_> {
                             backing,
                             no_backing,
                             read_only,
+                            size,
                         })
                     }),
-                    &["file", "backing", "no_backing", "read_only"],
+                    &["file", "backing", "no_backing", "read_only", "size"],
                 )
             }
             "throttle" => {

@@ -15,9 +15,9 @@ use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::{NodeSpec, Qcow2Options};
 
 use crate::error::GraphError;
-use crate::fields::validate_child;
-use crate::kinds::{other_kind, NodeKind};
-use crate::update::{cannot_change, same_child, Changes};
+use crate::fields::{validate_child, validate_sector_multiple};
+use crate::kinds::{other_kind, Grow, NodeKind};
+use crate::update::{cannot_change, same_child, same_size, Changes};
 
 impl NodeKind for Qcow2Options {
     fn name(&self) -> &'static str {
@@ -59,6 +59,7 @@ impl NodeKind for Qcow2Options {
 
     fn validate(&self, node: &str) -> Result<(), GraphError> {
         validate_child("node.qcow2.file", &self.file, node)?;
+        validate_sector_multiple("node.qcow2.size", self.size)?;
         if self.backing.is_empty() {
             return Ok(());
         }
@@ -78,10 +79,28 @@ impl NodeKind for Qcow2Options {
         Ok(())
     }
 
-    /// The virtual size the manager read from the image header (0 until
-    /// then).
+    /// Its size option once ResizeNode set it, else the virtual size the
+    /// manager read from the image header (0 until then).
     fn size(&self, _child_size: u64, probed: Option<u64>) -> Result<u64, GraphError> {
-        Ok(probed.unwrap_or(0))
+        Ok(match self.size {
+            0 => probed.unwrap_or(0),
+            n => n,
+        })
+    }
+
+    /// A writable image grows: the worker that opens it next grows the
+    /// header to the new size.
+    fn grow(&self, size: u64, _child_size: u64, at: &str) -> Result<Grow, GraphError> {
+        if self.read_only {
+            return Err(GraphError::precondition(
+                "name",
+                format!("qcow2 node {at} is read-only: it cannot grow"),
+            ));
+        }
+        Ok(Grow::Options(Driver::Qcow2(Qcow2Options {
+            size,
+            ..self.clone()
+        })))
     }
 
     /// A writable image's metadata is cached by the one worker that opened
@@ -90,7 +109,8 @@ impl NodeKind for Qcow2Options {
         !self.read_only
     }
 
-    /// The read-only option changes; the file and backing nodes are fixed.
+    /// The read-only option changes; the file and backing nodes are fixed,
+    /// the size is ResizeNode's.
     fn update(&self, new: &Driver) -> Result<Vec<String>, GraphError> {
         let Driver::Qcow2(b) = new else {
             return Err(other_kind(self, new));
@@ -103,6 +123,7 @@ impl NodeKind for Qcow2Options {
                 &format!("is {}, got {}", self.no_backing, b.no_backing),
             ));
         }
+        same_size("node.qcow2.size", self.size, b.size)?;
         let mut changes = Changes::default();
         changes.flag("read-only", self.read_only, b.read_only);
         Ok(changes.0)

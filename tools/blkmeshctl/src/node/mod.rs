@@ -79,6 +79,7 @@ pub(crate) async fn node(
                 backing: backing.unwrap_or_default(),
                 no_backing,
                 read_only,
+                size: 0,
             })),
         },
         NodeCmd::AddNvmeIoUring {
