@@ -7,7 +7,7 @@ use blkmesh_proto::v1::VhostUserBlkExport;
 use crate::error::{GraphError, ObjectKind};
 use crate::fields::{validate_name, validate_socket_path};
 use crate::graph::Graph;
-use crate::kinds::qcow2::writable_qcow2_in_graph;
+use crate::kinds::qcow2::{backing_conflict, writable_qcow2_in_graph};
 use crate::kinds::zoned::{zoned_in_graph, zoned_overlap};
 
 /// Most virtqueues per export.
@@ -185,6 +185,18 @@ pub fn check_new_export(
                 ),
             ));
         }
+    }
+    if let Some((other, node)) =
+        backing_conflict(graph, exports, &export.node, export.writable, &export.id)
+    {
+        return Err(GraphError::precondition(
+            "export.node",
+            format!(
+                "node {node:?} is written by one of export {:?} and export {other:?} and read \
+                 as a backing image by the other: the reader would not see the writes",
+                export.id
+            ),
+        ));
     }
     if let Some((other, zoned)) = zoned_overlap(graph, exports, &export.node, &export.id) {
         return Err(GraphError::precondition(

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use blkmesh_graph::kinds::qcow2::backing_conflict;
 use blkmesh_graph::{GraphError, ObjectKind};
 use blkmesh_proto::v1::node_spec::Driver;
 use blkmesh_proto::v1::ExportInfo;
@@ -48,6 +49,18 @@ fn check_overlay(state: &State, id: &str, overlay: &str) -> Result<String, Graph
         return Err(GraphError::precondition(
             "overlay",
             format!("node {overlay:?} is read-only and export {id:?} is writable"),
+        ));
+    }
+    let exports: Vec<_> = state.exports.values().map(|r| &r.export).collect();
+    if let Some((other, node)) =
+        backing_conflict(&state.graph, &exports, overlay, rec.export.writable, id)
+    {
+        return Err(GraphError::precondition(
+            "overlay",
+            format!(
+                "export {other:?} also uses node {node:?}, which the overlay reads as its \
+                 backing or writes"
+            ),
         ));
     }
     let size = |n: &str| state.sizes.get(n).copied().unwrap_or(0);

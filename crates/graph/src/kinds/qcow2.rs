@@ -212,6 +212,71 @@ pub fn writable_qcow2_in_graph<'a>(graph: &'a crate::Graph, root: &str) -> Optio
     None
 }
 
+/// The nodes of the graph rooted at `root` that its writes reach, and
+/// those it only reads (a qcow2 node's backing chain).
+fn written_and_read<'a>(
+    graph: &'a crate::Graph,
+    root: &'a str,
+) -> (
+    std::collections::BTreeSet<&'a str>,
+    std::collections::BTreeSet<&'a str>,
+) {
+    let (mut written, mut read) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let mut stack = vec![(root, true)];
+    let mut steps = 0;
+    while let Some((name, writes)) = stack.pop() {
+        steps += 1;
+        if steps > 4 * graph.len() + 4 {
+            break;
+        }
+        let Some(spec) = graph.get(name) else {
+            continue;
+        };
+        if writes {
+            written.insert(spec.name.as_str());
+        } else {
+            read.insert(spec.name.as_str());
+        }
+        let reached = crate::kinds::written_children(spec);
+        for child in crate::kinds::children(spec) {
+            stack.push((child, writes && reached.contains(&child)));
+        }
+    }
+    (written, read)
+}
+
+/// Another export (than `except`) whose graph reads as a backing image a
+/// node that the export of `root` would write, or writes a node it would
+/// read: (that export, the node). Its reader's cache would go stale under
+/// the writer. A writable export's node becomes an overlay's backing only
+/// through SnapshotExport, which moves the export itself.
+pub fn backing_conflict<'a>(
+    graph: &'a crate::Graph,
+    exports: &[&'a blkmesh_proto::v1::VhostUserBlkExport],
+    root: &'a str,
+    writable: bool,
+    except: &str,
+) -> Option<(&'a str, &'a str)> {
+    let (written, read) = written_and_read(graph, root);
+    for e in exports.iter().filter(|e| e.id != except) {
+        let (their_written, their_read) = written_and_read(graph, &e.node);
+        if writable {
+            if let Some(n) = written.intersection(&their_read).next() {
+                return Some((&e.id, n));
+            }
+        }
+        if e.writable {
+            if let Some(n) = read.intersection(&their_written).next() {
+                return Some((&e.id, n));
+            }
+        }
+    }
+    None
+}
+
 /// How a layer of an image chain is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerFormat {
@@ -447,6 +512,42 @@ mod chain_tests {
         assert_eq!(e.field(), Some("export.spread_queues"));
         assert!(e.to_string().contains("metadata cache"), "{e}");
         check_new_export(&g, &[], &export("ro")).unwrap();
+    }
+
+    #[test]
+    fn an_image_written_by_one_export_is_no_backing_of_another() {
+        use crate::Graph;
+        use blkmesh_proto::v1::VhostUserBlkExport;
+        let g = Graph::from_specs([
+            file("f-top", "/top"),
+            file("f-ov", "/ov"),
+            qcow2("top", "f-top", ""),
+            qcow2("ov", "f-ov", "top"),
+        ])
+        .unwrap();
+        let export = |id: &str, node: &str, writable: bool| VhostUserBlkExport {
+            id: id.into(),
+            node: node.into(),
+            writable,
+            ..Default::default()
+        };
+        let a = export("a", "top", true);
+        // The overlay exported while the top is written elsewhere.
+        let conflict = backing_conflict(&g, &[&a], "ov", false, "b");
+        assert!(
+            matches!(conflict, Some(("a", "top" | "f-top"))),
+            "{conflict:?}"
+        );
+        // The top exported writable while the overlay reads it.
+        let b = export("b", "ov", false);
+        let conflict = backing_conflict(&g, &[&b], "top", true, "a");
+        assert!(
+            matches!(conflict, Some(("b", "top" | "f-top"))),
+            "{conflict:?}"
+        );
+        // Read-only both: fine; and an export is never in conflict with itself.
+        assert_eq!(backing_conflict(&g, &[&b], "top", false, "a"), None);
+        assert_eq!(backing_conflict(&g, &[&a], "ov", true, "a"), None);
     }
 
     #[test]
