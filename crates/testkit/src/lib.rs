@@ -47,4 +47,7 @@ pub use client::{BlockingClient, ClientError};
 pub use cluster::{wait_for_path, Cluster, ClusterOptions, ExportOpts, KEEP_ENV};
 pub use fixtures::{delay_node, sector_pattern};
 pub use guest::{GuestError, GuestImage, GuestOptions, GuestOutcome, GuestVm};
-pub use tool::{output_text, run_tool, run_tool_timeout, verify_load, DEFAULT_TOOL_TIMEOUT};
+pub use tool::{
+    host_tool, output_text, run_tool, run_tool_timeout, stdout_of, verify_load,
+    DEFAULT_TOOL_TIMEOUT,
+};

@@ -126,6 +126,24 @@ pub fn verify_load(socket: &std::path::Path, seconds: &str) -> Output {
     )
 }
 
+/// The stdout of a tool that had to succeed; a failure panics with its
+/// status and output.
+#[track_caller]
+pub fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "{}", output_text(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a program of the host (qemu-img, qemu-io) that must succeed, and
+/// returns its stdout.
+#[track_caller]
+pub fn host_tool(program: &str, args: &[&str]) -> String {
+    match Command::new(program).args(args).output() {
+        Ok(out) => stdout_of(&out),
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,22 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use blkmesh_proto::v1::{node_spec::Driver, NodeSpec, Qcow2Options};
-use blkmesh_testkit::{output_text, verify_load, Cluster, ClusterOptions, ExportOpts};
+use blkmesh_testkit::{
+    host_tool, output_text, stdout_of, verify_load, Cluster, ClusterOptions, ExportOpts,
+};
 
 const MIB: u64 = 1 << 20;
 
-#[track_caller]
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "{}", output_text(out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn qemu(tool: &str, args: &[&str]) -> String {
-    ok(&Command::new(tool).args(args).output().unwrap())
 }
 
 fn io(cluster: &Cluster, socket: &Path, queues: u32, cmds: &[&str]) -> Output {
@@ -71,6 +63,24 @@ fn serve(cluster: &Cluster, name: &str, img: &Path, queues: u32) -> PathBuf {
         .unwrap()
 }
 
+/// A thin 16 MiB qcow2 image with 4 KiB clusters: nearly every write of
+/// the verifier allocates.
+fn small_cluster_image(img: &Path) {
+    host_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(img),
+            "16M",
+        ],
+    );
+}
+
 fn cluster() -> Cluster {
     Cluster::start(ClusterOptions::default().workers(1).seccomp_enforce())
 }
@@ -94,13 +104,13 @@ fn images_from_qemu_img_are_served_and_stay_consistent() {
     let dir = cluster.dir().to_path_buf();
     let img = dir.join("disk.qcow2");
     let reference = dir.join("reference.raw");
-    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
-    qemu(
+    host_tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    host_tool(
         "qemu-img",
         &["create", "-q", "-f", "raw", s(&reference), "16M"],
     );
     for target in [(&img, "qcow2"), (&reference, "raw")] {
-        qemu(
+        host_tool(
             "qemu-io",
             &["-f", target.1, "-c", "write -P 0xa5 1M 256k", s(target.0)],
         );
@@ -126,11 +136,11 @@ fn images_from_qemu_img_are_served_and_stay_consistent() {
         "read -q 1 -P 0x22 200k 4k",
         "flush",
     ]);
-    let out = ok(&io(&cluster, &socket, 2, &cmds));
+    let out = stdout_of(&io(&cluster, &socket, 2, &cmds));
     assert!(out.contains("capacity: 16777216"), "{out}");
     for w in WRITES {
         let w = w.replace("write_zeroes", "write -z");
-        qemu("qemu-io", &["-f", "raw", "-c", &w, s(&reference)]);
+        host_tool("qemu-io", &["-f", "raw", "-c", &w, s(&reference)]);
     }
     // Many concurrent allocating writes from both queues.
     let out = cluster.run_tool(
@@ -149,10 +159,10 @@ fn images_from_qemu_img_are_served_and_stay_consistent() {
             "128k",
         ],
     );
-    ok(&out);
+    stdout_of(&out);
     cluster.remove_export("disk").unwrap();
     // The worker closed the image: QEMU's checker finds it sound.
-    qemu("qemu-img", &["check", "-q", s(&img)]);
+    host_tool("qemu-img", &["check", "-q", s(&img)]);
     // What the verifier wrote is in the first 4 MiB; compare the rest.
     let a = format!(
         "driver=raw,offset={},size={},file.driver=qcow2,file.file.filename={}",
@@ -166,7 +176,7 @@ fn images_from_qemu_img_are_served_and_stay_consistent() {
         12 * MIB,
         s(&reference)
     );
-    qemu("qemu-img", &["compare", "-q", "--image-opts", &a, &b]);
+    host_tool("qemu-img", &["compare", "-q", "--image-opts", &a, &b]);
 }
 
 #[test]
@@ -175,12 +185,12 @@ fn a_backing_chain_is_named_and_the_base_stays_untouched() {
     let dir = cluster.dir().to_path_buf();
     let base = dir.join("base.raw");
     let top = dir.join("top.qcow2");
-    qemu("qemu-img", &["create", "-q", "-f", "raw", s(&base), "8M"]);
-    qemu(
+    host_tool("qemu-img", &["create", "-q", "-f", "raw", s(&base), "8M"]);
+    host_tool(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x77 0 8M", s(&base)],
     );
-    qemu(
+    host_tool(
         "qemu-img",
         &[
             "create",
@@ -215,7 +225,7 @@ fn a_backing_chain_is_named_and_the_base_stays_untouched() {
     let socket = cluster
         .add_export(ExportOpts::new("top", "top").writable())
         .unwrap();
-    ok(&io(
+    stdout_of(&io(
         &cluster,
         &socket,
         1,
@@ -232,11 +242,11 @@ fn a_backing_chain_is_named_and_the_base_stays_untouched() {
         ],
     ));
     cluster.remove_export("top").unwrap();
-    qemu("qemu-img", &["check", "-q", s(&top)]);
+    host_tool("qemu-img", &["check", "-q", s(&top)]);
     let data = std::fs::read(&base).unwrap();
     assert!(data.iter().all(|&b| b == 0x77), "the base was written");
     // QEMU reads the overlay over its base as blkmesh served it.
-    qemu(
+    host_tool(
         "qemu-io",
         &[
             "-c",
@@ -253,7 +263,7 @@ fn a_backing_chain_is_named_and_the_base_stays_untouched() {
 fn damaged(dir: &Path, name: &str, at: u64, bytes: &[u8]) -> PathBuf {
     use std::os::unix::fs::FileExt;
     let img = dir.join(name);
-    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    host_tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1M"]);
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all_at(bytes, at).unwrap();
     img
@@ -302,19 +312,7 @@ fn a_killed_worker_loses_no_allocating_write_and_leaves_the_image_sound() {
     let dir = cluster.dir().to_path_buf();
     let img = dir.join("crash.qcow2");
     // Small clusters: nearly every verifier write allocates.
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            s(&img),
-            "16M",
-        ],
-    );
+    small_cluster_image(&img);
     let socket = serve(&cluster, "crash", &img, 2);
     let out = std::thread::scope(|scope| {
         let load = scope.spawn(|| verify_load(&socket, "6"));
@@ -328,7 +326,7 @@ fn a_killed_worker_loses_no_allocating_write_and_leaves_the_image_sound() {
     });
     // Every write the verifier saw complete read back as written, across
     // both kills (it checks each stripe against what it wrote last).
-    let stdout = ok(&out);
+    let stdout = stdout_of(&out);
     assert!(
         stdout.contains("0 errors, 0 mismatches"),
         "{}",
@@ -356,7 +354,7 @@ fn a_live_snapshot_under_verified_load_keeps_every_write() {
     let cluster = cluster();
     let dir = cluster.dir().to_path_buf();
     let img = dir.join("live.qcow2");
-    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    host_tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
     let socket = serve(&cluster, "live", &img, 2);
     let snap = dir.join("snap1.qcow2");
     let (load, switched) = std::thread::scope(|scope| {
@@ -373,15 +371,15 @@ fn a_live_snapshot_under_verified_load_keeps_every_write() {
         ]);
         (load.join().unwrap(), switched)
     });
-    ok(&switched);
-    let stdout = ok(&load);
+    stdout_of(&switched);
+    let stdout = stdout_of(&load);
     assert!(
         stdout.contains("0 errors, 0 mismatches"),
         "{}",
         output_text(&load)
     );
     // The chain as the graph names it: the overlay, then the old top.
-    let info = ok(&cluster.ctl(["--json", "image", "info", "--node", "snap1"]));
+    let info = stdout_of(&cluster.ctl(["--json", "image", "info", "--node", "snap1"]));
     let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(chain[0]["node"], "snap1", "{info}");
     assert_eq!(chain[1]["node"], "live", "{info}");
@@ -402,8 +400,8 @@ fn a_live_snapshot_under_verified_load_keeps_every_write() {
         output_text(&refused)
     );
     cluster.remove_export("live").unwrap();
-    qemu("qemu-img", &["check", "-q", s(&img)]);
-    qemu("qemu-img", &["check", "-q", s(&snap)]);
+    host_tool("qemu-img", &["check", "-q", s(&img)]);
+    host_tool("qemu-img", &["check", "-q", s(&snap)]);
 }
 
 #[test]
@@ -412,12 +410,12 @@ fn compressed_clusters_read_and_are_rewritten() {
     let dir = cluster.dir().to_path_buf();
     let raw = dir.join("source.raw");
     let img = dir.join("packed.qcow2");
-    qemu("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "4M"]);
-    qemu(
+    host_tool("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "4M"]);
+    host_tool(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x3c 0 4M", s(&raw)],
     );
-    qemu(
+    host_tool(
         "qemu-img",
         &[
             "convert",
@@ -431,13 +429,13 @@ fn compressed_clusters_read_and_are_rewritten() {
             s(&img),
         ],
     );
-    let map = qemu("qemu-img", &["map", "--output=json", s(&img)]);
+    let map = host_tool("qemu-img", &["map", "--output=json", s(&img)]);
     assert!(
         map.contains("\"compressed\": true"),
         "not compressed: {map}"
     );
     let socket = serve(&cluster, "packed", &img, 1);
-    ok(&io(
+    stdout_of(&io(
         &cluster,
         &socket,
         1,
@@ -452,8 +450,8 @@ fn compressed_clusters_read_and_are_rewritten() {
         ],
     ));
     cluster.remove_export("packed").unwrap();
-    qemu("qemu-img", &["check", "-q", s(&img)]);
-    qemu(
+    host_tool("qemu-img", &["check", "-q", s(&img)]);
+    host_tool(
         "qemu-io",
         &[
             "-c",
@@ -471,7 +469,7 @@ fn external_data_files_are_refused_with_a_reason() {
     let dir = cluster.dir().to_path_buf();
     let img = dir.join("ext.qcow2");
     let data = dir.join("ext.data");
-    qemu(
+    host_tool(
         "qemu-img",
         &[
             "create",
@@ -500,19 +498,7 @@ fn a_live_move_to_another_worker_hands_the_image_over_under_load() {
     let cluster = Cluster::start(ClusterOptions::default().workers(2).seccomp_enforce());
     let dir = cluster.dir().to_path_buf();
     let img = dir.join("moved.qcow2");
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            s(&img),
-            "16M",
-        ],
-    );
+    small_cluster_image(&img);
     let socket = serve(&cluster, "moved", &img, 2);
     let workers = || {
         let exports = cluster.list_exports().unwrap();
@@ -541,8 +527,8 @@ fn a_live_move_to_another_worker_hands_the_image_over_under_load() {
         let moved = cluster.ctl(["node", "move", "moved", to]);
         (load.join().unwrap(), moved)
     });
-    ok(&moved);
-    let stdout = ok(&load);
+    stdout_of(&moved);
+    let stdout = stdout_of(&load);
     assert!(
         stdout.contains("0 errors, 0 mismatches"),
         "{}",
@@ -550,20 +536,20 @@ fn a_live_move_to_another_worker_hands_the_image_over_under_load() {
     );
     assert_eq!(workers(), [to.to_string()]);
     cluster.remove_export("moved").unwrap();
-    qemu("qemu-img", &["check", "-q", s(&img)]);
+    host_tool("qemu-img", &["check", "-q", s(&img)]);
 }
 
 #[test]
 fn a_qcow2_node_grows_live_and_never_shrinks() {
     let cluster = cluster();
     let img = cluster.dir().join("grow.qcow2");
-    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    host_tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
     let socket = serve(&cluster, "grow", &img, 1);
-    ok(&io(&cluster, &socket, 1, &["write -P 0x61 15M 1M"]));
-    ok(&cluster.ctl(["node", "resize", "grow", "32M"]));
+    stdout_of(&io(&cluster, &socket, 1, &["write -P 0x61 15M 1M"]));
+    stdout_of(&cluster.ctl(["node", "resize", "grow", "32M"]));
     // The worker grew the header when it reopened the graph; a client
     // connecting now sees the new size, the old data and the new range.
-    let out = ok(&io(
+    let out = stdout_of(&io(
         &cluster,
         &socket,
         1,
@@ -580,12 +566,12 @@ fn a_qcow2_node_grows_live_and_never_shrinks() {
     let refused = cluster.ctl(["node", "resize", "grow", "8M"]);
     assert!(!refused.status.success(), "{}", output_text(&refused));
     cluster.remove_export("grow").unwrap();
-    let info = qemu("qemu-img", &["info", "--output=json", s(&img)]);
+    let info = host_tool("qemu-img", &["info", "--output=json", s(&img)]);
     assert!(info.contains("\"virtual-size\": 33554432"), "{info}");
-    qemu("qemu-img", &["check", "-q", s(&img)]);
+    host_tool("qemu-img", &["check", "-q", s(&img)]);
     // A size below the header's is refused at AddNode.
     let small = cluster.dir().join("small.qcow2");
-    qemu(
+    host_tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", s(&small), "16M"],
     );

@@ -15,15 +15,15 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkmesh_guest_check::plan::{self, Content, Extent, Plan, Region};
 use blkmesh_guest_check::report::Verdict;
 use blkmesh_proto::v1::{node_spec::Driver, NodeSpec, Qcow2Options};
 use blkmesh_testkit::{
-    output_text, Cluster, ClusterOptions, ExportOpts, GuestImage, GuestOptions, GuestOutcome,
-    GuestVm,
+    host_tool, output_text, Cluster, ClusterOptions, ExportOpts, GuestImage, GuestOptions,
+    GuestOutcome, GuestVm,
 };
 
 const MIB: u64 = 1 << 20;
@@ -74,19 +74,8 @@ const BASE_PARTS: [(Region, Option<Content>); 4] = [
     ),
 ];
 
-#[track_caller]
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "{}", output_text(out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-#[track_caller]
-fn qemu(tool: &str, args: &[&str]) -> String {
-    ok(&Command::new(tool).args(args).output().unwrap())
 }
 
 /// The base's bytes, as [`BASE_PARTS`] says.
@@ -105,7 +94,7 @@ fn base_bytes() -> Vec<u8> {
 /// Writes the base image: the pattern parts from here, the constant part
 /// with qemu-io, holes left sparse.
 fn write_base(path: &Path, data: &[u8]) {
-    qemu("qemu-img", &["create", "-q", "-f", "raw", s(path), "64M"]);
+    host_tool("qemu-img", &["create", "-q", "-f", "raw", s(path), "64M"]);
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     for (r, content) in BASE_PARTS {
         if content.is_some() {
@@ -118,7 +107,7 @@ fn write_base(path: &Path, data: &[u8]) {
     for (r, content) in BASE_PARTS {
         if content.is_none() {
             let cmd = format!("write -q -P {BASE_BYTE:#x} {} {}", r.offset, r.len);
-            qemu("qemu-io", &["-f", "raw", "-c", &cmd, s(path)]);
+            host_tool("qemu-io", &["-f", "raw", "-c", &cmd, s(path)]);
         }
     }
     let written = std::fs::read(path).unwrap();
@@ -177,7 +166,7 @@ fn differences(got: &[u8], want: &[u8], extents: &[Extent]) -> Vec<String> {
 /// guest never touched).
 fn overlay_clusters(top: &Path, plan: &Plan, loop_rounds: [u64; 2]) -> (u64, Vec<String>) {
     const CLUSTER: u64 = 64 << 10;
-    let map = qemu("qemu-img", &["map", "-f", "qcow2", "--output=json", s(top)]);
+    let map = host_tool("qemu-img", &["map", "-f", "qcow2", "--output=json", s(top)]);
     let entries: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
     // (start, end, data) of the ranges the overlay itself holds.
     let own: Vec<(u64, u64, bool)> = entries
@@ -263,7 +252,7 @@ fn a_real_guest_passes_on_a_qcow2_overlay_and_qemu_agrees() {
     write_base(&base, &base_data);
     // Default 64 KiB clusters: the guest's 4 KiB writes allocate partial
     // clusters (copied up from the base), its 64 KiB chunks whole ones.
-    qemu(
+    host_tool(
         "qemu-img",
         &[
             "create",
@@ -369,7 +358,7 @@ fn a_real_guest_passes_on_a_qcow2_overlay_and_qemu_agrees() {
     // names) as the guest's data on top of the base's, copied-up rest of
     // each cluster and discarded or zeroed ranges included.
     let flat = dir.join("flat.raw");
-    qemu(
+    host_tool(
         "qemu-img",
         &["convert", "-f", "qcow2", "-O", "raw", s(&top), s(&flat)],
     );
