@@ -321,6 +321,7 @@ run_point() {
         [[ $FORMAT == qcow2 ]] || die "$name needs FORMAT=qcow2"
         rm -f "$IMAGE"
         qemu-img create -q -f qcow2 "$IMAGE" "$ALLOC_SIZE"
+        QCOW2_FULL=0
     fi
     wait_for_quiet
     "start_${target//-/_}" || die "cannot start $target"
@@ -528,8 +529,10 @@ make_qcow2() {
     rm -f "$IMAGE"
     qemu-img convert -q -S 0 -f raw -O qcow2 "$RAW_IMAGE" "$IMAGE"
     cat "$IMAGE" >/dev/null
+    QCOW2_FULL=1
 }
-[[ $FORMAT == qcow2 ]] && make_qcow2
+QCOW2_FULL=0
+if [[ $FORMAT == qcow2 ]]; then make_qcow2; fi
 
 : >"$RESULTS"
 : >"$WORKDIR/noisy.tsv"
@@ -543,7 +546,9 @@ for w in $WORKLOADS; do
     [[ -n $spec ]] || die "unknown workload $w"
     log "workload $w"
     # After an allocating workload's thin images, the full one again.
-    [[ $FORMAT == qcow2 && $w != *-alloc-* ]] && make_qcow2
+    if [[ $FORMAT == qcow2 && $w != *-alloc-* && $QCOW2_FULL == 0 ]]; then
+        make_qcow2
+    fi
     for ((rep = 1; rep <= REPS; rep++)); do
         for t in "${ACTIVE[@]}"; do
             [[ -f $IMAGE ]] && cat "$IMAGE" >/dev/null # keep it cached
