@@ -163,6 +163,27 @@ fn table_in_file(
     }
 }
 
+/// Makes the qcow2 image in `file` name no backing file (a stream copied
+/// everything its backing chain held into it): the header's backing file
+/// offset and length become zero, and are synced. imago never writes
+/// these fields of an open image (only its table pointers), so this may
+/// run while the image is open. The name's bytes stay where they were,
+/// unreferenced, as do the backing format extension, which QEMU reads
+/// only together with a backing file.
+pub fn drop_backing_file(file: &File) -> std::io::Result<()> {
+    let mut magic = [0u8; 4];
+    file.read_exact_at(&mut magic, 0)?;
+    if magic != *b"QFI\xfb" {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a qcow2 image",
+        ));
+    }
+    // backing_file_offset (u64 at 8) and backing_file_size (u32 at 16).
+    file.write_all_at(&[0u8; 12], 8)?;
+    file.sync_data()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

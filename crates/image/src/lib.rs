@@ -26,7 +26,7 @@ mod info;
 pub use self::chain::{open_chain, probe_format, Format, Image, Layer, Source, Storage};
 pub use self::create::{create, CreateOptions, Preallocation};
 pub use self::error::ImageError;
-pub use self::header::{MAX_CHAIN_DEPTH, MAX_IMAGE_SIZE};
+pub use self::header::{drop_backing_file, MAX_CHAIN_DEPTH, MAX_IMAGE_SIZE};
 pub use self::info::{info, info_as, ImageInfo};
 pub use imago::format::PreallocateMode;
 pub use imago::ShallowMapping;

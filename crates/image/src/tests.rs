@@ -322,3 +322,59 @@ fn what_the_fuzzer_found_is_refused_not_a_panic() {
     let e = open_chain(vec![Layer::read_only(Format::Qcow2, &img)]).unwrap_err();
     assert!(e.to_string().contains("48-byte entries"), "{e}");
 }
+
+#[test]
+fn a_dropped_backing_file_is_gone_for_qemu_img_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "raw",
+            s(&top),
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 0x33 0 64k", s(&top)]);
+    {
+        let image = open_chain(vec![
+            Layer {
+                writable: true,
+                ..Layer::read_only(Format::Qcow2, &top)
+            },
+            Layer::read_only(Format::Raw, &base),
+        ])
+        .unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&top)
+            .unwrap();
+        drop_backing_file(&file).unwrap();
+        // The open image goes on (imago does not write those fields).
+        image.write(&[0x44u8; 4096][..], 1 << 16).unwrap();
+        image.flush().unwrap();
+    }
+    let info = run("qemu-img", &["info", s(&top)]);
+    assert!(!info.contains("backing file"), "{info}");
+    run("qemu-img", &["check", s(&top)]);
+    // No backing: what the base held reads as zeroes now.
+    let image = open_chain(vec![Layer::read_only(Format::Qcow2, &top)]).unwrap();
+    assert!(read(&image, 0, 4096).iter().all(|&b| b == 0x33));
+    assert!(read(&image, 1 << 16, 4096).iter().all(|&b| b == 0x44));
+    assert!(read(&image, 1 << 17, 4096).iter().all(|&b| b == 0));
+    // Not a qcow2 image: refused, untouched.
+    let raw = std::fs::File::open(&base).unwrap();
+    assert!(drop_backing_file(&raw).is_err());
+    let mut b = [0u8; 12];
+    raw.read_exact_at(&mut b, 8).unwrap();
+    assert_eq!(b, [7u8; 12]);
+}
