@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/blkmesh/v1/stats.proto",
         "proto/blkmesh/v1/zones.proto",
         "proto/blkmesh/v1/images.proto",
+        "proto/blkmesh/v1/jobs.proto",
         "proto/blkmesh/ipc/v1/worker.proto",
         "proto/blkmesh/agent/v1/agent.proto",
     ];

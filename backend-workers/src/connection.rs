@@ -123,6 +123,18 @@ impl Conn {
                 let Some(plan) = open.plan else {
                     return failure(libc::EINVAL, "open without a plan");
                 };
+                for node in &plan.nodes {
+                    if let Some(blkmesh_proto::v1::node_spec::Driver::Qcow2(_)) = node.driver {
+                        if let Err(e) = crate::jobs::release_node(&node.name) {
+                            return failure(e.errno.get(), e.message);
+                        }
+                    }
+                }
+                if !plan.commit_finish.is_empty() {
+                    if let Err(e) = crate::jobs::finish_commit(&plan.commit_finish) {
+                        return failure(e.errno.get(), e.message);
+                    }
+                }
                 match graph::open(&plan) {
                     Ok(g) => {
                         let limits = g.limits;
@@ -166,6 +178,17 @@ impl Conn {
             }
             Some(Msg::AttachQueue(a)) => self.attach(a, fds),
             Some(Msg::Zone(z)) => self.zone(z),
+            Some(Msg::Job(j)) => {
+                let graph = self.graph.as_ref();
+                let read_only = graph.is_some_and(|g| g.read_only());
+                match crate::jobs::request(graph.and_then(|g| g.qcow2()), read_only, &j) {
+                    Ok(status) => ipc::Reply {
+                        result: Some(ReplyResult::Job(status)),
+                        id: 0,
+                    },
+                    Err(e) => failure(e.errno.get(), e.message),
+                }
+            }
             Some(Msg::DetachQueue(d)) => match self.queues.remove(&d.queue) {
                 Some(a) => {
                     a.queue.stop();
@@ -416,6 +439,7 @@ mod tests {
 
     fn plan(dir: &tempfile::TempDir, root: &str, zones: u64, writable: bool) -> ExportPlan {
         ExportPlan {
+            commit_finish: String::new(),
             export: Some(VhostUserBlkExport {
                 id: "e".into(),
                 node: root.into(),

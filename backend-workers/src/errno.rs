@@ -22,6 +22,8 @@ impl Errno {
     pub const EAGAIN: Errno = Errno(libc::EAGAIN);
     pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
     pub const ECANCELED: Errno = Errno(libc::ECANCELED);
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
 
     /// The errno `value` (either sign: a negative one is taken as the
     /// negated errno libblkio and the kernel return); `None` for 0 and for

@@ -21,6 +21,7 @@ pub mod connection;
 pub mod errno;
 pub mod graph;
 pub mod handover;
+pub mod jobs;
 pub mod leaf;
 pub mod memory;
 pub mod pipeline;

@@ -32,18 +32,59 @@
 //! The image is shared by every queue of the node in this worker (its
 //! cache is per process: the node is exclusive to one worker). A discard
 //! changes mappings other requests may hold, so it takes the image
-//! exclusively; everything else shares it.
+//! exclusively; everything else shares it, and so does a block job
+//! (`jobs/`), which takes it exclusively only to change a mapping.
+//!
+//! # Writes a commit job follows
+//!
+//! While a commit job copies this image into its backing image, every
+//! write, write-zeroes and discard that completes marks its range in the
+//! job's [`DirtyMap`] ([`Qcow2Layer::written`]), after its data is in the
+//! image: the job copies those ranges again, so none is missed however
+//! its copy and the write interleave.
 
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use blkmesh_image::Image;
+use blkmesh_image::{Format, Image, Layer, Source};
 
 use crate::errno::Errno;
+use crate::jobs::DirtyMap;
+
+/// A layer of a qcow2 node's backing chain, as the plan names it.
+#[derive(Clone, Debug)]
+pub struct BackingLayer {
+    pub format: Format,
+    pub path: PathBuf,
+    pub direct: bool,
+    pub no_backing: bool,
+}
+
+impl BackingLayer {
+    /// The layer to open (writable: the target of a commit).
+    pub fn layer(&self, writable: bool) -> Layer {
+        Layer {
+            format: self.format,
+            source: Source::Path(self.path.clone()),
+            writable,
+            direct: self.direct,
+            no_backing: self.no_backing,
+        }
+    }
+}
 
 /// A qcow2 node opened in this worker.
 pub struct Qcow2Layer {
     node: String,
     image: RwLock<Image>,
+    /// The image file (another descriptor of the leaf's), for the header
+    /// field imago leaves alone: the backing file a stream drops.
+    file: File,
+    /// Its backing chain, top first.
+    backing: Vec<BackingLayer>,
+    /// Where completed writes are marked while a commit job runs.
+    written: RwLock<Option<Arc<DirtyMap>>>,
 }
 
 impl std::fmt::Debug for Qcow2Layer {
@@ -57,11 +98,37 @@ pub(crate) fn errno(e: &std::io::Error) -> Errno {
 }
 
 impl Qcow2Layer {
-    pub fn new(node: &str, image: Image) -> Self {
+    pub fn new(node: &str, image: Image, file: File, backing: Vec<BackingLayer>) -> Self {
         Qcow2Layer {
             node: node.to_string(),
             image: RwLock::new(image),
+            file,
+            backing,
+            written: RwLock::new(None),
         }
+    }
+
+    /// The image file (see [`blkmesh_image::drop_backing_file`]).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The backing chain as the plan named it, top first.
+    pub fn backing(&self) -> &[BackingLayer] {
+        &self.backing
+    }
+
+    /// A write of `len` bytes at `offset` completed: marks it for the
+    /// commit job that follows writes, if one does.
+    pub fn written(&self, offset: u64, len: u64) {
+        if let Some(map) = &*self.written.read().unwrap_or_else(|p| p.into_inner()) {
+            map.mark(offset, len);
+        }
+    }
+
+    /// Marks completed writes in `map` from now on (`None`: no more).
+    pub fn follow_writes(&self, map: Option<Arc<DirtyMap>>) {
+        *self.written.write().unwrap_or_else(|p| p.into_inner()) = map;
     }
 
     pub fn node(&self) -> &str {

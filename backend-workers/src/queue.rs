@@ -517,6 +517,7 @@ impl QueueLoop {
             parts: SplitProgress::default(),
             extra: 0,
             zone: None,
+            qcow2_written: None,
         });
         self.root_stats.started();
         self.inflight += 1;
@@ -554,6 +555,11 @@ impl QueueLoop {
                 if ok {
                     result = e.ring_result();
                 }
+            }
+        }
+        if let (0, Some(at)) = (result, r.qcow2_written) {
+            if let Some(layer) = self.graph.qcow2() {
+                layer.written(at, r.len);
             }
         }
         record(&self.root_stats, &self.leaf_stats, &r, result);

@@ -77,6 +77,9 @@ pub struct InFlight {
     pub extra: u64,
     /// A write reserved in the graph's zone layer, handed back on completion.
     pub zone: Option<Ticket>,
+    /// Where a write, write-zeroes or discard landed in the graph's qcow2
+    /// image: marked for a commit job once it completed (see `qcow2.rs`).
+    pub qcow2_written: Option<u64>,
 }
 
 impl InFlight {

@@ -62,6 +62,7 @@ impl Setup {
 
     fn plan(&self) -> ExportPlan {
         ExportPlan {
+            commit_finish: String::new(),
             export: Some(VhostUserBlkExport {
                 id: "zdisk".into(),
                 node: "z".into(),

@@ -154,6 +154,10 @@ impl ExportServer {
         let e = plan.export.clone().ok_or(ExportError::NoExport)?;
         let num_queues = e.num_queues.clamp(1, 64);
         let (links, limits) = WorkerLinks::open(&plan, num_queues).map_err(ExportError::Workers)?;
+        // One-shot: a later open (a lost worker's queues, a reopen) must
+        // not ask for the commit's final copy again.
+        let mut plan = plan;
+        plan.commit_finish.clear();
         let cfg = BlkConfig {
             num_queues: num_queues as u16,
             queue_size: match e.queue_size {
@@ -308,6 +312,12 @@ impl ExportServer {
         lock(&self.cfg).limits.size
     }
 
+    /// The links to the workers serving the export's queues (a job
+    /// request goes to queue 0's).
+    pub fn links(&self) -> Arc<WorkerLinks> {
+        Arc::clone(&self.links)
+    }
+
     /// What a zone command runs against; `None` when the graph is not
     /// zoned.
     pub fn zone_target(&self) -> Option<crate::zones::ZoneTarget> {
@@ -402,6 +412,8 @@ impl ExportServer {
             }
         };
         let changed = applied.config_space() != old_cfg.config_space();
+        let mut new = new;
+        new.commit_finish.clear();
         *lock(&self.cfg) = applied;
         *lock(&self.shared_plan) = new.clone();
         self.plan = new;
@@ -472,6 +484,8 @@ impl ExportServer {
             })?;
             tracing::info!(queue = ep.queue, worker = %ep.worker, "queue moved");
         }
+        let mut new = new;
+        new.commit_finish.clear();
         *lock(&self.shared_plan) = new.clone();
         self.plan = new;
         Ok(())

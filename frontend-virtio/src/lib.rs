@@ -26,6 +26,7 @@ pub mod backend_channel;
 pub mod config;
 pub mod export;
 pub mod handler;
+pub mod jobs;
 pub mod manager;
 pub mod memory;
 pub mod queue_host;

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use blkmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
 use blkmesh_proto::agent::v1::frontend_down::Msg as Down;
 use blkmesh_proto::agent::v1::frontend_up::Msg as Up;
+use blkmesh_proto::agent::v1::job_answer::Result as JobDone;
 use blkmesh_proto::agent::v1::zone_answer::Result as ZoneDone;
 use blkmesh_proto::agent::v1::{
-    ExportStatus, FrontendHello, FrontendUp, ZoneAnswer, ZoneCommand, ZoneError,
+    ExportStatus, FrontendHello, FrontendUp, JobAnswer, JobCommand, ZoneAnswer, ZoneCommand,
+    ZoneError,
 };
 use blkmesh_proto::v1::{ExportPlan, ExportState};
 use tokio::sync::mpsc;
@@ -247,6 +249,21 @@ impl Exports {
         }
     }
 
+    /// The worker links of export `id`, for a job command (ENOENT: not
+    /// served by this frontend, or not yet).
+    pub fn job_links(
+        &self,
+        id: &str,
+    ) -> Result<std::sync::Arc<crate::workers::WorkerLinks>, JobDone> {
+        match self.servers.get(id) {
+            Some(s) => Ok(s.links()),
+            None => Err(crate::jobs::error(
+                libc::ENOENT,
+                format!("export {id:?} is not served by this frontend (or not yet)"),
+            )),
+        }
+    }
+
     pub fn stop_all(&mut self) {
         self.pending.clear();
         for (_, s) in self.servers.drain() {
@@ -288,6 +305,39 @@ fn spawn_zone_command(
         // A session that ended meanwhile took its commands with it.
         let _ = up.send(FrontendUp {
             msg: Some(Up::ZoneAnswer(ZoneAnswer {
+                id,
+                result: Some(result),
+            })),
+        });
+    });
+}
+
+/// Runs a job command on a blocking thread, as [`spawn_zone_command`].
+fn spawn_job_command(
+    exports: &std::sync::Arc<std::sync::Mutex<Exports>>,
+    up: &mpsc::UnboundedSender<FrontendUp>,
+    cmd: JobCommand,
+) {
+    let ex = std::sync::Arc::clone(exports);
+    let up = up.clone();
+    tokio::spawn(async move {
+        let id = cmd.id;
+        let result = tokio::task::spawn_blocking(move || {
+            let links = ex
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .job_links(&cmd.export);
+            crate::jobs::run(links, cmd.request)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            crate::jobs::error(
+                libc::EIO,
+                format!("job command failed in the frontend: {e}"),
+            )
+        });
+        let _ = up.send(FrontendUp {
+            msg: Some(Up::JobAnswer(JobAnswer {
                 id,
                 result: Some(result),
             })),
@@ -428,6 +478,7 @@ async fn session(
                         with_exports(exports, move |ex| ex.remove(&id)).await;
                     }
                     Some(Down::ZoneCommand(cmd)) => spawn_zone_command(exports, &up, cmd),
+                    Some(Down::JobCommand(cmd)) => spawn_job_command(exports, &up, cmd),
                     other @ (Some(Down::Accepted(_)) | None) => {
                         tracing::warn!("unexpected {other:?} from the manager; ignored")
                     }
@@ -455,6 +506,7 @@ mod tests {
 
     fn plan(id: &str) -> ExportPlan {
         ExportPlan {
+            commit_finish: String::new(),
             export: Some(VhostUserBlkExport {
                 id: id.into(),
                 ..Default::default()

@@ -521,6 +521,39 @@ impl WorkerLinks {
         }
     }
 
+    /// Runs a job request on the worker of `queue` (waiting up to `wait`
+    /// for one being replaced).
+    pub fn job(
+        &self,
+        queue: u32,
+        request: ipc::JobRequest,
+        wait: Duration,
+    ) -> Result<ipc::JobStatus, LinkError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let link = {
+                let inner = self.lock();
+                inner
+                    .by_queue
+                    .get(queue as usize)
+                    .map(|&i| Arc::clone(&inner.links[i]))
+                    .ok_or(LinkError::NoWorker(queue))?
+            };
+            match link.call(ipc::request::Msg::Job(request.clone()), &[]) {
+                Ok(ReplyResult::Job(status)) => return Ok(status),
+                Ok(_) => {
+                    return Err(LinkError::Protocol {
+                        worker: link.worker.clone(),
+                    })
+                }
+                Err(LinkError::Dead { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Tells a queue's worker to stop serving it.
     pub fn detach(&self, queue: u32) -> Result<(), LinkError> {
         self.with_link(queue, |l| {

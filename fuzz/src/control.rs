@@ -478,6 +478,7 @@ fn open_msg() -> Vec<u8> {
         driver: Some(d),
     };
     let plan = ExportPlan {
+        commit_finish: String::new(),
         export: Some(VhostUserBlkExport {
             id: "e".into(),
             node: "faults".into(),

@@ -9,7 +9,7 @@ use blkmesh_image::{Format, Image, Layer, PreallocateMode, Source};
 use blkmesh_proto::v1::{NodeSpec, Qcow2Options};
 
 use crate::errno::{Errno, OpenError};
-use crate::qcow2::Qcow2Layer;
+use crate::qcow2::{BackingLayer, Qcow2Layer};
 
 /// A `qcow2` node met on the way down.
 pub(super) struct Qcow2Mark<'a> {
@@ -18,7 +18,7 @@ pub(super) struct Qcow2Mark<'a> {
     /// Where its stage goes in the list.
     pub stage: usize,
     /// Its backing chain, top first (empty: none).
-    pub backing: Vec<Layer>,
+    pub backing: Vec<BackingLayer>,
 }
 
 /// Resolves the node's chain from the plan (its file must be an io_uring
@@ -35,13 +35,12 @@ pub(super) fn mark<'a>(
     let backing = layers
         .into_iter()
         .skip(1)
-        .map(|l| Layer {
+        .map(|l| BackingLayer {
             format: match l.format {
                 LayerFormat::Qcow2 => Format::Qcow2,
                 LayerFormat::Raw => Format::Raw,
             },
-            source: Source::Path(PathBuf::from(l.path)),
-            writable: false,
+            path: PathBuf::from(l.path),
             direct: l.direct,
             no_backing: l.no_backing,
         })
@@ -63,6 +62,12 @@ pub(super) fn open(
     writable: bool,
     direct: bool,
 ) -> Result<Qcow2Layer, OpenError> {
+    let header = file.try_clone().map_err(|e| {
+        OpenError::new(
+            Errno::of_io(&e),
+            format!("node {}: dup of the image file: {e}", mark.name),
+        )
+    })?;
     let mut layers = vec![Layer {
         format: Format::Qcow2,
         source: Source::File(file, PathBuf::from(path)),
@@ -70,14 +75,14 @@ pub(super) fn open(
         direct,
         no_backing: mark.opts.no_backing,
     }];
-    layers.extend(mark.backing);
+    layers.extend(mark.backing.iter().map(|b| b.layer(false)));
     let backed = layers.len() > 1;
     let image = blkmesh_image::open_chain(layers).map_err(|e| {
         let errno = Errno::new(e.errno()).unwrap_or(Errno::EINVAL);
         OpenError::new(errno, format!("node {}: {e}", mark.name))
     })?;
     grow(mark.name, &image, mark.opts.size, writable, backed)?;
-    Ok(Qcow2Layer::new(mark.name, image))
+    Ok(Qcow2Layer::new(mark.name, image, header, mark.backing))
 }
 
 /// Grows `image` to `size` (the node's size option, 0 = as it is) before

@@ -8,6 +8,7 @@ use blkmesh_proto::v1::{IoUringOptions, NullOptions, RawOptions, VhostUserBlkExp
 
 fn plan(root: &str, nodes: Vec<NodeSpec>, writable: bool) -> ExportPlan {
     ExportPlan {
+        commit_finish: String::new(),
         export: Some(VhostUserBlkExport {
             id: "e".into(),
             node: root.into(),

@@ -94,4 +94,13 @@ impl OpenedGraph {
     pub fn read_only(&self) -> bool {
         self.limits.read_only
     }
+
+    /// The graph's qcow2 node, if it has one (at most one: its file is
+    /// the leaf).
+    pub fn qcow2(&self) -> Option<&Arc<crate::qcow2::Qcow2Layer>> {
+        self.stages.iter().find_map(|s| match s {
+            Stage::Qcow2(layer) => Some(layer),
+            _ => None,
+        })
+    }
 }

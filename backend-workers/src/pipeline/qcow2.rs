@@ -75,6 +75,9 @@ pub(super) fn step(
     scratch: &mut Qcow2Scratch,
 ) -> Verdict {
     let at = *offset;
+    if matches!(r.op, Op::Write | Op::WriteZeroes | Op::Discard) {
+        r.qcow2_written = Some(at);
+    }
     match r.op {
         Op::GetId => Verdict::Pass,
         Op::Flush => match layer.flush() {

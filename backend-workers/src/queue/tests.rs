@@ -44,6 +44,7 @@ fn knobs(child: &str, max_transfer: u64, max_segments: u32, align: u32) -> NodeS
 
 fn open(nodes: Vec<NodeSpec>) -> OpenedGraph {
     crate::graph::open(&ExportPlan {
+        commit_finish: String::new(),
         export: Some(VhostUserBlkExport {
             id: "e".into(),
             node: "f".into(),
@@ -456,6 +457,7 @@ const REPORT_AT: u64 = 0x30_0000;
 
 fn open_root(root: &str, nodes: Vec<NodeSpec>) -> OpenedGraph {
     crate::graph::open(&ExportPlan {
+        commit_finish: String::new(),
         export: Some(VhostUserBlkExport {
             id: "e".into(),
             node: root.into(),

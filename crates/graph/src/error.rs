@@ -9,6 +9,8 @@ pub enum ObjectKind {
     Node,
     /// A vhost-user-blk export.
     Export,
+    /// A block job (stream, commit).
+    Job,
 }
 
 impl fmt::Display for ObjectKind {
@@ -16,6 +18,7 @@ impl fmt::Display for ObjectKind {
         f.write_str(match self {
             ObjectKind::Node => "node",
             ObjectKind::Export => "export",
+            ObjectKind::Job => "job",
         })
     }
 }

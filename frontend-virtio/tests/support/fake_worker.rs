@@ -265,7 +265,7 @@ impl Connection {
                 self.counters.detaches.fetch_add(1, Ordering::Relaxed);
                 Reply::Ok(ipc::Ok {})
             }
-            Some(Msg::Zone(_)) | None => refuse("not supported"),
+            Some(Msg::Zone(_) | Msg::Job(_)) | None => refuse("not supported"),
         }
     }
 }

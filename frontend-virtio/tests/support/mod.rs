@@ -26,6 +26,7 @@ pub struct Harness {
 /// A plan for `queues` queues, queue `q` on `workers[q % len]`.
 pub fn plan(socket: &str, workers: &[&FakeWorker], queues: u32, generation: u64) -> ExportPlan {
     ExportPlan {
+        commit_finish: String::new(),
         export: Some(VhostUserBlkExport {
             id: "disk0".into(),
             node: "root".into(),

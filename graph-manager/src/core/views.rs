@@ -33,6 +33,7 @@ pub(crate) fn export_plan(state: &State, rec: &ExportRecord) -> Option<ExportPla
         }
     };
     Some(ExportPlan {
+        commit_finish: String::new(),
         export: Some(rec.export.clone()),
         nodes,
         queues: rec
