@@ -7,6 +7,7 @@ pub(crate) mod agents;
 pub(crate) mod exports;
 pub(crate) mod frontends;
 pub(crate) mod images;
+pub(crate) mod jobs;
 pub(crate) mod nodes;
 pub(crate) mod stats;
 pub(crate) mod status;

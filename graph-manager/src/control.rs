@@ -6,6 +6,7 @@ pub(crate) mod agents;
 pub(crate) mod exports;
 pub(crate) mod frontends;
 pub(crate) mod hub;
+pub(crate) mod jobs;
 pub(crate) mod nodes;
 pub(crate) mod snapshots;
 pub(crate) mod workers;

@@ -7,6 +7,7 @@
 pub(crate) mod error;
 pub(crate) mod exports;
 pub(crate) mod image;
+pub(crate) mod jobs;
 pub(crate) mod nodes;
 pub(crate) mod probe;
 pub(crate) mod queues;

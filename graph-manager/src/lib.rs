@@ -115,6 +115,7 @@ use blkmesh_proto::agent::v1::agent_service_server::AgentServiceServer;
 use blkmesh_proto::v1::export_service_server::ExportServiceServer;
 use blkmesh_proto::v1::frontend_service_server::FrontendServiceServer;
 use blkmesh_proto::v1::image_service_server::ImageServiceServer;
+use blkmesh_proto::v1::job_service_server::JobServiceServer;
 use blkmesh_proto::v1::node_service_server::NodeServiceServer;
 use blkmesh_proto::v1::stats_service_server::StatsServiceServer;
 use blkmesh_proto::v1::worker_service_server::WorkerServiceServer;
@@ -133,6 +134,7 @@ use api::agents::AgentApi;
 use api::exports::ExportApi;
 use api::frontends::FrontendApi;
 use api::images::ImageApi;
+use api::jobs::JobApi;
 use api::nodes::NodeApi;
 use api::stats::StatsApi;
 use api::workers::WorkerApi;
@@ -450,6 +452,7 @@ impl Manager {
         health.set_serving::<StatsServiceServer<StatsApi>>().await;
         health.set_serving::<ZoneServiceServer<ZoneApi>>().await;
         health.set_serving::<ImageServiceServer<ImageApi>>().await;
+        health.set_serving::<JobServiceServer<JobApi>>().await;
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -690,6 +693,10 @@ fn routes(
         ))
         .add_service(ImageServiceServer::with_interceptor(
             ImageApi(control.clone()),
+            t(),
+        ))
+        .add_service(JobServiceServer::with_interceptor(
+            JobApi(control.clone()),
             t(),
         ))
         .add_service(AgentServiceServer::with_interceptor(

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use blkmesh_proto::agent::v1::frontend_down::Msg as FrontendMsg;
-use blkmesh_proto::agent::v1::ZoneCommand;
+use blkmesh_proto::agent::v1::{JobCommand, ZoneCommand};
 use blkmesh_proto::v1::ExportState;
 use tokio::sync::{mpsc, oneshot};
 
@@ -14,6 +14,9 @@ use crate::core::state::ExportRecord;
 
 /// What a frontend answered to a zone command (`None`: no result set).
 pub(crate) type ZoneAnswer = Option<blkmesh_proto::agent::v1::zone_answer::Result>;
+
+/// What a frontend answered to a job command (`None`: no result set).
+pub(crate) type JobAnswer = Option<blkmesh_proto::agent::v1::job_answer::Result>;
 
 /// What the manager hands a frontend's session to send down.
 #[derive(Debug)]
@@ -26,6 +29,11 @@ pub(crate) enum ToFrontend {
     Zone {
         command: ZoneCommand,
         answer: oneshot::Sender<ZoneAnswer>,
+    },
+    /// A job command, the same way.
+    Job {
+        command: JobCommand,
+        answer: oneshot::Sender<JobAnswer>,
     },
 }
 

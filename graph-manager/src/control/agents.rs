@@ -30,7 +30,7 @@ use tokio_stream::{Stream, StreamExt};
 
 use crate::control::hub::Control;
 use crate::core::error::ApiError;
-use crate::sessions::{ToFrontend, ZoneAnswer};
+use crate::sessions::{JobAnswer, ToFrontend, ZoneAnswer};
 use crate::stats::validate_report;
 
 /// How long a new session may take to send its hello.
@@ -94,6 +94,7 @@ fn frontend_up_name(m: &Option<frontend_up::Msg>) -> &'static str {
         Some(frontend_up::Msg::Hello(_)) => "hello",
         Some(frontend_up::Msg::ExportStatus(_)) => "export_status",
         Some(frontend_up::Msg::ZoneAnswer(_)) => "zone_answer",
+        Some(frontend_up::Msg::JobAnswer(_)) => "job_answer",
         Some(frontend_up::Msg::Stats(_)) => "stats",
     }
 }
@@ -250,12 +251,27 @@ impl Control {
     }
 }
 
-/// The state of one frontend session: the zone commands sent and not
-/// answered yet.
+/// Who waits for the answer to a command sent to a frontend.
+enum Waiter {
+    Zone(oneshot::Sender<ZoneAnswer>),
+    Job(oneshot::Sender<JobAnswer>),
+}
+
+impl Waiter {
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiter::Zone(a) => a.is_closed(),
+            Waiter::Job(a) => a.is_closed(),
+        }
+    }
+}
+
+/// The state of one frontend session: the zone and job commands sent and
+/// not answered yet.
 struct FrontendPump<'a> {
     name: &'a str,
-    /// Callers waiting for the answer to a zone command, by command id.
-    waiting: BTreeMap<u64, oneshot::Sender<ZoneAnswer>>,
+    /// Callers waiting for the answer to a command, by command id.
+    waiting: BTreeMap<u64, Waiter>,
     next_id: u64,
 }
 
@@ -311,8 +327,32 @@ impl FrontendPump<'_> {
                 command.id = self.next_id;
                 self.next_id += 1;
                 tracing::debug!(frontend = %self.name, export = %command.export, id = command.id, "zone command sent");
-                self.waiting.insert(command.id, answer);
+                self.waiting.insert(command.id, Waiter::Zone(answer));
                 FrontendMsg::ZoneCommand(command)
+            }
+            ToFrontend::Job {
+                mut command,
+                answer,
+            } => {
+                self.waiting.retain(|_, a| !a.is_closed());
+                command.id = self.next_id;
+                self.next_id += 1;
+                self.waiting.insert(command.id, Waiter::Job(answer));
+                FrontendMsg::JobCommand(command)
+            }
+        }
+    }
+
+    /// Logs what became of the answer `id` to a `what` command: passed on
+    /// (`Some(true)`), too late (`Some(false)`), or never asked for.
+    fn answered(&self, what: &str, id: u64, delivered: Option<bool>) {
+        match delivered {
+            Some(true) => {}
+            Some(false) => {
+                tracing::debug!(frontend = %self.name, id, "{what} answer came after its caller gave up; ignored")
+            }
+            None => {
+                tracing::warn!(frontend = %self.name, id, "answer to a {what} command this session did not send or already answered; ignored")
             }
         }
     }
@@ -322,16 +362,19 @@ impl FrontendPump<'_> {
         match msg {
             Some(frontend_up::Msg::ExportStatus(st)) => control.report_export(self.name, st),
             Some(frontend_up::Msg::ZoneAnswer(a)) => {
-                match self.waiting.remove(&a.id) {
-                    Some(caller) => {
-                        if caller.send(a.result).is_err() {
-                            tracing::debug!(frontend = %self.name, id = a.id, "zone answer came after its caller gave up; ignored");
-                        }
-                    }
-                    None => {
-                        tracing::warn!(frontend = %self.name, id = a.id, "answer to a zone command this session did not send or already answered; ignored");
-                    }
-                }
+                let delivered = match self.waiting.remove(&a.id) {
+                    Some(Waiter::Zone(caller)) => Some(caller.send(a.result).is_ok()),
+                    _ => None,
+                };
+                self.answered("zone", a.id, delivered);
+                Ok(())
+            }
+            Some(frontend_up::Msg::JobAnswer(a)) => {
+                let delivered = match self.waiting.remove(&a.id) {
+                    Some(Waiter::Job(caller)) => Some(caller.send(a.result).is_ok()),
+                    _ => None,
+                };
+                self.answered("job", a.id, delivered);
                 Ok(())
             }
             Some(frontend_up::Msg::Stats(r)) => {

@@ -13,7 +13,6 @@ use crate::core::error::ApiError;
 use crate::core::exports::{check_new_export, check_waiting_conflict};
 use crate::core::queues::place_queues;
 use crate::core::state::ExportRecord;
-use crate::core::views::export_plan;
 use crate::sessions::ExportRuntime;
 use crate::store::writer::WriteTicket;
 
@@ -43,7 +42,7 @@ impl Control {
             .export_rt
             .insert(rec.export.id.clone(), ExportRuntime::default());
         self.emit(EventKind::ExportAdded(rec.export.id.clone()));
-        if let Some(plan) = export_plan(&inner.state, rec) {
+        if let Some(plan) = inner.plan_of(rec) {
             inner.sessions.broadcast(FrontendMsg::Upsert(plan));
         }
     }

@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 
 use crate::control::hub::Control;
 use crate::core::error::ApiError;
-use crate::core::views::export_plan;
 use crate::sessions::{FrontendConn, Report, ToFrontend, MAX_REPORT_MESSAGE};
 
 impl Control {
@@ -68,7 +67,7 @@ impl Control {
             };
             send(FrontendMsg::Accepted(Accepted {}));
             for rec in inner.state.exports.values() {
-                if let Some(plan) = export_plan(&inner.state, rec) {
+                if let Some(plan) = inner.plan_of(rec) {
                     send(FrontendMsg::Upsert(plan));
                 }
             }

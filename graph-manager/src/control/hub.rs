@@ -19,6 +19,7 @@ use blkmesh_proto::v1::{
 use tokio::sync::{broadcast, watch};
 
 use crate::core::error::ApiError;
+use crate::core::jobs::JobRecord;
 use crate::core::state::{ExportRecord, State};
 use crate::core::views::export_plan;
 use crate::sessions::Sessions;
@@ -49,6 +50,22 @@ pub(crate) struct Inner {
     /// registration (see [`Control::place_config_exports`]).
     pub config_waiting: Vec<VhostUserBlkExport>,
     pub shutting_down: bool,
+    /// Block jobs, by id (memory only).
+    pub jobs: BTreeMap<String, JobRecord>,
+    /// Exports switching over to a commit's base node: the commit job
+    /// whose last copy the plan asks for (`ExportPlan.commit_finish`).
+    pub finishing: BTreeMap<String, String>,
+}
+
+impl Inner {
+    /// The plan of export `rec` to send to a frontend.
+    pub(crate) fn plan_of(&self, rec: &ExportRecord) -> Option<ExportPlan> {
+        let mut plan = export_plan(&self.state, rec)?;
+        if let Some(job) = self.finishing.get(&rec.export.id) {
+            plan.commit_finish.clone_from(job);
+        }
+        Some(plan)
+    }
 }
 
 /// The manager: its state behind one lock, the registered agents, the
@@ -96,6 +113,8 @@ impl Control {
                 sessions,
                 config_waiting: Vec::new(),
                 shutting_down: false,
+                jobs: BTreeMap::new(),
+                finishing: BTreeMap::new(),
             }),
             store: Store::new(state_path),
             shutdown: watch::channel(false).0,
@@ -354,7 +373,7 @@ pub(super) fn push_plans(inner: &mut Inner, ids: &[&str]) {
     let plans: Vec<ExportPlan> = ids
         .iter()
         .filter_map(|id| inner.state.exports.get(*id))
-        .filter_map(|r| export_plan(&inner.state, r))
+        .filter_map(|r| inner.plan_of(r))
         .collect();
     for plan in plans {
         inner.sessions.broadcast(FrontendMsg::Upsert(plan));

@@ -15,7 +15,6 @@ use crate::control::hub::{export_info, push_plans, Control, Inner};
 use crate::core::error::ApiError;
 use crate::core::queues::{apply_moves, plan_drain, plan_move_node, plan_reassign};
 use crate::core::state::WorkerRecord;
-use crate::core::views::export_plan;
 use crate::core::zoned;
 use crate::sessions::Sessions;
 use crate::store::writer::WriteTicket;
@@ -266,7 +265,7 @@ impl Control {
                     .exports
                     .values()
                     .filter(|r| r.queues.contains(&hello.name))
-                    .filter_map(|r| export_plan(&inner.state, r))
+                    .filter_map(|r| inner.plan_of(r))
                     .collect();
                 for plan in plans {
                     inner.sessions.broadcast(FrontendMsg::Upsert(plan));

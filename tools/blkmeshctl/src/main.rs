@@ -21,6 +21,7 @@ mod failure;
 mod frontend;
 mod health;
 mod image;
+mod job;
 mod node;
 mod stats;
 mod view;
@@ -42,6 +43,7 @@ use crate::failure::Failure;
 use crate::frontend::{frontend, FrontendCmd};
 use crate::health::health;
 use crate::image::{image, ImageCmd};
+use crate::job::{job, JobCmd};
 use crate::node::{node, NodeCmd};
 use crate::view::Output;
 use crate::worker::{worker, WorkerCmd};
@@ -112,6 +114,9 @@ enum Command {
     /// Image files: create and describe them (qcow2, raw).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Block jobs on an export's qcow2 chain: stream, commit.
+    #[command(subcommand)]
+    Job(JobCmd),
     /// I/O statistics per export, queue and node (counters since each
     /// frontend or worker started; latency percentiles estimated from
     /// power-of-two histograms, shown as the bucket's bound).
@@ -202,6 +207,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Frontend(cmd) => frontend(cmd, channel, out).await,
         Command::Zone(cmd) => zone(cmd, channel, out).await,
         Command::Image(cmd) => image(cmd, channel, out).await,
+        Command::Job(cmd) => job(cmd, channel, out).await,
         Command::Stats { exports, nodes } => {
             // Given only one kind of filter, show only that kind.
             let show_exports = !exports.is_empty() || nodes.is_empty();

@@ -2,10 +2,11 @@
 //!
 //! [`Output`] has one method per thing a command prints; each resource's
 //! views and methods live in a module of their own (`node`, `options`,
-//! `export`, `worker`, `frontend`, `zone`), on top of `table`.
+//! `export`, `worker`, `frontend`, `zone`, `job`), on top of `table`.
 
 mod export;
 mod frontend;
+mod job;
 mod node;
 mod options;
 mod table;
