@@ -50,6 +50,12 @@ pub(crate) fn check(file: &File, file_len: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
     let fields = parse(&h);
     check_fields(&fields, file_len)?;
+    if be32(&h, 4) == 3 {
+        let mut features = [0u8; 8];
+        file.read_exact_at(&mut features, 72)
+            .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
+        check_state_bits(u64::from_be_bytes(features))?;
+    }
     if (9..=21).contains(&fields.cluster_bits) {
         // The extensions live in the first cluster.
         let len = (1usize << fields.cluster_bits).min(usize::try_from(file_len).unwrap_or(0));
@@ -57,6 +63,32 @@ pub(crate) fn check(file: &File, file_len: u64) -> Result<(), String> {
         file.read_exact_at(&mut cluster, 0)
             .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
         check_extensions(&cluster)?;
+    }
+    Ok(())
+}
+
+/// The incompatible feature bits that say what state an image was left
+/// in, not what it needs to be read.
+const DIRTY: u64 = 1 << 0;
+const CORRUPT: u64 = 1 << 1;
+
+/// An image left dirty (lazy refcounts, not closed cleanly: its refcounts
+/// may be too low) or marked corrupt (QEMU found an inconsistency) is
+/// refused with the remedy: QEMU repairs the first on open and opens the
+/// second read-only; blkmesh (imago) does neither, and says so rather
+/// than naming an unknown feature.
+fn check_state_bits(incompatible: u64) -> Result<(), String> {
+    let remedy = "repair it with `qemu-img check -r all` first";
+    if incompatible & CORRUPT != 0 {
+        return Err(format!(
+            "the image is marked corrupt (QEMU found its metadata inconsistent); {remedy}"
+        ));
+    }
+    if incompatible & DIRTY != 0 {
+        return Err(format!(
+            "the image was not closed cleanly while it used lazy refcounts (the dirty bit), \
+             so its refcounts may be wrong; {remedy}"
+        ));
     }
     Ok(())
 }

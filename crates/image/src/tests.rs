@@ -305,6 +305,16 @@ fn damaged_images_get_errors_not_panics() {
         assert!(matches!(e, ImageError::Open { .. }), "{what}: {e}");
         assert!(e.to_string().contains(s(&img)), "{what}: {e}");
     }
+    // The state bits get the remedy, not "unknown feature".
+    for (name, bit, why) in [
+        ("dirty2", 1u64, "dirty bit"),
+        ("corrupt2", 2, "marked corrupt"),
+    ] {
+        let img = damaged(d, name, &[(72, &be64(bit))]);
+        let e = open_chain(vec![Layer::read_only(Format::Qcow2, &img)]).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+        assert!(e.to_string().contains("qemu-img check -r all"), "{e}");
+    }
     // A truncated header.
     let img = d.join("t");
     std::fs::write(&img, b"QFI\xfb\0\0\0\x03").unwrap();
