@@ -3,6 +3,7 @@
 //! transport here: the gRPC adapters are in `crate::api`.
 
 pub(crate) mod agents;
+pub(crate) mod backing;
 pub(crate) mod exports;
 pub(crate) mod frontends;
 pub(crate) mod hub;

@@ -4,6 +4,7 @@
 //! and the views the services show. Everything here is plain data in,
 //! plain data out, so it is unit-tested here.
 
+pub(crate) mod backing;
 pub(crate) mod error;
 pub(crate) mod exports;
 pub(crate) mod image;

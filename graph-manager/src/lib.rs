@@ -189,6 +189,9 @@ pub struct ManagerConfig {
     /// Give the images the configuration creates to this uid and gid: the
     /// workers' user, when it is not the manager's (docker-compose).
     pub image_owner: Option<(u32, u32)>,
+    /// Directories in which AddNode may follow the backing file an image
+    /// header names (`backing_from_header`).
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// TLS files of the manager (PEM).
@@ -251,6 +254,7 @@ impl ManagerConfig {
             config: None,
             config_prune: false,
             image_owner: None,
+            image_dirs: Vec::new(),
         }
     }
 
@@ -399,6 +403,7 @@ impl Manager {
         if let Some(owner) = config.image_owner {
             let _ = control.image_owner.set(owner);
         }
+        let _ = control.image_dirs.set(config.image_dirs.clone());
         control.set_config_waiting(waiting);
         Ok(Manager {
             control,

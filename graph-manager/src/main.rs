@@ -114,6 +114,11 @@ struct Args {
     /// manager, as in docker-compose; needs CAP_CHOWN).
     #[arg(long, value_name = "UID:GID", value_parser = parse_owner)]
     image_owner: Option<(u32, u32)>,
+    /// A directory in which AddNode may follow the backing file an image
+    /// header names (`node add-qcow2 --backing-from-header`); repeat for
+    /// more. Without one, backing nodes are always named.
+    #[arg(long, value_name = "DIR")]
+    image_dir: Vec<PathBuf>,
     /// Log filter, e.g. `info` or `blkmesh_manager=debug` (default: $RUST_LOG, else info).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
@@ -220,6 +225,7 @@ async fn run(args: Args) -> Result<(), blkmesh_manager::ManagerError> {
     config.config = args.config;
     config.config_prune = args.config_prune;
     config.image_owner = args.image_owner;
+    config.image_dirs = args.image_dir;
     let manager = Manager::bind(config).await?;
     // Least privilege (docs/SECURITY.md): the unix socket's permissions,
     // then the unprivileged user, then the seccomp filter on every thread.

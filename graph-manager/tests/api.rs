@@ -47,7 +47,10 @@ fn export(id: &str, node: &str, socket: &str) -> VhostUserBlkExport {
 
 async fn add_node(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::Status> {
     c.nodes
-        .add_node(AddNodeRequest { node: Some(spec) })
+        .add_node(AddNodeRequest {
+            node: Some(spec),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner().node.unwrap())
 }
@@ -220,7 +223,12 @@ async fn node_error_codes() {
         "node.driver",
     );
     assert_status(
-        c.nodes.add_node(AddNodeRequest { node: None }).await,
+        c.nodes
+            .add_node(AddNodeRequest {
+                node: None,
+                ..Default::default()
+            })
+            .await,
         Code::InvalidArgument,
         "node: must be set",
     );
@@ -636,6 +644,7 @@ async fn serves_on_unix_socket_with_mode_0600() {
     nodes
         .add_node(AddNodeRequest {
             node: Some(null("n0", 512)),
+            ..Default::default()
         })
         .await
         .unwrap();

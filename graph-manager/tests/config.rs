@@ -312,6 +312,7 @@ async fn fresh_start_applies_the_file_and_exports_wait_for_a_worker() {
                     latency_ns: 0,
                 })),
             }),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -398,6 +399,7 @@ async fn changed_options_are_applied_live() {
                     group: "tenant1".into(),
                 })),
             }),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -560,6 +562,7 @@ async fn what_the_file_does_not_name_is_kept_or_pruned() {
                     latency_ns: 0,
                 })),
             }),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -682,6 +685,7 @@ async fn state_conflicts_are_located_too() {
                     latency_ns: 0,
                 })),
             }),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -695,6 +699,7 @@ async fn state_conflicts_are_located_too() {
                     size: 0,
                 })),
             }),
+            ..Default::default()
         })
         .await
         .unwrap();

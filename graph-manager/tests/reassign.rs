@@ -56,6 +56,7 @@ async fn add_null(c: &mut Clients, name: &str) {
                     latency_ns: 0,
                 })),
             }),
+            ..Default::default()
         })
         .await
         .unwrap();

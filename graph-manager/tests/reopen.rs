@@ -77,7 +77,10 @@ fn export(id: &str, node: &str, writable: bool) -> VhostUserBlkExport {
 
 async fn add_node(c: &mut Clients, spec: NodeSpec) -> NodeInfo {
     c.nodes
-        .add_node(AddNodeRequest { node: Some(spec) })
+        .add_node(AddNodeRequest {
+            node: Some(spec),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -1086,7 +1089,13 @@ async fn add_node_checks_fault_injection_knobs() {
             o.max_transfer = mt;
             o.buf_alignment = align;
         }
-        let r = c.nodes.add_node(AddNodeRequest { node: Some(x) }).await;
+        let r = c
+            .nodes
+            .add_node(AddNodeRequest {
+                node: Some(x),
+                ..Default::default()
+            })
+            .await;
         assert_status(r.map(|_| ()), Code::InvalidArgument, &[field]);
     }
     let mut x = faults("x", "n");

@@ -107,7 +107,10 @@ fn export(id: &str, node: &str, num_queues: u32) -> VhostUserBlkExport {
 
 async fn add_node(c: &mut Clients, spec: NodeSpec) -> Result<NodeInfo, tonic::Status> {
     c.nodes
-        .add_node(AddNodeRequest { node: Some(spec) })
+        .add_node(AddNodeRequest {
+            node: Some(spec),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner().node.unwrap())
 }

@@ -128,9 +128,10 @@ impl BlockingClient {
     /// Adds any node.
     pub fn add_node(&self, spec: NodeSpec) -> Result<NodeInfo, ClientError> {
         let mut client = self.nodes();
-        let resp = self
-            .rt
-            .block_on(client.add_node(AddNodeRequest { node: Some(spec) }))?;
+        let resp = self.rt.block_on(client.add_node(AddNodeRequest {
+            node: Some(spec),
+            ..Default::default()
+        }))?;
         Ok(resp.into_inner().node.unwrap_or_default())
     }
 

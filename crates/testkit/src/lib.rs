@@ -48,6 +48,6 @@ pub use cluster::{wait_for_path, Cluster, ClusterOptions, ExportOpts, KEEP_ENV};
 pub use fixtures::{delay_node, sector_pattern};
 pub use guest::{GuestError, GuestImage, GuestOptions, GuestOutcome, GuestVm};
 pub use tool::{
-    host_tool, output_text, run_tool, run_tool_timeout, stdout_of, verify_load,
+    host_tool, output_text, qcow2_overlay, run_tool, run_tool_timeout, stdout_of, verify_load,
     DEFAULT_TOOL_TIMEOUT,
 };

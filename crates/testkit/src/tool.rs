@@ -144,6 +144,22 @@ pub fn host_tool(program: &str, args: &[&str]) -> String {
     }
 }
 
+/// Creates the qcow2 image `img` over `backing` (a path as the header
+/// will name it, relative to `img`'s directory or absolute) of format
+/// `format`, with qemu-img; `size` ("" = the backing's) creates it
+/// without opening the backing (`-u`).
+#[track_caller]
+pub fn qcow2_overlay(img: &std::path::Path, backing: &str, format: &str, size: &str) {
+    let img = img.to_str().expect("a UTF-8 path");
+    let mut args = vec![
+        "create", "-q", "-f", "qcow2", "-b", backing, "-F", format, img,
+    ];
+    if !size.is_empty() {
+        args.extend(["-u", size]);
+    }
+    host_tool("qemu-img", &args);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

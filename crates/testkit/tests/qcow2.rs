@@ -14,7 +14,8 @@ use std::process::{Command, Output};
 
 use blkmesh_proto::v1::{node_spec::Driver, NodeSpec, Qcow2Options};
 use blkmesh_testkit::{
-    host_tool, output_text, stdout_of, verify_load, Cluster, ClusterOptions, ExportOpts,
+    host_tool, output_text, qcow2_overlay, stdout_of, verify_load, Cluster, ClusterOptions,
+    ExportOpts,
 };
 
 const MIB: u64 = 1 << 20;
@@ -190,20 +191,7 @@ fn a_backing_chain_is_named_and_the_base_stays_untouched() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x77 0 8M", s(&base)],
     );
-    host_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "raw",
-            s(&top),
-        ],
-    );
+    qcow2_overlay(&top, s(&base), "raw", "");
     cluster.add_io_uring("base", &base, false, true).unwrap();
     cluster
         .add_io_uring("top-file", &top, false, false)
@@ -593,5 +581,87 @@ fn a_qcow2_node_grows_live_and_never_shrinks() {
     assert!(
         e.contains("node.qcow2.size") && e.contains("do not shrink"),
         "{e}"
+    );
+}
+
+#[test]
+fn backing_files_named_in_headers_are_followed_inside_the_allowed_directory_only() {
+    let images = tempfile::tempdir().unwrap();
+    let d = images.path();
+    let cluster = Cluster::start(
+        ClusterOptions::default()
+            .workers(1)
+            .seccomp_enforce()
+            .manager_arg("--image-dir")
+            .manager_arg(d.as_os_str()),
+    );
+    let base = d.join("base.raw");
+    host_tool("qemu-img", &["create", "-q", "-f", "raw", s(&base), "4M"]);
+    host_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 0 4M", s(&base)],
+    );
+    let mid = d.join("mid.qcow2");
+    let top = d.join("top.qcow2");
+    let other = d.join("other.qcow2");
+    for (img, backing, fmt) in [
+        (&mid, "base.raw", "raw"),
+        (&top, "mid.qcow2", "qcow2"),
+        (&other, "base.raw", "raw"),
+    ] {
+        qcow2_overlay(img, backing, fmt, "");
+    }
+    host_tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 1M 64k", s(&mid)],
+    );
+    let add = |name: &str, img: &Path| {
+        let file = format!("{name}-f");
+        cluster.add_io_uring(&file, img, false, false).unwrap();
+        cluster.ctl([
+            "node",
+            "add-qcow2",
+            name,
+            "--file",
+            &file,
+            "--backing-from-header",
+        ])
+    };
+    stdout_of(&add("top", &top));
+    // The chain became read-only nodes, as the headers name it.
+    let info = stdout_of(&cluster.ctl(["--json", "image", "info", "--node", "top"]));
+    let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let nodes: Vec<&str> = (0..3).map(|i| chain[i]["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["top", "top-b1", "top-b2"], "{info}");
+    // A second overlay of the same base uses the base's node.
+    stdout_of(&add("other", &other));
+    let info = stdout_of(&cluster.ctl(["--json", "image", "info", "--node", "other"]));
+    assert!(info.contains("\"node\": \"top-b2\""), "{info}");
+    // The data shows through: the base, and the middle layer's write.
+    let socket = cluster
+        .add_export(ExportOpts::new("top", "top").writable())
+        .unwrap();
+    stdout_of(&io(
+        &cluster,
+        &socket,
+        1,
+        &[
+            "read -P 0x5a 0 64k",
+            "read -P 0x11 1M 64k",
+            "write -P 0x22 0 4k",
+        ],
+    ));
+    cluster.remove_export("top").unwrap();
+    host_tool("qemu-img", &["check", "-q", s(&top)]);
+    // Outside the allowed directory: refused, naming the file.
+    let outside = cluster.dir().join("outside.qcow2");
+    qcow2_overlay(&outside, s(&cluster.dir().join("x.raw")), "raw", "4M");
+    std::fs::write(cluster.dir().join("x.raw"), vec![0u8; 4 << 20]).unwrap();
+    let refused = add("outside", &outside);
+    assert!(!refused.status.success());
+    assert!(
+        output_text(&refused).contains("outside the image directories"),
+        "{}",
+        output_text(&refused)
     );
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use blkmesh_proto::v1::{node_spec::Driver, NodeSpec, Qcow2Options};
 use blkmesh_testkit::{
-    host_tool, output_text, run_tool, stdout_of, Cluster, ClusterOptions, ExportOpts,
+    host_tool, output_text, qcow2_overlay, run_tool, stdout_of, Cluster, ClusterOptions, ExportOpts,
 };
 
 const MIB: u64 = 1 << 20;

@@ -22,8 +22,12 @@ impl NodeService for NodeApi {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<AddNodeResponse>, Status> {
-        let spec = request.into_inner().node.ok_or(ApiError::Missing("node"))?;
-        let info = self.0.add_node(spec).await?;
+        let r = request.into_inner();
+        let spec = r.node.ok_or(ApiError::Missing("node"))?;
+        let info = match r.backing_from_header {
+            true => self.0.add_node_from_header(spec).await?,
+            false => self.0.add_node(spec).await?,
+        };
         Ok(Response::new(AddNodeResponse { node: Some(info) }))
     }
 

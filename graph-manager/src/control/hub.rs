@@ -90,6 +90,9 @@ pub(crate) struct Control {
     pub(super) worker_grace: Duration,
     /// Who owns the image files the manager creates (`--image-owner`).
     pub(crate) image_owner: std::sync::OnceLock<(u32, u32)>,
+    /// Where AddNode may follow the backing files image headers name
+    /// (`--image-dir`).
+    pub(crate) image_dirs: std::sync::OnceLock<Vec<PathBuf>>,
 }
 
 /// Worker counts for `/metrics`.
@@ -124,6 +127,7 @@ impl Control {
             reports: watch::channel(0).0,
             worker_grace,
             image_owner: std::sync::OnceLock::new(),
+            image_dirs: std::sync::OnceLock::new(),
         })
     }
 

@@ -15,6 +15,13 @@ pub(crate) struct ImageProbe {
     size: u64,
 }
 
+impl ImageProbe {
+    /// The chain `layers` (top first), the top asking for `size`.
+    pub(crate) fn new(layers: Vec<ChainLayer>, size: u64) -> ImageProbe {
+        ImageProbe { layers, size }
+    }
+}
+
 /// The chain to open for node `spec` if it is a qcow2 node (its children
 /// looked up in `graph`), else `None`.
 pub(crate) fn image_chain(

@@ -141,6 +141,7 @@ pub async fn ensure_disk(channel: &Channel, wish: &DiskWish<'_>) -> Result<Provi
                             }),
                         }),
                     }),
+                    ..Default::default()
                 })
                 .await
                 .map_err(Error::rpc("adding node disk0"))?;

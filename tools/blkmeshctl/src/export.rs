@@ -213,7 +213,12 @@ async fn make_overlay(
             })),
         },
     ] {
-        nodes.add_node(AddNodeRequest { node: Some(spec) }).await?;
+        nodes
+            .add_node(AddNodeRequest {
+                node: Some(spec),
+                ..Default::default()
+            })
+            .await?;
     }
     Ok(name.to_string())
 }

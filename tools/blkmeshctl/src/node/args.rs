@@ -54,8 +54,13 @@ pub(crate) enum NodeCmd {
         file: String,
         /// The backing node (an io_uring node with a raw image, or a qcow2
         /// node); required when the image header names a backing file.
-        #[arg(long, conflicts_with = "no_backing")]
+        #[arg(long, conflicts_with_all = ["no_backing", "backing_from_header"])]
         backing: Option<String>,
+        /// Follow the backing file the header names, inside a directory the
+        /// manager allows (--image-dir), as read-only nodes NAME-b1, ...
+        /// (or a node that already holds that file).
+        #[arg(long, conflicts_with = "no_backing")]
+        backing_from_header: bool,
         /// Read without the backing file the header names (unallocated
         /// clusters read as zeroes).
         #[arg(long)]

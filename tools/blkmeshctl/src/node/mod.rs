@@ -25,6 +25,7 @@ pub(crate) async fn node(
     out: Output,
 ) -> Result<(), Failure> {
     let mut client = NodeServiceClient::new(channel.clone());
+    let mut from_header = false;
     let spec = match cmd {
         NodeCmd::AddIoUring {
             name,
@@ -70,18 +71,22 @@ pub(crate) async fn node(
             name,
             file,
             backing,
+            backing_from_header,
             no_backing,
             read_only,
-        } => NodeSpec {
-            name,
-            driver: Some(Driver::Qcow2(Qcow2Options {
-                file,
-                backing: backing.unwrap_or_default(),
-                no_backing,
-                read_only,
-                size: 0,
-            })),
-        },
+        } => {
+            from_header = backing_from_header;
+            NodeSpec {
+                name,
+                driver: Some(Driver::Qcow2(Qcow2Options {
+                    file,
+                    backing: backing.unwrap_or_default(),
+                    no_backing,
+                    read_only,
+                    size: 0,
+                })),
+            }
+        }
         NodeCmd::AddNvmeIoUring {
             name,
             path,
@@ -296,7 +301,10 @@ pub(crate) async fn node(
         }
     };
     let node = client
-        .add_node(AddNodeRequest { node: Some(spec) })
+        .add_node(AddNodeRequest {
+            node: Some(spec),
+            backing_from_header: from_header,
+        })
         .await?
         .into_inner()
         .node
