@@ -41,20 +41,7 @@ fn chain(cluster: &Cluster) -> (PathBuf, PathBuf, PathBuf) {
     host_tool("qemu-img", &["create", "-q", "-f", "raw", s(&base), "32M"]);
     let fill = format!("write -P {BASE_BYTE} 0 32M");
     host_tool("qemu-io", &["-f", "raw", "-c", &fill, s(&base)]);
-    host_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "raw",
-            s(&top),
-        ],
-    );
+    qcow2_overlay(&top, s(&base), "raw", "");
     cluster.add_io_uring("base", &base, false, false).unwrap();
     cluster
         .add_io_uring("top-file", &top, false, false)
