@@ -166,11 +166,23 @@ impl Conn {
         match req.msg {
             // Zone requests need a zoned graph (a metadata file): not run here.
             None | Some(Msg::Zone(_)) => {}
+            // Jobs need a qcow2 node (a file), which no in-process graph
+            // has: what is checked is that any request gets an answer.
+            Some(Msg::Job(j)) => {
+                let graph = self.graph.as_ref();
+                let ro = graph.is_some_and(|g| g.read_only());
+                let _ = blkmesh_worker::jobs::request(graph.and_then(|g| g.qcow2()), ro, &j);
+            }
             Some(Msg::Open(open)) => {
                 if self.graph.is_some() {
                     return;
                 }
                 let Some(plan) = open.plan else { return };
+                if !plan.commit_finish.is_empty()
+                    && blkmesh_worker::jobs::finish_commit(&plan.commit_finish).is_ok()
+                {
+                    panic!("a commit no worker runs was finished");
+                }
                 if !in_process(&plan) {
                     return;
                 }
@@ -455,7 +467,7 @@ fn frontend_reply(r: &mut Reader<'_>, reply: ipc::Reply) {
         Some(R::Failure(f)) => {
             let _ = format!("worker refused: {} (errno {})", f.message, f.errno);
         }
-        Some(R::Ok(_)) | Some(R::Zones(_)) | None => {}
+        Some(R::Ok(_)) | Some(R::Zones(_)) | Some(R::Job(_)) | None => {}
     }
 }
 
