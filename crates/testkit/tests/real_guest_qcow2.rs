@@ -30,8 +30,8 @@ use blkmesh_guest_check::plan::{self, Content, Extent, Plan, Region};
 use blkmesh_guest_check::report::Verdict;
 use blkmesh_proto::v1::{node_spec::Driver, NodeSpec, Qcow2Options};
 use blkmesh_testkit::{
-    host_tool, output_text, stdout_of, Cluster, ClusterOptions, ExportOpts, GuestImage,
-    GuestOptions, GuestOutcome, GuestVm,
+    host_tool, output_text, qcow2_overlay, stdout_of, Cluster, ClusterOptions, ExportOpts,
+    GuestImage, GuestOptions, GuestOutcome, GuestVm,
 };
 
 const KIB: u64 = 1 << 10;
@@ -293,20 +293,7 @@ impl Chain {
         write_base(&base, &base_data);
         // Default 64 KiB clusters: the guest's 4 KiB writes allocate partial
         // clusters (copied up from the base), its 64 KiB chunks whole ones.
-        host_tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                s(&base),
-                "-F",
-                "raw",
-                s(&top),
-            ],
-        );
+        qcow2_overlay(&top, s(&base), "raw", "");
         let mut disk_data = base_data.clone();
         if overlay_part {
             let r = OVERLAY_PART;
