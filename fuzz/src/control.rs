@@ -40,7 +40,6 @@ use std::fs::File;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use blkmesh_frontend::config::BlkConfig;
 use blkmesh_ipc::channel::{Channel, MAX_MESSAGE};
 use blkmesh_ipc::guest_ram::RegionSpec;
 use blkmesh_ipc::notify::Doorbell;
@@ -49,6 +48,7 @@ use blkmesh_ipc::shm::SharedMemory;
 use blkmesh_proto::ipc::v1 as ipc;
 use blkmesh_proto::v1::{fault_rule, node_spec::Driver, ExportPlan};
 use blkmesh_worker::graph::{self, Leaf, OpenedGraph};
+use blkmesh_worker::jobs;
 use blkmesh_worker::memory::RegisteredRam;
 use blkmesh_worker::split::SplitLimits;
 use blkmesh_worker::stages::{self, Stage, Verdict};
@@ -56,6 +56,9 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use prost::Message;
 
 use crate::{memfd, touch, Reader, Writer};
+
+mod reply;
+use reply::frontend_reply;
 
 thread_local! {
     static PAIR: (Channel, Channel) = Channel::pair().unwrap();
@@ -166,23 +169,22 @@ impl Conn {
         match req.msg {
             // Zone requests need a zoned graph (a metadata file): not run here.
             None | Some(Msg::Zone(_)) => {}
-            // Jobs need a qcow2 node (a file), which no in-process graph
-            // has: what is checked is that any request gets an answer.
+            // No in-process graph has a qcow2 node: any job request is answered.
             Some(Msg::Job(j)) => {
-                let graph = self.graph.as_ref();
-                let ro = graph.is_some_and(|g| g.read_only());
-                let _ = blkmesh_worker::jobs::request(graph.and_then(|g| g.qcow2()), ro, &j);
+                let g = self.graph.as_ref();
+                let _ = jobs::request(
+                    g.and_then(|g| g.qcow2()),
+                    g.is_some_and(|g| g.read_only()),
+                    &j,
+                );
             }
             Some(Msg::Open(open)) => {
                 if self.graph.is_some() {
                     return;
                 }
                 let Some(plan) = open.plan else { return };
-                if !plan.commit_finish.is_empty()
-                    && blkmesh_worker::jobs::finish_commit(&plan.commit_finish).is_ok()
-                {
-                    panic!("a commit no worker runs was finished");
-                }
+                let finish = &plan.commit_finish;
+                assert!(finish.is_empty() || jobs::finish_commit(finish).is_err());
                 if !in_process(&plan) {
                     return;
                 }
@@ -431,43 +433,6 @@ fn pop(r: &mut Reader<'_>, conn: &mut Conn) {
             }
         }
         rx.release();
-    }
-}
-
-/// The frontend's use of a worker's reply (workers.rs, export.rs).
-fn frontend_reply(r: &mut Reader<'_>, reply: ipc::Reply) {
-    use ipc::reply::Result as R;
-    match reply.result {
-        Some(R::Opened(o)) => {
-            let limits = o.limits.unwrap_or_default();
-            let lbs = match r.u8() % 4 {
-                0 => 512,
-                1 => 4096,
-                2 => limits.logical_block_size,
-                _ => r.u32(),
-            };
-            let cfg = BlkConfig {
-                num_queues: 1 + (r.u8() % 64) as u16,
-                queue_size: 256,
-                logical_block_size: if lbs == 0 { 512 } else { lbs },
-                writable: r.bool(),
-                limits,
-            };
-            let seg_max = cfg.seg_max();
-            assert!((1..=126).contains(&seg_max), "seg_max {seg_max}");
-            let _ = cfg.features();
-            let c = cfg.config_space();
-            assert_eq!(c.capacity.to_native(), limits.size / 512);
-            let _ = (
-                cfg.max_discard_sectors(),
-                cfg.max_write_zeroes_sectors(),
-                cfg.read_only(),
-            );
-        }
-        Some(R::Failure(f)) => {
-            let _ = format!("worker refused: {} (errno {})", f.message, f.errno);
-        }
-        Some(R::Ok(_)) | Some(R::Zones(_)) | Some(R::Job(_)) | None => {}
     }
 }
 
