@@ -1,5 +1,6 @@
 //! One export: its vhost-user socket, its worker links, and the VMM
-//! connection it serves (one at a time; a VMM may disconnect and reconnect).
+//! connections it serves (see [`crate::connections`]: one VMM, or two
+//! while a VM migrates; a VMM may disconnect and reconnect).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,6 +16,7 @@ use vhost::vhost_user::BackendReqHandler;
 
 use crate::backend_channel;
 use crate::config::BlkConfig;
+use crate::connections::Connections;
 use crate::handler::{DeviceHandler, Refusal, RefusalReporter};
 use crate::queues::relocation::RelocationError;
 use crate::queues::{Destination, WorkerQueues};
@@ -71,11 +73,8 @@ pub struct ExportServer {
     pub plan: ExportPlan,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
-    conn: Arc<Mutex<Option<UnixStream>>>,
-    /// The device of the connected VMM, if any.
-    device: CurrentDevice,
-    /// The connected VMM's back-end request channel, if it gave one.
-    backend: Shared<UnixStream>,
+    /// The connected VMMs, and which one runs the queues.
+    vmms: Arc<Connections>,
     links: Arc<WorkerLinks>,
     /// What a newly connected VMM is offered (changes on reopen).
     cfg: Arc<Mutex<BlkConfig>>,
@@ -90,11 +89,6 @@ pub struct ExportServer {
     thread: Option<JoinHandle<()>>,
     failover: Option<JoinHandle<()>>,
 }
-
-type Shared<T> = Arc<Mutex<Option<T>>>;
-/// A VMM connection's device: the vhost-user handler on worker queues.
-type BlkDevice = DeviceHandler<WorkerQueues>;
-type CurrentDevice = Shared<Arc<Mutex<BlkDevice>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -208,10 +202,8 @@ impl ExportServer {
             .map_err(|e| listen_err(std::io::Error::other(e)))?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let conn = Arc::new(Mutex::new(None));
         let links = Arc::new(links);
-        let device: CurrentDevice = Arc::new(Mutex::new(None));
-        let backend: Shared<UnixStream> = Arc::new(Mutex::new(None));
+        let vmms = Arc::new(Connections::default());
         let cfg = Arc::new(Mutex::new(cfg));
         let shared_plan = Arc::new(Mutex::new(plan.clone()));
         let (hang_tx, hang_rx) = std::sync::mpsc::channel::<(u16, WorkerFault)>();
@@ -249,7 +241,7 @@ impl ExportServer {
             let f = Failover {
                 id: e.id.clone(),
                 links: Arc::clone(&links),
-                current: Arc::clone(&device),
+                current: Arc::clone(&vmms),
                 controls: Arc::clone(&controls),
                 plan: Arc::clone(&shared_plan),
                 stop: Arc::clone(&stop),
@@ -263,18 +255,18 @@ impl ExportServer {
         let thread = {
             let serve = Serve {
                 listener,
-                id: e.id.clone(),
-                cfg: Arc::clone(&cfg),
-                dev: Arc::clone(&dev),
-                zones: Arc::clone(&zones),
-                links: Arc::clone(&links),
                 stop: Arc::clone(&stop),
-                conn: Arc::clone(&conn),
-                current: Arc::clone(&device),
-                backend: Arc::clone(&backend),
-                controls,
-                on_hang,
-                on_refusal,
+                conn: ConnCtx {
+                    id: e.id.clone(),
+                    cfg: Arc::clone(&cfg),
+                    dev: Arc::clone(&dev),
+                    zones: Arc::clone(&zones),
+                    links: Arc::clone(&links),
+                    vmms: Arc::clone(&vmms),
+                    controls,
+                    on_hang,
+                    on_refusal,
+                },
             };
             std::thread::Builder::new()
                 .name(format!("vu-{}", e.id))
@@ -286,9 +278,7 @@ impl ExportServer {
             plan,
             socket,
             stop,
-            conn,
-            device,
-            backend,
+            vmms,
             links,
             cfg,
             dev,
@@ -375,7 +365,7 @@ impl ExportServer {
             limits: l,
             ..old_cfg.clone()
         };
-        let device = lock(&self.device).clone();
+        let device = self.vmms.current();
         let applied = match &device {
             Some(d) => {
                 let mut d = lock(d);
@@ -418,8 +408,8 @@ impl ExportServer {
         *lock(&self.shared_plan) = new.clone();
         self.plan = new;
         if changed {
-            if let Some(chan) = lock(&self.backend).as_ref() {
-                match backend_channel::notify_config_change(chan) {
+            if let Some(chan) = self.vmms.backend() {
+                match backend_channel::notify_config_change(&chan) {
                     Ok(()) => tracing::info!(export = %self.id(), "VMM told of the config change"),
                     Err(e) => {
                         tracing::warn!(export = %self.id(), "config-change notification: {e}")
@@ -443,11 +433,7 @@ impl ExportServer {
 
     /// Moves the queues whose worker changed in `new`, live.
     pub fn apply_placement(&mut self, new: ExportPlan) -> Result<(), LiveChangeError> {
-        let device = self
-            .device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let device = self.vmms.current();
         // An exclusive graph cannot be open on two workers at once: all its
         // queues drain and move together (unless a queue's worker is gone,
         // which the per-queue failover below handles: the old worker, dead,
@@ -498,9 +484,7 @@ impl ExportServer {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
+        self.vmms.shutdown_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -517,18 +501,23 @@ impl Drop for ExportServer {
     }
 }
 
-/// The export's accept loop and the connected VMM's message loop.
+/// The export's accept loop: each VMM connection is served on a thread
+/// of its own ([`ConnCtx::serve`]).
 struct Serve {
     listener: UnixListener,
+    stop: Arc<AtomicBool>,
+    conn: ConnCtx,
+}
+
+/// What a VMM connection is served with.
+#[derive(Clone)]
+struct ConnCtx {
     id: String,
     cfg: Arc<Mutex<BlkConfig>>,
     dev: Arc<DeviceInfo>,
     zones: Arc<ZoneLimits>,
     links: Arc<WorkerLinks>,
-    stop: Arc<AtomicBool>,
-    conn: Shared<UnixStream>,
-    current: CurrentDevice,
-    backend: Shared<UnixStream>,
+    vmms: Arc<Connections>,
     controls: Arc<QueueControls>,
     on_hang: HangReporter,
     on_refusal: RefusalReporter,
@@ -536,8 +525,10 @@ struct Serve {
 
 impl Serve {
     fn run(self) {
-        let id = &self.id;
+        let id = &self.conn.id;
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
+            threads.retain(|t| !t.is_finished());
             let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
             if !matches!(poll(&mut fds, PollTimeout::from(200u16)), Ok(n) if n > 0) {
                 continue;
@@ -555,62 +546,85 @@ impl Serve {
                 tracing::warn!(export = %id, "socket mode: {e}");
                 continue;
             }
-            tracing::info!(export = %id, "VMM connected");
-            *lock(&self.conn) = stream.try_clone().ok();
-            let cfg = lock(&self.cfg).clone();
-            let queues = WorkerQueues::new(
-                id.clone(),
-                &cfg,
-                Arc::clone(&self.dev),
-                Arc::clone(&self.zones),
-                Arc::clone(&self.links),
-                Arc::clone(&self.controls),
-                Arc::clone(&self.on_hang),
-            );
-            let device = Arc::new(Mutex::new(BlkDevice::new(
-                id.clone(),
-                cfg,
-                Arc::clone(&self.on_refusal),
-                queues,
-            )));
-            *lock(&self.current) = Some(Arc::clone(&device));
-            let peek = stream.try_clone();
-            let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
-            loop {
-                // SET_BACKEND_REQ_FD is ours to take (see backend_channel).
-                match peek.as_ref().map(backend_channel::take) {
-                    Ok(Ok(Some(chan))) => {
-                        tracing::debug!(export = %id, "VMM gave its back-end channel");
-                        *lock(&self.backend) = Some(chan);
-                        continue;
-                    }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(export = %id, "vhost-user connection closed: {e}");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(export = %id, "cannot watch the vhost-user socket: {e}");
-                        break;
-                    }
+            let ctx = self.conn.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vmm-{id}"))
+                .spawn(move || ctx.serve(stream));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(export = %id, "cannot serve a VMM connection: {e}"),
+            }
+        }
+        // The export stops: its connections were shut down.
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl ConnCtx {
+    /// Serves one VMM connection until it ends.
+    fn serve(self, stream: UnixStream) {
+        let id = &self.id;
+        let Ok(kept) = stream.try_clone() else {
+            tracing::warn!(export = %id, "cannot keep the VMM's socket");
+            return;
+        };
+        let conn = self.vmms.next_id();
+        let others = self.vmms.count();
+        tracing::info!(export = %id, conn, others, "VMM connected");
+        let cfg = lock(&self.cfg).clone();
+        let queues = WorkerQueues::new(
+            id.clone(),
+            &cfg,
+            Arc::clone(&self.dev),
+            Arc::clone(&self.zones),
+            Arc::clone(&self.links),
+            Arc::clone(&self.controls),
+            Arc::clone(&self.on_hang),
+        )
+        .with_owner(self.vmms.owner(), conn);
+        let device = Arc::new(Mutex::new(DeviceHandler::new(
+            id.clone(),
+            cfg,
+            Arc::clone(&self.on_refusal),
+            queues,
+        )));
+        self.vmms.add(conn, Arc::clone(&device), kept);
+        let peek = stream.try_clone();
+        let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&device));
+        loop {
+            // SET_BACKEND_REQ_FD is ours to take (see backend_channel).
+            match peek.as_ref().map(backend_channel::take) {
+                Ok(Ok(Some(chan))) => {
+                    tracing::debug!(export = %id, conn, "VMM gave its back-end channel");
+                    self.vmms.set_backend(conn, chan);
+                    continue;
                 }
-                if let Err(e) = handler.handle_request() {
-                    match e {
-                        vhost::vhost_user::Error::Disconnected
-                        | vhost::vhost_user::Error::PartialMessage => {
-                            tracing::info!(export = %id, "VMM disconnected")
-                        }
-                        e => tracing::warn!(export = %id, "vhost-user connection closed: {e}"),
-                    }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(export = %id, conn, "vhost-user connection closed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(export = %id, conn, "cannot watch the vhost-user socket: {e}");
                     break;
                 }
             }
-            drop(handler);
-            *lock(&self.current) = None;
-            *lock(&self.backend) = None;
-            lock(&device).disconnect();
-            *lock(&self.conn) = None;
+            if let Err(e) = handler.handle_request() {
+                match e {
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage => {
+                        tracing::info!(export = %id, conn, "VMM disconnected")
+                    }
+                    e => tracing::warn!(export = %id, conn, "vhost-user connection closed: {e}"),
+                }
+                break;
+            }
         }
+        drop(handler);
+        lock(&device).disconnect();
+        self.vmms.remove(conn);
     }
 }
 
@@ -627,7 +641,7 @@ const FAILOVER_RETRY: Duration = Duration::from_millis(50);
 struct Failover {
     id: String,
     links: Arc<WorkerLinks>,
-    current: CurrentDevice,
+    current: Arc<Connections>,
     /// Where a lost worker's queues are stopped at once, without the
     /// device's lock (the vhost-user thread may hold it, waiting for them).
     controls: Arc<QueueControls>,
@@ -699,7 +713,7 @@ impl Failover {
             }
             next_try = std::time::Instant::now() + FAILOVER_RETRY;
             let plan = lock(&self.plan).clone();
-            let device = lock(&self.current).clone();
+            let device = self.current.current();
             lost.retain(|&q, since| {
                 let Some(ep) = plan.queues.iter().find(|e| e.queue == q) else {
                     return true;

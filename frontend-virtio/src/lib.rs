@@ -24,6 +24,8 @@
 
 pub mod backend_channel;
 pub mod config;
+pub mod connections;
+pub mod dirty_log;
 pub mod export;
 pub mod handler;
 pub mod jobs;

@@ -37,6 +37,9 @@ pub struct QueueStart {
     pub inflight: Option<(InflightQueue, Recovered)>,
     /// The driver negotiated VIRTIO_BLK_F_ZONED.
     pub zoned: bool,
+    /// The connection's dirty log (live migration): the pages the queue
+    /// writes are marked there while logging is on.
+    pub log: Arc<crate::dirty_log::LogSink>,
 }
 
 impl QueueStart {
@@ -56,6 +59,10 @@ pub enum HostError {
     NoMemory,
     #[error("no queue {0}")]
     NoSuchQueue(usize),
+    /// Another VMM connection of the export runs its queues (a migration's
+    /// destination starting too early).
+    #[error("another VMM connection runs this export's queues")]
+    Busy,
     /// What serves the queues refused, or could not set them up.
     #[error(transparent)]
     Backend(Box<dyn std::error::Error + Send + Sync>),

@@ -445,10 +445,7 @@ impl Ctx<'_> {
         }
         let ram = self.worker_ram.get_or_insert_with(|| {
             let (specs, fds) = self.table.for_worker();
-            let specs: Vec<RegionSpec> = specs
-                .iter()
-                .map(RegionSpec::from)
-                .collect();
+            let specs: Vec<RegionSpec> = specs.iter().map(RegionSpec::from).collect();
             let files = fds
                 .iter()
                 .map(|f| File::from(f.try_clone_to_owned().unwrap()))

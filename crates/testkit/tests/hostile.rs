@@ -1436,7 +1436,7 @@ fn malformed_messages_close_the_connection() {
         ),
         ("SET_OWNER twice", RawMessage::new(req::SET_OWNER)),
         (
-            "SET_LOG_BASE (not offered)",
+            "SET_LOG_BASE (LOG_SHMFD not negotiated)",
             RawMessage::new(req::SET_LOG_BASE)
                 .payload(&[0; 16])
                 .fd(&ev)

@@ -30,6 +30,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::ByteValued;
 
 use crate::config::{BlkConfig, ZonedCharacteristics};
+use crate::dirty_log::{DirtyLog, LogSink};
 use crate::memory::{MemTable, RegionDesc, MAX_REGIONS};
 use crate::queue_host::{HostError, QueueHost, QueueStart};
 
@@ -86,6 +87,8 @@ pub struct DeviceHandler<H: QueueHost> {
     /// The regions behind `table`, kept to rebuild it on ADD/REMOVE_MEM_REGION.
     regions: Vec<(RegionDesc, File)>,
     vrings: Vec<VringState>,
+    /// The dirty log a migrating VMM shares ([`crate::dirty_log`]).
+    log: Arc<LogSink>,
     host: H,
 }
 
@@ -105,6 +108,7 @@ impl<H: QueueHost> DeviceHandler<H> {
             inflight: None,
             regions: Vec::new(),
             vrings: (0..n).map(|_| VringState::default()).collect(),
+            log: Arc::default(),
             host,
         }
     }
@@ -229,6 +233,7 @@ impl<H: QueueHost> DeviceHandler<H> {
             call,
             inflight,
             zoned: self.zoned_acked(),
+            log: Arc::clone(&self.log),
         })?;
         tracing::debug!(export = %self.export, queue = index, size, "queue started");
         Ok(())
@@ -330,6 +335,7 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
         self.owned = false;
         self.features_set = false;
         self.acked_features = 0;
+        self.log.set_logging(false);
         self.acked_protocol = 0;
         Ok(())
     }
@@ -341,11 +347,14 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
         }
         self.features_set = false;
         self.acked_features = 0;
+        self.log.set_logging(false);
         Ok(())
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(self.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        Ok(self.features
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits())
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
@@ -358,6 +367,10 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
         }
         self.acked_features = features;
         self.features_set = true;
+        // LOG_ALL comes and goes while the rings run (a migration starts,
+        // is cancelled): the queues see it at their next completion.
+        self.log
+            .set_logging(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
         (self.on_refusal)(None);
         if !self.protocol_features_acked() {
             // Without protocol features, rings are enabled from the start.
@@ -474,7 +487,8 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -661,8 +675,20 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
         Err(VuError::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("dirty logging not supported"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        if self.acked_protocol & VhostUserProtocolFeatures::LOG_SHMFD.bits() == 0 {
+            return Err(VuError::InactiveFeature(
+                VhostUserVirtioFeatures::PROTOCOL_FEATURES,
+            ));
+        }
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let map = DirtyLog::map(file, offset, size).map_err(|e| {
+            tracing::warn!(export = %self.export, size, offset, "SET_LOG_BASE: {e}");
+            VuError::InvalidParam
+        })?;
+        tracing::info!(export = %self.export, size, covers = map.covers(), "dirty log mapped");
+        self.log.set_log(map);
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@
 //! ([`crate::handler`], through [`QueueHost`]) and moves them between
 //! workers (`relocation`: move, reopen, fail-over).
 
+pub mod owner;
 pub mod relocation;
 
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use blkmesh_ipc::ring::{QueueRings, RingLayout};
 use blkmesh_proto::v1::ExportPlan;
 use virtio_queue::{Queue, QueueT};
 
+use self::owner::QueueOwner;
 use crate::config::{BlkConfig, RING_MAX_SEGMENTS};
 use crate::memory::MemTable;
 use crate::queue_host::{HostError, QueueHost, QueueStart};
@@ -98,6 +100,10 @@ struct Running {
     ring: WorkerRing,
 }
 
+/// How long a queue waits for another VMM connection's queues to stop
+/// before its start is refused.
+const OWNER_WAIT: Duration = Duration::from_secs(3);
+
 /// The running queues of one VMM connection, and the workers they use.
 pub struct WorkerQueues {
     export: String,
@@ -113,6 +119,9 @@ pub struct WorkerQueues {
     on_hang: HangReporter,
     mem: Option<SharedMem>,
     running: Vec<Option<Running>>,
+    /// The export's queue owner and this connection's id: its queues start
+    /// only while no other connection's run (see [`owner`]).
+    owner: Option<(Arc<QueueOwner>, u64)>,
 }
 
 impl WorkerQueues {
@@ -135,40 +144,19 @@ impl WorkerQueues {
             on_hang,
             mem: None,
             running: (0..cfg.num_queues).map(|_| None).collect(),
+            owner: None,
         }
     }
 
-    fn running(&self, queue: usize) -> Option<&Running> {
-        self.running.get(queue).and_then(Option::as_ref)
+    /// These are connection `conn`'s queues; `owner` says which connection
+    /// of the export may run queues.
+    pub fn with_owner(mut self, owner: Arc<QueueOwner>, conn: u64) -> Self {
+        self.owner = Some((owner, conn));
+        self
     }
 
-    /// For a zoned export: where a queue asks which in-flight writes a
-    /// lost worker (or frontend) applied.
-    fn zone_oracle(&self, queue: usize) -> Option<crate::zones::ZoneOracle> {
-        self.zoned_export.then(|| crate::zones::ZoneOracle {
-            links: Arc::clone(&self.links),
-            queue: queue as u32,
-        })
-    }
-
-    /// Runs `f` with the memory table as the workers get it, if any.
-    fn with_worker_mem<T>(&mut self, f: impl FnOnce(&mut Self, Option<MemRef<'_>>) -> T) -> T {
-        let table: Option<Arc<MemTable>> = self
-            .mem
-            .as_ref()
-            .map(|m| Arc::clone(&m.lock().unwrap_or_else(|p| p.into_inner())));
-        let mem = table.as_ref().map(|t| t.for_worker());
-        let mem_ref = mem.as_ref().map(|(r, f)| (r.as_slice(), f.as_slice()));
-        f(self, mem_ref)
-    }
-}
-
-impl QueueHost for WorkerQueues {
-    fn is_running(&self, index: usize) -> bool {
-        self.running(index).is_some()
-    }
-
-    fn start_queue(&mut self, start: QueueStart) -> Result<(), HostError> {
+    /// Starts a queue this connection may run (see [`QueueHost::start_queue`]).
+    fn start_claimed(&mut self, start: QueueStart) -> Result<(), HostError> {
         let index = start.index as usize;
         let mem = self.mem.clone().ok_or(HostError::NoMemory)?;
         if index >= self.running.len() {
@@ -225,6 +213,7 @@ impl QueueHost for WorkerQueues {
             on_hang: Arc::clone(&self.on_hang),
             inflight: start.inflight,
             recovery_zones: self.zone_oracle(index),
+            log: start.log,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vq{index}"))
@@ -239,6 +228,57 @@ impl QueueHost for WorkerQueues {
         Ok(())
     }
 
+    fn running(&self, queue: usize) -> Option<&Running> {
+        self.running.get(queue).and_then(Option::as_ref)
+    }
+
+    /// For a zoned export: where a queue asks which in-flight writes a
+    /// lost worker (or frontend) applied.
+    fn zone_oracle(&self, queue: usize) -> Option<crate::zones::ZoneOracle> {
+        self.zoned_export.then(|| crate::zones::ZoneOracle {
+            links: Arc::clone(&self.links),
+            queue: queue as u32,
+        })
+    }
+
+    /// Runs `f` with the memory table as the workers get it, if any.
+    fn with_worker_mem<T>(&mut self, f: impl FnOnce(&mut Self, Option<MemRef<'_>>) -> T) -> T {
+        let table: Option<Arc<MemTable>> = self
+            .mem
+            .as_ref()
+            .map(|m| Arc::clone(&m.lock().unwrap_or_else(|p| p.into_inner())));
+        let mem = table.as_ref().map(|t| t.for_worker());
+        let mem_ref = mem.as_ref().map(|(r, f)| (r.as_slice(), f.as_slice()));
+        f(self, mem_ref)
+    }
+}
+
+impl QueueHost for WorkerQueues {
+    fn is_running(&self, index: usize) -> bool {
+        self.running(index).is_some()
+    }
+
+    fn start_queue(&mut self, start: QueueStart) -> Result<(), HostError> {
+        let Some((owner, conn)) = self.owner.clone() else {
+            return self.start_claimed(start);
+        };
+        // Another connection's queues run: a VMM that reconnected while
+        // its old connection still winds down, or a migration's source
+        // that has not stopped its rings yet. Wait a little.
+        let deadline = std::time::Instant::now() + OWNER_WAIT;
+        while !owner.claim(conn) {
+            if std::time::Instant::now() >= deadline {
+                return Err(HostError::Busy);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let started = self.start_claimed(start);
+        if started.is_err() {
+            owner.stopped(conn);
+        }
+        started
+    }
+
     fn stop_queue(&mut self, index: usize) -> Option<u16> {
         let running = self.running.get_mut(index)?.take()?;
         self.controls.set(index, None);
@@ -249,6 +289,9 @@ impl QueueHost for WorkerQueues {
         };
         if let Err(e) = self.links.detach(index as u32) {
             tracing::warn!(export = %self.export, queue = index, "detach: {e}");
+        }
+        if let Some((owner, conn)) = &self.owner {
+            owner.stopped(*conn);
         }
         next
     }

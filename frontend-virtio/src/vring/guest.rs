@@ -20,7 +20,9 @@ impl Vring {
         let mut found = false;
         let mut used = false;
         if self.guest_notify {
-            if let Err(e) = self.s.queue.disable_notification(gm) {
+            let disabled = self.s.queue.disable_notification(gm);
+            self.log_used_ring();
+            if let Err(e) = disabled {
                 self.log_guest_error(format_args!("avail ring: {e}"));
                 return found;
             }
@@ -95,7 +97,10 @@ impl Vring {
     /// arrived meanwhile.
     pub(super) fn arm_guest_notifications(&mut self, gm: &vm_memory::GuestMemoryMmap<()>) -> bool {
         self.guest_notify = true;
-        match self.s.queue.enable_notification(gm) {
+        let armed = self.s.queue.enable_notification(gm);
+        // The avail event (or the used flags) is in the used ring.
+        self.log_used_ring();
+        match armed {
             // A broken avail index is not work: sleep until the next kick.
             Ok(more) => !more || !self.avail_index_sane(gm),
             Err(e) => {
@@ -108,6 +113,16 @@ impl Vring {
     /// Returns true if the chain was completed at once (used ring touched).
     pub(super) fn handle_chain(&mut self, head: u16, mem: &Arc<MemTable>) -> bool {
         let gm = mem.guest_memory();
+        if let Some(w) = self.writable.get_mut(head as usize) {
+            // What the device may write of this chain, for the dirty log.
+            w.clear();
+            w.extend(
+                self.descs
+                    .iter()
+                    .filter(|d| d.writable)
+                    .map(|d| (d.addr, d.len as u64)),
+            );
+        }
         let status = match request::check_chain(&self.descs) {
             Ok(s) => s,
             Err(e) => {
@@ -223,6 +238,15 @@ impl Vring {
         if !written {
             self.log_guest_error(format_args!("status byte of chain {head} not writable"));
         }
+        // Everything the device may have written for this chain (the
+        // worker's read data, a zone report, the append sector, the
+        // status byte) is logged before the used entry makes it visible.
+        if let Some(log) = self.s.log.active() {
+            for &(at, len) in self.writable.get(head as usize).into_iter().flatten() {
+                log.mark(at, len);
+            }
+            log.mark(status, 1);
+        }
         // Without a status byte written, nothing the guest may trust was.
         self.put_used(gm, head, if written { used_len } else { 0 });
     }
@@ -240,8 +264,18 @@ impl Vring {
         if let Err(e) = self.s.queue.add_used(gm, head, used_len) {
             self.log_guest_error(format_args!("used ring: {e}"));
         }
+        self.log_used_ring();
         if let Some(t) = &self.tracker {
             t.completed(head, self.s.queue.next_used());
+        }
+    }
+
+    /// Marks the used ring in the dirty log: the entry and index just
+    /// written, or the avail event (a few pages at most, marked whole).
+    pub(super) fn log_used_ring(&self) {
+        if let Some(log) = self.s.log.active() {
+            let size = u64::from(self.s.queue.size());
+            log.mark(self.s.queue.used_ring(), 6 + 8 * size);
         }
     }
 

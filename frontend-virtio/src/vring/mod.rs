@@ -80,6 +80,9 @@ pub struct VringSetup {
     /// For a zoned export: where to ask which of the writes a previous
     /// frontend left in flight were applied (see [`WorkerEnds::zones`]).
     pub recovery_zones: Option<crate::zones::ZoneOracle>,
+    /// Where the guest pages this queue writes are marked during a live
+    /// migration ([`crate::dirty_log`]).
+    pub log: Arc<crate::dirty_log::LogSink>,
 }
 
 /// Why a queue gave up on its worker.
@@ -195,6 +198,9 @@ struct Vring {
     /// Per head, for a zone append in flight: where its `append_sector`
     /// goes in guest memory (the first 8 device-writable bytes).
     append_at: Vec<Vec<(u64, u64)>>,
+    /// Per head: its device-writable buffers as guest ranges, marked in
+    /// the dirty log when it completes (capacity reused).
+    writable: Vec<Vec<(u64, u64)>>,
     /// Sequence number of the next request submitted.
     next_seq: u64,
     tables: Tables,
@@ -244,6 +250,7 @@ pub fn run(mut setup: VringSetup) -> Queue {
         pending: vec![None; n],
         saved: vec![Vec::new(); n],
         append_at: vec![Vec::new(); n],
+        writable: vec![Vec::new(); n],
         next_seq: 0,
         tables: Tables {
             current,

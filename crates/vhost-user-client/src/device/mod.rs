@@ -2,6 +2,7 @@
 //! API is in `requests`, its raw ring access (for hostile tests) in
 //! `raw_access`.
 
+mod dirty_log;
 mod raw_access;
 mod requests;
 
@@ -214,6 +215,8 @@ pub struct VhostUserBlk {
     config: Option<BlkConfig>,
     max_mem_slots: Option<u64>,
     inflight: Option<InflightRegion>,
+    /// The dirty log shared with the device, once a "migration" started.
+    dirty_log: Option<File>,
     next_token: u64,
 }
 
@@ -257,6 +260,7 @@ impl VhostUserBlk {
             config: None,
             max_mem_slots: None,
             inflight: None,
+            dirty_log: None,
             next_token: 0,
         };
         blk.handshake(false)?;
