@@ -34,6 +34,9 @@ pub struct GuestOptions {
     /// (`console.log`), QEMU's output (`qemu.log`) and the QMP socket
     /// (`qmp.sock`) (default: a new temporary directory, removed on drop).
     pub dir: Option<PathBuf>,
+    /// Start as a migration's destination, waiting for the source's state
+    /// on this unix socket (QEMU's `-incoming unix:PATH`).
+    pub incoming: Option<PathBuf>,
 }
 
 impl GuestOptions {
@@ -47,6 +50,7 @@ impl GuestOptions {
             reconnect_ms: None,
             params: Vec::new(),
             dir: None,
+            incoming: None,
         }
     }
 
@@ -65,6 +69,12 @@ impl GuestOptions {
     /// Reconnects to the socket every `ms` after losing it.
     pub fn reconnect_ms(mut self, ms: u32) -> Self {
         self.reconnect_ms = Some(ms);
+        self
+    }
+
+    /// Starts as a migration's destination, listening on `socket`.
+    pub fn incoming(mut self, socket: &Path) -> Self {
+        self.incoming = Some(socket.to_path_buf());
         self
     }
 
@@ -250,6 +260,11 @@ fn qemu_args(image: &GuestImage, opts: &GuestOptions, console: &Path, qmp: &Path
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        opts.incoming
+            .iter()
+            .flat_map(|p| ["-incoming".to_string(), format!("unix:{}", qemu_path(p))]),
+    )
     .collect()
 }
 

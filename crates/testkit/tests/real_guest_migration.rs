@@ -1,0 +1,338 @@
+//! Live migration of a real Linux guest (QEMU, TCG) whose disk blkmesh
+//! serves: QEMUs on this machine with memfd guest RAM, each destination
+//! started with `-incoming`, the source told to `migrate` over QMP while
+//! the guest's write-and-verify loop runs on both queues. A destination's
+//! vhost-user connection is served while the source's rings still run;
+//! the source's rings drain when it stops them; the guest goes on at the
+//! destination and its checks pass; the image holds exactly what it
+//! wrote. Needs what `real_guest.rs` needs; build the binaries first:
+//! `cargo build --bins`.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blkmesh_guest_check::plan::Plan;
+use blkmesh_guest_check::report::{Report, Verdict, VERDICT as VERDICT_LINE};
+use blkmesh_testkit::{Cluster, ClusterOptions, ExportOpts, GuestImage, GuestOptions, GuestVm};
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 64 * MIB;
+const SEED: u64 = 77;
+const TIMEOUT: Duration = Duration::from_secs(150);
+
+fn wait(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `"key": value` of a QMP reply, as text.
+fn field<'a>(reply: &'a str, key: &str) -> Option<&'a str> {
+    let at = reply.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = reply[at..].trim_start_matches([':', ' ']);
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"'))
+}
+
+/// What serves the guest's disk.
+enum Server {
+    Blkmesh(Box<Cluster>),
+    /// qemu-storage-daemon's vhost-user-blk export of the same kind of
+    /// image, for the downtime comparison.
+    Qsd(std::process::Child, tempfile::TempDir),
+}
+
+impl Server {
+    fn blkmesh() -> (Server, PathBuf, PathBuf) {
+        let cluster = Cluster::start(ClusterOptions::default().workers(1));
+        let disk = cluster.sparse_image("guest.img", DISK);
+        cluster.add_io_uring("disk", &disk, false, false).unwrap();
+        let socket = cluster
+            .add_export(ExportOpts::new("guest", "disk").writable().queues(2))
+            .unwrap();
+        (Server::Blkmesh(Box::new(cluster)), disk, socket)
+    }
+
+    fn qsd() -> (Server, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("guest.img");
+        File::create(&disk).unwrap().set_len(DISK).unwrap();
+        let socket = dir.path().join("qsd.sock");
+        let child = std::process::Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev",
+                &format!(
+                    "driver=file,node-name=file,filename={},aio=io_uring",
+                    disk.display()
+                ),
+                "--blockdev",
+                "driver=raw,node-name=disk,file=file",
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp,node-name=disk,writable=on,num-queues=2,\
+                     addr.type=unix,addr.path={}",
+                    socket.display()
+                ),
+            ])
+            .spawn()
+            .unwrap();
+        wait("qemu-storage-daemon to listen", TIMEOUT, || socket.exists());
+        (Server::Qsd(child, dir), disk, socket)
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            Server::Blkmesh(c) => c.dir(),
+            Server::Qsd(_, d) => d.path(),
+        }
+    }
+
+    fn cluster(&mut self) -> &mut Cluster {
+        match self {
+            Server::Blkmesh(c) => c,
+            Server::Qsd(..) => panic!("not blkmesh"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Server::Qsd(child, _) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A guest on a 64 MiB image, and the QEMU it runs in now.
+struct Guest {
+    server: Server,
+    image: GuestImage,
+    disk: PathBuf,
+    opts: GuestOptions,
+    vm: GuestVm,
+    /// What the QEMUs it left printed of its console.
+    console: String,
+    hops: u32,
+}
+
+impl Guest {
+    /// Boots the guest with its loop running for `loop_secs`, and waits
+    /// until the loop runs.
+    fn start(loop_secs: u64) -> Guest {
+        Guest::start_on(Server::blkmesh(), loop_secs)
+    }
+
+    fn start_on((server, disk, socket): (Server, PathBuf, PathBuf), loop_secs: u64) -> Guest {
+        let image = GuestImage::prepare().unwrap_or_else(|e| panic!("{e}"));
+        let mut opts = GuestOptions::new(&socket)
+            .queues(2)
+            .param("seed", SEED)
+            .param("size", DISK)
+            .param("logical_block_size", 512)
+            .param("hw_queues", 2)
+            .param("loop", loop_secs);
+        opts.memory_mib = 256;
+        let mut vm = GuestVm::start(&image, opts.clone().dir(&server.dir().join("vm0")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("qemu: {}", vm.command_line().join(" "));
+        wait("the guest's loop", TIMEOUT, || {
+            assert!(vm.pid().is_some(), "QEMU exited:\n{}", vm.console());
+            vm.console().contains("CHECK geometry")
+        });
+        Guest {
+            server,
+            image,
+            disk,
+            opts,
+            vm,
+            console: String::new(),
+            hops: 0,
+        }
+    }
+
+    /// A destination QEMU, listening on its own socket.
+    fn destination(&self) -> (GuestVm, PathBuf) {
+        let n = self.hops + 1;
+        let incoming = self.server.dir().join(format!("migrate{n}.sock"));
+        let opts = self
+            .opts
+            .clone()
+            .dir(&self.server.dir().join(format!("vm{n}")))
+            .incoming(&incoming);
+        let vm = GuestVm::start(&self.image, opts).unwrap_or_else(|e| panic!("{e}"));
+        wait("the destination to listen", TIMEOUT, || incoming.exists());
+        (vm, incoming)
+    }
+
+    /// Starts migrating to `socket` at `bandwidth` bytes/s.
+    fn start_migration(&self, socket: &Path, bandwidth: u64) {
+        let params = format!(r#"{{"max-bandwidth": {bandwidth}, "downtime-limit": 300}}"#);
+        self.vm.qmp("migrate-set-parameters", &params).unwrap();
+        let uri = format!(r#"{{"uri": "unix:{}"}}"#, socket.display());
+        self.vm.qmp("migrate", &uri).unwrap();
+    }
+
+    /// Waits until the migration is `status` (failing on another end);
+    /// the last `query-migrate` reply.
+    fn migration_ends(&self, status: &str) -> String {
+        let mut last = String::new();
+        wait(&format!("the migration to be {status}"), TIMEOUT, || {
+            last = self.vm.qmp("query-migrate", "").unwrap();
+            let now = field(&last, "status").unwrap_or("").to_string();
+            let ended = ["completed", "failed", "cancelled"].contains(&now.as_str());
+            assert!(
+                !ended || now == status,
+                "migration {now}, not {status}: {last}"
+            );
+            now == status
+        });
+        last
+    }
+
+    /// The guest moves to `dst`; the source QEMU goes. Its downtime (ms).
+    fn switch_to(&mut self, dst: GuestVm) -> u64 {
+        let done = self.migration_ends("completed");
+        let downtime = field(&done, "downtime").unwrap().parse().unwrap();
+        eprintln!("hop {}: {done}", self.hops + 1);
+        let _ = self.vm.qmp("quit", "");
+        self.console.push_str(&self.vm.console());
+        self.vm = dst;
+        self.hops += 1;
+        downtime
+    }
+
+    /// The guest's verdict, wherever it ended, checked; the image
+    /// checked against what it wrote.
+    fn finish(mut self) -> Report {
+        let mut console = String::new();
+        wait("the guest's verdict", TIMEOUT, || {
+            assert!(
+                self.vm.pid().is_some(),
+                "QEMU exited:\n{}",
+                self.vm.console()
+            );
+            console = format!("{}{}", self.console, self.vm.console());
+            console.contains(VERDICT_LINE)
+        });
+        let report = Report::parse(&console);
+        if let (Some(Verdict::Fail(_)), Server::Blkmesh(c)) = (&report.verdict, &self.server) {
+            c.dump_logs();
+        }
+        assert_eq!(
+            report.verdict,
+            Some(Verdict::Pass),
+            "failed checks: {:?}\n{console}",
+            report.failures().collect::<Vec<_>>()
+        );
+        assert!(
+            report.loop_rounds.iter().all(|&r| r > 0),
+            "{:?}",
+            report.loop_rounds
+        );
+        for t in 0..2 {
+            eprintln!(
+                "loop thread {t}: {:?}, stalls (ms) {:?}",
+                report.loop_latency[t], report.loop_stalls_ms[t]
+            );
+        }
+        let _ = self.vm.qmp("quit", "");
+        drop(self.vm);
+        let plan = Plan::new(SEED, DISK).unwrap();
+        let problems = plan.verify_image(&File::open(&self.disk).unwrap(), report.loop_rounds);
+        assert!(
+            problems.is_empty(),
+            "image differs from the plan: {problems:#?}"
+        );
+        report
+    }
+}
+
+#[test]
+fn a_guest_migrates_there_and_back_under_load_through_a_worker_kill() {
+    let mut g = Guest::start(40);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut downtimes = Vec::new();
+    for hop in 0..3 {
+        let (dst, socket) = g.destination();
+        g.start_migration(&socket, 4 << 30);
+        if hop == 1 {
+            // The worker dies during the pre-copy: the source's queues
+            // fail over to its replacement, and the switch-over drains
+            // them there.
+            g.server.cluster().kill_worker(0);
+            std::thread::sleep(Duration::from_millis(200));
+            g.server.cluster().start_worker(0);
+        }
+        downtimes.push(g.switch_to(dst));
+    }
+    let log = std::fs::read_to_string(g.server.cluster().log_path("frontend")).unwrap();
+    assert!(log.contains("dirty log mapped"), "no source shared its log");
+    eprintln!("downtimes (ms): {downtimes:?}");
+    g.finish();
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_running_on_its_disk() {
+    let g = Guest::start(12);
+    let (mut dst, socket) = g.destination();
+    // Slow: 256 MiB at 16 MiB/s, cancelled a second in.
+    g.start_migration(&socket, 16 << 20);
+    std::thread::sleep(Duration::from_secs(1));
+    g.vm.qmp("migrate_cancel", "").unwrap();
+    g.migration_ends("cancelled");
+    // The destination gave up (or is told to); the guest never left.
+    dst.kill();
+    drop(dst);
+    g.finish();
+}
+
+/// The switch-over's cost against qemu-storage-daemon, for
+/// docs/RELIABILITY.md (a benchmark, not a check: `bench/migration.sh`
+/// runs it): the same guest, the same five migrations, on each server;
+/// QEMU's downtime per migration and the guest loop's stalls.
+#[test]
+#[ignore = "a benchmark: bench/migration.sh"]
+fn downtime_against_qemu_storage_daemon() {
+    let mut rows = Vec::new();
+    for (name, server) in [("qsd", Server::qsd()), ("blkmesh", Server::blkmesh())] {
+        let mut g = Guest::start_on(server, 45);
+        std::thread::sleep(Duration::from_secs(2));
+        let mut downtimes = Vec::new();
+        for _ in 0..5 {
+            let (dst, socket) = g.destination();
+            g.start_migration(&socket, 4 << 30);
+            downtimes.push(g.switch_to(dst));
+        }
+        let report = g.finish();
+        downtimes.sort_unstable();
+        let stalls: Vec<u64> = report.loop_stalls_ms.iter().flatten().copied().collect();
+        let max_us = report
+            .loop_latency
+            .iter()
+            .filter_map(|l| l.get("max_us"))
+            .max()
+            .copied()
+            .unwrap_or(0);
+        rows.push(format!(
+            "| {name} | {:?} | {} | {} | {} | {stalls:?} |",
+            downtimes,
+            downtimes[downtimes.len() / 2],
+            downtimes[downtimes.len() - 1],
+            max_us / 1000
+        ));
+    }
+    println!("| server | downtime per migration (ms, sorted) | p50 | max | guest's longest request (ms) | guest's requests ≥ 50 ms (ms) |");
+    println!("|---|---|---:|---:|---:|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
