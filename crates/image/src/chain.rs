@@ -13,8 +13,9 @@ use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpen
 use crate::error::{open_err, ImageError};
 use crate::header::{self, MAX_CHAIN_DEPTH};
 
-/// The storage every layer sits on: a file or block device.
-pub type Storage = imago::file::File;
+/// The storage every layer sits on: a file or block device (see
+/// `masked.rs` for why it is wrapped).
+pub type Storage = crate::masked::Masked;
 /// An opened image: the top of its chain.
 pub type Image = FormatAccess<Storage>;
 
@@ -84,6 +85,7 @@ pub(crate) fn open_storage(layer: Layer) -> Result<(Storage, PathBuf), ImageErro
             (file, path)
         }
     };
+    let mut state_bits = false;
     if layer.format == Format::Qcow2 {
         // A block device's length is its size; a file's, its length.
         let len = file
@@ -91,7 +93,7 @@ pub(crate) fn open_storage(layer: Layer) -> Result<(Storage, PathBuf), ImageErro
             .map_err(open_err(&path))?
             .len()
             .max(device_size(&file));
-        header::check(&file, len).map_err(|why| ImageError::Open {
+        state_bits = header::check(&file, len, layer.writable).map_err(|why| ImageError::Open {
             path: path.clone(),
             source: io::Error::new(io::ErrorKind::InvalidData, why),
         })?;
@@ -100,7 +102,11 @@ pub(crate) fn open_storage(layer: Layer) -> Result<(Storage, PathBuf), ImageErro
         .write(layer.writable)
         .direct(layer.direct)
         .filename(path.clone());
-    let storage = Storage::from_open_file(file, opts).map_err(open_err(&path))?;
+    let file = imago::file::File::from_open_file(file, opts).map_err(open_err(&path))?;
+    let storage = match state_bits {
+        true => Storage::state_bits_clear(file),
+        false => Storage::plain(file),
+    };
     Ok((storage, path))
 }
 

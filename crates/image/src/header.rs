@@ -43,18 +43,25 @@ fn parse(h: &[u8; 72]) -> Fields {
 }
 
 /// Why the header at the start of `file` (`file_len` bytes) is not one to
-/// open; `Ok` leaves the rest to imago.
-pub(crate) fn check(file: &File, file_len: u64) -> Result<(), String> {
+/// open (`writable`: for writing); `Ok` leaves the rest to imago, and says
+/// whether the header has state bits (dirty, corrupt) for imago not to
+/// see (`masked.rs`).
+pub(crate) fn check(file: &File, file_len: u64, writable: bool) -> Result<bool, String> {
     let mut h = [0u8; 72];
     file.read_exact_at(&mut h, 0)
         .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
     let fields = parse(&h);
     check_fields(&fields, file_len)?;
+    let mut state = false;
     if be32(&h, 4) == 3 {
         let mut features = [0u8; 8];
         file.read_exact_at(&mut features, 72)
             .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
-        check_state_bits(u64::from_be_bytes(features))?;
+        let bits = u64::from_be_bytes(features) & (DIRTY | CORRUPT);
+        if bits != 0 && writable {
+            check_state_bits(bits)?;
+        }
+        state = bits != 0;
     }
     if (9..=21).contains(&fields.cluster_bits) {
         // The extensions live in the first cluster.
@@ -64,7 +71,7 @@ pub(crate) fn check(file: &File, file_len: u64) -> Result<(), String> {
             .map_err(|e| format!("cannot read the qcow2 header: {e}"))?;
         check_extensions(&cluster)?;
     }
-    Ok(())
+    Ok(state)
 }
 
 /// The incompatible feature bits that say what state an image was left
@@ -73,21 +80,22 @@ const DIRTY: u64 = 1 << 0;
 const CORRUPT: u64 = 1 << 1;
 
 /// An image left dirty (lazy refcounts, not closed cleanly: its refcounts
-/// may be too low) or marked corrupt (QEMU found an inconsistency) is
-/// refused with the remedy: QEMU repairs the first on open and opens the
-/// second read-only; blkmesh (imago) does neither, and says so rather
-/// than naming an unknown feature.
+/// may be too low) or marked corrupt (QEMU found an inconsistency) opens
+/// read-only, as in QEMU; for writing it is refused with the remedy (QEMU
+/// refuses a corrupt one too, and repairs a dirty one's refcounts on
+/// open, which blkmesh does not do).
 fn check_state_bits(incompatible: u64) -> Result<(), String> {
     let remedy = "repair it with `qemu-img check -r all` first";
     if incompatible & CORRUPT != 0 {
         return Err(format!(
-            "the image is marked corrupt (QEMU found its metadata inconsistent); {remedy}"
+            "the image is marked corrupt (QEMU found its metadata inconsistent): it opens \
+             read-only only; {remedy}"
         ));
     }
     if incompatible & DIRTY != 0 {
         return Err(format!(
             "the image was not closed cleanly while it used lazy refcounts (the dirty bit), \
-             so its refcounts may be wrong; {remedy}"
+             so its refcounts may be wrong: it opens read-only only; {remedy}"
         ));
     }
     Ok(())
@@ -193,6 +201,24 @@ fn table_in_file(
             "the {what} ({len} bytes at {offset:#x}) lies outside the file ({file_len} bytes)"
         )),
     }
+}
+
+/// Why the image at `path` must not be opened for writing: a qcow2 image
+/// left dirty or marked corrupt (it opens read-only only, as in QEMU).
+pub fn check_writable(path: &std::path::Path) -> Result<(), crate::ImageError> {
+    let open = |e: std::io::Error| crate::ImageError::Open {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let file = File::open(path).map_err(open)?;
+    let mut h = [0u8; 80];
+    if file.read_exact_at(&mut h, 0).is_err() || h[..4] != *b"QFI\xfb" || be32(&h, 4) < 3 {
+        return Ok(());
+    }
+    check_state_bits(u64::from_be_bytes([
+        h[72], h[73], h[74], h[75], h[76], h[77], h[78], h[79],
+    ]))
+    .map_err(|why| open(std::io::Error::new(std::io::ErrorKind::InvalidData, why)))
 }
 
 /// Makes the qcow2 image in `file` name no backing file (a stream copied

@@ -15,18 +15,21 @@
 //! - **Errors that say which layer and why** ([`ImageError`]), with an
 //!   errno for the edges.
 
-#![forbid(unsafe_code)]
+// Unsafe code only in `masked` (imago's storage trait), allowed there.
+#![deny(unsafe_code)]
 
 mod chain;
 mod create;
 mod error;
 mod header;
 mod info;
+#[allow(unsafe_code)]
+mod masked;
 
 pub use self::chain::{open_chain, probe_format, Format, Image, Layer, Source, Storage};
 pub use self::create::{create, CreateOptions, Preallocation};
 pub use self::error::ImageError;
-pub use self::header::{drop_backing_file, MAX_CHAIN_DEPTH, MAX_IMAGE_SIZE};
+pub use self::header::{check_writable, drop_backing_file, MAX_CHAIN_DEPTH, MAX_IMAGE_SIZE};
 pub use self::info::{info, info_as, ImageInfo};
 pub use imago::format::PreallocateMode;
 pub use imago::ShallowMapping;

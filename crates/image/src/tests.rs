@@ -287,8 +287,6 @@ fn damaged_images_get_errors_not_panics() {
             "unknown incompatible feature",
             damaged(d, "f", &[(72, &be64(1 << 40))]),
         ),
-        ("dirty bit", damaged(d, "dirty", &[(72, &be64(1))])),
-        ("corrupt bit", damaged(d, "corrupt", &[(72, &be64(2))])),
         (
             "backing name outside",
             damaged(d, "b", &[(8, &be64(1 << 40)), (16, &be32(16))]),
@@ -305,15 +303,31 @@ fn damaged_images_get_errors_not_panics() {
         assert!(matches!(e, ImageError::Open { .. }), "{what}: {e}");
         assert!(e.to_string().contains(s(&img)), "{what}: {e}");
     }
-    // The state bits get the remedy, not "unknown feature".
+    // The state bits, as QEMU treats them: read-only opens read on;
+    // writable ones get the remedy, not "unknown feature".
     for (name, bit, why) in [
         ("dirty2", 1u64, "dirty bit"),
         ("corrupt2", 2, "marked corrupt"),
     ] {
         let img = damaged(d, name, &[(72, &be64(bit))]);
-        let e = open_chain(vec![Layer::read_only(Format::Qcow2, &img)]).unwrap_err();
+        let image = open_chain(vec![Layer::read_only(Format::Qcow2, &img)])
+            .unwrap_or_else(|e| panic!("{why}: read-only open refused: {e}"));
+        assert_eq!(image.size(), 1 << 20);
+        assert!(read(&image, 0, 4096).iter().all(|&b| b == 0));
+        let e = open_chain(vec![Layer {
+            writable: true,
+            ..Layer::read_only(Format::Qcow2, &img)
+        }])
+        .unwrap_err();
         assert!(e.to_string().contains(why), "{e}");
         assert!(e.to_string().contains("qemu-img check -r all"), "{e}");
+        // The file is untouched: the bit is masked, not cleared.
+        let mut b = [0u8; 8];
+        std::fs::File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut b, 72)
+            .unwrap();
+        assert_eq!(u64::from_be_bytes(b), bit);
     }
     // A truncated header.
     let img = d.join("t");
@@ -387,4 +401,44 @@ fn a_dropped_backing_file_is_gone_for_qemu_img_too() {
     let mut b = [0u8; 12];
     raw.read_exact_at(&mut b, 8).unwrap();
     assert_eq!(b, [7u8; 12]);
+}
+
+#[test]
+fn an_image_qemu_left_dirty_reads_read_only_and_is_written_after_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dirty.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "4M",
+        ],
+    );
+    // qemu-io's `abort` ends it as a crash would: the dirty bit stays.
+    let _ = Command::new("qemu-io")
+        .args(["-c", "write -P 0x42 0 64k", "-c", "abort", s(&img)])
+        .output()
+        .unwrap();
+    let info = run("qemu-img", &["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"dirty-flag\": true"), "{info}");
+    let image = open_chain(vec![Layer::read_only(Format::Qcow2, &img)]).unwrap();
+    assert!(read(&image, 0, 4096).iter().all(|&b| b == 0x42));
+    drop(image);
+    let e = check_writable(&img).unwrap_err();
+    assert!(e.to_string().contains("dirty bit"), "{e}");
+    // As the error says: qemu-img repairs it, then it opens for writing.
+    run("qemu-img", &["check", "-q", "-r", "all", s(&img)]);
+    check_writable(&img).unwrap();
+    let image = open_chain(vec![Layer {
+        writable: true,
+        ..Layer::read_only(Format::Qcow2, &img)
+    }])
+    .unwrap();
+    assert!(read(&image, 0, 4096).iter().all(|&b| b == 0x42));
 }

@@ -665,3 +665,58 @@ fn backing_files_named_in_headers_are_followed_inside_the_allowed_directory_only
         output_text(&refused)
     );
 }
+
+#[test]
+fn an_image_left_dirty_serves_read_only_and_is_refused_for_writing() {
+    let cluster = cluster();
+    let img = cluster.dir().join("dirty.qcow2");
+    host_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "4M",
+        ],
+    );
+    // qemu-io's `abort` ends it as a crash would: the dirty bit stays.
+    let _ = Command::new("qemu-io")
+        .args(["-c", "write -P 0x42 0 64k", "-c", "abort", s(&img)])
+        .output()
+        .unwrap();
+    cluster
+        .add_io_uring("dirty-file", &img, false, false)
+        .unwrap();
+    let e = cluster
+        .client()
+        .add_node(qcow2("dirty", "dirty-file", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("dirty bit") && e.contains("qemu-img check -r all"),
+        "{e}"
+    );
+    // Read-only, as QEMU opens it: served.
+    cluster.add_io_uring("ro-file", &img, false, true).unwrap();
+    let mut spec = qcow2("ro", "ro-file", "");
+    if let Some(Driver::Qcow2(q)) = &mut spec.driver {
+        q.read_only = true;
+    }
+    cluster.client().add_node(spec).unwrap();
+    let socket = cluster.add_export(ExportOpts::new("ro", "ro")).unwrap();
+    let out = cluster.run_tool(
+        "blkmesh-io",
+        [
+            "--socket",
+            s(&socket),
+            "--read-only",
+            "-c",
+            "read -P 0x42 0 64k",
+        ],
+    );
+    stdout_of(&out);
+}

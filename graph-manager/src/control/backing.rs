@@ -30,9 +30,9 @@ impl Control {
     ) -> Result<NodeInfo, ApiError> {
         validate_node(&spec)?;
         validate_node_limits(&spec)?;
-        let (file, size) = match &spec.driver {
+        let (file, size, read_only) = match &spec.driver {
             Some(Driver::Qcow2(q)) if q.backing.is_empty() && !q.no_backing => {
-                (q.file.clone(), q.size)
+                (q.file.clone(), q.size, q.read_only)
             }
             Some(Driver::Qcow2(_)) => {
                 return Err(invalid(
@@ -41,11 +41,11 @@ impl Control {
             }
             _ => return Err(invalid("only a qcow2 node follows its header")),
         };
-        let (path, direct) = {
+        let (path, direct, writable) = {
             let inner = self.lock();
             inner.state.graph.check_add(&spec)?;
             match inner.state.graph.get(&file).and_then(|s| s.driver.as_ref()) {
-                Some(Driver::IoUring(o)) => (o.path.clone(), o.direct),
+                Some(Driver::IoUring(o)) => (o.path.clone(), o.direct, !read_only && !o.read_only),
                 _ => return Err(invalid("its file must be an io_uring node")),
             }
         };
@@ -61,7 +61,7 @@ impl Control {
                 no_backing: false,
             }];
             chain.extend(layers.iter().map(chain_layer));
-            let size = probe_image(ImageProbe::new(chain, size))?;
+            let size = probe_image(ImageProbe::new(chain, size, writable))?;
             Ok::<_, GraphError>((layers, size))
         })
         .await?;

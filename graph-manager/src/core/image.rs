@@ -13,12 +13,19 @@ use blkmesh_proto::v1::{node_spec::Driver, NodeSpec};
 pub(crate) struct ImageProbe {
     layers: Vec<ChainLayer>,
     size: u64,
+    /// The node writes its image: one left dirty or marked corrupt is
+    /// refused (it opens read-only only).
+    writable: bool,
 }
 
 impl ImageProbe {
     /// The chain `layers` (top first), the top asking for `size`.
-    pub(crate) fn new(layers: Vec<ChainLayer>, size: u64) -> ImageProbe {
-        ImageProbe { layers, size }
+    pub(crate) fn new(layers: Vec<ChainLayer>, size: u64, writable: bool) -> ImageProbe {
+        ImageProbe {
+            layers,
+            size,
+            writable,
+        }
     }
 }
 
@@ -29,10 +36,17 @@ pub(crate) fn image_chain(
     spec: &NodeSpec,
 ) -> Result<Option<ImageProbe>, GraphError> {
     match &spec.driver {
-        Some(Driver::Qcow2(q)) => Ok(Some(ImageProbe {
-            layers: chain(|n| graph.get(n), spec)?,
-            size: q.size,
-        })),
+        Some(Driver::Qcow2(q)) => {
+            let file_read_only = match graph.get(&q.file).and_then(|f| f.driver.as_ref()) {
+                Some(Driver::IoUring(o)) => o.read_only,
+                _ => true,
+            };
+            Ok(Some(ImageProbe {
+                layers: chain(|n| graph.get(n), spec)?,
+                size: q.size,
+                writable: !q.read_only && !file_read_only,
+            }))
+        }
         _ => Ok(None),
     }
 }
@@ -40,7 +54,16 @@ pub(crate) fn image_chain(
 /// Opens the chain read-only and returns the top image's virtual size;
 /// a size option smaller than it is refused (images do not shrink).
 pub(crate) fn probe_image(probe: ImageProbe) -> Result<u64, GraphError> {
-    let ImageProbe { layers, size } = probe;
+    let ImageProbe {
+        layers,
+        size,
+        writable,
+    } = probe;
+    if let (true, Some(top)) = (writable, layers.first()) {
+        blkmesh_image::check_writable(std::path::Path::new(&top.path)).map_err(|e| {
+            GraphError::invalid("node.qcow2.file", format!("cannot write the image: {e}"))
+        })?;
+    }
     let layers = layers
         .into_iter()
         .map(|l| Layer {
