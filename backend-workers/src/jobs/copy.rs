@@ -165,7 +165,12 @@ fn follow(job: &Job, layer: &Arc<Qcow2Layer>, base: &Image, map: &DirtyMap) -> R
             return Ok(());
         }
         if ranges.is_empty() {
-            job.wait(FOLLOW_PERIOD);
+            if job.finish.load(Ordering::Relaxed) {
+                // Waiting for the old graph to let go: not a busy loop.
+                std::thread::sleep(Duration::from_millis(2));
+            } else {
+                job.wait(FOLLOW_PERIOD);
+            }
         }
     }
 }
