@@ -234,13 +234,12 @@ impl Guest {
     fn finish_checked(mut self, must_pass: bool) -> Report {
         let mut console = String::new();
         wait("the guest's verdict", TIMEOUT, || {
-            assert!(
-                self.vm.pid().is_some(),
-                "QEMU exited:\n{}",
-                self.vm.console()
-            );
+            // The console first: a guest that passed powers off at once.
+            let exited = self.vm.pid().is_none();
             console = format!("{}{}", self.console, self.vm.console());
-            console.contains(VERDICT_LINE)
+            let done = console.contains(VERDICT_LINE);
+            assert!(done || !exited, "QEMU exited:\n{}", self.vm.console());
+            done
         });
         let report = Report::parse(&console);
         if let (Some(Verdict::Fail(_)), Server::Blkmesh(c)) = (&report.verdict, &self.server) {
@@ -294,14 +293,18 @@ fn a_guest_migrates_there_and_back_under_load_through_a_worker_kill() {
     let mut downtimes = Vec::new();
     for hop in 0..3 {
         let (dst, socket) = g.destination();
-        g.start_migration(&socket, 4 << 30);
         if hop == 1 {
-            // The worker dies during the pre-copy: the source's queues
-            // fail over to its replacement, and the switch-over drains
-            // them there.
+            // The worker dies during the pre-copy (slowed to about 4 s):
+            // the source's queues fail over to its replacement, and the
+            // switch-over drains them there. (A worker lost at the very
+            // switch-over is another matter: docs/RELIABILITY.md.)
+            g.start_migration(&socket, 64 << 20);
+            std::thread::sleep(Duration::from_millis(500));
             g.server.cluster().kill_worker(0);
             std::thread::sleep(Duration::from_millis(200));
             g.server.cluster().start_worker(0);
+        } else {
+            g.start_migration(&socket, 4 << 30);
         }
         downtimes.push(g.switch_to(dst));
     }
