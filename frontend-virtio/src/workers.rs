@@ -496,29 +496,15 @@ impl WorkerLinks {
         request: ipc::ZoneRequest,
         wait: Duration,
     ) -> Result<Vec<blkmesh_proto::v1::Zone>, LinkError> {
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            let link = {
-                let inner = self.lock();
-                inner
-                    .by_queue
-                    .get(queue as usize)
-                    .map(|&i| Arc::clone(&inner.links[i]))
-                    .ok_or(LinkError::NoWorker(queue))?
-            };
-            match link.call(ipc::request::Msg::Zone(request), &[]) {
-                Ok(ReplyResult::Zones(z)) => return Ok(z.zones),
-                Ok(_) => {
-                    return Err(LinkError::Protocol {
-                        worker: link.worker.clone(),
-                    })
-                }
-                Err(LinkError::Dead { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.ask(
+            queue,
+            wait,
+            || ipc::request::Msg::Zone(request),
+            |r| match r {
+                ReplyResult::Zones(z) => Some(z.zones),
+                _ => None,
+            },
+        )
     }
 
     /// Runs a job request on the worker of `queue` (waiting up to `wait`
@@ -529,6 +515,29 @@ impl WorkerLinks {
         request: ipc::JobRequest,
         wait: Duration,
     ) -> Result<ipc::JobStatus, LinkError> {
+        self.ask(
+            queue,
+            wait,
+            || ipc::request::Msg::Job(request.clone()),
+            |r| match r {
+                ReplyResult::Job(status) => Some(status),
+                _ => None,
+            },
+        )
+    }
+
+    /// Sends `msg()` to the worker of `queue` and takes its answer with
+    /// `answer` (`None`: a reply of the wrong kind, a protocol error). A
+    /// worker that is gone is waited for (up to `wait`) while the failover
+    /// thread reconnects the queue. The links' lock is not held during the
+    /// call.
+    fn ask<T>(
+        &self,
+        queue: u32,
+        wait: Duration,
+        msg: impl Fn() -> ipc::request::Msg,
+        answer: impl Fn(ReplyResult) -> Option<T>,
+    ) -> Result<T, LinkError> {
         let deadline = std::time::Instant::now() + wait;
         loop {
             let link = {
@@ -539,10 +548,9 @@ impl WorkerLinks {
                     .map(|&i| Arc::clone(&inner.links[i]))
                     .ok_or(LinkError::NoWorker(queue))?
             };
-            match link.call(ipc::request::Msg::Job(request.clone()), &[]) {
-                Ok(ReplyResult::Job(status)) => return Ok(status),
-                Ok(_) => {
-                    return Err(LinkError::Protocol {
+            match link.call(msg(), &[]) {
+                Ok(r) => {
+                    return answer(r).ok_or_else(|| LinkError::Protocol {
                         worker: link.worker.clone(),
                     })
                 }
