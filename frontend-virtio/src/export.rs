@@ -264,6 +264,7 @@ impl ExportServer {
                     links: Arc::clone(&links),
                     vmms: Arc::clone(&vmms),
                     controls,
+                    plan: Arc::clone(&shared_plan),
                     on_hang,
                     on_refusal,
                 },
@@ -519,6 +520,8 @@ struct ConnCtx {
     links: Arc<WorkerLinks>,
     vmms: Arc<Connections>,
     controls: Arc<QueueControls>,
+    /// The export's plan, shared with the failover thread.
+    plan: Arc<Mutex<ExportPlan>>,
     on_hang: HangReporter,
     on_refusal: RefusalReporter,
 }
@@ -583,7 +586,8 @@ impl ConnCtx {
             Arc::clone(&self.controls),
             Arc::clone(&self.on_hang),
         )
-        .with_owner(self.vmms.owner(), conn);
+        .with_owner(self.vmms.owner(), conn)
+        .with_plan(Arc::clone(&self.plan));
         let device = Arc::new(Mutex::new(DeviceHandler::new(
             id.clone(),
             cfg,

@@ -83,10 +83,16 @@ pub trait QueueHost {
     /// Starts a queue. The host owns it until [`QueueHost::stop_queue`].
     fn start_queue(&mut self, start: QueueStart) -> Result<(), HostError>;
 
-    /// Stops queue `index` once its in-flight requests have completed, and
-    /// returns its next avail index (`None` if it did not run, or its
-    /// state was lost).
+    /// Stops queue `index` once its in-flight requests have completed (on
+    /// a replacement worker, if its worker is lost meanwhile), and returns
+    /// its next avail index (`None` if it did not run, or its state was
+    /// lost). For a VMM that asks: it counts on nothing left in flight.
     fn stop_queue(&mut self, index: usize) -> Option<u16>;
+
+    /// Stops queue `index` without waiting for a lost worker's
+    /// replacement: the VMM went away, and what is left in flight stays in
+    /// the inflight region for one that reconnects.
+    fn halt_queue(&mut self, index: usize);
 
     /// Puts `table` in place of the current memory table: the running
     /// queues are held quiet so that nothing in flight refers to the old

@@ -130,8 +130,17 @@ impl<H: QueueHost> DeviceHandler<H> {
         self.cfg = cfg;
     }
 
-    /// Stops everything (the VMM went away).
+    /// Stops everything at once (the VMM went away): what is in flight on
+    /// a lost worker stays in the inflight region for the VMM that
+    /// reconnects.
     pub fn disconnect(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.host.halt_queue(i);
+        }
+    }
+
+    /// Stops every queue, its requests completed (a reset).
+    fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
             self.stop(i);
         }
@@ -331,7 +340,7 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.disconnect();
+        self.stop_all();
         self.owned = false;
         self.features_set = false;
         self.acked_features = 0;
@@ -341,7 +350,7 @@ impl<H: QueueHost> VhostUserBackendReqHandlerMut for DeviceHandler<H> {
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        self.disconnect();
+        self.stop_all();
         for v in &mut self.vrings {
             *v = VringState::default();
         }

@@ -37,6 +37,8 @@ struct FakeHost {
     refuse_memory: bool,
     /// What a stopped queue reports as its next avail index.
     stopped_at: u16,
+    /// Queues stopped at once (the VMM went away), in order.
+    halted: Vec<usize>,
 }
 
 impl QueueHost for FakeHost {
@@ -58,6 +60,12 @@ impl QueueHost for FakeHost {
 
     fn stop_queue(&mut self, index: usize) -> Option<u16> {
         std::mem::replace(&mut self.running[index], false).then_some(self.stopped_at)
+    }
+
+    fn halt_queue(&mut self, index: usize) {
+        if std::mem::replace(&mut self.running[index], false) {
+            self.halted.push(index);
+        }
     }
 
     fn set_memory(&mut self, _table: Arc<MemTable>) -> Result<(), HostError> {
@@ -180,6 +188,30 @@ fn get_vring_base_stops_the_queue_where_the_host_left_it() {
     // Kick and call went with it: enabling again does not start it.
     h.set_vring_enable(0, true).unwrap();
     assert_eq!(h.host().started.len(), 1);
+}
+
+#[test]
+fn a_reset_completes_what_is_in_flight_and_a_vanished_vmm_leaves_it() {
+    let mut h = handler(2);
+    negotiate(&mut h);
+    memory(&mut h).unwrap();
+    for q in 0..2 {
+        describe(&mut h, q, 0);
+        h.set_vring_enable(q, true).unwrap();
+    }
+    // A reset is the VMM's own request: the queues stop drained.
+    h.reset_device().unwrap();
+    assert!(!h.host().is_running(0) && !h.host().is_running(1));
+    assert!(h.host().halted.is_empty(), "{:?}", h.host().halted);
+    // The VMM goes away: nobody waits for the answer, and what a lost
+    // worker left in flight is the next VMM's to resubmit.
+    let mut h = handler(2);
+    negotiate(&mut h);
+    memory(&mut h).unwrap();
+    describe(&mut h, 1, 0);
+    h.set_vring_enable(1, true).unwrap();
+    h.disconnect();
+    assert_eq!(h.host().halted, [1]);
 }
 
 #[test]

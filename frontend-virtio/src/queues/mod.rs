@@ -11,7 +11,7 @@ pub mod relocation;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blkmesh_ipc::notify::Doorbell;
 use blkmesh_ipc::ring::{QueueRings, RingLayout};
@@ -24,12 +24,16 @@ use crate::memory::MemTable;
 use crate::queue_host::{HostError, QueueHost, QueueStart};
 use crate::request::{DeviceInfo, ZoneLimits};
 use crate::vring::{
-    self, HangReporter, QueueControls, SharedMem, VringControl, VringSetup, WorkerEnds,
+    self, Drained, HangReporter, QueueControls, SharedMem, VringControl, VringSetup, WorkerEnds,
 };
 use crate::workers::{LinkError, MemRef, WorkerLinks};
 
 /// How long a queue may take to pause or drain.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a stopping queue whose worker is lost looks for the
+/// replacement.
+const STOP_RETRY: Duration = Duration::from_millis(20);
 
 /// Where a queue goes: the worker the plan names for it.
 #[derive(Clone, Copy)]
@@ -122,6 +126,9 @@ pub struct WorkerQueues {
     /// The export's queue owner and this connection's id: its queues start
     /// only while no other connection's run (see [`owner`]).
     owner: Option<(Arc<QueueOwner>, u64)>,
+    /// The export's plan as the failover thread sees it: where a stopping
+    /// queue whose worker is lost finds the replacement.
+    plan: Option<Arc<Mutex<ExportPlan>>>,
 }
 
 impl WorkerQueues {
@@ -145,7 +152,15 @@ impl WorkerQueues {
             mem: None,
             running: (0..cfg.num_queues).map(|_| None).collect(),
             owner: None,
+            plan: None,
         }
+    }
+
+    /// Where the queues' replacement workers are found when a stop must
+    /// fail a queue over (see [`QueueHost::stop_queue`]).
+    pub fn with_plan(mut self, plan: Arc<Mutex<ExportPlan>>) -> Self {
+        self.plan = Some(plan);
+        self
     }
 
     /// These are connection `conn`'s queues; `owner` says which connection
@@ -241,6 +256,66 @@ impl WorkerQueues {
         })
     }
 
+    /// Stops a queue's thread: what is still in flight (the worker lost,
+    /// or too slow) stays in the inflight region for a VMM that reconnects.
+    fn halt(&mut self, index: usize) -> Option<u16> {
+        let running = self.running.get_mut(index)?.take()?;
+        self.controls.set(index, None);
+        running.control.stop();
+        let next = match running.thread.join() {
+            Ok(q) => Some(q.next_avail()),
+            Err(_) => None,
+        };
+        if let Err(e) = self.links.detach(index as u32) {
+            tracing::warn!(export = %self.export, queue = index, "detach: {e}");
+        }
+        if let Some((owner, conn)) = &self.owner {
+            owner.stopped(*conn);
+        }
+        next
+    }
+
+    /// Drains a queue before it stops. A lost worker's requests are failed
+    /// over here, on the vhost-user thread: the failover thread would need
+    /// this connection's device, which the VMM's message holds.
+    fn complete_in_flight(&mut self, index: usize) {
+        let Some(control) = self.running(index).map(|r| Arc::clone(&r.control)) else {
+            return;
+        };
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match control.drain(left) {
+                Drained::Quiet => return,
+                Drained::TimedOut => break,
+                Drained::WorkerLost if left.is_zero() => break,
+                Drained::WorkerLost => {}
+            }
+            let Some(plan) = self
+                .plan
+                .as_ref()
+                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            else {
+                break;
+            };
+            let to = plan
+                .queues
+                .iter()
+                .find(|e| e.queue == index as u32)
+                .map(|ep| Destination {
+                    worker: &ep.worker,
+                    socket: &ep.worker_socket,
+                    plan: &plan,
+                });
+            let failed_over = to.map(|to| self.fail_over(index as u32, to));
+            if !matches!(failed_over, Some(Ok(()))) {
+                // The replacement is not up yet.
+                std::thread::sleep(STOP_RETRY);
+            }
+        }
+        tracing::error!(export = %self.export, queue = index, "requests still in flight as the queue stops; they are left to the VMM");
+    }
+
     /// Runs `f` with the memory table as the workers get it, if any.
     fn with_worker_mem<T>(&mut self, f: impl FnOnce(&mut Self, Option<MemRef<'_>>) -> T) -> T {
         let table: Option<Arc<MemTable>> = self
@@ -279,21 +354,17 @@ impl QueueHost for WorkerQueues {
         started
     }
 
+    /// Every request the queue took completes first, on a replacement if
+    /// its worker is lost meanwhile: the VMM asked for the base and counts
+    /// on nothing in flight. A migration's destination must find the
+    /// requests done (QEMU 10 does not carry the inflight region across).
     fn stop_queue(&mut self, index: usize) -> Option<u16> {
-        let running = self.running.get_mut(index)?.take()?;
-        self.controls.set(index, None);
-        running.control.stop();
-        let next = match running.thread.join() {
-            Ok(q) => Some(q.next_avail()),
-            Err(_) => None,
-        };
-        if let Err(e) = self.links.detach(index as u32) {
-            tracing::warn!(export = %self.export, queue = index, "detach: {e}");
-        }
-        if let Some((owner, conn)) = &self.owner {
-            owner.stopped(*conn);
-        }
-        next
+        self.complete_in_flight(index);
+        self.halt(index)
+    }
+
+    fn halt_queue(&mut self, index: usize) {
+        self.halt(index);
     }
 
     fn set_memory(&mut self, table: Arc<MemTable>) -> Result<(), HostError> {
@@ -337,7 +408,7 @@ impl QueueHost for WorkerQueues {
 impl Drop for WorkerQueues {
     fn drop(&mut self) {
         for i in 0..self.running.len() {
-            self.stop_queue(i);
+            self.halt(i);
         }
     }
 }
