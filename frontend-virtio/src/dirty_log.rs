@@ -19,7 +19,7 @@
 //! (SET_FEATURES with or without LOG_ALL); the queues mark.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
@@ -44,6 +44,19 @@ pub enum LogError {
 pub struct DirtyLog {
     map: MmapRegion,
     len: usize,
+    /// What was marked in it, for the record (see [`LogTally`]).
+    tally: LogTally,
+}
+
+/// What one log was asked to mark and what it marked: guest bytes the
+/// device wrote, the pages they span (a page counted once per write), and
+/// the bits that were clear when set (the VMM clears bits as it copies
+/// pages, so a page can be newly marked more than once).
+#[derive(Debug, Default)]
+pub struct LogTally {
+    pub bytes: AtomicU64,
+    pub page_marks: AtomicU64,
+    pub newly_marked: AtomicU64,
 }
 
 impl DirtyLog {
@@ -60,7 +73,16 @@ impl DirtyLog {
             libc::MAP_SHARED,
         )
         .map_err(|e| LogError::Map(e.to_string()))?;
-        Ok(DirtyLog { map, len })
+        Ok(DirtyLog {
+            map,
+            len,
+            tally: LogTally::default(),
+        })
+    }
+
+    /// What was marked so far.
+    pub fn tally(&self) -> &LogTally {
+        &self.tally
     }
 
     /// Guest bytes the log covers.
@@ -68,14 +90,22 @@ impl DirtyLog {
         self.len as u64 * 8 * LOG_PAGE
     }
 
-    /// Marks the pages of `len` bytes at guest address `gpa`; pages past
-    /// the log's end are not marked (the VMM sized it for its memory).
+    /// Marks the pages of `len` bytes at guest address `gpa`.
     pub fn mark(&self, gpa: u64, len: u64) {
         if len == 0 {
             return;
         }
         let first = gpa / LOG_PAGE;
-        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
+        // Pages past the log's end are not marked (the VMM sized it for its
+        // memory); a map is never empty.
+        let last = (gpa.saturating_add(len - 1) / LOG_PAGE).min(self.len as u64 * 8 - 1);
+        if first > last {
+            return;
+        }
+        self.tally.bytes.fetch_add(len, Ordering::Relaxed);
+        self.tally
+            .page_marks
+            .fetch_add(last - first + 1, Ordering::Relaxed);
         let mut page = first;
         while page <= last {
             let byte = page / 8;
@@ -87,7 +117,13 @@ impl DirtyLog {
             let to = (last - page + from).min(7);
             let bits = ((0xffu16 << from) & (0xffu16 >> (7 - to))) as u8;
             if let Ok(b) = self.map.get_atomic_ref::<AtomicU8>(byte as usize) {
-                b.fetch_or(bits, Ordering::Release);
+                let was = b.fetch_or(bits, Ordering::Release);
+                let new = (bits & !was).count_ones();
+                if new > 0 {
+                    self.tally
+                        .newly_marked
+                        .fetch_add(u64::from(new), Ordering::Relaxed);
+                }
             }
             page += to - from + 1;
         }
@@ -99,6 +135,21 @@ impl DirtyLog {
         self.map
             .get_atomic_ref::<AtomicU8>((page / 8) as usize)
             .is_ok_and(|b| b.load(Ordering::Acquire) & (1 << (page % 8)) != 0)
+    }
+}
+
+/// A log goes when the VMM replaces it or the connection ends: what it
+/// marked is recorded (docs/RELIABILITY.md compares it with what the
+/// device wrote).
+impl Drop for DirtyLog {
+    fn drop(&mut self) {
+        let t = &self.tally;
+        tracing::info!(
+            bytes_written = t.bytes.load(Ordering::Relaxed),
+            page_marks = t.page_marks.load(Ordering::Relaxed),
+            newly_marked = t.newly_marked.load(Ordering::Relaxed),
+            "dirty log released"
+        );
     }
 }
 

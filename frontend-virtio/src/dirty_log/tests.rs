@@ -54,3 +54,15 @@ fn a_sink_marks_only_while_logging_and_takes_a_new_log_live() {
     sink.set_logging(false);
     assert!(sink.active().is_none());
 }
+
+#[test]
+fn the_tally_counts_what_was_asked_and_what_was_newly_marked() {
+    let log = DirtyLog::map(memfd(4096), 0, 8).unwrap();
+    log.mark(LOG_PAGE - 1, 2); // pages 0 and 1
+    log.mark(100, 10); // page 0 again
+    log.mark(1 << 40, LOG_PAGE); // past the log: nothing
+    let t = log.tally();
+    assert_eq!(t.bytes.load(Ordering::Relaxed), 12);
+    assert_eq!(t.page_marks.load(Ordering::Relaxed), 3);
+    assert_eq!(t.newly_marked.load(Ordering::Relaxed), 2);
+}
