@@ -170,12 +170,38 @@ impl WorkerQueues {
         self
     }
 
+    /// Gives the workers `table`, unless another connection's queues run
+    /// (see [`QueueOwner::share_table`]): then it waits for this
+    /// connection's first queue.
+    fn share_table(&self, table: &MemTable) -> Result<(), LinkError> {
+        let send = || {
+            let (worker_regions, fds) = table.for_worker();
+            self.links.set_mem_table(&worker_regions, &fds)
+        };
+        match &self.owner {
+            None => send(),
+            Some((owner, conn)) => owner.share_table(*conn, send).unwrap_or_else(|| {
+                tracing::info!(export = %self.export, conn, "memory table kept until this connection's queues start (another connection's run)");
+                Ok(())
+            }),
+        }
+    }
+
     /// Starts a queue this connection may run (see [`QueueHost::start_queue`]).
     fn start_claimed(&mut self, start: QueueStart) -> Result<(), HostError> {
         let index = start.index as usize;
         let mem = self.mem.clone().ok_or(HostError::NoMemory)?;
         if index >= self.running.len() {
             return Err(HostError::NoSuchQueue(index));
+        }
+        if let Some((owner, conn)) = &self.owner {
+            if !owner.holds_table(*conn) {
+                // Set while another connection ran, or replaced since by
+                // one that did.
+                let table = Arc::clone(&mem.lock().unwrap_or_else(|p| p.into_inner()));
+                self.share_table(&table)
+                    .map_err(|e| HostError::Backend(Box::new(e)))?;
+            }
         }
         let resubmits = start.resubmits();
         let entries = (start.queue.size() as u32).next_power_of_two();
@@ -379,9 +405,7 @@ impl QueueHost for WorkerQueues {
                 tracing::error!(export = %self.export, "a queue did not pause for a memory-table change");
             }
         }
-        let (worker_regions, fds) = table.for_worker();
-        let sent = self.links.set_mem_table(&worker_regions, &fds);
-        drop(fds);
+        let sent = self.share_table(&table);
         if let Err(e) = sent {
             // Keep the old table: the queues go on with memory they know.
             for c in &running {
