@@ -340,65 +340,125 @@ fn a_cancelled_migration_leaves_the_source_running_on_its_disk() {
     g.finish();
 }
 
-/// The switch-over's cost against qemu-storage-daemon, for
-/// docs/RELIABILITY.md (a benchmark, not a check: `bench/migration.sh`
-/// runs it): the same guest, the same migrations (`$MIGRATIONS`, five by
-/// default), on each server; QEMU's downtime per migration and the guest
-/// loop's stalls.
-#[test]
-#[ignore = "a benchmark: bench/migration.sh"]
-fn downtime_against_qemu_storage_daemon() {
-    let migrations: usize = std::env::var("MIGRATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(5);
-    let mut rows = Vec::new();
-    for name in ["qsd", "blkmesh"] {
+/// One server's leg of [`downtime_against_qemu_storage_daemon`]: a guest
+/// migrated `migrations` times.
+#[derive(Default)]
+struct Leg {
+    downtimes: Vec<u64>,
+    /// The guest loop's longest request (µs) and its requests ≥ 50 ms.
+    longest_us: u64,
+    stalls_ms: Vec<u64>,
+    /// blkmesh only: each queue stop (µs), and each dirty log's tally.
+    stops_us: Vec<u64>,
+    tallies: Vec<String>,
+}
+
+impl Leg {
+    fn run(name: &str, migrations: usize) -> Leg {
         let server = match name {
             "qsd" => Server::qsd(),
             _ => Server::blkmesh(),
         };
         let mut g = Guest::start_on(server, 20 + 6 * migrations as u64);
         std::thread::sleep(Duration::from_secs(2));
-        let mut downtimes = Vec::new();
+        let mut leg = Leg::default();
         for _ in 0..migrations {
             let (dst, socket) = g.destination();
             g.start_migration(&socket, 4 << 30);
-            downtimes.push(g.switch_to(dst));
+            leg.downtimes.push(g.switch_to(dst));
         }
         if let Server::Blkmesh(c) = &g.server {
+            let log = std::fs::read_to_string(c.log_path("frontend")).unwrap();
             // What each source's dirty log marked, as its frontend recorded
             // when the log went (frontend-virtio/src/dirty_log.rs).
-            let log = std::fs::read_to_string(c.log_path("frontend")).unwrap();
-            for line in log.lines().filter(|l| l.contains("dirty log released")) {
-                let tally = line.split("released").nth(1).unwrap_or("").trim();
-                println!("blkmesh log: {tally}");
-            }
+            leg.tallies = log
+                .lines()
+                .filter_map(|l| Some(l.split("dirty log released").nth(1)?.trim().to_string()))
+                .collect();
+            // blkmesh's own share of each downtime: how long each queue
+            // took to drain and stop (QEMU stops them with SET_VRING_ENABLE
+            // or GET_VRING_BASE).
+            leg.stops_us = log
+                .lines()
+                .filter(|l| l.contains("queue stopped"))
+                .filter_map(|l| l.split("stop_us=").nth(1)?.split(' ').next()?.parse().ok())
+                .collect();
         }
         let report = g.finish_checked(name == "blkmesh");
-        downtimes.sort_unstable();
-        let stalls: Vec<u64> = report.loop_stalls_ms.iter().flatten().copied().collect();
-        let max_us = report
+        leg.stalls_ms = report.loop_stalls_ms.iter().flatten().copied().collect();
+        leg.longest_us = report
             .loop_latency
             .iter()
             .filter_map(|l| l.get("max_us"))
             .max()
             .copied()
             .unwrap_or(0);
-        let at = |q: usize| downtimes[(downtimes.len() * q / 100).min(downtimes.len() - 1)];
-        rows.push(format!(
-            "| {name} | {:?} | {} | {} | {} | {} | {stalls:?} |",
-            downtimes,
-            at(50),
-            at(90),
-            downtimes[downtimes.len() - 1],
-            max_us / 1000
-        ));
+        leg
     }
-    println!("| server | downtime per migration (ms, sorted) | p50 | p90 | max | guest's longest request (ms) | guest's requests ≥ 50 ms (ms) |");
-    println!("|---|---|---:|---:|---:|---:|---|");
-    for r in rows {
-        println!("{r}");
+}
+
+/// The switch-over's cost against qemu-storage-daemon, for
+/// docs/RELIABILITY.md (a benchmark, not a check: `bench/migration.sh`
+/// runs it): the same guest, the same migrations (`$MIGRATIONS` per leg,
+/// five by default), on each server, in `$ROUNDS` alternating legs (one
+/// by default: the machine drifts, and alternating spreads that over
+/// both); QEMU's downtime per migration and the guest loop's stalls.
+#[test]
+#[ignore = "a benchmark: bench/migration.sh"]
+fn downtime_against_qemu_storage_daemon() {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(default)
+    };
+    let (migrations, rounds) = (env("MIGRATIONS", 5), env("ROUNDS", 1));
+    let servers = ["qsd", "blkmesh"];
+    let mut legs: Vec<Vec<Leg>> = servers.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, name) in servers.iter().enumerate() {
+            let leg = Leg::run(name, migrations);
+            println!("round {round} {name}: downtimes (ms) {:?}", leg.downtimes);
+            legs[i].push(leg);
+        }
+    }
+    println!("| server | migrations | downtime p50 (ms) | p90 | max | per-leg p50 | guest's longest request (ms) | guest's requests ≥ 50 ms (ms) |");
+    println!("|---|---:|---:|---:|---:|---|---:|---|");
+    for (name, legs) in servers.iter().zip(&legs) {
+        let mut all: Vec<u64> = legs.iter().flat_map(|l| l.downtimes.clone()).collect();
+        all.sort_unstable();
+        // Nearest rank.
+        let rank = |v: &[u64], q: usize| v[(v.len() * q).div_ceil(100).max(1) - 1];
+        let per_leg: Vec<u64> = legs
+            .iter()
+            .map(|l| {
+                let mut d = l.downtimes.clone();
+                d.sort_unstable();
+                rank(&d, 50)
+            })
+            .collect();
+        let longest = legs.iter().map(|l| l.longest_us).max().unwrap_or(0) / 1000;
+        let stalls: Vec<u64> = legs.iter().flat_map(|l| l.stalls_ms.clone()).collect();
+        println!(
+            "| {name} | {} | {} | {} | {} | {per_leg:?} | {longest} | {stalls:?} |",
+            all.len(),
+            rank(&all, 50),
+            rank(&all, 90),
+            all[all.len() - 1],
+        );
+    }
+    let blkmesh = &legs[1];
+    let mut stops: Vec<u64> = blkmesh.iter().flat_map(|l| l.stops_us.clone()).collect();
+    stops.sort_unstable();
+    if let (Some(min), Some(max)) = (stops.first(), stops.last()) {
+        println!(
+            "blkmesh queue stops: {} stops, {min}..{max} µs, median {} µs",
+            stops.len(),
+            stops[stops.len() / 2]
+        );
+    }
+    for t in blkmesh.iter().flat_map(|l| &l.tallies) {
+        println!("blkmesh dirty log: {t}");
     }
 }
