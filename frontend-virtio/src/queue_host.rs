@@ -84,9 +84,9 @@ pub trait QueueHost {
     fn start_queue(&mut self, start: QueueStart) -> Result<(), HostError>;
 
     /// Stops queue `index` once its in-flight requests have completed (on
-    /// a replacement worker, if its worker is lost meanwhile), and returns
-    /// its next avail index (`None` if it did not run, or its state was
-    /// lost). For a VMM that asks: it counts on nothing left in flight.
+    /// a replacement worker if its worker is lost while a migration logs
+    /// dirty pages), and returns its next avail index (`None` if it did
+    /// not run, or its state was lost). For a VMM that asks.
     fn stop_queue(&mut self, index: usize) -> Option<u16>;
 
     /// Stops queue `index` without waiting for a lost worker's

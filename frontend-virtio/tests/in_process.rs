@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use blkmesh_frontend::export::LiveChangeError;
 use blkmesh_frontend::queues::relocation::RelocationError;
 use blkmesh_frontend::workers::LinkError;
-use blkmesh_vhost_user_client::{req, RawMessage, RequestSpec, Token, VhostUserBlk};
+use blkmesh_vhost_user_client::{
+    req, Options, ProtocolFeatures, RawMessage, RequestSpec, Token, VhostUserBlk,
+};
 use support::{pattern, plan, wait_for, FakeWorker, Harness};
 
 const OK: Option<u8> = Some(0);
@@ -199,13 +201,25 @@ struct LostWorker {
     tokens: Vec<Token>,
 }
 
-fn lose_worker_with_writes_in_flight(seed: u8) -> LostWorker {
+fn lose_worker_with_writes_in_flight(seed: u8, migrating: bool) -> LostWorker {
     let (dir, disk) = Harness::dir();
     let socket = Harness::worker_socket(&dir, "a");
     let a = FakeWorker::start("a", &socket, disk.clone());
     let export_socket = Harness::export_socket(&dir);
     let h = Harness::serve(disk.clone(), plan(&export_socket, &[&a], 1, 1));
-    let mut vmm = h.connect(1, false);
+    let mut vmm = if migrating {
+        // The VMM shares its dirty log, as a migration's source does.
+        let opts = Options {
+            protocol_features_wanted: Options::default().protocol_features_wanted
+                | ProtocolFeatures::LOG_SHMFD,
+            ..Options::default().timeout(WAIT)
+        };
+        let mut vmm = VhostUserBlk::connect(&h.socket, opts).expect("VMM connects");
+        vmm.start_dirty_log().expect("log shared");
+        vmm
+    } else {
+        h.connect(1, false)
+    };
     let tokens = submit_held_writes(&mut vmm, &a, seed);
     a.kill();
     disk.lock().expect("disk").fill(0);
@@ -221,7 +235,7 @@ fn lose_worker_with_writes_in_flight(seed: u8) -> LostWorker {
 
 #[test]
 fn a_lost_workers_requests_are_resubmitted_to_its_replacement() {
-    let mut lost = lose_worker_with_writes_in_flight(10);
+    let mut lost = lose_worker_with_writes_in_flight(10, false);
     // Its supervisor restarts it on the same socket.
     let a2 = FakeWorker::start("a", &lost.socket, lost.disk);
     expect_written(&mut lost.vmm, lost.tokens, &a2, 10);
@@ -287,10 +301,10 @@ fn a_worker_lost_while_its_queue_drains_for_a_move_fails_over_at_once() {
 }
 
 #[test]
-fn a_queue_stopped_while_its_worker_is_lost_completes_its_requests_first() {
+fn a_migrating_queue_stopped_while_its_worker_is_lost_completes_its_requests_first() {
     // The worker died just before a migration's source stops the ring, and
     // its supervisor brings it back while GET_VRING_BASE waits.
-    let lost = lose_worker_with_writes_in_flight(40);
+    let lost = lose_worker_with_writes_in_flight(40, true);
     let (mut vmm, tokens, disk) = (lost.vmm, lost.tokens, lost.disk);
     let replacement = std::thread::spawn({
         let (socket, disk) = (lost.socket.clone(), disk.clone());
@@ -299,16 +313,9 @@ fn a_queue_stopped_while_its_worker_is_lost_completes_its_requests_first() {
             FakeWorker::start("a", &socket, disk)
         }
     });
-    let base = vmm
-        .raw_request(&RawMessage::vring_state(req::GET_VRING_BASE, 0, 0))
-        .expect("GET_VRING_BASE answered");
+    let base = get_vring_base(&mut vmm);
     let a2 = replacement.join().expect("replacement");
-    let reply = base.reply.expect("a base");
-    assert_eq!(
-        reply.payload[4..8],
-        4u32.to_le_bytes(),
-        "the base: all four taken"
-    );
+    assert_eq!(base, 4, "the base: all four taken");
     // Done by the replacement before the answer: QEMU 10 does not carry the
     // inflight region to a migration's destination, so what is left in
     // flight here is never completed there.
@@ -322,4 +329,31 @@ fn a_queue_stopped_while_its_worker_is_lost_completes_its_requests_first() {
         let at = i * 8 * 512;
         assert_eq!(written[at..at + 4096], pattern(40 + i as u8, 4096));
     }
+}
+
+#[test]
+fn a_queue_stopped_outside_a_migration_leaves_a_lost_workers_requests_to_the_vmm() {
+    // A reset or a VM stop: the VMM hands the inflight region back when it
+    // starts the queue again, and waiting for the replacement here would
+    // hold its main loop (and its monitor) until the worker is back.
+    let lost = lose_worker_with_writes_in_flight(50, false);
+    let mut vmm = lost.vmm;
+    let started = Instant::now();
+    assert_eq!(get_vring_base(&mut vmm), 4);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(vmm.used_idx(0).expect("used index"), 0);
+}
+
+/// Stops queue 0 with GET_VRING_BASE; its base.
+fn get_vring_base(vmm: &mut VhostUserBlk) -> u32 {
+    let reply = vmm
+        .raw_request(&RawMessage::vring_state(req::GET_VRING_BASE, 0, 0))
+        .expect("GET_VRING_BASE answered")
+        .reply
+        .expect("a base");
+    u32::from_le_bytes(reply.payload[4..8].try_into().expect("vring state"))
 }

@@ -129,6 +129,8 @@ pub struct WorkerQueues {
     /// The export's plan as the failover thread sees it: where a stopping
     /// queue whose worker is lost finds the replacement.
     plan: Option<Arc<Mutex<ExportPlan>>>,
+    /// The connection's dirty log: a stop while it logs is a migration's.
+    log: Option<Arc<crate::dirty_log::LogSink>>,
 }
 
 impl WorkerQueues {
@@ -153,6 +155,7 @@ impl WorkerQueues {
             running: (0..cfg.num_queues).map(|_| None).collect(),
             owner: None,
             plan: None,
+            log: None,
         }
     }
 
@@ -203,6 +206,7 @@ impl WorkerQueues {
                     .map_err(|e| HostError::Backend(Box::new(e)))?;
             }
         }
+        self.log = Some(Arc::clone(&start.log));
         let resubmits = start.resubmits();
         let entries = (start.queue.size() as u32).next_power_of_two();
         let layout = RingLayout::new(entries, RING_MAX_SEGMENTS)
@@ -301,9 +305,13 @@ impl WorkerQueues {
         next
     }
 
-    /// Drains a queue before it stops. A lost worker's requests are failed
-    /// over here, on the vhost-user thread: the failover thread would need
-    /// this connection's device, which the VMM's message holds.
+    /// Drains a queue before it stops. While a migration logs dirty pages,
+    /// a lost worker's requests are failed over here, on the vhost-user
+    /// thread (the failover thread would need this connection's device,
+    /// which the VMM's message holds): QEMU 10 does not carry the inflight
+    /// region to the destination. Otherwise they stay in the inflight
+    /// region, which the VMM hands back when it starts the queue again (a
+    /// reset, a reconnect): waiting here would hold its main loop.
     fn complete_in_flight(&mut self, index: usize) {
         let Some(control) = self.running(index).map(|r| Arc::clone(&r.control)) else {
             return;
@@ -316,6 +324,10 @@ impl WorkerQueues {
                 Drained::TimedOut => break,
                 Drained::WorkerLost if left.is_zero() => break,
                 Drained::WorkerLost => {}
+            }
+            let migrating = self.log.as_ref().is_some_and(|l| l.active().is_some());
+            if !migrating {
+                return;
             }
             let Some(plan) = self
                 .plan
@@ -380,10 +392,8 @@ impl QueueHost for WorkerQueues {
         started
     }
 
-    /// Every request the queue took completes first, on a replacement if
-    /// its worker is lost meanwhile: the VMM asked for the base and counts
-    /// on nothing in flight. A migration's destination must find the
-    /// requests done (QEMU 10 does not carry the inflight region across).
+    /// Every request the queue took completes first; during a migration,
+    /// on a replacement if its worker is lost (see `complete_in_flight`).
     fn stop_queue(&mut self, index: usize) -> Option<u16> {
         self.complete_in_flight(index);
         self.halt(index)
