@@ -1,0 +1,221 @@
+//! What live migration asks of blkmesh's vhost-user side, against the
+//! real frontend and worker processes (the real-guest migrations are in
+//! real_guest_migration.rs, the fake-worker checks in
+//! frontend-virtio/tests/migration.rs):
+//!
+//! - A second VMM connection on an export whose first one runs, as a
+//!   migration's destination makes: the workers serve one connection's
+//!   guest memory at a time, so a memory table from a connection whose
+//!   queues do not run must not reach them while another's run, or the
+//!   running guest's writes would take their data from the other VMM's
+//!   memory, and its reads would land there.
+//! - The dirty log over the requests only a zoned graph answers: a zone
+//!   report (written into the guest's buffer) and a zone append (its
+//!   sector written back) mark every page they write, and only those and
+//!   the used ring, by the time their completion is visible.
+//!
+//! Build the binaries first: `cargo build --bins`. Every wait is bounded.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test: a failed unwrap is a failed test"
+)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use blkmesh_proto::v1::node_spec::Driver;
+use blkmesh_proto::v1::{NodeSpec, ZonedOptions};
+use blkmesh_testkit::{Cluster, ClusterOptions, ExportOpts};
+use blkmesh_vhost_user_client::zone::{
+    APPEND_SECTOR_SIZE, REPORT_HEADER_SIZE, ZONE_DESCRIPTOR_SIZE,
+};
+use blkmesh_vhost_user_client::{
+    request::header, Buf, Chain, Options, Part, ProtocolFeatures, RawConnection, RawMessage,
+    VhostUserBlk, S_OK, T_ZONE_APPEND, T_ZONE_REPORT,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed ^ (i as u8).wrapping_mul(29))
+        .collect()
+}
+
+#[test]
+fn a_waiting_vmms_memory_table_does_not_reach_the_running_vmms_workers() {
+    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let img = cluster.sparse_image("d.img", 16 << 20);
+    cluster.add_io_uring("d", &img, false, false).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("d", "d").writable())
+        .unwrap();
+    let mut source = VhostUserBlk::connect(&socket, Options::default().timeout(T)).unwrap();
+    let before = pattern(1, 8192);
+    source.write(0, 8, &before).unwrap();
+
+    // The destination sets up its device, memory table included, while the
+    // source's rings run. Its memory is another VMM's: all zeroes.
+    let mut dest = RawConnection::connect(&socket, T).unwrap();
+    dest.negotiate(0).unwrap();
+    let ram = tempfile::tempfile().unwrap();
+    let region = source.mem_region();
+    ram.set_len(region.size).unwrap();
+    let table = RawMessage::mem_table(&[region], &[&ram]).unwrap();
+    let sent = dest.request(&table).unwrap();
+    assert!(
+        !sent.closed,
+        "the destination's table was refused: {sent:?}"
+    );
+
+    // The source goes on with its own memory: what it writes is its data,
+    // what it reads arrives in its buffers.
+    let after = pattern(2, 8192);
+    source.write(0, 64, &after).unwrap();
+    assert_eq!(source.read(0, 64, 8192).unwrap(), after);
+    assert_eq!(source.read(0, 8, 8192).unwrap(), before);
+    let mut on_disk = vec![0u8; 8192];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&img).unwrap(),
+        &mut on_disk,
+        64 * 512,
+    )
+    .unwrap();
+    assert_eq!(on_disk, after, "the image holds another VMM's memory");
+
+    // The source leaves; a destination that starts its rings gets its own
+    // memory served.
+    source.disconnect();
+    drop(dest);
+    let mut dest = VhostUserBlk::connect(&socket, Options::default().timeout(T)).unwrap();
+    assert_eq!(dest.read(0, 64, 8192).unwrap(), after);
+}
+
+const PAGE: u64 = 0x1000;
+const ZONE: u64 = 1 << 20;
+
+fn pages(addr: u64, len: u64) -> BTreeSet<u64> {
+    (addr / PAGE..=(addr + len - 1) / PAGE).collect()
+}
+
+/// A chain of `kind` at `sector`: header, `data` the device only reads,
+/// `writable` bytes at `at`, and a status byte on a page of its own.
+struct Probe {
+    chain: Chain,
+    status: u64,
+    written: BTreeSet<u64>,
+    read_only: BTreeSet<u64>,
+}
+
+fn probe(vmm: &mut VhostUserBlk, kind: u32, sector: u64, data: &[u8], at: u64, len: u32) -> Probe {
+    let mut chain = Chain::new().part(Part::readable(&header(kind, sector)));
+    let mut read_only = BTreeSet::new();
+    if !data.is_empty() {
+        let addr = vmm.alloc_with(data).unwrap();
+        read_only.extend(pages(addr, data.len() as u64));
+        chain = chain.part(Part::at(addr, data.len() as u32, false));
+    }
+    chain = chain.part(Part::at(at, len, true));
+    let status = vmm.alloc(PAGE).unwrap() + 7;
+    chain = chain.part(Part {
+        buf: Buf::At {
+            addr: status,
+            len: 1,
+        },
+        ..Part::status()
+    });
+    let mut written = pages(at, u64::from(len));
+    written.extend(pages(status, 1));
+    read_only.retain(|p| !written.contains(p));
+    Probe {
+        chain,
+        status,
+        written,
+        read_only,
+    }
+}
+
+#[test]
+fn zone_reports_and_appended_sectors_are_logged_before_their_completion() {
+    let cluster = Cluster::start(ClusterOptions::default().workers(1));
+    let image = cluster.sparse_image("disk.img", 16 * ZONE);
+    cluster.add_io_uring("disk", &image, false, false).unwrap();
+    let zoned = NodeSpec {
+        name: "zoned".into(),
+        driver: Some(Driver::Zoned(ZonedOptions {
+            child: "disk".into(),
+            zone_size: ZONE,
+            zone_capacity: ZONE,
+            max_open_zones: 0,
+            max_active_zones: 0,
+            metadata_path: cluster.dir().join("zoned.zones").display().to_string(),
+        })),
+    };
+    cluster.client().add_node(zoned).unwrap();
+    let socket = cluster
+        .add_export(ExportOpts::new("z", "zoned").writable())
+        .unwrap();
+    let opts = Options {
+        protocol_features_wanted: Options::default().protocol_features_wanted
+            | ProtocolFeatures::LOG_SHMFD,
+        ..Options::default().timeout(T)
+    };
+    let mut vmm = VhostUserBlk::connect(&socket, opts).unwrap();
+    let layout = vmm.ring_layout(0).unwrap();
+    let used = pages(layout.used, 6 + 8 * u64::from(layout.size));
+    vmm.start_dirty_log().unwrap();
+    vmm.take_dirty_pages().unwrap();
+
+    // A report of four zones, starting mid-page: it spans two pages.
+    let report_len = (REPORT_HEADER_SIZE + 4 * ZONE_DESCRIPTOR_SIZE) as u32;
+    let report_at = vmm.alloc(u64::from(report_len) + 2 * PAGE).unwrap() + PAGE - 100;
+    // An append whose returned sector straddles a page boundary.
+    let sector_at = vmm.alloc(3 * PAGE).unwrap() + PAGE - 4;
+    let data = vec![0xa5u8; 4096];
+    let cases = [
+        (
+            "zone report",
+            T_ZONE_REPORT,
+            0,
+            &[][..],
+            report_at,
+            report_len,
+        ),
+        (
+            "zone append",
+            T_ZONE_APPEND,
+            2 * ZONE / 512,
+            &data[..],
+            sector_at,
+            APPEND_SECTOR_SIZE,
+        ),
+    ];
+    for (what, kind, sector, out, at, len) in cases {
+        let p = probe(&mut vmm, kind, sector, out, at, len);
+        vmm.run_chain(0, &p.chain).unwrap();
+        assert_eq!(vmm.read_mem(p.status, 1).unwrap(), [S_OK], "{what}");
+        let marked: BTreeSet<u64> = vmm.take_dirty_pages().unwrap().into_iter().collect();
+        let missing: Vec<_> = p.written.difference(&marked).collect();
+        assert!(
+            missing.is_empty(),
+            "{what}: written, not logged: {missing:x?}"
+        );
+        let stray: Vec<_> = p.read_only.intersection(&marked).collect();
+        assert!(stray.is_empty(), "{what}: only read, logged: {stray:x?}");
+        let extra: Vec<_> = marked
+            .difference(&p.written)
+            .filter(|pg| !used.contains(pg))
+            .collect();
+        assert!(extra.is_empty(), "{what}: logged, not written: {extra:x?}");
+    }
+    // The device did write there: four zones reported, and the append
+    // landed at the start of zone 2.
+    let report = vmm.read_mem(report_at, 8).unwrap();
+    assert_eq!(u64::from_le_bytes(report.try_into().unwrap()), 4);
+    let sector = vmm.read_mem(sector_at, 8).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(sector.try_into().unwrap()),
+        2 * ZONE / 512
+    );
+}
