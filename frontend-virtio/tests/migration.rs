@@ -16,16 +16,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use blkmesh_vhost_user_client::{
-    req, request::header, Buf, Chain, Options, Part, ProtocolFeatures, RawConnection, RawMessage,
-    VhostUserBlk, ID_BYTES, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    log_pages, req, LogProbe, Options, ProtocolFeatures, RawConnection, RawMessage, VhostUserBlk,
+    ID_BYTES, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT,
 };
 use support::{plan, FakeWorker, Harness};
 
 const PAGE: u64 = 0x1000;
-
-fn pages(addr: u64, len: u64) -> BTreeSet<u64> {
-    (addr / PAGE..=(addr + len - 1) / PAGE).collect()
-}
 
 fn connect(h: &Harness) -> VhostUserBlk {
     let opts = Options {
@@ -36,59 +32,14 @@ fn connect(h: &Harness) -> VhostUserBlk {
     VhostUserBlk::connect(&h.socket, opts).expect("VMM connects")
 }
 
-/// A request of `kind` at sector 8: header, `data` (readable bytes, or
-/// `writable` bytes at a fresh guest address), status at another page.
-struct Probe {
-    chain: Chain,
-    status: u64,
-    written: BTreeSet<u64>,
-    read_only: BTreeSet<u64>,
-}
-
-fn probe(vmm: &mut VhostUserBlk, kind: u32, out: Option<&[u8]>, writable: u32) -> Probe {
-    let mut chain = Chain::new().part(Part::readable(&header(kind, 8)));
-    let mut written = BTreeSet::new();
-    let mut read_only = BTreeSet::new();
-    if let Some(data) = out {
-        // Written by the driver, only read by the device.
-        let at = vmm.alloc_with(data).expect("alloc");
-        read_only.extend(pages(at, data.len() as u64));
-        chain = chain.part(Part {
-            buf: Buf::At {
-                addr: at,
-                len: data.len() as u32,
-            },
-            ..Part::readable(&[])
-        });
-    }
-    if writable > 0 {
-        // Starts mid-page: its first and last pages are partial.
-        let at = vmm.alloc(u64::from(writable) + 2 * PAGE).expect("alloc") + 100;
-        written.extend(pages(at, u64::from(writable)));
-        chain = chain.part(Part {
-            buf: Buf::At {
-                addr: at,
-                len: writable,
-            },
-            ..Part::writable(0)
-        });
-    }
-    let status = vmm.alloc(PAGE).expect("alloc") + 7;
-    written.extend(pages(status, 1));
-    chain = chain.part(Part {
-        buf: Buf::At {
-            addr: status,
-            len: 1,
-        },
-        ..Part::status()
-    });
-    read_only.retain(|p| !written.contains(p));
-    Probe {
-        chain,
-        status,
-        written,
-        read_only,
-    }
+/// A request of `kind` at sector 8: `out` for the device to read, and
+/// `writable` bytes for it to write at a fresh guest address that starts
+/// mid-page (so its first and last pages are partial).
+fn probe(vmm: &mut VhostUserBlk, kind: u32, out: Option<&[u8]>, writable: u32) -> LogProbe {
+    let at =
+        (writable > 0).then(|| vmm.alloc(u64::from(writable) + 2 * PAGE).expect("alloc") + 100);
+    vmm.log_probe(kind, 8, out.unwrap_or(&[]), at.map(|a| (a, writable)))
+        .expect("probe")
 }
 
 #[test]
@@ -98,7 +49,7 @@ fn every_page_the_device_writes_is_logged_before_its_completion() {
     let h = Harness::serve(disk, plan(&Harness::export_socket(&dir), &[&a], 1, 1));
     let mut vmm = connect(&h);
     let layout = vmm.ring_layout(0).expect("layout");
-    let used = pages(layout.used, 6 + 8 * u64::from(layout.size));
+    let used = log_pages(layout.used, 6 + 8 * u64::from(layout.size));
     vmm.start_dirty_log().expect("log shared");
     vmm.take_dirty_pages().expect("log");
 
@@ -121,22 +72,13 @@ fn every_page_the_device_writes_is_logged_before_its_completion() {
             "{what}"
         );
         let marked: BTreeSet<u64> = vmm.take_dirty_pages().expect("log").into_iter().collect();
-        let missing: Vec<_> = p.written.difference(&marked).collect();
-        assert!(
-            missing.is_empty(),
-            "{what}: written, not logged: {missing:x?}"
-        );
         assert!(
             used.is_subset(&marked),
             "{what}: the used ring is not logged"
         );
-        let stray: Vec<_> = p.read_only.intersection(&marked).collect();
-        assert!(stray.is_empty(), "{what}: only read, logged: {stray:x?}");
-        let extra: Vec<_> = marked
-            .difference(&p.written)
-            .filter(|pg| !used.contains(pg))
-            .collect();
-        assert!(extra.is_empty(), "{what}: logged, not written: {extra:x?}");
+        if let Err(e) = p.check(&marked, &used) {
+            panic!("{what}: {e}");
+        }
     }
 
     // A read's data reached the guest, and its pages were logged.

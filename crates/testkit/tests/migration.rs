@@ -31,8 +31,8 @@ use blkmesh_vhost_user_client::zone::{
     APPEND_SECTOR_SIZE, REPORT_HEADER_SIZE, ZONE_DESCRIPTOR_SIZE,
 };
 use blkmesh_vhost_user_client::{
-    request::header, Buf, Chain, Options, Part, ProtocolFeatures, RawConnection, RawMessage,
-    VhostUserBlk, S_OK, T_ZONE_APPEND, T_ZONE_REPORT,
+    log_pages, Options, ProtocolFeatures, RawConnection, RawMessage, VhostUserBlk, S_OK,
+    T_ZONE_APPEND, T_ZONE_REPORT,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -95,47 +95,6 @@ fn a_waiting_vmms_memory_table_does_not_reach_the_running_vmms_workers() {
 const PAGE: u64 = 0x1000;
 const ZONE: u64 = 1 << 20;
 
-fn pages(addr: u64, len: u64) -> BTreeSet<u64> {
-    (addr / PAGE..=(addr + len - 1) / PAGE).collect()
-}
-
-/// A chain of `kind` at `sector`: header, `data` the device only reads,
-/// `writable` bytes at `at`, and a status byte on a page of its own.
-struct Probe {
-    chain: Chain,
-    status: u64,
-    written: BTreeSet<u64>,
-    read_only: BTreeSet<u64>,
-}
-
-fn probe(vmm: &mut VhostUserBlk, kind: u32, sector: u64, data: &[u8], at: u64, len: u32) -> Probe {
-    let mut chain = Chain::new().part(Part::readable(&header(kind, sector)));
-    let mut read_only = BTreeSet::new();
-    if !data.is_empty() {
-        let addr = vmm.alloc_with(data).unwrap();
-        read_only.extend(pages(addr, data.len() as u64));
-        chain = chain.part(Part::at(addr, data.len() as u32, false));
-    }
-    chain = chain.part(Part::at(at, len, true));
-    let status = vmm.alloc(PAGE).unwrap() + 7;
-    chain = chain.part(Part {
-        buf: Buf::At {
-            addr: status,
-            len: 1,
-        },
-        ..Part::status()
-    });
-    let mut written = pages(at, u64::from(len));
-    written.extend(pages(status, 1));
-    read_only.retain(|p| !written.contains(p));
-    Probe {
-        chain,
-        status,
-        written,
-        read_only,
-    }
-}
-
 #[test]
 fn zone_reports_and_appended_sectors_are_logged_before_their_completion() {
     let cluster = Cluster::start(ClusterOptions::default().workers(1));
@@ -163,7 +122,7 @@ fn zone_reports_and_appended_sectors_are_logged_before_their_completion() {
     };
     let mut vmm = VhostUserBlk::connect(&socket, opts).unwrap();
     let layout = vmm.ring_layout(0).unwrap();
-    let used = pages(layout.used, 6 + 8 * u64::from(layout.size));
+    let used = log_pages(layout.used, 6 + 8 * u64::from(layout.size));
     vmm.start_dirty_log().unwrap();
     vmm.take_dirty_pages().unwrap();
 
@@ -192,22 +151,13 @@ fn zone_reports_and_appended_sectors_are_logged_before_their_completion() {
         ),
     ];
     for (what, kind, sector, out, at, len) in cases {
-        let p = probe(&mut vmm, kind, sector, out, at, len);
+        let p = vmm.log_probe(kind, sector, out, Some((at, len))).unwrap();
         vmm.run_chain(0, &p.chain).unwrap();
         assert_eq!(vmm.read_mem(p.status, 1).unwrap(), [S_OK], "{what}");
         let marked: BTreeSet<u64> = vmm.take_dirty_pages().unwrap().into_iter().collect();
-        let missing: Vec<_> = p.written.difference(&marked).collect();
-        assert!(
-            missing.is_empty(),
-            "{what}: written, not logged: {missing:x?}"
-        );
-        let stray: Vec<_> = p.read_only.intersection(&marked).collect();
-        assert!(stray.is_empty(), "{what}: only read, logged: {stray:x?}");
-        let extra: Vec<_> = marked
-            .difference(&p.written)
-            .filter(|pg| !used.contains(pg))
-            .collect();
-        assert!(extra.is_empty(), "{what}: logged, not written: {extra:x?}");
+        if let Err(e) = p.check(&marked, &used) {
+            panic!("{what}: {e}");
+        }
     }
     // The device did write there: four zones reported, and the append
     // landed at the start of zone 2.

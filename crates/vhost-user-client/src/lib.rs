@@ -78,6 +78,7 @@ pub mod zone;
 
 pub use alloc::Allocator;
 pub use config::{BlkConfig, CONFIG_SIZE};
+pub use device::log_probe::{log_pages, LogProbe};
 pub use device::{
     InflightRegion, Options, ProtocolFeatures, VhostUserBlk, DEFAULT_FEATURES, F_PROTOCOL_FEATURES,
 };

@@ -3,6 +3,7 @@
 //! `raw_access`.
 
 mod dirty_log;
+pub mod log_probe;
 mod raw_access;
 mod requests;
 
