@@ -719,13 +719,8 @@ impl Failover {
             let plan = lock(&self.plan).clone();
             let device = self.current.current();
             lost.retain(|&q, since| {
-                let Some(ep) = plan.queues.iter().find(|e| e.queue == q) else {
+                let Some(to) = Destination::of_queue(&plan, q) else {
                     return true;
-                };
-                let to = Destination {
-                    worker: &ep.worker,
-                    socket: &ep.worker_socket,
-                    plan: &plan,
                 };
                 // A move of the queue (a new placement) may have failed it
                 // over already; a second fail-over would resubmit requests
@@ -751,7 +746,7 @@ impl Failover {
                         tracing::info!(
                             export = %id,
                             queue = q,
-                            worker = %ep.worker,
+                            worker = %to.worker,
                             recovery_ms = since.elapsed().as_millis() as u64,
                             "queue recovered"
                         );

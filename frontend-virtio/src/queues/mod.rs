@@ -44,6 +44,18 @@ pub struct Destination<'a> {
     pub plan: &'a ExportPlan,
 }
 
+impl<'a> Destination<'a> {
+    /// Where `plan` places `queue`, if it does.
+    pub fn of_queue(plan: &'a ExportPlan, queue: u32) -> Option<Self> {
+        let ep = plan.queues.iter().find(|e| e.queue == queue)?;
+        Some(Destination {
+            worker: &ep.worker,
+            socket: &ep.worker_socket,
+            plan,
+        })
+    }
+}
+
 /// A queue's ring pair with one worker, and our ends of its doorbells.
 struct WorkerRing {
     rings: QueueRings,
@@ -336,16 +348,8 @@ impl WorkerQueues {
             else {
                 break;
             };
-            let to = plan
-                .queues
-                .iter()
-                .find(|e| e.queue == index as u32)
-                .map(|ep| Destination {
-                    worker: &ep.worker,
-                    socket: &ep.worker_socket,
-                    plan: &plan,
-                });
-            let failed_over = to.map(|to| self.fail_over(index as u32, to));
+            let failed_over = Destination::of_queue(&plan, index as u32)
+                .map(|to| self.fail_over(index as u32, to));
             if !matches!(failed_over, Some(Ok(()))) {
                 // The replacement is not up yet.
                 std::thread::sleep(STOP_RETRY);
